@@ -1,0 +1,220 @@
+"""The ``vpatch`` command: a thin click shell over the Python API.
+
+Results go to stdout (``--json`` for machines); progress, tables and warnings go to stderr.
+A ``VpatchError`` is printed on one line with exit code 2 and no traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.table import Table
+
+from . import __version__
+from .errors import VpatchError
+from .inspect import inspect_path
+from .merge import Report, apply_delta, revert_delta
+
+err = Console(stderr=True, highlight=False)
+
+
+class RichReporter:
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self._p: Progress | None = None
+        self._task = None
+
+    def start(self, description: str, total: int) -> None:
+        if self.quiet:
+            return
+        self._p = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                           TimeRemainingColumn(), console=err, transient=True)
+        self._p.start()
+        self._task = self._p.add_task(description, total=total)
+
+    def advance(self, n: int) -> None:
+        if self._p is not None:
+            self._p.advance(self._task, n)
+
+    def stop(self) -> None:
+        if self._p is not None:
+            self._p.stop()
+            self._p = None
+
+
+def _user_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*a, **kw):
+        try:
+            return fn(*a, **kw)
+        except VpatchError as e:
+            plan = getattr(e, "plan", None)
+            if plan is not None:
+                _coverage_table(plan.coverage())
+            msg = " ".join(str(e).split())
+            click.echo(f"vpatch: {type(e).__name__}: {msg}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("vpatch: interrupted; no output was written", err=True)
+            sys.exit(130)
+    return wrapper
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def _coverage_table(cov: dict) -> None:
+    err.print(f"coverage: {cov['matched']}/{cov['expected']} entries matched ({cov['how']})")
+    for k in cov["missing"][:20]:
+        err.print(f"  missing  {k}")
+    for k in cov["shape_mismatch"][:20]:
+        err.print(f"  shape    {k}")
+    if cov["other_component"]:
+        err.print(f"  {len(cov['other_component'])} entries belong to other components and were not considered")
+
+
+def _show_report(r: Report, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(r.to_dict(), indent=2))
+    else:
+        _coverage_table(r.coverage)
+        if r.tensors:
+            t = Table(title=f"{r.action}: {r.concept} (delta {r.delta_sha256[:12]})", show_lines=False)
+            t.add_column("tensor", overflow="fold")
+            for c in ("dtype", "fingerprint", "edit kept", "changed"):
+                t.add_column(c)
+            for s in r.tensors:
+                fp = {True: "base", False: "differs", None: "-"}[s.base_match] if r.action == "apply" else {True: "exact", False: "inexact", None: "-"}[s.exact]
+                t.add_row(s.key, s.dtype, fp, f"{max(0.0, 1 - s.rounding_error):.1%}", f"{s.changed_fraction:.1%}")
+            err.print(t)
+        elif r.planned:
+            t = Table(title=f"plan: {r.concept} (delta {r.delta_sha256[:12]})")
+            t.add_column("tensor", overflow="fold")
+            for c in ("kind", "rank", "dtype", "fingerprint"):
+                t.add_column(c)
+            for p in r.planned:
+                t.add_row(p["key"], p["kind"], str(p["rank"]), p["dtype"], p["fingerprint"])
+            err.print(t)
+            err.print(f"bytes to write: {_mib(r.bytes_total)} ({_mib(r.bytes_edited)} edited, the rest copied byte for byte); "
+                      f"estimated peak memory: {_mib(r.peak_estimate)}")
+        if r.output:
+            click.echo(r.output)
+    for w in r.warnings:
+        err.print(f"[yellow]warning:[/yellow] {w}")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="vpatch")
+def main() -> None:
+    """Remove a concept from a text-to-video model by a low-rank edit baked into its weights.
+
+    \b
+    Typical use:
+      vpatch inspect concept.vud                  what a delta edits
+      vpatch apply MODEL concept.vud -o MODEL-safe   merge it (streaming, weights only)
+      vpatch inspect MODEL-safe                   which deltas a checkpoint carries
+
+    MODEL is a .safetensors file, a sharded *.safetensors.index.json, a component folder or a
+    diffusers pipeline folder. Exit code 2 means bad input; the message says how to fix it.
+    """
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("delta", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), help="Output file (single-file input) or folder (others). Must not exist.")
+@click.option("--strength", type=float, default=1.0, show_default=True, help="Multiplies each entry's probed strength λ (1.0 = as probed, 0 = no edit).")
+@click.option("--component", help="Which of the delta's components a bare file or folder is (e.g. transformer_2); inferred from keys when omitted.")
+@click.option("--use-factors", is_flag=True, help="For projection entries, add the probed U Vᵀ as is instead of recomputing U from this checkpoint's own weights.")
+@click.option("--allow-partial", is_flag=True, help="Patch what matches even when some entries find no tensor (reported).")
+@click.option("--force", is_flag=True, help="Apply even if the checkpoint already carries this delta (compounds the edit).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output (never the input).")
+@click.option("--revert-record", type=click.Path(path_type=Path), help="Also write a private record that makes `vpatch revert` bit-exact. Never publish it.")
+@click.option("--dry-run", is_flag=True, help="Print the plan (tensors, bytes, peak memory) and write nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable summary on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@_user_errors
+def apply(checkpoint, delta, out, strength, component, use_factors, allow_partial, force, overwrite, revert_record, dry_run, as_json, quiet):
+    """Merge DELTA (.vud) into CHECKPOINT and write the patched copy to -o.
+
+    Untouched tensors are copied byte for byte; edited ones are computed in fp32 and written in
+    their stored dtype. The write is atomic: an interrupted run leaves no finished-looking file.
+
+    \b
+    Examples:
+      vpatch apply wan/ nudity.vud -o wan-safe/
+      vpatch apply transformer/diffusion_pytorch_model.safetensors nudity.vud -o safe.safetensors
+      vpatch apply model.safetensors nudity.vud --dry-run
+    """
+    if out is None and not dry_run:
+        raise click.UsageError("missing -o OUT (or use --dry-run); vpatch never overwrites its input")
+    r = apply_delta(checkpoint, delta, out, strength=strength, component=component, use_factors=use_factors,
+                    allow_partial=allow_partial, force=force, overwrite=overwrite, dry_run=dry_run,
+                    revert_record=revert_record, reporter=RichReporter(quiet or as_json))
+    _show_report(r, as_json)
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("delta", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output file or folder. Must not exist.")
+@click.option("--record", type=click.Path(path_type=Path), help="The file written by `apply --revert-record`: makes the revert bit-exact.")
+@click.option("--component", help="As for apply.")
+@click.option("--allow-inexact", is_flag=True, help="Keep the result even where rounding left it off the original fingerprint.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output (never the input).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable summary on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@_user_errors
+def revert(checkpoint, delta, out, record, component, allow_inexact, overwrite, as_json, quiet):
+    """Undo DELTA on a CHECKPOINT patched by `vpatch apply`.
+
+    Each restored tensor is checked against the original's sha256. With --record the restore is
+    bit-exact; without it, the inverse edit is computed and rounding usually leaves a few elements
+    off, which is an error unless --allow-inexact.
+    """
+    r = revert_delta(checkpoint, delta, out, component=component, record=record, allow_inexact=allow_inexact,
+                     overwrite=overwrite, reporter=RichReporter(quiet or as_json))
+    _show_report(r, as_json)
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
+@_user_errors
+def inspect(path, as_json):
+    """Show what a .vud delta edits, or what a checkpoint holds and which deltas it carries."""
+    info = inspect_path(path)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    if info["type"] == "delta":
+        click.echo(f"delta {info['delta_sha256']}")
+        click.echo(f"concept: {info['concept'].get('name', '?')}   method: {info['method'].get('name', '?')}   components: {', '.join(info['components'])}")
+        t = Table()
+        t.add_column("key", overflow="fold")
+        for c in ("shape", "kind", "rank", "strength", "|UVᵀ|", "base dtype"):
+            t.add_column(c)
+        for L in info["layers"]:
+            t.add_row(L["key"], "×".join(map(str, L["shape"])), L["kind"], str(L["rank"]), f"{L['strength']:g}", f"{L['norm_UVt']:.4g}", str(L["base_dtype"]))
+        Console(highlight=False).print(t)
+    else:
+        click.echo(f"{info['layout']} checkpoint: {info['tensors']} tensors, {_mib(info['total_bytes'])}")
+        click.echo("dtypes: " + ", ".join(f"{k} {_mib(v)}" for k, v in sorted(info["dtype_bytes"].items())))
+        for s in info["weight_sets"]:
+            click.echo(f"  {s['component'] or '-'}: {s['weights']} ({s['files']} file(s), {s['tensors']} tensors{', variant ' + s['variant'] if s['variant'] else ''})")
+        if info["applied"]:
+            for a in info["applied"]:
+                click.echo(f"applied: {a.get('concept')} delta {str(a.get('delta_sha256'))[:12]} strength {a.get('strength')} (vpatch {a.get('vpatch')})")
+        else:
+            click.echo("applied: none (no vpatch provenance)")
+
+
+if __name__ == "__main__":
+    main()

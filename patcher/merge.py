@@ -1,0 +1,670 @@
+"""Streaming merge and unmerge of a ``.vud`` delta into safetensors checkpoints.
+
+Plan first (which tensors, which files, how much memory), then stream: untouched byte ranges are
+copied in the kernel, never decoded; each edited tensor is processed in row blocks in fp32 and cast
+back to its stored dtype. Every edit is "add U Vᵀ" row by row, so apply and revert share one loop
+and cut tensors identically (``row_blocks``), which is what makes an exact revert possible.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from . import __version__
+from .checkpoint import Checkpoint, Component, WeightSet, load_index, open_checkpoint, provenance
+from .delta import Delta, DeltaEntry, read_delta
+from .errors import AlreadyApplied, CompatibilityError, DtypeError, NumericError, OutputError, PickleRefused, RevertError
+from .output import atomic_dir, atomic_file
+from .refusal import projected_rows
+from .safetensors_io import (
+    EDITABLE_DTYPES, TORCH_DTYPES, Header, StreamWriter, TensorReader, bytes_to_tensor, read_header, row_blocks,
+    save_tensors, tensor_to_bytes,
+)
+
+ROW_BLOCK_BYTES = 32 << 20  # fp32 bytes per row block
+COPY_PIECE = 256 << 20  # progress granularity for raw copies
+BASE_RSS = 300 << 20  # interpreter + torch, for the estimate
+SURVIVAL_WARN = 0.5  # warn when the rounding error exceeds half the intended edit
+
+
+class Reporter(Protocol):
+    def start(self, description: str, total: int) -> None: ...
+    def advance(self, n: int) -> None: ...
+    def stop(self) -> None: ...
+
+
+class NullReporter:
+    def start(self, description: str, total: int) -> None:
+        pass
+
+    def advance(self, n: int) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------- planning
+
+
+@dataclass
+class Match:
+    entry: DeltaEntry
+    status: str  # matched | missing | shape | dtype | other-component
+    note: str = ""
+    sets: list[WeightSet] = field(default_factory=list)
+    dtype: str | None = None
+    base_match: bool | None = None  # target bytes == the delta's base fingerprint
+
+
+@dataclass
+class Plan:
+    checkpoint: Checkpoint
+    delta: Delta
+    component: str | None
+    how: str  # how the component was chosen
+    matches: list[Match]
+    strength: float
+    use_factors: bool
+
+    @property
+    def in_scope(self) -> list[Match]:
+        return [m for m in self.matches if m.status != "other-component"]
+
+    @property
+    def matched(self) -> list[Match]:
+        return [m for m in self.matches if m.status == "matched"]
+
+    def edits_by_file(self) -> dict[Path, dict[str, Match]]:
+        out: dict[Path, dict[str, Match]] = {}
+        for m in self.matched:
+            for ws in m.sets:
+                out.setdefault(ws.key_file[m.entry.tensor_key], {})[m.entry.tensor_key] = m
+        return out
+
+    def edited_bytes(self) -> int:
+        tot = 0
+        for f, ms in self.edits_by_file().items():
+            h = self._header(f)
+            tot += sum(h.tensors[k].nbytes for k in ms)
+        return tot
+
+    def _header(self, f: Path) -> Header:
+        for ws in self.checkpoint.weight_sets:
+            if f in ws.headers:
+                return ws.headers[f]
+        raise KeyError(f)
+
+    def peak_estimate(self) -> int:
+        worst = 0
+        for m in self.matched:
+            out, inn = m.entry.shape
+            block = min(out * inn * 4, max(inn * 4, ROW_BLOCK_BYTES))
+            factors = (out + inn) * m.entry.rank * 4 * 2
+            worst = max(worst, 5 * block + factors)
+        return BASE_RSS + worst
+
+    def coverage(self) -> dict:
+        scope = self.in_scope
+        return {
+            "component": self.component, "how": self.how,
+            "expected": len(scope), "matched": len(self.matched),
+            "missing": [m.entry.key for m in scope if m.status == "missing"],
+            "shape_mismatch": [f"{m.entry.key}: {m.note}" for m in scope if m.status == "shape"],
+            "other_component": [m.entry.key for m in self.matches if m.status == "other-component"],
+        }
+
+
+def _sets_for(ck: Checkpoint, name: str | None) -> Component | None:
+    if ck.layout == "pipeline":
+        return next((c for c in ck.components if c.name == name), None)
+    return ck.components[0]
+
+
+def _score(ws: WeightSet, entries: list[DeltaEntry]) -> int:
+    return sum(1 for e in entries if ws.shape(e.tensor_key) == e.shape)
+
+
+def _choose_component(ck: Checkpoint, delta: Delta, component: str | None) -> tuple[str | None, str]:
+    names = delta.components()
+    if ck.layout == "pipeline":
+        return None, "pipeline folder: each entry goes to its component's subfolder"
+    if component is not None:
+        if component not in names:
+            raise CompatibilityError(f"--component {component} is not in the delta (it has: {', '.join(names)})")
+        return component, "--component"
+    ws = ck.components[0].weight_sets[0]
+    scores = {n: _score(ws, [e for e in delta.entries if e.component == n]) for n in names}
+    best = max(scores.values())
+    if best == 0:
+        return names[0] if len(names) == 1 else None, "no component matched any key"
+    top = [n for n, s in scores.items() if s == best]
+    if len(top) > 1:
+        folder = ck.components[0].folder
+        if folder is not None and folder.name in top:
+            return folder.name, f"keys match {', '.join(top)} equally; chose {folder.name} from the folder name"
+        raise CompatibilityError(
+            f"the checkpoint matches components {', '.join(top)} of the delta equally ({best} keys each); pass --component NAME to say which one this file is"
+        )
+    n = len([e for e in delta.entries if e.component == top[0]])
+    return top[0], f"inferred from keys and shapes ({best}/{n} entries of {top[0]} found)"
+
+
+def _sha256_tensor(ws: WeightSet, key: str) -> str:
+    f = ws.key_file[key]
+    h = ws.headers[f]
+    a, b = h.abs_range(key)
+    digest = hashlib.sha256()
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        pos = a
+        while pos < b:
+            chunk = os.pread(fd, min(b - pos, 16 << 20), pos)
+            if not chunk:
+                raise OutputError(f"{f} ended early while hashing {key}")
+            digest.update(chunk)
+            pos += len(chunk)
+    finally:
+        os.close(fd)
+    return digest.hexdigest()
+
+
+def plan_apply(checkpoint: str | Path | Checkpoint, delta: str | Path | Delta, *, component: str | None = None,
+               strength: float = 1.0, use_factors: bool = False, allow_partial: bool = False,
+               fingerprints: bool = True) -> Plan:
+    """Match every delta entry to a tensor; raise with a coverage report unless all are found."""
+    ck = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
+    dl = delta if isinstance(delta, Delta) else read_delta(delta)
+    if not (strength == strength) or abs(strength) > 1e6:
+        raise CompatibilityError(f"--strength {strength} is not a usable number")
+    chosen, how = _choose_component(ck, dl, component)
+    matches: list[Match] = []
+    for e in dl.entries:
+        if ck.layout != "pipeline" and chosen is not None and e.component != chosen:
+            matches.append(Match(e, "other-component", f"entry is for {e.component}"))
+            continue
+        comp = _sets_for(ck, e.component)
+        if comp is None or not comp.weight_sets:
+            matches.append(Match(e, "missing", f"no {e.component}/ weights in the checkpoint"))
+            continue
+        if comp.pickle_files:
+            raise PickleRefused(
+                f"{comp.folder} holds pickle weights ({comp.pickle_files[0].name}) beside the safetensors ones; they would stay unpatched and could be loaded instead. Delete or convert them first"
+            )
+        m = Match(e, "matched")
+        for ws in comp.weight_sets:
+            shp = ws.shape(e.tensor_key)
+            if shp is None:
+                m.status, m.note = "missing", f"no tensor {e.tensor_key} in {ws.label}"
+                break
+            if shp != e.shape:
+                m.status, m.note = "shape", f"{ws.label} has {list(shp)}, delta expects {list(e.shape)}"
+                break
+            m.sets.append(ws)
+            m.dtype = ws.dtype(e.tensor_key)
+            if m.dtype not in EDITABLE_DTYPES:
+                m.status, m.note = "dtype", f"{e.tensor_key} is {m.dtype} in {ws.label}"
+                break
+        matches.append(m)
+
+    plan = Plan(ck, dl, chosen, how, matches, float(strength), use_factors)
+    bad_dtype = [m for m in matches if m.status == "dtype"]
+    if bad_dtype:
+        raise DtypeError(
+            f"{bad_dtype[0].note}: vpatch edits only F32, F16 and BF16 tensors and never converts silently; dequantize the checkpoint first ({len(bad_dtype)} targeted tensor(s) affected)"
+        )
+    cov = plan.coverage()
+    if not plan.matched or (cov["matched"] < cov["expected"] and not allow_partial):
+        first = (cov["missing"] + cov["shape_mismatch"])[:2]
+        err = CompatibilityError(
+            f"the delta does not fit this checkpoint: {cov['matched']}/{cov['expected']} entries matched"
+            f" ({len(cov['missing'])} missing, {len(cov['shape_mismatch'])} wrong shape; first: {'; '.join(first)})."
+            + (" Is this delta for another model?" if not plan.matched else " Pass --allow-partial to patch only what matches.")
+        )
+        err.plan = plan  # type: ignore[attr-defined]
+        raise err
+    if fingerprints:
+        for m in plan.matched:
+            if m.entry.base_sha256 is not None:
+                m.base_match = all(_sha256_tensor(ws, m.entry.tensor_key) == m.entry.base_sha256 for ws in m.sets)
+    return plan
+
+
+# --------------------------------------------------------------------------- the row loop
+
+
+@dataclass
+class TensorStats:
+    key: str
+    file: str
+    dtype: str
+    rows: int
+    cols: int
+    intended_norm: float = 0.0
+    rounding_error: float = 0.0  # ‖effective - intended‖ / ‖intended‖
+    changed_fraction: float = 0.0
+    base_match: bool | None = None
+    sha256_in: str = ""
+    sha256_out: str = ""
+    exact: bool | None = None  # revert only: output bytes match the original fingerprint
+
+
+@dataclass
+class Op:
+    """``W <- W + coef * U Vᵀ`` with U given, or U = -(W V) from the target's own rows (``project``)."""
+
+    V: torch.Tensor
+    coef: float
+    U: torch.Tensor | None = None  # None: projection recomputed from the target
+    collect_revert: bool = False
+    fix_index: torch.Tensor | None = None  # revert: positions to restore, flat, sorted
+    fix_value: torch.Tensor | None = None
+    base_match: bool | None = None
+    # filled by the loop
+    applied_U: list[torch.Tensor] = field(default_factory=list)
+    fixes: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+def _edit_rows(W: torch.Tensor, r0: int, r1: int, op: Op, st: TensorStats, sums: dict) -> torch.Tensor:
+    W32 = W.to(torch.float32)
+    if op.U is None:
+        U_rows = projected_rows(W32, op.V, op.coef)
+    else:
+        U_rows = op.coef * op.U[r0:r1]
+    D = U_rows @ op.V.T
+    out = (W32 + D).to(W.dtype)
+    if op.fix_index is not None and op.fix_index.numel():
+        lo, hi = r0 * W.shape[1], r1 * W.shape[1]
+        sel = (op.fix_index >= lo) & (op.fix_index < hi)
+        if sel.any():
+            out.view(-1)[op.fix_index[sel] - lo] = op.fix_value[sel]
+    if not torch.isfinite(out).all():
+        bad = int((~torch.isfinite(out)).sum())
+        raise NumericError(f"editing {st.key} produced {bad} NaN/Inf values (rows {r0}-{r1}); nothing was written. Check the delta and the --strength")
+    eff = out.to(torch.float32) - W32
+    sums["d2"] += float((D.double() ** 2).sum())
+    sums["e2"] += float(((eff - D).double() ** 2).sum())
+    sums["changed"] += int((_bits(out) != _bits(W)).sum())
+    if op.collect_revert:
+        op.applied_U.append(U_rows.clone())
+        back = (out.to(torch.float32) - D).to(W.dtype)
+        miss = (_bits(back) != _bits(W)).reshape(-1).nonzero().reshape(-1)
+        if miss.numel():
+            op.fixes.append((miss + r0 * W.shape[1], W.reshape(-1)[miss].clone()))
+    return out
+
+
+def _patch_file(src: Header, dst: Path, ops: dict[str, Op], meta: dict[str, str], rep: Reporter) -> list[TensorStats]:
+    """Stream ``src`` to ``dst`` with the given ops; untouched ranges are copied byte for byte."""
+    stats: list[TensorStats] = []
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        w = StreamWriter(fd, [(t.name, t.dtype, t.shape) for t in src.tensors.values()], meta)
+        with TensorReader(src) as rd:
+            pending: list[int] = []  # [start, end) of untouched bytes not yet copied
+
+            def flush() -> None:
+                if pending:
+                    a, b = pending
+                    while a < b:
+                        n = min(b - a, COPY_PIECE)
+                        w.copy_from(rd.fd, a, n)
+                        rep.advance(n)
+                        a += n
+                    pending.clear()
+
+            for t in src.tensors.values():
+                a, b = src.abs_range(t.name)
+                if t.name not in ops:
+                    if pending and pending[1] == a:
+                        pending[1] = b
+                    else:
+                        flush()
+                        pending[:] = [a, b]
+                    continue
+                flush()
+                op = ops[t.name]
+                st = TensorStats(t.name, str(src.path), t.dtype, t.shape[0], t.shape[1], base_match=op.base_match)
+                sums = {"d2": 0.0, "e2": 0.0, "changed": 0}
+                h_in, h_out = hashlib.sha256(), hashlib.sha256()
+                for r0, r1 in row_blocks(t.shape, ROW_BLOCK_BYTES):
+                    W = rd.rows(t.name, r0, r1)
+                    h_in.update(memoryview(_bits(W).numpy()))
+                    out = _edit_rows(W, r0, r1, op, st, sums)
+                    data = tensor_to_bytes(out)
+                    h_out.update(data)
+                    w.write(data)
+                    rep.advance(len(data))
+                st.intended_norm = sums["d2"] ** 0.5
+                st.rounding_error = (sums["e2"] / sums["d2"]) ** 0.5 if sums["d2"] > 0 else 0.0
+                st.changed_fraction = sums["changed"] / max(1, t.numel)
+                st.sha256_in, st.sha256_out = h_in.hexdigest(), h_out.hexdigest()
+                stats.append(st)
+            flush()
+        w.finish()
+    finally:
+        os.close(fd)
+    return stats
+
+
+def _validate_copy(src: Header, dst: Path) -> None:
+    """Re-open what was written: same tensors, dtypes, shapes and offsets as the source."""
+    out = read_header(dst)
+    a = [(t.name, t.dtype, t.shape, t.begin, t.end) for t in src.tensors.values()]
+    b = [(t.name, t.dtype, t.shape, t.begin, t.end) for t in out.tensors.values()]
+    if a != b:
+        raise OutputError(f"validation of {dst} failed: its tensor table differs from the input's; nothing was kept")
+
+
+# --------------------------------------------------------------------------- reports
+
+
+@dataclass
+class Report:
+    action: str  # apply | revert | dry-run
+    checkpoint: str
+    delta: str
+    delta_sha256: str
+    concept: str
+    output: str | None
+    strength: float
+    mode: str
+    coverage: dict
+    bytes_total: int
+    bytes_edited: int
+    peak_estimate: int
+    tensors: list[TensorStats] = field(default_factory=list)
+    planned: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    revert_record: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _report(action: str, plan: Plan, out: Path | None) -> Report:
+    ck = plan.checkpoint
+    planned = [
+        {"key": m.entry.key, "kind": m.entry.kind, "rank": m.entry.rank, "dtype": m.dtype, "files": [str(ws.key_file[m.entry.tensor_key]) for ws in m.sets],
+         "fingerprint": {True: "base", False: "differs", None: "unknown"}[m.base_match]}
+        for m in plan.matched
+    ]
+    return Report(action, str(ck.root), str(plan.delta.path), plan.delta.sha256, plan.delta.concept_name, str(out) if out else None,
+                  plan.strength, "factors" if plan.use_factors else "recompute", plan.coverage(), ck.total_bytes(),
+                  plan.edited_bytes(), plan.peak_estimate(), planned=planned)
+
+
+# --------------------------------------------------------------------------- writing outputs
+
+
+def _resolve_out(ck: Checkpoint, out: Path) -> Path:
+    if ck.layout == "file" and out.is_dir():
+        return out / ck.root.name
+    return out
+
+
+def _write_checkpoint(plan: Plan, out: Path, ops_by_file: dict[Path, dict[str, Op]], meta_for, index_meta, rep: Reporter,
+                      overwrite: bool, after_write=None) -> list[TensorStats]:
+    """Write the whole output (file or folder) atomically; ``meta_for(header)`` gives new metadata."""
+    ck = plan.checkpoint
+    stats: list[TensorStats] = []
+    inputs = [ck.root] + [f for ws in ck.weight_sets for f in ws.files]
+
+    def patch(src: Path, dst: Path) -> None:
+        h = plan._header(src)
+        stats.extend(_patch_file(h, dst, ops_by_file[src], meta_for(h), rep))
+        _validate_copy(h, dst)
+
+    rep.start("writing", ck.total_bytes())
+    try:
+        if ck.layout == "file":
+            with atomic_file(out, inputs, overwrite) as tmp:
+                patch(ck.root, tmp)
+                if after_write:
+                    after_write(stats)
+            return stats
+        root = ck.root.parent if ck.layout == "sharded" else ck.root
+        index_files = {ws.index: ws for ws in ck.weight_sets if ws.index is not None}
+        if ck.layout == "sharded":
+            sources = [ck.root] + ck.weight_sets[0].files
+        else:
+            sources = [Path(dp) / f for dp, dns, fns in os.walk(root) for f in sorted(fns)
+                       if not (f.endswith(".vpatch-tmp") or ".vpatch-old-" in f)]
+        with atomic_dir(out, inputs, overwrite) as tmp:
+            for src in sources:
+                rel = src.relative_to(root)
+                if any(part.startswith(".") and part.endswith(".vpatch-tmp") for part in rel.parts):
+                    continue
+                dst = tmp / rel
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                if src in ops_by_file:
+                    patch(src, dst)
+                elif src in index_files and any(f in ops_by_file for f in index_files[src].files):
+                    obj = dict(index_files[src].index_json or {})
+                    obj["metadata"] = index_meta(dict(obj.get("metadata") or {}))
+                    dst.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+                else:
+                    shutil.copyfile(src, dst)
+                    if src.suffix == ".safetensors":
+                        rep.advance(src.stat().st_size)
+            for idx, ws in index_files.items():  # every index must resolve in the new folder
+                new = tmp / idx.relative_to(root)
+                if new.exists():
+                    load_index(new)
+            if after_write:
+                after_write(stats)
+        return stats
+    finally:
+        rep.stop()
+
+
+def _with_record(meta: dict[str, str], records: list[dict]) -> dict[str, str]:
+    m = dict(meta)
+    if records:
+        m["vpatch.applied"] = json.dumps(records, separators=(",", ":"))
+    else:
+        m.pop("vpatch.applied", None)
+    return m
+
+
+def _warn_rounding(stats: list[TensorStats]) -> list[str]:
+    return [
+        f"{s.key} ({s.file}): only {max(0.0, 1 - s.rounding_error):.0%} of the edit survived rounding to {s.dtype}"
+        f" ({s.changed_fraction:.1%} of elements changed); the edit is below this dtype's resolution, try a higher --strength or an fp32 checkpoint"
+        for s in stats if s.rounding_error > SURVIVAL_WARN
+    ]
+
+
+def apply_delta(checkpoint: str | Path, delta: str | Path | Delta, out: str | Path | None = None, *, strength: float = 1.0,
+                component: str | None = None, use_factors: bool = False, allow_partial: bool = False, force: bool = False,
+                overwrite: bool = False, dry_run: bool = False, revert_record: str | Path | None = None,
+                reporter: Reporter | None = None) -> Report:
+    """Merge ``delta`` into ``checkpoint`` and write the result to ``out``.
+
+    ``strength`` multiplies each entry's default strength (1.0 = as probed). ``project_input`` entries
+    recompute U from the target's own weight unless ``use_factors``; ``add`` entries add U Vᵀ.
+    ``revert_record`` (optional, keep it private) stores what makes ``revert_delta`` bit-exact.
+    """
+    rep = reporter or NullReporter()
+    plan = plan_apply(checkpoint, delta, component=component, strength=strength, use_factors=use_factors, allow_partial=allow_partial)
+    dl = plan.delta
+    if not force:
+        for m in plan.matched:
+            for ws in m.sets:
+                if any(r.get("delta_sha256") == dl.sha256 for r in ws.metadata_records()):
+                    raise AlreadyApplied(f"{ws.label} already contains delta {dl.sha256[:12]} ({dl.concept_name}); applying it twice compounds the edit. Pass --force to do it anyway")
+    if dry_run:
+        rep_ = _report("dry-run", plan, Path(out) if out else None)
+        rep_.warnings += [f"{m.entry.key}: target differs from the probed base (fine-tune?)" for m in plan.matched if m.base_match is False]
+        return rep_
+    if out is None:
+        raise OutputError("no output given; pass -o OUT (vpatch never overwrites its input)")
+    out = _resolve_out(plan.checkpoint, Path(out))
+    record_path = Path(revert_record) if revert_record else None
+
+    ops_by_file: dict[Path, dict[str, Op]] = {}
+    for f, ms in plan.edits_by_file().items():
+        for key, m in ms.items():
+            e = m.entry
+            project = e.kind == "project_input" and not use_factors
+            ops_by_file.setdefault(f, {})[key] = Op(e.V, e.strength * strength if project else strength, None if project else e.U,
+                                                    collect_revert=record_path is not None, base_match=m.base_match)
+    rec = {"delta_sha256": dl.sha256, "concept": dl.concept_name, "strength": strength, "mode": "factors" if use_factors else "recompute",
+           "entries": len(plan.matched), "vpatch": __version__,
+           "diverged": sorted(m.entry.key for m in plan.matched if m.base_match is False)}
+
+    def meta_for(h: Header) -> dict[str, str]:
+        return _with_record(h.metadata, provenance(h.metadata) + [rec])
+
+    def index_meta(meta: dict) -> dict:
+        meta["vpatch.applied"] = list(meta.get("vpatch.applied") or []) + [rec]
+        return meta
+
+    def write_record(stats: list[TensorStats]) -> None:
+        if record_path is not None:
+            _write_revert_record(record_path, plan, ops_by_file, stats, rec, overwrite)
+
+    stats = _write_checkpoint(plan, out, ops_by_file, meta_for, index_meta, rep, overwrite, write_record)
+    report = _report("apply", plan, out)
+    report.tensors = stats
+    report.revert_record = str(record_path) if record_path else None
+    report.warnings += _warn_rounding(stats)
+    report.warnings += [f"{m.entry.key}: target differs from the probed base; "
+                        + ("U was recomputed from the target's own weight" if m.entry.kind == "project_input" and not use_factors else "the base's factors were added as they are")
+                        for m in plan.matched if m.base_match is False]
+    if len(plan.matched) < len(plan.in_scope):
+        report.warnings.append(f"partial: {len(plan.matched)}/{len(plan.in_scope)} entries applied (--allow-partial)")
+    return report
+
+
+# --------------------------------------------------------------------------- revert
+
+
+RECORD_FORMAT = "vud-revert"
+
+
+def _tag(ck: Checkpoint, f: Path, key: str) -> str:
+    """Name of a tensor in a revert record: stable across -o renames of a single file."""
+    if ck.layout == "file":
+        return key
+    root = ck.root.parent if ck.layout == "sharded" else ck.root
+    return f"{f.relative_to(root).as_posix()}::{key}"
+
+
+def _write_revert_record(path: Path, plan: Plan, ops_by_file: dict[Path, dict[str, Op]], stats: list[TensorStats], rec: dict, overwrite: bool) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    originals: dict[str, str] = {}
+    by_file = {(s.file, s.key): s for s in stats}
+    for f, ops in ops_by_file.items():
+        for key, op in ops.items():
+            name = _tag(plan.checkpoint, f, key)
+            tensors[f"{name}::U"] = torch.cat(op.applied_U) if op.applied_U else torch.zeros(0, op.V.shape[1])
+            idx = torch.cat([i for i, _ in op.fixes]) if op.fixes else torch.zeros(0, dtype=torch.int64)
+            dt = TORCH_DTYPES[plan._header(f).tensors[key].dtype]
+            val = torch.cat([v for _, v in op.fixes]) if op.fixes else torch.zeros(0, dtype=dt)
+            tensors[f"{name}::fix_index"], tensors[f"{name}::fix_value"] = idx.to(torch.int64), val
+            originals[name] = by_file[(str(f), key)].sha256_in
+    meta = {"vpatch.format": RECORD_FORMAT, "vpatch.delta_sha256": rec["delta_sha256"], "vpatch.originals": json.dumps(originals)}
+    with atomic_file(path, [], overwrite) as tmp:
+        save_tensors(tmp, tensors, meta)
+        read_header(tmp)
+
+
+def _read_revert_record(path: Path, delta_sha: str) -> tuple[dict[str, str], Header]:
+    h = read_header(path)
+    if h.metadata.get("vpatch.format") != RECORD_FORMAT:
+        raise RevertError(f"{path} is not a vpatch revert record")
+    if h.metadata.get("vpatch.delta_sha256") != delta_sha:
+        raise RevertError(f"{path} belongs to another delta ({h.metadata.get('vpatch.delta_sha256', '?')[:12]}), not {delta_sha[:12]}")
+    try:
+        originals = json.loads(h.metadata.get("vpatch.originals", ""))
+    except ValueError:
+        raise RevertError(f"{path}: damaged revert record (vpatch.originals)") from None
+    return originals, h
+
+
+def revert_delta(checkpoint: str | Path, delta: str | Path | Delta, out: str | Path, *, component: str | None = None,
+                 record: str | Path | None = None, allow_inexact: bool = False, overwrite: bool = False,
+                 reporter: Reporter | None = None) -> Report:
+    """Undo an ``apply``: bit-exact with its revert record; otherwise the inverse edit, verified
+    against the delta's base fingerprints (rounding usually leaves a few elements off)."""
+    rep = reporter or NullReporter()
+    dl = delta if isinstance(delta, Delta) else read_delta(delta)
+    plan = plan_apply(checkpoint, dl, component=component, allow_partial=True, fingerprints=False)
+    recs = [r for m in plan.matched for ws in m.sets for r in ws.metadata_records() if r.get("delta_sha256") == dl.sha256]
+    if not recs:
+        raise RevertError(f"{plan.checkpoint.root} has no record of delta {dl.sha256[:12]} ({dl.concept_name}); nothing to revert")
+    applied = recs[0]
+    strength = float(applied.get("strength", 1.0))
+    mode = applied.get("mode", "recompute")
+    diverged = set(applied.get("diverged") or [])
+    originals: dict[str, str] = {}
+    rec_header = None
+    if record is not None:
+        originals, rec_header = _read_revert_record(Path(record), dl.sha256)
+
+    ops_by_file: dict[Path, dict[str, Op]] = {}
+    expect: dict[tuple[str, str], str | None] = {}
+    rd = TensorReader(rec_header) if rec_header else None
+    try:
+        for f, ms in plan.edits_by_file().items():
+            for key, m in ms.items():
+                e = m.entry
+                name = _tag(plan.checkpoint, f, key)
+                if rd is not None and f"{name}::U" in rec_header.tensors:
+                    op = Op(e.V, -1.0, rd.tensor(f"{name}::U"), fix_index=rd.tensor(f"{name}::fix_index"), fix_value=rd.tensor(f"{name}::fix_value"))
+                    expect[(str(f), key)] = originals.get(name)
+                elif e.kind == "project_input" and mode == "recompute" and e.key in diverged:
+                    lam = e.strength * strength
+                    if abs(lam - 1.0) < 1e-6:
+                        raise RevertError(f"{e.key}: a λ=1 projection on a checkpoint other than the probed base removed that component for good; revert needs the revert record written by apply --revert-record")
+                    op = Op(e.V, lam / (lam - 1.0), None)  # W = W'(I - μ BBᵀ), μ = λ/(λ-1)
+                    expect[(str(f), key)] = None
+                else:
+                    op = Op(e.V, -strength, e.U)
+                    expect[(str(f), key)] = e.base_sha256
+                ops_by_file.setdefault(f, {})[key] = op
+    finally:
+        if rd is not None:
+            rd.close()
+
+    def meta_for(h: Header) -> dict[str, str]:
+        return _with_record(h.metadata, [r for r in provenance(h.metadata) if r.get("delta_sha256") != dl.sha256])
+
+    def index_meta(meta: dict) -> dict:
+        meta["vpatch.applied"] = [r for r in meta.get("vpatch.applied") or [] if r.get("delta_sha256") != dl.sha256]
+        if not meta["vpatch.applied"]:
+            del meta["vpatch.applied"]
+        return meta
+
+    def verify(stats: list[TensorStats]) -> None:
+        for s in stats:
+            want = expect.get((s.file, s.key))
+            s.exact = None if want is None else s.sha256_out == want
+        bad = [s for s in stats if s.exact is False]
+        if bad and not allow_inexact:
+            raise RevertError(
+                f"{len(bad)} tensor(s) (first: {bad[0].key}) do not match the original fingerprint after revert: rounding in {bad[0].dtype} left some elements off."
+                " Revert with the record from `apply --revert-record`, or pass --allow-inexact to keep the approximate result"
+            )
+
+    out = _resolve_out(plan.checkpoint, Path(out))
+    stats = _write_checkpoint(plan, out, ops_by_file, meta_for, index_meta, rep, overwrite, verify)
+    report = _report("revert", plan, out)
+    report.strength, report.mode = strength, mode
+    report.tensors = stats
+    report.warnings += [f"{s.key}: reverted approximately (fingerprint differs)" for s in stats if s.exact is False]
+    report.warnings += [f"{s.key}: no fingerprint to verify against" for s in stats if s.exact is None]
+    return report

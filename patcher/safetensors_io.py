@@ -1,0 +1,335 @@
+"""A small, strict safetensors reader and a streaming writer.
+
+The reader parses only the header and hands out byte ranges, so a multi-GB shard is never mapped or
+loaded whole. The writer exists because the safetensors Python API can only save a dict that is
+already in memory; ``apply`` needs to write one tensor (or one row block) at a time.
+
+Format rules follow the safetensors spec: 8-byte little-endian header length N, N bytes of UTF-8 JSON,
+then a data buffer that the tensors' ``data_offsets`` cover exactly, with no holes or overlaps.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from .errors import FormatError, OutputError
+
+MAX_HEADER_SIZE = 100_000_000
+MAX_RANK = 64  # tensor rank, not matrix rank: no real checkpoint comes near it
+ALIGN = 8
+
+# dtype name -> bits per element (sub-byte types are legal, their slices must end on a byte)
+DTYPE_BITS: dict[str, int] = {
+    "BOOL": 8, "U8": 8, "I8": 8,
+    "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8,
+    "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+    "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+    "I32": 32, "U32": 32, "F32": 32,
+    "C64": 64, "F64": 64, "I64": 64, "U64": 64,
+}
+
+# the dtypes vpatch will compute on; everything else is copied as bytes or refused when targeted
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "U8": torch.uint8,
+}
+EDITABLE_DTYPES = ("F32", "F16", "BF16")
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in TORCH_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int  # relative to the data buffer
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass
+class Header:
+    path: Path
+    data_start: int  # absolute file offset of the data buffer
+    file_size: int
+    metadata: dict[str, str]
+    tensors: dict[str, TensorInfo] = field(default_factory=dict)  # in data order
+
+    def abs_range(self, name: str) -> tuple[int, int]:
+        t = self.tensors[name]
+        return self.data_start + t.begin, self.data_start + t.end
+
+
+def _byte_count(dtype: str, shape: tuple[int, ...], where: str) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    bits = n * DTYPE_BITS[dtype]
+    if bits % 8:
+        raise FormatError(f"{where}: {dtype} tensor of shape {list(shape)} does not end on a byte boundary")
+    return bits // 8
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise FormatError(f"duplicate key {k!r} in the JSON header")
+        out[k] = v
+    return out
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def read_header(path: str | os.PathLike) -> Header:
+    """Parse and fully validate a safetensors header without touching the data."""
+    path = Path(path)
+    where = str(path)
+    try:
+        with open(path, "rb") as f:
+            file_size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            if len(head) < 8:
+                raise FormatError(f"{where}: not a safetensors file (only {file_size} bytes, the 8-byte header length is missing)")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_SIZE:
+                raise FormatError(f"{where}: header length {n} exceeds the {MAX_HEADER_SIZE}-byte limit; the file is corrupt or not safetensors")
+            if 8 + n > file_size:
+                raise FormatError(f"{where}: header length {n} runs past the end of the {file_size}-byte file; the file is truncated or not safetensors")
+            raw = f.read(n)
+    except FileNotFoundError:
+        raise FormatError(f"{where}: no such file") from None
+    except IsADirectoryError:
+        raise FormatError(f"{where}: is a folder, expected a .safetensors file") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise FormatError(f"{where}: header is not UTF-8; the file is not safetensors") from None
+    if not text.startswith("{"):
+        raise FormatError(f"{where}: header does not start with '{{'; the file is not safetensors")
+    try:
+        obj = json.loads(text, object_pairs_hook=_no_duplicates)
+    except FormatError as e:
+        raise FormatError(f"{where}: {e}") from None
+    except (ValueError, RecursionError) as e:
+        raise FormatError(f"{where}: header is not valid JSON ({e.__class__.__name__}: {str(e)[:120]})") from None
+    if not isinstance(obj, dict):
+        raise FormatError(f"{where}: header is not a JSON object")
+
+    meta = obj.pop("__metadata__", {})
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise FormatError(f"{where}: __metadata__ must map strings to strings")
+
+    data_len = file_size - 8 - n
+    infos: list[TensorInfo] = []
+    for name, info in obj.items():
+        tw = f"{where}: tensor {name!r}"
+        if not isinstance(info, dict):
+            raise FormatError(f"{tw}: entry is not an object")
+        dtype, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
+            raise FormatError(f"{tw}: unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or len(shape) > MAX_RANK or not all(_is_int(d) and d >= 0 for d in shape):
+            raise FormatError(f"{tw}: shape must be a list of at most {MAX_RANK} non-negative integers")
+        if not isinstance(offs, list) or len(offs) != 2 or not all(_is_int(o) and o >= 0 for o in offs):
+            raise FormatError(f"{tw}: data_offsets must be two non-negative integers")
+        begin, end = offs
+        if begin > end or end > data_len:
+            raise FormatError(f"{tw}: data_offsets [{begin}, {end}) lie outside the {data_len}-byte data buffer; the file is truncated or corrupt")
+        shape_t = tuple(shape)
+        if _byte_count(dtype, shape_t, tw) != end - begin:
+            raise FormatError(f"{tw}: {end - begin} bytes stored but shape {shape} of {dtype} needs {_byte_count(dtype, shape_t, tw)}")
+        infos.append(TensorInfo(name, dtype, shape_t, begin, end))
+
+    infos.sort(key=lambda t: (t.begin, t.end))
+    pos = 0
+    for t in infos:
+        if t.begin != pos:
+            kind = "overlap" if t.begin < pos else "a hole"
+            raise FormatError(f"{where}: tensor {t.name!r} starts at {t.begin} but the previous data ends at {pos} ({kind} in the data buffer)")
+        pos = t.end
+    if pos != data_len:
+        raise FormatError(f"{where}: tensors cover {pos} bytes but the data buffer has {data_len}; the file has trailing bytes or is truncated")
+    return Header(path, 8 + n, file_size, meta, {t.name: t for t in infos})
+
+
+def pread_exact(fd: int, size: int, offset: int) -> bytearray:
+    buf = bytearray(size)
+    view = memoryview(buf)
+    got = 0
+    while got < size:
+        k = os.preadv(fd, [view[got:]], offset + got)
+        if k == 0:
+            raise FormatError(f"file ended while reading {size} bytes at offset {offset}; it was truncated during the run")
+        got += k
+    return buf
+
+
+def bytes_to_tensor(buf: bytearray | bytes, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    if dtype not in TORCH_DTYPES:
+        raise FormatError(f"vpatch cannot decode {dtype} tensors")
+    if len(buf) == 0:
+        return torch.empty(shape, dtype=TORCH_DTYPES[dtype])
+    return torch.frombuffer(bytearray(buf) if isinstance(buf, bytes) else buf, dtype=TORCH_DTYPES[dtype]).reshape(shape)
+
+
+def tensor_to_bytes(t: torch.Tensor) -> bytes:
+    t = t.contiguous().cpu()
+    if t.numel() == 0:
+        return b""
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+class TensorReader:
+    """Reads whole tensors or row blocks by ``pread``: no mmap, one fd per file."""
+
+    def __init__(self, header: Header):
+        self.header = header
+        self._fd = os.open(header.path, os.O_RDONLY)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> "TensorReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def fd(self) -> int:
+        return self._fd
+
+    def raw(self, name: str) -> bytearray:
+        a, b = self.header.abs_range(name)
+        return pread_exact(self._fd, b - a, a)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        t = self.header.tensors[name]
+        return bytes_to_tensor(self.raw(name), t.dtype, t.shape)
+
+    def rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
+        """Rows [r0, r1) of a 2-D tensor, read without touching the rest."""
+        t = self.header.tensors[name]
+        row_bytes = t.nbytes // t.shape[0] if t.shape[0] else 0
+        a = self.header.data_start + t.begin + r0 * row_bytes
+        buf = pread_exact(self._fd, (r1 - r0) * row_bytes, a)
+        return bytes_to_tensor(buf, t.dtype, (r1 - r0, *t.shape[1:]))
+
+
+def row_blocks(shape: tuple[int, ...], budget_bytes: int) -> list[tuple[int, int]]:
+    """Row ranges whose fp32 size stays under ``budget_bytes``; a pure function of the shape so that
+    apply and revert cut a tensor identically (and so round identically)."""
+    rows = shape[0]
+    per_row = 4
+    for d in shape[1:]:
+        per_row *= d
+    step = max(1, budget_bytes // max(per_row, 1))
+    return [(r, min(rows, r + step)) for r in range(0, rows, step)] or [(0, 0)]
+
+
+def build_header(entries: Iterable[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None) -> tuple[bytes, list[TensorInfo]]:
+    """Lay out tensors in the given order; return the padded header bytes and their infos."""
+    hdr: dict[str, object] = {}
+    if metadata:
+        hdr["__metadata__"] = dict(metadata)
+    infos = []
+    pos = 0
+    for name, dtype, shape in entries:
+        if name == "__metadata__" or name in hdr:
+            raise ValueError(f"duplicate or reserved tensor name {name!r}")
+        size = _byte_count(dtype, tuple(shape), name)
+        hdr[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, pos + size]}
+        infos.append(TensorInfo(name, dtype, tuple(shape), pos, pos + size))
+        pos += size
+    text = json.dumps(hdr, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-(8 + len(text)) % ALIGN)
+    if len(text) > MAX_HEADER_SIZE:
+        raise OutputError(f"the header would be {len(text)} bytes, over the {MAX_HEADER_SIZE}-byte safetensors limit; shorten the metadata")
+    return struct.pack("<Q", len(text)) + text, infos
+
+
+def disk_full(e: OSError) -> bool:
+    return e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+class StreamWriter:
+    """Writes a safetensors file whose header is known up front, then its bytes in order.
+
+    The caller streams data with ``write`` (buffers) and ``copy_from`` (raw byte ranges of another
+    file, copied in the kernel). ``close`` checks that exactly the announced bytes arrived.
+    """
+
+    def __init__(self, fd: int, entries: Iterable[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None):
+        self._fd = fd
+        head, self.infos = build_header(entries, metadata)
+        self.total = len(head) + (self.infos[-1].end if self.infos else 0)
+        self._written = 0
+        self.write(head)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            k = os.write(self._fd, view)
+            view = view[k:]
+            self._written += k
+
+    def copy_from(self, src_fd: int, offset: int, length: int) -> None:
+        dst_fd = self._fd
+        end = offset + length
+        try:
+            while offset < end:
+                k = os.copy_file_range(src_fd, dst_fd, min(end - offset, 1 << 30), offset)
+                if k == 0:
+                    raise FormatError(f"source file ended at byte {offset}; it was truncated during the run")
+                offset += k
+                self._written += k
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            while offset < end:  # cross-device or unsupported: plain buffered copy
+                chunk = pread_exact(src_fd, min(end - offset, 64 << 20), offset)
+                self.write(chunk)
+                offset += len(chunk)
+
+    def finish(self) -> None:
+        """Check that exactly the announced bytes arrived and make them durable."""
+        if self._written != self.total:
+            raise AssertionError(f"writer got {self._written} bytes, header announced {self.total}")
+        os.fsync(self._fd)
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Small in-memory save through the streaming writer (deltas, tests)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        w = StreamWriter(fd, [(k, DTYPE_NAMES[v.dtype], tuple(v.shape)) for k, v in tensors.items()], metadata)
+        for v in tensors.values():
+            w.write(tensor_to_bytes(v))
+        w.finish()
+    finally:
+        os.close(fd)
