@@ -21,7 +21,7 @@ from .errors import VpatchError
 from .inspect import inspect_path
 from .merge import Report, apply_delta, revert_delta
 
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 class RichReporter:
@@ -198,9 +198,9 @@ def inspect(path, as_json):
         click.echo(f"delta {info['delta_sha256']}")
         click.echo(f"concept: {info['concept'].get('name', '?')}   method: {info['method'].get('name', '?')}   components: {', '.join(info['components'])}")
         t = Table()
-        t.add_column("key", overflow="fold")
+        t.add_column("key", overflow="fold", ratio=1)
         for c in ("shape", "kind", "rank", "strength", "|UVᵀ|", "base dtype"):
-            t.add_column(c)
+            t.add_column(c, no_wrap=True)
         for L in info["layers"]:
             t.add_row(L["key"], "×".join(map(str, L["shape"])), L["kind"], str(L["rank"]), f"{L['strength']:g}", f"{L['norm_UVt']:.4g}", str(L["base_dtype"]))
         Console(highlight=False).print(t)

@@ -1,0 +1,101 @@
+import json
+import struct
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+from patcher.cli import main
+
+from .conftest import make_delta, model_tensors, save_pipeline
+
+
+def run(*args):
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    return r.exit_code, r.stdout, r.stderr
+
+
+def test_apply_json_and_inspect(tmp_path, bf16_model):
+    src, d, t, delta = bf16_model
+    code, out, err = run("apply", src, d, "-o", tmp_path / "o.safetensors", "--json")
+    assert code == 0, err
+    rep = json.loads(out)
+    assert rep["action"] == "apply" and rep["delta_sha256"] == delta.sha256 and len(rep["tensors"]) == 2
+    code, out, _ = run("inspect", tmp_path / "o.safetensors", "--json")
+    assert code == 0 and json.loads(out)["applied"][0]["concept"] == "red"
+    code, out, _ = run("inspect", d, "--json")
+    info = json.loads(out)
+    assert code == 0 and info["type"] == "delta" and [L["rank"] for L in info["layers"]] == [1, 1]
+    code, out, _ = run("inspect", d)
+    assert code == 0 and delta.sha256 in out and "project_input" in out
+    code, out, _ = run("inspect", tmp_path / "o.safetensors")
+    assert code == 0 and "applied: red" in out
+
+
+def test_dry_run_prints_plan_on_stderr(tmp_path, bf16_model):
+    src, d, *_ = bf16_model
+    code, out, err = run("apply", src, d, "--dry-run")
+    assert code == 0 and "estimated peak memory" in err and "bytes to write" in err
+
+
+def _bad_inputs(tmp_path, src, d):
+    (tmp_path / "notst.safetensors").write_text("hello, I am text")
+    (tmp_path / "trunc.safetensors").write_bytes(src.read_bytes()[:100])
+    (tmp_path / "hugehdr.safetensors").write_bytes(struct.pack("<Q", 10**12) + b"{}")
+    (tmp_path / "json.safetensors").write_bytes(struct.pack("<Q", 5) + b"{oops")
+    torch.save({"w": torch.zeros(1)}, tmp_path / "m.bin")
+    other = model_tensors(torch.float32, in_dim=16)
+    save_file(other, tmp_path / "other.safetensors")
+    return {
+        "not safetensors": ([tmp_path / "notst.safetensors", d, "-o", tmp_path / "o1"], "FormatError"),
+        "truncated": ([tmp_path / "trunc.safetensors", d, "-o", tmp_path / "o2"], "FormatError"),
+        "header bound": ([tmp_path / "hugehdr.safetensors", d, "-o", tmp_path / "o3"], "FormatError"),
+        "bad json": ([tmp_path / "json.safetensors", d, "-o", tmp_path / "o4"], "FormatError"),
+        "pickle": ([tmp_path / "m.bin", d, "-o", tmp_path / "o5"], "PickleRefused"),
+        "other model": ([tmp_path / "other.safetensors", d, "-o", tmp_path / "o6"], "CompatibilityError"),
+        "missing out folder": ([src, d, "-o", tmp_path / "nope" / "o.safetensors"], "OutputError"),
+        "delta is a checkpoint": ([src, src, "-o", tmp_path / "o7"], "DeltaError"),
+        "no such file": ([tmp_path / "ghost.safetensors", d, "-o", tmp_path / "o8"], "FormatError"),
+    }
+
+
+def test_bad_input_is_one_line_exit_2_no_traceback_no_output(tmp_path, bf16_model):
+    src, d, *_ = bf16_model
+    for name, (args, err_name) in _bad_inputs(tmp_path, src, d).items():
+        code, out, err = run("apply", *args)
+        assert code == 2, (name, err)
+        lines = [line for line in err.splitlines() if line.strip() and not line.startswith(("coverage:", "  "))]
+        assert len(lines) == 1 and lines[0].startswith(f"vpatch: {err_name}:"), (name, err)
+        assert "Traceback" not in err and out == ""
+    assert not any(p.name.startswith("o") and p.name != "other.safetensors" for p in tmp_path.iterdir())
+
+
+def test_coverage_report_printed_before_the_error(tmp_path):
+    t = model_tensors(torch.float32)
+    make_delta(tmp_path / "d.vud", t)
+    del t["blocks.0.attn2.to_v.weight"]
+    save_file(t, tmp_path / "m.safetensors")
+    code, out, err = run("apply", tmp_path / "m.safetensors", tmp_path / "d.vud", "-o", tmp_path / "o.safetensors")
+    assert code == 2 and "coverage: 1/2" in err and "missing  transformer/blocks.0.attn2.to_v.weight" in err
+
+
+def test_console_script_end_to_end(tmp_path):
+    t = model_tensors(torch.bfloat16)
+    src = save_pipeline(tmp_path / "pipe", t)
+    make_delta(tmp_path / "d.vud", t)
+    exe = [sys.executable, "-m", "patcher.cli"]
+    r = subprocess.run(exe + ["apply", str(src), str(tmp_path / "d.vud"), "-o", str(tmp_path / "safe"), "-q"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(tmp_path / "safe")
+    r = subprocess.run(exe + ["apply", str(tmp_path / "safe"), str(tmp_path / "d.vud"), "-o", str(tmp_path / "again")], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("vpatch: AlreadyApplied:") and "Traceback" not in r.stderr
+
+
+def test_help_teaches(tmp_path):
+    code, out, _ = run("apply", "--help")
+    assert code == 0 and "Examples:" in out and "--revert-record" in out and "--dry-run" in out
+    code, out, err = run("apply", "a", "b")
+    assert code == 2 and "-o OUT" in err
