@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -23,13 +26,13 @@ from .checkpoint import Checkpoint, Component, WeightSet, load_index, open_check
 from .delta import Delta, DeltaEntry, read_delta
 from .errors import AlreadyApplied, CompatibilityError, DtypeError, NumericError, OutputError, PickleRefused, RevertError
 from .output import atomic_dir, atomic_file
-from .refusal import projected_rows
+from .refusal import lowrank_norm, projected_rows
 from .safetensors_io import (
-    EDITABLE_DTYPES, TORCH_DTYPES, Header, StreamWriter, TensorReader, bytes_to_tensor, read_header, row_blocks,
-    save_tensors, tensor_to_bytes,
+    EDITABLE_DTYPES, TORCH_DTYPES, Header, PositionalWriter, TensorInfo, TensorReader, copy_range, pwrite_all, read_header,
+    rewrite_metadata, row_blocks, save_tensors,
 )
 
-ROW_BLOCK_BYTES = 32 << 20  # fp32 bytes per row block
+ROW_BLOCK_BYTES = 8 << 20  # fp32 bytes per row block
 COPY_PIECE = 256 << 20  # progress granularity for raw copies
 BASE_RSS = 300 << 20  # interpreter + torch, for the estimate
 SURVIVAL_WARN = 0.5  # warn when the rounding error exceeds half the intended edit
@@ -267,7 +270,8 @@ class Op:
     collect_revert: bool = False
     fix_index: torch.Tensor | None = None  # revert: positions to restore, flat, sorted
     fix_value: torch.Tensor | None = None
-    base_match: bool | None = None
+    fingerprint: str | None = None  # expected sha256 of the input tensor (the delta's base)
+    hash: bool = False  # sha256 of the bytes read and written (revert records, revert checks)
     # filled by the loop
     applied_U: list[torch.Tensor] = field(default_factory=list)
     fixes: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
@@ -278,28 +282,28 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def _edit_rows(W: torch.Tensor, r0: int, r1: int, op: Op, st: TensorStats, sums: dict) -> torch.Tensor:
-    W32 = W.to(torch.float32)
-    if op.U is None:
-        U_rows = projected_rows(W32, op.V, op.coef)
-    else:
-        U_rows = op.coef * op.U[r0:r1]
-    D = U_rows @ op.V.T
-    out = (W32 + D).to(W.dtype)
+    """One row block: new = W + U_rows Vᵀ in fp32, cast back; accumulate the rounding report."""
+    new = W.to(torch.float32, copy=True)
+    U_rows = projected_rows(new, op.V, op.coef) if op.U is None else op.coef * op.U[r0:r1]
+    new.addmm_(U_rows, op.V.T)
+    out = new.to(W.dtype)
     if op.fix_index is not None and op.fix_index.numel():
         lo, hi = r0 * W.shape[1], r1 * W.shape[1]
         sel = (op.fix_index >= lo) & (op.fix_index < hi)
         if sel.any():
             out.view(-1)[op.fix_index[sel] - lo] = op.fix_value[sel]
-    if not torch.isfinite(out).all():
-        bad = int((~torch.isfinite(out)).sum())
+    err = out.to(torch.float32, copy=True).sub_(new).view(-1)  # what rounding to the stored dtype took off the edit
+    e2 = float(torch.dot(err, err))
+    if not math.isfinite(e2):  # any NaN/Inf in new or out (incl. overflow in the cast) lands here
+        bad = int((~torch.isfinite(out)).sum()) or int((~torch.isfinite(new)).sum())
         raise NumericError(f"editing {st.key} produced {bad} NaN/Inf values (rows {r0}-{r1}); nothing was written. Check the delta and the --strength")
-    eff = out.to(torch.float32) - W32
-    sums["d2"] += float((D.double() ** 2).sum())
-    sums["e2"] += float(((eff - D).double() ** 2).sum())
-    sums["changed"] += int((_bits(out) != _bits(W)).sum())
+    sums["e2"] += e2
+    sums["d2"] += lowrank_norm(U_rows, op.V) ** 2
+    sums["changed"] += int(torch.count_nonzero(_bits(out) != _bits(W)))
     if op.collect_revert:
+        # predict the revert exactly as revert_delta will compute it, and keep what it would miss
         op.applied_U.append(U_rows.clone())
-        back = (out.to(torch.float32) - D).to(W.dtype)
+        back = out.to(torch.float32, copy=True).addmm_(-1.0 * U_rows, op.V.T).to(W.dtype)
         miss = (_bits(back) != _bits(W)).reshape(-1).nonzero().reshape(-1)
         if miss.numel():
             op.fixes.append((miss + r0 * W.shape[1], W.reshape(-1)[miss].clone()))
@@ -307,56 +311,69 @@ def _edit_rows(W: torch.Tensor, r0: int, r1: int, op: Op, st: TensorStats, sums:
 
 
 def _patch_file(src: Header, dst: Path, ops: dict[str, Op], meta: dict[str, str], rep: Reporter) -> list[TensorStats]:
-    """Stream ``src`` to ``dst`` with the given ops; untouched ranges are copied byte for byte."""
+    """Write ``dst`` = ``src`` with ``ops`` applied. Untouched byte ranges are copied by the kernel on
+    a second thread while this one computes the edited tensors; both write at fixed offsets."""
     stats: list[TensorStats] = []
-    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    fd = os.open(dst, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
     try:
-        w = StreamWriter(fd, [(t.name, t.dtype, t.shape) for t in src.tensors.values()], meta)
+        pw = PositionalWriter(fd, [(t.name, t.dtype, t.shape) for t in src.tensors.values()], meta)
+        ranges: list[list[int]] = []  # [src offset, dst offset, length] of untouched runs
+        for t in src.tensors.values():
+            if t.name in ops:
+                continue
+            a = src.data_start + t.begin
+            if ranges and ranges[-1][0] + ranges[-1][2] == a:
+                ranges[-1][2] += t.nbytes
+            else:
+                ranges.append([a, pw.offset(t.name), t.nbytes])
+        stop = threading.Event()
+
         with TensorReader(src) as rd:
-            pending: list[int] = []  # [start, end) of untouched bytes not yet copied
+            def copier() -> None:
+                for a, d, n in ranges:
+                    while n and not stop.is_set():
+                        k = min(n, COPY_PIECE)
+                        copy_range(rd.fd, a, fd, d, k)
+                        rep.advance(k)
+                        a, d, n = a + k, d + k, n - k
 
-            def flush() -> None:
-                if pending:
-                    a, b = pending
-                    while a < b:
-                        n = min(b - a, COPY_PIECE)
-                        w.copy_from(rd.fd, a, n)
-                        rep.advance(n)
-                        a += n
-                    pending.clear()
-
-            for t in src.tensors.values():
-                a, b = src.abs_range(t.name)
-                if t.name not in ops:
-                    if pending and pending[1] == a:
-                        pending[1] = b
-                    else:
-                        flush()
-                        pending[:] = [a, b]
-                    continue
-                flush()
-                op = ops[t.name]
-                st = TensorStats(t.name, str(src.path), t.dtype, t.shape[0], t.shape[1], base_match=op.base_match)
-                sums = {"d2": 0.0, "e2": 0.0, "changed": 0}
-                h_in, h_out = hashlib.sha256(), hashlib.sha256()
-                for r0, r1 in row_blocks(t.shape, ROW_BLOCK_BYTES):
-                    W = rd.rows(t.name, r0, r1)
-                    h_in.update(memoryview(_bits(W).numpy()))
-                    out = _edit_rows(W, r0, r1, op, st, sums)
-                    data = tensor_to_bytes(out)
-                    h_out.update(data)
-                    w.write(data)
-                    rep.advance(len(data))
-                st.intended_norm = sums["d2"] ** 0.5
-                st.rounding_error = (sums["e2"] / sums["d2"]) ** 0.5 if sums["d2"] > 0 else 0.0
-                st.changed_fraction = sums["changed"] / max(1, t.numel)
-                st.sha256_in, st.sha256_out = h_in.hexdigest(), h_out.hexdigest()
-                stats.append(st)
-            flush()
-        w.finish()
+            with ThreadPoolExecutor(1) as pool:
+                copying = pool.submit(copier)
+                try:
+                    for name, op in ops.items():
+                        stats.append(_edit_tensor(rd, src.tensors[name], pw.offset(name), fd, op, rep))
+                except BaseException:
+                    stop.set()
+                    raise
+                copying.result()
+        pw.finish()
     finally:
         os.close(fd)
     return stats
+
+
+def _edit_tensor(rd: TensorReader, t: TensorInfo, dst_off: int, fd: int, op: Op, rep: Reporter) -> TensorStats:
+    st = TensorStats(t.name, str(rd.header.path), t.dtype, t.shape[0], t.shape[1])
+    sums = {"d2": 0.0, "e2": 0.0, "changed": 0}
+    hashing = op.hash or op.fingerprint is not None
+    h_in, h_out = hashlib.sha256(), hashlib.sha256()
+    for r0, r1 in row_blocks(t.shape, ROW_BLOCK_BYTES):
+        W = rd.rows(t.name, r0, r1)
+        out = _edit_rows(W, r0, r1, op, st, sums)
+        data = memoryview(_bits(out).numpy()).cast("B")
+        if hashing:
+            h_in.update(memoryview(_bits(W).numpy()).cast("B"))
+            h_out.update(data)
+        pwrite_all(fd, data, dst_off + r0 * (t.nbytes // max(1, t.shape[0])))
+        rep.advance(len(data))
+    st.intended_norm = sums["d2"] ** 0.5
+    st.rounding_error = (sums["e2"] / sums["d2"]) ** 0.5 if sums["d2"] > 0 else 0.0
+    st.changed_fraction = sums["changed"] / max(1, t.numel)
+    if hashing:
+        st.sha256_in, st.sha256_out = h_in.hexdigest(), h_out.hexdigest()
+    if op.fingerprint is not None:
+        st.base_match = st.sha256_in == op.fingerprint
+    return st
 
 
 def _validate_copy(src: Header, dst: Path) -> None:
@@ -417,21 +434,34 @@ def _resolve_out(ck: Checkpoint, out: Path) -> Path:
 
 def _write_checkpoint(plan: Plan, out: Path, ops_by_file: dict[Path, dict[str, Op]], meta_for, index_meta, rep: Reporter,
                       overwrite: bool, after_write=None) -> list[TensorStats]:
-    """Write the whole output (file or folder) atomically; ``meta_for(header)`` gives new metadata."""
+    """Write the whole output (file or folder) atomically.
+
+    ``meta_for(header, stats)`` gives a patched file's metadata: first with ``stats=None`` to reserve
+    the header (worst case), then with every tensor's stats once all files are streamed, when what
+    the provenance says (e.g. which targets differed from the base) is known. Index files are
+    written last, with ``index_meta(metadata, stats)``.
+    """
     ck = plan.checkpoint
     stats: list[TensorStats] = []
+    patched: list[tuple[Header, Path]] = []
     inputs = [ck.root] + [f for ws in ck.weight_sets for f in ws.files]
 
     def patch(src: Path, dst: Path) -> None:
         h = plan._header(src)
-        stats.extend(_patch_file(h, dst, ops_by_file[src], meta_for(h), rep))
-        _validate_copy(h, dst)
+        stats.extend(_patch_file(h, dst, ops_by_file[src], meta_for(h, None), rep))
+        patched.append((h, dst))
+
+    def finalize() -> None:
+        for h, dst in patched:
+            rewrite_metadata(dst, meta_for(h, stats))
+            _validate_copy(h, dst)
 
     rep.start("writing", ck.total_bytes())
     try:
         if ck.layout == "file":
             with atomic_file(out, inputs, overwrite) as tmp:
                 patch(ck.root, tmp)
+                finalize()
                 if after_write:
                     after_write(stats)
             return stats
@@ -440,26 +470,29 @@ def _write_checkpoint(plan: Plan, out: Path, ops_by_file: dict[Path, dict[str, O
         if ck.layout == "sharded":
             sources = [ck.root] + ck.weight_sets[0].files
         else:
-            sources = [Path(dp) / f for dp, dns, fns in os.walk(root) for f in sorted(fns)
-                       if not (f.endswith(".vpatch-tmp") or ".vpatch-old-" in f)]
+            sources = [Path(dp) / f for dp, dns, fns in os.walk(root) for f in sorted(fns)]
         with atomic_dir(out, inputs, overwrite) as tmp:
+            rewrite_index: list[Path] = []
             for src in sources:
                 rel = src.relative_to(root)
-                if any(part.startswith(".") and part.endswith(".vpatch-tmp") for part in rel.parts):
-                    continue
+                if any(".vpatch-tmp" in part or ".vpatch-old-" in part for part in rel.parts):
+                    continue  # leftovers of our own interrupted runs
                 dst = tmp / rel
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 if src in ops_by_file:
                     patch(src, dst)
                 elif src in index_files and any(f in ops_by_file for f in index_files[src].files):
-                    obj = dict(index_files[src].index_json or {})
-                    obj["metadata"] = index_meta(dict(obj.get("metadata") or {}))
-                    dst.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+                    rewrite_index.append(src)
                 else:
                     shutil.copyfile(src, dst)
                     if src.suffix == ".safetensors":
                         rep.advance(src.stat().st_size)
-            for idx, ws in index_files.items():  # every index must resolve in the new folder
+            finalize()
+            for src in rewrite_index:
+                obj = dict(index_files[src].index_json or {})
+                obj["metadata"] = index_meta(dict(obj.get("metadata") or {}), stats)
+                (tmp / src.relative_to(root)).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+            for idx in index_files:  # every index must resolve in the new folder
                 new = tmp / idx.relative_to(root)
                 if new.exists():
                     load_index(new)
@@ -498,7 +531,8 @@ def apply_delta(checkpoint: str | Path, delta: str | Path | Delta, out: str | Pa
     ``revert_record`` (optional, keep it private) stores what makes ``revert_delta`` bit-exact.
     """
     rep = reporter or NullReporter()
-    plan = plan_apply(checkpoint, delta, component=component, strength=strength, use_factors=use_factors, allow_partial=allow_partial)
+    plan = plan_apply(checkpoint, delta, component=component, strength=strength, use_factors=use_factors,
+                      allow_partial=allow_partial, fingerprints=dry_run)  # a real run checks them while streaming
     dl = plan.delta
     if not force:
         for m in plan.matched:
@@ -520,23 +554,30 @@ def apply_delta(checkpoint: str | Path, delta: str | Path | Delta, out: str | Pa
             e = m.entry
             project = e.kind == "project_input" and not use_factors
             ops_by_file.setdefault(f, {})[key] = Op(e.V, e.strength * strength if project else strength, None if project else e.U,
-                                                    collect_revert=record_path is not None, base_match=m.base_match)
-    rec = {"delta_sha256": dl.sha256, "concept": dl.concept_name, "strength": strength, "mode": "factors" if use_factors else "recompute",
-           "entries": len(plan.matched), "vpatch": __version__,
-           "diverged": sorted(m.entry.key for m in plan.matched if m.base_match is False)}
+                                                    collect_revert=record_path is not None, fingerprint=e.base_sha256,
+                                                    hash=record_path is not None)
+    every_tag = sorted(_tag(plan.checkpoint, f, k) for f, ops in ops_by_file.items() for k in ops)
 
-    def meta_for(h: Header) -> dict[str, str]:
-        return _with_record(h.metadata, provenance(h.metadata) + [rec])
+    def rec(stats: list[TensorStats] | None) -> dict:
+        diverged = every_tag if stats is None else sorted(_tag(plan.checkpoint, Path(s.file), s.key) for s in stats if s.base_match is False)
+        return {"delta_sha256": dl.sha256, "concept": dl.concept_name, "strength": strength, "mode": "factors" if use_factors else "recompute",
+                "entries": len(plan.matched), "vpatch": __version__, "diverged": diverged}
 
-    def index_meta(meta: dict) -> dict:
-        meta["vpatch.applied"] = list(meta.get("vpatch.applied") or []) + [rec]
+    def meta_for(h: Header, stats: list[TensorStats] | None) -> dict[str, str]:
+        return _with_record(h.metadata, provenance(h.metadata) + [rec(stats)])
+
+    def index_meta(meta: dict, stats: list[TensorStats]) -> dict:
+        meta["vpatch.applied"] = list(meta.get("vpatch.applied") or []) + [rec(stats)]
         return meta
 
     def write_record(stats: list[TensorStats]) -> None:
         if record_path is not None:
-            _write_revert_record(record_path, plan, ops_by_file, stats, rec, overwrite)
+            _write_revert_record(record_path, plan, ops_by_file, stats, dl.sha256, overwrite)
 
     stats = _write_checkpoint(plan, out, ops_by_file, meta_for, index_meta, rep, overwrite, write_record)
+    for m in plan.matched:
+        seen = [s.base_match for s in stats if s.key == m.entry.tensor_key and any(Path(s.file) == ws.key_file[s.key] for ws in m.sets)]
+        m.base_match = None if not seen or None in seen else all(seen)
     report = _report("apply", plan, out)
     report.tensors = stats
     report.revert_record = str(record_path) if record_path else None
@@ -563,7 +604,7 @@ def _tag(ck: Checkpoint, f: Path, key: str) -> str:
     return f"{f.relative_to(root).as_posix()}::{key}"
 
 
-def _write_revert_record(path: Path, plan: Plan, ops_by_file: dict[Path, dict[str, Op]], stats: list[TensorStats], rec: dict, overwrite: bool) -> None:
+def _write_revert_record(path: Path, plan: Plan, ops_by_file: dict[Path, dict[str, Op]], stats: list[TensorStats], delta_sha: str, overwrite: bool) -> None:
     tensors: dict[str, torch.Tensor] = {}
     originals: dict[str, str] = {}
     by_file = {(s.file, s.key): s for s in stats}
@@ -576,7 +617,7 @@ def _write_revert_record(path: Path, plan: Plan, ops_by_file: dict[Path, dict[st
             val = torch.cat([v for _, v in op.fixes]) if op.fixes else torch.zeros(0, dtype=dt)
             tensors[f"{name}::fix_index"], tensors[f"{name}::fix_value"] = idx.to(torch.int64), val
             originals[name] = by_file[(str(f), key)].sha256_in
-    meta = {"vpatch.format": RECORD_FORMAT, "vpatch.delta_sha256": rec["delta_sha256"], "vpatch.originals": json.dumps(originals)}
+    meta = {"vpatch.format": RECORD_FORMAT, "vpatch.delta_sha256": delta_sha, "vpatch.originals": json.dumps(originals)}
     with atomic_file(path, [], overwrite) as tmp:
         save_tensors(tmp, tensors, meta)
         read_header(tmp)
@@ -624,26 +665,26 @@ def revert_delta(checkpoint: str | Path, delta: str | Path | Delta, out: str | P
                 e = m.entry
                 name = _tag(plan.checkpoint, f, key)
                 if rd is not None and f"{name}::U" in rec_header.tensors:
-                    op = Op(e.V, -1.0, rd.tensor(f"{name}::U"), fix_index=rd.tensor(f"{name}::fix_index"), fix_value=rd.tensor(f"{name}::fix_value"))
+                    op = Op(e.V, -1.0, rd.tensor(f"{name}::U"), fix_index=rd.tensor(f"{name}::fix_index"), fix_value=rd.tensor(f"{name}::fix_value"), hash=True)
                     expect[(str(f), key)] = originals.get(name)
-                elif e.kind == "project_input" and mode == "recompute" and e.key in diverged:
+                elif e.kind == "project_input" and mode == "recompute" and name in diverged:
                     lam = e.strength * strength
                     if abs(lam - 1.0) < 1e-6:
                         raise RevertError(f"{e.key}: a λ=1 projection on a checkpoint other than the probed base removed that component for good; revert needs the revert record written by apply --revert-record")
-                    op = Op(e.V, lam / (lam - 1.0), None)  # W = W'(I - μ BBᵀ), μ = λ/(λ-1)
+                    op = Op(e.V, lam / (lam - 1.0), None, hash=True)  # W = W'(I - μ BBᵀ), μ = λ/(λ-1)
                     expect[(str(f), key)] = None
                 else:
-                    op = Op(e.V, -strength, e.U)
+                    op = Op(e.V, -strength, e.U, hash=True)
                     expect[(str(f), key)] = e.base_sha256
                 ops_by_file.setdefault(f, {})[key] = op
     finally:
         if rd is not None:
             rd.close()
 
-    def meta_for(h: Header) -> dict[str, str]:
+    def meta_for(h: Header, _stats: object) -> dict[str, str]:
         return _with_record(h.metadata, [r for r in provenance(h.metadata) if r.get("delta_sha256") != dl.sha256])
 
-    def index_meta(meta: dict) -> dict:
+    def index_meta(meta: dict, _stats: object) -> dict:
         meta["vpatch.applied"] = [r for r in meta.get("vpatch.applied") or [] if r.get("delta_sha256") != dl.sha256]
         if not meta["vpatch.applied"]:
             del meta["vpatch.applied"]

@@ -252,8 +252,10 @@ def row_blocks(shape: tuple[int, ...], budget_bytes: int) -> list[tuple[int, int
     return [(r, min(rows, r + step)) for r in range(0, rows, step)] or [(0, 0)]
 
 
-def build_header(entries: Iterable[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None) -> tuple[bytes, list[TensorInfo]]:
-    """Lay out tensors in the given order; return the padded header bytes and their infos."""
+def build_header(entries: Iterable[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None,
+                 pad_to: int | None = None) -> tuple[bytes, list[TensorInfo]]:
+    """Lay out tensors in the given order; return the header bytes (8-aligned, or exactly ``pad_to``
+    long, padded with spaces as the spec allows) and their infos."""
     hdr: dict[str, object] = {}
     if metadata:
         hdr["__metadata__"] = dict(metadata)
@@ -267,7 +269,12 @@ def build_header(entries: Iterable[tuple[str, str, tuple[int, ...]]], metadata: 
         infos.append(TensorInfo(name, dtype, tuple(shape), pos, pos + size))
         pos += size
     text = json.dumps(hdr, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    text += b" " * (-(8 + len(text)) % ALIGN)
+    if pad_to is not None:
+        if len(text) > pad_to:
+            raise ValueError(f"header of {len(text)} bytes does not fit the {pad_to} reserved")
+        text += b" " * (pad_to - len(text))
+    else:
+        text += b" " * (-(8 + len(text)) % ALIGN)
     if len(text) > MAX_HEADER_SIZE:
         raise OutputError(f"the header would be {len(text)} bytes, over the {MAX_HEADER_SIZE}-byte safetensors limit; shorten the metadata")
     return struct.pack("<Q", len(text)) + text, infos
@@ -277,50 +284,91 @@ def disk_full(e: OSError) -> bool:
     return e.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
-class StreamWriter:
-    """Writes a safetensors file whose header is known up front, then its bytes in order.
+def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        k = os.pwrite(fd, view, offset)
+        view = view[k:]
+        offset += k
 
-    The caller streams data with ``write`` (buffers) and ``copy_from`` (raw byte ranges of another
-    file, copied in the kernel). ``close`` checks that exactly the announced bytes arrived.
-    """
 
-    def __init__(self, fd: int, entries: Iterable[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None):
-        self._fd = fd
-        head, self.infos = build_header(entries, metadata)
-        self.total = len(head) + (self.infos[-1].end if self.infos else 0)
-        self._written = 0
-        self.write(head)
+def copy_range(src_fd: int, src_off: int, dst_fd: int, dst_off: int, length: int) -> None:
+    """Kernel-side copy of a byte range (falls back to read/write across devices)."""
+    end = src_off + length
+    try:
+        while src_off < end:
+            k = os.copy_file_range(src_fd, dst_fd, min(end - src_off, 1 << 30), src_off, dst_off)
+            if k == 0:
+                raise FormatError(f"source file ended at byte {src_off}; it was truncated during the run")
+            src_off += k
+            dst_off += k
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        while src_off < end:
+            chunk = pread_exact(src_fd, min(end - src_off, 64 << 20), src_off)
+            pwrite_all(dst_fd, chunk, dst_off)
+            src_off += len(chunk)
+            dst_off += len(chunk)
 
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data).cast("B")
-        while view:
-            k = os.write(self._fd, view)
-            view = view[k:]
-            self._written += k
 
-    def copy_from(self, src_fd: int, offset: int, length: int) -> None:
-        dst_fd = self._fd
-        end = offset + length
-        try:
-            while offset < end:
-                k = os.copy_file_range(src_fd, dst_fd, min(end - offset, 1 << 30), offset)
-                if k == 0:
-                    raise FormatError(f"source file ended at byte {offset}; it was truncated during the run")
-                offset += k
-                self._written += k
-        except OSError as e:
-            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
-                raise
-            while offset < end:  # cross-device or unsupported: plain buffered copy
-                chunk = pread_exact(src_fd, min(end - offset, 64 << 20), offset)
-                self.write(chunk)
-                offset += len(chunk)
+class PositionalWriter:
+    """A safetensors file whose layout is fixed up front, so its byte ranges can be filled in any
+    order (and from two threads: kernel copies beside computed tensors). The header can be
+    rewritten at the end with new metadata as long as it fits the reserved length."""
+
+    def __init__(self, fd: int, entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None):
+        self.fd = fd
+        self.entries = entries
+        head, infos = build_header(entries, metadata)
+        self.header_len = len(head)
+        self.infos = {t.name: t for t in infos}
+        self.total = len(head) + (infos[-1].end if infos else 0)
+        if hasattr(os, "posix_fallocate") and self.total:
+            try:
+                os.posix_fallocate(fd, 0, self.total)  # a full disk fails here, before any work
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                    raise
+        pwrite_all(fd, head, 0)
+
+    def offset(self, name: str) -> int:
+        return self.header_len + self.infos[name].begin
 
     def finish(self) -> None:
-        """Check that exactly the announced bytes arrived and make them durable."""
-        if self._written != self.total:
-            raise AssertionError(f"writer got {self._written} bytes, header announced {self.total}")
-        os.fsync(self._fd)
+        if os.fstat(self.fd).st_size != self.total:
+            raise AssertionError(f"file is {os.fstat(self.fd).st_size} bytes, header announced {self.total}")
+        os.fsync(self.fd)
+
+
+class StreamWriter:
+    """Sequential writes into a ``PositionalWriter`` (small files: deltas, records, tests)."""
+
+    def __init__(self, fd: int, entries: Iterable[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None):
+        self._pw = PositionalWriter(fd, list(entries), metadata)
+        self._pos = self._pw.header_len
+        self.total = self._pw.total
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        pwrite_all(self._pw.fd, data, self._pos)
+        self._pos += len(memoryview(data).cast("B"))
+
+    def finish(self) -> None:
+        if self._pos != self.total:
+            raise AssertionError(f"writer got {self._pos} bytes, header announced {self.total}")
+        self._pw.finish()
+
+
+def rewrite_metadata(path: Path, metadata: dict[str, str] | None) -> None:
+    """Replace a file's ``__metadata__`` in place; the new header must fit the old one's length."""
+    h = read_header(path)
+    head, _ = build_header([(t.name, t.dtype, t.shape) for t in h.tensors.values()], metadata, pad_to=h.data_start - 8)
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        pwrite_all(fd, head, 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:

@@ -340,7 +340,7 @@ def test_interrupted_run_leaves_no_finished_looking_file(tmp_path, bf16_model, m
     assert not (tmp_path / "o.safetensors").exists() and _no_leftovers(tmp_path) == []
 
 
-@pytest.mark.parametrize("where", ["write", "copy_file_range"])
+@pytest.mark.parametrize("where", ["pwrite", "copy_file_range", "posix_fallocate"])
 def test_full_disk_is_a_clear_error_and_leaves_nothing(tmp_path, monkeypatch, where):
     t = model_tensors(torch.bfloat16)
     src = save_pipeline(tmp_path / "pipe", t)
@@ -349,7 +349,7 @@ def test_full_disk_is_a_clear_error_and_leaves_nothing(tmp_path, monkeypatch, wh
     budget = {"left": 1000}
 
     def small_disk(*a):
-        if budget["left"] <= 0:
+        if budget["left"] <= 0 or where == "posix_fallocate":
             raise OSError(errno.ENOSPC, "No space left on device")
         n = real(*a)
         budget["left"] -= n
