@@ -3,7 +3,6 @@ import struct
 import subprocess
 import sys
 
-import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
