@@ -162,21 +162,13 @@ def _choose_component(ck: Checkpoint, delta: Delta, component: str | None) -> tu
 
 
 def _sha256_tensor(ws: WeightSet, key: str) -> str:
+    """Fingerprint of a tensor's stored bytes, read in the same row blocks as the edit loop."""
     f = ws.key_file[key]
-    h = ws.headers[f]
-    a, b = h.abs_range(key)
+    t = ws.headers[f].tensors[key]
     digest = hashlib.sha256()
-    fd = os.open(f, os.O_RDONLY)
-    try:
-        pos = a
-        while pos < b:
-            chunk = os.pread(fd, min(b - pos, 16 << 20), pos)
-            if not chunk:
-                raise OutputError(f"{f} ended early while hashing {key}")
-            digest.update(chunk)
-            pos += len(chunk)
-    finally:
-        os.close(fd)
+    with TensorReader(ws.headers[f]) as rd:
+        for r0, r1 in row_blocks(t.shape, ROW_BLOCK_BYTES):
+            digest.update(memoryview(_bits(rd.rows(key, r0, r1)).numpy()).cast("B"))
     return digest.hexdigest()
 
 
