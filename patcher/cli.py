@@ -13,7 +13,9 @@ from pathlib import Path
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.progress import (
+    BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn, TransferSpeedColumn,
+)
 from rich.table import Table
 
 from . import __version__
@@ -117,6 +119,7 @@ def main() -> None:
 
     \b
     Typical use:
+      vpatch probe MODEL -c nudity -o concept.vud  find the concept's direction (needs [probe])
       vpatch inspect concept.vud                  what a delta edits
       vpatch apply MODEL concept.vud -o MODEL-safe   merge it (streaming, weights only)
       vpatch inspect MODEL-safe                   which deltas a checkpoint carries
@@ -182,6 +185,110 @@ def revert(checkpoint, delta, out, record, component, allow_inexact, overwrite, 
     r = revert_delta(checkpoint, delta, out, component=component, record=record, allow_inexact=allow_inexact,
                      overwrite=overwrite, reporter=RichReporter(quiet or as_json))
     _show_report(r, as_json)
+
+
+class CountReporter(RichReporter):
+    """Progress in items (prompts), not bytes."""
+
+    def start(self, description: str, total: int) -> None:
+        if self.quiet:
+            return
+        self._p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                           console=err, transient=True)
+        self._p.start()
+        self._task = self._p.add_task(description, total=total)
+
+
+def _pairs(values: tuple[str, ...], flag: str) -> dict[str, str]:
+    out = {}
+    for v in values:
+        if "=" not in v:
+            raise click.BadParameter(f"expected NAME=VALUE, got {v!r}", param_hint=flag)
+        k, val = v.split("=", 1)
+        out[k.strip()] = val.strip()
+    return out
+
+
+@main.command()
+@click.argument("model")
+@click.option("-c", "--concept", required=True, help="Concept recipe: a shipped name (nudity, violence, gore, trademark) or a .toml path.")
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="The .vud delta to write.")
+@click.option("--family", help="Model family recipe (name or .toml path); detected from model_index.json or keys when omitted.")
+@click.option("--layers", "sites", help="Comma-separated edit sites of the family recipe, replacing its defaults (see `vpatch families`).")
+@click.option("--layer-filter", help="Regular expression: keep only target keys it matches, e.g. 'blocks\\.(2[0-9])\\.'.")
+@click.option("--method", type=click.Choice(["cpca", "pca", "mean"]), help="cpca (default): contrastive subspace; pca: α = 0; mean: raw mean difference.")
+@click.option("--rank", "rank", type=int, help="k: the subspace size for pca/cpca (paper: 100; capped at the input width).")
+@click.option("--alpha", type=float, help="α in C = C_diff − α·C_neutral (cpca only).")
+@click.option("--strength", type=float, help="λ in W' = W − λ (W u) uᵀ; 1 removes the direction exactly.")
+@click.option("--directions", type=int, help="m: how many orthonormal refusal directions to remove.")
+@click.option("--pooling", type=click.Choice(["tokens", "mean", "last"]), help="How a prompt's tokens become samples (see recipes/README.md).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--dtype", default="auto", show_default=True, help="Encoder/pipeline dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.")
+@click.option("--encoder", "encoders", multiple=True, metavar="NAME=PATH", help="Use this local folder or hub id for a recipe encoder (original single-file models need it).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a family-recipe field, e.g. --set denoise.steps=2.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Noise seed for denoise-mode sites (same for both prompts of a pair).")
+@click.option("--revision", help="Hub revision when MODEL is a hub id.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable summary on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@_user_errors
+def probe(model, concept, out, family, sites, layer_filter, method, rank, alpha, strength, directions, pooling, device, dtype,
+          encoders, sets, seed, revision, as_json, quiet):
+    """Find the concept's refusal direction in MODEL and write a portable delta (.vud).
+
+    MODEL is a diffusers pipeline folder, a hub id, or an original single .safetensors file
+    (Open-Sora). Text-mode sites run only the text/image encoder; denoise-mode sites run the
+    pipeline on noise latents. The delta is then merged with `vpatch apply`.
+
+    \b
+    Examples:
+      vpatch probe Wan-AI/Wan2.1-T2V-1.3B-Diffusers -c nudity -o nudity.vud
+      vpatch probe ./cogvideox -c gore -o gore.vud --layers text_proj,t5_ffn --rank 64
+      vpatch probe Open_Sora_v2.safetensors -c trademark -o tm.vud --encoder text=./t5-xxl --encoder pooled=./clip-l
+    """
+    from .probe import ProbeOptions
+    from .probe import probe as run_probe
+
+    opt = ProbeOptions(family=family, method=method, rank=rank, alpha=alpha, strength=strength, directions=directions,
+                       pooling=pooling, sites=[s.strip() for s in sites.split(",") if s.strip()] if sites else None,
+                       layers=layer_filter, device=device, dtype=dtype, seed=seed, overrides=list(sets),
+                       encoders=_pairs(encoders, "--encoder"), revision=revision)
+    say = (lambda m: None) if (quiet or as_json) else (lambda m: err.print(m))
+    r = run_probe(model, concept, out, opt, reporter=CountReporter(quiet or as_json), log=say)
+    if as_json:
+        click.echo(json.dumps(r.to_dict(), indent=2))
+        return
+    t = Table(title=f"probe: {r.concept} on {r.family} ({r.method['name']}, k={r.method['rank']}, α={r.method['alpha']:g}, λ={r.method['strength']:g})")
+    for c in ("site", "input", "width", "samples", "r kept", "targets"):
+        t.add_column(c, overflow="fold")
+    for g in r.groups:
+        t.add_row(g.site, g.input, str(g.dim), str(g.samples), f"{g.kept:.0%}", str(len(g.targets)))
+    err.print(t)
+    click.echo(r.delta)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
+@_user_errors
+def families(as_json):
+    """List the model-family recipes, their edit sites and defaults."""
+    from .recipes import family_files, load_family
+
+    rows = []
+    for f in family_files():
+        fam = load_family(f)
+        rows.append({"family": fam.name, "description": fam.description, "default_sites": fam.default_sites,
+                     "sites": {n: {"mode": s.mode, "components": s.components, "why": " ".join(s.why.split())} for n, s in fam.sites.items()},
+                     "path": str(f)})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    t = Table(title="model families (recipes/models)")
+    for c in ("family", "sites (default first)", "mode"):
+        t.add_column(c, overflow="fold")
+    for r in rows:
+        names = r["default_sites"] + [n for n in r["sites"] if n not in r["default_sites"]]
+        t.add_row(r["family"], ", ".join(names), ", ".join(sorted({s["mode"] for s in r["sites"].values()})))
+    Console(highlight=False).print(t)
 
 
 @main.command()

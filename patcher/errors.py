@@ -49,3 +49,11 @@ class OutputError(VpatchError):
 
 class RevertError(VpatchError):
     """A revert could not restore the original bytes."""
+
+
+class RecipeError(VpatchError):
+    """A model-family or concept recipe (TOML) is malformed; the message names the field."""
+
+
+class ProbeError(VpatchError):
+    """The probe cannot run on this model (missing component, nothing matched, degenerate activations...)."""

@@ -1,0 +1,415 @@
+"""Recipes are data: model families (where to edit, how to probe) and concepts (which prompts).
+
+Both are TOML files; the schema is in ``recipes/README.md``. This module only parses and validates
+them, so a malformed recipe fails before any model is loaded, with a message that names the field.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import RecipeError
+from .refusal import METHODS, POOLINGS
+
+RECIPES_DIR = Path(os.environ.get("VPATCH_RECIPES", Path(__file__).resolve().parent.parent / "recipes"))
+MAX_RECIPE_BYTES = 1 << 20
+ENCODER_KINDS = ("text", "pooled", "image")
+MASKS = ("attention", "all")
+MODES = ("text", "denoise")
+TOKEN_SLICES = ("all", "first", "last")
+CHAIN_OPS = {"linear": True, "layer_norm": True, "gelu": False, "gelu_tanh": False, "silu": False}  # op -> needs weight
+_OUTPUT_RE = re.compile(r"^(last_hidden_state|pooler_output|text_embeds|image_embeds|hidden_states:-?\d+)$")
+
+
+# --------------------------------------------------------------------------- small typed readers
+
+
+class _Table:
+    """A TOML table that remembers its path, so every error names the field."""
+
+    def __init__(self, data: dict, where: str):
+        self.data = data
+        self.where = where
+        self.used: set[str] = set()
+
+    def _err(self, key: str, msg: str) -> RecipeError:
+        return RecipeError(f"{self.where}: field '{key}' {msg}")
+
+    def get(self, key: str, kind: type | tuple, default: Any = ..., choices: tuple | None = None) -> Any:
+        self.used.add(key)
+        if key not in self.data:
+            if default is ...:
+                raise self._err(key, "is required")
+            return default
+        val = self.data[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if isinstance(val, bool) and bool not in kinds:
+            raise self._err(key, f"must be {' or '.join(k.__name__ for k in kinds)}, not a boolean")
+        if float in kinds and isinstance(val, int) and not isinstance(val, bool):
+            val = float(val)
+        if not isinstance(val, kinds):
+            raise self._err(key, f"must be {' or '.join(k.__name__ for k in kinds)}, got {type(val).__name__}")
+        if choices is not None and val not in choices:
+            raise self._err(key, f"is {val!r}; choose one of {', '.join(map(str, choices))}")
+        return val
+
+    def strings(self, key: str, default: Any = ..., min_len: int = 0) -> list[str]:
+        val = self.get(key, list, default)
+        if not all(isinstance(v, str) and v.strip() for v in val):
+            raise self._err(key, "must be a list of non-empty strings")
+        if len(val) < min_len:
+            raise self._err(key, f"needs at least {min_len} entries, has {len(val)}")
+        return list(val)
+
+    def table(self, key: str, default: Any = ...) -> "_Table":
+        val = self.get(key, dict, default)
+        return _Table(val if val is not None else {}, f"{self.where}.{key}")
+
+    def positive(self, key: str, default: Any = ...) -> int:
+        val = self.get(key, int, default)
+        if val is not None and val < 1:
+            raise self._err(key, f"must be a positive integer, got {val}")
+        return val
+
+    def done(self) -> None:
+        extra = sorted(set(self.data) - self.used)
+        if extra:
+            raise RecipeError(f"{self.where}: unknown field(s) {', '.join(extra)}; check the spelling against recipes/README.md")
+
+
+def _regex(t: _Table, key: str) -> list[re.Pattern]:
+    out = []
+    for i, pat in enumerate(t.strings(key, min_len=1)):
+        try:
+            out.append(re.compile(pat))
+        except re.error as e:
+            raise RecipeError(f"{t.where}: field '{key}[{i}]' is not a valid regular expression ({e})") from None
+    return out
+
+
+def _load_toml(path: Path) -> dict:
+    if not path.is_file():
+        raise RecipeError(f"{path}: no such recipe file")
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{path}: recipe is larger than {MAX_RECIPE_BYTES} bytes")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise RecipeError(f"{path}: not valid TOML ({e})") from None
+
+
+def apply_overrides(data: dict, sets: list[str]) -> dict:
+    """``--set a.b.c=VALUE`` edits on the raw TOML (VALUE is parsed as TOML, else taken as a string)."""
+    for s in sets:
+        if "=" not in s:
+            raise RecipeError(f"--set {s!r}: expected dotted.key=value, e.g. --set denoise.steps=2")
+        key, raw = s.split("=", 1)
+        try:
+            val = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            val = raw
+        node = data
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise RecipeError(f"--set {s!r}: {p!r} is not a table")
+            node = nxt
+        node[parts[-1]] = val
+    return data
+
+
+# --------------------------------------------------------------------------- model families
+
+
+@dataclass
+class EncoderSpec:
+    name: str
+    kind: str  # text | pooled | image
+    component: str  # pipeline subfolder holding the encoder
+    preprocessor: str  # tokenizer (text) or image processor folder
+    output: str
+    max_length: int
+    mask: str
+    template: str = "{}"
+    crop_start: int = 0
+    model_class: str | None = None  # used when there is no model_index.json (original layouts)
+    preprocessor_class: str | None = None
+    hub_id: str | None = None  # default source when the checkpoint does not bundle the encoder
+    template_from: str | None = None  # "module:ATTR" naming a {"template", "crop_start"} dict, e.g. a pipeline's default
+
+
+@dataclass
+class ChainOp:
+    op: str
+    weight: str | None = None  # module path inside the site's component (``.weight``/``.bias`` appended)
+
+
+@dataclass
+class SiteSpec:
+    name: str
+    why: str
+    mode: str
+    components: list[str]
+    weights: list[re.Pattern]
+    encoder: str | None = None
+    chain: list[ChainOp] = field(default_factory=list)
+    text_tokens: str = "all"
+    text_len: int | str | None = None
+    last: int | None = None  # keep only the last N layers (by the first index in the key)
+
+    def matches(self, key: str) -> bool:
+        return any(p.fullmatch(key) for p in self.weights)
+
+
+@dataclass
+class DenoiseSpec:
+    steps: int = 4
+    call: dict = field(default_factory=dict)
+
+
+@dataclass
+class Family:
+    name: str
+    description: str
+    pipeline_classes: list[str]
+    detect_keys: list[str]
+    encoders: dict[str, EncoderSpec]
+    sites: dict[str, SiteSpec]
+    default_sites: list[str]
+    defaults: dict
+    denoise: DenoiseSpec
+    path: Path | None = None
+
+
+DEFAULTS = {"method": "cpca", "rank": 100, "alpha": 1.0, "strength": 1.0, "directions": 1, "pooling": "tokens"}
+
+
+def _encoder(name: str, t: _Table) -> EncoderSpec:
+    kind = t.get("kind", str, choices=ENCODER_KINDS)
+    output = t.get("output", str, "pooler_output" if kind == "pooled" else "last_hidden_state")
+    if not _OUTPUT_RE.match(output):
+        raise RecipeError(f"{t.where}: field 'output' is {output!r}; use last_hidden_state, pooler_output, text_embeds, image_embeds or hidden_states:N")
+    template = t.get("template", str, "{}")
+    if template.count("{}") != 1:
+        raise RecipeError(f"{t.where}: field 'template' must contain exactly one {{}} where the prompt goes")
+    spec = EncoderSpec(
+        name=name, kind=kind, component=t.get("component", str),
+        preprocessor=t.get("preprocessor", str, "image_processor" if kind == "image" else "tokenizer"),
+        output=output, max_length=t.positive("max_length", 77), mask=t.get("mask", str, "attention", MASKS),
+        template=template, crop_start=t.get("crop_start", int, 0), model_class=t.get("class", str, None),
+        preprocessor_class=t.get("preprocessor_class", str, None), hub_id=t.get("hub_id", str, None),
+        template_from=t.get("template_from", str, None) or None,
+    )
+    if spec.template_from is not None and ":" not in spec.template_from:
+        raise RecipeError(f"{t.where}: field 'template_from' must look like 'package.module:ATTRIBUTE'")
+    if spec.crop_start < 0:
+        raise RecipeError(f"{t.where}: field 'crop_start' must be >= 0")
+    t.done()
+    return spec
+
+
+def _site(name: str, t: _Table, encoders: dict[str, EncoderSpec]) -> SiteSpec:
+    why = t.get("why", str)
+    mode = t.get("mode", str, choices=MODES)
+    comps = t.strings("components", min_len=1)
+    weights = _regex(t, "weights")
+    enc = t.get("encoder", str, None)
+    if mode == "text" and enc is None:
+        raise RecipeError(f"{t.where}: field 'encoder' is required for a text-mode site (which encoder's output the site reads)")
+    if enc is not None and enc not in encoders:
+        raise RecipeError(f"{t.where}: field 'encoder' is {enc!r}, but the recipe defines encoders {sorted(encoders)}")
+    chain = []
+    for i, raw in enumerate(t.get("chain", list, [])):
+        if not isinstance(raw, dict):
+            raise RecipeError(f"{t.where}: field 'chain[{i}]' must be a table like {{op = \"linear\", weight = \"...\"}}")
+        ct = _Table(raw, f"{t.where}.chain[{i}]")
+        op = ct.get("op", str, choices=tuple(CHAIN_OPS))
+        w = ct.get("weight", str, None)
+        if CHAIN_OPS[op] and not w:
+            raise RecipeError(f"{ct.where}: field 'weight' is required for op {op!r}")
+        ct.done()
+        chain.append(ChainOp(op, w))
+    if mode == "denoise" and chain:
+        raise RecipeError(f"{t.where}: field 'chain' only applies to text-mode sites")
+    text_tokens = t.get("text_tokens", str, "all", TOKEN_SLICES)
+    text_len = t.get("text_len", (int, str), None)
+    last = t.positive("last", None)
+    if text_tokens != "all" and text_len is None:
+        raise RecipeError(f"{t.where}: field 'text_len' is required when text_tokens = {text_tokens!r}")
+    t.done()
+    return SiteSpec(name, why, mode, comps, weights, enc, chain, text_tokens, text_len, last)
+
+
+def parse_family(data: dict, where: str) -> Family:
+    t = _Table(data, where)
+    name = t.get("name", str)
+    desc = t.get("description", str, "")
+    det = t.table("detect", {})
+    pipes = det.strings("pipeline_classes", [])
+    keys = det.strings("keys", [])
+    det.done()
+    if not pipes and not keys:
+        raise RecipeError(f"{where}: field 'detect' needs pipeline_classes or keys, so the family can be recognised")
+    enc_t = t.table("encoders")
+    encoders = {}
+    for k in list(enc_t.data):
+        encoders[k] = _encoder(k, enc_t.table(k))
+    site_t = t.table("sites")
+    sites = {}
+    for k in list(site_t.data):
+        sites[k] = _site(k, site_t.table(k), encoders)
+    if not sites:
+        raise RecipeError(f"{where}: field 'sites' defines no edit site")
+    dt = t.table("defaults", {})
+    defaults = dict(DEFAULTS)
+    sel = dt.get("sites", list, None)
+    if sel is None or not sel or not all(isinstance(s, str) for s in sel):
+        raise RecipeError(f"{where}.defaults: field 'sites' is required: a list of site names (from {sorted(sites)})")
+    for s in sel:
+        if s not in sites:
+            raise RecipeError(f"{where}.defaults: field 'sites' names {s!r}, which is not one of {sorted(sites)}")
+    defaults["method"] = dt.get("method", str, DEFAULTS["method"], METHODS)
+    defaults["rank"] = dt.positive("rank", DEFAULTS["rank"])
+    defaults["alpha"] = dt.get("alpha", float, DEFAULTS["alpha"])
+    defaults["strength"] = dt.get("strength", float, DEFAULTS["strength"])
+    defaults["directions"] = dt.positive("directions", DEFAULTS["directions"])
+    defaults["pooling"] = dt.get("pooling", str, DEFAULTS["pooling"], POOLINGS)
+    dt.done()
+    dn = t.table("denoise", {})
+    denoise = DenoiseSpec(steps=dn.positive("steps", 4), call=dn.get("call", dict, {}))
+    dn.done()
+    t.done()
+    return Family(name, desc, pipes, keys, encoders, sites, list(sel), defaults, denoise)
+
+
+def family_files() -> list[Path]:
+    return sorted((RECIPES_DIR / "models").glob("*.toml"))
+
+
+def load_family(name_or_path: str | os.PathLike, overrides: list[str] | None = None) -> Family:
+    """A family by name (``recipes/models/NAME.toml``) or by path to a TOML file."""
+    p = Path(name_or_path)
+    if p.suffix != ".toml":
+        p = RECIPES_DIR / "models" / f"{name_or_path}.toml"
+        if not p.is_file():
+            known = ", ".join(f.stem for f in family_files())
+            raise RecipeError(f"unknown model family {str(name_or_path)!r}; known: {known} (or give a path to a .toml recipe)")
+    data = apply_overrides(_load_toml(p), overrides or [])
+    fam = parse_family(data, str(p))
+    fam.path = p
+    return fam
+
+
+def detect_family(pipeline_class: str | None, keys: set[str]) -> str | None:
+    """The family whose recipe claims this pipeline class, else whose detection keys are all present."""
+    fams = []
+    for f in family_files():
+        try:
+            fams.append(load_family(f))
+        except RecipeError:
+            continue
+    if pipeline_class:
+        for fam in fams:
+            if pipeline_class in fam.pipeline_classes:
+                return fam.name
+    for fam in fams:
+        if fam.detect_keys and all(k in keys for k in fam.detect_keys):
+            return fam.name
+    return None
+
+
+# --------------------------------------------------------------------------- concepts
+
+
+@dataclass
+class Pair:
+    unsafe: str
+    safe: str
+    unsafe_image: Path | None = None
+    safe_image: Path | None = None
+
+
+@dataclass
+class Concept:
+    name: str
+    description: str
+    pairs: list[Pair]
+    neutral: list[str]
+    neutral_images: list[Path]
+    heldout: dict[str, list[str]]
+    path: Path | None = None
+
+    def record(self) -> dict:
+        """What goes into the delta's ``vpatch.concept`` field."""
+        return {
+            "name": self.name, "description": self.description,
+            "pairs": [{"unsafe": p.unsafe, "safe": p.safe} for p in self.pairs], "neutral": self.neutral,
+            "images": any(p.unsafe_image for p in self.pairs),
+        }
+
+
+HELDOUT_KINDS = ("paraphrase", "synonym", "unseen", "template")
+
+
+def parse_concept(data: dict, where: str, base: Path | None = None) -> Concept:
+    t = _Table(data, where)
+    name = t.get("name", str)
+    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
+        raise RecipeError(f"{where}: field 'name' must be letters, digits, '_', '-' or '.', got {name!r}")
+    desc = t.get("description", str, "")
+    raw_pairs = t.get("pairs", list)
+    if not raw_pairs:
+        raise RecipeError(f"{where}: field 'pairs' is empty; give unsafe/safe pairs that differ only by the concept (5 recommended)")
+    pairs = []
+    for i, rp in enumerate(raw_pairs):
+        if not isinstance(rp, dict):
+            raise RecipeError(f"{where}: field 'pairs[{i}]' must be a table with 'unsafe' and 'safe'")
+        pt = _Table(rp, f"{where}.pairs[{i}]")
+        un, sa = pt.get("unsafe", str), pt.get("safe", str)
+        if not un.strip() or not sa.strip():
+            raise RecipeError(f"{pt.where}: 'unsafe' and 'safe' must be non-empty")
+        if un.strip() == sa.strip():
+            raise RecipeError(f"{pt.where}: 'unsafe' and 'safe' are identical; they must differ by the concept")
+        ui, si = pt.get("unsafe_image", str, None), pt.get("safe_image", str, None)
+        if (ui is None) != (si is None):
+            raise RecipeError(f"{pt.where}: give both 'unsafe_image' and 'safe_image', or neither")
+        pt.done()
+        pairs.append(Pair(un, sa, _img(ui, base, pt.where), _img(si, base, pt.where)))
+    if len({p.unsafe_image is None for p in pairs}) > 1:
+        raise RecipeError(f"{where}: field 'pairs': either every pair carries images or none does")
+    neutral = t.strings("neutral", min_len=2)
+    nimg = [_img(s, base, f"{where}.neutral_images") for s in t.strings("neutral_images", [])]
+    ht = t.table("heldout", {})
+    heldout = {k: ht.strings(k, []) for k in HELDOUT_KINDS}
+    ht.done()
+    t.done()
+    return Concept(name, desc, pairs, neutral, nimg, heldout)
+
+
+def _img(s: str | None, base: Path | None, where: str) -> Path | None:
+    if s is None:
+        return None
+    p = Path(s)
+    if not p.is_absolute() and base is not None:
+        p = base / p
+    if not p.is_file():
+        raise RecipeError(f"{where}: image {s!r} not found (paths are relative to the concept file)")
+    return p
+
+
+def load_concept(name_or_path: str | os.PathLike) -> Concept:
+    p = Path(name_or_path)
+    if p.suffix != ".toml":
+        p = RECIPES_DIR / "concepts" / f"{name_or_path}.toml"
+        if not p.is_file():
+            known = ", ".join(f.stem for f in sorted((RECIPES_DIR / "concepts").glob("*.toml")))
+            raise RecipeError(f"unknown concept {str(name_or_path)!r}; shipped: {known} (or give a path to a .toml recipe)")
+    c = parse_concept(_load_toml(p), str(p), p.parent)
+    c.path = p
+    return c
