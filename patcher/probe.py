@@ -202,7 +202,8 @@ class Encoder:
                 self.model = mcls.from_pretrained(loc, torch_dtype=dtype)
                 self.pre = pcls.from_pretrained(str(sub))
             except OSError as e:
-                raise ProbeError(f"encoder {spec.name!r} from {loc}: {str(e).splitlines()[0]}") from None
+                raise ProbeError(f"encoder {spec.name!r} from {loc}: {str(e).splitlines()[0]} "
+                                 f"Download it, then pass --encoder {spec.name}=LOCAL_FOLDER") from None
             self.component_dir = root
         else:
             lib, cls = _component_class(src, spec.component, spec.model_class, "encoder")
@@ -239,7 +240,7 @@ class Encoder:
             tok = self.pre(texts, padding="max_length", max_length=spec.max_length + self.crop_start, truncation=True, return_tensors="pt")
             inputs = {"input_ids": tok.input_ids.to(self.device)}
             mask = tok.attention_mask
-            if spec.mask == "attention":
+            if spec.pass_mask:
                 inputs["attention_mask"] = mask.to(self.device)
         want_hidden = spec.output.startswith("hidden_states")
         with torch.inference_mode():

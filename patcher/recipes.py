@@ -136,6 +136,7 @@ class EncoderSpec:
     output: str
     max_length: int
     mask: str
+    pass_mask: bool = True  # whether the pipeline gives the encoder the attention mask
     template: str = "{}"
     crop_start: int = 0
     model_class: str | None = None  # used when there is no model_index.json (original layouts)
@@ -202,12 +203,15 @@ def _encoder(name: str, t: _Table) -> EncoderSpec:
         name=name, kind=kind, component=t.get("component", str),
         preprocessor=t.get("preprocessor", str, "image_processor" if kind == "image" else "tokenizer"),
         output=output, max_length=t.positive("max_length", 77), mask=t.get("mask", str, "attention", MASKS),
+        pass_mask=t.get("pass_mask", bool, None),
         template=template, crop_start=t.get("crop_start", int, 0), model_class=t.get("class", str, None),
         preprocessor_class=t.get("preprocessor_class", str, None), hub_id=t.get("hub_id", str, None),
         template_from=t.get("template_from", str, None) or None,
     )
     if spec.template_from is not None and ":" not in spec.template_from:
         raise RecipeError(f"{t.where}: field 'template_from' must look like 'package.module:ATTRIBUTE'")
+    if spec.pass_mask is None:
+        spec.pass_mask = spec.mask == "attention"
     if spec.crop_start < 0:
         raise RecipeError(f"{t.where}: field 'crop_start' must be >= 0")
     t.done()

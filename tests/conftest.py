@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# No hub is reachable from tests: fail fast instead of retrying the network (read at import time).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
 import hashlib
 import json
 from pathlib import Path

@@ -186,3 +186,186 @@ def test_i2v_image_conditioning_site(pipes, tmp_path):
     frames = pat(image=Image.open(tmp_path / "red.png"), prompt="a ball", num_inference_steps=2, output_type="pt",
                  generator=torch.Generator().manual_seed(0), **call).frames
     assert torch.isfinite(torch.as_tensor(frames)).all()
+
+
+def test_trap_sites_only_touch_text_readers(pipes, tmp_path):
+    """attn2 is self-attention in UNet3D temporal blocks and in AnimateDiff motion modules: never edited."""
+    for builder in ("zeroscope", "animatediff"):
+        src, _ = pipes(builder)
+        vud = tmp_path / f"{builder}.vud"
+        run_cli("probe", src, "-c", "gore", "-o", vud, "--rank", "2", "-q")
+        keys = [e.tensor_key for e in read_delta(vud).entries]
+        assert keys and all(".attentions." in k and ".attn2.to_" in k for k in keys)
+        assert not any(s in k for k in keys for s in ("temp_attentions", "transformer_in", "motion_modules"))
+        unet = load(src).unet
+        every_text_kv = [n + ".weight" for n, m in unet.named_modules() if n.endswith(("attn2.to_k", "attn2.to_v"))
+                         and m.weight.shape[1] == unet.config.cross_attention_dim and ".attentions." in n]
+        assert sorted(keys) == sorted(every_text_kv)
+
+
+REF_CASES = [
+    ("wan", "text_proj", [], {}),
+    ("wan", "cross_kv", [], {}),
+    ("zeroscope", "cross_kv", [], {}),
+    ("animatediff", "cross_kv", [], {}),
+    ("cogvideox", "text_proj", ["encoders.text.max_length=16"], {}),
+    ("ltx", "caption_proj", ["encoders.text.max_length=16"], {}),  # T5 runs unmasked there: same padding length
+    ("ltx", "cross_kv", ["encoders.text.max_length=16"], {}),
+    ("hunyuan", "context_proj", HUNYUAN_TEMPLATE, {"prompt_template": {"template": "{}", "crop_start": 0}}),
+    ("hunyuan", "clip_pooled", [], {"prompt_template": {"template": "{}", "crop_start": 0}}),
+    ("mochi", "caption_proj", [], {}),
+]
+
+
+@pytest.mark.parametrize("case", REF_CASES, ids=[f"{c[0]}-{c[1]}" for c in REF_CASES])
+def test_capture_matches_the_pipelines_own_forward(case, pipes):
+    """What the probe computes as a site's input (encoder + chain, no denoiser) equals what the real
+    module receives inside the diffusers pipeline, seen by a forward pre-hook."""
+    from patcher.probe import open_source, site_inputs, site_targets
+    from patcher.recipes import load_family
+
+    builder, site, overrides, extra = case
+    src, call = pipes(builder)
+    prompt = "a naked man walking"  # shorter than the tiny pipelines' 16-token limit, so nothing is truncated
+    got = site_inputs(src, site, [prompt], overrides=overrides)
+    assert len(got) == 1
+    (x, mask), = next(iter(got.values()))
+    fam = load_family(builder, overrides)
+    t = site_targets(fam.sites[site], open_source(src), None)[0]
+    pipe = load(src)
+    seen: list[torch.Tensor] = []
+    mod = _find_module(getattr(pipe, t.component), t.module)
+    h = mod.register_forward_pre_hook(lambda _m, a: seen.append(a[0].detach().float()))
+    try:
+        pipe(prompt=prompt, num_inference_steps=2, output_type="latent", generator=torch.Generator().manual_seed(0), **{**call, **extra})
+    finally:
+        h.remove()
+    ref = seen[0][0] if seen[0].dim() == 3 else seen[0]
+    n = int(mask.sum()) if mask is not None else min(ref.shape[0], x.shape[0])
+    assert (0 < n < 16 or (mask is None and n == x.shape[0] == ref.shape[0])) and ref.shape[-1] == x.shape[-1]
+    assert torch.allclose(x[:n], ref[:n], atol=1e-5 * float(ref.abs().max()) + 1e-6), float((x[:n] - ref[:n]).abs().max())
+
+
+def test_image_capture_matches_the_pipelines_own_forward(pipes, tmp_path):
+    from PIL import Image
+
+    from patcher.probe import site_inputs
+
+    src, call = pipes("wan_i2v")
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "i.png")
+    (x, mask), = next(iter(site_inputs(src, "image_kv", [tmp_path / "i.png"]).values()))
+    pipe = load(src)
+    seen: list[torch.Tensor] = []
+    h = pipe.transformer.blocks[0].attn2.add_k_proj.register_forward_pre_hook(lambda _m, a: seen.append(a[0].detach().float()))
+    try:
+        # Wan's attention takes the last 512 context tokens as text (hard-coded), so the text must be 512 long
+        pipe(image=Image.open(tmp_path / "i.png"), prompt="a ball", num_inference_steps=1, output_type="latent",
+             generator=torch.Generator().manual_seed(0), **{**call, "max_sequence_length": 512})
+    finally:
+        h.remove()
+    assert mask is None and seen[0][0].shape == x.shape
+    assert torch.allclose(x, seen[0][0], atol=1e-5)
+
+
+def test_text_mode_never_builds_the_denoiser(pipes, tmp_path, monkeypatch):
+    import diffusers
+
+    wan, _ = pipes("wan")
+    cog, _ = pipes("cogvideox")
+
+    def tripwire(*_a, **_k):
+        raise AssertionError("a diffusers model or pipeline was built")
+    monkeypatch.setattr(diffusers.ModelMixin, "__init__", tripwire)
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", tripwire)
+    for site in ("text_proj", "cross_kv", "t5_ffn"):
+        run_cli("probe", wan, "-c", "nudity", "-o", tmp_path / f"{site}.vud", "--layers", site, "--rank", "2", "-q")
+    # the tripwire is live: a denoise-mode site must build the pipeline, and trips it
+    res = CliRunner().invoke(main, ["probe", str(cog), "-c", "nudity", "-o", str(tmp_path / "j.vud"), "--layers", "joint_kv", "-q",
+                                    *[a for s in COG_DENOISE for a in ("--set", s)]])
+    assert isinstance(res.exception, AssertionError) and "was built" in str(res.exception)
+
+
+def _as_transformers4_layout(folder: Path) -> None:
+    """Rewrite a CLIP text encoder's file the way transformers 4.x saves it (``text_model.`` prefix)."""
+    from safetensors.torch import load_file, save_file
+
+    f = folder / "text_encoder" / "model.safetensors"
+    sd = load_file(str(f))
+    save_file({(k if k.startswith("text_model.") else f"text_model.{k}"): v for k, v in sd.items()}, str(f), metadata={"format": "pt"})
+
+
+def test_clip_text_encoder_sites_in_both_key_layouts(pipes, tmp_path):
+    import shutil
+
+    src5, call = pipes("zeroscope")
+    src4 = tmp_path / "zs4"
+    shutil.copytree(src5, src4)
+    _as_transformers4_layout(src4)
+    from safetensors import safe_open
+    with safe_open(str(src4 / "text_encoder" / "model.safetensors"), "pt") as f:
+        assert all(k.startswith("text_model.") for k in f.keys())
+
+    d5, d4 = tmp_path / "d5.vud", tmp_path / "d4.vud"
+    run_cli("probe", src5, "-c", "nudity", "-o", d5, "--layers", "clip_mlp,cross_kv", "--rank", "3", "-q")
+    run_cli("probe", src4, "-c", "nudity", "-o", d4, "--layers", "clip_mlp,cross_kv", "--rank", "3", "-q")
+    e5 = {e.key: e for e in read_delta(d5).entries}
+    e4 = {e.key: e for e in read_delta(d4).entries}
+    enc5 = sorted(k for k in e5 if k.startswith("text_encoder/"))
+    enc4 = sorted(k for k in e4 if k.startswith("text_encoder/"))
+    assert enc5 == ["text_encoder/encoder.layers.0.mlp.fc2.weight", "text_encoder/encoder.layers.1.mlp.fc2.weight"]
+    assert enc4 == [k.replace("text_encoder/", "text_encoder/text_model.") for k in enc5]  # keys as stored on disk
+    for k5, k4 in zip(enc5, enc4):  # same weights, same activations, same edit
+        assert torch.allclose(e5[k5].V, e4[k4].V, atol=1e-5) and torch.allclose(e5[k5].U, e4[k4].U, atol=1e-5)
+    for k in e5:
+        if k.startswith("unet/"):
+            assert torch.allclose(e5[k].V, e4[k].V, atol=1e-5)
+
+    out4 = tmp_path / "zs4-safe"
+    run_cli("apply", src4, d4, "-o", out4, "-q")
+    orig, pat = load(src4), load(out4)  # transformers 5.x strips the prefix on load
+    for k in enc4:
+        e = e4[k]
+        _m, W0 = weight_of(orig, k)
+        _m, W1 = weight_of(pat, k)
+        assert torch.allclose(W1, edit_weight(W0, e.V, 1.0), atol=1e-5) and not torch.equal(W0, W1)
+    frames = pat(prompt="a woman", num_inference_steps=2, output_type="pt", generator=torch.Generator().manual_seed(0), **call).frames
+    assert torch.isfinite(torch.as_tensor(frames)).all()
+
+
+def test_probe_user_errors_are_one_line(pipes, tmp_path):
+    wan, _ = pipes("wan")
+    i2v, _ = pipes("wan_i2v")
+    cases = [
+        (["probe", wan, "-c", "nudity", "--family", "ltx"], "matches no weight"),
+        (["probe", wan, "-c", "nudity", "--layers", "nosuch"], "has sites cross_kv, image_kv, t5_ffn, text_proj"),
+        (["probe", i2v, "-c", "nudity", "--layers", "image_kv"], "has no unsafe_image/safe_image"),
+        (["probe", wan, "-c", "nudity", "--layer-filter", "blocks\\.(9)\\.", "--layers", "cross_kv"], "exclude everything"),
+        (["probe", wan, "-c", "nudity", "--device", "tpu"], "--device 'tpu'"),
+        (["probe", tmp_path / "missing", "-c", "nudity"], "no such file or folder"),
+        (["probe", wan, "-c", "nudity", "--encoder", "nosuch=/x"], "has encoders"),
+    ]
+    for args, msg in cases:
+        out = tmp_path / "x.vud"
+        res = CliRunner().invoke(main, [str(a) for a in args] + ["-o", str(out)])
+        assert res.exit_code == 2, (args, res.output)
+        lines = [ln for ln in res.output.splitlines() if ln.startswith("vpatch:")]
+        assert len(lines) == 1 and msg in lines[0], (msg, res.output)
+        assert "Traceback" not in res.output and not out.exists()
+
+
+def test_method_variants_and_multiple_directions(pipes, tmp_path):
+    wan, _ = pipes("wan")
+    V = {}
+    for method in ("mean", "pca", "cpca"):
+        rep = json.loads(run_cli("probe", wan, "-c", "violence", "-o", tmp_path / f"{method}.vud", "--method", method, "--rank", "3", "--json"))
+        d = read_delta(tmp_path / f"{method}.vud")
+        assert d.method["name"] == method
+        V[method] = d.entries[0].V[:, 0]
+        if method == "mean":
+            assert rep["groups"][0]["kept"] == 1.0
+        else:
+            assert 0 < rep["groups"][0]["kept"] < 1.0  # a rank-3 subspace keeps part of r
+    assert not torch.allclose(V["mean"], V["pca"], atol=1e-3) and not torch.allclose(V["pca"], V["cpca"], atol=1e-3)
+    run_cli("probe", wan, "-c", "violence", "-o", tmp_path / "m2.vud", "--rank", "4", "--directions", "2", "-q")
+    e = read_delta(tmp_path / "m2.vud").entries[0]
+    assert e.rank == 2 and torch.allclose(e.V.T @ e.V, torch.eye(2), atol=1e-5)
