@@ -31,6 +31,7 @@ from .safetensors_io import TensorReader
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _LAYER_IDX = re.compile(r"\.(\d+)\.")
+OFFLOADS = ("none", "model", "sequential", "balanced")
 
 
 @dataclass
@@ -50,6 +51,7 @@ class ProbeOptions:
     overrides: list[str] = field(default_factory=list)  # --set dotted.key=value on the family recipe
     encoders: dict[str, str] = field(default_factory=dict)  # encoder name -> local path or hub id
     revision: str | None = None
+    offload: str = "none"  # denoise mode on a model that does not fit: none | model | sequential | balanced
 
 
 @dataclass
@@ -511,6 +513,8 @@ def probe(model: str | Path, concept: str | Path | Concept, out: str | Path, opt
 
     method = opt.method or fam.defaults["method"]
     pooling = opt.pooling or fam.defaults["pooling"]
+    if opt.offload not in OFFLOADS:
+        raise ProbeError(f"--offload {opt.offload!r}: choose one of {', '.join(OFFLOADS)}")
     if method not in METHODS:
         raise ProbeError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
     if pooling not in POOLINGS:
@@ -611,12 +615,22 @@ def _capture_denoise(src: ModelSource, fam: Family, sites: list[SiteSpec], targe
     if src.single is not None:
         raise ProbeError("denoise-mode sites need a diffusers pipeline folder; original single files can only be probed in text mode")
     DiffusionPipeline = _import("diffusers", "DiffusionPipeline")
-    say(f"loading the pipeline for denoise-mode sites on {device} (this builds the denoiser)")
+    say(f"loading the pipeline for denoise-mode sites on {device} (this builds the denoiser; offload: {opt.offload})")
+    if opt.offload != "none" and not device.startswith("cuda"):
+        raise ProbeError(f"--offload {opt.offload} needs a GPU (it moves weights between the GPU and host memory); use --offload none on CPU")
+    kwargs = {"torch_dtype": dtype}
+    if opt.offload == "balanced":  # accelerate spreads the components over every visible GPU
+        kwargs["device_map"] = "balanced"
     try:
-        pipe = DiffusionPipeline.from_pretrained(src.root, torch_dtype=dtype)
-    except (OSError, ValueError) as e:
+        pipe = DiffusionPipeline.from_pretrained(src.root, **kwargs)
+    except (OSError, ValueError, ImportError) as e:
         raise ProbeError(f"{src.root}: diffusers could not load the pipeline ({str(e).splitlines()[0]})") from None
-    pipe.to(device)
+    if opt.offload == "model":
+        pipe.enable_model_cpu_offload(device=device)  # accelerate hooks: one component on the GPU at a time
+    elif opt.offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)  # one submodule at a time: slowest, least memory
+    elif opt.offload == "none":
+        pipe.to(device)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
     call = dict(fam.denoise.call)

@@ -97,26 +97,56 @@ def refusal_vector(pair_samples: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([d.to(torch.float64).mean(0) for d in pair_samples]).mean(0)
 
 
-def covariance(X: torch.Tensor) -> torch.Tensor:
-    """(H, H) covariance of the rows of X, centred, in float64."""
-    X = X.to(torch.float64)
-    Xc = X - X.mean(0, keepdim=True)
-    return Xc.T @ Xc / max(X.shape[0], 1)
-
-
-def contrastive_subspace(diffs: torch.Tensor, neutral: torch.Tensor | None, k: int, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+def contrastive_subspace(diffs: torch.Tensor, neutral: torch.Tensor | None, k: int, alpha: float,
+                         dense: bool | None = None, r: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k eigenvectors of C_diff - α C_neutral by *algebraic* eigenvalue (C may be indefinite).
 
-    Returns (U_k (H, k), their eigenvalues, descending). α = 0 or no neutral set is plain PCA.
+    Returns (U_k, their eigenvalues, descending). α = 0 or no neutral set is plain PCA.
+
+    C has rank at most n + m (the sample counts), so when that is well below the width H the
+    eigenproblem is solved inside the span of the samples and of r (p × p instead of H × H) and
+    lifted back. Every direction outside that span has eigenvalue 0 and is orthogonal to r, so it
+    would add nothing to U_k U_kᵀ r and is left out of U_k. When k exceeds the number of positive
+    eigenvalues, the span's zero-eigenvalue directions (which hold r's part outside the samples'
+    spread) come before negative ones, so PCA with k >= rank reduces to the mean difference.
+    ``dense`` forces one path (tests compare the two where both are well defined).
     """
-    C = covariance(diffs)
+    D = diffs.to(torch.float64)
+    D = D - D.mean(0, keepdim=True)
+    N = None
     if neutral is not None and alpha:
-        C = C - float(alpha) * covariance(neutral)
-    C = (C + C.T) / 2
-    vals, vecs = torch.linalg.eigh(C)  # ascending
-    k = max(1, min(int(k), C.shape[0]))
-    order = torch.argsort(vals, descending=True)[:k]
-    return vecs[:, order], vals[order]
+        N = neutral.to(torch.float64)
+        N = N - N.mean(0, keepdim=True)
+    H = D.shape[1]
+    p = D.shape[0] + (N.shape[0] if N is not None else 0)
+    k = max(1, min(int(k), H))
+    if dense if dense is not None else p >= H // 2:
+        C = D.T @ D / D.shape[0]
+        if N is not None:
+            C = C - float(alpha) * (N.T @ N / N.shape[0])
+        vals, vecs = torch.linalg.eigh((C + C.T) / 2)  # ascending
+        order = torch.argsort(vals, descending=True)[:k]
+        return vecs[:, order], vals[order]
+    rows = [D] + ([N] if N is not None else []) + ([r.to(torch.float64)[None]] if r is not None else [])
+    Q, S, _ = torch.linalg.svd(torch.cat(rows).T, full_matrices=False)  # an orthonormal basis of the span
+    Q = Q[:, S > 1e-10 * max(float(S.max()), 1e-300)]
+    Dq = D @ Q
+    C = Dq.T @ Dq / D.shape[0]
+    if N is not None:
+        Nq = N @ Q
+        C = C - float(alpha) * (Nq.T @ Nq / N.shape[0])
+    vals, vecs = torch.linalg.eigh((C + C.T) / 2)
+    order = torch.argsort(vals, descending=True)
+    vals, vecs = vals[order], vecs[:, order]
+    tol = 1e-12 * max(float(vals.abs().max()), 1e-300)
+    positive = int((vals > tol).sum())
+    zero = int((vals.abs() <= tol).sum())
+    if k <= positive + zero:
+        keep = torch.arange(k)
+    else:  # after the span's zeros come the complement's (left out: orthogonal to r), then negatives
+        n_neg = max(0, k - positive - zero - (H - Q.shape[1]))
+        keep = torch.arange(positive + zero + n_neg)
+    return Q @ vecs[:, keep], vals[keep]
 
 
 @dataclass
@@ -153,7 +183,7 @@ def refusal_directions(pair_samples: list[torch.Tensor], neutral: torch.Tensor |
         extra = contrastive_subspace(diffs, None, directions, 0.0)[0] if directions > 1 else None
         kept = 1.0
     else:
-        Uk, vals = contrastive_subspace(diffs, neutral, rank, alpha if method == "cpca" else 0.0)
+        Uk, vals = contrastive_subspace(diffs, neutral, rank, alpha if method == "cpca" else 0.0, r=r)
         p = Uk @ (Uk.T @ r)
         if float(p.norm()) <= 1e-12 * float(r.norm()):
             raise ValueError("the refusal vector has no component in the chosen subspace; raise --rank or lower --alpha")

@@ -369,3 +369,12 @@ def test_method_variants_and_multiple_directions(pipes, tmp_path):
     run_cli("probe", wan, "-c", "violence", "-o", tmp_path / "m2.vud", "--rank", "4", "--directions", "2", "-q")
     e = read_delta(tmp_path / "m2.vud").entries[0]
     assert e.rank == 2 and torch.allclose(e.V.T @ e.V, torch.eye(2), atol=1e-5)
+
+
+def test_offload_needs_a_gpu(pipes, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    cog, _ = pipes("cogvideox")
+    res = CliRunner().invoke(main, ["probe", str(cog), "-c", "nudity", "-o", str(tmp_path / "j.vud"), "--layers", "joint_kv",
+                                    "--offload", "model", *[a for s in COG_DENOISE for a in ("--set", s)]])
+    assert res.exit_code == 2 and "--offload model needs a GPU" in res.output and not (tmp_path / "j.vud").exists()

@@ -141,3 +141,29 @@ def test_closed_form_edit_nulls_u_and_spares_the_orthogonal_complement():
     W_half = edit_weight(W, B, 0.5)
     assert torch.allclose(W_half @ B, 0.5 * (W @ B), atol=1e-5)
     assert torch.allclose(edit_weight(W1, B, 1.0), W1, atol=1e-5)
+
+
+def test_reduced_eigenproblem_matches_the_dense_one():
+    """Few samples in a wide space: the span-restricted solve gives the dense solve's direction."""
+    g = torch.Generator().manual_seed(7)
+    Hw = 300
+    c = torch.randn(Hw, generator=g, dtype=torch.float64)
+    diffs = [c + 0.5 * torch.randn(6, Hw, generator=g, dtype=torch.float64) for _ in range(5)]
+    neutral = torch.randn(40, Hw, generator=g, dtype=torch.float64) * 2.0
+    D = torch.cat(diffs)
+    r = refusal_vector(diffs)
+    for k in (1, 3, 10):
+        for alpha in (0.0, 0.5, 2.0):
+            Ud, vd = contrastive_subspace(D, neutral, k, alpha, dense=True)
+            Ur, vr = contrastive_subspace(D, neutral, k, alpha, dense=False, r=r)
+            assert torch.allclose(vd, vr, rtol=1e-6, atol=1e-9)
+            pd, pr = Ud @ (Ud.T @ r), Ur @ (Ur.T @ r)
+            assert torch.allclose(pd, pr, atol=1e-8 * float(r.norm()))
+
+
+def test_pca_with_rank_above_the_sample_rank_is_the_mean_difference():
+    g = torch.Generator().manual_seed(8)
+    samples = [torch.randn(3, H, generator=g) + 2.0 for _ in range(4)]  # 12 samples, rank <= 11 < H
+    pca = refusal_directions(samples, method="pca", rank=H)
+    mean = refusal_directions(samples, method="mean")
+    assert cos(pca.B[:, 0], mean.B[:, 0]) > 1 - 1e-9 and abs(pca.kept - 1.0) < 1e-9
