@@ -277,18 +277,19 @@ class Target:
     in_dim: int
 
 
-def _strip_known(key: str, prefixes: tuple[str, ...] = ("text_model.",)) -> str:
-    for p in prefixes:
-        if key.startswith(p):
+def _strip_prefix(key: str, prefixes: list[str]) -> str:
+    for p in sorted(prefixes, key=len, reverse=True):
+        if p and key.startswith(p):
             return key[len(p):]
     return key
 
 
-def site_targets(site: SiteSpec, src: ModelSource, layers: re.Pattern | None) -> list[Target]:
+def site_targets(site: SiteSpec, src: ModelSource, layers: re.Pattern | None, prefixes: list[str] | None = None) -> list[Target]:
     """Every stored weight the site's patterns match, in every present component.
 
-    Keys are matched with and without the ``text_model.`` wrapper that transformers 4.x CLIP files
-    carry and 5.x files lack, so one recipe serves both layouts.
+    Stored keys are matched with any of the family's alias prefixes removed (e.g. the ``text_model.``
+    wrapper that transformers 4.x CLIP files carry and 5.x files lack, or a single file's
+    ``model.diffusion_model.``), so one recipe serves every layout; the delta keeps the stored key.
     """
     out = []
     for comp in site.components:
@@ -296,7 +297,7 @@ def site_targets(site: SiteSpec, src: ModelSource, layers: re.Pattern | None) ->
         if ws is None:
             continue
         for key in sorted(ws.key_file):
-            canon = _strip_known(key)
+            canon = _strip_prefix(key, prefixes or [])
             if not site.matches(canon) or (layers is not None and not layers.search(canon)):
                 continue
             shape = ws.shape(key)
@@ -385,8 +386,9 @@ class _Hooks:
             h.remove()
 
 
-def _find_module(root: torch.nn.Module, module_path: str) -> torch.nn.Module:
-    for cand in (module_path, f"text_model.{module_path}"):
+def _find_module(root: torch.nn.Module, module_path: str, prefixes: tuple[str, ...] = ("", "text_model.")) -> torch.nn.Module:
+    """The module at this path; loaded models may or may not keep the wrapper the file had."""
+    for cand in (f"{p}{module_path}" for p in prefixes):
         try:
             return root.get_submodule(cand)
         except AttributeError:
@@ -460,7 +462,7 @@ def site_inputs(model: str | Path, site: str, prompts: list, *, family: str | No
     sp = fam.sites[site]
     dev = _device(device)
     enc = Encoder(fam.encoders[sp.encoder], src, None, dev, _dtype(dtype, dev))
-    _groups, acts = capture_text(src, sp, enc, site_targets(sp, src, None), {"items": prompts})
+    _groups, acts = capture_text(src, sp, enc, site_targets(sp, src, None, fam.key_prefixes), {"items": prompts})
     return {g: a["items"] for g, a in acts.items()}
 
 
@@ -542,7 +544,7 @@ def probe(model: str | Path, concept: str | Path | Concept, out: str | Path, opt
 
     targets: dict[str, list[Target]] = {}
     for site in sites:
-        ts = site_targets(site, src, layers)
+        ts = site_targets(site, src, layers, fam.key_prefixes)
         if not ts:
             raise ProbeError(f"site {site.name!r} of family {fam.name} matches no weight in {src.root} (components {site.components}); "
                              "is this the right --family, or did --layer-filter exclude everything?")

@@ -185,6 +185,7 @@ class Family:
     default_sites: list[str]
     defaults: dict
     denoise: DenoiseSpec
+    key_prefixes: list[str] = field(default_factory=list)  # optional prefixes of stored keys (aliases)
     path: Path | None = None
 
 
@@ -288,8 +289,11 @@ def parse_family(data: dict, where: str) -> Family:
     dn = t.table("denoise", {})
     denoise = DenoiseSpec(steps=dn.positive("steps", 4), call=dn.get("call", dict, {}))
     dn.done()
+    at = t.table("aliases", {})
+    prefixes = at.strings("prefixes", [])
+    at.done()
     t.done()
-    return Family(name, desc, pipes, keys, encoders, sites, list(sel), defaults, denoise)
+    return Family(name, desc, pipes, keys, encoders, sites, list(sel), defaults, denoise, prefixes)
 
 
 def family_files() -> list[Path]:
@@ -323,7 +327,10 @@ def detect_family(pipeline_class: str | None, keys: set[str]) -> str | None:
             if pipeline_class in fam.pipeline_classes:
                 return fam.name
     for fam in fams:
-        if fam.detect_keys and all(k in keys for k in fam.detect_keys):
+        stripped = set(keys)
+        for p in fam.key_prefixes:
+            stripped |= {k[len(p):] for k in keys if k.startswith(p)}
+        if fam.detect_keys and all(k in stripped for k in fam.detect_keys):
             return fam.name
     return None
 

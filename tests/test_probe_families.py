@@ -214,6 +214,8 @@ REF_CASES = [
     ("hunyuan", "context_proj", HUNYUAN_TEMPLATE, {"prompt_template": {"template": "{}", "crop_start": 0}}),
     ("hunyuan", "clip_pooled", [], {"prompt_template": {"template": "{}", "crop_start": 0}}),
     ("mochi", "caption_proj", [], {}),
+    ("zeroscope", "clip_mlp", [], {}),  # hooked inside the text encoder
+    ("wan", "t5_ffn", [], {}),
 ]
 
 
@@ -228,10 +230,10 @@ def test_capture_matches_the_pipelines_own_forward(case, pipes):
     src, call = pipes(builder)
     prompt = "a naked man walking"  # shorter than the tiny pipelines' 16-token limit, so nothing is truncated
     got = site_inputs(src, site, [prompt], overrides=overrides)
-    assert len(got) == 1
-    (x, mask), = next(iter(got.values()))
+    assert len(got) >= 1
+    (x, mask), = got[sorted(got)[0]]  # the group of the first target (one group per hooked layer)
     fam = load_family(builder, overrides)
-    t = site_targets(fam.sites[site], open_source(src), None)[0]
+    t = site_targets(fam.sites[site], open_source(src), None, fam.key_prefixes)[0]
     pipe = load(src)
     seen: list[torch.Tensor] = []
     mod = _find_module(getattr(pipe, t.component), t.module)
@@ -378,3 +380,23 @@ def test_offload_needs_a_gpu(pipes, tmp_path):
     res = CliRunner().invoke(main, ["probe", str(cog), "-c", "nudity", "-o", str(tmp_path / "j.vud"), "--layers", "joint_kv",
                                     "--offload", "model", *[a for s in COG_DENOISE for a in ("--set", s)]])
     assert res.exit_code == 2 and "--offload model needs a GPU" in res.output and not (tmp_path / "j.vud").exists()
+
+
+def test_probe_by_hub_id_from_the_local_cache(pipes, tmp_path, monkeypatch):
+    """The real snapshot_download path, pointed (offline) at a hub-cache layout holding a tiny Wan."""
+    import shutil
+
+    import huggingface_hub.constants as hc
+
+    wan, _ = pipes("wan")
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--vpatch-test--tiny-wan"
+    shutil.copytree(wan, repo / "snapshots" / rev)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(rev)
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    rep = json.loads(run_cli("probe", "vpatch-test/tiny-wan", "-c", "nudity", "-o", tmp_path / "h.vud", "--rank", "2", "--json"))
+    assert rep["family"] == "wan" and (tmp_path / "h.vud").is_file()
+    res = CliRunner().invoke(main, ["probe", "vpatch-test/not-cached", "-c", "nudity", "-o", str(tmp_path / "n.vud")])
+    assert res.exit_code == 2 and "not in the local hub cache" in res.output

@@ -32,7 +32,7 @@ def _clip_folder(d, hidden=16):
     return d
 
 
-def _opensora12(path, H=48, C=32):
+def _opensora12(path, H=48, C=32, prefix=""):
     g = torch.Generator().manual_seed(0)
     r = lambda *s: torch.randn(*s, generator=g) * 0.1  # noqa: E731
     t = {"y_embedder.y_proj.fc1.weight": r(H, C), "y_embedder.y_proj.fc1.bias": r(H),
@@ -43,7 +43,7 @@ def _opensora12(path, H=48, C=32):
             t[f"{kind}_blocks.{i}.cross_attn.kv_linear.weight"] = r(2 * H, H)
             t[f"{kind}_blocks.{i}.cross_attn.kv_linear.bias"] = r(2 * H)
             t[f"{kind}_blocks.{i}.attn.qkv.weight"] = r(3 * H, H)
-    save_file({k: v.to(torch.bfloat16) for k, v in t.items()}, str(path), metadata={"format": "pt"})
+    save_file({prefix + k: v.to(torch.bfloat16) for k, v in t.items()}, str(path), metadata={"format": "pt"})
     return t
 
 
@@ -68,10 +68,12 @@ def run(*args):
     return res
 
 
-@pytest.mark.parametrize("version", ["1.2", "2.0"])
+@pytest.mark.parametrize("version", ["1.2", "1.2-prefixed", "2.0"])
 def test_opensora_single_file_probe_and_apply(version, tmp_path):
+    prefix = "model.diffusion_model." if version.endswith("prefixed") else ""
+    version = version.split("-")[0]
     ck = tmp_path / ("opensora12.safetensors" if version == "1.2" else "Open_Sora_v2.safetensors")
-    (_opensora12 if version == "1.2" else _opensora2)(ck)
+    _opensora12(ck, prefix=prefix) if version == "1.2" else _opensora2(ck)
     t5 = _t5_folder(tmp_path / "t5")
     args = ["probe", ck, "-c", "violence", "-o", tmp_path / "v.vud", "--rank", "4", "--json", "--encoder", f"text={t5}"]
     if version == "2.0":
@@ -81,7 +83,7 @@ def test_opensora_single_file_probe_and_apply(version, tmp_path):
     rep = json.loads(res.stdout)
     assert rep["family"] == ("opensora12" if version == "1.2" else "opensora2")  # detected from the keys
     delta = read_delta(tmp_path / "v.vud")
-    want = ["transformer/y_embedder.y_proj.fc1.weight"] if version == "1.2" else ["transformer/txt_in.weight", "transformer/vector_in.in_layer.weight"]
+    want = [f"transformer/{prefix}y_embedder.y_proj.fc1.weight"] if version == "1.2" else ["transformer/txt_in.weight", "transformer/vector_in.in_layer.weight"]
     assert sorted(e.key for e in delta.entries) == want
     assert all(e.base_dtype == "BF16" for e in delta.entries)
 
