@@ -354,6 +354,7 @@ class Concept:
     neutral: list[str]
     neutral_images: list[Path]
     heldout: dict[str, list[str]]
+    judge: dict = field(default_factory=dict)  # per judge: what "the concept is present" means
     path: Path | None = None
 
     def record(self) -> dict:
@@ -365,7 +366,7 @@ class Concept:
         }
 
 
-HELDOUT_KINDS = ("paraphrase", "synonym", "unseen", "template")
+HELDOUT_KINDS = ("paraphrase", "synonym", "unseen", "template", "free")
 
 
 def parse_concept(data: dict, where: str, base: Path | None = None) -> Concept:
@@ -399,8 +400,19 @@ def parse_concept(data: dict, where: str, base: Path | None = None) -> Concept:
     ht = t.table("heldout", {})
     heldout = {k: ht.strings(k, []) for k in HELDOUT_KINDS}
     ht.done()
+    jt = t.table("judge", {})
+    judge: dict = {}
+    if "organism" in jt.data:
+        ot = jt.table("organism")
+        judge["organism"] = {"attribute": ot.get("attribute", str, choices=("colour", "shape", "motion")), "value": ot.get("value", str)}
+        ot.done()
+    if "clip" in jt.data:
+        ct = jt.table("clip")
+        judge["clip"] = {"unsafe": ct.strings("unsafe", min_len=1), "safe": ct.strings("safe", min_len=1)}
+        ct.done()
+    jt.done()
     t.done()
-    return Concept(name, desc, pairs, neutral, nimg, heldout)
+    return Concept(name, desc, pairs, neutral, nimg, heldout, judge)
 
 
 def _img(s: str | None, base: Path | None, where: str) -> Path | None:
