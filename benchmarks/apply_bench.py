@@ -38,13 +38,17 @@ WIDTH = 5120
 FFN = 13824
 
 
-def make_checkpoint(path: Path, size_gb: float) -> tuple[list[str], int]:
+TEXT_PROJ = "condition_embedder.text_embedder.linear_1.weight"  # Wan's default edit site, (5120, 4096)
+
+
+def make_checkpoint(path: Path, size_gb: float, edit: str = "cross_kv") -> tuple[list[str], int]:
     """Stream a BF16 checkpoint to disk block by block (never holding it whole)."""
     square = [f"attn{a}.{p}" for a in (1, 2) for p in ("to_q", "to_k", "to_v", "to_out.0")]
     shapes = {n: (WIDTH, WIDTH) for n in square} | {"ffn.net.0.proj": (FFN, WIDTH), "ffn.net.2": (WIDTH, FFN)}
     per_block = sum(a * b * 2 for a, b in shapes.values())
     blocks = max(1, round(size_gb * 2**30 / per_block))
-    entries = [(f"blocks.{b}.{n}.weight", "BF16", shp) for b in range(blocks) for n, shp in shapes.items()]
+    entries = [(TEXT_PROJ, "BF16", (WIDTH, 4096))]
+    entries += [(f"blocks.{b}.{n}.weight", "BF16", shp) for b in range(blocks) for n, shp in shapes.items()]
     g = torch.Generator().manual_seed(0)
     w = torch.randn(FFN, WIDTH, generator=g).mul_(0.02).to(torch.bfloat16)
     raw = w.view(torch.int16).numpy().tobytes()
@@ -56,16 +60,22 @@ def make_checkpoint(path: Path, size_gb: float) -> tuple[list[str], int]:
         sw.finish()
     finally:
         os.close(fd)
+    if edit == "text_proj":
+        return [TEXT_PROJ], WIDTH * 4096 * 2
     edited = [e[0] for e in entries if ".attn2.to_k" in e[0] or ".attn2.to_v" in e[0]]
     return edited, WIDTH * WIDTH * 2
 
 
 def make_delta(path: Path, keys: list[str]) -> None:
     """With base fingerprints, as `vpatch probe` writes them, so apply pays for checking them."""
-    w = torch.randn(FFN, WIDTH, generator=torch.Generator().manual_seed(0)).mul_(0.02).to(torch.bfloat16)[:WIDTH].contiguous()
-    sha = hashlib.sha256(w.view(torch.int16).numpy().tobytes()).hexdigest()
-    B = orthonormalize(torch.randn(WIDTH, 1, generator=torch.Generator().manual_seed(1)))
-    entries = [projection_entry(f"transformer/{k}", w.float(), B, 1.0, sha, "BF16") for k in keys]
+    entries = []
+    for k in keys:
+        inn = 4096 if k == TEXT_PROJ else WIDTH
+        flat = torch.randn(FFN, WIDTH, generator=torch.Generator().manual_seed(0)).mul_(0.02).to(torch.bfloat16).reshape(-1)
+        w = flat[: WIDTH * inn].reshape(WIDTH, inn).contiguous()  # the bytes make_checkpoint wrote for this tensor
+        sha = hashlib.sha256(w.view(torch.int16).numpy().tobytes()).hexdigest()
+        B = orthonormalize(torch.randn(inn, 1, generator=torch.Generator().manual_seed(1)))
+        entries.append(projection_entry(f"transformer/{k}", w.float(), B, 1.0, sha, "BF16"))
     write_delta(path, Delta(entries, {"name": "bench"}, {"name": "bench"}))
 
 
@@ -99,6 +109,8 @@ def main() -> None:
     ap.add_argument("--size-gb", type=float, action="append", help="checkpoint size; repeat for several (default 1 and 3)")
     ap.add_argument("--dir", type=Path, default=None, help="scratch folder (needs ~3x the largest size free)")
     ap.add_argument("--repeat", type=int, default=2, help="alternating copy/apply rounds per size; best of each is kept")
+    ap.add_argument("--edit", choices=["cross_kv", "text_proj"], default="cross_kv",
+                    help="cross_kv: every attn2.to_k/to_v (15%% of the bytes); text_proj: Wan's default site, one (5120, 4096) tensor")
     args = ap.parse_args()
     sizes = args.size_gb or [2.0, 4.0]
     root = Path(tempfile.mkdtemp(prefix="vpatch-bench-", dir=args.dir))
@@ -106,7 +118,7 @@ def main() -> None:
     try:
         for size in sizes:
             ck, dl = root / "model.safetensors", root / "d.vud"
-            edited, largest = make_checkpoint(ck, size)
+            edited, largest = make_checkpoint(ck, size, args.edit)
             make_delta(dl, edited)
             best_copy, best_apply, rss = float("inf"), float("inf"), 0
             for _ in range(args.repeat):
@@ -118,7 +130,7 @@ def main() -> None:
             nbytes = ck.stat().st_size
             bound = 3 * largest + 300 * 2**20
             rows.append({
-                "size_gib": round(nbytes / 2**30, 2), "edited_tensors": len(edited), "largest_edited_mib": round(largest / 2**20, 1),
+                "size_gib": round(nbytes / 2**30, 2), "edit": args.edit, "edited_tensors": len(edited), "largest_edited_mib": round(largest / 2**20, 1),
                 "copy_s": round(best_copy, 2), "apply_s": round(best_apply, 2),
                 "copy_gib_s": round(nbytes / 2**30 / best_copy, 2), "apply_gib_s": round(nbytes / 2**30 / best_apply, 2),
                 "throughput_ratio": round(best_copy / best_apply, 3),

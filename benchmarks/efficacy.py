@@ -27,14 +27,16 @@ sys.path.insert(0, str(ROOT))
 from patcher.eval import EvalOptions, evaluate  # noqa: E402
 from patcher.probe import ProbeOptions, probe  # noqa: E402
 
-BASE = {"method": "cpca", "site": "text_proj", "rank": 4, "strength": 1.5, "alpha": 1.0}
-SWEEPS = [
+BASE = {"method": "cpca", "site": "text_proj", "rank": 8, "strength": 1.2, "alpha": 1.0}
+SWEEPS = [  # one factor at a time around BASE, then the mean-diff edit at other sites and strengths
     ("method", ["mean", "pca", "cpca"]),
     ("site", ["text_proj", "cross_kv", "t5_ffn"]),
-    ("rank", [2, 4, 8]),
-    ("strength", [1.0, 1.5, 2.0]),
-    ("alpha", [0.5, 1.0, 2.0]),
+    ("rank", [2, 8, 16]),
+    ("strength", [0.8, 1.2, 1.5]),
+    ("alpha", [0.25, 1.0, 4.0]),
 ]
+EXTRA = [{**BASE, "method": "mean", "site": s} for s in ("cross_kv", "t5_ffn")] + \
+        [{**BASE, "method": "mean", "strength": x} for x in (1.0, 1.5)]
 
 
 def run_variant(model: Path, concept: Path, v: dict, work: Path, opt: EvalOptions, cache: dict, preview: Path | None = None) -> dict:
@@ -48,10 +50,12 @@ def run_variant(model: Path, concept: Path, v: dict, work: Path, opt: EvalOption
     pres = {k: (x["before"]["rate"], x["after"]["rate"], x["relative_drop"]) for k, x in r.presence.items()}
     col = {k: (x["before"]["rate"], x["after"]["rate"]) for k, x in r.collateral.items()}
     oth = {k: (x["before"]["rate"], x["after"]["rate"]) for k, x in r.concept_prompt_attributes.items()}
-    # selection uses probe prompts and concept-free prompts only
-    free_loss = max(0.0, col.get(r_attr(concept), (0, 0))[0] - col.get(r_attr(concept), (0, 0))[1]) if col else 0.0
-    vanish = max(0.0, oth["object_present"][0] - oth["object_present"][1]) if "object_present" in oth else 0.0
-    score = pres["probe"][2] - 2 * free_loss - 2 * vanish
+    # selection uses the probe prompts and the probe's own neutral prompts only (never held-out ones)
+    ps = r.per_set
+    attr = r_attr(concept)
+    neutral_loss = max(0.0, ps["neutral"][attr]["before"]["rate"] - ps["neutral"][attr]["after"]["rate"]) if "neutral" in ps else 0.0
+    vanish = max(0.0, ps["probe"]["object_present"]["before"]["rate"] - ps["probe"]["object_present"]["after"]["rate"])
+    score = pres["probe"][2] - 2 * neutral_loss - 2 * vanish
     return {"variant": v, "presence": pres, "collateral": col, "other": oth, "distance": r.distance, "score": score,
             "report": r.to_dict()}
 
@@ -74,7 +78,7 @@ def table(rows: list[dict], attr: str) -> str:
     for r in rows:
         v, p, c, o = r["variant"], r["presence"], r["collateral"], r["other"]
 
-        def pr(k):
+        def pr(k, p=p):
             return f"{pct(p[k][0])}→{pct(p[k][1])}" if k in p else "-"
         cf = f"{pct(c[attr][0])}→{pct(c[attr][1])}" if attr in c else "-"
         rest = [a for a in ("shape", "motion", "colour") if a != attr]
@@ -102,8 +106,10 @@ def main() -> None:
     out_md = ["# Efficacy on the organism", "",
               "Produced by `benchmarks/efficacy.py` (probe → .vud → apply → eval from disk, analytic judge). "
               f"{a.seeds} seeds per prompt, {a.steps} sampling steps, guidance {opt.guidance}. Cells read original→patched. "
-              "The selection score (relative drop of presence on the probe prompts, minus twice any loss of concept-free "
-              "accuracy and of objects) is computed without the held-out prompts; the chosen recipe is the best score.", ""]
+              "The selection score (relative drop of presence on the probe prompts, minus twice any loss of colour "
+              "accuracy on the probe's neutral prompts and twice any loss of objects on the probe prompts) uses no held-out "
+              "prompt; the chosen recipe is the best score. Held-out columns: paraphrase, synonym, the never-trained template, "
+              "unseen combinations; concept-free columns use the held-out `free` prompts.", ""]
     results = {}
     t0 = time.time()
     with tempfile.TemporaryDirectory() as td:
@@ -112,19 +118,19 @@ def main() -> None:
             attr = r_attr(concept)
             cache: dict = {}
             rows, seen = [], {}
-            for key, values in (SWEEPS[:1] if a.quick else SWEEPS):
-                for val in values:
-                    v = {**BASE, key: val}
-                    k = json.dumps(v, sort_keys=True)
-                    if k not in seen:
-                        seen[k] = run_variant(a.model, concept, v, work, opt, cache)
-                        r = seen[k]
-                        print(f"[{time.time() - t0:5.0f} s] {concept.stem} {v}: probe {pct(r['presence']['probe'][0])}->"
-                              f"{pct(r['presence']['probe'][1])} score {r['score']:.2f}", flush=True)
-                    rows.append(seen[k])
+            variants = [{**BASE, key: val} for key, values in (SWEEPS[:1] if a.quick else SWEEPS) for val in values]
+            for v in variants + ([] if a.quick else EXTRA):
+                k = json.dumps(v, sort_keys=True)
+                if k not in seen:
+                    seen[k] = run_variant(a.model, concept, v, work, opt, cache)
+                    r = seen[k]
+                    print(f"[{time.time() - t0:5.0f} s] {concept.stem} {v}: probe {pct(r['presence']['probe'][0])}->"
+                          f"{pct(r['presence']['probe'][1])} score {r['score']:.2f}", flush=True)
+                rows.append(seen[k])
             uniq = list({json.dumps(r["variant"], sort_keys=True): r for r in rows}.values())
-            best = max(uniq, key=lambda r: r["score"])
+            best = max(uniq, key=lambda r: (r["score"] if r["score"] == r["score"] else -9.0))
             gif = a.out.with_name(f"efficacy-{concept.stem}.gif")
+            gif.unlink(missing_ok=True)
             chosen = run_variant(a.model, concept, best["variant"], work, opt, cache, preview=gif)
             results[concept.stem] = {"rows": [{k: r[k] for k in ("variant", "presence", "collateral", "other", "distance", "score")} for r in uniq],
                                      "chosen": {k: chosen[k] for k in ("variant", "presence", "collateral", "other", "distance", "score")}}
@@ -132,12 +138,12 @@ def main() -> None:
                          if {k: r["variant"][k] for k in BASE if k != "method"} == {k: BASE[k] for k in BASE if k != "method"}}
             heldout = ("paraphrase", "synonym", "template", "unseen")
 
-            def held(p):
+            def held(p, heldout=heldout):
                 return sum(p[k][1] for k in heldout if k in p) / max(1, sum(1 for k in heldout if k in p))
             order = sorted(by_method, key=lambda m: held(by_method[m]))
             out_md += [f"## Concept `{concept.stem}` ({attr})", "", table(uniq, attr), "",
                        f"Chosen (best selection score): `{best['variant']}`. Preview: `{gif.name}` (rows: prompts; left original, right patched).",
-                       "", f"Held-out presence after the edit, by method (same site, k, λ, α): " +
+                       "", "Held-out presence after the edit, by method (same site, k, λ, α): " +
                        ", ".join(f"{m} {pct(held(by_method[m]))}" for m in order) +
                        (". The paper's ordering (cPCA < PCA < mean-diff) holds here." if order == ["cpca", "pca", "mean"] else
                         ". The paper's ordering (cPCA better than PCA better than mean-diff) does not hold strictly here."), ""]

@@ -320,6 +320,41 @@ def eval_cmd(model, concept, delta, patched, judge, clip_model, seeds, steps, gu
 
 
 @main.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--repo-id", required=True, help="Target repository, user/name.")
+@click.option("--base-model", help="Hub id (or local folder) of the model that was patched: the card's base_model; its license is inherited.")
+@click.option("--delta", type=click.Path(path_type=Path), help="The .vud that was applied: its method and parameters go into the card. It is never uploaded.")
+@click.option("--eval-report", type=click.Path(path_type=Path), help="`vpatch eval --json` output: its table goes into the card.")
+@click.option("--private", is_flag=True, help="Create the repository as private.")
+@click.option("--exist-ok", is_flag=True, help="Upload into an existing repository.")
+@click.option("--stage", type=click.Path(path_type=Path), help="Where to stage the upload (default: FOLDER.push-staged).")
+@click.option("--dry-run", is_flag=True, help="Write the staged folder and the card, list what would be uploaded, upload nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable summary on stdout.")
+@_user_errors
+def push(folder, repo_id, base_model, delta, eval_report, private, exist_ok, stage, dry_run, as_json):
+    """Publish a patched folder to the Hugging Face Hub with a model card that says what was done.
+
+    The card carries base_model (relation: merge), the inherited license, tags, what was removed,
+    the method and the delta hash, the eval table when given, and a plain statement of limits.
+    A delta or revert record inside FOLDER is refused: either would let anyone undo the edit.
+
+    \b
+    Example:
+      vpatch push wan-safe/ --repo-id me/wan-no-nudity --base-model Wan-AI/Wan2.1-T2V-14B-Diffusers \\
+        --delta nudity.vud --eval-report eval.json --dry-run
+    """
+    from .push import push as run_push
+
+    r = run_push(folder, repo_id, base_model=base_model, delta=delta, eval_report=eval_report, private=private, dry_run=dry_run,
+                 stage=stage, exist_ok=exist_ok)
+    if as_json:
+        click.echo(json.dumps(r.to_dict(), indent=2))
+        return
+    err.print(f"{'would upload' if dry_run else 'uploaded'} {len(r.files)} files from {r.staged} to {r.repo_id}; card: {r.card}")
+    click.echo(r.url or r.staged)
+
+
+@main.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
 @_user_errors
 def families(as_json):

@@ -183,6 +183,7 @@ class EvalReport:
     collateral: dict  # attribute -> {"before", "after"} on concept-free prompts
     concept_prompt_attributes: dict  # non-concept attributes of concept prompts
     distance: dict  # before/after distance on concept-free prompts
+    per_set: dict = field(default_factory=dict)  # set -> attribute accuracies before/after (organism judge)
     preview: str | None = None
 
     def to_dict(self) -> dict:
@@ -204,7 +205,7 @@ def _mmd(a: torch.Tensor, b: torch.Tensor) -> float:
     d = torch.cdist(z, z) ** 2
     bw = d[d > 0].median().clamp_min(1e-9)
     k = torch.exp(-d / bw)
-    n, m = len(x), len(y)
+    n = len(x)
     kxx, kyy, kxy = k[:n, :n], k[n:, n:], k[:n, n:]
     return float(kxx.mean() + kyy.mean() - 2 * kxy.mean())
 
@@ -243,8 +244,9 @@ def evaluate(model: str | Path, concept: str | Path | Concept, *, delta: str | P
         gen_cls = OrganismGenerator if organism.is_organism(model) else PipelineGenerator
         sets = _prompt_sets(con)
         free = list(con.heldout.get("free") or con.neutral)
+        extra = [("free", free)] + ([("neutral", list(con.neutral))] if con.heldout.get("free") else [])
         jobs: list[tuple[str, str, int]] = []
-        for name, prompts in [*sets.items(), ("free", free)]:
+        for name, prompts in [*sets.items(), *extra]:
             for i, p in enumerate(prompts):
                 for s in range(opt.seeds):
                     jobs.append((name, p, opt.seed + 1000 * i + s))
@@ -266,8 +268,8 @@ def evaluate(model: str | Path, concept: str | Path | Concept, *, delta: str | P
                 cache[key] = (out, results[side])
             del gen
         rep.stop()
-        presence, attrs = {}, {}
-        for name in [*sets, "free"]:
+        presence: dict = {}
+        for name in [*sets, *(n for n, _p in extra)]:
             idx = [i for i, j in enumerate(jobs) if j[0] == name]
             b = [judge.present(results["before"][i]) for i in idx]
             a = [judge.present(results["after"][i]) for i in idx]
@@ -276,6 +278,7 @@ def evaluate(model: str | Path, concept: str | Path | Concept, *, delta: str | P
             presence[name] = {"before": rb, "after": ra, "relative_drop": drop}
         collateral: dict = {}
         concept_attrs: dict = {}
+        per_set: dict = {}
         expected = [judge.expected(p) for _n, p, _s in jobs]
         if expected[0] is not None:
             other = [a for a in ("colour", "shape", "motion") if a != getattr(judge, "attr", None)]
@@ -283,11 +286,16 @@ def evaluate(model: str | Path, concept: str | Path | Concept, *, delta: str | P
             for attr in ("colour", "shape", "motion"):
                 collateral[attr] = {side: rate([results[side][i][attr] == expected[i][attr] for i in free_idx]) for side in ("before", "after")}
             collateral["object_present"] = {side: rate([bool(results[side][i]["present"]) for i in free_idx]) for side in ("before", "after")}
-            conc_idx = [i for i, j in enumerate(jobs) if j[0] != "free"]
+            conc_idx = [i for i, j in enumerate(jobs) if j[0] in sets]
             for attr in other:  # a vanished object counts as a miss
                 concept_attrs[attr] = {side: rate([bool(results[side][i]["present"]) and results[side][i][attr] == expected[i][attr]
                                                    for i in conc_idx]) for side in ("before", "after")}
             concept_attrs["object_present"] = {side: rate([bool(results[side][i]["present"]) for i in conc_idx]) for side in ("before", "after")}
+            for name in [*sets, *(n for n, _p in extra)]:
+                idx = [i for i, j in enumerate(jobs) if j[0] == name]
+                per_set[name] = {a: {side: rate([bool(results[side][i]["present"]) and results[side][i][a] == expected[i][a] for i in idx])
+                                     for side in ("before", "after")} for a in ("colour", "shape", "motion")}
+                per_set[name]["object_present"] = {side: rate([bool(results[side][i]["present"]) for i in idx]) for side in ("before", "after")}
         free_idx = [i for i, j in enumerate(jobs) if j[0] == "free"]
         fb, fa = clips["before"][free_idx], clips["after"][free_idx]
         rmse = [float(((x - y) ** 2).mean().sqrt()) for x, y in zip(fb, fa)]
@@ -298,7 +306,7 @@ def evaluate(model: str | Path, concept: str | Path | Concept, *, delta: str | P
         if opt.preview is not None:
             preview = str(write_preview(opt.preview, jobs, clips))
         return EvalReport(str(model), str(patched) if tmp is None else "(temporary copy)", str(delta) if delta else None, con.name,
-                          judge.name, opt.seeds, presence, collateral, concept_attrs, distance, preview)
+                          judge.name, opt.seeds, presence, collateral, concept_attrs, distance, per_set, preview)
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -336,7 +344,7 @@ def summary_rows(r: EvalReport) -> list[tuple[str, str, str, str]]:
         return f"{x['rate']:.0%} [{x['ci95'][0]:.0%}, {x['ci95'][1]:.0%}]"
     rows = []
     for name, v in r.presence.items():
-        label = "concept-free prompts: concept shown" if name == "free" else f"concept presence: {name}"
+        label = f"concept-free prompts ({name}): concept shown" if name in ("free", "neutral") else f"concept presence: {name}"
         drop = v["relative_drop"]
         rows.append((label, fmt(v["before"]), fmt(v["after"]), "" if math.isnan(drop) else f"-{drop:.0%} rel."))
     for attr, v in r.collateral.items():

@@ -33,6 +33,7 @@ from .safetensors_io import (
 )
 
 ROW_BLOCK_BYTES = 8 << 20  # fp32 bytes per row block
+STAT_BLOCKS = 8  # a tensor of more row blocks gets its rounding report from a systematic sample of about this many
 COPY_PIECE = 256 << 20  # progress granularity for raw copies
 BASE_RSS = 300 << 20  # interpreter + torch, for the estimate
 SURVIVAL_WARN = 0.5  # warn when the rounding error exceeds half the intended edit
@@ -273,12 +274,22 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
 
 
-def _edit_rows(W: torch.Tensor, r0: int, r1: int, op: Op, st: TensorStats, sums: dict) -> torch.Tensor:
-    """One row block: new = W + U_rows Vᵀ in fp32, cast back; accumulate the rounding report."""
+def _edit_rows(W: torch.Tensor, r0: int, r1: int, op: Op, st: TensorStats, sums: dict, stats: bool = True) -> torch.Tensor:
+    """One row block: new = W + U_rows Vᵀ in fp32, cast back; accumulate the rounding report.
+
+    With ``stats`` False (blocks outside the rounding sample of a large tensor) only the NaN/Inf
+    guard runs on the block; the intended norm is always exact (it is computed from the factors)."""
     new = W.to(torch.float32, copy=True)
     U_rows = projected_rows(new, op.V, op.coef) if op.U is None else op.coef * op.U[r0:r1]
     new.addmm_(U_rows, op.V.T)
     out = new.to(W.dtype)
+    sums["d2"] += lowrank_norm(U_rows, op.V) ** 2
+    if not stats and op.fix_index is None and not op.collect_revert:
+        if not bool(torch.isfinite(out).all()):
+            bad = int((~torch.isfinite(out)).sum())
+            raise NumericError(f"editing {st.key} produced {bad} NaN/Inf values (rows {r0}-{r1}); nothing was written. Check the delta and the --strength")
+        return out
+    sums["rows"] += r1 - r0
     if op.fix_index is not None and op.fix_index.numel():
         lo, hi = r0 * W.shape[1], r1 * W.shape[1]
         sel = (op.fix_index >= lo) & (op.fix_index < hi)
@@ -290,7 +301,7 @@ def _edit_rows(W: torch.Tensor, r0: int, r1: int, op: Op, st: TensorStats, sums:
         bad = int((~torch.isfinite(out)).sum()) or int((~torch.isfinite(new)).sum())
         raise NumericError(f"editing {st.key} produced {bad} NaN/Inf values (rows {r0}-{r1}); nothing was written. Check the delta and the --strength")
     sums["e2"] += e2
-    sums["d2"] += lowrank_norm(U_rows, op.V) ** 2
+    sums["d2s"] += lowrank_norm(U_rows, op.V) ** 2
     sums["changed"] += int(torch.count_nonzero(_bits(out) != _bits(W)))
     if op.collect_revert:
         # predict the revert exactly as revert_delta will compute it, and keep what it would miss
@@ -346,23 +357,28 @@ def _patch_file(src: Header, dst: Path, ops: dict[str, Op], meta: dict[str, str]
 
 def _edit_tensor(rd: TensorReader, t: TensorInfo, dst_off: int, fd: int, op: Op, rep: Reporter) -> TensorStats:
     st = TensorStats(t.name, str(rd.header.path), t.dtype, t.shape[0], t.shape[1])
-    sums = {"d2": 0.0, "e2": 0.0, "changed": 0}
-    hashing = op.hash or op.fingerprint is not None
-    h_in, h_out = hashlib.sha256(), hashlib.sha256()
-    for r0, r1 in row_blocks(t.shape, ROW_BLOCK_BYTES):
+    sums = {"d2": 0.0, "d2s": 0.0, "e2": 0.0, "changed": 0, "rows": 0}
+    h_in = hashlib.sha256() if (op.hash or op.fingerprint is not None) else None
+    h_out = hashlib.sha256() if op.hash else None
+    blocks = row_blocks(t.shape, ROW_BLOCK_BYTES)
+    stride = max(1, len(blocks) // STAT_BLOCKS)  # the rounding report reads a systematic sample of blocks
+    for i, (r0, r1) in enumerate(blocks):
         W = rd.rows(t.name, r0, r1)
-        out = _edit_rows(W, r0, r1, op, st, sums)
+        out = _edit_rows(W, r0, r1, op, st, sums, stats=i % stride == 0)
         data = memoryview(_bits(out).numpy()).cast("B")
-        if hashing:
+        if h_in is not None:
             h_in.update(memoryview(_bits(W).numpy()).cast("B"))
+        if h_out is not None:
             h_out.update(data)
         pwrite_all(fd, data, dst_off + r0 * (t.nbytes // max(1, t.shape[0])))
         rep.advance(len(data))
     st.intended_norm = sums["d2"] ** 0.5
-    st.rounding_error = (sums["e2"] / sums["d2"]) ** 0.5 if sums["d2"] > 0 else 0.0
-    st.changed_fraction = sums["changed"] / max(1, t.numel)
-    if hashing:
-        st.sha256_in, st.sha256_out = h_in.hexdigest(), h_out.hexdigest()
+    st.rounding_error = (sums["e2"] / sums["d2s"]) ** 0.5 if sums["d2s"] > 0 else 0.0
+    st.changed_fraction = sums["changed"] / max(1, sums["rows"] * (t.numel // max(1, t.shape[0])))
+    if h_in is not None:
+        st.sha256_in = h_in.hexdigest()
+    if h_out is not None:
+        st.sha256_out = h_out.hexdigest()
     if op.fingerprint is not None:
         st.base_match = st.sha256_in == op.fingerprint
     return st

@@ -561,8 +561,8 @@ def probe(model: str | Path, concept: str | Path | Concept, out: str | Path, opt
         e = fam.encoders[s.encoder]
         u, sf, nu = _pairs_inputs(con, e)
         total += len(u) + len(sf) + len(nu)
-    for s in denoise_sites:
-        total += (2 * len(con.pairs) + len(con.neutral))
+    if denoise_sites:  # one pipeline call per prompt, all sites hooked at once
+        total += 2 * len(con.pairs) + len(con.neutral)
     rep.start("probing", total)
     try:
         for site in text_sites:

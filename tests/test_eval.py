@@ -3,8 +3,6 @@ checks the plumbing, not CLIP's judgement) and a real diffusers pipeline as the 
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from click.testing import CliRunner

@@ -1,0 +1,54 @@
+"""The user's whole path on the shipped organism: probe -> .vud -> apply -> load from disk -> eval.
+
+Margins come from the measured numbers in docs/efficacy.md (a few seeds here, so they are loose
+enough for sampling noise and tight enough to fail if the edit stops working)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+pytest.importorskip("diffusers")
+
+from patcher.cli import main  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "examples" / "organism" / "model"
+RED = ROOT / "examples" / "organism" / "red.toml"
+
+
+def run(*args) -> str:
+    res = CliRunner().invoke(main, [str(a) for a in args])
+    assert res.exit_code == 0, res.output
+    return res.stdout
+
+
+def test_shipped_organism_is_complete():
+    idx = json.loads((MODEL / "model_index.json").read_text())
+    assert idx["_class_name"] == "WanPipeline" and "vpatch_organism" in idx
+    for f in ("transformer/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors", "tokenizer/tokenizer.json"):
+        assert (MODEL / f).is_file(), f
+    assert not list(MODEL.rglob("*.bin")) and not list(MODEL.rglob("*.pt"))
+    trained = json.loads((MODEL / "training.json").read_text())
+    assert trained["colour"] >= 0.95  # prompt following is real before unlearning means anything
+
+
+def test_probe_apply_eval_removes_red_and_spares_the_rest(tmp_path):
+    rep = json.loads(run("probe", MODEL, "-c", RED, "-o", tmp_path / "red.vud", "--method", "mean", "--strength", "1.2", "--json"))
+    assert rep["family"] == "wan" and rep["method"]["sites"] == ["text_proj"]
+    run("apply", MODEL, tmp_path / "red.vud", "-o", tmp_path / "patched", "-q")
+    r = json.loads(run("eval", MODEL, "-c", RED, "--patched", tmp_path / "patched", "--seeds", "2", "--steps", "12",
+                       "--json", "-q", "--preview", tmp_path / "p.gif"))
+    pres = r["presence"]
+    sets = [k for k in pres if k != "free"]
+    before = sum(pres[k]["before"]["rate"] * pres[k]["before"]["n"] for k in sets) / sum(pres[k]["before"]["n"] for k in sets)
+    after = sum(pres[k]["after"]["rate"] * pres[k]["after"]["n"] for k in sets) / sum(pres[k]["after"]["n"] for k in sets)
+    assert before >= 0.8, "the original model draws red for red prompts"
+    assert after <= 0.25 * before, (before, after)
+    col = r["collateral"]
+    assert col["colour"]["after"]["rate"] >= col["colour"]["before"]["rate"] - 0.15
+    assert r["concept_prompt_attributes"]["object_present"]["after"]["rate"] >= 0.9  # red objects do not vanish
+    assert (tmp_path / "p.gif").is_file()
