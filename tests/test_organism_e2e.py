@@ -43,7 +43,7 @@ def test_probe_apply_eval_removes_red_and_spares_the_rest(tmp_path):
     r = json.loads(run("eval", MODEL, "-c", RED, "--patched", tmp_path / "patched", "--seeds", "2", "--steps", "12",
                        "--json", "-q", "--preview", tmp_path / "p.gif"))
     pres = r["presence"]
-    sets = [k for k in pres if k != "free"]
+    sets = [k for k in pres if k not in ("free", "neutral")]  # concept prompt sets
     before = sum(pres[k]["before"]["rate"] * pres[k]["before"]["n"] for k in sets) / sum(pres[k]["before"]["n"] for k in sets)
     after = sum(pres[k]["after"]["rate"] * pres[k]["after"]["n"] for k in sets) / sum(pres[k]["after"]["n"] for k in sets)
     assert before >= 0.8, "the original model draws red for red prompts"
