@@ -9,7 +9,8 @@ the Wan recipe), then times
   apply: `vpatch apply` in a child process, peak RSS from getrusage
 and prints the ratios. Targets (issue 2): throughput >= 0.9x the copy, peak RSS <= 3x the largest
 edited tensor + 300 MB, and flat across sizes. The page cache is warm for both (the file was just
-written), which is the fair comparison on a shared machine where we cannot drop caches.
+written), which is the fair comparison on a shared machine where we cannot drop caches. Before each timed step all
+dirty pages are flushed (os.sync), so neither step pays for the other's writeback.
 """
 
 from __future__ import annotations
@@ -79,7 +80,14 @@ def make_delta(path: Path, keys: list[str]) -> None:
     write_delta(path, Delta(entries, {"name": "bench"}, {"name": "bench"}))
 
 
+def settle() -> None:
+    """Flush every dirty page first, so neither timing pays for the other's writeback (both fsync)."""
+    os.sync()
+    time.sleep(1.0)
+
+
 def timed_copy(src: Path, dst: Path) -> float:
+    settle()
     t0 = time.perf_counter()
     shutil.copyfile(src, dst)
     fd = os.open(dst, os.O_RDONLY)
@@ -97,6 +105,7 @@ def timed_apply(src: Path, delta: Path, dst: Path) -> tuple[float, int, dict]:
         "print(json.dumps({'s':dt,'rss':hwm,"
         "'kept':min(x.rounding_error for x in r.tensors),'n':len(r.tensors)}))"
     )
+    settle()
     t0 = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=HERE.parent)
     wall = time.perf_counter() - t0
@@ -122,10 +131,12 @@ def main() -> None:
             make_delta(dl, edited)
             best_copy, best_apply, rss = float("inf"), float("inf"), 0
             for _ in range(args.repeat):
-                for p in (root / "copy.safetensors", root / "out.safetensors"):
-                    p.unlink(missing_ok=True)
+                # each timed step starts from the same state: only the source in the page cache, the
+                # other step's output deleted, every dirty page flushed (see settle)
                 best_copy = min(best_copy, timed_copy(ck, root / "copy.safetensors"))
+                (root / "copy.safetensors").unlink()
                 s, r, _extra = timed_apply(ck, dl, root / "out.safetensors")
+                (root / "out.safetensors").unlink()
                 best_apply, rss = min(best_apply, s), max(rss, r)
             nbytes = ck.stat().st_size
             bound = 3 * largest + 300 * 2**20

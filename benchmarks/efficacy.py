@@ -100,57 +100,96 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "efficacy.md")
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "efficacy.json")
     ap.add_argument("--quick", action="store_true", help="only the method sweep (a smoke run)")
+    ap.add_argument("--from-json", action="store_true", help="only re-render the markdown from --json (no runs)")
     a = ap.parse_args()
     concepts = a.concept or [ROOT / "examples" / "organism" / "red.toml", ROOT / "examples" / "organism" / "left.toml"]
     opt = EvalOptions(seeds=a.seeds, steps=a.steps)
-    out_md = ["# Efficacy on the organism", "",
-              "Produced by `benchmarks/efficacy.py` (probe → .vud → apply → eval from disk, analytic judge). "
-              f"{a.seeds} seeds per prompt, {a.steps} sampling steps, guidance {opt.guidance}. Cells read original→patched. "
-              "The selection score (relative drop of presence on the probe prompts, minus twice any loss of colour "
-              "accuracy on the probe's neutral prompts and twice any loss of objects on the probe prompts) uses no held-out "
-              "prompt; the chosen recipe is the best score. Held-out columns: paraphrase, synonym, the never-trained template, "
-              "unseen combinations; concept-free columns use the held-out `free` prompts.", ""]
-    results = {}
     t0 = time.time()
-    with tempfile.TemporaryDirectory() as td:
-        work = Path(td)
-        for concept in concepts:
-            attr = r_attr(concept)
-            cache: dict = {}
-            rows, seen = [], {}
-            variants = [{**BASE, key: val} for key, values in (SWEEPS[:1] if a.quick else SWEEPS) for val in values]
-            for v in variants + ([] if a.quick else EXTRA):
-                k = json.dumps(v, sort_keys=True)
-                if k not in seen:
-                    seen[k] = run_variant(a.model, concept, v, work, opt, cache)
-                    r = seen[k]
-                    print(f"[{time.time() - t0:5.0f} s] {concept.stem} {v}: probe {pct(r['presence']['probe'][0])}->"
-                          f"{pct(r['presence']['probe'][1])} score {r['score']:.2f}", flush=True)
-                rows.append(seen[k])
-            uniq = list({json.dumps(r["variant"], sort_keys=True): r for r in rows}.values())
-            best = max(uniq, key=lambda r: (r["score"] if r["score"] == r["score"] else -9.0))
-            gif = a.out.with_name(f"efficacy-{concept.stem}.gif")
-            gif.unlink(missing_ok=True)
-            chosen = run_variant(a.model, concept, best["variant"], work, opt, cache, preview=gif)
-            results[concept.stem] = {"rows": [{k: r[k] for k in ("variant", "presence", "collateral", "other", "distance", "score")} for r in uniq],
-                                     "chosen": {k: chosen[k] for k in ("variant", "presence", "collateral", "other", "distance", "score")}}
-            by_method = {r["variant"]["method"]: r["presence"] for r in uniq
-                         if {k: r["variant"][k] for k in BASE if k != "method"} == {k: BASE[k] for k in BASE if k != "method"}}
-            heldout = ("paraphrase", "synonym", "template", "unseen")
-
-            def held(p, heldout=heldout):
-                return sum(p[k][1] for k in heldout if k in p) / max(1, sum(1 for k in heldout if k in p))
-            order = sorted(by_method, key=lambda m: held(by_method[m]))
-            out_md += [f"## Concept `{concept.stem}` ({attr})", "", table(uniq, attr), "",
-                       f"Chosen (best selection score): `{best['variant']}`. Preview: `{gif.name}` (rows: prompts; left original, right patched).",
-                       "", "Held-out presence after the edit, by method (same site, k, λ, α): " +
-                       ", ".join(f"{m} {pct(held(by_method[m]))}" for m in order) +
-                       (". The paper's ordering (cPCA < PCA < mean-diff) holds here." if order == ["cpca", "pca", "mean"] else
-                        ". The paper's ordering (cPCA better than PCA better than mean-diff) does not hold strictly here."), ""]
-    a.json.parent.mkdir(parents=True, exist_ok=True)
-    a.json.write_text(json.dumps(results, indent=2, default=float))
-    a.out.write_text("\n".join(out_md) + "\n")
+    if a.from_json:
+        doc = json.loads(a.json.read_text())
+    else:
+        doc = {"settings": {"seeds": a.seeds, "steps": a.steps, "guidance": opt.guidance}, "concepts": {}}
+        with tempfile.TemporaryDirectory() as td:
+            work = Path(td)
+            for concept in concepts:
+                cache: dict = {}
+                rows, seen = [], {}
+                variants = [{**BASE, key: val} for key, values in (SWEEPS[:1] if a.quick else SWEEPS) for val in values]
+                for v in variants + ([] if a.quick else EXTRA):
+                    k = json.dumps(v, sort_keys=True)
+                    if k not in seen:
+                        seen[k] = run_variant(a.model, concept, v, work, opt, cache)
+                        r = seen[k]
+                        print(f"[{time.time() - t0:5.0f} s] {concept.stem} {v}: probe {pct(r['presence']['probe'][0])}->"
+                              f"{pct(r['presence']['probe'][1])} score {r['score']:.2f}", flush=True)
+                    rows.append(seen[k])
+                uniq = list({json.dumps(r["variant"], sort_keys=True): r for r in rows}.values())
+                best = max(uniq, key=lambda r: (r["score"] if r["score"] == r["score"] else -9.0))
+                gif = a.out.with_name(f"efficacy-{concept.stem}.gif")
+                gif.unlink(missing_ok=True)
+                chosen = run_variant(a.model, concept, best["variant"], work, opt, cache, preview=gif)
+                keep = ("variant", "presence", "collateral", "other", "distance", "score")
+                doc["concepts"][concept.stem] = {"attribute": r_attr(concept), "rows": [{k: r[k] for k in keep} for r in uniq],
+                                                 "chosen": {k: chosen[k] for k in keep}, "preview": gif.name}
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(doc, indent=2, default=float))
+    a.out.write_text(render(doc))
     print(f"wrote {a.out} and {a.json} in {time.time() - t0:.0f} s")
+
+
+HELDOUT = ("paraphrase", "synonym", "template", "unseen")
+
+
+def render(doc: dict) -> str:
+    st = doc["settings"]
+    out = ["# Efficacy on the organism", "",
+           "Produced by `benchmarks/efficacy.py` (probe → .vud → apply → eval from disk, analytic judge). "
+           f"{st['seeds']} seeds per prompt, {st['steps']} sampling steps, guidance {st['guidance']}. Cells read original→patched. "
+           "The selection score (relative drop of presence on the probe prompts, minus twice any loss of accuracy on the "
+           "probe's neutral prompts and twice any loss of objects on the probe prompts) uses no held-out prompt; the "
+           "chosen recipe is the best score. Held-out columns: paraphrase, synonym, the never-trained template, unseen "
+           "combinations; concept-free columns use the held-out `free` prompts. `python benchmarks/efficacy.py "
+           "--from-json` re-renders this page from benchmarks/results/efficacy.json.", ""]
+    for name, c in doc["concepts"].items():
+        rows, attr, chosen = c["rows"], c["attribute"], c["chosen"]
+        base_probe = rows[0]["presence"]["probe"][0]
+        out += [f"## Concept `{name}` ({attr})", "", table(rows, attr), "",
+                f"Chosen (best selection score): `{chosen['variant']}`. Preview: `{c['preview']}` (rows: prompts; left "
+                f"original, right patched; the prompts are listed in the .txt beside it).", ""]
+        if base_probe < 0.5:
+            out += [f"**Not measurable:** the unedited model shows `{attr}` = the concept for only {pct(base_probe)} of the "
+                    f"probe prompts (chance level): it does not follow this attribute, so no variant can be judged on it and "
+                    "the method ordering says nothing here.", ""]
+            continue
+        same = [r for r in rows if {k: r["variant"][k] for k in BASE if k != "method"} == {k: BASE[k] for k in BASE if k != "method"}]
+
+        def held(r):
+            p = r["presence"]
+            return sum(p[k][1] for k in HELDOUT if k in p) / max(1, sum(1 for k in HELDOUT if k in p))
+        p, col, oth = chosen["presence"], chosen["collateral"], chosen["other"]
+
+        def drop(keys):
+            b = sum(p[k][0] for k in keys if k in p)
+            a = sum(p[k][1] for k in keys if k in p)
+            return 1 - a / b if b else float("nan")
+        others = [x for x in ("colour", "shape", "motion") if x != attr]
+        checks = [
+            ("held-out presence down >= 95% (relative)", f"{pct(drop(HELDOUT))}", drop(HELDOUT) >= 0.95),
+            ("synonyms down >= 90%", pct(drop(["synonym"])), drop(["synonym"]) >= 0.90),
+            ("held-out template down >= 90%", pct(drop(["template"])), drop(["template"]) >= 0.90),
+            (f"concept-free {attr} accuracy within 1 point", f"{pct(col[attr][0])} → {pct(col[attr][1])}",
+             col[attr][1] >= col[attr][0] - 0.01),
+            *[(f"concept prompts' {o} >= 95% of baseline (vanished = miss)", f"{pct(oth[o][0])} → {pct(oth[o][1])}",
+               oth[o][1] >= 0.95 * oth[o][0]) for o in others],
+            ("objects kept on concept prompts", f"{pct(oth['object_present'][0])} → {pct(oth['object_present'][1])}",
+             oth["object_present"][1] >= 0.95 * oth["object_present"][0]),
+        ]
+        out += ["Targets (chosen recipe, held-out prompts):", "", "| target | measured | met |", "|---|---|---|"]
+        out += [f"| {t} | {m} | {'yes' if ok else 'no'} |" for t, m, ok in checks] + [""]
+        out += ["Method ablation (same site, k, λ, α): " + "; ".join(
+            f"{r['variant']['method']}: held-out presence {pct(held(r))}, objects kept {pct(r['other']['object_present'][1])}, "
+            f"concept-free {attr} accuracy {pct(r['collateral'][attr][1])}" for r in same) + ".", ""]
+    return "\n".join(out) + "\n"
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from .safetensors_io import (
 )
 
 ROW_BLOCK_BYTES = 8 << 20  # fp32 bytes per row block
-STAT_BLOCKS = 8  # a tensor of more row blocks gets its rounding report from a systematic sample of about this many
+STAT_EVERY = 4  # the rounding report reads every 4th row block (all of them for a tensor of fewer than 8 blocks)
 COPY_PIECE = 256 << 20  # progress granularity for raw copies
 BASE_RSS = 300 << 20  # interpreter + torch, for the estimate
 SURVIVAL_WARN = 0.5  # warn when the rounding error exceeds half the intended edit
@@ -361,7 +361,7 @@ def _edit_tensor(rd: TensorReader, t: TensorInfo, dst_off: int, fd: int, op: Op,
     h_in = hashlib.sha256() if (op.hash or op.fingerprint is not None) else None
     h_out = hashlib.sha256() if op.hash else None
     blocks = row_blocks(t.shape, ROW_BLOCK_BYTES)
-    stride = max(1, len(blocks) // STAT_BLOCKS)  # the rounding report reads a systematic sample of blocks
+    stride = 1 if len(blocks) < 2 * STAT_EVERY else STAT_EVERY  # the rounding report reads a systematic sample of blocks
     for i, (r0, r1) in enumerate(blocks):
         W = rd.rows(t.name, r0, r1)
         out = _edit_rows(W, r0, r1, op, st, sums, stats=i % stride == 0)

@@ -390,16 +390,16 @@ def test_output_hash_of_edit_is_deterministic(tmp_path, bf16_model):
 
 
 def test_rounding_report_of_a_large_tensor_is_sampled_not_the_bytes(tmp_path, monkeypatch):
-    """Past STAT_BLOCKS row blocks the rounding figures come from a systematic sample; the written
+    """From 2 * STAT_EVERY row blocks on, the rounding figures come from a systematic sample; the written
     bytes, the exact intended norm and the NaN/Inf guard cover every block."""
     g = torch.Generator().manual_seed(4)
     t = {K: (torch.randn(400, 24, generator=g) * 0.05).to(torch.bfloat16), "other.weight": torch.randn(4, 4).to(torch.bfloat16)}
     save_file(t, tmp_path / "m.safetensors")
     make_delta(tmp_path / "d.vud", t, keys=(K,))
     monkeypatch.setattr(merge, "ROW_BLOCK_BYTES", 24 * 4 * 10)  # 40 row blocks of 10 rows
-    monkeypatch.setattr(merge, "STAT_BLOCKS", 8)  # sample every 5th block
+    monkeypatch.setattr(merge, "STAT_EVERY", 4)  # sample every 4th block
     sampled = patcher.apply_delta(tmp_path / "m.safetensors", tmp_path / "d.vud", tmp_path / "a.safetensors").tensors[0]
-    monkeypatch.setattr(merge, "STAT_BLOCKS", 10**9)  # every block
+    monkeypatch.setattr(merge, "STAT_EVERY", 10**9)  # every block
     full = patcher.apply_delta(tmp_path / "m.safetensors", tmp_path / "d.vud", tmp_path / "b.safetensors").tensors[0]
     assert raw_bytes(tmp_path / "a.safetensors", K) == raw_bytes(tmp_path / "b.safetensors", K)
     assert sampled.intended_norm == pytest.approx(full.intended_norm, rel=1e-9)
@@ -407,7 +407,7 @@ def test_rounding_report_of_a_large_tensor_is_sampled_not_the_bytes(tmp_path, mo
     assert sampled.changed_fraction == pytest.approx(full.changed_fraction, abs=0.1)
 
     # an overflow confined to a block outside the sample is still caught
-    monkeypatch.setattr(merge, "STAT_BLOCKS", 8)
+    monkeypatch.setattr(merge, "STAT_EVERY", 4)
     from patcher.delta import Delta, DeltaEntry, write_delta
 
     U = torch.zeros(400, 1)

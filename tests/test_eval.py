@@ -62,7 +62,7 @@ def test_clip_judge_on_a_real_pipeline(tmp_path):
     assert res.exit_code == 0, res.output
     opt = EvalOptions(seeds=2, steps=2, judge="clip", clip_model=str(clip), preview=tmp_path / "p.gif", call=dict(call))
     r = evaluate(wan, concept, delta=tmp_path / "n.vud", options=opt)
-    assert set(r.presence) == {"probe", "synonym", "free"}
+    assert set(r.presence) == {"probe", "synonym", "free", "neutral"}  # neutral: the probe's own concept-free prompts
     for v in r.presence.values():
         for side in ("before", "after"):
             assert 0 <= v[side]["rate"] <= 1 and v[side]["ci95"][0] <= v[side]["rate"] <= v[side]["ci95"][1]
