@@ -120,6 +120,10 @@ def _hub_patterns(fam: Family, sites: list[SiteSpec]) -> list[str]:
     return sorted(set(pats))
 
 
+# what a hub download may fetch when the family (and so the sites) is not known yet: never pickles
+SAFE_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*/*.json", "*/*.safetensors", "*/*.txt", "*/*.model", "*/*.jinja"]
+
+
 def open_source(model: str | Path, revision: str | None = None, patterns: list[str] | None = None) -> ModelSource:
     p = Path(model)
     if not p.exists():
@@ -129,7 +133,7 @@ def open_source(model: str | Path, revision: str | None = None, patterns: list[s
         from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
         try:
-            p = Path(snapshot_download(str(model), revision=revision, allow_patterns=patterns))
+            p = Path(snapshot_download(str(model), revision=revision, allow_patterns=patterns or SAFE_PATTERNS))
         except LocalEntryNotFoundError:
             raise ProbeError(f"{model}: not in the local hub cache and the hub cannot be reached; download it first or pass a local folder") from None
         except HfHubHTTPError as e:

@@ -307,7 +307,8 @@ def load_family(name_or_path: str | os.PathLike, overrides: list[str] | None = N
         p = RECIPES_DIR / "models" / f"{name_or_path}.toml"
         if not p.is_file():
             known = ", ".join(f.stem for f in family_files())
-            raise RecipeError(f"unknown model family {str(name_or_path)!r}; known: {known} (or give a path to a .toml recipe)")
+            raise RecipeError(f"unknown model family {str(name_or_path)!r}; known: {known or 'none'} (or give a path to a .toml recipe; "
+                              f"recipes are read from {RECIPES_DIR}, set VPATCH_RECIPES to move them)")
     data = apply_overrides(_load_toml(p), overrides or [])
     fam = parse_family(data, str(p))
     fam.path = p
