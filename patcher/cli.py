@@ -230,11 +230,12 @@ def _pairs(values: tuple[str, ...], flag: str) -> dict[str, str]:
 @click.option("--offload", type=click.Choice(["none", "model", "sequential", "balanced"]), default="none", show_default=True,
               help="Denoise mode on a model too big for the GPU: accelerate's model or sequential CPU offload, or a balanced device_map over all GPUs.")
 @click.option("--revision", help="Hub revision when MODEL is a hub id.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing delta file at -o.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_user_errors
 def probe(model, concept, out, family, sites, layer_filter, method, rank, alpha, strength, directions, pooling, device, dtype,
-          encoders, sets, seed, offload, revision, as_json, quiet):
+          encoders, sets, seed, offload, revision, overwrite, as_json, quiet):
     """Find the concept's refusal direction in MODEL and write a portable delta (.vud).
 
     MODEL is a diffusers pipeline folder, a hub id, or an original single .safetensors file
@@ -253,7 +254,8 @@ def probe(model, concept, out, family, sites, layer_filter, method, rank, alpha,
     opt = ProbeOptions(family=family, method=method, rank=rank, alpha=alpha, strength=strength, directions=directions,
                        pooling=pooling, sites=[s.strip() for s in sites.split(",") if s.strip()] if sites else None,
                        layers=layer_filter, device=device, dtype=dtype, seed=seed, overrides=list(sets),
-                       encoders=_pairs(encoders, "--encoder"), revision=revision, offload=offload)
+                       encoders=_pairs(encoders, "--encoder"), revision=revision, offload=offload,
+                       overwrite=overwrite)
     say = (lambda m: None) if (quiet or as_json) else (lambda m: err.print(m))
     r = run_probe(model, concept, out, opt, reporter=CountReporter(quiet or as_json), log=say)
     if as_json:

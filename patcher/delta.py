@@ -108,7 +108,7 @@ def versions() -> dict[str, str]:
     return out
 
 
-def write_delta(path: str | os.PathLike, delta: Delta) -> str:
+def write_delta(path: str | os.PathLike, delta: Delta, overwrite: bool = False) -> str:
     """Validate, then write atomically; returns the delta hash."""
     from .output import atomic_file
 
@@ -128,7 +128,7 @@ def write_delta(path: str | os.PathLike, delta: Delta) -> str:
         "vpatch.versions": json.dumps(delta.versions or versions()),
         "vpatch.delta_sha256": digest,
     }
-    with atomic_file(Path(path)) as tmp:
+    with atomic_file(Path(path), [], overwrite) as tmp:
         save_tensors(tmp, tensors, meta)
         read_delta(tmp)  # validate what landed before it gets the final name
     return digest

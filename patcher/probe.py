@@ -52,6 +52,7 @@ class ProbeOptions:
     encoders: dict[str, str] = field(default_factory=dict)  # encoder name -> local path or hub id
     revision: str | None = None
     offload: str = "none"  # denoise mode on a model that does not fit: none | model | sequential | balanced
+    overwrite: bool = False  # replace an existing OUT
 
 
 @dataclass
@@ -505,9 +506,12 @@ def resolve_family(src: ModelSource, name: str | None, overrides: list[str]) -> 
 def probe(model: str | Path, concept: str | Path | Concept, out: str | Path, options: ProbeOptions | None = None,
           reporter: Reporter | None = None, log: Callable[[str], None] | None = None) -> ProbeReport:
     """Probe MODEL for CONCEPT and write the delta to OUT (atomically)."""
+    from .output import check_target
+
     opt = options or ProbeOptions()
     rep = reporter or NullReporter()
     say = log or (lambda _m: None)
+    check_target(Path(out), [], opt.overwrite)  # fail before any model is loaded
     con = concept if isinstance(concept, Concept) else load_concept(concept)
     fam_hint = load_family(opt.family, opt.overrides) if opt.family else None
     patterns = None
@@ -611,7 +615,7 @@ def probe(model: str | Path, concept: str | Path | Concept, out: str | Path, opt
                   "overrides": opt.overrides}
     delta = Delta(entries, con.record(), method_rec, versions())
     out = Path(out)
-    digest = write_delta(out, delta)
+    digest = write_delta(out, delta, overwrite=opt.overwrite)
     return ProbeReport(str(out), digest, fam.name, con.name, method_rec, results_out, device)
 
 

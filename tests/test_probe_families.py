@@ -400,3 +400,20 @@ def test_probe_by_hub_id_from_the_local_cache(pipes, tmp_path, monkeypatch):
     assert rep["family"] == "wan" and (tmp_path / "h.vud").is_file()
     res = CliRunner().invoke(main, ["probe", "vpatch-test/not-cached", "-c", "nudity", "-o", str(tmp_path / "n.vud")])
     assert res.exit_code == 2 and "not in the local hub cache" in res.output
+
+
+def test_existing_output_is_refused_before_any_work_unless_overwrite(pipes, tmp_path, monkeypatch):
+    import patcher.probe as P
+
+    wan, _ = pipes("wan")
+    out = tmp_path / "x.vud"
+    out.write_bytes(b"keep me")
+
+    def tripwire(*_a, **_k):
+        raise AssertionError("a model was loaded before the output check")
+    monkeypatch.setattr(P, "open_source", tripwire)
+    res = CliRunner().invoke(main, ["probe", str(wan), "-c", "nudity", "-o", str(out)])
+    assert res.exit_code == 2 and "already exists" in res.output and out.read_bytes() == b"keep me"
+    monkeypatch.undo()
+    run_cli("probe", wan, "-c", "nudity", "-o", out, "--rank", "2", "--overwrite", "-q")
+    assert read_delta(out).concept["name"] == "nudity"
