@@ -22,8 +22,8 @@ _VARIANT_RE = re.compile(r"^(?P<stem>.+?)(?:\.(?P<variant>[A-Za-z0-9_-]+))?\.saf
 MAX_INDEX_BYTES = 64 << 20
 
 CONVERT_HINT = (
-    "vpatch never unpickles checkpoints (loading pickle can run code). Convert it once, in an environment you trust: "
-    "python -c \"import torch,safetensors.torch as s; s.save_file(torch.load('IN', weights_only=True), 'OUT.safetensors')\""
+    "vpatch never unpickles checkpoints silently (loading pickle can run code). Convert it once, if you trust its source: "
+    "vpatch convert IN -o OUT.safetensors --trust-pickle (it loads with torch.load(weights_only=True))"
 )
 
 

@@ -357,6 +357,32 @@ def push(folder, repo_id, base_model, delta, eval_report, private, exist_ok, sta
 
 
 @main.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="The .safetensors file to write.")
+@click.option("--trust-pickle", is_flag=True, help="Required: you trust the file's source (it is unpickled with weights_only=True).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output (never the input).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable summary on stdout.")
+@_user_errors
+def convert(src, out, trust_pickle, overwrite, as_json):
+    """Convert a pickle checkpoint (.bin/.pt/.ckpt) to safetensors, explicitly.
+
+    Loads with torch.load(weights_only=True), which refuses arbitrary objects; unwraps training
+    checkpoints (state_dict, model, module, ema); keeps each tensor's dtype; lists and drops
+    non-tensor entries. The source's sha256 is recorded in the output's metadata.
+    """
+    from .convert import convert_pickle
+
+    r = convert_pickle(src, out, trust_pickle=trust_pickle, overwrite=overwrite)
+    if as_json:
+        click.echo(json.dumps(r, indent=2))
+        return
+    if r["skipped"]:
+        err.print(f"left out {len(r['skipped'])} non-tensor entries: {', '.join(r['skipped'][:8])}")
+    err.print(f"{r['tensors']} tensors, {_mib(r['bytes'])}")
+    click.echo(r["output"])
+
+
+@main.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
 @_user_errors
 def families(as_json):
