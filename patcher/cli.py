@@ -409,10 +409,32 @@ def families(as_json):
 
 @main.command()
 @click.argument("path", type=click.Path(path_type=Path))
+@click.option("--delta", type=click.Path(path_type=Path), help="Show how each entry of this .vud resolves against the checkpoint PATH.")
+@click.option("--component", help="With --delta: which component a bare file or folder is.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
 @_user_errors
-def inspect(path, as_json):
-    """Show what a .vud delta edits, or what a checkpoint holds and which deltas it carries."""
+def inspect(path, delta, component, as_json):
+    """Show what a .vud delta edits, or what a checkpoint holds and which deltas it carries.
+
+    With --delta, show for every delta entry the tensor it resolves to (file, dtype), whether that
+    tensor is the exact one the delta was probed from, or why it does not resolve.
+    """
+    if delta is not None:
+        from .inspect import inspect_resolution
+
+        info = inspect_resolution(path, delta, component)
+        if as_json:
+            click.echo(json.dumps(info, indent=2))
+            return
+        t = Table(title=f"{info['verdict']}: delta {info['delta_sha256'][:12]} against {info['path']} ({info['how']})")
+        t.add_column("entry", overflow="fold")
+        for c in ("status", "dtype", "fingerprint", "where / why"):
+            t.add_column(c, overflow="fold")
+        for r in info["entries"]:
+            t.add_row(r["key"], r["status"], str(r["dtype"] or "-"), r["fingerprint"], ", ".join(Path(f).name for f in r["files"]) or r["note"])
+        Console(highlight=False).print(t)
+        click.echo(info["verdict"])
+        return
     info = inspect_path(path)
     if as_json:
         click.echo(json.dumps(info, indent=2))

@@ -47,3 +47,26 @@ def inspect_path(path: str | Path) -> dict:
     if path.is_file() and (path.suffix == ".vud" or (path.suffix == ".safetensors" and read_header(path).metadata.get("vpatch.format") == "vud")):
         return inspect_delta(path)
     return inspect_checkpoint(path)
+
+
+def inspect_resolution(path: str | Path, delta: str | Path, component: str | None = None) -> dict:
+    """How each delta entry resolves against a checkpoint: which file and dtype, or why not, and
+    whether the tensor is the exact one the delta was probed from (its sha256)."""
+    from .errors import CompatibilityError
+    from .merge import plan_apply
+
+    try:
+        plan = plan_apply(path, delta, component=component, allow_partial=True, fingerprints=True)
+    except CompatibilityError as e:
+        plan = getattr(e, "plan", None)
+        if plan is None:
+            raise
+    cov = plan.coverage()
+    verdict = "compatible" if cov["matched"] == cov["expected"] else ("partial" if cov["matched"] else "incompatible")
+    rows = []
+    for m in plan.matches:
+        files = sorted({str(ws.key_file[m.entry.tensor_key]) for ws in m.sets})
+        rows.append({"key": m.entry.key, "status": m.status, "note": m.note, "dtype": m.dtype, "files": files,
+                     "fingerprint": {True: "base", False: "differs", None: "-"}[m.base_match]})
+    return {"type": "resolution", "path": str(path), "delta": str(delta), "delta_sha256": plan.delta.sha256,
+            "component": plan.component, "how": plan.how, "verdict": verdict, "coverage": cov, "entries": rows}

@@ -98,3 +98,29 @@ def test_help_teaches(tmp_path):
     assert code == 0 and "Examples:" in out and "--revert-record" in out and "--dry-run" in out
     code, out, err = run("apply", "a", "b")
     assert code == 2 and "-o OUT" in err
+
+
+def test_inspect_shows_how_a_delta_resolves(tmp_path, bf16_model):
+    import json as _json
+
+    from click.testing import CliRunner as _R
+
+    from patcher.cli import main as _main
+
+    ck, d, t, _ = bf16_model
+    res = _R().invoke(_main, ["inspect", str(ck), "--delta", str(d), "--json"])
+    assert res.exit_code == 0, res.output
+    info = _json.loads(res.stdout)
+    assert info["verdict"] == "compatible" and info["coverage"]["matched"] == info["coverage"]["expected"] >= 1
+    assert all(r["status"] == "matched" and r["fingerprint"] == "base" and r["files"] for r in info["entries"])
+    # a checkpoint missing one of the targeted tensors: partial, and the row says why
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(ck))
+    missing = info["entries"][0]["key"].split("/", 1)[1]
+    sd.pop(missing)
+    save_file(sd, str(tmp_path / "partial.safetensors"))
+    info = _json.loads(_R().invoke(_main, ["inspect", str(tmp_path / "partial.safetensors"), "--delta", str(d), "--json"]).stdout)
+    assert info["verdict"] == "partial"
+    row = next(r for r in info["entries"] if r["key"].endswith(missing))
+    assert row["status"] == "missing" and missing in row["note"]
