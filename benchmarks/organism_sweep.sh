@@ -1,3 +1,7 @@
+#!/usr/bin/env bash
+# Exploration only (device tool, one GPU): four organism training settings side by side, to see
+# which attributes emerge with more steps. Not how the shipped weights are made (those come from
+# `python examples/organism/train.py` on CPU). Needs the diffusers wheel carried in .whl/ and $OUT.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=$PWD:/tmp/site

@@ -283,7 +283,8 @@ def _edit_rows(W: torch.Tensor, r0: int, r1: int, op: Op, st: TensorStats, sums:
     U_rows = projected_rows(new, op.V, op.coef) if op.U is None else op.coef * op.U[r0:r1]
     new.addmm_(U_rows, op.V.T)
     out = new.to(W.dtype)
-    sums["d2"] += lowrank_norm(U_rows, op.V) ** 2
+    d2 = lowrank_norm(U_rows, op.V) ** 2
+    sums["d2"] += d2
     if not stats and op.fix_index is None and not op.collect_revert:
         if not bool(torch.isfinite(out).all()):
             bad = int((~torch.isfinite(out)).sum())
@@ -301,7 +302,7 @@ def _edit_rows(W: torch.Tensor, r0: int, r1: int, op: Op, st: TensorStats, sums:
         bad = int((~torch.isfinite(out)).sum()) or int((~torch.isfinite(new)).sum())
         raise NumericError(f"editing {st.key} produced {bad} NaN/Inf values (rows {r0}-{r1}); nothing was written. Check the delta and the --strength")
     sums["e2"] += e2
-    sums["d2s"] += lowrank_norm(U_rows, op.V) ** 2
+    sums["d2s"] += d2
     sums["changed"] += int(torch.count_nonzero(_bits(out) != _bits(W)))
     if op.collect_revert:
         # predict the revert exactly as revert_delta will compute it, and keep what it would miss
