@@ -659,7 +659,8 @@ def _capture_denoise(src: ModelSource, fam: Family, sites: list[SiteSpec], targe
 
     def select(g: str, x: torch.Tensor) -> torch.Tensor:
         site = site_of[g]
-        x = x[0] if x.dim() == 3 else x  # batch 1 (guidance off)
+        # the recipes turn guidance off (batch 1); with it on, diffusers batches [uncond, cond]: keep cond
+        x = x[-1] if x.dim() == 3 else x
         if site.text_tokens == "all":
             return x
         n = site.text_len if isinstance(site.text_len, int) else int(call.get(site.text_len, 0))
