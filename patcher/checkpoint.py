@@ -91,6 +91,14 @@ class Checkpoint:
     def weight_sets(self) -> list[WeightSet]:
         return [ws for c in self.components for ws in c.weight_sets]
 
+    def applied(self) -> list[dict]:
+        """The vpatch provenance records of every weight set, one per delta."""
+        seen: dict[str, dict] = {}
+        for ws in self.weight_sets:
+            for rec in ws.metadata_records():
+                seen.setdefault(str(rec.get("delta_sha256", "?")), rec)
+        return list(seen.values())
+
     def total_bytes(self) -> int:
         return sum(f.stat().st_size for ws in self.weight_sets for f in ws.files)
 

@@ -25,7 +25,6 @@ def inspect_checkpoint(path: Path) -> dict:
     ck = open_checkpoint(path)
     dtypes: Counter = Counter()
     count = 0
-    applied: dict[str, dict] = {}
     sets = []
     for comp in ck.components:
         for ws in comp.weight_sets:
@@ -34,11 +33,9 @@ def inspect_checkpoint(path: Path) -> dict:
             for h in ws.headers.values():
                 for t in h.tensors.values():
                     dtypes[t.dtype] += t.nbytes
-            for r in ws.metadata_records():
-                applied.setdefault(r.get("delta_sha256", "?"), r)
             sets.append({"component": comp.name, "weights": ws.label, "variant": ws.variant, "files": len(ws.files), "tensors": n})
     return {"type": "checkpoint", "path": str(path), "layout": ck.layout, "tensors": count, "total_bytes": ck.total_bytes(),
-            "dtype_bytes": dict(dtypes), "weight_sets": sets, "applied": list(applied.values())}
+            "dtype_bytes": dict(dtypes), "weight_sets": sets, "applied": ck.applied()}
 
 
 def inspect_path(path: str | Path) -> dict:

@@ -316,6 +316,11 @@ def site_targets(site: SiteSpec, src: ModelSource, layers: re.Pattern | None, pr
     return out
 
 
+def _hooked_group(t: Target) -> str:
+    """Hooked Linears of one parent module (to_k/to_v of one attention) read one input: one direction."""
+    return f"{t.component}:{t.module.rsplit('.', 1)[0]}:{t.in_dim}"
+
+
 def _read(ws: WeightSet, key: str) -> torch.Tensor:
     f = ws.key_file.get(key)
     if f is None:
@@ -413,7 +418,7 @@ def capture_text(src: ModelSource, site: SiteSpec, enc: Encoder, targets: list[T
     by_group: dict[str, list[Target]] = {}
     for t in targets:
         inside = t.component == spec.component
-        g = f"{t.component}:{t.module.rsplit('.', 1)[0]}:{t.in_dim}" if inside else f"{t.component}:{site.name}"
+        g = _hooked_group(t) if inside else f"{t.component}:{site.name}"
         by_group.setdefault(g, []).append(t)
     hooked = {g: _find_module(enc.model, ts[0].module) for g, ts in by_group.items() if ts[0].component == spec.component}
     hooks = _Hooks(hooked, lambda _n, x: x) if hooked else None
@@ -648,7 +653,7 @@ def _capture_denoise(src: ModelSource, fam: Family, sites: list[SiteSpec], targe
     site_of: dict[str, SiteSpec] = {}
     for site in sites:
         for t in targets[site.name]:
-            g = f"{t.component}:{t.module.rsplit('.', 1)[0]}:{t.in_dim}"
+            g = _hooked_group(t)
             groups.setdefault((site.name, g), []).append(t)
             if g not in modules:
                 comp = getattr(pipe, t.component, None)

@@ -42,15 +42,6 @@ class PushReport:
         return asdict(self)
 
 
-def _applied(folder: Path) -> list[dict]:
-    ck = open_checkpoint(folder)
-    seen: dict[str, dict] = {}
-    for ws in ck.weight_sets:
-        for rec in ws.metadata_records():
-            seen.setdefault(str(rec.get("delta_sha256")), rec)
-    return list(seen.values())
-
-
 def _forbidden(folder: Path) -> list[Path]:
     """Files that would let anyone revert the edit: deltas and revert records."""
     from .safetensors_io import read_header
@@ -149,7 +140,7 @@ def push(folder: str | Path, repo_id: str, *, base_model: str | None = None, del
         raise PushError(f"{folder}: not a folder; push the output folder of `vpatch apply`")
     if "/" not in repo_id or len(repo_id) > 96:
         raise PushError(f"--repo-id {repo_id!r}: expected 'user/name'")
-    applied = _applied(folder)
+    applied = open_checkpoint(folder).applied()
     if not applied:
         raise PushError(f"{folder}: no vpatch provenance in its weights; push a folder written by `vpatch apply`")
     bad = _forbidden(folder)
