@@ -13,6 +13,7 @@ processors). The math lives in ``refusal.py``; this module only collects activat
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass, field
@@ -24,10 +25,10 @@ import torch
 from .checkpoint import WeightSet, _scan_folder, load_single
 from .delta import Delta, DeltaEntry, projection_entry, versions, write_delta
 from .errors import ProbeError
-from .merge import NullReporter, Reporter, _sha256_tensor
+from .merge import NullReporter, Reporter
 from .recipes import Concept, EncoderSpec, Family, SiteSpec, detect_family, load_concept, load_family
 from .refusal import METHODS, POOLINGS, pair_differences, pool, refusal_directions
-from .safetensors_io import TensorReader
+from .safetensors_io import TensorReader, bytes_to_tensor
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _LAYER_IDX = re.compile(r"\.(\d+)\.")
@@ -321,6 +322,16 @@ def _hooked_group(t: Target) -> str:
     return f"{t.component}:{t.module.rsplit('.', 1)[0]}:{t.in_dim}"
 
 
+def _read_fingerprinted(ws: WeightSet, key: str) -> tuple[torch.Tensor, str]:
+    """A target weight in fp32 and the sha256 of its stored bytes, from one read (the same digest
+    apply computes row block by row block)."""
+    h = ws.headers[ws.key_file[key]]
+    t = h.tensors[key]
+    with TensorReader(h) as rd:
+        raw = rd.raw(key)
+    return bytes_to_tensor(raw, t.dtype, t.shape).to(torch.float32), hashlib.sha256(raw).hexdigest()
+
+
 def _read(ws: WeightSet, key: str) -> torch.Tensor:
     f = ws.key_file.get(key)
     if f is None:
@@ -609,9 +620,9 @@ def probe(model: str | Path, concept: str | Path | Concept, out: str | Path, opt
             raise ProbeError(f"site {site_name} ({g}): {e}") from None
         for t in ts:
             ws = src.weights(t.component)
-            W = _read(ws, t.key)
+            W, sha = _read_fingerprinted(ws, t.key)
             comp = fam.sites[site_name].components[0] if src.single is not None else t.component
-            entries.append(projection_entry(f"{comp}/{t.key}", W, d.B, strength, _sha256_tensor(ws, t.key), ws.dtype(t.key)))
+            entries.append(projection_entry(f"{comp}/{t.key}", W, d.B, strength, sha, ws.dtype(t.key)))
         results_out.append(GroupResult(site_name, ts[0].component, g, int(d.B.shape[0]), d.samples, round(d.kept, 4), [t.key for t in ts]))
 
     method_rec = {"name": method, "rank": rank, "alpha": alpha, "strength": strength, "directions": ndir, "pooling": pooling,

@@ -154,6 +154,11 @@ def test_wan22_edits_both_experts(pipes, tmp_path):
     # each expert's U is computed from its own weight
     e1, e2 = read_delta(vud).entries
     assert not torch.allclose(e1.U, e2.U)
+    # the fingerprints the probe recorded are the ones apply computes on the same tensors
+    from patcher.inspect import inspect_resolution
+
+    info = inspect_resolution(src, vud)
+    assert info["verdict"] == "compatible" and all(r["fingerprint"] == "base" for r in info["entries"])
 
 
 def test_i2v_image_conditioning_site(pipes, tmp_path):
