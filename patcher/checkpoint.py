@@ -27,8 +27,19 @@ CONVERT_HINT = (
 )
 
 
+QUANT_SUFFIXES = (".gguf",)
+QUANT_HINT = (
+    "vpatch edits safetensors checkpoints stored in F32, F16, BF16, or F8_E4M3/F8_E5M2 (with or without a per-tensor scale); "
+    "apply the delta to the unquantized safetensors checkpoint, then quantize the result again"
+)
+
+
 def refuse_pickle(path: Path) -> None:
     raise PickleRefused(f"{path} is a pickle checkpoint. {CONVERT_HINT}")
+
+
+def refuse_quantized(path: Path) -> None:
+    raise FormatError(f"{path} is a GGUF file (llama.cpp / ComfyUI-GGUF quantization), which vpatch does not edit. {QUANT_HINT}")
 
 
 @dataclass
@@ -163,6 +174,8 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     if path.is_file():
         if path.suffix in PICKLE_SUFFIXES:
             refuse_pickle(path)
+        if path.suffix.lower() in QUANT_SUFFIXES:
+            refuse_quantized(path)
         if path.name.endswith(".index.json"):
             return Checkpoint("sharded", path, [Component(None, path.parent, [load_index(path)])])
         try:
@@ -184,5 +197,8 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     if not sets:
         if pickles:
             refuse_pickle(pickles[0])
+        gguf = sorted(p for p in path.iterdir() if p.suffix.lower() in QUANT_SUFFIXES)
+        if gguf:
+            refuse_quantized(gguf[0])
         raise FormatError(f"{path}: folder holds no .safetensors weights and no model_index.json; point at a checkpoint file or a diffusers folder")
     return Checkpoint("component", path, [Component(None, path, sets, pickles)])

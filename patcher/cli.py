@@ -428,10 +428,12 @@ def inspect(path, delta, component, as_json):
             return
         t = Table(title=f"{info['verdict']}: delta {info['delta_sha256'][:12]} against {info['path']} ({info['how']})")
         t.add_column("entry", overflow="fold")
-        for c in ("status", "dtype", "fingerprint", "where / why"):
+        for c in ("status", "stored as", "dtype", "fingerprint", "where / why"):
             t.add_column(c, overflow="fold")
         for r in info["entries"]:
-            t.add_row(r["key"], r["status"], str(r["dtype"] or "-"), r["fingerprint"], ", ".join(Path(f).name for f in r["files"]) or r["note"])
+            stored = ", ".join(r["stored"]) + (f" ({r['how']})" if r["how"] and r["how"] != "exact" else "")
+            t.add_row(r["key"], r["status"], stored or "-", str(r["dtype"] or "-"), r["fingerprint"],
+                      ", ".join(Path(f).name for f in r["files"]) or r["note"])
         Console(highlight=False).print(t)
         click.echo(info["verdict"])
         return

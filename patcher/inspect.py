@@ -62,8 +62,9 @@ def inspect_resolution(path: str | Path, delta: str | Path, component: str | Non
     verdict = "compatible" if cov["matched"] == cov["expected"] else ("partial" if cov["matched"] else "incompatible")
     rows = []
     for m in plan.matches:
-        files = sorted({str(ws.key_file[m.entry.tensor_key]) for ws in m.sets})
+        files = sorted({str(f) for f in m.files()})
         rows.append({"key": m.entry.key, "status": m.status, "note": m.note, "dtype": m.dtype, "files": files,
+                     "stored": sorted({loc.label() for loc in m.locs}), "how": "; ".join(sorted({loc.how for loc in m.locs})),
                      "fingerprint": {True: "base", False: "differs", None: "-"}[m.base_match]})
     return {"type": "resolution", "path": str(path), "delta": str(delta), "delta_sha256": plan.delta.sha256,
             "component": plan.component, "how": plan.how, "verdict": verdict, "coverage": cov, "entries": rows}

@@ -24,11 +24,13 @@ import torch
 from . import __version__
 from .checkpoint import Checkpoint, Component, WeightSet, load_index, open_checkpoint, provenance
 from .delta import Delta, DeltaEntry, read_delta
+from .dtypes import Quant, dtype_refusal, quant_for
 from .errors import AlreadyApplied, CompatibilityError, DtypeError, NumericError, OutputError, PickleRefused, RevertError
+from .layouts import AliasRules, Location, resolve, rules_for
 from .output import atomic_dir, atomic_file
 from .refusal import lowrank_norm, projected_rows
 from .safetensors_io import (
-    EDITABLE_DTYPES, TORCH_DTYPES, Header, PositionalWriter, TensorInfo, TensorReader, copy_range, pwrite_all, read_header,
+    TORCH_DTYPES, Header, PositionalWriter, TensorInfo, TensorReader, copy_range, pread_exact, pwrite_all, read_header,
     rewrite_metadata, row_blocks, save_tensors,
 )
 
@@ -65,8 +67,12 @@ class Match:
     status: str  # matched | missing | shape | dtype | other-component
     note: str = ""
     sets: list[WeightSet] = field(default_factory=list)
+    locs: list[Location] = field(default_factory=list)  # where the entry is in each of ``sets``
     dtype: str | None = None
     base_match: bool | None = None  # target bytes == the delta's base fingerprint
+
+    def files(self) -> list[Path]:
+        return [ws.key_file[loc.key] for ws, loc in zip(self.sets, self.locs)]
 
 
 @dataclass
@@ -87,18 +93,22 @@ class Plan:
     def matched(self) -> list[Match]:
         return [m for m in self.matches if m.status == "matched"]
 
-    def edits_by_file(self) -> dict[Path, dict[str, Match]]:
-        out: dict[Path, dict[str, Match]] = {}
+    def edits_by_file(self) -> dict[Path, dict[str, list[tuple[Location, Match]]]]:
+        """file -> stored key -> the entries that edit it (several for the row blocks of a fused tensor)."""
+        out: dict[Path, dict[str, list[tuple[Location, Match]]]] = {}
         for m in self.matched:
-            for ws in m.sets:
-                out.setdefault(ws.key_file[m.entry.tensor_key], {})[m.entry.tensor_key] = m
+            for ws, loc in zip(m.sets, m.locs):
+                out.setdefault(ws.key_file[loc.key], {}).setdefault(loc.key, []).append((loc, m))
         return out
 
     def edited_bytes(self) -> int:
         tot = 0
         for f, ms in self.edits_by_file().items():
             h = self._header(f)
-            tot += sum(h.tensors[k].nbytes for k in ms)
+            for key, hits in ms.items():
+                t = h.tensors[key]
+                row = t.nbytes // max(1, t.shape[0])
+                tot += sum(row * (loc.rows[1] - loc.rows[0]) if loc.rows else t.nbytes for loc, _ in hits)
         return tot
 
     def _header(self, f: Path) -> Header:
@@ -133,11 +143,11 @@ def _sets_for(ck: Checkpoint, name: str | None) -> Component | None:
     return ck.components[0]
 
 
-def _score(ws: WeightSet, entries: list[DeltaEntry]) -> int:
-    return sum(1 for e in entries if ws.shape(e.tensor_key) == e.shape)
+def _score(ws: WeightSet, entries: list[DeltaEntry], rules: AliasRules) -> int:
+    return sum(1 for e in entries if resolve(e.tensor_key, e.shape, ws, rules)[0] == "matched")
 
 
-def _choose_component(ck: Checkpoint, delta: Delta, component: str | None) -> tuple[str | None, str]:
+def _choose_component(ck: Checkpoint, delta: Delta, component: str | None, rules: AliasRules) -> tuple[str | None, str]:
     names = delta.components()
     if ck.layout == "pipeline":
         return None, "pipeline folder: each entry goes to its component's subfolder"
@@ -146,7 +156,7 @@ def _choose_component(ck: Checkpoint, delta: Delta, component: str | None) -> tu
             raise CompatibilityError(f"--component {component} is not in the delta (it has: {', '.join(names)})")
         return component, "--component"
     ws = ck.components[0].weight_sets[0]
-    scores = {n: _score(ws, [e for e in delta.entries if e.component == n]) for n in names}
+    scores = {n: _score(ws, [e for e in delta.entries if e.component == n], rules) for n in names}
     best = max(scores.values())
     if best == 0:
         return names[0] if len(names) == 1 else None, "no component matched any key"
@@ -162,14 +172,23 @@ def _choose_component(ck: Checkpoint, delta: Delta, component: str | None) -> tu
     return top[0], f"inferred from keys and shapes ({best}/{n} entries of {top[0]} found)"
 
 
-def _sha256_tensor(ws: WeightSet, key: str) -> str:
-    """Fingerprint of a tensor's stored bytes, read in the same row blocks as the edit loop."""
-    f = ws.key_file[key]
-    t = ws.headers[f].tensors[key]
+def _sha256_tensor(ws: WeightSet, loc: Location) -> str:
+    """Fingerprint of a tensor's (or a fused tensor's row block's) stored bytes."""
+    f = ws.key_file[loc.key]
+    h = ws.headers[f]
+    t = h.tensors[loc.key]
+    a, b = loc.rows or (0, t.shape[0])
+    row = t.nbytes // max(1, t.shape[0])
     digest = hashlib.sha256()
-    with TensorReader(ws.headers[f]) as rd:
-        for r0, r1 in row_blocks(t.shape, ROW_BLOCK_BYTES):
-            digest.update(memoryview(_bits(rd.rows(key, r0, r1)).numpy()).cast("B"))
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        pos, end = h.data_start + t.begin + a * row, h.data_start + t.begin + b * row
+        while pos < end:
+            n = min(end - pos, ROW_BLOCK_BYTES)
+            digest.update(pread_exact(fd, n, pos))
+            pos += n
+    finally:
+        os.close(fd)
     return digest.hexdigest()
 
 
@@ -181,7 +200,8 @@ def plan_apply(checkpoint: str | Path | Checkpoint, delta: str | Path | Delta, *
     dl = delta if isinstance(delta, Delta) else read_delta(delta)
     if not (strength == strength) or abs(strength) > 1e6:
         raise CompatibilityError(f"--strength {strength} is not a usable number")
-    chosen, how = _choose_component(ck, dl, component)
+    rules = rules_for(dl.method.get("family") if isinstance(dl.method, dict) else None)
+    chosen, how = _choose_component(ck, dl, component, rules)
     matches: list[Match] = []
     for e in dl.entries:
         if ck.layout != "pipeline" and chosen is not None and e.component != chosen:
@@ -197,26 +217,31 @@ def plan_apply(checkpoint: str | Path | Checkpoint, delta: str | Path | Delta, *
             )
         m = Match(e, "matched")
         for ws in comp.weight_sets:
-            shp = ws.shape(e.tensor_key)
-            if shp is None:
-                m.status, m.note = "missing", f"no tensor {e.tensor_key} in {ws.label}"
-                break
-            if shp != e.shape:
-                m.status, m.note = "shape", f"{ws.label} has {list(shp)}, delta expects {list(e.shape)}"
+            status, loc, note = resolve(e.tensor_key, e.shape, ws, rules)
+            if loc is None:
+                m.status, m.note = status, note
                 break
             m.sets.append(ws)
-            m.dtype = ws.dtype(e.tensor_key)
-            if m.dtype not in EDITABLE_DTYPES:
-                m.status, m.note = "dtype", f"{e.tensor_key} is {m.dtype} in {ws.label}"
+            m.locs.append(loc)
+            m.dtype = ws.dtype(loc.key)
+            refusal = dtype_refusal(ws, loc.key)
+            if refusal:
+                m.status, m.note = "dtype", f"{loc.key} in {ws.label}: {refusal}"
                 break
         matches.append(m)
+    taken: dict[tuple[Path, str], list[tuple[int, int, str]]] = {}
+    for m in matches:
+        for f, loc in zip(m.files(), m.locs):
+            t_rows = loc.rows or (0, 1 << 62)
+            for a, b, other in taken.get((f, loc.key), []):
+                if t_rows[0] < b and a < t_rows[1]:
+                    raise CompatibilityError(f"{m.entry.key} and {other} both resolve to rows of {loc.key} in {f.name}; the delta or the alias rules are inconsistent")
+            taken.setdefault((f, loc.key), []).append((*t_rows, m.entry.key))
 
     plan = Plan(ck, dl, chosen, how, matches, float(strength), use_factors)
     bad_dtype = [m for m in matches if m.status == "dtype"]
     if bad_dtype:
-        raise DtypeError(
-            f"{bad_dtype[0].note}: vpatch edits only F32, F16 and BF16 tensors and never converts silently; dequantize the checkpoint first ({len(bad_dtype)} targeted tensor(s) affected)"
-        )
+        raise DtypeError(f"{bad_dtype[0].note} ({len(bad_dtype)} targeted tensor(s) affected; nothing was written)")
     cov = plan.coverage()
     if not plan.matched or (cov["matched"] < cov["expected"] and not allow_partial):
         first = (cov["missing"] + cov["shape_mismatch"])[:2]
@@ -230,7 +255,7 @@ def plan_apply(checkpoint: str | Path | Checkpoint, delta: str | Path | Delta, *
     if fingerprints:
         for m in plan.matched:
             if m.entry.base_sha256 is not None:
-                m.base_match = all(_sha256_tensor(ws, m.entry.tensor_key) == m.entry.base_sha256 for ws in m.sets)
+                m.base_match = all(_sha256_tensor(ws, loc) == m.entry.base_sha256 for ws, loc in zip(m.sets, m.locs))
     return plan
 
 
@@ -239,11 +264,14 @@ def plan_apply(checkpoint: str | Path | Checkpoint, delta: str | Path | Delta, *
 
 @dataclass
 class TensorStats:
-    key: str
+    key: str  # stored key
     file: str
     dtype: str
     rows: int
     cols: int
+    entry: str = ""  # the delta entry (diffusers key) behind this edit
+    row_range: list[int] | None = None  # [a, b) within a fused tensor
+    saturated: int = 0  # fp8: values clamped to the format's range
     intended_norm: float = 0.0
     rounding_error: float = 0.0  # ‖effective - intended‖ / ‖intended‖
     changed_fraction: float = 0.0
@@ -265,29 +293,35 @@ class Op:
     fix_value: torch.Tensor | None = None
     fingerprint: str | None = None  # expected sha256 of the input tensor (the delta's base)
     hash: bool = False  # sha256 of the bytes read and written (revert records, revert checks)
+    rows: tuple[int, int] | None = None  # row block of a fused tensor; None: all rows
+    quant: Quant | None = None  # fp8: decode/encode with the stored scale
+    entry: str = ""
     # filled by the loop
     applied_U: list[torch.Tensor] = field(default_factory=list)
     fixes: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
+    return t.view({1: torch.int8, 2: torch.int16, 4: torch.int32}[t.element_size()])
 
 
 def _edit_rows(W: torch.Tensor, r0: int, r1: int, op: Op, st: TensorStats, sums: dict, stats: bool = True) -> torch.Tensor:
     """One row block: new = W + U_rows Vᵀ in fp32, cast back; accumulate the rounding report.
 
     With ``stats`` False (blocks outside the rounding sample of a large tensor) only the NaN/Inf
-    guard runs on the block; the intended norm is always exact (it is computed from the factors)."""
-    new = W.to(torch.float32, copy=True)
+    guard runs on the block; the intended norm is always exact (it is computed from the factors).
+    fp8 rows are decoded with their scale first and re-encoded with the same scale."""
+    q = op.quant
+    new = W.to(torch.float32, copy=True) if q is None else q.decode(W, *_abs_rows(op, r0, r1))
     U_rows = projected_rows(new, op.V, op.coef) if op.U is None else op.coef * op.U[r0:r1]
     new.addmm_(U_rows, op.V.T)
-    out = new.to(W.dtype)
+    out, over = (new.to(W.dtype), 0) if q is None else q.encode(new, *_abs_rows(op, r0, r1))
+    st.saturated += over
     d2 = lowrank_norm(U_rows, op.V) ** 2
     sums["d2"] += d2
     if not stats and op.fix_index is None and not op.collect_revert:
-        if not bool(torch.isfinite(out).all()):
-            bad = int((~torch.isfinite(out)).sum())
+        if not bool(torch.isfinite(out if q is None else new).all()):
+            bad = int((~torch.isfinite(out if q is None else new)).sum())
             raise NumericError(f"editing {st.key} produced {bad} NaN/Inf values (rows {r0}-{r1}); nothing was written. Check the delta and the --strength")
         return out
     sums["rows"] += r1 - r0
@@ -295,8 +329,11 @@ def _edit_rows(W: torch.Tensor, r0: int, r1: int, op: Op, st: TensorStats, sums:
         lo, hi = r0 * W.shape[1], r1 * W.shape[1]
         sel = (op.fix_index >= lo) & (op.fix_index < hi)
         if sel.any():
-            out.view(-1)[op.fix_index[sel] - lo] = op.fix_value[sel]
-    err = out.to(torch.float32, copy=True).sub_(new).view(-1)  # what rounding to the stored dtype took off the edit
+            _bits(out).view(-1)[op.fix_index[sel] - lo] = _bits(op.fix_value[sel])
+    decoded = out.to(torch.float32, copy=True) if q is None else q.decode(out, *_abs_rows(op, r0, r1))
+    if q is not None and not bool(torch.isfinite(new).all()):
+        decoded.fill_(float("nan"))  # the encode clamps; an overflow must still stop the run below
+    err = decoded.sub_(new).view(-1)  # what rounding to the stored dtype took off the edit
     e2 = float(torch.dot(err, err))
     if not math.isfinite(e2):  # any NaN/Inf in new or out (incl. overflow in the cast) lands here
         bad = int((~torch.isfinite(out)).sum()) or int((~torch.isfinite(new)).sum())
@@ -307,29 +344,52 @@ def _edit_rows(W: torch.Tensor, r0: int, r1: int, op: Op, st: TensorStats, sums:
     if op.collect_revert:
         # predict the revert exactly as revert_delta will compute it, and keep what it would miss
         op.applied_U.append(U_rows.clone())
-        back = out.to(torch.float32, copy=True).addmm_(-1.0 * U_rows, op.V.T).to(W.dtype)
+        back = (out.to(torch.float32, copy=True) if q is None else q.decode(out, *_abs_rows(op, r0, r1))).addmm_(-1.0 * U_rows, op.V.T)
+        back = back.to(W.dtype) if q is None else q.encode(back, *_abs_rows(op, r0, r1))[0]
         miss = (_bits(back) != _bits(W)).reshape(-1).nonzero().reshape(-1)
         if miss.numel():
             op.fixes.append((miss + r0 * W.shape[1], W.reshape(-1)[miss].clone()))
     return out
 
 
-def _patch_file(src: Header, dst: Path, ops: dict[str, Op], meta: dict[str, str], rep: Reporter) -> list[TensorStats]:
-    """Write ``dst`` = ``src`` with ``ops`` applied. Untouched byte ranges are copied by the kernel on
-    a second thread while this one computes the edited tensors; both write at fixed offsets."""
+def _abs_rows(op: Op, r0: int, r1: int) -> tuple[int, int]:
+    """Rows of a block relative to the op's range, as rows of the whole stored tensor (for per-row scales)."""
+    a = op.rows[0] if op.rows else 0
+    return a + r0, a + r1
+
+
+def _untouched(t: TensorInfo, ops: list[Op] | None) -> list[tuple[int, int]]:
+    """Byte ranges of ``t`` (relative to the data buffer) that no op edits."""
+    if not ops:
+        return [(t.begin, t.end)]
+    row = t.nbytes // max(1, t.shape[0])
+    out, pos = [], 0
+    for a, b in sorted(op.rows or (0, t.shape[0]) for op in ops):
+        if a > pos:
+            out.append((t.begin + pos * row, t.begin + a * row))
+        pos = max(pos, b)
+    if pos < t.shape[0]:
+        out.append((t.begin + pos * row, t.end))
+    return out
+
+
+def _patch_file(src: Header, dst: Path, ops: dict[str, list[Op]], meta: dict[str, str], rep: Reporter) -> list[TensorStats]:
+    """Write ``dst`` = ``src`` with ``ops`` applied. Untouched byte ranges (whole tensors, or the
+    other row blocks of a fused one) are copied by the kernel on a second thread while this one
+    computes the edited rows; both write at fixed offsets."""
     stats: list[TensorStats] = []
     fd = os.open(dst, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         pw = PositionalWriter(fd, [(t.name, t.dtype, t.shape) for t in src.tensors.values()], meta)
+        shift = pw.header_len - src.data_start  # dst offset = src offset + shift
         ranges: list[list[int]] = []  # [src offset, dst offset, length] of untouched runs
         for t in src.tensors.values():
-            if t.name in ops:
-                continue
-            a = src.data_start + t.begin
-            if ranges and ranges[-1][0] + ranges[-1][2] == a:
-                ranges[-1][2] += t.nbytes
-            else:
-                ranges.append([a, pw.offset(t.name), t.nbytes])
+            for b0, b1 in _untouched(t, ops.get(t.name)):
+                a = src.data_start + b0
+                if ranges and ranges[-1][0] + ranges[-1][2] == a:
+                    ranges[-1][2] += b1 - b0
+                elif b1 > b0:
+                    ranges.append([a, a + shift, b1 - b0])
         stop = threading.Event()
 
         with TensorReader(src) as rd:
@@ -344,8 +404,9 @@ def _patch_file(src: Header, dst: Path, ops: dict[str, Op], meta: dict[str, str]
             with ThreadPoolExecutor(1) as pool:
                 copying = pool.submit(copier)
                 try:
-                    for name, op in ops.items():
-                        stats.append(_edit_tensor(rd, src.tensors[name], pw.offset(name), fd, op, rep))
+                    for name, key_ops in ops.items():
+                        for op in key_ops:
+                            stats.append(_edit_tensor(rd, src.tensors[name], pw.offset(name), fd, op, rep))
                 except BaseException:
                     stop.set()
                     raise
@@ -357,21 +418,24 @@ def _patch_file(src: Header, dst: Path, ops: dict[str, Op], meta: dict[str, str]
 
 
 def _edit_tensor(rd: TensorReader, t: TensorInfo, dst_off: int, fd: int, op: Op, rep: Reporter) -> TensorStats:
-    st = TensorStats(t.name, str(rd.header.path), t.dtype, t.shape[0], t.shape[1])
+    """Edit rows ``op.rows`` (all rows by default) of ``t``; block row numbers are relative to them."""
+    a, b = op.rows or (0, t.shape[0])
+    st = TensorStats(t.name, str(rd.header.path), t.dtype, b - a, t.shape[1], op.entry, [a, b] if op.rows else None)
     sums = {"d2": 0.0, "d2s": 0.0, "e2": 0.0, "changed": 0, "rows": 0}
     h_in = hashlib.sha256() if (op.hash or op.fingerprint is not None) else None
     h_out = hashlib.sha256() if op.hash else None
-    blocks = row_blocks(t.shape, ROW_BLOCK_BYTES)
+    blocks = row_blocks((b - a, *t.shape[1:]), ROW_BLOCK_BYTES)
     stride = 1 if len(blocks) < 2 * STAT_EVERY else STAT_EVERY  # the rounding report reads a systematic sample of blocks
+    row = t.nbytes // max(1, t.shape[0])
     for i, (r0, r1) in enumerate(blocks):
-        W = rd.rows(t.name, r0, r1)
+        W = rd.rows(t.name, a + r0, a + r1)
         out = _edit_rows(W, r0, r1, op, st, sums, stats=i % stride == 0)
         data = memoryview(_bits(out).numpy()).cast("B")
         if h_in is not None:
             h_in.update(memoryview(_bits(W).numpy()).cast("B"))
         if h_out is not None:
             h_out.update(data)
-        pwrite_all(fd, data, dst_off + r0 * (t.nbytes // max(1, t.shape[0])))
+        pwrite_all(fd, data, dst_off + (a + r0) * row)
         rep.advance(len(data))
     st.intended_norm = sums["d2"] ** 0.5
     st.rounding_error = (sums["e2"] / sums["d2s"]) ** 0.5 if sums["d2s"] > 0 else 0.0
@@ -423,7 +487,8 @@ class Report:
 def _report(action: str, plan: Plan, out: Path | None) -> Report:
     ck = plan.checkpoint
     planned = [
-        {"key": m.entry.key, "kind": m.entry.kind, "rank": m.entry.rank, "dtype": m.dtype, "files": [str(ws.key_file[m.entry.tensor_key]) for ws in m.sets],
+        {"key": m.entry.key, "kind": m.entry.kind, "rank": m.entry.rank, "dtype": m.dtype, "files": [str(f) for f in m.files()],
+         "stored": [loc.label() for loc in m.locs], "resolved": sorted({loc.how for loc in m.locs}),
          "fingerprint": {True: "base", False: "differs", None: "unknown"}[m.base_match]}
         for m in plan.matched
     ]
@@ -441,7 +506,7 @@ def _resolve_out(ck: Checkpoint, out: Path) -> Path:
     return out
 
 
-def _write_checkpoint(plan: Plan, out: Path, ops_by_file: dict[Path, dict[str, Op]], meta_for, index_meta, rep: Reporter,
+def _write_checkpoint(plan: Plan, out: Path, ops_by_file: dict[Path, dict[str, list[Op]]], meta_for, index_meta, rep: Reporter,
                       overwrite: bool, after_write=None) -> list[TensorStats]:
     """Write the whole output (file or folder) atomically.
 
@@ -557,18 +622,21 @@ def apply_delta(checkpoint: str | Path, delta: str | Path | Delta, out: str | Pa
     out = _resolve_out(plan.checkpoint, Path(out))
     record_path = Path(revert_record) if revert_record else None
 
-    ops_by_file: dict[Path, dict[str, Op]] = {}
+    ops_by_file: dict[Path, dict[str, list[Op]]] = {}
     for f, ms in plan.edits_by_file().items():
-        for key, m in ms.items():
-            e = m.entry
-            project = e.kind == "project_input" and not use_factors
-            ops_by_file.setdefault(f, {})[key] = Op(e.V, e.strength * strength if project else strength, None if project else e.U,
-                                                    collect_revert=record_path is not None, fingerprint=e.base_sha256,
-                                                    hash=record_path is not None)
-    every_tag = sorted(_tag(plan.checkpoint, f, k) for f, ops in ops_by_file.items() for k in ops)
+        for key, hits in ms.items():
+            quant = quant_for(_weight_set(plan, f), key)
+            for loc, m in hits:
+                e = m.entry
+                project = e.kind == "project_input" and not use_factors
+                ops_by_file.setdefault(f, {}).setdefault(key, []).append(
+                    Op(e.V, e.strength * strength if project else strength, None if project else e.U,
+                       collect_revert=record_path is not None, fingerprint=e.base_sha256, hash=record_path is not None,
+                       rows=loc.rows, quant=quant, entry=e.key))
+    every_tag = sorted(_tag(plan.checkpoint, f, k, op.rows) for f, ops in ops_by_file.items() for k, kops in ops.items() for op in kops)
 
     def rec(stats: list[TensorStats] | None) -> dict:
-        diverged = every_tag if stats is None else sorted(_tag(plan.checkpoint, Path(s.file), s.key) for s in stats if s.base_match is False)
+        diverged = every_tag if stats is None else sorted(_tag(plan.checkpoint, Path(s.file), s.key, s.row_range) for s in stats if s.base_match is False)
         return {"delta_sha256": dl.sha256, "concept": dl.concept_name, "strength": strength, "mode": "factors" if use_factors else "recompute",
                 "entries": len(plan.matched), "vpatch": __version__, "diverged": diverged}
 
@@ -585,13 +653,14 @@ def apply_delta(checkpoint: str | Path, delta: str | Path | Delta, out: str | Pa
 
     stats = _write_checkpoint(plan, out, ops_by_file, meta_for, index_meta, rep, overwrite, write_record)
     for m in plan.matched:
-        seen = [s.base_match for s in stats if s.key == m.entry.tensor_key and any(Path(s.file) == ws.key_file[s.key] for ws in m.sets)]
+        seen = [s.base_match for s in stats if s.entry == m.entry.key and Path(s.file) in m.files()]
         m.base_match = None if not seen or None in seen else all(seen)
     report = _report("apply", plan, out)
     report.tensors = stats
     report.revert_record = str(record_path) if record_path else None
     report.warnings += _warn_rounding(stats)
-    report.warnings += [f"{m.entry.key}: target differs from the probed base; "
+    report.warnings += [f"{m.entry.key}: target differs from the probed base"
+                        + (f" (stored as {m.dtype}, probed from {m.entry.base_dtype})" if m.entry.base_dtype not in (None, m.dtype) else "") + "; "
                         + ("U was recomputed from the target's own weight" if m.entry.kind == "project_input" and not use_factors else "the base's factors were added as they are")
                         for m in plan.matched if m.base_match is False]
     if len(plan.matched) < len(plan.in_scope):
@@ -605,27 +674,34 @@ def apply_delta(checkpoint: str | Path, delta: str | Path | Delta, out: str | Pa
 RECORD_FORMAT = "vud-revert"
 
 
-def _tag(ck: Checkpoint, f: Path, key: str) -> str:
-    """Name of a tensor in a revert record: stable across -o renames of a single file."""
+def _tag(ck: Checkpoint, f: Path, key: str, rows: tuple[int, int] | list[int] | None = None) -> str:
+    """Name of an edit in a revert record: stable across -o renames of a single file; a fused
+    tensor's row block carries its rows."""
+    name = key if rows is None else f"{key}[{rows[0]}:{rows[1]}]"
     if ck.layout == "file":
-        return key
+        return name
     root = ck.root.parent if ck.layout == "sharded" else ck.root
-    return f"{f.relative_to(root).as_posix()}::{key}"
+    return f"{f.relative_to(root).as_posix()}::{name}"
 
 
-def _write_revert_record(path: Path, plan: Plan, ops_by_file: dict[Path, dict[str, Op]], stats: list[TensorStats], delta_sha: str, overwrite: bool) -> None:
+def _weight_set(plan: Plan, f: Path) -> WeightSet:
+    return next(ws for ws in plan.checkpoint.weight_sets if f in ws.headers)
+
+
+def _write_revert_record(path: Path, plan: Plan, ops_by_file: dict[Path, dict[str, list[Op]]], stats: list[TensorStats], delta_sha: str, overwrite: bool) -> None:
     tensors: dict[str, torch.Tensor] = {}
     originals: dict[str, str] = {}
-    by_file = {(s.file, s.key): s for s in stats}
+    by_tag = {_tag(plan.checkpoint, Path(s.file), s.key, s.row_range): s for s in stats}
     for f, ops in ops_by_file.items():
-        for key, op in ops.items():
-            name = _tag(plan.checkpoint, f, key)
-            tensors[f"{name}::U"] = torch.cat(op.applied_U) if op.applied_U else torch.zeros(0, op.V.shape[1])
-            idx = torch.cat([i for i, _ in op.fixes]) if op.fixes else torch.zeros(0, dtype=torch.int64)
-            dt = TORCH_DTYPES[plan._header(f).tensors[key].dtype]
-            val = torch.cat([v for _, v in op.fixes]) if op.fixes else torch.zeros(0, dtype=dt)
-            tensors[f"{name}::fix_index"], tensors[f"{name}::fix_value"] = idx.to(torch.int64), val
-            originals[name] = by_file[(str(f), key)].sha256_in
+        for key, key_ops in ops.items():
+            for op in key_ops:
+                name = _tag(plan.checkpoint, f, key, op.rows)
+                tensors[f"{name}::U"] = torch.cat(op.applied_U) if op.applied_U else torch.zeros(0, op.V.shape[1])
+                idx = torch.cat([i for i, _ in op.fixes]) if op.fixes else torch.zeros(0, dtype=torch.int64)
+                dt = TORCH_DTYPES[plan._header(f).tensors[key].dtype]
+                val = torch.cat([v for _, v in op.fixes]) if op.fixes else torch.zeros(0, dtype=dt)
+                tensors[f"{name}::fix_index"], tensors[f"{name}::fix_value"] = idx.to(torch.int64), val
+                originals[name] = by_tag[name].sha256_in
     meta = {"vpatch.format": RECORD_FORMAT, "vpatch.delta_sha256": delta_sha, "vpatch.originals": json.dumps(originals)}
     with atomic_file(path, [], overwrite) as tmp:
         save_tensors(tmp, tensors, meta)
@@ -665,27 +741,30 @@ def revert_delta(checkpoint: str | Path, delta: str | Path | Delta, out: str | P
     if record is not None:
         originals, rec_header = _read_revert_record(Path(record), dl.sha256)
 
-    ops_by_file: dict[Path, dict[str, Op]] = {}
-    expect: dict[tuple[str, str], str | None] = {}
+    ops_by_file: dict[Path, dict[str, list[Op]]] = {}
+    expect: dict[str, str | None] = {}  # tag -> the sha256 the reverted bytes must have
     rd = TensorReader(rec_header) if rec_header else None
     try:
         for f, ms in plan.edits_by_file().items():
-            for key, m in ms.items():
-                e = m.entry
-                name = _tag(plan.checkpoint, f, key)
-                if rd is not None and f"{name}::U" in rec_header.tensors:
-                    op = Op(e.V, -1.0, rd.tensor(f"{name}::U"), fix_index=rd.tensor(f"{name}::fix_index"), fix_value=rd.tensor(f"{name}::fix_value"), hash=True)
-                    expect[(str(f), key)] = originals.get(name)
-                elif e.kind == "project_input" and mode == "recompute" and name in diverged:
-                    lam = e.strength * strength
-                    if abs(lam - 1.0) < 1e-6:
-                        raise RevertError(f"{e.key}: a λ=1 projection on a checkpoint other than the probed base removed that component for good; revert needs the revert record written by apply --revert-record")
-                    op = Op(e.V, lam / (lam - 1.0), None, hash=True)  # W = W'(I - μ BBᵀ), μ = λ/(λ-1)
-                    expect[(str(f), key)] = None
-                else:
-                    op = Op(e.V, -strength, e.U, hash=True)
-                    expect[(str(f), key)] = e.base_sha256
-                ops_by_file.setdefault(f, {})[key] = op
+            for key, hits in ms.items():
+                quant = quant_for(_weight_set(plan, f), key)
+                for loc, m in hits:
+                    e = m.entry
+                    name = _tag(plan.checkpoint, f, key, loc.rows)
+                    if rd is not None and f"{name}::U" in rec_header.tensors:
+                        op = Op(e.V, -1.0, rd.tensor(f"{name}::U"), fix_index=rd.tensor(f"{name}::fix_index"), fix_value=rd.tensor(f"{name}::fix_value"), hash=True)
+                        expect[name] = originals.get(name)
+                    elif e.kind == "project_input" and mode == "recompute" and name in diverged:
+                        lam = e.strength * strength
+                        if abs(lam - 1.0) < 1e-6:
+                            raise RevertError(f"{e.key}: a λ=1 projection on a checkpoint other than the probed base removed that component for good; revert needs the revert record written by apply --revert-record")
+                        op = Op(e.V, lam / (lam - 1.0), None, hash=True)  # W = W'(I - μ BBᵀ), μ = λ/(λ-1)
+                        expect[name] = None
+                    else:
+                        op = Op(e.V, -strength, e.U, hash=True)
+                        expect[name] = e.base_sha256 if e.base_dtype in (None, m.dtype) else None
+                    op.rows, op.quant, op.entry = loc.rows, quant, e.key
+                    ops_by_file.setdefault(f, {}).setdefault(key, []).append(op)
     finally:
         if rd is not None:
             rd.close()
@@ -701,7 +780,7 @@ def revert_delta(checkpoint: str | Path, delta: str | Path | Delta, out: str | P
 
     def verify(stats: list[TensorStats]) -> None:
         for s in stats:
-            want = expect.get((s.file, s.key))
+            want = expect.get(_tag(plan.checkpoint, Path(s.file), s.key, s.row_range))
             s.exact = None if want is None else s.sha256_out == want
         bad = [s for s in stats if s.exact is False]
         if bad and not allow_inexact:

@@ -169,6 +169,33 @@ class SiteSpec:
 
 
 @dataclass
+class Rename:
+    """One key of another layout: the diffusers key ``diffusers`` (a regex) is stored as ``stored``
+    (a template: ``{1}`` is the first group), optionally as one row block of a fused tensor."""
+
+    layout: str  # a name users recognise ("original", "sat"), shown by inspect
+    diffusers: re.Pattern
+    stored: str
+    split: tuple[int | str, ...] | None = None  # fused rows: ints, "out" (the entry's out dim), one "rest"
+    part: int | None = None  # which block of ``split`` the entry is
+
+    def apply(self, key: str) -> str | None:
+        m = self.diffusers.fullmatch(key)
+        return None if m is None else self.stored.format(m.group(0), *m.groups())
+
+    def rows(self, out: int, total: int) -> tuple[int, int] | None:
+        """The entry's row block in a fused tensor of ``total`` rows, or None if the split does not add up."""
+        assert self.split is not None and self.part is not None
+        fixed = [out if s == "out" else s for s in self.split]
+        known = sum(s for s in fixed if isinstance(s, int))
+        sizes = [total - known if s == "rest" else s for s in fixed]
+        if any(s <= 0 for s in sizes) or sum(sizes) != total:
+            return None
+        a = sum(sizes[: self.part])
+        return a, a + sizes[self.part]
+
+
+@dataclass
 class DenoiseSpec:
     steps: int = 4
     call: dict = field(default_factory=dict)
@@ -186,6 +213,7 @@ class Family:
     defaults: dict
     denoise: DenoiseSpec
     key_prefixes: list[str] = field(default_factory=list)  # optional prefixes of stored keys (aliases)
+    key_renames: list[Rename] = field(default_factory=list)  # other layouts' names for diffusers keys
     path: Path | None = None
 
 
@@ -291,9 +319,38 @@ def parse_family(data: dict, where: str) -> Family:
     dn.done()
     at = t.table("aliases", {})
     prefixes = at.strings("prefixes", [])
+    renames = [_rename(i, raw, at.where) for i, raw in enumerate(at.get("keys", list, []))]
     at.done()
     t.done()
-    return Family(name, desc, pipes, keys, encoders, sites, list(sel), defaults, denoise, prefixes)
+    return Family(name, desc, pipes, keys, encoders, sites, list(sel), defaults, denoise, prefixes, renames)
+
+
+def _rename(i: int, raw: object, where: str) -> Rename:
+    w = f"{where}.keys[{i}]"
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{w}: must be a table like {{layout = \"original\", diffusers = '...', stored = '...'}}")
+    rt = _Table(raw, w)
+    layout, pat, stored = rt.get("layout", str), rt.get("diffusers", str), rt.get("stored", str)
+    try:
+        rx = re.compile(pat)
+    except re.error as e:
+        raise RecipeError(f"{w}: field 'diffusers' is not a valid regular expression ({e})") from None
+    try:
+        stored.format(*(["x"] * (rx.groups + 1)))
+    except (IndexError, KeyError, ValueError):
+        raise RecipeError(f"{w}: field 'stored' may only use {{0}}..{{{rx.groups}}} (the regex has {rx.groups} group(s))") from None
+    split, part = rt.get("split", list, None), rt.get("part", int, None)
+    if (split is None) != (part is None):
+        raise RecipeError(f"{w}: give both 'split' and 'part' for a fused tensor, or neither")
+    if split is not None:
+        if not split or not all((isinstance(x, int) and not isinstance(x, bool) and x > 0) or x in ("out", "rest") for x in split):
+            raise RecipeError(f"{w}: field 'split' must list row counts: positive integers, \"out\" (the edited weight's rows) or \"rest\"")
+        if split.count("rest") > 1:
+            raise RecipeError(f"{w}: field 'split' may hold \"rest\" once")
+        if not 0 <= part < len(split):
+            raise RecipeError(f"{w}: field 'part' is {part}; it indexes 'split' (0..{len(split) - 1})")
+    rt.done()
+    return Rename(layout, rx, stored, tuple(split) if split is not None else None, part)
 
 
 def family_files() -> list[Path]:

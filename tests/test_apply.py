@@ -174,10 +174,11 @@ def test_targeted_unsupported_dtype_is_refused_untargeted_is_copied(tmp_path):
     t = model_tensors(torch.float32)
     make_delta(tmp_path / "d.vud", t)
     t8 = dict(t)
-    t8[K] = t[K].to(torch.float8_e4m3fn)
-    save_file(t8, tmp_path / "f8.safetensors")
-    with pytest.raises(DtypeError, match="F8_E4M3.*F32, F16 and BF16"):
-        patcher.apply_delta(tmp_path / "f8.safetensors", tmp_path / "d.vud", tmp_path / "o.safetensors")
+    t8[K] = t[K].to(torch.int8)
+    save_file(t8, tmp_path / "i8.safetensors")
+    with pytest.raises(DtypeError, match="I8 is not a weight dtype.*F32, F16, BF16, and F8_E4M3/F8_E5M2"):
+        patcher.apply_delta(tmp_path / "i8.safetensors", tmp_path / "d.vud", tmp_path / "o.safetensors")
+    assert not (tmp_path / "o.safetensors").exists()
     t8 = dict(t)
     t8["proj_out.weight"] = t["proj_out.weight"].to(torch.float8_e5m2)
     t8["ids"] = torch.arange(7, dtype=torch.int32)

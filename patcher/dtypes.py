@@ -1,0 +1,107 @@
+"""Which stored dtypes ``apply`` edits, and how fp8 weights are decoded and re-encoded.
+
+F32/F16/BF16 are edited in fp32 and cast back. F8_E4M3/F8_E5M2 (ComfyUI ``fp8_e4m3fn`` and
+``fp8_scaled`` files, compressed-tensors/ModelOpt exports) are dequantized with their per-tensor or
+per-row scale, edited in fp32 and requantized with the *same* scale, so the scale tensor and the
+file's convention stay as they were. Everything else a delta targets is refused with a message
+naming what is supported; untouched tensors of any dtype are copied as bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .checkpoint import WeightSet
+from .errors import DtypeError
+from .safetensors_io import TensorReader
+
+FLOAT_DTYPES = ("F32", "F16", "BF16")
+FP8: dict[str, torch.dtype] = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+EDITABLE = FLOAT_DTYPES + tuple(FP8)
+SUPPORTED = "F32, F16, BF16, and F8_E4M3/F8_E5M2 with or without a per-tensor or per-row scale"
+
+# per-tensor scale tensors beside an fp8 weight "X.weight": dequantized W = stored * scale
+SCALE_NAMES = (
+    ("{base}scale_weight", "ComfyUI fp8_scaled"),
+    ("{key}_scale", "compressed-tensors / ModelOpt"),
+)
+BLOCK_SCALE_NAMES = ("{key}_scale_inv",)  # block-wise (128x128) scales: not supported
+BNB_MARKERS = (".absmax", ".quant_map", ".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbytes__fp4", ".SCB")
+
+
+def _names(key: str, patterns: tuple) -> list[str]:
+    base = key[: -len("weight")] if key.endswith("weight") else key + "."
+    return [p.format(base=base, key=key) for p in patterns]
+
+
+def dtype_refusal(ws: WeightSet, key: str) -> str | None:
+    """Why a targeted tensor cannot be edited, or None when it can."""
+    dt = ws.dtype(key)
+    how = f"vpatch edits {SUPPORTED}; apply the delta to the unquantized checkpoint and quantize the result again"
+    if any(ws.shape(key + m) is not None for m in BNB_MARKERS):
+        return f"bitsandbytes-quantized ({dt} storage with a quant state) is not supported: {how}"
+    if dt in ("F4", "F6_E2M3", "F6_E3M2"):
+        return f"{dt} (4/6-bit float, MX/NVFP4) is not supported: {how}"
+    if dt not in EDITABLE:
+        return f"{dt} is not a weight dtype vpatch edits (it never converts silently): {how}"
+    if dt in FP8:
+        if any(ws.shape(n) is not None for n in _names(key, BLOCK_SCALE_NAMES)):
+            return f"{dt} with block-wise scales ({_names(key, BLOCK_SCALE_NAMES)[0]}) is not supported: {how}"
+        found = [n for n in _names(key, tuple(p for p, _ in SCALE_NAMES)) if ws.shape(n) is not None]
+        if len(found) > 1:
+            return f"{dt} weight has two scale tensors ({', '.join(found)}); which one applies is ambiguous"
+        if found:
+            shp, rows = ws.shape(found[0]), ws.shape(key)[0]
+            n = 1
+            for d in shp:
+                n *= d
+            if not (n == 1 or tuple(shp) in ((rows,), (rows, 1))):
+                return f"scale {found[0]} has shape {list(shp)}; only per-tensor (1 value) and per-row ({rows}) scales are supported"
+            if ws.dtype(found[0]) not in FLOAT_DTYPES:
+                return f"scale {found[0]} is {ws.dtype(found[0])}; expected F32, F16 or BF16"
+    return None
+
+
+@dataclass
+class Quant:
+    """How an fp8 tensor maps to fp32: ``W = stored * scale`` (scale per row, or one value)."""
+
+    dtype: torch.dtype
+    scale: torch.Tensor  # fp32, shape (rows, 1) or (1, 1)
+    scale_key: str | None
+    convention: str
+
+    @property
+    def max(self) -> float:
+        return float(torch.finfo(self.dtype).max)
+
+    def rows(self, r0: int, r1: int) -> torch.Tensor:
+        return self.scale if self.scale.shape[0] == 1 else self.scale[r0:r1]
+
+    def decode(self, q: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+        return q.to(torch.float32).mul_(self.rows(r0, r1))
+
+    def encode(self, w: torch.Tensor, r0: int, r1: int) -> tuple[torch.Tensor, int]:
+        """Requantize with the stored scale; values beyond the format's range saturate (counted)."""
+        x = w / self.rows(r0, r1)
+        over = int((x.abs() > self.max).sum())
+        return x.clamp_(-self.max, self.max).to(self.dtype), over
+
+
+def quant_for(ws: WeightSet, key: str) -> Quant | None:
+    """The fp8 decoding of a targeted tensor (None for float dtypes)."""
+    dt = ws.dtype(key)
+    if dt not in FP8:
+        return None
+    rows = ws.shape(key)[0]
+    for name, conv in zip(_names(key, tuple(p for p, _ in SCALE_NAMES)), (c for _, c in SCALE_NAMES)):
+        if ws.shape(name) is not None:
+            f = ws.key_file[name]
+            with TensorReader(ws.headers[f]) as rd:
+                s = rd.tensor(name).to(torch.float32).reshape(-1, 1)
+            if not bool(torch.isfinite(s).all()) or bool((s == 0).any()):
+                raise DtypeError(f"scale {name} holds zero, NaN or Inf values; the fp8 tensor {key} cannot be dequantized")
+            return Quant(FP8[dt], s if s.shape[0] == rows else s[:1], name, conv)
+    return Quant(FP8[dt], torch.ones(1, 1), None, "unscaled")

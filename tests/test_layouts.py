@@ -1,0 +1,203 @@
+"""Applying a diffusers-keyed delta to the layouts users hold: prefixed single files, original research
+layouts (renamed keys), fused QKV/KV tensors. Each original file is built here by hand (renames and
+torch.cat written out, not taken from the recipes), patched, split back by hand and compared with the
+patched diffusers file."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+import patcher
+from patcher.cli import main
+from patcher.delta import Delta, projection_entry, write_delta
+from patcher.errors import CompatibilityError, RecipeError
+from patcher.recipes import parse_family
+from patcher.refusal import orthonormalize
+
+from .conftest import raw_sha
+
+D, T, DT, M = 12, 20, 10, 36  # model width, text width, Mochi's text-stream width, Hunyuan's MLP rows
+
+
+def rnd(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * 0.1
+
+
+def qkv(prefix, rows, cols, seed, names=("to_q", "to_k", "to_v"), suffix=".weight"):
+    return {f"{prefix}.{n}{suffix}": rnd(rows, cols, seed=seed + i) for i, n in enumerate(names)}
+
+
+def cat(t, *keys):
+    return torch.cat([t[k] for k in keys])
+
+
+# family -> (diffusers tensors, the original layout built by hand, how to split the original back, edited keys)
+def wan():
+    c = {"condition_embedder.text_embedder.linear_1.weight": rnd(D, T, seed=1), "condition_embedder.text_embedder.linear_2.weight": rnd(D, D, seed=2),
+         "blocks.0.attn2.to_k.weight": rnd(D, D, seed=3), "blocks.0.attn2.to_v.weight": rnd(D, D, seed=4),
+         "blocks.0.attn2.add_k_proj.weight": rnd(D, D, seed=5), "head.modulation": rnd(1, 2, D, seed=6)}
+    names = {"condition_embedder.text_embedder.linear_1.weight": "text_embedding.0.weight", "condition_embedder.text_embedder.linear_2.weight": "text_embedding.2.weight",
+             "blocks.0.attn2.to_k.weight": "blocks.0.cross_attn.k.weight", "blocks.0.attn2.to_v.weight": "blocks.0.cross_attn.v.weight",
+             "blocks.0.attn2.add_k_proj.weight": "blocks.0.cross_attn.k_img.weight", "head.modulation": "head.modulation"}
+    o = {names[k]: v for k, v in c.items()}
+    back = lambda o: {k: o[n] for k, n in names.items()}  # noqa: E731
+    return c, o, back, ["condition_embedder.text_embedder.linear_1.weight", "blocks.0.attn2.to_k.weight", "blocks.0.attn2.to_v.weight", "blocks.0.attn2.add_k_proj.weight"]
+
+
+def cogvideox():
+    c = {"patch_embed.text_proj.weight": rnd(D, T, seed=1), **qkv("transformer_blocks.0.attn1", D, D, 10), "norm_final.weight": rnd(D, seed=3)}
+    p = "transformer_blocks.0.attn1"
+    o = {"mixins.patch_embed.text_proj.weight": c["patch_embed.text_proj.weight"],
+         "transformer.layers.0.attention.query_key_value.weight": cat(c, f"{p}.to_q.weight", f"{p}.to_k.weight", f"{p}.to_v.weight"),
+         "norm_final.weight": c["norm_final.weight"]}
+
+    def back(o):
+        q, k, v = o["transformer.layers.0.attention.query_key_value.weight"].chunk(3)
+        return {"patch_embed.text_proj.weight": o["mixins.patch_embed.text_proj.weight"], f"{p}.to_q.weight": q, f"{p}.to_k.weight": k,
+                f"{p}.to_v.weight": v, "norm_final.weight": o["norm_final.weight"]}
+    return c, o, back, ["patch_embed.text_proj.weight", f"{p}.to_k.weight", f"{p}.to_v.weight"]
+
+
+def hunyuan():
+    d, s = "transformer_blocks.0.attn", "single_transformer_blocks.0"
+    c = {"context_embedder.proj_in.weight": rnd(D, T, seed=1), **qkv(d, D, D, 10, ("add_q_proj", "add_k_proj", "add_v_proj")),
+         **qkv(f"{s}.attn", D, D, 20), f"{s}.proj_mlp.weight": rnd(M, D, seed=30)}
+    o = {"txt_in.input_embedder.weight": c["context_embedder.proj_in.weight"],
+         "double_blocks.0.txt_attn_qkv.weight": cat(c, f"{d}.add_q_proj.weight", f"{d}.add_k_proj.weight", f"{d}.add_v_proj.weight"),
+         "single_blocks.0.linear1.weight": cat(c, f"{s}.attn.to_q.weight", f"{s}.attn.to_k.weight", f"{s}.attn.to_v.weight", f"{s}.proj_mlp.weight")}
+
+    def back(o):
+        q, k, v = o["double_blocks.0.txt_attn_qkv.weight"].chunk(3)
+        sq, sk, sv, mlp = torch.split(o["single_blocks.0.linear1.weight"], [D, D, D, M])
+        return {"context_embedder.proj_in.weight": o["txt_in.input_embedder.weight"], f"{d}.add_q_proj.weight": q, f"{d}.add_k_proj.weight": k,
+                f"{d}.add_v_proj.weight": v, f"{s}.attn.to_q.weight": sq, f"{s}.attn.to_k.weight": sk, f"{s}.attn.to_v.weight": sv,
+                f"{s}.proj_mlp.weight": mlp}
+    return c, o, back, ["context_embedder.proj_in.weight", f"{d}.add_k_proj.weight", f"{d}.add_v_proj.weight", f"{s}.attn.to_k.weight"]
+
+
+def mochi():
+    p = "transformer_blocks.0.attn1"
+    c = {"time_embed.caption_proj.weight": rnd(DT, T, seed=1), **qkv(p, D, DT, 10, ("add_q_proj", "add_k_proj", "add_v_proj"))}
+    o = {"t5_yproj.weight": c["time_embed.caption_proj.weight"],
+         "blocks.0.attn.qkv_y.weight": cat(c, f"{p}.add_q_proj.weight", f"{p}.add_k_proj.weight", f"{p}.add_v_proj.weight")}
+
+    def back(o):
+        q, k, v = o["blocks.0.attn.qkv_y.weight"].chunk(3)
+        return {"time_embed.caption_proj.weight": o["t5_yproj.weight"], f"{p}.add_q_proj.weight": q, f"{p}.add_k_proj.weight": k, f"{p}.add_v_proj.weight": v}
+    return c, o, back, ["time_embed.caption_proj.weight", f"{p}.add_k_proj.weight", f"{p}.add_v_proj.weight"]
+
+
+def ltx():
+    c = {"caption_projection.linear_1.weight": rnd(D, T, seed=1), "transformer_blocks.0.attn2.to_k.weight": rnd(D, D, seed=2),
+         "patchify_proj.weight": rnd(D, 4, seed=3)}
+    return c, dict(c), lambda o: dict(o), ["caption_projection.linear_1.weight", "transformer_blocks.0.attn2.to_k.weight"]
+
+
+CASES = {"wan": wan, "cogvideox": cogvideox, "hunyuan": hunyuan, "mochi": mochi, "ltx": ltx}
+
+
+def delta_for(path, tensors, keys, family, strength=1.0):
+    entries = []
+    for i, k in enumerate(keys):
+        W = tensors[k]
+        B = orthonormalize(torch.randn(W.shape[1], 1, generator=torch.Generator().manual_seed(100 + i)))
+        entries.append(projection_entry(f"transformer/{k}", W.float(), B, strength, raw_sha(W), "BF16"))
+    write_delta(path, Delta(entries, {"name": "red"}, {"name": "cpca", "family": family}))
+
+
+@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
+@pytest.mark.parametrize("family", sorted(CASES))
+def test_original_and_fused_layouts_patch_like_diffusers(tmp_path, family, prefix):
+    c, o, back, keys = CASES[family]()
+    c = {k: v.to(torch.bfloat16) for k, v in c.items()}
+    o = {prefix + k: v.to(torch.bfloat16) for k, v in o.items()}
+    save_file(c, tmp_path / "diffusers.safetensors")
+    save_file(o, tmp_path / "original.safetensors")
+    delta_for(tmp_path / "d.vud", c, keys, family)
+
+    rc = patcher.apply_delta(tmp_path / "diffusers.safetensors", tmp_path / "d.vud", tmp_path / "c.safetensors")
+    ro = patcher.apply_delta(tmp_path / "original.safetensors", tmp_path / "d.vud", tmp_path / "o.safetensors")
+    assert rc.coverage["matched"] == ro.coverage["matched"] == len(keys)
+    out_c = load_file(tmp_path / "c.safetensors")
+    out_o = back({k.removeprefix(prefix): v for k, v in load_file(tmp_path / "o.safetensors").items()})
+    assert out_c.keys() == out_o.keys()
+    for k in out_c:
+        assert torch.equal(out_c[k], out_o[k]), k  # same math on the same rows: bit-identical
+        assert torch.equal(out_c[k], c[k]) == (k not in keys), k  # edited rows changed, the rest (q, mlp) untouched
+    # each original block is the exact tensor the delta was probed from
+    assert all(p["fingerprint"] == "base" for p in ro.planned)
+    fused = [p for p in ro.planned if any("[" in s for s in p["stored"])]
+    assert bool(fused) == (family in ("cogvideox", "hunyuan", "mochi"))
+
+
+def test_inspect_delta_shows_how_each_entry_resolves(tmp_path):
+    c, o, _back, keys = hunyuan()
+    save_file({"model.diffusion_model." + k: v.to(torch.bfloat16) for k, v in o.items()}, tmp_path / "hy.safetensors")
+    delta_for(tmp_path / "d.vud", {k: v.to(torch.bfloat16) for k, v in c.items()}, keys, "hunyuan")
+    res = CliRunner().invoke(main, ["inspect", str(tmp_path / "hy.safetensors"), "--delta", str(tmp_path / "d.vud"), "--json"])
+    assert res.exit_code == 0, res.output
+    rows = {r["key"]: r for r in json.loads(res.stdout)["entries"]}
+    k = rows["transformer/single_transformer_blocks.0.attn.to_k.weight"]
+    assert k["stored"] == [f"model.diffusion_model.single_blocks.0.linear1.weight[{D}:{2 * D}]"]
+    assert "original layout" in k["how"] and "prefix 'model.diffusion_model.'" in k["how"]
+    assert rows["transformer/context_embedder.proj_in.weight"]["stored"] == ["model.diffusion_model.txt_in.input_embedder.weight"]
+    res = CliRunner(env={"COLUMNS": "400"}).invoke(main, ["inspect", str(tmp_path / "hy.safetensors"), "--delta", str(tmp_path / "d.vud")])
+    assert res.exit_code == 0 and "linear1.weight[12:24]" in res.output
+
+
+def test_a_fused_tensor_whose_rows_do_not_add_up_is_a_shape_mismatch(tmp_path):
+    c, o, _back, keys = mochi()
+    o["blocks.0.attn.qkv_y.weight"] = o["blocks.0.attn.qkv_y.weight"][:-1]  # 35 rows cannot be [q | k | v] of 12
+    save_file({k: v.to(torch.bfloat16) for k, v in o.items()}, tmp_path / "bad.safetensors")
+    delta_for(tmp_path / "d.vud", {k: v.to(torch.bfloat16) for k, v in c.items()}, keys, "mochi")
+    with pytest.raises(CompatibilityError, match="wrong shape"):
+        patcher.apply_delta(tmp_path / "bad.safetensors", tmp_path / "d.vud", tmp_path / "o.safetensors")
+    res = CliRunner().invoke(main, ["inspect", str(tmp_path / "bad.safetensors"), "--delta", str(tmp_path / "d.vud"), "--json"])
+    rows = {r["key"]: r for r in json.loads(res.stdout)["entries"]}
+    assert rows["transformer/transformer_blocks.0.attn1.add_k_proj.weight"]["status"] == "shape"
+    assert "35 rows" in rows["transformer/transformer_blocks.0.attn1.add_k_proj.weight"]["note"]
+    assert rows["transformer/time_embed.caption_proj.weight"]["status"] == "matched"
+
+
+def test_revert_restores_a_fused_tensor_exactly(tmp_path):
+    c, o, _back, keys = cogvideox()
+    save_file({k: v.to(torch.bfloat16) for k, v in o.items()}, tmp_path / "sat.safetensors")
+    delta_for(tmp_path / "d.vud", {k: v.to(torch.bfloat16) for k, v in c.items()}, keys, "cogvideox", strength=0.7)
+    patcher.apply_delta(tmp_path / "sat.safetensors", tmp_path / "d.vud", tmp_path / "p.safetensors", revert_record=tmp_path / "r.vpr")
+    r = patcher.revert_delta(tmp_path / "p.safetensors", tmp_path / "d.vud", tmp_path / "back.safetensors", record=tmp_path / "r.vpr")
+    assert all(s.exact for s in r.tensors) and len(r.tensors) == 3
+    assert (tmp_path / "back.safetensors").read_bytes() != b"" and load_file(tmp_path / "back.safetensors").keys() == o.keys()
+    for k, v in load_file(tmp_path / "back.safetensors").items():
+        assert torch.equal(v, o[k].to(torch.bfloat16)), k
+
+
+def test_clip_keys_resolve_across_transformers_4_and_5_layouts(tmp_path):
+    W = rnd(D, T, seed=4).to(torch.bfloat16)
+    save_file({"encoder.layers.0.mlp.fc2.weight": W}, tmp_path / "clip5.safetensors")
+    B = orthonormalize(torch.randn(T, 1, generator=torch.Generator().manual_seed(0)))
+    e = projection_entry("text_encoder/text_model.encoder.layers.0.mlp.fc2.weight", W.float(), B, 1.0, raw_sha(W), "BF16")
+    write_delta(tmp_path / "d.vud", Delta([e], {"name": "red"}, {"name": "cpca", "family": "zeroscope"}))
+    r = patcher.apply_delta(tmp_path / "clip5.safetensors", tmp_path / "d.vud", tmp_path / "o.safetensors")
+    assert r.planned[0]["stored"] == ["encoder.layers.0.mlp.fc2.weight"] and r.planned[0]["fingerprint"] == "base"
+    assert not torch.equal(load_file(tmp_path / "o.safetensors")["encoder.layers.0.mlp.fc2.weight"], W)
+
+
+@pytest.mark.parametrize("bad, msg", [
+    ({"layout": "x", "diffusers": "a(", "stored": "b"}, "not a valid regular expression"),
+    ({"layout": "x", "diffusers": r"a\.(\d+)", "stored": "b.{2}"}, "may only use"),
+    ({"layout": "x", "diffusers": "a", "stored": "b", "split": ["out", "out"]}, "both 'split' and 'part'"),
+    ({"layout": "x", "diffusers": "a", "stored": "b", "split": ["out", "rest", "rest"], "part": 0}, "\"rest\" once"),
+    ({"layout": "x", "diffusers": "a", "stored": "b", "split": ["out", 0], "part": 0}, "row counts"),
+    ({"layout": "x", "diffusers": "a", "stored": "b", "split": ["out"], "part": 1}, "indexes 'split'"),
+    ({"layout": "x", "diffusers": "a", "stored": "b", "spilt": ["out"]}, "unknown field"),
+])
+def test_bad_alias_rules_name_the_field(bad, msg):
+    data = {"name": "f", "detect": {"keys": ["a"]}, "encoders": {"text": {"kind": "text", "component": "text_encoder"}},
+            "sites": {"s": {"why": "w", "mode": "text", "encoder": "text", "components": ["transformer"], "weights": ["a"]}},
+            "defaults": {"sites": ["s"]}, "aliases": {"keys": [bad]}}
+    with pytest.raises(RecipeError, match=msg) as ei:
+        parse_family(data, "f.toml")
+    assert "f.toml.aliases.keys[0]" in str(ei.value)
