@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import hub
 from .errors import FormatError, PickleRefused
 from .safetensors_io import Header, read_header
 
@@ -167,10 +168,14 @@ def _scan_folder(folder: Path) -> tuple[list[WeightSet], list[Path]]:
     return sets, pickles
 
 
-def open_checkpoint(path: str | Path) -> Checkpoint:
+def open_checkpoint(path: str | Path, revision: str | None = None) -> Checkpoint:
+    """Open a local checkpoint; a hub id (``owner/name[:path]``) that is not a local path is fetched
+    through the hub cache first (safetensors weights and sidecars only)."""
     path = Path(path)
     if not path.exists():
-        raise FormatError(f"{path}: no such file or folder")
+        if hub.parse(str(path)) is None:
+            raise FormatError(f"{path}: no such file or folder")
+        path = hub.fetch(str(path), revision)
     if path.is_file():
         if path.suffix in PICKLE_SUFFIXES:
             refuse_pickle(path)

@@ -141,18 +141,27 @@ def main() -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing output (never the input).")
 @click.option("--revert-record", type=click.Path(path_type=Path), help="Also write a private record that makes `vpatch revert` bit-exact. Never publish it.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (tensors, bytes, peak memory) and write nothing.")
+@click.option("--revision", help="Hub branch, tag or commit when CHECKPOINT is a hub id.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_user_errors
-def apply(checkpoint, delta, out, strength, component, use_factors, allow_partial, force, overwrite, revert_record, dry_run, as_json, quiet):
+def apply(checkpoint, delta, out, strength, component, use_factors, allow_partial, force, overwrite, revert_record, dry_run, revision, as_json, quiet):
     """Merge DELTA (.vud) into CHECKPOINT and write the patched copy to -o.
 
     Untouched tensors are copied byte for byte; edited ones are computed in fp32 and written in
-    their stored dtype. The write is atomic: an interrupted run leaves no finished-looking file.
+    their stored dtype (fp8 weights are dequantized with their scale and requantized with it). The
+    write is atomic: an interrupted run leaves no finished-looking file.
+
+    CHECKPOINT is a local file or folder, or a hub id: owner/name (the whole repo's safetensors
+    weights and configs, never pickles) or owner/name:PATH (one file, index or component folder).
+    Delta keys are diffusers names; single-file prefixes, original layouts and fused QKV tensors
+    are resolved by the family recipe's [aliases] (see `vpatch inspect CHECKPOINT --delta D`).
 
     \b
     Examples:
       vpatch apply wan/ nudity.vud -o wan-safe/
+      vpatch apply Wan-AI/Wan2.1-T2V-1.3B-Diffusers nudity.vud -o wan-safe/
+      vpatch apply wan2.1_t2v_1.3B_fp8_scaled.safetensors nudity.vud -o wan-safe.safetensors
       vpatch apply transformer/diffusion_pytorch_model.safetensors nudity.vud -o safe.safetensors
       vpatch apply model.safetensors nudity.vud --dry-run
     """
@@ -160,7 +169,7 @@ def apply(checkpoint, delta, out, strength, component, use_factors, allow_partia
         raise click.UsageError("missing -o OUT (or use --dry-run); vpatch never overwrites its input")
     r = apply_delta(checkpoint, delta, out, strength=strength, component=component, use_factors=use_factors,
                     allow_partial=allow_partial, force=force, overwrite=overwrite, dry_run=dry_run,
-                    revert_record=revert_record, reporter=RichReporter(quiet or as_json))
+                    revert_record=revert_record, reporter=RichReporter(quiet or as_json), revision=revision)
     _show_report(r, as_json)
 
 

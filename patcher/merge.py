@@ -194,9 +194,9 @@ def _sha256_tensor(ws: WeightSet, loc: Location) -> str:
 
 def plan_apply(checkpoint: str | Path | Checkpoint, delta: str | Path | Delta, *, component: str | None = None,
                strength: float = 1.0, use_factors: bool = False, allow_partial: bool = False,
-               fingerprints: bool = True) -> Plan:
+               fingerprints: bool = True, revision: str | None = None) -> Plan:
     """Match every delta entry to a tensor; raise with a coverage report unless all are found."""
-    ck = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
+    ck = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint, revision)
     dl = delta if isinstance(delta, Delta) else read_delta(delta)
     if not (strength == strength) or abs(strength) > 1e6:
         raise CompatibilityError(f"--strength {strength} is not a usable number")
@@ -597,16 +597,18 @@ def _warn_rounding(stats: list[TensorStats]) -> list[str]:
 def apply_delta(checkpoint: str | Path, delta: str | Path | Delta, out: str | Path | None = None, *, strength: float = 1.0,
                 component: str | None = None, use_factors: bool = False, allow_partial: bool = False, force: bool = False,
                 overwrite: bool = False, dry_run: bool = False, revert_record: str | Path | None = None,
-                reporter: Reporter | None = None) -> Report:
+                reporter: Reporter | None = None, revision: str | None = None) -> Report:
     """Merge ``delta`` into ``checkpoint`` and write the result to ``out``.
 
     ``strength`` multiplies each entry's default strength (1.0 = as probed). ``project_input`` entries
     recompute U from the target's own weight unless ``use_factors``; ``add`` entries add U Vᵀ.
     ``revert_record`` (optional, keep it private) stores what makes ``revert_delta`` bit-exact.
+    ``checkpoint`` may be a hub id (``owner/name``, or ``owner/name:path`` for one file or component
+    folder), fetched through the hub cache at ``revision``.
     """
     rep = reporter or NullReporter()
     plan = plan_apply(checkpoint, delta, component=component, strength=strength, use_factors=use_factors,
-                      allow_partial=allow_partial, fingerprints=dry_run)  # a real run checks them while streaming
+                      allow_partial=allow_partial, fingerprints=dry_run, revision=revision)  # a real run checks them while streaming
     dl = plan.delta
     if not force:
         for m in plan.matched:

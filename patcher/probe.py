@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 import torch
 
+from . import hub
 from .checkpoint import WeightSet, _scan_folder, load_single
 from .delta import Delta, DeltaEntry, projection_entry, versions, write_delta
 from .errors import ProbeError
@@ -30,7 +31,6 @@ from .recipes import Concept, EncoderSpec, Family, SiteSpec, detect_family, load
 from .refusal import METHODS, POOLINGS, pair_differences, pool, refusal_directions
 from .safetensors_io import TensorReader, bytes_to_tensor
 
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _LAYER_IDX = re.compile(r"\.(\d+)\.")
 OFFLOADS = ("none", "model", "sequential", "balanced")
 
@@ -112,34 +112,23 @@ class ModelSource:
 def _hub_patterns(fam: Family, sites: list[SiteSpec]) -> list[str]:
     pats = ["model_index.json"]
     if any(s.mode == "denoise" for s in sites):
-        return pats + ["*/*.json", "*/*.safetensors", "*/*.txt", "*/*.model", "*/*.jinja"]
+        return pats + [f"*/{p}" for p in (*hub.SIDECARS, "*.safetensors")]
     for s in sites:
         for c in s.components:
             pats += [f"{c}/*.json", f"{c}/*.safetensors"]
         enc = fam.encoders.get(s.encoder or "")
-        if enc is not None:
-            pats += [f"{enc.component}/*", f"{enc.preprocessor}/*"]
+        if enc is not None:  # never "folder/*": a folder may also hold pickles
+            pats += [f"{d}/{p}" for d in (enc.component, enc.preprocessor) for p in (*hub.SIDECARS, "*.safetensors")]
     return sorted(set(pats))
-
-
-# what a hub download may fetch when the family (and so the sites) is not known yet: never pickles
-SAFE_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*/*.json", "*/*.safetensors", "*/*.txt", "*/*.model", "*/*.jinja"]
 
 
 def open_source(model: str | Path, revision: str | None = None, patterns: list[str] | None = None) -> ModelSource:
     p = Path(model)
     if not p.exists():
-        if not _REPO_ID.match(str(model)):
-            raise ProbeError(f"{model}: no such file or folder, and not a hub id (owner/name)")
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-        try:
-            p = Path(snapshot_download(str(model), revision=revision, allow_patterns=patterns or SAFE_PATTERNS))
-        except LocalEntryNotFoundError:
-            raise ProbeError(f"{model}: not in the local hub cache and the hub cannot be reached; download it first or pass a local folder") from None
-        except HfHubHTTPError as e:
-            raise ProbeError(f"{model}: the hub refused the download ({e.__class__.__name__}); check the id and your token") from None
+        parsed = hub.parse(str(model))
+        if parsed is not None and parsed[1] is not None:
+            patterns = None  # owner/name:path fetches that path (the family's patterns describe a whole pipeline)
+        p = hub.fetch(str(model), revision, patterns)  # without patterns: safetensors and sidecars only, never pickles
     if p.is_file():
         return ModelSource(p.parent, None, {}, single=load_single(p))
     idx = p / "model_index.json"
