@@ -403,16 +403,21 @@ def families(as_json):
         fam = load_family(f)
         rows.append({"family": fam.name, "description": fam.description, "default_sites": fam.default_sites,
                      "sites": {n: {"mode": s.mode, "components": s.components, "why": " ".join(s.why.split())} for n, s in fam.sites.items()},
+                     "aliases": {"prefixes": fam.key_prefixes, "layouts": sorted({r.layout for r in fam.key_renames}),
+                                 "fused": sorted({r.stored.rsplit(".", 2)[-2] for r in fam.key_renames if r.split})},
                      "path": str(f)})
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
     t = Table(title="model families (recipes/models)")
-    for c in ("family", "sites (default first)", "mode"):
+    for c in ("family", "sites (default first)", "mode", "apply also reads"):
         t.add_column(c, overflow="fold")
     for r in rows:
         names = r["default_sites"] + [n for n in r["sites"] if n not in r["default_sites"]]
-        t.add_row(r["family"], ", ".join(names), ", ".join(sorted({s["mode"] for s in r["sites"].values()})))
+        al = r["aliases"]
+        also = ", ".join([*(f"{x} layout" for x in al["layouts"]), *(f"fused {x}" for x in al["fused"]),
+                          *(f"prefix {x}" for x in al["prefixes"])])
+        t.add_row(r["family"], ", ".join(names), ", ".join(sorted({s["mode"] for s in r["sites"].values()})), also or "-")
     Console(highlight=False).print(t)
 
 
