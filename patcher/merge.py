@@ -12,9 +12,9 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -30,13 +30,13 @@ from .layouts import AliasRules, Location, resolve, rules_for
 from .output import atomic_dir, atomic_file
 from .refusal import lowrank_norm, projected_rows
 from .safetensors_io import (
-    TORCH_DTYPES, Header, PositionalWriter, TensorInfo, TensorReader, copy_range, pread_exact, pwrite_all, read_header,
+    TORCH_DTYPES, Header, PositionalWriter, TensorInfo, TensorReader, copy_file, copy_range, pread_exact, pwrite_all, read_header, start_writeback,
     rewrite_metadata, row_blocks, save_tensors,
 )
 
 ROW_BLOCK_BYTES = 8 << 20  # fp32 bytes per row block
 STAT_EVERY = 4  # the rounding report reads every 4th row block (all of them for a tensor of fewer than 8 blocks)
-COPY_PIECE = 256 << 20  # progress granularity for raw copies
+COPY_PIECE = 64 << 20  # progress and early-writeback granularity for raw copies
 BASE_RSS = 300 << 20  # interpreter + torch, for the estimate
 SURVIVAL_WARN = 0.5  # warn when the rounding error exceeds half the intended edit
 
@@ -301,6 +301,14 @@ class Op:
     fixes: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """One reduction instead of a boolean mask: min and max are finite iff every value is (NaN propagates)."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return math.isfinite(float(lo)) and math.isfinite(float(hi))
+
+
 def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({1: torch.int8, 2: torch.int16, 4: torch.int32}[t.element_size()])
 
@@ -320,7 +328,7 @@ def _edit_rows(W: torch.Tensor, r0: int, r1: int, op: Op, st: TensorStats, sums:
     d2 = lowrank_norm(U_rows, op.V) ** 2
     sums["d2"] += d2
     if not stats and op.fix_index is None and not op.collect_revert:
-        if not bool(torch.isfinite(out if q is None else new).all()):
+        if not _all_finite(out if q is None else new):
             bad = int((~torch.isfinite(out if q is None else new)).sum())
             raise NumericError(f"editing {st.key} produced {bad} NaN/Inf values (rows {r0}-{r1}); nothing was written. Check the delta and the --strength")
         return out
@@ -352,6 +360,20 @@ def _edit_rows(W: torch.Tensor, r0: int, r1: int, op: Op, st: TensorStats, sums:
     return out
 
 
+@contextmanager
+def _edit_threads(n: int | None):
+    """Cap torch's intra-op threads while the copier runs: on a small machine torch's pool would take
+    every core and starve the kernel copy, which is most of the bytes."""
+    before = torch.get_num_threads()
+    if n is not None and before > n and (os.cpu_count() or 1) <= 4:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
 def _abs_rows(op: Op, r0: int, r1: int) -> tuple[int, int]:
     """Rows of a block relative to the op's range, as rows of the whole stored tensor (for per-row scales)."""
     a = op.rows[0] if op.rows else 0
@@ -380,7 +402,7 @@ def _patch_file(src: Header, dst: Path, ops: dict[str, list[Op]], meta: dict[str
     stats: list[TensorStats] = []
     fd = os.open(dst, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
     try:
-        pw = PositionalWriter(fd, [(t.name, t.dtype, t.shape) for t in src.tensors.values()], meta)
+        pw = PositionalWriter(fd, [(t.name, t.dtype, t.shape) for t in src.tensors.values()], meta, like=src.data_start)
         shift = pw.header_len - src.data_start  # dst offset = src offset + shift
         ranges: list[list[int]] = []  # [src offset, dst offset, length] of untouched runs
         for t in src.tensors.values():
@@ -398,11 +420,12 @@ def _patch_file(src: Header, dst: Path, ops: dict[str, list[Op]], meta: dict[str
                     while n and not stop.is_set():
                         k = min(n, COPY_PIECE)
                         copy_range(rd.fd, a, fd, d, k)
+                        start_writeback(fd, d, k)
                         rep.advance(k)
                         a, d, n = a + k, d + k, n - k
 
-            with ThreadPoolExecutor(1) as pool:
-                copying = pool.submit(copier)
+            with ThreadPoolExecutor(1) as pool, _edit_threads(1 if ranges else None):
+                copying = pool.submit(copier)  # the kernel copy gets a core of its own; the edit the other
                 try:
                     for name, key_ops in ops.items():
                         for op in key_ops:
@@ -437,6 +460,7 @@ def _edit_tensor(rd: TensorReader, t: TensorInfo, dst_off: int, fd: int, op: Op,
             h_out.update(data)
         pwrite_all(fd, data, dst_off + (a + r0) * row)
         rep.advance(len(data))
+    start_writeback(fd, dst_off + a * row, (b - a) * row)
     st.intended_norm = sums["d2"] ** 0.5
     st.rounding_error = (sums["e2"] / sums["d2s"]) ** 0.5 if sums["d2s"] > 0 else 0.0
     st.changed_fraction = sums["changed"] / max(1, sums["rows"] * (t.numel // max(1, t.shape[0])))
@@ -558,9 +582,7 @@ def _write_checkpoint(plan: Plan, out: Path, ops_by_file: dict[Path, dict[str, l
                 elif src in index_files and any(f in ops_by_file for f in index_files[src].files):
                     rewrite_index.append(src)
                 else:
-                    shutil.copyfile(src, dst)
-                    if src.suffix == ".safetensors":
-                        rep.advance(src.stat().st_size)
+                    copy_file(src, dst, COPY_PIECE, rep.advance if src.suffix == ".safetensors" else None)
             finalize()
             for src in rewrite_index:
                 obj = dict(index_files[src].index_json or {})

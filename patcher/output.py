@@ -56,6 +56,18 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
+def _fsync_tree(root: Path) -> None:
+    """Every file and folder of a finished output reaches the disk before the output gets its name."""
+    for dp, _dns, fns in os.walk(root):
+        for f in fns:
+            fd = os.open(Path(dp) / f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dp))
+
+
 @contextmanager
 def _translate_os_errors(out: Path) -> Iterator[None]:
     try:
@@ -93,6 +105,7 @@ def atomic_dir(out: Path, inputs: list[Path] = (), overwrite: bool = False) -> I
     try:
         with _translate_os_errors(out):
             yield tmp
+            _fsync_tree(tmp)
             _replace(tmp, out)
             _fsync_dir(out.parent)
     finally:

@@ -208,6 +208,51 @@ def test_nan_guard_writes_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.vud", "m.safetensors"]
 
 
+@pytest.mark.parametrize("row", [0, 1, 2, 5, 39])  # with 1-row blocks, rows 1, 2, 5 lie outside the rounding sample
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_nan_guard_covers_blocks_outside_the_rounding_sample(tmp_path, monkeypatch, row, bad):
+    monkeypatch.setattr(merge, "ROW_BLOCK_BYTES", 24 * 4)  # one row per block: 40 blocks, every 4th sampled
+    t = model_tensors(torch.bfloat16)
+    make_delta(tmp_path / "d.vud", t)
+    t[K][row, 7] = bad
+    save_file(t, tmp_path / "m.safetensors")
+    with pytest.raises(NumericError, match="NaN/Inf"):
+        patcher.apply_delta(tmp_path / "m.safetensors", tmp_path / "d.vud", tmp_path / "o.safetensors")
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_output_data_keeps_the_inputs_offset_modulo_64k_and_loads_identically(tmp_path, bf16_model):
+    from patcher.safetensors_io import COPY_ALIGN
+
+    src, d, t, _ = bf16_model
+    patcher.apply_delta(src, d, tmp_path / "o.safetensors")
+    a, b = read_header(src), read_header(tmp_path / "o.safetensors")
+    assert b.data_start > a.data_start  # the provenance made the header longer...
+    assert (b.data_start - a.data_start) % COPY_ALIGN == 0 and b.data_start % 8 == 0  # ...padded so the copy stays aligned
+    with safe_open(tmp_path / "o.safetensors", "pt") as f:
+        assert set(f.keys()) == set(t)
+        for k in UNTOUCHED:
+            assert torch.equal(f.get_tensor(k), t[k])
+
+
+def test_every_file_of_a_folder_output_is_fsynced_before_the_rename(tmp_path, monkeypatch):
+    t = model_tensors(torch.bfloat16)
+    root = save_pipeline(tmp_path / "pipe", t, shard=True)
+    make_delta(tmp_path / "d.vud", t)
+    synced: set[str] = set()
+    real = os.fsync
+
+    def recording(fd):
+        synced.add(os.readlink(f"/proc/self/fd/{fd}"))
+        return real(fd)
+    monkeypatch.setattr(os, "fsync", recording)
+    patcher.apply_delta(root, tmp_path / "d.vud", tmp_path / "out")
+    files = [p.relative_to(tmp_path / "out") for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    assert len(files) >= 8
+    for rel in files:  # synced under the temporary name, before the folder became "out"
+        assert any(s.endswith("/" + rel.as_posix()) and ".vpatch-tmp" in s for s in synced), rel
+
+
 def test_rounding_report_warns_when_the_edit_is_below_resolution(tmp_path):
     t = model_tensors(torch.bfloat16)
     t[K] = (torch.ones(40, 24) + 0.001 * torch.randn(40, 24)).to(torch.bfloat16)
