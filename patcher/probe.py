@@ -329,16 +329,17 @@ def _read(ws: WeightSet, key: str) -> torch.Tensor:
         return rd.tensor(key).to(torch.float32)
 
 
-def run_chain(site: SiteSpec, ws: WeightSet, x: torch.Tensor) -> torch.Tensor:
-    """The few modules between the encoder output and the site (e.g. a caption projection), in fp32."""
+def run_chain(site: SiteSpec, ws: WeightSet, x: torch.Tensor, prefix: str = "") -> torch.Tensor:
+    """The few modules between the encoder output and the site (e.g. a caption projection), in fp32.
+    ``prefix``: the wrapper prefix the site's own keys carry in this file (``model.diffusion_model.``)."""
     F = torch.nn.functional
     for op in site.chain:
         if op.op == "linear":
-            W = _read(ws, f"{op.weight}.weight")
-            b_key = f"{op.weight}.bias"
+            W = _read(ws, f"{prefix}{op.weight}.weight")
+            b_key = f"{prefix}{op.weight}.bias"
             x = F.linear(x, W, _read(ws, b_key) if b_key in ws.key_file else None)
         elif op.op == "layer_norm":
-            w_key, b_key = f"{op.weight}.weight", f"{op.weight}.bias"
+            w_key, b_key = f"{prefix}{op.weight}.weight", f"{prefix}{op.weight}.bias"
             w = _read(ws, w_key) if w_key in ws.key_file else None
             b = _read(ws, b_key) if b_key in ws.key_file else None
             x = F.layer_norm(x.float(), (x.shape[-1],), w, b, eps=1e-5 if w is not None else 1e-6)
@@ -452,7 +453,8 @@ def capture_text(src: ModelSource, site: SiteSpec, enc: Encoder, targets: list[T
                         x = x[enc.crop_start:]
                     res.append((x, m if m is not None and m.shape[0] == x.shape[0] else None))
             else:
-                res = [(run_chain(site, ws, x) if site.chain else x, m) for x, m in acts]
+                prefix = ts[0].key[: len(ts[0].key) - len(ts[0].module + ".weight")]
+                res = [(run_chain(site, ws, x, prefix) if site.chain else x, m) for x, m in acts]
             out[g][role] = res
         dim = next(iter(out[g].values()))[0][0].shape[-1]
         for t in ts:
@@ -463,7 +465,8 @@ def capture_text(src: ModelSource, site: SiteSpec, enc: Encoder, targets: list[T
 
 
 def site_inputs(model: str | Path, site: str, prompts: list, *, family: str | None = None, device: str = "cpu",
-                dtype: str = "float32", overrides: list[str] | None = None) -> dict[str, list[tuple[torch.Tensor, torch.Tensor | None]]]:
+                dtype: str = "float32", overrides: list[str] | None = None,
+                encoders: dict[str, str] | None = None) -> dict[str, list[tuple[torch.Tensor, torch.Tensor | None]]]:
     """What a text-mode site's weights read for these prompts (or image paths), per group: for checks and notebooks."""
     src = open_source(model)
     fam = load_family(family, overrides) if family else resolve_family(src, None, overrides or [])
@@ -471,7 +474,7 @@ def site_inputs(model: str | Path, site: str, prompts: list, *, family: str | No
         raise ProbeError(f"site {site!r} is not a text-mode site of family {fam.name}")
     sp = fam.sites[site]
     dev = _device(device)
-    enc = Encoder(fam.encoders[sp.encoder], src, None, dev, _dtype(dtype, dev))
+    enc = Encoder(fam.encoders[sp.encoder], src, (encoders or {}).get(sp.encoder), dev, _dtype(dtype, dev))
     _groups, acts = capture_text(src, sp, enc, site_targets(sp, src, None, fam.key_prefixes), {"items": prompts})
     return {g: a["items"] for g, a in acts.items()}
 

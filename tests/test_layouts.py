@@ -96,7 +96,18 @@ def ltx():
     return c, dict(c), lambda o: dict(o), ["caption_projection.linear_1.weight", "transformer_blocks.0.attn2.to_k.weight"]
 
 
-CASES = {"wan": wan, "cogvideox": cogvideox, "hunyuan": hunyuan, "mochi": mochi, "ltx": ltx}
+def opensora2():
+    p = "double_blocks.0.txt_attn"
+    c = {"txt_in.weight": rnd(D, T, seed=1), **qkv(p, D, D, 10, ("q_proj", "k_proj", "v_proj"))}
+    o = {"txt_in.weight": c["txt_in.weight"], f"{p}.qkv.weight": cat(c, f"{p}.q_proj.weight", f"{p}.k_proj.weight", f"{p}.v_proj.weight")}
+
+    def back(o):
+        q, k, v = o[f"{p}.qkv.weight"].chunk(3)
+        return {"txt_in.weight": o["txt_in.weight"], f"{p}.q_proj.weight": q, f"{p}.k_proj.weight": k, f"{p}.v_proj.weight": v}
+    return c, o, back, ["txt_in.weight", f"{p}.k_proj.weight", f"{p}.v_proj.weight"]
+
+
+CASES = {"wan": wan, "cogvideox": cogvideox, "hunyuan": hunyuan, "mochi": mochi, "ltx": ltx, "opensora2": opensora2}
 
 
 def delta_for(path, tensors, keys, family, strength=1.0):
@@ -130,7 +141,7 @@ def test_original_and_fused_layouts_patch_like_diffusers(tmp_path, family, prefi
     # each original block is the exact tensor the delta was probed from
     assert all(p["fingerprint"] == "base" for p in ro.planned)
     fused = [p for p in ro.planned if any("[" in s for s in p["stored"])]
-    assert bool(fused) == (family in ("cogvideox", "hunyuan", "mochi"))
+    assert bool(fused) == (family in ("cogvideox", "hunyuan", "mochi", "opensora2"))
 
 
 def test_inspect_delta_shows_how_each_entry_resolves(tmp_path):

@@ -103,6 +103,47 @@ def test_opensora_single_file_probe_and_apply(version, tmp_path):
                 assert torch.equal(a.get_tensor(k), b.get_tensor(k)), k
 
 
+@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
+def test_opensora12_cross_kv_edits_every_fused_kv_linear_through_the_caption_mlp(prefix, tmp_path):
+    """kv_linear reads y_embedder's output: the probe's chain (fc1, gelu-tanh, fc2) must reproduce it,
+    and the edit lands on both row blocks (K and V) of every spatial and temporal cross-attention."""
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    from patcher.probe import site_inputs
+
+    ck = tmp_path / "opensora12.safetensors"
+    t = _opensora12(ck, prefix=prefix)
+    t5 = _t5_folder(tmp_path / "t5")
+    res = run("probe", ck, "-c", "violence", "--layers", "cross_kv", "-o", tmp_path / "v.vud", "--rank", "4", "--json", "--encoder", f"text={t5}")
+    assert res.exit_code == 0, res.output
+    delta = read_delta(tmp_path / "v.vud")
+    assert sorted(e.tensor_key for e in delta.entries) == sorted(
+        f"{prefix}{k}_blocks.{i}.cross_attn.kv_linear.weight" for k in ("spatial", "temporal") for i in range(2))
+    assert len({tuple(e.V.flatten().tolist()) for e in delta.entries}) == 1  # one shared input, one direction
+
+    # the captured site input is y_embedder's MLP applied to the T5 output, computed here by hand
+    enc, tok = T5EncoderModel.from_pretrained(str(t5)), AutoTokenizer.from_pretrained(str(t5))
+    ids = tok(["a red ball"], return_tensors="pt")
+    with torch.no_grad():
+        h = enc(input_ids=ids.input_ids, attention_mask=ids.attention_mask).last_hidden_state[0].float()
+    W = {k: v.to(torch.bfloat16).float() for k, v in t.items()}
+    y = torch.nn.functional.gelu(h @ W["y_embedder.y_proj.fc1.weight"].T + W["y_embedder.y_proj.fc1.bias"], approximate="tanh")
+    y = y @ W["y_embedder.y_proj.fc2.weight"].T + W["y_embedder.y_proj.fc2.bias"]
+    (got, mask), = next(iter(site_inputs(ck, "cross_kv", ["a red ball"], family="opensora12", encoders={"text": str(t5)}).values()))
+    n = int(ids.attention_mask.sum())
+    assert got.shape[-1] == y.shape[-1] and (mask is None or int(mask.sum()) == n)
+    assert torch.allclose(got.reshape(-1, y.shape[-1])[:n].float(), y[:n], atol=1e-3 * float(y.abs().max()))
+
+    res = run("apply", ck, tmp_path / "v.vud", "-o", tmp_path / "safe.safetensors", "-q")
+    assert res.exit_code == 0, res.output
+    with safe_open(str(ck), "pt") as a, safe_open(str(tmp_path / "safe.safetensors"), "pt") as b:
+        for e in delta.entries:
+            W0, W1 = a.get_tensor(e.tensor_key).float(), b.get_tensor(e.tensor_key).float()
+            H = W0.shape[0] // 2
+            for rows in (slice(0, H), slice(H, None)):  # K and V halves both lose the direction
+                assert float((W1[rows] @ e.V).norm()) < 0.1 * float((W0[rows] @ e.V).norm())
+
+
 def test_opensora_needs_its_encoder(tmp_path):
     ck = tmp_path / "opensora12.safetensors"
     _opensora12(ck)
