@@ -683,6 +683,8 @@ def apply_delta(checkpoint: str | Path, delta: str | Path | Delta, out: str | Pa
     report.tensors = stats
     report.revert_record = str(record_path) if record_path else None
     report.warnings += _warn_rounding(stats)
+    report.warnings += [f"{s.key}: {s.saturated} value(s) exceeded the {s.dtype} range after the edit and were clamped to its largest value"
+                        for s in stats if s.saturated]
     report.warnings += [f"{m.entry.key}: target differs from the probed base"
                         + (f" (stored as {m.dtype}, probed from {m.entry.base_dtype})" if m.entry.base_dtype not in (None, m.dtype) else "") + "; "
                         + ("U was recomputed from the target's own weight" if m.entry.kind == "project_input" and not use_factors else "the base's factors were added as they are")

@@ -93,6 +93,7 @@ def test_fp8_saturation_is_counted_not_wrapped(tmp_path):
     r = patcher.apply_delta(tmp_path / "f8.safetensors", tmp_path / "d.vud", tmp_path / "o.safetensors")
     out = load_file(tmp_path / "o.safetensors")
     assert all(s.saturated > 0 for s in r.tensors)
+    assert sum("were clamped" in w for w in r.warnings) == 2
     assert float(out[K].float().abs().max()) == 448.0 and bool(torch.isfinite(out[K].float()).all())
 
 

@@ -212,3 +212,51 @@ def test_bad_alias_rules_name_the_field(bad, msg):
     with pytest.raises(RecipeError, match=msg) as ei:
         parse_family(data, "f.toml")
     assert "f.toml.aliases.keys[0]" in str(ei.value)
+
+
+# diffusers' own single-file converters (loaders/single_file_utils.py) as an independent oracle for the
+# recipe data: build the original tensors where our rules say they are, convert them with diffusers,
+# and the diffusers key must get exactly those rows back.
+ORACLE = {
+    "wan": ("convert_wan_transformer_to_diffusers", {
+        "condition_embedder.text_embedder.linear_1.weight": (8, 6), "condition_embedder.text_embedder.linear_2.weight": (8, 8),
+        "blocks.0.attn2.to_q.weight": (8, 8), "blocks.0.attn2.to_k.weight": (8, 8), "blocks.1.attn2.to_v.weight": (8, 8),
+        "blocks.0.attn2.add_k_proj.weight": (8, 8), "blocks.3.attn2.add_v_proj.weight": (8, 8),
+        "condition_embedder.image_embedder.ff.net.0.proj.weight": (5, 5), "condition_embedder.image_embedder.ff.net.2.weight": (8, 5)}, {}),
+    # the converter hard-codes HunyuanVideo's width (3072 rows per block); 2 columns keep it small
+    "hunyuan": ("convert_hunyuan_video_transformer_to_diffusers", {
+        "context_embedder.proj_in.weight": (3072, 2), "context_embedder.time_text_embed.text_embedder.linear_1.weight": (3072, 2),
+        "context_embedder.time_text_embed.text_embedder.linear_2.weight": (3072, 3072 // 1024),
+        "time_text_embed.text_embedder.linear_1.weight": (3072, 2), "time_text_embed.text_embedder.linear_2.weight": (3072, 3),
+        "transformer_blocks.0.attn.add_q_proj.weight": (3072, 2), "transformer_blocks.0.attn.add_k_proj.weight": (3072, 2),
+        "transformer_blocks.0.attn.add_v_proj.weight": (3072, 2), "single_transformer_blocks.1.attn.to_q.weight": (3072, 2),
+        "single_transformer_blocks.1.attn.to_k.weight": (3072, 2), "single_transformer_blocks.1.attn.to_v.weight": (3072, 2)},
+        {"single_blocks.1.linear1.weight": 3 * 3072 + 40}),
+}
+
+
+@pytest.mark.parametrize("family", sorted(ORACLE))
+def test_alias_rules_agree_with_diffusers_single_file_converters(family):
+    sfu = pytest.importorskip("diffusers.loaders.single_file_utils")
+    from patcher.layouts import rules_for
+
+    fn, wanted, fused_rows = ORACLE[family]
+    rules = rules_for(family)
+    original: dict[str, torch.Tensor] = {}
+    expect: dict[str, torch.Tensor] = {}
+    for i, (key, (out, inn)) in enumerate(sorted(wanted.items())):
+        renamed = [(stored, r) for stored, r, how in rules.candidates(key) if r is not None and "prefix" not in how]
+        assert renamed, f"{family}: no rule renames {key}"
+        stored, rule = renamed[0]
+        block = rnd(out, inn, seed=200 + i)
+        expect[key] = block
+        if rule.split is None:
+            original[stored] = block
+            continue
+        total = fused_rows.get(stored, out * len(rule.split))
+        a, b = rule.rows(out, total)
+        original.setdefault(stored, torch.full((total, inn), float("nan")))[a:b] = block
+    converted = getattr(sfu, fn)(dict(original))
+    for key, block in expect.items():
+        assert key in converted, f"diffusers maps none of our stored keys to {key}"
+        assert torch.equal(converted[key], block), key
