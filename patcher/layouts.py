@@ -12,8 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .checkpoint import WeightSet
-from .errors import RecipeError
-from .recipes import Family, Rename, family_files, load_family
+from .recipes import Family, Rename, shipped_families
 
 
 @dataclass(frozen=True)
@@ -63,12 +62,7 @@ def family_rules(fam: Family) -> AliasRules:
 
 def rules_for(family: str | None) -> AliasRules:
     """The delta's family's rules when it is a shipped one; otherwise every shipped family's."""
-    fams = []
-    for f in family_files():
-        try:
-            fams.append(load_family(f))
-        except RecipeError:
-            continue
+    fams = shipped_families()
     named = [fm for fm in fams if fm.name == family]
     if named:
         return family_rules(named[0])

@@ -372,14 +372,20 @@ def load_family(name_or_path: str | os.PathLike, overrides: list[str] | None = N
     return fam
 
 
-def detect_family(pipeline_class: str | None, keys: set[str]) -> str | None:
-    """The family whose recipe claims this pipeline class, else whose detection keys are all present."""
+def shipped_families() -> list[Family]:
+    """Every family recipe that parses (a broken one is reported when it is named, not here)."""
     fams = []
     for f in family_files():
         try:
             fams.append(load_family(f))
         except RecipeError:
             continue
+    return fams
+
+
+def detect_family(pipeline_class: str | None, keys: set[str]) -> str | None:
+    """The family whose recipe claims this pipeline class, else whose detection keys are all present."""
+    fams = shipped_families()
     if pipeline_class:
         for fam in fams:
             if pipeline_class in fam.pipeline_classes:
