@@ -28,6 +28,7 @@ SCALE_NAMES = (
     ("{key}_scale", "compressed-tensors / ModelOpt"),
 )
 BLOCK_SCALE_NAMES = ("{key}_scale_inv",)  # block-wise (128x128) scales: not supported
+# bitsandbytes: 4-bit keeps its quant state beside "X.weight" ("X.weight.absmax", ...); 8-bit keeps "X.SCB"
 BNB_MARKERS = (".absmax", ".quant_map", ".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbytes__fp4", ".SCB")
 
 
@@ -40,7 +41,8 @@ def dtype_refusal(ws: WeightSet, key: str) -> str | None:
     """Why a targeted tensor cannot be edited, or None when it can."""
     dt = ws.dtype(key)
     how = f"vpatch edits {SUPPORTED}; apply the delta to the unquantized checkpoint and quantize the result again"
-    if any(ws.shape(key + m) is not None for m in BNB_MARKERS):
+    module = key.removesuffix(".weight")
+    if any(ws.shape(key + m) is not None or ws.shape(module + m) is not None for m in BNB_MARKERS):
         return f"bitsandbytes-quantized ({dt} storage with a quant state) is not supported: {how}"
     if dt in ("F4", "F6_E2M3", "F6_E3M2"):
         return f"{dt} (4/6-bit float, MX/NVFP4) is not supported: {how}"

@@ -127,12 +127,15 @@ def test_unsupported_quantizations_are_refused_with_what_is_supported(tmp_path, 
     assert not (tmp_path / "o.safetensors").exists()
 
 
-def test_bitsandbytes_weight_with_the_expected_shape_is_refused_by_name(tmp_path):
+@pytest.mark.parametrize("dtype, markers", [
+    ("U8", {K + ".absmax": ("F32", [4], 16), K + ".quant_state.bitsandbytes__nf4": ("U8", [8], 8)}),  # 4-bit
+    ("I8", {K.removesuffix(".weight") + ".SCB": ("F32", [40], 160)}),  # LLM.int8()
+])
+def test_bitsandbytes_weight_with_the_expected_shape_is_refused_by_name(tmp_path, dtype, markers):
     t = model_tensors(torch.float32)
     make_delta(tmp_path / "d.vud", t)
     out_d, in_d = t[K].shape
-    spec = {K: ("U8", [out_d, in_d], out_d * in_d), V: ("F32", [out_d, in_d], out_d * in_d * 4),
-            K + ".absmax": ("F32", [4], 16), K + ".quant_state.bitsandbytes__nf4": ("U8", [8], 8)}
+    spec = {K: (dtype, [out_d, in_d], out_d * in_d), V: ("F32", [out_d, in_d], out_d * in_d * 4), **markers}
     _write_raw(tmp_path / "q.safetensors", spec)
     with pytest.raises(DtypeError, match="bitsandbytes-quantized.*F8_E4M3/F8_E5M2"):
         patcher.apply_delta(tmp_path / "q.safetensors", tmp_path / "d.vud", tmp_path / "o.safetensors")

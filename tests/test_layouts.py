@@ -119,7 +119,7 @@ def delta_for(path, tensors, keys, family, strength=1.0):
     write_delta(path, Delta(entries, {"name": "red"}, {"name": "cpca", "family": family}))
 
 
-@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
+@pytest.mark.parametrize("prefix", ["", "model.diffusion_model.", "diffusion_model."])
 @pytest.mark.parametrize("family", sorted(CASES))
 def test_original_and_fused_layouts_patch_like_diffusers(tmp_path, family, prefix):
     c, o, back, keys = CASES[family]()
