@@ -37,13 +37,12 @@ DTYPE_BITS: dict[str, int] = {
     "C64": 64, "F64": 64, "I64": 64, "U64": 64,
 }
 
-# the dtypes vpatch will compute on; everything else is copied as bytes or refused when targeted
+# the dtypes vpatch decodes (which of them apply edits, and how, is patcher/dtypes.py)
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "U8": torch.uint8,
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
-EDITABLE_DTYPES = ("F32", "F16", "BF16")
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in TORCH_DTYPES.items()}
 
 
