@@ -37,7 +37,9 @@ def test_shipped_organism_is_complete():
 
 
 def test_probe_apply_eval_removes_red_and_spares_the_rest(tmp_path):
-    rep = json.loads(run("probe", MODEL, "-c", RED, "-o", tmp_path / "red.vud", "--method", "mean", "--strength", "1.2", "--json"))
+    # the recipe chosen in docs/efficacy.md (on probe and concept-free prompts only): cPCA, k = 8, λ = 1.2, α = 1
+    rep = json.loads(run("probe", MODEL, "-c", RED, "-o", tmp_path / "red.vud", "--method", "cpca", "--rank", "8", "--strength", "1.2",
+                         "--alpha", "1", "--json"))
     assert rep["family"] == "wan" and rep["method"]["sites"] == ["text_proj"]
     run("apply", MODEL, tmp_path / "red.vud", "-o", tmp_path / "patched", "-q")
     r = json.loads(run("eval", MODEL, "-c", RED, "--patched", tmp_path / "patched", "--seeds", "2", "--steps", "12",
@@ -47,8 +49,8 @@ def test_probe_apply_eval_removes_red_and_spares_the_rest(tmp_path):
     before = sum(pres[k]["before"]["rate"] * pres[k]["before"]["n"] for k in sets) / sum(pres[k]["before"]["n"] for k in sets)
     after = sum(pres[k]["after"]["rate"] * pres[k]["after"]["n"] for k in sets) / sum(pres[k]["after"]["n"] for k in sets)
     assert before >= 0.8, "the original model draws red for red prompts"
-    assert after <= 0.25 * before, (before, after)
+    assert after <= 0.25 * before, (before, after)  # measured with 4 seeds: 100% -> 1% on held-out sets
     col = r["collateral"]
-    assert col["colour"]["after"]["rate"] >= col["colour"]["before"]["rate"] - 0.15
+    assert col["colour"]["after"]["rate"] >= col["colour"]["before"]["rate"] - 0.15  # measured: 100% -> 100%
     assert r["concept_prompt_attributes"]["object_present"]["after"]["rate"] >= 0.9  # red objects do not vanish
     assert (tmp_path / "p.gif").is_file()

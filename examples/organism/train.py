@@ -11,6 +11,11 @@ in time, so a 16x16x8 clip becomes a 2x2x2 latent, too small to carry shape and 
 big enough for a useful latent (64x64, 29 frames) cost 16-60x the compute, beyond the 30-minute
 CPU budget. The transformer is the real WanTransformer3DModel, saved as a Wan `transformer/`
 component, so `vpatch probe` and `apply` run through the Wan recipe unchanged.
+
+The transformer reads 6 channels: the noisy RGB clip plus constant (frame, row, column) ramps
+(`organism.coordinates`). Wan's RoPE is relative only; without absolute coordinates the first
+organism never learned a direction of motion in 2800 CPU steps (held-out motion 11%, chance 25%;
+shape 65%). With them, the same steps give motion 45% and shape 83%.
 """
 
 from __future__ import annotations
@@ -107,7 +112,7 @@ def main() -> None:
         t = torch.where(torch.arange(a.batch) % 2 == 0, torch.sigmoid(torch.randn(a.batch, generator=g)), torch.rand(a.batch, generator=g))
         t = t.to(a.device)
         xt = (1 - t.view(-1, 1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1, 1) * eps
-        pred = tr(xt, t * 1000, W.encode(tok, enc, caps), return_dict=False)[0]
+        pred = tr(W.model_input(tr, xt), t * 1000, W.encode(tok, enc, caps), return_dict=False)[0]
         loss = torch.nn.functional.mse_loss(pred, eps - x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
