@@ -61,7 +61,7 @@ def fetch(spec: str, revision: str | None = None, patterns: list[str] | None = N
     except GatedRepoError:
         raise HubError(f"{repo} is gated: accept its license on the hub and log in (huggingface-cli login), then retry") from None
     except RepositoryNotFoundError:
-        raise HubError(f"{repo}: no such repository on the hub (or it is private: log in with a token that can read it)") from None
+        raise HubError(f"{spec}: no such local path, and no repository {repo} on the hub (if it is private, log in with a token that can read it)") from None
     except RevisionNotFoundError:
         raise HubError(f"{repo}: no revision {revision!r}") from None
     except EntryNotFoundError:
