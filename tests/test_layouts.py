@@ -226,7 +226,7 @@ ORACLE = {
     # the converter hard-codes HunyuanVideo's width (3072 rows per block); 2 columns keep it small
     "hunyuan": ("convert_hunyuan_video_transformer_to_diffusers", {
         "context_embedder.proj_in.weight": (3072, 2), "context_embedder.time_text_embed.text_embedder.linear_1.weight": (3072, 2),
-        "context_embedder.time_text_embed.text_embedder.linear_2.weight": (3072, 3072 // 1024),
+        "context_embedder.time_text_embed.text_embedder.linear_2.weight": (3072, 3),
         "time_text_embed.text_embedder.linear_1.weight": (3072, 2), "time_text_embed.text_embedder.linear_2.weight": (3072, 3),
         "transformer_blocks.0.attn.add_q_proj.weight": (3072, 2), "transformer_blocks.0.attn.add_k_proj.weight": (3072, 2),
         "transformer_blocks.0.attn.add_v_proj.weight": (3072, 2), "single_transformer_blocks.1.attn.to_q.weight": (3072, 2),
