@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import hub
+from .dtypes import QUANT_HINT
 from .errors import FormatError, PickleRefused
 from .safetensors_io import Header, read_header
 
@@ -29,10 +30,6 @@ CONVERT_HINT = (
 
 
 QUANT_SUFFIXES = (".gguf",)
-QUANT_HINT = (
-    "vpatch edits safetensors checkpoints stored in F32, F16, BF16, or F8_E4M3/F8_E5M2 (with or without a per-tensor scale); "
-    "apply the delta to the unquantized safetensors checkpoint, then quantize the result again"
-)
 
 
 def refuse_pickle(path: Path) -> None:

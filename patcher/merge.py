@@ -24,13 +24,13 @@ import torch
 from . import __version__
 from .checkpoint import Checkpoint, Component, WeightSet, load_index, open_checkpoint, provenance
 from .delta import Delta, DeltaEntry, read_delta
-from .dtypes import Quant, dtype_refusal, quant_for
+from .dtypes import Codec, codec_for, dtype_refusal
 from .errors import AlreadyApplied, CompatibilityError, DtypeError, NumericError, OutputError, PickleRefused, RevertError
 from .layouts import AliasRules, Location, resolve, rules_for
 from .output import atomic_dir, atomic_file
 from .refusal import lowrank_norm, projected_rows
 from .safetensors_io import (
-    TORCH_DTYPES, Header, PositionalWriter, TensorInfo, TensorReader, copy_file, copy_range, pread_exact, pwrite_all, read_header, start_writeback,
+    TORCH_DTYPES, Header, PositionalWriter, TensorInfo, TensorReader, copy_file, copy_pieces, pwrite_all, read_header, start_writeback,
     rewrite_metadata, row_blocks, save_tensors,
 )
 
@@ -111,11 +111,22 @@ class Plan:
                 tot += sum(row * (loc.rows[1] - loc.rows[0]) if loc.rows else t.nbytes for loc, _ in hits)
         return tot
 
-    def _header(self, f: Path) -> Header:
+    def weight_set(self, f: Path) -> WeightSet:
         for ws in self.checkpoint.weight_sets:
             if f in ws.headers:
-                return ws.headers[f]
+                return ws
         raise KeyError(f)
+
+    def _header(self, f: Path) -> Header:
+        return self.weight_set(f).headers[f]
+
+    def each_edit(self):
+        """(file, stored key, location, match, codec) for every edit, the codec read once per tensor."""
+        for f, ms in self.edits_by_file().items():
+            for key, hits in ms.items():
+                codec = codec_for(self.weight_set(f), key)
+                for loc, m in hits:
+                    yield f, key, loc, m, codec
 
     def peak_estimate(self) -> int:
         worst = 0
@@ -174,21 +185,13 @@ def _choose_component(ck: Checkpoint, delta: Delta, component: str | None, rules
 
 def _sha256_tensor(ws: WeightSet, loc: Location) -> str:
     """Fingerprint of a tensor's (or a fused tensor's row block's) stored bytes."""
-    f = ws.key_file[loc.key]
-    h = ws.headers[f]
+    h = ws.headers[ws.key_file[loc.key]]
     t = h.tensors[loc.key]
     a, b = loc.rows or (0, t.shape[0])
-    row = t.nbytes // max(1, t.shape[0])
     digest = hashlib.sha256()
-    fd = os.open(f, os.O_RDONLY)
-    try:
-        pos, end = h.data_start + t.begin + a * row, h.data_start + t.begin + b * row
-        while pos < end:
-            n = min(end - pos, ROW_BLOCK_BYTES)
-            digest.update(pread_exact(fd, n, pos))
-            pos += n
-    finally:
-        os.close(fd)
+    with TensorReader(h) as rd:
+        for r0, r1 in row_blocks((b - a, *t.shape[1:]), ROW_BLOCK_BYTES):
+            digest.update(rd.raw_rows(loc.key, a + r0, a + r1))
     return digest.hexdigest()
 
 
@@ -294,7 +297,7 @@ class Op:
     fingerprint: str | None = None  # expected sha256 of the input tensor (the delta's base)
     hash: bool = False  # sha256 of the bytes read and written (revert records, revert checks)
     rows: tuple[int, int] | None = None  # row block of a fused tensor; None: all rows
-    quant: Quant | None = None  # fp8: decode/encode with the stored scale
+    codec: Codec | None = None  # stored dtype <-> fp32 (fp8: with the stored scale); None: a plain cast
     entry: str = ""
     # filled by the loop
     applied_U: list[torch.Tensor] = field(default_factory=list)
@@ -319,17 +322,19 @@ def _edit_rows(W: torch.Tensor, r0: int, r1: int, op: Op, st: TensorStats, sums:
     With ``stats`` False (blocks outside the rounding sample of a large tensor) only the NaN/Inf
     guard runs on the block; the intended norm is always exact (it is computed from the factors).
     fp8 rows are decoded with their scale first and re-encoded with the same scale."""
-    q = op.quant
-    new = W.to(torch.float32, copy=True) if q is None else q.decode(W, *_abs_rows(op, r0, r1))
+    codec = op.codec or Codec(W.dtype)
+    ra, rb = _abs_rows(op, r0, r1)
+    new = codec.decode(W, ra, rb)
     U_rows = projected_rows(new, op.V, op.coef) if op.U is None else op.coef * op.U[r0:r1]
     new.addmm_(U_rows, op.V.T)
-    out, over = (new.to(W.dtype), 0) if q is None else q.encode(new, *_abs_rows(op, r0, r1))
+    out, over = codec.encode(new, ra, rb)
     st.saturated += over
     d2 = lowrank_norm(U_rows, op.V) ** 2
     sums["d2"] += d2
     if not stats and op.fix_index is None and not op.collect_revert:
-        if not _all_finite(out if q is None else new):
-            bad = int((~torch.isfinite(out if q is None else new)).sum())
+        guarded = new if codec.saturates else out  # a saturating encode hides overflow: look before it
+        if not _all_finite(guarded):
+            bad = int((~torch.isfinite(guarded)).sum())
             raise NumericError(f"editing {st.key} produced {bad} NaN/Inf values (rows {r0}-{r1}); nothing was written. Check the delta and the --strength")
         return out
     sums["rows"] += r1 - r0
@@ -338,8 +343,8 @@ def _edit_rows(W: torch.Tensor, r0: int, r1: int, op: Op, st: TensorStats, sums:
         sel = (op.fix_index >= lo) & (op.fix_index < hi)
         if sel.any():
             _bits(out).view(-1)[op.fix_index[sel] - lo] = _bits(op.fix_value[sel])
-    decoded = out.to(torch.float32, copy=True) if q is None else q.decode(out, *_abs_rows(op, r0, r1))
-    if q is not None and not bool(torch.isfinite(new).all()):
+    decoded = codec.decode(out, ra, rb)
+    if codec.saturates and not _all_finite(new):
         decoded.fill_(float("nan"))  # the encode clamps; an overflow must still stop the run below
     err = decoded.sub_(new).view(-1)  # what rounding to the stored dtype took off the edit
     e2 = float(torch.dot(err, err))
@@ -352,8 +357,7 @@ def _edit_rows(W: torch.Tensor, r0: int, r1: int, op: Op, st: TensorStats, sums:
     if op.collect_revert:
         # predict the revert exactly as revert_delta will compute it, and keep what it would miss
         op.applied_U.append(U_rows.clone())
-        back = (out.to(torch.float32, copy=True) if q is None else q.decode(out, *_abs_rows(op, r0, r1))).addmm_(-1.0 * U_rows, op.V.T)
-        back = back.to(W.dtype) if q is None else q.encode(back, *_abs_rows(op, r0, r1))[0]
+        back = codec.encode(codec.decode(out, ra, rb).addmm_(-1.0 * U_rows, op.V.T), ra, rb)[0]
         miss = (_bits(back) != _bits(W)).reshape(-1).nonzero().reshape(-1)
         if miss.numel():
             op.fixes.append((miss + r0 * W.shape[1], W.reshape(-1)[miss].clone()))
@@ -417,12 +421,7 @@ def _patch_file(src: Header, dst: Path, ops: dict[str, list[Op]], meta: dict[str
         with TensorReader(src) as rd:
             def copier() -> None:
                 for a, d, n in ranges:
-                    while n and not stop.is_set():
-                        k = min(n, COPY_PIECE)
-                        copy_range(rd.fd, a, fd, d, k)
-                        start_writeback(fd, d, k)
-                        rep.advance(k)
-                        a, d, n = a + k, d + k, n - k
+                    copy_pieces(rd.fd, a, fd, d, n, COPY_PIECE, rep.advance, stop)
 
             with ThreadPoolExecutor(1) as pool, _edit_threads(1 if ranges else None):
                 copying = pool.submit(copier)  # the kernel copy gets a core of its own; the edit the other
@@ -647,20 +646,17 @@ def apply_delta(checkpoint: str | Path, delta: str | Path | Delta, out: str | Pa
     record_path = Path(revert_record) if revert_record else None
 
     ops_by_file: dict[Path, dict[str, list[Op]]] = {}
-    for f, ms in plan.edits_by_file().items():
-        for key, hits in ms.items():
-            quant = quant_for(_weight_set(plan, f), key)
-            for loc, m in hits:
-                e = m.entry
-                project = e.kind == "project_input" and not use_factors
-                ops_by_file.setdefault(f, {}).setdefault(key, []).append(
-                    Op(e.V, e.strength * strength if project else strength, None if project else e.U,
-                       collect_revert=record_path is not None, fingerprint=e.base_sha256, hash=record_path is not None,
-                       rows=loc.rows, quant=quant, entry=e.key))
+    for f, key, loc, m, codec in plan.each_edit():
+        e = m.entry
+        project = e.kind == "project_input" and not use_factors
+        ops_by_file.setdefault(f, {}).setdefault(key, []).append(
+            Op(e.V, e.strength * strength if project else strength, None if project else e.U,
+               collect_revert=record_path is not None, fingerprint=e.base_sha256, hash=record_path is not None,
+               rows=loc.rows, codec=codec, entry=e.key))
     every_tag = sorted(_tag(plan.checkpoint, f, k, op.rows) for f, ops in ops_by_file.items() for k, kops in ops.items() for op in kops)
 
     def rec(stats: list[TensorStats] | None) -> dict:
-        diverged = every_tag if stats is None else sorted(_tag(plan.checkpoint, Path(s.file), s.key, s.row_range) for s in stats if s.base_match is False)
+        diverged = every_tag if stats is None else sorted(_stat_tag(plan, s) for s in stats if s.base_match is False)
         return {"delta_sha256": dl.sha256, "concept": dl.concept_name, "strength": strength, "mode": "factors" if use_factors else "recompute",
                 "entries": len(plan.matched), "vpatch": __version__, "diverged": diverged}
 
@@ -710,14 +706,14 @@ def _tag(ck: Checkpoint, f: Path, key: str, rows: tuple[int, int] | list[int] | 
     return f"{f.relative_to(root).as_posix()}::{name}"
 
 
-def _weight_set(plan: Plan, f: Path) -> WeightSet:
-    return next(ws for ws in plan.checkpoint.weight_sets if f in ws.headers)
+def _stat_tag(plan: Plan, s: TensorStats) -> str:
+    return _tag(plan.checkpoint, Path(s.file), s.key, s.row_range)
 
 
 def _write_revert_record(path: Path, plan: Plan, ops_by_file: dict[Path, dict[str, list[Op]]], stats: list[TensorStats], delta_sha: str, overwrite: bool) -> None:
     tensors: dict[str, torch.Tensor] = {}
     originals: dict[str, str] = {}
-    by_tag = {_tag(plan.checkpoint, Path(s.file), s.key, s.row_range): s for s in stats}
+    by_tag = {_stat_tag(plan, s): s for s in stats}
     for f, ops in ops_by_file.items():
         for key, key_ops in ops.items():
             for op in key_ops:
@@ -771,26 +767,23 @@ def revert_delta(checkpoint: str | Path, delta: str | Path | Delta, out: str | P
     expect: dict[str, str | None] = {}  # tag -> the sha256 the reverted bytes must have
     rd = TensorReader(rec_header) if rec_header else None
     try:
-        for f, ms in plan.edits_by_file().items():
-            for key, hits in ms.items():
-                quant = quant_for(_weight_set(plan, f), key)
-                for loc, m in hits:
-                    e = m.entry
-                    name = _tag(plan.checkpoint, f, key, loc.rows)
-                    if rd is not None and f"{name}::U" in rec_header.tensors:
-                        op = Op(e.V, -1.0, rd.tensor(f"{name}::U"), fix_index=rd.tensor(f"{name}::fix_index"), fix_value=rd.tensor(f"{name}::fix_value"), hash=True)
-                        expect[name] = originals.get(name)
-                    elif e.kind == "project_input" and mode == "recompute" and name in diverged:
-                        lam = e.strength * strength
-                        if abs(lam - 1.0) < 1e-6:
-                            raise RevertError(f"{e.key}: a λ=1 projection on a checkpoint other than the probed base removed that component for good; revert needs the revert record written by apply --revert-record")
-                        op = Op(e.V, lam / (lam - 1.0), None, hash=True)  # W = W'(I - μ BBᵀ), μ = λ/(λ-1)
-                        expect[name] = None
-                    else:
-                        op = Op(e.V, -strength, e.U, hash=True)
-                        expect[name] = e.base_sha256 if e.base_dtype in (None, m.dtype) else None
-                    op.rows, op.quant, op.entry = loc.rows, quant, e.key
-                    ops_by_file.setdefault(f, {}).setdefault(key, []).append(op)
+        for f, key, loc, m, codec in plan.each_edit():
+            e = m.entry
+            name = _tag(plan.checkpoint, f, key, loc.rows)
+            if rd is not None and f"{name}::U" in rec_header.tensors:
+                op = Op(e.V, -1.0, rd.tensor(f"{name}::U"), fix_index=rd.tensor(f"{name}::fix_index"), fix_value=rd.tensor(f"{name}::fix_value"), hash=True)
+                expect[name] = originals.get(name)
+            elif e.kind == "project_input" and mode == "recompute" and name in diverged:
+                lam = e.strength * strength
+                if abs(lam - 1.0) < 1e-6:
+                    raise RevertError(f"{e.key}: a λ=1 projection on a checkpoint other than the probed base removed that component for good; revert needs the revert record written by apply --revert-record")
+                op = Op(e.V, lam / (lam - 1.0), None, hash=True)  # W = W'(I - μ BBᵀ), μ = λ/(λ-1)
+                expect[name] = None
+            else:
+                op = Op(e.V, -strength, e.U, hash=True)
+                expect[name] = e.base_sha256 if e.base_dtype in (None, m.dtype) else None
+            op.rows, op.codec, op.entry = loc.rows, codec, e.key
+            ops_by_file.setdefault(f, {}).setdefault(key, []).append(op)
     finally:
         if rd is not None:
             rd.close()
@@ -806,7 +799,7 @@ def revert_delta(checkpoint: str | Path, delta: str | Path | Delta, out: str | P
 
     def verify(stats: list[TensorStats]) -> None:
         for s in stats:
-            want = expect.get(_tag(plan.checkpoint, Path(s.file), s.key, s.row_range))
+            want = expect.get(_stat_tag(plan, s))
             s.exact = None if want is None else s.sha256_out == want
         bad = [s for s in stats if s.exact is False]
         if bad and not allow_inexact:

@@ -233,13 +233,16 @@ class TensorReader:
         t = self.header.tensors[name]
         return bytes_to_tensor(self.raw(name), t.dtype, t.shape)
 
-    def rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
-        """Rows [r0, r1) of a 2-D tensor, read without touching the rest."""
+    def raw_rows(self, name: str, r0: int, r1: int) -> bytearray:
+        """The stored bytes of rows [r0, r1), read without touching the rest."""
         t = self.header.tensors[name]
         row_bytes = t.nbytes // t.shape[0] if t.shape[0] else 0
-        a = self.header.data_start + t.begin + r0 * row_bytes
-        buf = pread_exact(self._fd, (r1 - r0) * row_bytes, a)
-        return bytes_to_tensor(buf, t.dtype, (r1 - r0, *t.shape[1:]))
+        return pread_exact(self._fd, (r1 - r0) * row_bytes, self.header.data_start + t.begin + r0 * row_bytes)
+
+    def rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
+        """Rows [r0, r1) of a tensor, decoded."""
+        t = self.header.tensors[name]
+        return bytes_to_tensor(self.raw_rows(name, r0, r1), t.dtype, (r1 - r0, *t.shape[1:]))
 
 
 def row_blocks(shape: tuple[int, ...], budget_bytes: int) -> list[tuple[int, int]]:
@@ -324,23 +327,27 @@ def copy_range(src_fd: int, src_off: int, dst_fd: int, dst_off: int, length: int
             dst_off += len(chunk)
 
 
+def copy_pieces(src_fd: int, src_off: int, dst_fd: int, dst_off: int, length: int, piece: int = 64 << 20,
+                progress=None, stop=None) -> None:
+    """``copy_range`` in pieces, starting writeback of each piece as it lands (see start_writeback);
+    ``progress(n)`` after each, ``stop`` (a threading.Event) ends it early."""
+    while length and not (stop is not None and stop.is_set()):
+        k = min(length, piece)
+        copy_range(src_fd, src_off, dst_fd, dst_off, k)
+        start_writeback(dst_fd, dst_off, k)
+        if progress is not None:
+            progress(k)
+        src_off, dst_off, length = src_off + k, dst_off + k, length - k
+
+
 def copy_file(src: Path, dst: Path, piece: int = 64 << 20, progress=None) -> None:
-    """Copy a whole file in the kernel, starting writeback as it goes, and fsync it: a copied shard
-    inside an output folder must be as durable as a patched one before the folder gets its name."""
+    """Copy a whole file in the kernel (``copy_pieces``). Not fsynced here: an output folder is
+    fsynced as a whole before it gets its name (output.atomic_dir)."""
     fi = os.open(src, os.O_RDONLY)
     try:
         fo = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            n = os.fstat(fi).st_size
-            pos = 0
-            while pos < n:
-                k = min(piece, n - pos)
-                copy_range(fi, pos, fo, pos, k)
-                start_writeback(fo, pos, k)
-                if progress is not None:
-                    progress(k)
-                pos += k
-            os.fsync(fo)
+            copy_pieces(fi, 0, fo, 0, os.fstat(fi).st_size, piece, progress)
         finally:
             os.close(fo)
     finally:
