@@ -43,18 +43,26 @@ def patterns_for(path: str | None) -> list[str]:
 
 
 def fetch(spec: str, revision: str | None = None, patterns: list[str] | None = None) -> Path:
-    """Download (or find in the cache) what ``spec`` names; returns the local path of the repo, file or folder."""
+    """Download (or find in the cache) what ``spec`` names; returns the local path of the repo, file or folder.
+    ``patterns`` narrow a whole-repo download (e.g. to a family's components); ``owner/name:PATH`` always
+    fetches that path."""
     parsed = parse(spec)
     if parsed is None:
         raise HubError(f"{spec}: no such file or folder, and not a hub id (owner/name or owner/name:path/in/repo)")
     repo, path = parsed
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
-        EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError,
+        EntryNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
     )
 
     try:
-        root = Path(snapshot_download(repo, revision=revision, allow_patterns=patterns or patterns_for(path)))
+        allow = patterns_for(path) if path is not None or not patterns else patterns
+        root = Path(snapshot_download(repo, revision=revision, allow_patterns=allow))
     except LocalEntryNotFoundError:
         raise HubError(f"{spec}: no such local path, and {repo} is not in the local hub cache while the hub cannot be reached;"
                        f" download it first (huggingface-cli download {repo}) or pass a local path") from None

@@ -26,6 +26,7 @@ from . import hub
 from .checkpoint import WeightSet, _scan_folder, load_single
 from .delta import Delta, DeltaEntry, projection_entry, versions, write_delta
 from .errors import ProbeError
+from .layouts import AliasRules
 from .merge import NullReporter, Reporter
 from .recipes import Concept, EncoderSpec, Family, SiteSpec, detect_family, load_concept, load_family
 from .refusal import METHODS, POOLINGS, pair_differences, pool, refusal_directions
@@ -125,10 +126,7 @@ def _hub_patterns(fam: Family, sites: list[SiteSpec]) -> list[str]:
 def open_source(model: str | Path, revision: str | None = None, patterns: list[str] | None = None) -> ModelSource:
     p = Path(model)
     if not p.exists():
-        parsed = hub.parse(str(model))
-        if parsed is not None and parsed[1] is not None:
-            patterns = None  # owner/name:path fetches that path (the family's patterns describe a whole pipeline)
-        p = hub.fetch(str(model), revision, patterns)  # without patterns: safetensors and sidecars only, never pickles
+        p = hub.fetch(str(model), revision, patterns)  # safetensors and sidecars only, never pickles
     if p.is_file():
         return ModelSource(p.parent, None, {}, single=load_single(p))
     idx = p / "model_index.json"
@@ -272,13 +270,6 @@ class Target:
     in_dim: int
 
 
-def _strip_prefix(key: str, prefixes: list[str]) -> str:
-    for p in sorted(prefixes, key=len, reverse=True):
-        if p and key.startswith(p):
-            return key[len(p):]
-    return key
-
-
 def site_targets(site: SiteSpec, src: ModelSource, layers: re.Pattern | None, prefixes: list[str] | None = None) -> list[Target]:
     """Every stored weight the site's patterns match, in every present component.
 
@@ -287,12 +278,13 @@ def site_targets(site: SiteSpec, src: ModelSource, layers: re.Pattern | None, pr
     ``model.diffusion_model.``), so one recipe serves every layout; the delta keeps the stored key.
     """
     out = []
+    rules = AliasRules(list(prefixes or []))
     for comp in site.components:
         ws = src.weights(comp)
         if ws is None:
             continue
         for key in sorted(ws.key_file):
-            canon = _strip_prefix(key, prefixes or [])
+            canon = rules.strip(key)[0]
             if not site.matches(canon) or (layers is not None and not layers.search(canon)):
                 continue
             shape = ws.shape(key)
