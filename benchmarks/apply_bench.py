@@ -33,8 +33,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from patcher.delta import Delta, projection_entry, write_delta  # noqa: E402
-from patcher.refusal import orthonormalize  # noqa: E402
+from patcher.vud.delta import Delta, projection_entry, write_delta  # noqa: E402
+from patcher.erasure.refusal import orthonormalize  # noqa: E402
 from patcher.safetensors_io import StreamWriter, copy_file  # noqa: E402
 
 WIDTH = 5120

@@ -24,8 +24,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from patcher.eval import EvalOptions, evaluate  # noqa: E402
-from patcher.probe import ProbeOptions, probe  # noqa: E402
+from patcher.evaluation.core import EvalOptions, evaluate  # noqa: E402
+from patcher.probe.core import ProbeOptions, probe  # noqa: E402
 
 BASE = {"method": "cpca", "site": "text_proj", "rank": 8, "strength": 1.2, "alpha": 1.0}
 SWEEPS = [  # one factor at a time around BASE, then the mean-diff edit at other sites and strengths
@@ -61,7 +61,7 @@ def run_variant(model: Path, concept: Path, v: dict, work: Path, opt: EvalOption
 
 
 def r_attr(concept: Path) -> str:
-    from patcher.recipes import load_concept
+    from patcher.families.recipes import load_concept
 
     return load_concept(concept).judge["organism"]["attribute"]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from click.testing import CliRunner
 from tests import tiny_pipes
 from patcher.cli import main
-from patcher.delta import read_delta
+from patcher.vud.delta import read_delta
 d = Path(tempfile.mkdtemp())
 src, _ = tiny_pipes.cogvideox(d / "cog")
 sets = ["denoise.steps=2", "denoise.call.max_sequence_length=16", "denoise.call.num_frames=8", "denoise.call.height=16", "denoise.call.width=16"]

@@ -123,7 +123,7 @@ def pipeline_folder(root: Path, run: tuple, layers: int, device: str) -> tuple[P
 
 
 def child(folder: str, site: str, device: str, out: str) -> None:
-    from patcher.probe import ProbeOptions, probe
+    from patcher.probe.core import ProbeOptions, probe
 
     t0 = time.time()
     r = probe(folder, "nudity", out, ProbeOptions(sites=[site], device=device, rank=100))

@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import save_file
 
 import patcher
-from patcher.delta import Delta, projection_entry
-from patcher.refusal import orthonormalize
+from patcher.vud.delta import Delta, projection_entry
+from patcher.erasure.refusal import orthonormalize
 
 
 def build_pipeline(root: Path) -> dict[str, torch.Tensor]:

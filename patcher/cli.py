@@ -18,10 +18,10 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from . import __version__
+from ._version import __version__
 from .errors import VpatchError
-from .inspect import inspect_path
-from .merge import Report, apply_delta, revert_delta
+from .inspection import inspect_path
+from .merge.engine import Report, apply_delta, revert_delta
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -257,8 +257,8 @@ def probe(model, concept, out, family, sites, layer_filter, method, rank, alpha,
       vpatch probe ./cogvideox -c gore -o gore.vud --layers text_proj,t5_ffn --rank 64
       vpatch probe Open_Sora_v2.safetensors -c trademark -o tm.vud --encoder text=./t5-xxl --encoder pooled=./clip-l
     """
-    from .probe import ProbeOptions
-    from .probe import probe as run_probe
+    from .probe.core import ProbeOptions
+    from .probe.core import probe as run_probe
 
     opt = ProbeOptions(family=family, method=method, rank=rank, alpha=alpha, strength=strength, directions=directions,
                        pooling=pooling, sites=[s.strip() for s in sites.split(",") if s.strip()] if sites else None,
@@ -307,9 +307,9 @@ def eval_cmd(model, concept, delta, patched, judge, clip_model, seeds, steps, gu
     Example (the shipped organism):
       vpatch eval examples/organism/model -c examples/organism/red.toml --delta red.vud --preview red.gif
     """
-    from .eval import EvalOptions, evaluate, summary_rows, to_json
+    from .evaluation.core import EvalOptions, evaluate, summary_rows, to_json
 
-    from .recipes import apply_overrides
+    from .families.recipes import apply_overrides
 
     call = apply_overrides({}, list(calls))
     opt = EvalOptions(seeds=seeds, steps=steps, guidance=guidance, judge=judge, clip_model=clip_model, strength=strength,
@@ -396,7 +396,7 @@ def convert(src, out, trust_pickle, overwrite, as_json):
 @_user_errors
 def families(as_json):
     """List the model-family recipes, their edit sites and defaults."""
-    from .recipes import family_files, load_family
+    from .families.recipes import family_files, load_family
 
     rows = []
     for f in family_files():
@@ -434,7 +434,7 @@ def inspect(path, delta, component, as_json):
     tensor is the exact one the delta was probed from, or why it does not resolve.
     """
     if delta is not None:
-        from .inspect import inspect_resolution
+        from .inspection import inspect_resolution
 
         info = inspect_resolution(path, delta, component)
         if as_json:

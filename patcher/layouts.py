@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .checkpoint import WeightSet
-from .recipes import Family, Rename, shipped_families
+from .families.recipes import Family, Rename, shipped_families
 
 
 @dataclass(frozen=True)

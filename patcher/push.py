@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .checkpoint import open_checkpoint
 from .errors import VpatchError
-from .merge import RECORD_FORMAT
+from .merge.engine import RECORD_FORMAT
 LIMITS = (
     "Safety edits can be incomplete: the concept may still appear for prompts, seeds or phrasings that were not "
     "evaluated, and other content can change slightly. The edit is a low-rank change of a few weight matrices; "
@@ -148,7 +148,7 @@ def push(folder: str | Path, repo_id: str, *, base_model: str | None = None, del
         raise PushError(f"{bad[0]} would let anyone undo the edit (a delta or a revert record); move it out of {folder} before pushing")
     dinfo = None
     if delta is not None:
-        from .delta import read_delta
+        from .vud.delta import read_delta
 
         d = read_delta(delta)
         if d.sha256 not in {r.get("delta_sha256") for r in applied}:

@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from patcher.delta import Delta, DeltaEntry, projection_entry, write_delta
-from patcher.refusal import orthonormalize
+from patcher.vud.delta import Delta, DeltaEntry, projection_entry, write_delta
+from patcher.erasure.refusal import orthonormalize
 
 K = "blocks.0.attn2.to_k.weight"
 V = "blocks.0.attn2.to_v.weight"

@@ -9,7 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import patcher
-from patcher import merge
+from patcher.merge import engine as merge
 from patcher.errors import (AlreadyApplied, CompatibilityError, DtypeError, FormatError, NumericError, OutputError,
                             PickleRefused, RevertError)
 from patcher.safetensors_io import read_header
@@ -135,7 +135,7 @@ def test_bare_component_inferred_or_named(tmp_path):
     t = model_tensors(torch.float32)
     save_file(t, tmp_path / "m.safetensors")
     # a Wan 2.2-like delta: the same keys for transformer and transformer_2
-    from patcher.delta import Delta, projection_entry, write_delta
+    from patcher.vud.delta import Delta, projection_entry, write_delta
 
     B = directions()
     ents = [projection_entry(f"{c}/{K}", t[K], B, 1.0) for c in ("transformer", "transformer_2")]
@@ -259,7 +259,7 @@ def test_rounding_report_warns_when_the_edit_is_below_resolution(tmp_path):
     save_file(t, tmp_path / "m.safetensors")
     d = add_delta(tmp_path / "tiny.vud", (40, 24))  # |ΔW| ~ 1e-2 * |N(0,1)| ... scaled down below
     e = d.entries[0]
-    from patcher.delta import Delta, DeltaEntry, write_delta
+    from patcher.vud.delta import Delta, DeltaEntry, write_delta
 
     write_delta(tmp_path / "tiny2.vud", Delta([DeltaEntry(e.key, e.shape, "add", 1.0, e.U * 0.05, e.V)], {"name": "tiny"}, {}))
     r = patcher.apply_delta(tmp_path / "m.safetensors", tmp_path / "tiny2.vud", tmp_path / "o.safetensors")
@@ -421,7 +421,7 @@ def test_truncated_shard_in_checkpoint_is_a_format_error(tmp_path):
 def test_peak_memory_estimate_is_bounded_by_row_blocks(tmp_path):
     big = {"w": torch.zeros(4096, 4096, dtype=torch.bfloat16)}
     save_file(big, tmp_path / "m.safetensors")
-    from patcher.delta import Delta, projection_entry, write_delta
+    from patcher.vud.delta import Delta, projection_entry, write_delta
 
     write_delta(tmp_path / "d.vud", Delta([projection_entry("transformer/w", big["w"].float(), directions(4096), 1.0)], {"name": "x"}, {}))
     r = patcher.apply_delta(tmp_path / "m.safetensors", tmp_path / "d.vud", dry_run=True)
@@ -454,7 +454,7 @@ def test_rounding_report_of_a_large_tensor_is_sampled_not_the_bytes(tmp_path, mo
 
     # an overflow confined to a block outside the sample is still caught
     monkeypatch.setattr(merge, "STAT_EVERY", 4)
-    from patcher.delta import Delta, DeltaEntry, write_delta
+    from patcher.vud.delta import Delta, DeltaEntry, write_delta
 
     U = torch.zeros(400, 1)
     U[15, 0] = 3e38  # row 15 lies in block 1, which the sample skips

@@ -6,9 +6,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from patcher.delta import Delta, DeltaEntry, read_delta, write_delta
+from patcher.vud.delta import Delta, DeltaEntry, read_delta, write_delta
 from patcher.errors import DeltaError, IntegrityError, OutputError, VpatchError
-from patcher.refusal import lowrank_norm, orthonormalize, projection_factors
+from patcher.erasure.refusal import lowrank_norm, orthonormalize, projection_factors
 
 from .conftest import K, V, make_delta, model_tensors
 

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 pytest.importorskip("diffusers")
 
 from patcher.cli import main  # noqa: E402
-from patcher.eval import EvalError, EvalOptions, _mmd, evaluate, mean_ci, wilson  # noqa: E402
+from patcher.evaluation.core import EvalError, EvalOptions, _mmd, evaluate, mean_ci, wilson  # noqa: E402
 from tests import tiny_pipes  # noqa: E402
 
 

@@ -12,10 +12,10 @@ from safetensors.torch import load_file, save_file
 
 import patcher
 from patcher.cli import main
-from patcher.delta import Delta, projection_entry, write_delta
+from patcher.vud.delta import Delta, projection_entry, write_delta
 from patcher.errors import CompatibilityError, RecipeError
-from patcher.recipes import parse_family
-from patcher.refusal import orthonormalize
+from patcher.families.recipes import parse_family
+from patcher.erasure.refusal import orthonormalize
 
 from .conftest import raw_sha
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from patcher import organism as W
-from patcher.recipes import load_concept
+from patcher.families.recipes import load_concept
 
 
 def blur(x: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -23,9 +23,9 @@ from tests import tiny_pipes  # noqa: E402
 from diffusers import DiffusionPipeline  # noqa: E402
 
 from patcher.cli import main  # noqa: E402
-from patcher.delta import read_delta  # noqa: E402
-from patcher.probe import _find_module  # noqa: E402
-from patcher.refusal import edit_weight  # noqa: E402
+from patcher.vud.delta import read_delta  # noqa: E402
+from patcher.probe.core import _find_module  # noqa: E402
+from patcher.erasure.refusal import edit_weight  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
@@ -155,7 +155,7 @@ def test_wan22_edits_both_experts(pipes, tmp_path):
     e1, e2 = read_delta(vud).entries
     assert not torch.allclose(e1.U, e2.U)
     # the fingerprints the probe recorded are the ones apply computes on the same tensors
-    from patcher.inspect import inspect_resolution
+    from patcher.inspection import inspect_resolution
 
     info = inspect_resolution(src, vud)
     assert info["verdict"] == "compatible" and all(r["fingerprint"] == "base" for r in info["entries"])
@@ -228,8 +228,8 @@ REF_CASES = [
 def test_capture_matches_the_pipelines_own_forward(case, pipes):
     """What the probe computes as a site's input (encoder + chain, no denoiser) equals what the real
     module receives inside the diffusers pipeline, seen by a forward pre-hook."""
-    from patcher.probe import open_source, site_inputs, site_targets
-    from patcher.recipes import load_family
+    from patcher.probe.core import open_source, site_inputs, site_targets
+    from patcher.families.recipes import load_family
 
     builder, site, overrides, extra = case
     src, call = pipes(builder)
@@ -256,7 +256,7 @@ def test_capture_matches_the_pipelines_own_forward(case, pipes):
 def test_image_capture_matches_the_pipelines_own_forward(pipes, tmp_path):
     from PIL import Image
 
-    from patcher.probe import site_inputs
+    from patcher.probe.core import site_inputs
 
     src, call = pipes("wan_i2v")
     Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "i.png")
@@ -408,7 +408,7 @@ def test_probe_by_hub_id_from_the_local_cache(pipes, tmp_path, monkeypatch):
 
 
 def test_existing_output_is_refused_before_any_work_unless_overwrite(pipes, tmp_path, monkeypatch):
-    import patcher.probe as P
+    import patcher.probe.core as P
 
     wan, _ = pipes("wan")
     out = tmp_path / "x.vud"

@@ -15,8 +15,8 @@ from safetensors.torch import save_file
 pytest.importorskip("transformers")
 
 from patcher.cli import main  # noqa: E402
-from patcher.delta import read_delta  # noqa: E402
-from patcher.refusal import edit_weight  # noqa: E402
+from patcher.vud.delta import read_delta  # noqa: E402
+from patcher.erasure.refusal import edit_weight  # noqa: E402
 from tests import tiny_pipes  # noqa: E402
 
 
@@ -109,7 +109,7 @@ def test_opensora12_cross_kv_edits_every_fused_kv_linear_through_the_caption_mlp
     and the edit lands on both row blocks (K and V) of every spatial and temporal cross-attention."""
     from transformers import AutoTokenizer, T5EncoderModel
 
-    from patcher.probe import site_inputs
+    from patcher.probe.core import site_inputs
 
     ck = tmp_path / "opensora12.safetensors"
     t = _opensora12(ck, prefix=prefix)

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 from patcher.cli import main
 from patcher.errors import RecipeError
-from patcher.recipes import (
+from patcher.families.recipes import (
     RECIPES_DIR, apply_overrides, family_files, load_concept, load_family, parse_concept, parse_family,
 )
 

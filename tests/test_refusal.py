@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from patcher.refusal import (
+from patcher.erasure.refusal import (
     contrastive_subspace, edit_weight, is_orthonormal, pair_differences, pool, refusal_directions, refusal_vector,
 )
 

@@ -17,7 +17,7 @@ SENTENCES_FILE = None
 
 
 def _recipe_sentences() -> list[str]:
-    from patcher.recipes import RECIPES_DIR, load_concept
+    from patcher.families.recipes import RECIPES_DIR, load_concept
 
     out = ["a red ball moving left", "a blue square moving right", "dance monkey", "negative"]
     for p in sorted((RECIPES_DIR / "concepts").glob("*.toml")):

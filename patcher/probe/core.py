@@ -22,15 +22,15 @@ from collections.abc import Callable
 
 import torch
 
-from . import hub
-from .checkpoint import WeightSet, _scan_folder, load_single
-from .delta import Delta, DeltaEntry, projection_entry, versions, write_delta
-from .errors import ProbeError
-from .layouts import AliasRules
-from .merge import NullReporter, Reporter
-from .recipes import Concept, EncoderSpec, Family, SiteSpec, detect_family, load_concept, load_family
-from .refusal import METHODS, POOLINGS, pair_differences, pool, refusal_directions
-from .safetensors_io import TensorReader, bytes_to_tensor
+from .. import hub
+from ..checkpoint import WeightSet, _scan_folder, load_single
+from ..vud.delta import Delta, DeltaEntry, projection_entry, versions, write_delta
+from ..errors import ProbeError
+from ..layouts import AliasRules
+from ..merge.engine import NullReporter, Reporter
+from ..families.recipes import Concept, EncoderSpec, Family, SiteSpec, detect_family, load_concept, load_family
+from ..erasure.refusal import METHODS, POOLINGS, pair_differences, pool, refusal_directions
+from ..safetensors_io import TensorReader, bytes_to_tensor
 
 _LAYER_IDX = re.compile(r"\.(\d+)\.")
 OFFLOADS = ("none", "model", "sequential", "balanced")
@@ -506,7 +506,7 @@ def resolve_family(src: ModelSource, name: str | None, overrides: list[str]) -> 
 def probe(model: str | Path, concept: str | Path | Concept, out: str | Path, options: ProbeOptions | None = None,
           reporter: Reporter | None = None, log: Callable[[str], None] | None = None) -> ProbeReport:
     """Probe MODEL for CONCEPT and write the delta to OUT (atomically)."""
-    from .output import check_target
+    from ..output import check_target
 
     opt = options or ProbeOptions()
     rep = reporter or NullReporter()

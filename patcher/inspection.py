@@ -6,8 +6,8 @@ from collections import Counter
 from pathlib import Path
 
 from .checkpoint import open_checkpoint
-from .delta import read_delta
-from .refusal import lowrank_norm
+from .vud.delta import read_delta
+from .erasure.refusal import lowrank_norm
 from .safetensors_io import read_header
 
 
@@ -50,7 +50,7 @@ def inspect_resolution(path: str | Path, delta: str | Path, component: str | Non
     """How each delta entry resolves against a checkpoint: which file and dtype, or why not, and
     whether the tensor is the exact one the delta was probed from (its sha256)."""
     from .errors import CompatibilityError
-    from .merge import plan_apply
+    from .merge.engine import plan_apply
 
     try:
         plan = plan_apply(path, delta, component=component, allow_partial=True, fingerprints=True)

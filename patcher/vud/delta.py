@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
-from .errors import DeltaError, FormatError, IntegrityError
-from .refusal import is_orthonormal, projection_factors
-from .safetensors_io import DTYPE_BITS, TensorReader, read_header, save_tensors
+from .._version import __version__
+from ..errors import DeltaError, FormatError, IntegrityError
+from ..erasure.refusal import is_orthonormal, projection_factors
+from ..safetensors_io import DTYPE_BITS, TensorReader, read_header, save_tensors
 
 FORMAT = "vud"
 FORMAT_VERSION = 1
@@ -110,7 +110,7 @@ def versions() -> dict[str, str]:
 
 def write_delta(path: str | os.PathLike, delta: Delta, overwrite: bool = False) -> str:
     """Validate, then write atomically; returns the delta hash."""
-    from .output import atomic_file
+    from ..output import atomic_file
 
     _check_entries(delta.entries, str(path))
     tensors: dict[str, torch.Tensor] = {}

@@ -21,15 +21,15 @@ from typing import Protocol
 
 import torch
 
-from . import __version__
-from .checkpoint import Checkpoint, Component, WeightSet, load_index, open_checkpoint, provenance
-from .delta import Delta, DeltaEntry, read_delta
-from .dtypes import Codec, codec_for, dtype_refusal
-from .errors import AlreadyApplied, CompatibilityError, DtypeError, NumericError, OutputError, PickleRefused, RevertError
-from .layouts import AliasRules, Location, resolve, rules_for
-from .output import atomic_dir, atomic_file
-from .refusal import lowrank_norm, projected_rows
-from .safetensors_io import (
+from .._version import __version__
+from ..checkpoint import Checkpoint, Component, WeightSet, load_index, open_checkpoint, provenance
+from ..vud.delta import Delta, DeltaEntry, read_delta
+from ..dtypes import Codec, codec_for, dtype_refusal
+from ..errors import AlreadyApplied, CompatibilityError, DtypeError, NumericError, OutputError, PickleRefused, RevertError
+from ..layouts import AliasRules, Location, resolve, rules_for
+from ..output import atomic_dir, atomic_file
+from ..erasure.refusal import lowrank_norm, projected_rows
+from ..safetensors_io import (
     TORCH_DTYPES, Header, PositionalWriter, TensorInfo, TensorReader, copy_file, copy_pieces, pwrite_all, read_header, start_writeback,
     rewrite_metadata, row_blocks, save_tensors,
 )

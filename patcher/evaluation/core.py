@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import VpatchError
-from .merge import NullReporter, Reporter, apply_delta
-from .recipes import Concept, load_concept
+from ..errors import VpatchError
+from ..merge.engine import NullReporter, Reporter, apply_delta
+from ..families.recipes import Concept, load_concept
 
 SETS = ("probe", "paraphrase", "synonym", "unseen", "template")
 
@@ -73,7 +73,7 @@ def rate(flags: list[bool]) -> dict:
 
 class OrganismGenerator:
     def __init__(self, folder: Path, opt: EvalOptions):
-        from . import organism
+        from .. import organism
 
         self.o = organism
         self.models = organism.load(folder)
@@ -107,7 +107,7 @@ class OrganismJudge:
     name = "organism"
 
     def __init__(self, concept: Concept, _opt: EvalOptions):
-        from . import organism
+        from .. import organism
 
         if "organism" not in concept.judge:
             raise EvalError(f"concept {concept.name!r} has no [judge.organism] table (attribute, value); the organism judge needs it")
@@ -217,8 +217,8 @@ def evaluate(model: str | Path, concept: str | Path | Concept, *, delta: str | P
 
     ``cache`` (a dict the caller keeps) reuses the original model's clips across calls with the same
     prompts, seeds and sampler settings, as the ablation benchmark does."""
-    from . import organism
-    from .probe import _quiet_libraries
+    from .. import organism
+    from ..probe.core import _quiet_libraries
 
     _quiet_libraries()
     opt = options or EvalOptions()
@@ -316,7 +316,7 @@ def write_preview(path: Path, jobs: list[tuple[str, str, int]], clips: dict[str,
     """An animated GIF: one row per chosen prompt, original on the left, patched on the right."""
     from PIL import Image
 
-    from .output import atomic_file
+    from ..output import atomic_file
 
     rows, seen = [], {}
     for i, (name, _p, _s) in enumerate(jobs):

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import RecipeError
-from .refusal import METHODS, POOLINGS
+from ..errors import RecipeError
+from ..erasure.refusal import METHODS, POOLINGS
 
-RECIPES_DIR = Path(os.environ.get("VPATCH_RECIPES", Path(__file__).resolve().parent.parent / "recipes"))
+RECIPES_DIR = Path(os.environ.get("VPATCH_RECIPES", Path(__file__).resolve().parent / "recipes_data"))
 MAX_RECIPE_BYTES = 1 << 20
 ENCODER_KINDS = ("text", "pooled", "image")
 MASKS = ("attention", "all")
