@@ -33,25 +33,32 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from patcher.vud.delta import Delta, projection_entry, write_delta  # noqa: E402
 from patcher.erasure.refusal import orthonormalize  # noqa: E402
 from patcher.safetensors_io import StreamWriter, copy_file  # noqa: E402
+from patcher.vud.delta import Delta, projection_entry, write_delta  # noqa: E402
 
 WIDTH = 5120
 FFN = 13824
 
 
-TEXT_PROJ = "condition_embedder.text_embedder.linear_1.weight"  # Wan's default edit site, (5120, 4096)
+TEXT_PROJ = (
+    "condition_embedder.text_embedder.linear_1.weight"  # Wan's default edit site, (5120, 4096)
+)
 
 
 def make_checkpoint(path: Path, size_gb: float, edit: str = "cross_kv") -> tuple[list[str], int]:
     """Stream a BF16 checkpoint to disk block by block (never holding it whole)."""
     square = [f"attn{a}.{p}" for a in (1, 2) for p in ("to_q", "to_k", "to_v", "to_out.0")]
-    shapes = {n: (WIDTH, WIDTH) for n in square} | {"ffn.net.0.proj": (FFN, WIDTH), "ffn.net.2": (WIDTH, FFN)}
+    shapes = {n: (WIDTH, WIDTH) for n in square} | {
+        "ffn.net.0.proj": (FFN, WIDTH),
+        "ffn.net.2": (WIDTH, FFN),
+    }
     per_block = sum(a * b * 2 for a, b in shapes.values())
     blocks = max(1, round(size_gb * 2**30 / per_block))
     entries = [(TEXT_PROJ, "BF16", (WIDTH, 4096))]
-    entries += [(f"blocks.{b}.{n}.weight", "BF16", shp) for b in range(blocks) for n, shp in shapes.items()]
+    entries += [
+        (f"blocks.{b}.{n}.weight", "BF16", shp) for b in range(blocks) for n, shp in shapes.items()
+    ]
     g = torch.Generator().manual_seed(0)
     w = torch.randn(FFN, WIDTH, generator=g).mul_(0.02).to(torch.bfloat16)
     raw = w.view(torch.int16).numpy().tobytes()
@@ -74,8 +81,15 @@ def make_delta(path: Path, keys: list[str]) -> None:
     entries = []
     for k in keys:
         inn = 4096 if k == TEXT_PROJ else WIDTH
-        flat = torch.randn(FFN, WIDTH, generator=torch.Generator().manual_seed(0)).mul_(0.02).to(torch.bfloat16).reshape(-1)
-        w = flat[: WIDTH * inn].reshape(WIDTH, inn).contiguous()  # the bytes make_checkpoint wrote for this tensor
+        flat = (
+            torch.randn(FFN, WIDTH, generator=torch.Generator().manual_seed(0))
+            .mul_(0.02)
+            .to(torch.bfloat16)
+            .reshape(-1)
+        )
+        w = (
+            flat[: WIDTH * inn].reshape(WIDTH, inn).contiguous()
+        )  # the bytes make_checkpoint wrote for this tensor
         sha = hashlib.sha256(w.view(torch.int16).numpy().tobytes()).hexdigest()
         B = orthonormalize(torch.randn(inn, 1, generator=torch.Generator().manual_seed(1)))
         entries.append(projection_entry(f"transformer/{k}", w.float(), B, 1.0, sha, "BF16"))
@@ -119,19 +133,39 @@ def timed_apply(src: Path, delta: Path, dst: Path) -> tuple[float, int, dict]:
     )
     settle()
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=HERE.parent)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=HERE.parent
+    )
     wall = time.perf_counter() - t0
     res = json.loads(out.stdout.strip().splitlines()[-1])
     return res["s"], res["rss"], {"wall_with_startup": wall, "edited": res["n"]}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size-gb", type=float, action="append", help="checkpoint size; repeat for several (default 1 and 3)")
-    ap.add_argument("--dir", type=Path, default=None, help="scratch folder (needs ~3x the largest size free)")
-    ap.add_argument("--repeat", type=int, default=2, help="alternating copy/apply rounds per size; best of each is kept")
-    ap.add_argument("--edit", choices=["cross_kv", "text_proj"], default="cross_kv",
-                    help="cross_kv: every attn2.to_k/to_v (15%% of the bytes); text_proj: Wan's default site, one (5120, 4096) tensor")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--size-gb",
+        type=float,
+        action="append",
+        help="checkpoint size; repeat for several (default 1 and 3)",
+    )
+    ap.add_argument(
+        "--dir", type=Path, default=None, help="scratch folder (needs ~3x the largest size free)"
+    )
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=2,
+        help="alternating copy/apply rounds per size; best of each is kept",
+    )
+    ap.add_argument(
+        "--edit",
+        choices=["cross_kv", "text_proj"],
+        default="cross_kv",
+        help="cross_kv: every attn2.to_k/to_v (15%% of the bytes); text_proj: Wan's default site, one (5120, 4096) tensor",
+    )
     args = ap.parse_args()
     sizes = args.size_gb or [2.0, 4.0]
     root = Path(tempfile.mkdtemp(prefix="vpatch-bench-", dir=args.dir))
@@ -154,13 +188,24 @@ def main() -> None:
                 best_apply, rss = min(best_apply, s), max(rss, r)
             nbytes = ck.stat().st_size
             bound = 3 * largest + 300 * 2**20
-            rows.append({
-                "size_gib": round(nbytes / 2**30, 2), "edit": args.edit, "edited_tensors": len(edited), "largest_edited_mib": round(largest / 2**20, 1),
-                "copy_s": round(best_copy, 2), "kcopy_s": round(best_kcopy, 2), "apply_s": round(best_apply, 2),
-                "copy_gib_s": round(nbytes / 2**30 / best_copy, 2), "apply_gib_s": round(nbytes / 2**30 / best_apply, 2),
-                "throughput_ratio": round(best_copy / best_apply, 3), "vs_kcopy": round(best_kcopy / best_apply, 3),
-                "peak_rss_mib": round(rss / 2**20, 1), "rss_bound_mib": round(bound / 2**20, 1), "rss_ok": rss <= bound,
-            })
+            rows.append(
+                {
+                    "size_gib": round(nbytes / 2**30, 2),
+                    "edit": args.edit,
+                    "edited_tensors": len(edited),
+                    "largest_edited_mib": round(largest / 2**20, 1),
+                    "copy_s": round(best_copy, 2),
+                    "kcopy_s": round(best_kcopy, 2),
+                    "apply_s": round(best_apply, 2),
+                    "copy_gib_s": round(nbytes / 2**30 / best_copy, 2),
+                    "apply_gib_s": round(nbytes / 2**30 / best_apply, 2),
+                    "throughput_ratio": round(best_copy / best_apply, 3),
+                    "vs_kcopy": round(best_kcopy / best_apply, 3),
+                    "peak_rss_mib": round(rss / 2**20, 1),
+                    "rss_bound_mib": round(bound / 2**20, 1),
+                    "rss_ok": rss <= bound,
+                }
+            )
             for p in root.iterdir():
                 p.unlink()
     finally:
@@ -170,8 +215,10 @@ def main() -> None:
     for r in rows:
         print(" | ".join(str(r[c]) for c in cols))
     if len(rows) > 1:
-        print(f"peak RSS growth from {rows[0]['size_gib']} to {rows[-1]['size_gib']} GiB: "
-              f"{rows[-1]['peak_rss_mib'] - rows[0]['peak_rss_mib']:+.1f} MiB")
+        print(
+            f"peak RSS growth from {rows[0]['size_gib']} to {rows[-1]['size_gib']} GiB: "
+            f"{rows[-1]['peak_rss_mib'] - rows[0]['peak_rss_mib']:+.1f} MiB"
+        )
     print(json.dumps(rows))
 
 

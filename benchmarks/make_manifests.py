@@ -14,16 +14,63 @@ from pathlib import Path
 import torch
 
 CONFIGS = {
-    "wan2.1-t2v-1.3b": ("WanTransformer3DModel", "WanPipeline", dict(
-        patch_size=[1, 2, 2], num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16, text_dim=4096,
-        freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6)),
-    "wan2.1-t2v-14b": ("WanTransformer3DModel", "WanPipeline", dict(
-        patch_size=[1, 2, 2], num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16, text_dim=4096,
-        freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6)),
-    "cogvideox-5b": ("CogVideoXTransformer3DModel", "CogVideoXPipeline", dict(
-        num_attention_heads=48, attention_head_dim=64, in_channels=16, out_channels=16, text_embed_dim=4096, num_layers=42,
-        sample_width=90, sample_height=60, sample_frames=49, patch_size=2, temporal_compression_ratio=4, max_text_seq_length=226,
-        time_embed_dim=512, use_rotary_positional_embeddings=True, use_learned_positional_embeddings=False)),
+    "wan2.1-t2v-1.3b": (
+        "WanTransformer3DModel",
+        "WanPipeline",
+        dict(
+            patch_size=[1, 2, 2],
+            num_attention_heads=12,
+            attention_head_dim=128,
+            in_channels=16,
+            out_channels=16,
+            text_dim=4096,
+            freq_dim=256,
+            ffn_dim=8960,
+            num_layers=30,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            eps=1e-6,
+        ),
+    ),
+    "wan2.1-t2v-14b": (
+        "WanTransformer3DModel",
+        "WanPipeline",
+        dict(
+            patch_size=[1, 2, 2],
+            num_attention_heads=40,
+            attention_head_dim=128,
+            in_channels=16,
+            out_channels=16,
+            text_dim=4096,
+            freq_dim=256,
+            ffn_dim=13824,
+            num_layers=40,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            eps=1e-6,
+        ),
+    ),
+    "cogvideox-5b": (
+        "CogVideoXTransformer3DModel",
+        "CogVideoXPipeline",
+        dict(
+            num_attention_heads=48,
+            attention_head_dim=64,
+            in_channels=16,
+            out_channels=16,
+            text_embed_dim=4096,
+            num_layers=42,
+            sample_width=90,
+            sample_height=60,
+            sample_frames=49,
+            patch_size=2,
+            temporal_compression_ratio=4,
+            max_text_seq_length=226,
+            time_embed_dim=512,
+            use_rotary_positional_embeddings=True,
+            use_learned_positional_embeddings=False,
+        ),
+    ),
 }
 
 
@@ -35,8 +82,14 @@ def main() -> None:
         with torch.device("meta"):
             model = getattr(diffusers, cls)(**cfg)
         tensors = [[k, list(v.shape)] for k, v in model.state_dict().items()]
-        doc = {"class": cls, "pipeline": pipe, "config": cfg, "diffusers": diffusers.__version__,
-               "params": sum(int(torch.Size(s).numel()) for _k, s in tensors), "tensors": tensors}
+        doc = {
+            "class": cls,
+            "pipeline": pipe,
+            "config": cfg,
+            "diffusers": diffusers.__version__,
+            "params": sum(int(torch.Size(s).numel()) for _k, s in tensors),
+            "tensors": tensors,
+        }
         (out / f"{name}.json").write_text(json.dumps(doc, separators=(",", ":")))
         print(name, doc["params"] / 1e9, "B params,", len(tensors), "tensors")
 

@@ -33,13 +33,42 @@ sys.path.insert(0, str(HERE.parent))
 from patcher.safetensors_io import build_header  # noqa: E402
 
 ENCODERS = {
-    "umt5-xxl": ("UMT5EncoderModel", "UMT5Config", dict(
-        vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, relative_attention_num_buckets=32,
-        relative_attention_max_distance=128, feed_forward_proj="gated-gelu", tie_word_embeddings=False, pad_token_id=0,
-        eos_token_id=1, decoder_start_token_id=0)),
-    "t5-v1_1-xxl": ("T5EncoderModel", "T5Config", dict(
-        vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, feed_forward_proj="gated-gelu",
-        tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)),
+    "umt5-xxl": (
+        "UMT5EncoderModel",
+        "UMT5Config",
+        dict(
+            vocab_size=256384,
+            d_model=4096,
+            d_kv=64,
+            d_ff=10240,
+            num_layers=24,
+            num_heads=64,
+            relative_attention_num_buckets=32,
+            relative_attention_max_distance=128,
+            feed_forward_proj="gated-gelu",
+            tie_word_embeddings=False,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        ),
+    ),
+    "t5-v1_1-xxl": (
+        "T5EncoderModel",
+        "T5Config",
+        dict(
+            vocab_size=32128,
+            d_model=4096,
+            d_kv=64,
+            d_ff=10240,
+            num_layers=24,
+            num_heads=64,
+            feed_forward_proj="gated-gelu",
+            tie_word_embeddings=False,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        ),
+    ),
 }
 # (config name, manifest, encoder, sites)
 RUNS = [
@@ -49,13 +78,20 @@ RUNS = [
     ("wan2.1-14b", "wan2.1-t2v-14b", "umt5-xxl", "t5_ffn"),
     ("cogvideox-5b", "cogvideox-5b", "t5-v1_1-xxl", "text_proj"),
 ]
-FILLED = ("condition_embedder.text_embedder.", "patch_embed.text_proj.", ".attn2.to_k.", ".attn2.to_v.")
+FILLED = (
+    "condition_embedder.text_embedder.",
+    "patch_embed.text_proj.",
+    ".attn2.to_k.",
+    ".attn2.to_v.",
+)
 
 
 def sparse_denoiser(folder: Path, manifest: dict, dtype: str = "BF16") -> tuple[int, int]:
     """A real-size safetensors file whose unread tensors are holes; returns (apparent, allocated) bytes."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps({"_class_name": manifest["class"], **manifest["config"]}))
+    (folder / "config.json").write_text(
+        json.dumps({"_class_name": manifest["class"], **manifest["config"]})
+    )
     entries = [(k, dtype, tuple(s)) for k, s in manifest["tensors"]]
     head, infos = build_header(entries, {"format": "pt"})
     path = folder / "diffusion_pytorch_model.safetensors"
@@ -87,7 +123,9 @@ def encoder_folder(root: Path, name: str, layers: int, device: str) -> tuple[Pat
             model = getattr(transformers, cls)(config).to(torch.bfloat16).eval()
         model.save_pretrained(str(d), max_shard_size="5GB")
         del model
-        tok = t5_tokenizer(d / "_tok")  # offline tokenizer: same sequence length (padded to max_length), other ids
+        tok = t5_tokenizer(
+            d / "_tok"
+        )  # offline tokenizer: same sequence length (padded to max_length), other ids
         tok.save_pretrained(str(d / "tokenizer"))
         shutil.rmtree(d / "_tok", ignore_errors=True)
         print(f"  built {name} with {layers} blocks in {time.time() - t0:.0f} s", file=sys.stderr)
@@ -114,9 +152,16 @@ def pipeline_folder(root: Path, run: tuple, layers: int, device: str) -> tuple[P
         apparent, alloc = sparse_denoiser(d / "transformer", manifest)
         for sub, target in (("text_encoder", enc), ("tokenizer", enc / "tokenizer")):
             (d / sub).symlink_to(target, target_is_directory=True)
-        (d / "model_index.json").write_text(json.dumps({
-            "_class_name": manifest["pipeline"], "transformer": ["diffusers", manifest["class"]],
-            "text_encoder": ["transformers", ENCODERS[enc_name][0]], "tokenizer": ["transformers", "T5TokenizerFast"]}))
+        (d / "model_index.json").write_text(
+            json.dumps(
+                {
+                    "_class_name": manifest["pipeline"],
+                    "transformer": ["diffusers", manifest["class"]],
+                    "text_encoder": ["transformers", ENCODERS[enc_name][0]],
+                    "tokenizer": ["transformers", "T5TokenizerFast"],
+                }
+            )
+        )
         (d / "sizes.json").write_text(json.dumps({"apparent": apparent, "allocated": alloc}))
     sizes = json.loads((d / "sizes.json").read_text())
     return d, {"denoiser_params": manifest["params"], "encoder_params": enc_params, **sizes}
@@ -133,14 +178,29 @@ def child(folder: str, site: str, device: str, out: str) -> None:
         if line.startswith("VmHWM:"):
             hwm = int(line.split()[1]) * 1024
     gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
-    print(json.dumps({"wall_s": wall, "host_peak": hwm, "gpu_peak": gpu, "entries": sum(len(g.targets) for g in r.groups),
-                      "samples": r.groups[0].samples, "kept": r.groups[0].kept, "device": r.device}))
+    print(
+        json.dumps(
+            {
+                "wall_s": wall,
+                "host_peak": hwm,
+                "gpu_peak": gpu,
+                "entries": sum(len(g.targets) for g in r.groups),
+                "samples": r.groups[0].samples,
+                "kept": r.groups[0].kept,
+                "device": r.device,
+            }
+        )
+    )
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--encoder-layers", type=int, help="text-encoder blocks (default: 24 on a GPU, 2 on CPU)")
+    ap.add_argument(
+        "--encoder-layers", type=int, help="text-encoder blocks (default: 24 on a GPU, 2 on CPU)"
+    )
     ap.add_argument("--dir", type=Path, default=Path("/tmp/vpatch-probe-bench"))
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--only", help="comma-separated config names")
@@ -158,25 +218,41 @@ def main() -> None:
             continue
         folder, info = pipeline_folder(a.dir, run, layers, a.device)
         out = a.dir / f"{run[0]}-{run[3]}.vud"
-        p = subprocess.run([sys.executable, __file__, "--child", str(folder), run[3], a.device, str(out)],
-                           capture_output=True, text=True, env=env)
+        p = subprocess.run(
+            [sys.executable, __file__, "--child", str(folder), run[3], a.device, str(out)],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
         if p.returncode != 0:
             print(p.stderr[-3000:], file=sys.stderr)
             raise SystemExit(f"probe failed on {run[0]}")
         res = json.loads(p.stdout.strip().splitlines()[-1])
-        row = {"config": run[0], "site": run[3], "encoder": run[2], "encoder_layers": layers, **info, **res}
+        row = {
+            "config": run[0],
+            "site": run[3],
+            "encoder": run[2],
+            "encoder_layers": layers,
+            **info,
+            **res,
+        }
         rows.append(row)
-        print(f"{row['config']:<13} {row['site']:<10} denoiser {info['denoiser_params'] / 1e9:5.2f}B "
-              f"({info['apparent'] / 2**30:5.1f} GiB file, {info['allocated'] / 2**20:6.0f} MiB on disk)  "
-              f"encoder {info['encoder_params'] / 1e9:5.2f}B/{layers} blocks  {row['device']}  "
-              f"wall {row['wall_s']:6.1f} s  host peak {row['host_peak'] / 2**20:7.0f} MiB  gpu peak {row['gpu_peak'] / 2**20:7.0f} MiB  "
-              f"entries {row['entries']}", flush=True)
+        print(
+            f"{row['config']:<13} {row['site']:<10} denoiser {info['denoiser_params'] / 1e9:5.2f}B "
+            f"({info['apparent'] / 2**30:5.1f} GiB file, {info['allocated'] / 2**20:6.0f} MiB on disk)  "
+            f"encoder {info['encoder_params'] / 1e9:5.2f}B/{layers} blocks  {row['device']}  "
+            f"wall {row['wall_s']:6.1f} s  host peak {row['host_peak'] / 2**20:7.0f} MiB  gpu peak {row['gpu_peak'] / 2**20:7.0f} MiB  "
+            f"entries {row['entries']}",
+            flush=True,
+        )
     by = {(r["config"], r["site"]): r for r in rows}
     small, big = by.get(("wan2.1-1.3b", "text_proj")), by.get(("wan2.1-14b", "text_proj"))
     if small and big:
-        print(f"text mode, Wan 14B vs 1.3B denoiser ({big['denoiser_params'] / small['denoiser_params']:.1f}x the parameters): "
-              f"host peak ratio {big['host_peak'] / small['host_peak']:.3f}, "
-              f"gpu peak ratio {(big['gpu_peak'] / small['gpu_peak']) if small['gpu_peak'] else float('nan'):.3f}")
+        print(
+            f"text mode, Wan 14B vs 1.3B denoiser ({big['denoiser_params'] / small['denoiser_params']:.1f}x the parameters): "
+            f"host peak ratio {big['host_peak'] / small['host_peak']:.3f}, "
+            f"gpu peak ratio {(big['gpu_peak'] / small['gpu_peak']) if small['gpu_peak'] else float('nan'):.3f}"
+        )
     if a.json:
         a.json.write_text(json.dumps(rows, indent=2))
 

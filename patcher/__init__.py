@@ -5,11 +5,21 @@ The Python API; the ``vpatch`` command only wraps it.
 
 from ._version import __version__
 from .errors import VpatchError
-from .vud.delta import Delta, DeltaEntry, read_delta, write_delta, projection_entry
-from .merge.engine import apply_delta, plan_apply, revert_delta, Report
 from .inspection import inspect_path
+from .merge.engine import Report, apply_delta, plan_apply, revert_delta
+from .vud.delta import Delta, DeltaEntry, projection_entry, read_delta, write_delta
 
 __all__ = [
-    "__version__", "VpatchError", "Delta", "DeltaEntry", "read_delta", "write_delta", "projection_entry",
-    "apply_delta", "plan_apply", "revert_delta", "Report", "inspect_path",
+    "__version__",
+    "VpatchError",
+    "Delta",
+    "DeltaEntry",
+    "read_delta",
+    "write_delta",
+    "projection_entry",
+    "apply_delta",
+    "plan_apply",
+    "revert_delta",
+    "Report",
+    "inspect_path",
 ]

@@ -20,7 +20,9 @@ from .errors import FormatError, PickleRefused
 from .safetensors_io import Header, read_header
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
-_VARIANT_RE = re.compile(r"^(?P<stem>.+?)(?:\.(?P<variant>[A-Za-z0-9_-]+))?\.safetensors(?:\.index\.json)?$")
+_VARIANT_RE = re.compile(
+    r"^(?P<stem>.+?)(?:\.(?P<variant>[A-Za-z0-9_-]+))?\.safetensors(?:\.index\.json)?$"
+)
 MAX_INDEX_BYTES = 64 << 20
 
 CONVERT_HINT = (
@@ -37,7 +39,9 @@ def refuse_pickle(path: Path) -> None:
 
 
 def refuse_quantized(path: Path) -> None:
-    raise FormatError(f"{path} is a GGUF file (llama.cpp / ComfyUI-GGUF quantization), which vpatch does not edit. {QUANT_HINT}")
+    raise FormatError(
+        f"{path} is a GGUF file (llama.cpp / ComfyUI-GGUF quantization), which vpatch does not edit. {QUANT_HINT}"
+    )
 
 
 @dataclass
@@ -133,7 +137,9 @@ def load_index(index: Path) -> WeightSet:
     except (ValueError, UnicodeDecodeError):
         raise FormatError(f"{where}: not valid JSON; the index is damaged") from None
     wm = obj.get("weight_map") if isinstance(obj, dict) else None
-    if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
+    if not isinstance(wm, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in wm.items()
+    ):
         raise FormatError(f"{where}: index has no weight_map of key -> file name")
     files: list[Path] = []
     for fname in dict.fromkeys(wm.values()):
@@ -141,12 +147,16 @@ def load_index(index: Path) -> WeightSet:
         if Path(fname).name != fname:
             raise FormatError(f"{where}: shard name {fname!r} is not a plain file name")
         if not p.is_file():
-            raise FormatError(f"{where}: shard {fname} listed in the index is missing; re-download the checkpoint")
+            raise FormatError(
+                f"{where}: shard {fname} listed in the index is missing; re-download the checkpoint"
+            )
         files.append(p)
     headers = {p: read_header(p) for p in files}
     for key, fname in wm.items():
         if key not in headers[index.parent / fname].tensors:
-            raise FormatError(f"{where}: index says {key} is in {fname}, but that shard does not hold it")
+            raise FormatError(
+                f"{where}: index says {key} is in {fname}, but that shard does not hold it"
+            )
     key_file = {k: index.parent / v for k, v in wm.items()}
     return WeightSet(files, index, _variant(index.name), headers, key_file, obj)
 
@@ -183,7 +193,11 @@ def open_checkpoint(path: str | Path, revision: str | None = None) -> Checkpoint
         try:
             ws = load_single(path)
         except FormatError as e:
-            hint = "" if path.suffix == ".safetensors" else " (expected a .safetensors file, an index .json, or a folder)"
+            hint = (
+                ""
+                if path.suffix == ".safetensors"
+                else " (expected a .safetensors file, an index .json, or a folder)"
+            )
             raise FormatError(f"{e}{hint}") from None
         return Checkpoint("file", path, [Component(None, None, [ws])])
 
@@ -202,5 +216,7 @@ def open_checkpoint(path: str | Path, revision: str | None = None) -> Checkpoint
         gguf = sorted(p for p in path.iterdir() if p.suffix.lower() in QUANT_SUFFIXES)
         if gguf:
             refuse_quantized(gguf[0])
-        raise FormatError(f"{path}: folder holds no .safetensors weights and no model_index.json; point at a checkpoint file or a diffusers folder")
+        raise FormatError(
+            f"{path}: folder holds no .safetensors weights and no model_index.json; point at a checkpoint file or a diffusers folder"
+        )
     return Checkpoint("component", path, [Component(None, path, sets, pickles)])

@@ -14,7 +14,14 @@ from pathlib import Path
 import click
 from rich.console import Console
 from rich.progress import (
-    BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn, TransferSpeedColumn,
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
 )
 from rich.table import Table
 
@@ -35,8 +42,15 @@ class RichReporter:
     def start(self, description: str, total: int) -> None:
         if self.quiet:
             return
-        self._p = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                           TimeRemainingColumn(), console=err, transient=True)
+        self._p = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=err,
+            transient=True,
+        )
         self._p.start()
         self._task = self._p.add_task(description, total=total)
 
@@ -65,6 +79,7 @@ def _user_errors(fn):
         except KeyboardInterrupt:
             click.echo("vpatch: interrupted; no output was written", err=True)
             sys.exit(130)
+
     return wrapper
 
 
@@ -79,7 +94,9 @@ def _coverage_table(cov: dict) -> None:
     for k in cov["shape_mismatch"][:20]:
         err.print(f"  shape    {k}")
     if cov["other_component"]:
-        err.print(f"  {len(cov['other_component'])} entries belong to other components and were not considered")
+        err.print(
+            f"  {len(cov['other_component'])} entries belong to other components and were not considered"
+        )
 
 
 def _show_report(r: Report, as_json: bool) -> None:
@@ -88,13 +105,25 @@ def _show_report(r: Report, as_json: bool) -> None:
     else:
         _coverage_table(r.coverage)
         if r.tensors:
-            t = Table(title=f"{r.action}: {r.concept} (delta {r.delta_sha256[:12]})", show_lines=False)
+            t = Table(
+                title=f"{r.action}: {r.concept} (delta {r.delta_sha256[:12]})", show_lines=False
+            )
             t.add_column("tensor", overflow="fold")
             for c in ("dtype", "fingerprint", "edit kept", "changed"):
                 t.add_column(c)
             for s in r.tensors:
-                fp = {True: "base", False: "differs", None: "-"}[s.base_match] if r.action == "apply" else {True: "exact", False: "inexact", None: "-"}[s.exact]
-                t.add_row(s.key, s.dtype, fp, f"{max(0.0, 1 - s.rounding_error):.1%}", f"{s.changed_fraction:.1%}")
+                fp = (
+                    {True: "base", False: "differs", None: "-"}[s.base_match]
+                    if r.action == "apply"
+                    else {True: "exact", False: "inexact", None: "-"}[s.exact]
+                )
+                t.add_row(
+                    s.key,
+                    s.dtype,
+                    fp,
+                    f"{max(0.0, 1 - s.rounding_error):.1%}",
+                    f"{s.changed_fraction:.1%}",
+                )
             err.print(t)
         elif r.planned:
             t = Table(title=f"plan: {r.concept} (delta {r.delta_sha256[:12]})")
@@ -104,8 +133,10 @@ def _show_report(r: Report, as_json: bool) -> None:
             for p in r.planned:
                 t.add_row(p["key"], p["kind"], str(p["rank"]), p["dtype"], p["fingerprint"])
             err.print(t)
-            err.print(f"bytes to write: {_mib(r.bytes_total)} ({_mib(r.bytes_edited)} edited, the rest copied byte for byte); "
-                      f"estimated peak memory: {_mib(r.peak_estimate)}")
+            err.print(
+                f"bytes to write: {_mib(r.bytes_total)} ({_mib(r.bytes_edited)} edited, the rest copied byte for byte); "
+                f"estimated peak memory: {_mib(r.peak_estimate)}"
+            )
         if r.output:
             click.echo(r.output)
     for w in r.warnings:
@@ -132,20 +163,69 @@ def main() -> None:
 @main.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.argument("delta", type=click.Path(path_type=Path))
-@click.option("-o", "--out", type=click.Path(path_type=Path), help="Output file (single-file input) or folder (others). Must not exist.")
-@click.option("--strength", type=float, default=1.0, show_default=True, help="Multiplies each entry's probed strength λ (1.0 = as probed, 0 = no edit).")
-@click.option("--component", help="Which of the delta's components a bare file or folder is (e.g. transformer_2); inferred from keys when omitted.")
-@click.option("--use-factors", is_flag=True, help="For projection entries, add the probed U Vᵀ as is instead of recomputing U from this checkpoint's own weights.")
-@click.option("--allow-partial", is_flag=True, help="Patch what matches even when some entries find no tensor (reported).")
-@click.option("--force", is_flag=True, help="Apply even if the checkpoint already carries this delta (compounds the edit).")
+@click.option(
+    "-o",
+    "--out",
+    type=click.Path(path_type=Path),
+    help="Output file (single-file input) or folder (others). Must not exist.",
+)
+@click.option(
+    "--strength",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Multiplies each entry's probed strength λ (1.0 = as probed, 0 = no edit).",
+)
+@click.option(
+    "--component",
+    help="Which of the delta's components a bare file or folder is (e.g. transformer_2); inferred from keys when omitted.",
+)
+@click.option(
+    "--use-factors",
+    is_flag=True,
+    help="For projection entries, add the probed U Vᵀ as is instead of recomputing U from this checkpoint's own weights.",
+)
+@click.option(
+    "--allow-partial",
+    is_flag=True,
+    help="Patch what matches even when some entries find no tensor (reported).",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Apply even if the checkpoint already carries this delta (compounds the edit).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing output (never the input).")
-@click.option("--revert-record", type=click.Path(path_type=Path), help="Also write a private record that makes `vpatch revert` bit-exact. Never publish it.")
-@click.option("--dry-run", is_flag=True, help="Print the plan (tensors, bytes, peak memory) and write nothing.")
+@click.option(
+    "--revert-record",
+    type=click.Path(path_type=Path),
+    help="Also write a private record that makes `vpatch revert` bit-exact. Never publish it.",
+)
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Print the plan (tensors, bytes, peak memory) and write nothing.",
+)
 @click.option("--revision", help="Hub branch, tag or commit when CHECKPOINT is a hub id.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_user_errors
-def apply(checkpoint, delta, out, strength, component, use_factors, allow_partial, force, overwrite, revert_record, dry_run, revision, as_json, quiet):
+def apply(
+    checkpoint,
+    delta,
+    out,
+    strength,
+    component,
+    use_factors,
+    allow_partial,
+    force,
+    overwrite,
+    revert_record,
+    dry_run,
+    revision,
+    as_json,
+    quiet,
+):
     """Merge DELTA (.vud) into CHECKPOINT and write the patched copy to -o.
 
     Untouched tensors are copied byte for byte; edited ones are computed in fp32 and written in
@@ -166,20 +246,48 @@ def apply(checkpoint, delta, out, strength, component, use_factors, allow_partia
       vpatch apply model.safetensors nudity.vud --dry-run
     """
     if out is None and not dry_run:
-        raise click.UsageError("missing -o OUT (or use --dry-run); vpatch never overwrites its input")
-    r = apply_delta(checkpoint, delta, out, strength=strength, component=component, use_factors=use_factors,
-                    allow_partial=allow_partial, force=force, overwrite=overwrite, dry_run=dry_run,
-                    revert_record=revert_record, reporter=RichReporter(quiet or as_json), revision=revision)
+        raise click.UsageError(
+            "missing -o OUT (or use --dry-run); vpatch never overwrites its input"
+        )
+    r = apply_delta(
+        checkpoint,
+        delta,
+        out,
+        strength=strength,
+        component=component,
+        use_factors=use_factors,
+        allow_partial=allow_partial,
+        force=force,
+        overwrite=overwrite,
+        dry_run=dry_run,
+        revert_record=revert_record,
+        reporter=RichReporter(quiet or as_json),
+        revision=revision,
+    )
     _show_report(r, as_json)
 
 
 @main.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.argument("delta", type=click.Path(path_type=Path))
-@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output file or folder. Must not exist.")
-@click.option("--record", type=click.Path(path_type=Path), help="The file written by `apply --revert-record`: makes the revert bit-exact.")
+@click.option(
+    "-o",
+    "--out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Output file or folder. Must not exist.",
+)
+@click.option(
+    "--record",
+    type=click.Path(path_type=Path),
+    help="The file written by `apply --revert-record`: makes the revert bit-exact.",
+)
 @click.option("--component", help="As for apply.")
-@click.option("--allow-inexact", is_flag=True, help="Keep the result even where rounding left it off the original fingerprint.")
+@click.option(
+    "--allow-inexact",
+    is_flag=True,
+    help="Keep the result even where rounding left it off the original fingerprint.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing output (never the input).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
@@ -191,8 +299,16 @@ def revert(checkpoint, delta, out, record, component, allow_inexact, overwrite, 
     bit-exact; without it, the inverse edit is computed and rounding usually leaves a few elements
     off, which is an error unless --allow-inexact.
     """
-    r = revert_delta(checkpoint, delta, out, component=component, record=record, allow_inexact=allow_inexact,
-                     overwrite=overwrite, reporter=RichReporter(quiet or as_json))
+    r = revert_delta(
+        checkpoint,
+        delta,
+        out,
+        component=component,
+        record=record,
+        allow_inexact=allow_inexact,
+        overwrite=overwrite,
+        reporter=RichReporter(quiet or as_json),
+    )
     _show_report(r, as_json)
 
 
@@ -202,8 +318,14 @@ class CountReporter(RichReporter):
     def start(self, description: str, total: int) -> None:
         if self.quiet:
             return
-        self._p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                           console=err, transient=True)
+        self._p = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=err,
+            transient=True,
+        )
         self._p.start()
         self._task = self._p.add_task(description, total=total)
 
@@ -220,31 +342,115 @@ def _pairs(values: tuple[str, ...], flag: str) -> dict[str, str]:
 
 @main.command()
 @click.argument("model")
-@click.option("-c", "--concept", required=True, help="Concept recipe: a shipped name (nudity, violence, gore, trademark) or a .toml path.")
-@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="The .vud delta to write.")
-@click.option("--family", help="Model family recipe (name or .toml path); detected from model_index.json or keys when omitted.")
-@click.option("--layers", "sites", help="Comma-separated edit sites of the family recipe, replacing its defaults (see `vpatch families`).")
-@click.option("--layer-filter", help="Regular expression: keep only target keys it matches, e.g. 'blocks\\.(2[0-9])\\.'.")
-@click.option("--method", type=click.Choice(["cpca", "pca", "mean"]), help="cpca (default): contrastive subspace; pca: α = 0; mean: raw mean difference.")
-@click.option("--rank", "rank", type=int, help="k: the subspace size for pca/cpca (paper: 100; capped at the input width).")
+@click.option(
+    "-c",
+    "--concept",
+    required=True,
+    help="Concept recipe: a shipped name (nudity, violence, gore, trademark) or a .toml path.",
+)
+@click.option(
+    "-o", "--out", type=click.Path(path_type=Path), required=True, help="The .vud delta to write."
+)
+@click.option(
+    "--family",
+    help="Model family recipe (name or .toml path); detected from model_index.json or keys when omitted.",
+)
+@click.option(
+    "--layers",
+    "sites",
+    help="Comma-separated edit sites of the family recipe, replacing its defaults (see `vpatch families`).",
+)
+@click.option(
+    "--layer-filter",
+    help="Regular expression: keep only target keys it matches, e.g. 'blocks\\.(2[0-9])\\.'.",
+)
+@click.option(
+    "--method",
+    type=click.Choice(["cpca", "pca", "mean"]),
+    help="cpca (default): contrastive subspace; pca: α = 0; mean: raw mean difference.",
+)
+@click.option(
+    "--rank",
+    "rank",
+    type=int,
+    help="k: the subspace size for pca/cpca (paper: 100; capped at the input width).",
+)
 @click.option("--alpha", type=float, help="α in C = C_diff − α·C_neutral (cpca only).")
-@click.option("--strength", type=float, help="λ in W' = W − λ (W u) uᵀ; 1 removes the direction exactly.")
-@click.option("--directions", type=int, help="m: how many orthonormal refusal directions to remove.")
-@click.option("--pooling", type=click.Choice(["tokens", "mean", "last"]), help="How a prompt's tokens become samples (see recipes/README.md).")
+@click.option(
+    "--strength", type=float, help="λ in W' = W − λ (W u) uᵀ; 1 removes the direction exactly."
+)
+@click.option(
+    "--directions", type=int, help="m: how many orthonormal refusal directions to remove."
+)
+@click.option(
+    "--pooling",
+    type=click.Choice(["tokens", "mean", "last"]),
+    help="How a prompt's tokens become samples (see recipes/README.md).",
+)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--dtype", default="auto", show_default=True, help="Encoder/pipeline dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.")
-@click.option("--encoder", "encoders", multiple=True, metavar="NAME=PATH", help="Use this local folder or hub id for a recipe encoder (original single-file models need it).")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a family-recipe field, e.g. --set denoise.steps=2.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Noise seed for denoise-mode sites (same for both prompts of a pair).")
-@click.option("--offload", type=click.Choice(["none", "model", "sequential", "balanced"]), default="none", show_default=True,
-              help="Denoise mode on a model too big for the GPU: accelerate's model or sequential CPU offload, or a balanced device_map over all GPUs.")
+@click.option(
+    "--dtype",
+    default="auto",
+    show_default=True,
+    help="Encoder/pipeline dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.",
+)
+@click.option(
+    "--encoder",
+    "encoders",
+    multiple=True,
+    metavar="NAME=PATH",
+    help="Use this local folder or hub id for a recipe encoder (original single-file models need it).",
+)
+@click.option(
+    "--set",
+    "sets",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a family-recipe field, e.g. --set denoise.steps=2.",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Noise seed for denoise-mode sites (same for both prompts of a pair).",
+)
+@click.option(
+    "--offload",
+    type=click.Choice(["none", "model", "sequential", "balanced"]),
+    default="none",
+    show_default=True,
+    help="Denoise mode on a model too big for the GPU: accelerate's model or sequential CPU offload, or a balanced device_map over all GPUs.",
+)
 @click.option("--revision", help="Hub revision when MODEL is a hub id.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing delta file at -o.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_user_errors
-def probe(model, concept, out, family, sites, layer_filter, method, rank, alpha, strength, directions, pooling, device, dtype,
-          encoders, sets, seed, offload, revision, overwrite, as_json, quiet):
+def probe(
+    model,
+    concept,
+    out,
+    family,
+    sites,
+    layer_filter,
+    method,
+    rank,
+    alpha,
+    strength,
+    directions,
+    pooling,
+    device,
+    dtype,
+    encoders,
+    sets,
+    seed,
+    offload,
+    revision,
+    overwrite,
+    as_json,
+    quiet,
+):
     """Find the concept's refusal direction in MODEL and write a portable delta (.vud).
 
     MODEL is a diffusers pipeline folder, a hub id, or an original single .safetensors file
@@ -260,17 +466,33 @@ def probe(model, concept, out, family, sites, layer_filter, method, rank, alpha,
     from .probe.core import ProbeOptions
     from .probe.core import probe as run_probe
 
-    opt = ProbeOptions(family=family, method=method, rank=rank, alpha=alpha, strength=strength, directions=directions,
-                       pooling=pooling, sites=[s.strip() for s in sites.split(",") if s.strip()] if sites else None,
-                       layers=layer_filter, device=device, dtype=dtype, seed=seed, overrides=list(sets),
-                       encoders=_pairs(encoders, "--encoder"), revision=revision, offload=offload,
-                       overwrite=overwrite)
+    opt = ProbeOptions(
+        family=family,
+        method=method,
+        rank=rank,
+        alpha=alpha,
+        strength=strength,
+        directions=directions,
+        pooling=pooling,
+        sites=[s.strip() for s in sites.split(",") if s.strip()] if sites else None,
+        layers=layer_filter,
+        device=device,
+        dtype=dtype,
+        seed=seed,
+        overrides=list(sets),
+        encoders=_pairs(encoders, "--encoder"),
+        revision=revision,
+        offload=offload,
+        overwrite=overwrite,
+    )
     say = (lambda m: None) if (quiet or as_json) else (lambda m: err.print(m))
     r = run_probe(model, concept, out, opt, reporter=CountReporter(quiet or as_json), log=say)
     if as_json:
         click.echo(json.dumps(r.to_dict(), indent=2))
         return
-    t = Table(title=f"probe: {r.concept} on {r.family} ({r.method['name']}, k={r.method['rank']}, α={r.method['alpha']:g}, λ={r.method['strength']:g})")
+    t = Table(
+        title=f"probe: {r.concept} on {r.family} ({r.method['name']}, k={r.method['rank']}, α={r.method['alpha']:g}, λ={r.method['strength']:g})"
+    )
     for c in ("site", "input", "width", "samples", "r kept", "targets"):
         t.add_column(c, overflow="fold")
     for g in r.groups:
@@ -281,22 +503,83 @@ def probe(model, concept, out, family, sites, layer_filter, method, rank, alpha,
 
 @main.command("eval")
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("-c", "--concept", required=True, help="Concept recipe (name or .toml) with held-out prompts and [judge.*] labels.")
-@click.option("--delta", type=click.Path(path_type=Path), help="The .vud to evaluate; it is applied to a temporary copy of MODEL.")
-@click.option("--patched", type=click.Path(path_type=Path), help="Or: an already patched folder (from `vpatch apply`).")
-@click.option("--judge", type=click.Choice(["organism", "clip"]), default="organism", show_default=True,
-              help="organism: the analytic judge of the shipped organism; clip: CLIP zero-shot against the concept's labels.")
+@click.option(
+    "-c",
+    "--concept",
+    required=True,
+    help="Concept recipe (name or .toml) with held-out prompts and [judge.*] labels.",
+)
+@click.option(
+    "--delta",
+    type=click.Path(path_type=Path),
+    help="The .vud to evaluate; it is applied to a temporary copy of MODEL.",
+)
+@click.option(
+    "--patched",
+    type=click.Path(path_type=Path),
+    help="Or: an already patched folder (from `vpatch apply`).",
+)
+@click.option(
+    "--judge",
+    type=click.Choice(["organism", "clip"]),
+    default="organism",
+    show_default=True,
+    help="organism: the analytic judge of the shipped organism; clip: CLIP zero-shot against the concept's labels.",
+)
 @click.option("--clip-model", help="CLIP model folder or hub id for --judge clip.")
-@click.option("--seeds", type=int, default=4, show_default=True, help="Samples per prompt (same seeds before and after).")
+@click.option(
+    "--seeds",
+    type=int,
+    default=4,
+    show_default=True,
+    help="Samples per prompt (same seeds before and after).",
+)
 @click.option("--steps", type=int, default=16, show_default=True, help="Sampling steps.")
-@click.option("--guidance", type=float, default=3.0, show_default=True, help="Classifier-free guidance (organism sampler).")
-@click.option("--strength", type=float, default=1.0, show_default=True, help="Passed to apply when --delta is given.")
-@click.option("--preview", type=click.Path(path_type=Path), help="Write a before/after GIF here (rows: prompts; left original, right patched).")
-@click.option("--call", "calls", multiple=True, metavar="KEY=VALUE", help="Extra pipeline arguments for real models, e.g. --call num_frames=17 --call height=256.")
+@click.option(
+    "--guidance",
+    type=float,
+    default=3.0,
+    show_default=True,
+    help="Classifier-free guidance (organism sampler).",
+)
+@click.option(
+    "--strength",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Passed to apply when --delta is given.",
+)
+@click.option(
+    "--preview",
+    type=click.Path(path_type=Path),
+    help="Write a before/after GIF here (rows: prompts; left original, right patched).",
+)
+@click.option(
+    "--call",
+    "calls",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Extra pipeline arguments for real models, e.g. --call num_frames=17 --call height=256.",
+)
 @click.option("--json", "as_json", is_flag=True, help="The full report on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_user_errors
-def eval_cmd(model, concept, delta, patched, judge, clip_model, seeds, steps, guidance, strength, preview, calls, as_json, quiet):
+def eval_cmd(
+    model,
+    concept,
+    delta,
+    patched,
+    judge,
+    clip_model,
+    seeds,
+    steps,
+    guidance,
+    strength,
+    preview,
+    calls,
+    as_json,
+    quiet,
+):
     """Measure a delta: concept presence before and after, and what else changed.
 
     Generates the concept's probe and held-out prompts (paraphrases, synonyms, unseen prompts, a new
@@ -308,14 +591,29 @@ def eval_cmd(model, concept, delta, patched, judge, clip_model, seeds, steps, gu
       vpatch eval examples/organism/model -c examples/organism/red.toml --delta red.vud --preview red.gif
     """
     from .evaluation.core import EvalOptions, evaluate, summary_rows, to_json
-
     from .families.recipes import apply_overrides
 
     call = apply_overrides({}, list(calls))
-    opt = EvalOptions(seeds=seeds, steps=steps, guidance=guidance, judge=judge, clip_model=clip_model, strength=strength,
-                      preview=preview, call=call)
+    opt = EvalOptions(
+        seeds=seeds,
+        steps=steps,
+        guidance=guidance,
+        judge=judge,
+        clip_model=clip_model,
+        strength=strength,
+        preview=preview,
+        call=call,
+    )
     say = (lambda m: None) if (quiet or as_json) else (lambda m: err.print(m))
-    r = evaluate(model, concept, delta=delta, patched=patched, options=opt, reporter=CountReporter(quiet or as_json), log=say)
+    r = evaluate(
+        model,
+        concept,
+        delta=delta,
+        patched=patched,
+        options=opt,
+        reporter=CountReporter(quiet or as_json),
+        log=say,
+    )
     if as_json:
         click.echo(to_json(r))
         return
@@ -333,16 +631,37 @@ def eval_cmd(model, concept, delta, patched, judge, clip_model, seeds, steps, gu
 @main.command()
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--repo-id", required=True, help="Target repository, user/name.")
-@click.option("--base-model", help="Hub id (or local folder) of the model that was patched: the card's base_model; its license is inherited.")
-@click.option("--delta", type=click.Path(path_type=Path), help="The .vud that was applied: its method and parameters go into the card. It is never uploaded.")
-@click.option("--eval-report", type=click.Path(path_type=Path), help="`vpatch eval --json` output: its table goes into the card.")
+@click.option(
+    "--base-model",
+    help="Hub id (or local folder) of the model that was patched: the card's base_model; its license is inherited.",
+)
+@click.option(
+    "--delta",
+    type=click.Path(path_type=Path),
+    help="The .vud that was applied: its method and parameters go into the card. It is never uploaded.",
+)
+@click.option(
+    "--eval-report",
+    type=click.Path(path_type=Path),
+    help="`vpatch eval --json` output: its table goes into the card.",
+)
 @click.option("--private", is_flag=True, help="Create the repository as private.")
 @click.option("--exist-ok", is_flag=True, help="Upload into an existing repository.")
-@click.option("--stage", type=click.Path(path_type=Path), help="Where to stage the upload (default: FOLDER.push-staged).")
-@click.option("--dry-run", is_flag=True, help="Write the staged folder and the card, list what would be uploaded, upload nothing.")
+@click.option(
+    "--stage",
+    type=click.Path(path_type=Path),
+    help="Where to stage the upload (default: FOLDER.push-staged).",
+)
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Write the staged folder and the card, list what would be uploaded, upload nothing.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable summary on stdout.")
 @_user_errors
-def push(folder, repo_id, base_model, delta, eval_report, private, exist_ok, stage, dry_run, as_json):
+def push(
+    folder, repo_id, base_model, delta, eval_report, private, exist_ok, stage, dry_run, as_json
+):
     """Publish a patched folder to the Hugging Face Hub with a model card that says what was done.
 
     The card carries base_model (relation: merge), the inherited license, tags, what was removed,
@@ -356,19 +675,40 @@ def push(folder, repo_id, base_model, delta, eval_report, private, exist_ok, sta
     """
     from .push import push as run_push
 
-    r = run_push(folder, repo_id, base_model=base_model, delta=delta, eval_report=eval_report, private=private, dry_run=dry_run,
-                 stage=stage, exist_ok=exist_ok)
+    r = run_push(
+        folder,
+        repo_id,
+        base_model=base_model,
+        delta=delta,
+        eval_report=eval_report,
+        private=private,
+        dry_run=dry_run,
+        stage=stage,
+        exist_ok=exist_ok,
+    )
     if as_json:
         click.echo(json.dumps(r.to_dict(), indent=2))
         return
-    err.print(f"{'would upload' if dry_run else 'uploaded'} {len(r.files)} files from {r.staged} to {r.repo_id}; card: {r.card}")
+    err.print(
+        f"{'would upload' if dry_run else 'uploaded'} {len(r.files)} files from {r.staged} to {r.repo_id}; card: {r.card}"
+    )
     click.echo(r.url or r.staged)
 
 
 @main.command()
 @click.argument("src", type=click.Path(path_type=Path))
-@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="The .safetensors file to write.")
-@click.option("--trust-pickle", is_flag=True, help="Required: you trust the file's source (it is unpickled with weights_only=True).")
+@click.option(
+    "-o",
+    "--out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="The .safetensors file to write.",
+)
+@click.option(
+    "--trust-pickle",
+    is_flag=True,
+    help="Required: you trust the file's source (it is unpickled with weights_only=True).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing output (never the input).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable summary on stdout.")
 @_user_errors
@@ -401,11 +741,25 @@ def families(as_json):
     rows = []
     for f in family_files():
         fam = load_family(f)
-        rows.append({"family": fam.name, "description": fam.description, "default_sites": fam.default_sites,
-                     "sites": {n: {"mode": s.mode, "components": s.components, "why": " ".join(s.why.split())} for n, s in fam.sites.items()},
-                     "aliases": {"prefixes": fam.key_prefixes, "layouts": sorted({r.layout for r in fam.key_renames}),
-                                 "fused": sorted({r.stored.rsplit(".", 2)[-2] for r in fam.key_renames if r.split})},
-                     "path": str(f)})
+        rows.append(
+            {
+                "family": fam.name,
+                "description": fam.description,
+                "default_sites": fam.default_sites,
+                "sites": {
+                    n: {"mode": s.mode, "components": s.components, "why": " ".join(s.why.split())}
+                    for n, s in fam.sites.items()
+                },
+                "aliases": {
+                    "prefixes": fam.key_prefixes,
+                    "layouts": sorted({r.layout for r in fam.key_renames}),
+                    "fused": sorted(
+                        {r.stored.rsplit(".", 2)[-2] for r in fam.key_renames if r.split}
+                    ),
+                },
+                "path": str(f),
+            }
+        )
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -415,15 +769,29 @@ def families(as_json):
     for r in rows:
         names = r["default_sites"] + [n for n in r["sites"] if n not in r["default_sites"]]
         al = r["aliases"]
-        also = ", ".join([*(f"{x} layout" for x in al["layouts"]), *(f"fused {x}" for x in al["fused"]),
-                          *(f"prefix {x}" for x in al["prefixes"])])
-        t.add_row(r["family"], ", ".join(names), ", ".join(sorted({s["mode"] for s in r["sites"].values()})), also or "-")
+        also = ", ".join(
+            [
+                *(f"{x} layout" for x in al["layouts"]),
+                *(f"fused {x}" for x in al["fused"]),
+                *(f"prefix {x}" for x in al["prefixes"]),
+            ]
+        )
+        t.add_row(
+            r["family"],
+            ", ".join(names),
+            ", ".join(sorted({s["mode"] for s in r["sites"].values()})),
+            also or "-",
+        )
     Console(highlight=False).print(t)
 
 
 @main.command()
 @click.argument("path", type=click.Path(path_type=Path))
-@click.option("--delta", type=click.Path(path_type=Path), help="Show how each entry of this .vud resolves against the checkpoint PATH.")
+@click.option(
+    "--delta",
+    type=click.Path(path_type=Path),
+    help="Show how each entry of this .vud resolves against the checkpoint PATH.",
+)
 @click.option("--component", help="With --delta: which component a bare file or folder is.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
 @_user_errors
@@ -440,14 +808,24 @@ def inspect(path, delta, component, as_json):
         if as_json:
             click.echo(json.dumps(info, indent=2))
             return
-        t = Table(title=f"{info['verdict']}: delta {info['delta_sha256'][:12]} against {info['path']} ({info['how']})")
+        t = Table(
+            title=f"{info['verdict']}: delta {info['delta_sha256'][:12]} against {info['path']} ({info['how']})"
+        )
         t.add_column("entry", overflow="fold")
         for c in ("status", "stored as", "dtype", "fingerprint", "where / why"):
             t.add_column(c, overflow="fold")
         for r in info["entries"]:
-            stored = ", ".join(r["stored"]) + (f" ({r['how']})" if r["how"] and r["how"] != "exact" else "")
-            t.add_row(r["key"], r["status"], stored or "-", str(r["dtype"] or "-"), r["fingerprint"],
-                      ", ".join(Path(f).name for f in r["files"]) or r["note"])
+            stored = ", ".join(r["stored"]) + (
+                f" ({r['how']})" if r["how"] and r["how"] != "exact" else ""
+            )
+            t.add_row(
+                r["key"],
+                r["status"],
+                stored or "-",
+                str(r["dtype"] or "-"),
+                r["fingerprint"],
+                ", ".join(Path(f).name for f in r["files"]) or r["note"],
+            )
         Console(highlight=False).print(t)
         click.echo(info["verdict"])
         return
@@ -457,22 +835,40 @@ def inspect(path, delta, component, as_json):
         return
     if info["type"] == "delta":
         click.echo(f"delta {info['delta_sha256']}")
-        click.echo(f"concept: {info['concept'].get('name', '?')}   method: {info['method'].get('name', '?')}   components: {', '.join(info['components'])}")
+        click.echo(
+            f"concept: {info['concept'].get('name', '?')}   method: {info['method'].get('name', '?')}   components: {', '.join(info['components'])}"
+        )
         t = Table()
         t.add_column("key", overflow="fold", ratio=1)
         for c in ("shape", "kind", "rank", "strength", "|UVᵀ|", "base dtype"):
             t.add_column(c, no_wrap=True)
         for L in info["layers"]:
-            t.add_row(L["key"], "×".join(map(str, L["shape"])), L["kind"], str(L["rank"]), f"{L['strength']:g}", f"{L['norm_UVt']:.4g}", str(L["base_dtype"]))
+            t.add_row(
+                L["key"],
+                "×".join(map(str, L["shape"])),
+                L["kind"],
+                str(L["rank"]),
+                f"{L['strength']:g}",
+                f"{L['norm_UVt']:.4g}",
+                str(L["base_dtype"]),
+            )
         Console(highlight=False).print(t)
     else:
-        click.echo(f"{info['layout']} checkpoint: {info['tensors']} tensors, {_mib(info['total_bytes'])}")
-        click.echo("dtypes: " + ", ".join(f"{k} {_mib(v)}" for k, v in sorted(info["dtype_bytes"].items())))
+        click.echo(
+            f"{info['layout']} checkpoint: {info['tensors']} tensors, {_mib(info['total_bytes'])}"
+        )
+        click.echo(
+            "dtypes: " + ", ".join(f"{k} {_mib(v)}" for k, v in sorted(info["dtype_bytes"].items()))
+        )
         for s in info["weight_sets"]:
-            click.echo(f"  {s['component'] or '-'}: {s['weights']} ({s['files']} file(s), {s['tensors']} tensors{', variant ' + s['variant'] if s['variant'] else ''})")
+            click.echo(
+                f"  {s['component'] or '-'}: {s['weights']} ({s['files']} file(s), {s['tensors']} tensors{', variant ' + s['variant'] if s['variant'] else ''})"
+            )
         if info["applied"]:
             for a in info["applied"]:
-                click.echo(f"applied: {a.get('concept')} delta {str(a.get('delta_sha256'))[:12]} strength {a.get('strength')} (vpatch {a.get('vpatch')})")
+                click.echo(
+                    f"applied: {a.get('concept')} delta {str(a.get('delta_sha256'))[:12]} strength {a.get('strength')} (vpatch {a.get('vpatch')})"
+                )
         else:
             click.echo("applied: none (no vpatch provenance)")
 

@@ -30,11 +30,15 @@ def _flatten(obj: object, prefix: str, out: dict[str, torch.Tensor], skipped: li
         skipped.append(prefix or "<root>")
 
 
-def convert_pickle(src: str | Path, out: str | Path, *, trust_pickle: bool = False, overwrite: bool = False) -> dict:
+def convert_pickle(
+    src: str | Path, out: str | Path, *, trust_pickle: bool = False, overwrite: bool = False
+) -> dict:
     src, out = Path(src), Path(out)
     if not trust_pickle:
-        raise PickleRefused(f"{src}: converting means unpickling it. Pass --trust-pickle only for a file from a source you trust; "
-                            "vpatch then loads it with torch.load(weights_only=True), which refuses arbitrary Python objects")
+        raise PickleRefused(
+            f"{src}: converting means unpickling it. Pass --trust-pickle only for a file from a source you trust; "
+            "vpatch then loads it with torch.load(weights_only=True), which refuses arbitrary Python objects"
+        )
     if not src.is_file():
         raise FormatError(f"{src}: no such file")
     if out.suffix != ".safetensors":
@@ -42,11 +46,15 @@ def convert_pickle(src: str | Path, out: str | Path, *, trust_pickle: bool = Fal
     try:
         obj = torch.load(src, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
-        raise FormatError(f"{src}: refused by torch.load(weights_only=True): {str(e).splitlines()[0][:200]} "
-                          "(it holds objects other than tensors and plain containers, or is damaged)") from None
+        raise FormatError(
+            f"{src}: refused by torch.load(weights_only=True): {str(e).splitlines()[0][:200]} "
+            "(it holds objects other than tensors and plain containers, or is damaged)"
+        ) from None
     if isinstance(obj, dict):
         for w in WRAPPERS:  # training checkpoints wrap the weights
-            if isinstance(obj.get(w), dict) and any(isinstance(v, torch.Tensor) for v in obj[w].values()):
+            if isinstance(obj.get(w), dict) and any(
+                isinstance(v, torch.Tensor) for v in obj[w].values()
+            ):
                 obj = obj[w]
                 break
     tensors: dict[str, torch.Tensor] = {}
@@ -63,10 +71,19 @@ def convert_pickle(src: str | Path, out: str | Path, *, trust_pickle: bool = Fal
     with open(src, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 24), b""):
             digest.update(chunk)
-    meta = {"format": "pt", "vpatch.converted_from": src.name, "vpatch.source_sha256": digest.hexdigest()}
+    meta = {
+        "format": "pt",
+        "vpatch.converted_from": src.name,
+        "vpatch.source_sha256": digest.hexdigest(),
+    }
     with atomic_file(out, [src], overwrite) as tmp:
         save_tensors(tmp, tensors, meta)
         if set(read_header(tmp).tensors) != set(tensors):
             raise FormatError(f"validation of {out} failed; nothing was kept")
-    return {"output": str(out), "tensors": len(tensors), "skipped": skipped, "bytes": out.stat().st_size,
-            "source_sha256": meta["vpatch.source_sha256"]}
+    return {
+        "output": str(out),
+        "tensors": len(tensors),
+        "skipped": skipped,
+        "bytes": out.stat().st_size,
+        "source_sha256": meta["vpatch.source_sha256"],
+    }

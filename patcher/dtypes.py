@@ -33,7 +33,13 @@ SCALE_NAMES = (
 )
 BLOCK_SCALE_NAMES = ("{key}_scale_inv",)  # block-wise (128x128) scales: not supported
 # bitsandbytes: 4-bit keeps its quant state beside "X.weight" ("X.weight.absmax", ...); 8-bit keeps "X.SCB"
-BNB_MARKERS = (".absmax", ".quant_map", ".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbytes__fp4", ".SCB")
+BNB_MARKERS = (
+    ".absmax",
+    ".quant_map",
+    ".quant_state.bitsandbytes__nf4",
+    ".quant_state.bitsandbytes__fp4",
+    ".SCB",
+)
 
 
 def _names(key: str, patterns: tuple) -> list[str]:
@@ -43,7 +49,11 @@ def _names(key: str, patterns: tuple) -> list[str]:
 
 def _scales(ws: WeightSet, key: str) -> list[tuple[str, str]]:
     """(scale tensor, convention) present beside ``key``."""
-    return [(n, conv) for n, (_, conv) in zip(_names(key, tuple(p for p, _ in SCALE_NAMES)), SCALE_NAMES) if ws.shape(n) is not None]
+    return [
+        (n, conv)
+        for n, (_, conv) in zip(_names(key, tuple(p for p, _ in SCALE_NAMES)), SCALE_NAMES)
+        if ws.shape(n) is not None
+    ]
 
 
 def dtype_refusal(ws: WeightSet, key: str) -> str | None:
@@ -117,6 +127,8 @@ def codec_for(ws: WeightSet, key: str) -> Codec:
         with TensorReader(ws.headers[ws.key_file[name]]) as rd:
             s = rd.tensor(name).to(torch.float32).reshape(-1, 1)
         if not bool(torch.isfinite(s).all()) or bool((s == 0).any()):
-            raise DtypeError(f"scale {name} holds zero, NaN or Inf values; the fp8 tensor {key} cannot be dequantized")
+            raise DtypeError(
+                f"scale {name} holds zero, NaN or Inf values; the fp8 tensor {key} cannot be dequantized"
+            )
         return Codec(FP8[dt], s if s.shape[0] == rows else s[:1], name, conv)
     return Codec(FP8[dt], torch.ones(1, 1), None, "unscaled")

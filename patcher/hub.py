@@ -9,7 +9,9 @@ from pathlib import Path
 
 from .errors import VpatchError
 
-REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*)(?::(?P<path>[^:]+))?$")
+REPO_ID = re.compile(
+    r"^(?P<repo>[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*)(?::(?P<path>[^:]+))?$"
+)
 
 SIDECARS = ("*.json", "*.txt", "*.model", "*.jinja", "*.md")
 # a whole repo: a pipeline's model_index.json, every component's configs, tokenizers and safetensors weights
@@ -48,7 +50,9 @@ def fetch(spec: str, revision: str | None = None, patterns: list[str] | None = N
     fetches that path."""
     parsed = parse(spec)
     if parsed is None:
-        raise HubError(f"{spec}: no such file or folder, and not a hub id (owner/name or owner/name:path/in/repo)")
+        raise HubError(
+            f"{spec}: no such file or folder, and not a hub id (owner/name or owner/name:path/in/repo)"
+        )
     repo, path = parsed
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
@@ -64,21 +68,33 @@ def fetch(spec: str, revision: str | None = None, patterns: list[str] | None = N
         allow = patterns_for(path) if path is not None or not patterns else patterns
         root = Path(snapshot_download(repo, revision=revision, allow_patterns=allow))
     except LocalEntryNotFoundError:
-        raise HubError(f"{spec}: no such local path, and {repo} is not in the local hub cache while the hub cannot be reached;"
-                       f" download it first (huggingface-cli download {repo}) or pass a local path") from None
+        raise HubError(
+            f"{spec}: no such local path, and {repo} is not in the local hub cache while the hub cannot be reached;"
+            f" download it first (huggingface-cli download {repo}) or pass a local path"
+        ) from None
     except GatedRepoError:
-        raise HubError(f"{repo} is gated: accept its license on the hub and log in (huggingface-cli login), then retry") from None
+        raise HubError(
+            f"{repo} is gated: accept its license on the hub and log in (huggingface-cli login), then retry"
+        ) from None
     except RepositoryNotFoundError:
-        raise HubError(f"{spec}: no such local path, and no repository {repo} on the hub (if it is private, log in with a token that can read it)") from None
+        raise HubError(
+            f"{spec}: no such local path, and no repository {repo} on the hub (if it is private, log in with a token that can read it)"
+        ) from None
     except RevisionNotFoundError:
         raise HubError(f"{repo}: no revision {revision!r}") from None
     except EntryNotFoundError:
         raise HubError(f"{repo}: no {path!r} in the repository") from None
     except HfHubHTTPError as e:
-        raise HubError(f"{repo}: the hub refused the download ({e.__class__.__name__}); check the id and your token") from None
+        raise HubError(
+            f"{repo}: the hub refused the download ({e.__class__.__name__}); check the id and your token"
+        ) from None
     except OSError as e:
-        raise HubError(f"{repo}: download failed ({e.strerror or e}); check the network and the disk space of the hub cache") from None
+        raise HubError(
+            f"{repo}: download failed ({e.strerror or e}); check the network and the disk space of the hub cache"
+        ) from None
     target = root / path if path else root
     if not target.exists():
-        raise HubError(f"{repo}: the repository has no {path!r} among its safetensors files and configs")
+        raise HubError(
+            f"{repo}: the repository has no {path!r} among its safetensors files and configs"
+        )
     return target

@@ -6,19 +6,32 @@ from collections import Counter
 from pathlib import Path
 
 from .checkpoint import open_checkpoint
-from .vud.delta import read_delta
 from .erasure.refusal import lowrank_norm
 from .safetensors_io import read_header
+from .vud.delta import read_delta
 
 
 def inspect_delta(path: Path) -> dict:
     d = read_delta(path)
     layers = [
-        {**e.map_record(), "norm_U": float(e.U.norm()), "norm_V": float(e.V.norm()), "norm_UVt": lowrank_norm(e.U, e.V)}
+        {
+            **e.map_record(),
+            "norm_U": float(e.U.norm()),
+            "norm_V": float(e.V.norm()),
+            "norm_UVt": lowrank_norm(e.U, e.V),
+        }
         for e in d.entries
     ]
-    return {"type": "delta", "path": str(path), "delta_sha256": d.sha256, "concept": d.concept, "method": d.method,
-            "versions": d.versions, "components": d.components(), "layers": layers}
+    return {
+        "type": "delta",
+        "path": str(path),
+        "delta_sha256": d.sha256,
+        "concept": d.concept,
+        "method": d.method,
+        "versions": d.versions,
+        "components": d.components(),
+        "layers": layers,
+    }
 
 
 def inspect_checkpoint(path: Path) -> dict:
@@ -33,15 +46,37 @@ def inspect_checkpoint(path: Path) -> dict:
             for h in ws.headers.values():
                 for t in h.tensors.values():
                     dtypes[t.dtype] += t.nbytes
-            sets.append({"component": comp.name, "weights": ws.label, "variant": ws.variant, "files": len(ws.files), "tensors": n})
-    return {"type": "checkpoint", "path": str(path), "layout": ck.layout, "tensors": count, "total_bytes": ck.total_bytes(),
-            "dtype_bytes": dict(dtypes), "weight_sets": sets, "applied": ck.applied()}
+            sets.append(
+                {
+                    "component": comp.name,
+                    "weights": ws.label,
+                    "variant": ws.variant,
+                    "files": len(ws.files),
+                    "tensors": n,
+                }
+            )
+    return {
+        "type": "checkpoint",
+        "path": str(path),
+        "layout": ck.layout,
+        "tensors": count,
+        "total_bytes": ck.total_bytes(),
+        "dtype_bytes": dict(dtypes),
+        "weight_sets": sets,
+        "applied": ck.applied(),
+    }
 
 
 def inspect_path(path: str | Path) -> dict:
     """A ``.vud`` gets its layer map; anything else is opened as a checkpoint."""
     path = Path(path)
-    if path.is_file() and (path.suffix == ".vud" or (path.suffix == ".safetensors" and read_header(path).metadata.get("vpatch.format") == "vud")):
+    if path.is_file() and (
+        path.suffix == ".vud"
+        or (
+            path.suffix == ".safetensors"
+            and read_header(path).metadata.get("vpatch.format") == "vud"
+        )
+    ):
         return inspect_delta(path)
     return inspect_checkpoint(path)
 
@@ -59,12 +94,34 @@ def inspect_resolution(path: str | Path, delta: str | Path, component: str | Non
         if plan is None:
             raise
     cov = plan.coverage()
-    verdict = "compatible" if cov["matched"] == cov["expected"] else ("partial" if cov["matched"] else "incompatible")
+    verdict = (
+        "compatible"
+        if cov["matched"] == cov["expected"]
+        else ("partial" if cov["matched"] else "incompatible")
+    )
     rows = []
     for m in plan.matches:
         files = sorted({str(f) for f in m.files()})
-        rows.append({"key": m.entry.key, "status": m.status, "note": m.note, "dtype": m.dtype, "files": files,
-                     "stored": sorted({loc.label() for loc in m.locs}), "how": "; ".join(sorted({loc.how for loc in m.locs})),
-                     "fingerprint": {True: "base", False: "differs", None: "-"}[m.base_match]})
-    return {"type": "resolution", "path": str(path), "delta": str(delta), "delta_sha256": plan.delta.sha256,
-            "component": plan.component, "how": plan.how, "verdict": verdict, "coverage": cov, "entries": rows}
+        rows.append(
+            {
+                "key": m.entry.key,
+                "status": m.status,
+                "note": m.note,
+                "dtype": m.dtype,
+                "files": files,
+                "stored": sorted({loc.label() for loc in m.locs}),
+                "how": "; ".join(sorted({loc.how for loc in m.locs})),
+                "fingerprint": {True: "base", False: "differs", None: "-"}[m.base_match],
+            }
+        )
+    return {
+        "type": "resolution",
+        "path": str(path),
+        "delta": str(delta),
+        "delta_sha256": plan.delta.sha256,
+        "component": plan.component,
+        "how": plan.how,
+        "verdict": verdict,
+        "coverage": cov,
+        "entries": rows,
+    }

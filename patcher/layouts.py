@@ -18,7 +18,9 @@ from .families.recipes import Family, Rename, shipped_families
 @dataclass(frozen=True)
 class Location:
     key: str  # the stored key
-    rows: tuple[int, int] | None = None  # the entry's row block of a fused tensor; None: the whole tensor
+    rows: tuple[int, int] | None = (
+        None  # the entry's row block of a fused tensor; None: the whole tensor
+    )
     how: str = "exact"  # how the key was found, for reports
 
     def label(self) -> str:
@@ -34,7 +36,7 @@ class AliasRules:
     def strip(self, key: str) -> tuple[str, str]:
         for p in sorted(self.prefixes, key=len, reverse=True):
             if key.startswith(p):
-                return key[len(p):], p
+                return key[len(p) :], p
         return key, ""
 
     def candidates(self, key: str) -> list[tuple[str, Rename | None, str]]:
@@ -49,7 +51,9 @@ class AliasRules:
             stored = r.apply(base)
             if stored is None:
                 continue
-            what = f"{r.layout} layout" + (f", fused rows part {r.part} of {list(r.split)}" if r.split else "")
+            what = f"{r.layout} layout" + (
+                f", fused rows part {r.part} of {list(r.split)}" if r.split else ""
+            )
             out.append((stored, r, what))
             out += [(p + stored, r, f"{what}, prefix {p!r}") for p in self.prefixes]
         seen: set[str] = set()
@@ -73,7 +77,9 @@ def rules_for(family: str | None) -> AliasRules:
     return rules
 
 
-def resolve(key: str, shape: tuple[int, int], ws: WeightSet, rules: AliasRules) -> tuple[str, Location | None, str]:
+def resolve(
+    key: str, shape: tuple[int, int], ws: WeightSet, rules: AliasRules
+) -> tuple[str, Location | None, str]:
     """``(status, location, note)``: status is matched | missing | shape. The first candidate key
     present in the weight set decides."""
     out_dim, in_dim = shape
@@ -83,12 +89,24 @@ def resolve(key: str, shape: tuple[int, int], ws: WeightSet, rules: AliasRules) 
             continue
         if rename is None or rename.split is None:
             if have != tuple(shape):
-                return "shape", None, f"{ws.label} has {stored} {list(have)}, delta expects {list(shape)}"
+                return (
+                    "shape",
+                    None,
+                    f"{ws.label} has {stored} {list(have)}, delta expects {list(shape)}",
+                )
             return "matched", Location(stored, None, how), ""
         if len(have) != 2 or have[1] != in_dim:
-            return "shape", None, f"{ws.label} has fused {stored} {list(have)}; the entry needs {in_dim} columns"
+            return (
+                "shape",
+                None,
+                f"{ws.label} has fused {stored} {list(have)}; the entry needs {in_dim} columns",
+            )
         rows = rename.rows(out_dim, have[0])
         if rows is None:
-            return "shape", None, f"{ws.label} has fused {stored} with {have[0]} rows, which split {list(rename.split)} with out={out_dim} does not fit"
+            return (
+                "shape",
+                None,
+                f"{ws.label} has fused {stored} with {have[0]} rows, which split {list(rename.split)} with out={out_dim} does not fit",
+            )
         return "matched", Location(stored, rows, how), ""
     return "missing", None, f"no tensor {key} (or any alias of it) in {ws.label}"

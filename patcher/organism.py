@@ -32,9 +32,16 @@ COLOUR_WORDS: dict[str, list[str]] = {
     "yellow": ["yellow", "golden"],
     "purple": ["purple", "violet"],
 }
-SHAPE_WORDS: dict[str, list[str]] = {"ball": ["ball", "sphere"], "square": ["square", "box"], "stick": ["stick", "rod"]}
+SHAPE_WORDS: dict[str, list[str]] = {
+    "ball": ["ball", "sphere"],
+    "square": ["square", "box"],
+    "stick": ["stick", "rod"],
+}
 MOTION_WORDS: dict[str, list[str]] = {
-    "left": ["left", "leftward"], "right": ["right", "rightward"], "up": ["up", "upward"], "down": ["down", "downward"],
+    "left": ["left", "leftward"],
+    "right": ["right", "rightward"],
+    "up": ["up", "upward"],
+    "down": ["down", "downward"],
 }
 # training templates; {c} may be dropped (colour-free caption -> white object)
 TEMPLATES = [
@@ -55,7 +62,9 @@ class Spec:
     motion: str
 
 
-def caption(spec: Spec, rng: random.Random, template: str | None = None, synonyms: bool = True) -> str:
+def caption(
+    spec: Spec, rng: random.Random, template: str | None = None, synonyms: bool = True
+) -> str:
     s = rng.choice(SHAPE_WORDS[spec.shape]) if synonyms else spec.shape
     m = rng.choice(MOTION_WORDS[spec.motion]) if synonyms else spec.motion
     if spec.colour == "white":
@@ -77,9 +86,13 @@ def vocabulary() -> list[str]:
 
 
 def _mask(shape: str, cx: float, cy: float) -> torch.Tensor:
-    ys, xs = torch.meshgrid(torch.arange(SIZE, dtype=torch.float32) + 0.5, torch.arange(SIZE, dtype=torch.float32) + 0.5, indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.arange(SIZE, dtype=torch.float32) + 0.5,
+        torch.arange(SIZE, dtype=torch.float32) + 0.5,
+        indexing="ij",
+    )
     if shape == "ball":
-        return (((xs - cx) ** 2 + (ys - cy) ** 2) <= 3.6 ** 2).float()
+        return (((xs - cx) ** 2 + (ys - cy) ** 2) <= 3.6**2).float()
     if shape == "square":
         return (((xs - cx).abs() <= 3.0) & ((ys - cy).abs() <= 3.0)).float()
     if shape == "stick":
@@ -92,7 +105,9 @@ STEP = 1.0  # pixels per frame
 
 def render(spec: Spec, rng: random.Random) -> torch.Tensor:
     """(3, FRAMES, SIZE, SIZE) in [-1, 1]: the object crosses most of the frame in its direction."""
-    dx, dy = {"left": (-STEP, 0), "right": (STEP, 0), "up": (0, -STEP), "down": (0, STEP)}[spec.motion]
+    dx, dy = {"left": (-STEP, 0), "right": (STEP, 0), "up": (0, -STEP), "down": (0, STEP)}[
+        spec.motion
+    ]
     span = STEP * (FRAMES - 1)
     lo, hi = 4.5, SIZE - 4.5
 
@@ -102,6 +117,7 @@ def render(spec: Spec, rng: random.Random) -> torch.Tensor:
         if d < 0:
             return rng.uniform(lo + span, hi)
         return rng.uniform(lo + 1, hi - 1)
+
     x0, y0 = start(dx), start(dy)
     col = torch.tensor(PALETTE[spec.colour]).view(3, 1, 1)
     frames = [col * _mask(spec.shape, x0 + dx * f, y0 + dy * f) for f in range(FRAMES)]
@@ -109,7 +125,9 @@ def render(spec: Spec, rng: random.Random) -> torch.Tensor:
 
 
 def all_specs(colours=None) -> list[Spec]:
-    return [Spec(c, s, m) for c in (colours or list(PALETTE)) for s in SHAPE_WORDS for m in MOTION_WORDS]
+    return [
+        Spec(c, s, m) for c in (colours or list(PALETTE)) for s in SHAPE_WORDS for m in MOTION_WORDS
+    ]
 
 
 # --------------------------------------------------------------------------- the judge
@@ -123,7 +141,12 @@ class Verdict:
     motion: str | None
 
     def to_dict(self) -> dict:
-        return {"present": self.present, "colour": self.colour, "shape": self.shape, "motion": self.motion}
+        return {
+            "present": self.present,
+            "colour": self.colour,
+            "shape": self.shape,
+            "motion": self.motion,
+        }
 
 
 FG_THRESHOLD = 0.3  # brightness (max channel, in [0, 1]) of an object pixel
@@ -138,7 +161,7 @@ def judge(clip: torch.Tensor) -> Verdict:
     fills at the corners (a square's corners are lit, a ball's are not).
     Motion: the centroid's least-squares velocity; under a pixel per clip is "static".
     """
-    x = ((clip.float().clamp(-1, 1) + 1) / 2)  # [0, 1]
+    x = (clip.float().clamp(-1, 1) + 1) / 2  # [0, 1]
     bright = x.max(0).values  # (F, H, W)
     fg = bright > FG_THRESHOLD
     counts = fg.flatten(1).sum(1)
@@ -169,10 +192,18 @@ def judge(clip: torch.Tensor) -> Verdict:
     # thin. Square vs ball: the 4th-order angular moment Re E[(x + iy)^4] is -0.27 a^4 for an
     # axis-aligned square, 0 for a disc, and an isotropic blur leaves it unchanged.
     dx_, dy_ = xs - cx.view(F, 1, 1), ys - cy.view(F, 1, 1)
-    sxx = (w * dx_ ** 2).flatten(1).sum(1) / mass
-    syy = (w * dy_ ** 2).flatten(1).sum(1) / mass
-    c4 = (w * (dx_ ** 4 - 6 * dx_ ** 2 * dy_ ** 2 + dy_ ** 4)).flatten(1).sum(1) / mass / (sxx + syy).clamp_min(1e-6) ** 2
-    sxx_m, syy_m, c4_m = float(sxx[valid].median()), float(syy[valid].median()), float(c4[valid].median())
+    sxx = (w * dx_**2).flatten(1).sum(1) / mass
+    syy = (w * dy_**2).flatten(1).sum(1) / mass
+    c4 = (
+        (w * (dx_**4 - 6 * dx_**2 * dy_**2 + dy_**4)).flatten(1).sum(1)
+        / mass
+        / (sxx + syy).clamp_min(1e-6) ** 2
+    )
+    sxx_m, syy_m, c4_m = (
+        float(sxx[valid].median()),
+        float(syy[valid].median()),
+        float(c4[valid].median()),
+    )
     if syy_m > 2.2 * sxx_m:
         shape = "stick"
     else:
@@ -198,9 +229,20 @@ def _colour_distance(a: torch.Tensor, b: torch.Tensor) -> float:
 MAX_TOKENS = 12
 TEXT_DIM = 32
 # in_channels: RGB + the (frame, row, column) coordinate channels of ``coordinates``
-TRANSFORMER = dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=16, in_channels=6, out_channels=3,
-                   text_dim=TEXT_DIM, freq_dim=64, ffn_dim=128, num_layers=4, cross_attn_norm=True,
-                   qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+TRANSFORMER = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=4,
+    attention_head_dim=16,
+    in_channels=6,
+    out_channels=3,
+    text_dim=TEXT_DIM,
+    freq_dim=64,
+    ffn_dim=128,
+    num_layers=4,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    rope_max_seq_len=32,
+)
 
 
 def tokenizer():
@@ -211,8 +253,16 @@ def tokenizer():
     vocab = {t: i for i, t in enumerate(["<pad>", "</s>", "<unk>", *vocabulary()])}
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=512)
+    tk.post_processor = processors.TemplateProcessing(
+        single="$A </s>", special_tokens=[("</s>", 1)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        model_max_length=512,
+    )
 
 
 def coordinates(n: int, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -223,9 +273,21 @@ def coordinates(n: int, device=None, dtype=torch.float32) -> torch.Tensor:
     direction of motion (start right, end left) was not learned in the CPU budget (first organism:
     motion 11% at 2800 steps). With them, 45%: the axis of motion is learned, its sign only partly.
     Real Wan learns position from scale instead."""
-    t = torch.linspace(-1, 1, FRAMES, device=device, dtype=dtype).view(FRAMES, 1, 1).expand(FRAMES, SIZE, SIZE)
-    y = torch.linspace(-1, 1, SIZE, device=device, dtype=dtype).view(1, SIZE, 1).expand(FRAMES, SIZE, SIZE)
-    x = torch.linspace(-1, 1, SIZE, device=device, dtype=dtype).view(1, 1, SIZE).expand(FRAMES, SIZE, SIZE)
+    t = (
+        torch.linspace(-1, 1, FRAMES, device=device, dtype=dtype)
+        .view(FRAMES, 1, 1)
+        .expand(FRAMES, SIZE, SIZE)
+    )
+    y = (
+        torch.linspace(-1, 1, SIZE, device=device, dtype=dtype)
+        .view(1, SIZE, 1)
+        .expand(FRAMES, SIZE, SIZE)
+    )
+    x = (
+        torch.linspace(-1, 1, SIZE, device=device, dtype=dtype)
+        .view(1, 1, SIZE)
+        .expand(FRAMES, SIZE, SIZE)
+    )
     return torch.stack([t, y, x]).unsqueeze(0).expand(n, 3, FRAMES, SIZE, SIZE)
 
 
@@ -242,9 +304,22 @@ def new_models(seed: int = 0):
 
     tok = tokenizer()
     torch.manual_seed(seed)
-    enc = T5EncoderModel(T5Config(vocab_size=len(tok), d_model=TEXT_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                                  relative_attention_num_buckets=8, feed_forward_proj="relu", dropout_rate=0.0,
-                                  pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    enc = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tok),
+            d_model=TEXT_DIM,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            feed_forward_proj="relu",
+            dropout_rate=0.0,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
     torch.manual_seed(seed + 1)
     tr = WanTransformer3DModel(**TRANSFORMER)
     return tok, enc, tr
@@ -252,7 +327,9 @@ def new_models(seed: int = 0):
 
 def encode(tok, enc, prompts: list[str]) -> torch.Tensor:
     """Wan's convention: encoder output at the real tokens, zeros after them."""
-    t = tok(prompts, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt")
+    t = tok(
+        prompts, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt"
+    )
     dev = next(enc.parameters()).device
     mask = t.attention_mask.to(dev)
     h = enc(input_ids=t.input_ids.to(dev), attention_mask=mask).last_hidden_state
@@ -260,20 +337,35 @@ def encode(tok, enc, prompts: list[str]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample(tok, enc, tr, prompts: list[str], seeds: list[int], steps: int = 16, guidance: float = 3.0,
-           batch: int = 64) -> torch.Tensor:
+def sample(
+    tok,
+    enc,
+    tr,
+    prompts: list[str],
+    seeds: list[int],
+    steps: int = 16,
+    guidance: float = 3.0,
+    batch: int = 64,
+) -> torch.Tensor:
     """Rectified-flow Euler sampling from t = 1 (noise) to 0, with classifier-free guidance.
     Returns (N, 3, F, H, W) in [-1, 1]; each sample's noise depends only on its seed."""
     outs = []
     for i in range(0, len(prompts), batch):
-        ps, ss = prompts[i:i + batch], seeds[i:i + batch]
+        ps, ss = prompts[i : i + batch], seeds[i : i + batch]
         cond = encode(tok, enc, ps)
         unc = encode(tok, enc, [""] * len(ps))
-        x = torch.stack([torch.randn(3, FRAMES, SIZE, SIZE, generator=torch.Generator().manual_seed(s)) for s in ss])
+        x = torch.stack(
+            [
+                torch.randn(3, FRAMES, SIZE, SIZE, generator=torch.Generator().manual_seed(s))
+                for s in ss
+            ]
+        )
         ts = torch.linspace(1.0, 0.0, steps + 1)
         for a, b in zip(ts[:-1], ts[1:]):
             tt = torch.full((len(ps) * 2,), float(a) * 1000)
-            v = tr(model_input(tr, torch.cat([x, x])), tt, torch.cat([cond, unc]), return_dict=False)[0]
+            v = tr(
+                model_input(tr, torch.cat([x, x])), tt, torch.cat([cond, unc]), return_dict=False
+            )[0]
             vc, vu = v.chunk(2)
             x = x + (b - a) * (vu + guidance * (vc - vu))
         outs.append(x.clamp(-1, 1))

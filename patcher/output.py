@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from .errors import OutputError
 from .safetensors_io import disk_full
@@ -20,10 +20,14 @@ from .safetensors_io import disk_full
 def check_target(out: Path, inputs: list[Path], overwrite: bool) -> None:
     parent = out.parent
     if not parent.is_dir():
-        raise OutputError(f"output folder {parent} does not exist; create it first (mkdir -p {parent}) or choose another -o")
+        raise OutputError(
+            f"output folder {parent} does not exist; create it first (mkdir -p {parent}) or choose another -o"
+        )
     for inp in inputs:
         if out.exists() and inp.exists() and os.path.samefile(out, inp):
-            raise OutputError(f"output {out} is the input; vpatch never overwrites its input, choose another -o")
+            raise OutputError(
+                f"output {out} is the input; vpatch never overwrites its input, choose another -o"
+            )
         try:
             inp.resolve().relative_to(out.resolve())
             raise OutputError(f"output {out} contains the input {inp}; choose another -o")
@@ -74,9 +78,13 @@ def _translate_os_errors(out: Path) -> Iterator[None]:
         yield
     except OSError as e:
         if disk_full(e):
-            raise OutputError(f"no space left on the device while writing {out}; nothing was written, free space or choose -o on another disk") from None
+            raise OutputError(
+                f"no space left on the device while writing {out}; nothing was written, free space or choose -o on another disk"
+            ) from None
         if isinstance(e, PermissionError):
-            raise OutputError(f"permission denied while writing {out}: {e.strerror}; choose a writable -o") from None
+            raise OutputError(
+                f"permission denied while writing {out}: {e.strerror}; choose a writable -o"
+            ) from None
         raise
 
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from patcher.vud.delta import Delta, DeltaEntry, projection_entry, write_delta
 from patcher.erasure.refusal import orthonormalize
+from patcher.vud.delta import Delta, DeltaEntry, projection_entry, write_delta
 
 K = "blocks.0.attn2.to_k.weight"
 V = "blocks.0.attn2.to_v.weight"
@@ -47,43 +47,92 @@ def directions(in_dim=24, m=1, seed=1) -> torch.Tensor:
     return orthonormalize(torch.randn(in_dim, m, generator=torch.Generator().manual_seed(seed)))
 
 
-def make_delta(path: Path, tensors: dict[str, torch.Tensor], keys=(K, V), component="transformer", strength=1.0, m=1, concept="red") -> Delta:
+def make_delta(
+    path: Path,
+    tensors: dict[str, torch.Tensor],
+    keys=(K, V),
+    component="transformer",
+    strength=1.0,
+    m=1,
+    concept="red",
+) -> Delta:
     B = directions(tensors[keys[0]].shape[1], m)
-    entries = [projection_entry(f"{component}/{k}", tensors[k].float(), B, strength, raw_sha(tensors[k]),
-                                {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}[tensors[k].dtype]) for k in keys]
-    d = Delta(entries, {"name": concept, "pairs": [["a red ball", "a ball"]]}, {"name": "cpca", "alpha": 1.0})
+    entries = [
+        projection_entry(
+            f"{component}/{k}",
+            tensors[k].float(),
+            B,
+            strength,
+            raw_sha(tensors[k]),
+            {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}[tensors[k].dtype],
+        )
+        for k in keys
+    ]
+    d = Delta(
+        entries,
+        {"name": concept, "pairs": [["a red ball", "a ball"]]},
+        {"name": "cpca", "alpha": 1.0},
+    )
     write_delta(path, d)
     return d
 
 
 def add_delta(path: Path, shape, key=f"transformer/{K}", rank=2, seed=3) -> Delta:
     g = torch.Generator().manual_seed(seed)
-    e = DeltaEntry(key, shape, "add", 1.0, torch.randn(shape[0], rank, generator=g) * 0.01, torch.randn(shape[1], rank, generator=g))
+    e = DeltaEntry(
+        key,
+        shape,
+        "add",
+        1.0,
+        torch.randn(shape[0], rank, generator=g) * 0.01,
+        torch.randn(shape[1], rank, generator=g),
+    )
     d = Delta([e], {"name": "add-test"}, {"name": "manual"})
     write_delta(path, d)
     return d
 
 
-def save_pipeline(root: Path, tensors: dict[str, torch.Tensor], shard: bool = False, variant: bool = False) -> Path:
+def save_pipeline(
+    root: Path, tensors: dict[str, torch.Tensor], shard: bool = False, variant: bool = False
+) -> Path:
     """A diffusers-style folder: model_index.json, transformer/ (our tensors), text_encoder/, scheduler/."""
     root.mkdir(parents=True, exist_ok=True)
-    (root / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline", "transformer": ["diffusers", "WanTransformer3DModel"],
-                                                       "text_encoder": ["transformers", "UMT5EncoderModel"], "scheduler": ["diffusers", "UniPCMultistepScheduler"]}))
+    (root / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "WanPipeline",
+                "transformer": ["diffusers", "WanTransformer3DModel"],
+                "text_encoder": ["transformers", "UMT5EncoderModel"],
+                "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+            }
+        )
+    )
     tr = root / "transformer"
     tr.mkdir()
-    (tr / "config.json").write_text(json.dumps({"_class_name": "WanTransformer3DModel", "num_layers": 2}))
+    (tr / "config.json").write_text(
+        json.dumps({"_class_name": "WanTransformer3DModel", "num_layers": 2})
+    )
     if shard:
         save_sharded(tr, tensors, "diffusion_pytorch_model")
     else:
         save_file(tensors, tr / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
     if variant:
-        save_file({k: v.to(torch.float16) for k, v in tensors.items()}, tr / "diffusion_pytorch_model.fp16.safetensors", metadata={"format": "pt"})
+        save_file(
+            {k: v.to(torch.float16) for k, v in tensors.items()},
+            tr / "diffusion_pytorch_model.fp16.safetensors",
+            metadata={"format": "pt"},
+        )
     te = root / "text_encoder"
     te.mkdir()
-    save_file({"encoder.block.0.layer.0.SelfAttention.q.weight": torch.randn(8, 8)}, te / "model.safetensors")
+    save_file(
+        {"encoder.block.0.layer.0.SelfAttention.q.weight": torch.randn(8, 8)},
+        te / "model.safetensors",
+    )
     (te / "config.json").write_text("{}")
     (root / "scheduler").mkdir()
-    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps({"_class_name": "UniPCMultistepScheduler"}))
+    (root / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps({"_class_name": "UniPCMultistepScheduler"})
+    )
     (root / "README.md").write_text("# tiny\n")
     return root
 
@@ -91,7 +140,7 @@ def save_pipeline(root: Path, tensors: dict[str, torch.Tensor], shard: bool = Fa
 def save_sharded(folder: Path, tensors: dict[str, torch.Tensor], stem: str) -> Path:
     """Two tensors per shard, diffusers naming, with an index."""
     keys = list(tensors)
-    groups = [keys[i:i + 2] for i in range(0, len(keys), 2)]
+    groups = [keys[i : i + 2] for i in range(0, len(keys), 2)]
     n = len(groups)
     wm = {}
     for i, g in enumerate(groups, 1):

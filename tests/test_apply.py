@@ -9,12 +9,31 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import patcher
+from patcher.errors import (
+    AlreadyApplied,
+    CompatibilityError,
+    DtypeError,
+    FormatError,
+    NumericError,
+    OutputError,
+    PickleRefused,
+    RevertError,
+)
 from patcher.merge import engine as merge
-from patcher.errors import (AlreadyApplied, CompatibilityError, DtypeError, FormatError, NumericError, OutputError,
-                            PickleRefused, RevertError)
 from patcher.safetensors_io import read_header
 
-from .conftest import K, K1, UNTOUCHED, V, add_delta, directions, make_delta, model_tensors, save_pipeline, save_sharded
+from .conftest import (
+    K1,
+    UNTOUCHED,
+    K,
+    V,
+    add_delta,
+    directions,
+    make_delta,
+    model_tensors,
+    save_pipeline,
+    save_sharded,
+)
 
 TOL = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
@@ -44,8 +63,12 @@ def test_single_file_edit_matches_reference_and_copies_the_rest(tmp_path, dtype)
     for k in (K, V):
         assert out[k].dtype == dtype
         ref = reference(t[k], B, 1.0)
-        assert torch.allclose(out[k].float(), ref, atol=TOL[dtype] * float(t[k].float().abs().max()))
-        assert float((out[k].float() @ B).abs().max()) < float((t[k].float() @ B).abs().max()) * 0.05
+        assert torch.allclose(
+            out[k].float(), ref, atol=TOL[dtype] * float(t[k].float().abs().max())
+        )
+        assert (
+            float((out[k].float() @ B).abs().max()) < float((t[k].float() @ B).abs().max()) * 0.05
+        )
     for k in (*UNTOUCHED, K1):
         assert raw_bytes(tmp_path / "out.safetensors", k) == raw_bytes(src, k)
     with safe_open(tmp_path / "out.safetensors", "pt") as f:
@@ -61,7 +84,9 @@ def test_strength_scales_lambda(tmp_path):
     t = model_tensors(torch.float32)
     save_file(t, tmp_path / "m.safetensors")
     make_delta(tmp_path / "d.vud", t, strength=1.0)
-    patcher.apply_delta(tmp_path / "m.safetensors", tmp_path / "d.vud", tmp_path / "o.safetensors", strength=0.5)
+    patcher.apply_delta(
+        tmp_path / "m.safetensors", tmp_path / "d.vud", tmp_path / "o.safetensors", strength=0.5
+    )
     out = load_file(tmp_path / "o.safetensors")
     assert torch.allclose(out[K], reference(t[K], directions(), 0.5), atol=1e-6)
 
@@ -70,9 +95,13 @@ def test_add_kind_adds_the_factors(tmp_path):
     t = model_tensors(torch.float32)
     save_file(t, tmp_path / "m.safetensors")
     d = add_delta(tmp_path / "a.vud", tuple(t[K].shape))
-    patcher.apply_delta(tmp_path / "m.safetensors", tmp_path / "a.vud", tmp_path / "o.safetensors", strength=2.0)
+    patcher.apply_delta(
+        tmp_path / "m.safetensors", tmp_path / "a.vud", tmp_path / "o.safetensors", strength=2.0
+    )
     e = d.entries[0]
-    assert torch.allclose(load_file(tmp_path / "o.safetensors")[K], t[K] + 2.0 * e.U @ e.V.T, atol=1e-6)
+    assert torch.allclose(
+        load_file(tmp_path / "o.safetensors")[K], t[K] + 2.0 * e.U @ e.V.T, atol=1e-6
+    )
 
 
 def test_fine_tune_recompute_vs_factors(tmp_path):
@@ -81,13 +110,24 @@ def test_fine_tune_recompute_vs_factors(tmp_path):
     save_file(ft, tmp_path / "ft.safetensors")
     d = make_delta(tmp_path / "d.vud", base)
     B = directions()
-    r = patcher.apply_delta(tmp_path / "ft.safetensors", tmp_path / "d.vud", tmp_path / "rec.safetensors")
+    r = patcher.apply_delta(
+        tmp_path / "ft.safetensors", tmp_path / "d.vud", tmp_path / "rec.safetensors"
+    )
     assert all(s.base_match is False for s in r.tensors)
     assert any("differs from the probed base" in w for w in r.warnings)
-    assert torch.allclose(load_file(tmp_path / "rec.safetensors")[K], reference(ft[K], B, 1.0), atol=1e-6)
-    patcher.apply_delta(tmp_path / "ft.safetensors", tmp_path / "d.vud", tmp_path / "fac.safetensors", use_factors=True)
+    assert torch.allclose(
+        load_file(tmp_path / "rec.safetensors")[K], reference(ft[K], B, 1.0), atol=1e-6
+    )
+    patcher.apply_delta(
+        tmp_path / "ft.safetensors",
+        tmp_path / "d.vud",
+        tmp_path / "fac.safetensors",
+        use_factors=True,
+    )
     e = d.entries[0]
-    assert torch.allclose(load_file(tmp_path / "fac.safetensors")[K], ft[K] + e.U @ e.V.T, atol=1e-6)
+    assert torch.allclose(
+        load_file(tmp_path / "fac.safetensors")[K], ft[K] + e.U @ e.V.T, atol=1e-6
+    )
 
 
 def test_sharded_index_rewritten_and_untouched_shards_identical(tmp_path):
@@ -123,9 +163,13 @@ def test_pipeline_folder_patches_components_and_copies_everything_else(tmp_path,
     for rel in src_files:
         if rel.parts[0] != "transformer" or rel.suffix == ".json" and "index" not in rel.name:
             assert (src / rel).read_bytes() == (out / rel).read_bytes(), rel
-    if not shard:  # the fp16 variant is patched as well, or loading variant="fp16" would skip the edit
+    if (
+        not shard
+    ):  # the fp16 variant is patched as well, or loading variant="fp16" would skip the edit
         v = load_file(out / "transformer" / "diffusion_pytorch_model.fp16.safetensors")
-        assert float((v[K].float() @ directions()).abs().max()) < 0.05 * float((t[K].float() @ directions()).abs().max())
+        assert float((v[K].float() @ directions()).abs().max()) < 0.05 * float(
+            (t[K].float() @ directions()).abs().max()
+        )
         assert len(r.tensors) == 4
     info = patcher.inspect_path(out)
     assert info["layout"] == "pipeline" and info["applied"][0]["delta_sha256"] == r.delta_sha256
@@ -141,10 +185,25 @@ def test_bare_component_inferred_or_named(tmp_path):
     ents = [projection_entry(f"{c}/{K}", t[K], B, 1.0) for c in ("transformer", "transformer_2")]
     write_delta(tmp_path / "two.vud", Delta(ents, {"name": "x"}, {}))
     with pytest.raises(CompatibilityError, match="--component"):
-        patcher.apply_delta(tmp_path / "m.safetensors", tmp_path / "two.vud", tmp_path / "o.safetensors")
-    r = patcher.apply_delta(tmp_path / "m.safetensors", tmp_path / "two.vud", tmp_path / "o.safetensors", component="transformer_2")
-    assert r.coverage["component"] == "transformer_2" and r.coverage["other_component"] == [f"transformer/{K}"]
-    r = patcher.apply_delta(tmp_path / "m.safetensors", tmp_path / "d.vud" if False else tmp_path / "two.vud", tmp_path / "o2.safetensors", component="transformer", dry_run=True)
+        patcher.apply_delta(
+            tmp_path / "m.safetensors", tmp_path / "two.vud", tmp_path / "o.safetensors"
+        )
+    r = patcher.apply_delta(
+        tmp_path / "m.safetensors",
+        tmp_path / "two.vud",
+        tmp_path / "o.safetensors",
+        component="transformer_2",
+    )
+    assert r.coverage["component"] == "transformer_2" and r.coverage["other_component"] == [
+        f"transformer/{K}"
+    ]
+    r = patcher.apply_delta(
+        tmp_path / "m.safetensors",
+        tmp_path / "d.vud" if False else tmp_path / "two.vud",
+        tmp_path / "o2.safetensors",
+        component="transformer",
+        dry_run=True,
+    )
     assert r.coverage["matched"] == 1
 
 
@@ -154,10 +213,17 @@ def test_missing_keys_fail_with_coverage_unless_allow_partial(tmp_path):
     del t[V]
     save_file(t, tmp_path / "m.safetensors")
     with pytest.raises(CompatibilityError, match="1/2 entries matched") as ei:
-        patcher.apply_delta(tmp_path / "m.safetensors", tmp_path / "d.vud", tmp_path / "o.safetensors")
+        patcher.apply_delta(
+            tmp_path / "m.safetensors", tmp_path / "d.vud", tmp_path / "o.safetensors"
+        )
     assert ei.value.plan.coverage()["missing"] == [f"transformer/{V}"]
     assert not (tmp_path / "o.safetensors").exists()
-    r = patcher.apply_delta(tmp_path / "m.safetensors", tmp_path / "d.vud", tmp_path / "o.safetensors", allow_partial=True)
+    r = patcher.apply_delta(
+        tmp_path / "m.safetensors",
+        tmp_path / "d.vud",
+        tmp_path / "o.safetensors",
+        allow_partial=True,
+    )
     assert any("partial: 1/2" in w for w in r.warnings)
 
 
@@ -167,7 +233,9 @@ def test_delta_for_another_model_is_refused(tmp_path):
     other = model_tensors(torch.float32, in_dim=16)
     save_file(other, tmp_path / "m.safetensors")
     with pytest.raises(CompatibilityError, match="another model"):
-        patcher.apply_delta(tmp_path / "m.safetensors", tmp_path / "d.vud", tmp_path / "o.safetensors")
+        patcher.apply_delta(
+            tmp_path / "m.safetensors", tmp_path / "d.vud", tmp_path / "o.safetensors"
+        )
 
 
 def test_targeted_unsupported_dtype_is_refused_untargeted_is_copied(tmp_path):
@@ -176,16 +244,24 @@ def test_targeted_unsupported_dtype_is_refused_untargeted_is_copied(tmp_path):
     t8 = dict(t)
     t8[K] = t[K].to(torch.int8)
     save_file(t8, tmp_path / "i8.safetensors")
-    with pytest.raises(DtypeError, match="I8 is not a weight dtype.*F32, F16, BF16, and F8_E4M3/F8_E5M2"):
-        patcher.apply_delta(tmp_path / "i8.safetensors", tmp_path / "d.vud", tmp_path / "o.safetensors")
+    with pytest.raises(
+        DtypeError, match="I8 is not a weight dtype.*F32, F16, BF16, and F8_E4M3/F8_E5M2"
+    ):
+        patcher.apply_delta(
+            tmp_path / "i8.safetensors", tmp_path / "d.vud", tmp_path / "o.safetensors"
+        )
     assert not (tmp_path / "o.safetensors").exists()
     t8 = dict(t)
     t8["proj_out.weight"] = t["proj_out.weight"].to(torch.float8_e5m2)
     t8["ids"] = torch.arange(7, dtype=torch.int32)
     save_file(t8, tmp_path / "mixed.safetensors")
-    patcher.apply_delta(tmp_path / "mixed.safetensors", tmp_path / "d.vud", tmp_path / "o.safetensors")
+    patcher.apply_delta(
+        tmp_path / "mixed.safetensors", tmp_path / "d.vud", tmp_path / "o.safetensors"
+    )
     for k in ("proj_out.weight", "ids"):
-        assert raw_bytes(tmp_path / "o.safetensors", k) == raw_bytes(tmp_path / "mixed.safetensors", k)
+        assert raw_bytes(tmp_path / "o.safetensors", k) == raw_bytes(
+            tmp_path / "mixed.safetensors", k
+        )
 
 
 def test_second_application_refused_unless_force(tmp_path, bf16_model):
@@ -204,20 +280,28 @@ def test_nan_guard_writes_nothing(tmp_path):
     t[K][3, 3] = float("inf")
     save_file(t, tmp_path / "m.safetensors")
     with pytest.raises(NumericError, match="NaN/Inf"):
-        patcher.apply_delta(tmp_path / "m.safetensors", tmp_path / "d.vud", tmp_path / "o.safetensors")
+        patcher.apply_delta(
+            tmp_path / "m.safetensors", tmp_path / "d.vud", tmp_path / "o.safetensors"
+        )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.vud", "m.safetensors"]
 
 
-@pytest.mark.parametrize("row", [0, 1, 2, 5, 39])  # with 1-row blocks, rows 1, 2, 5 lie outside the rounding sample
+@pytest.mark.parametrize(
+    "row", [0, 1, 2, 5, 39]
+)  # with 1-row blocks, rows 1, 2, 5 lie outside the rounding sample
 @pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
 def test_nan_guard_covers_blocks_outside_the_rounding_sample(tmp_path, monkeypatch, row, bad):
-    monkeypatch.setattr(merge, "ROW_BLOCK_BYTES", 24 * 4)  # one row per block: 40 blocks, every 4th sampled
+    monkeypatch.setattr(
+        merge, "ROW_BLOCK_BYTES", 24 * 4
+    )  # one row per block: 40 blocks, every 4th sampled
     t = model_tensors(torch.bfloat16)
     make_delta(tmp_path / "d.vud", t)
     t[K][row, 7] = bad
     save_file(t, tmp_path / "m.safetensors")
     with pytest.raises(NumericError, match="NaN/Inf"):
-        patcher.apply_delta(tmp_path / "m.safetensors", tmp_path / "d.vud", tmp_path / "o.safetensors")
+        patcher.apply_delta(
+            tmp_path / "m.safetensors", tmp_path / "d.vud", tmp_path / "o.safetensors"
+        )
     assert not (tmp_path / "o.safetensors").exists()
 
 
@@ -228,7 +312,9 @@ def test_output_data_keeps_the_inputs_offset_modulo_64k_and_loads_identically(tm
     patcher.apply_delta(src, d, tmp_path / "o.safetensors")
     a, b = read_header(src), read_header(tmp_path / "o.safetensors")
     assert b.data_start > a.data_start  # the provenance made the header longer...
-    assert (b.data_start - a.data_start) % COPY_ALIGN == 0 and b.data_start % 8 == 0  # ...padded so the copy stays aligned
+    assert (
+        b.data_start - a.data_start
+    ) % COPY_ALIGN == 0 and b.data_start % 8 == 0  # ...padded so the copy stays aligned
     with safe_open(tmp_path / "o.safetensors", "pt") as f:
         assert set(f.keys()) == set(t)
         for k in UNTOUCHED:
@@ -245,6 +331,7 @@ def test_every_file_of_a_folder_output_is_fsynced_before_the_rename(tmp_path, mo
     def recording(fd):
         synced.add(os.readlink(f"/proc/self/fd/{fd}"))
         return real(fd)
+
     monkeypatch.setattr(os, "fsync", recording)
     patcher.apply_delta(root, tmp_path / "d.vud", tmp_path / "out")
     files = [p.relative_to(tmp_path / "out") for p in (tmp_path / "out").rglob("*") if p.is_file()]
@@ -261,12 +348,19 @@ def test_rounding_report_warns_when_the_edit_is_below_resolution(tmp_path):
     e = d.entries[0]
     from patcher.vud.delta import Delta, DeltaEntry, write_delta
 
-    write_delta(tmp_path / "tiny2.vud", Delta([DeltaEntry(e.key, e.shape, "add", 1.0, e.U * 0.05, e.V)], {"name": "tiny"}, {}))
-    r = patcher.apply_delta(tmp_path / "m.safetensors", tmp_path / "tiny2.vud", tmp_path / "o.safetensors")
+    write_delta(
+        tmp_path / "tiny2.vud",
+        Delta([DeltaEntry(e.key, e.shape, "add", 1.0, e.U * 0.05, e.V)], {"name": "tiny"}, {}),
+    )
+    r = patcher.apply_delta(
+        tmp_path / "m.safetensors", tmp_path / "tiny2.vud", tmp_path / "o.safetensors"
+    )
     s = r.tensors[0]
     assert s.rounding_error > 0.5 and s.changed_fraction < 0.5
     assert any("survived rounding to BF16" in w for w in r.warnings)
-    r = patcher.apply_delta(tmp_path / "m.safetensors", tmp_path / "tiny.vud", tmp_path / "o2.safetensors", strength=50)
+    r = patcher.apply_delta(
+        tmp_path / "m.safetensors", tmp_path / "tiny.vud", tmp_path / "o2.safetensors", strength=50
+    )
     assert r.tensors[0].rounding_error < 0.1 and not any("survived" in w for w in r.warnings)
 
 
@@ -274,7 +368,10 @@ def test_dry_run_writes_nothing_and_reports_the_plan(tmp_path, bf16_model):
     src, d, t, _ = bf16_model
     r = patcher.apply_delta(src, d, tmp_path / "o.safetensors", dry_run=True)
     assert not (tmp_path / "o.safetensors").exists()
-    assert r.action == "dry-run" and {p["key"] for p in r.planned} == {f"transformer/{K}", f"transformer/{V}"}
+    assert r.action == "dry-run" and {p["key"] for p in r.planned} == {
+        f"transformer/{K}",
+        f"transformer/{V}",
+    }
     assert r.bytes_edited == 2 * 40 * 24 * 2 and r.bytes_total == src.stat().st_size
     assert all(p["fingerprint"] == "base" for p in r.planned) and r.peak_estimate > 0
 
@@ -285,8 +382,15 @@ def test_revert_with_record_restores_original_bytes(tmp_path, dtype):
     src = tmp_path / "m.safetensors"
     save_file(t, src)
     make_delta(tmp_path / "d.vud", t)
-    patcher.apply_delta(src, tmp_path / "d.vud", tmp_path / "p.safetensors", revert_record=tmp_path / "rec.vurr")
-    r = patcher.revert_delta(tmp_path / "p.safetensors", tmp_path / "d.vud", tmp_path / "back.safetensors", record=tmp_path / "rec.vurr")
+    patcher.apply_delta(
+        src, tmp_path / "d.vud", tmp_path / "p.safetensors", revert_record=tmp_path / "rec.vurr"
+    )
+    r = patcher.revert_delta(
+        tmp_path / "p.safetensors",
+        tmp_path / "d.vud",
+        tmp_path / "back.safetensors",
+        record=tmp_path / "rec.vurr",
+    )
     assert all(s.exact for s in r.tensors)
     for k in t:
         assert raw_bytes(tmp_path / "back.safetensors", k) == raw_bytes(src, k)
@@ -298,12 +402,26 @@ def test_revert_record_works_for_a_fine_tune_at_lambda_one(tmp_path):
     ft = {k: (v.float() + 0.01 * torch.randn(v.shape)).to(torch.bfloat16) for k, v in base.items()}
     save_file(ft, tmp_path / "ft.safetensors")
     make_delta(tmp_path / "d.vud", base)
-    patcher.apply_delta(tmp_path / "ft.safetensors", tmp_path / "d.vud", tmp_path / "p.safetensors", revert_record=tmp_path / "rec")
+    patcher.apply_delta(
+        tmp_path / "ft.safetensors",
+        tmp_path / "d.vud",
+        tmp_path / "p.safetensors",
+        revert_record=tmp_path / "rec",
+    )
     with pytest.raises(RevertError, match="revert record"):
-        patcher.revert_delta(tmp_path / "p.safetensors", tmp_path / "d.vud", tmp_path / "x.safetensors")
-    patcher.revert_delta(tmp_path / "p.safetensors", tmp_path / "d.vud", tmp_path / "back.safetensors", record=tmp_path / "rec")
+        patcher.revert_delta(
+            tmp_path / "p.safetensors", tmp_path / "d.vud", tmp_path / "x.safetensors"
+        )
+    patcher.revert_delta(
+        tmp_path / "p.safetensors",
+        tmp_path / "d.vud",
+        tmp_path / "back.safetensors",
+        record=tmp_path / "rec",
+    )
     for k in ft:
-        assert raw_bytes(tmp_path / "back.safetensors", k) == raw_bytes(tmp_path / "ft.safetensors", k)
+        assert raw_bytes(tmp_path / "back.safetensors", k) == raw_bytes(
+            tmp_path / "ft.safetensors", k
+        )
 
 
 def test_revert_without_record_is_verified_and_honest(tmp_path, bf16_model):
@@ -312,10 +430,14 @@ def test_revert_without_record_is_verified_and_honest(tmp_path, bf16_model):
     with pytest.raises(RevertError, match="--allow-inexact"):
         patcher.revert_delta(tmp_path / "p.safetensors", d, tmp_path / "b.safetensors")
     assert not (tmp_path / "b.safetensors").exists()
-    r = patcher.revert_delta(tmp_path / "p.safetensors", d, tmp_path / "b.safetensors", allow_inexact=True)
+    r = patcher.revert_delta(
+        tmp_path / "p.safetensors", d, tmp_path / "b.safetensors", allow_inexact=True
+    )
     back = load_file(tmp_path / "b.safetensors")
     assert all(s.exact is False for s in r.tensors)
-    assert torch.allclose(back[K].float(), t[K].float(), atol=2e-3)  # off by a few rounding steps only
+    assert torch.allclose(
+        back[K].float(), t[K].float(), atol=2e-3
+    )  # off by a few rounding steps only
     with pytest.raises(RevertError, match="no record"):
         patcher.revert_delta(src, d, tmp_path / "c.safetensors")
 
@@ -325,10 +447,16 @@ def test_revert_sharded_pipeline_with_record(tmp_path):
     src = save_pipeline(tmp_path / "pipe", t, shard=True)
     make_delta(tmp_path / "d.vud", t)
     patcher.apply_delta(src, tmp_path / "d.vud", tmp_path / "safe", revert_record=tmp_path / "rec")
-    patcher.revert_delta(tmp_path / "safe", tmp_path / "d.vud", tmp_path / "back", record=tmp_path / "rec")
+    patcher.revert_delta(
+        tmp_path / "safe", tmp_path / "d.vud", tmp_path / "back", record=tmp_path / "rec"
+    )
     for p in (src / "transformer").glob("*.safetensors"):
         assert p.read_bytes() == (tmp_path / "back" / "transformer" / p.name).read_bytes()
-    idx = json.loads((tmp_path / "back" / "transformer" / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    idx = json.loads(
+        (
+            tmp_path / "back" / "transformer" / "diffusion_pytorch_model.safetensors.index.json"
+        ).read_text()
+    )
     assert "vpatch.applied" not in idx["metadata"]
 
 
@@ -423,7 +551,14 @@ def test_peak_memory_estimate_is_bounded_by_row_blocks(tmp_path):
     save_file(big, tmp_path / "m.safetensors")
     from patcher.vud.delta import Delta, projection_entry, write_delta
 
-    write_delta(tmp_path / "d.vud", Delta([projection_entry("transformer/w", big["w"].float(), directions(4096), 1.0)], {"name": "x"}, {}))
+    write_delta(
+        tmp_path / "d.vud",
+        Delta(
+            [projection_entry("transformer/w", big["w"].float(), directions(4096), 1.0)],
+            {"name": "x"},
+            {},
+        ),
+    )
     r = patcher.apply_delta(tmp_path / "m.safetensors", tmp_path / "d.vud", dry_run=True)
     assert r.peak_estimate <= merge.BASE_RSS + 5 * merge.ROW_BLOCK_BYTES + 4096 * 2 * 4 * 2 + 1
 
@@ -432,21 +567,31 @@ def test_output_hash_of_edit_is_deterministic(tmp_path, bf16_model):
     src, d, t, _ = bf16_model
     patcher.apply_delta(src, d, tmp_path / "a.safetensors")
     patcher.apply_delta(src, d, tmp_path / "b.safetensors")
-    assert hashlib.sha256((tmp_path / "a.safetensors").read_bytes()).digest() == hashlib.sha256((tmp_path / "b.safetensors").read_bytes()).digest()
+    assert (
+        hashlib.sha256((tmp_path / "a.safetensors").read_bytes()).digest()
+        == hashlib.sha256((tmp_path / "b.safetensors").read_bytes()).digest()
+    )
 
 
 def test_rounding_report_of_a_large_tensor_is_sampled_not_the_bytes(tmp_path, monkeypatch):
     """From 2 * STAT_EVERY row blocks on, the rounding figures come from a systematic sample; the written
     bytes, the exact intended norm and the NaN/Inf guard cover every block."""
     g = torch.Generator().manual_seed(4)
-    t = {K: (torch.randn(400, 24, generator=g) * 0.05).to(torch.bfloat16), "other.weight": torch.randn(4, 4).to(torch.bfloat16)}
+    t = {
+        K: (torch.randn(400, 24, generator=g) * 0.05).to(torch.bfloat16),
+        "other.weight": torch.randn(4, 4).to(torch.bfloat16),
+    }
     save_file(t, tmp_path / "m.safetensors")
     make_delta(tmp_path / "d.vud", t, keys=(K,))
     monkeypatch.setattr(merge, "ROW_BLOCK_BYTES", 24 * 4 * 10)  # 40 row blocks of 10 rows
     monkeypatch.setattr(merge, "STAT_EVERY", 4)  # sample every 4th block
-    sampled = patcher.apply_delta(tmp_path / "m.safetensors", tmp_path / "d.vud", tmp_path / "a.safetensors").tensors[0]
+    sampled = patcher.apply_delta(
+        tmp_path / "m.safetensors", tmp_path / "d.vud", tmp_path / "a.safetensors"
+    ).tensors[0]
     monkeypatch.setattr(merge, "STAT_EVERY", 10**9)  # every block
-    full = patcher.apply_delta(tmp_path / "m.safetensors", tmp_path / "d.vud", tmp_path / "b.safetensors").tensors[0]
+    full = patcher.apply_delta(
+        tmp_path / "m.safetensors", tmp_path / "d.vud", tmp_path / "b.safetensors"
+    ).tensors[0]
     assert raw_bytes(tmp_path / "a.safetensors", K) == raw_bytes(tmp_path / "b.safetensors", K)
     assert sampled.intended_norm == pytest.approx(full.intended_norm, rel=1e-9)
     assert sampled.rounding_error == pytest.approx(full.rounding_error, rel=0.3)
@@ -458,7 +603,19 @@ def test_rounding_report_of_a_large_tensor_is_sampled_not_the_bytes(tmp_path, mo
 
     U = torch.zeros(400, 1)
     U[15, 0] = 3e38  # row 15 lies in block 1, which the sample skips
-    write_delta(tmp_path / "big.vud", Delta([DeltaEntry(f"transformer/{K}", (400, 24), "add", 1.0, U, torch.ones(24, 1))], {"name": "x"}, {}))
+    write_delta(
+        tmp_path / "big.vud",
+        Delta(
+            [DeltaEntry(f"transformer/{K}", (400, 24), "add", 1.0, U, torch.ones(24, 1))],
+            {"name": "x"},
+            {},
+        ),
+    )
     with pytest.raises(NumericError, match="NaN/Inf"):
-        patcher.apply_delta(tmp_path / "m.safetensors", tmp_path / "big.vud", tmp_path / "c.safetensors", strength=10)
+        patcher.apply_delta(
+            tmp_path / "m.safetensors",
+            tmp_path / "big.vud",
+            tmp_path / "c.safetensors",
+            strength=10,
+        )
     assert not (tmp_path / "c.safetensors").exists()

@@ -22,7 +22,11 @@ def test_apply_json_and_inspect(tmp_path, bf16_model):
     code, out, err = run("apply", src, d, "-o", tmp_path / "o.safetensors", "--json")
     assert code == 0, err
     rep = json.loads(out)
-    assert rep["action"] == "apply" and rep["delta_sha256"] == delta.sha256 and len(rep["tensors"]) == 2
+    assert (
+        rep["action"] == "apply"
+        and rep["delta_sha256"] == delta.sha256
+        and len(rep["tensors"]) == 2
+    )
     code, out, _ = run("inspect", tmp_path / "o.safetensors", "--json")
     assert code == 0 and json.loads(out)["applied"][0]["concept"] == "red"
     code, out, _ = run("inspect", d, "--json")
@@ -49,12 +53,21 @@ def _bad_inputs(tmp_path, src, d):
     other = model_tensors(torch.float32, in_dim=16)
     save_file(other, tmp_path / "other.safetensors")
     return {
-        "not safetensors": ([tmp_path / "notst.safetensors", d, "-o", tmp_path / "o1"], "FormatError"),
+        "not safetensors": (
+            [tmp_path / "notst.safetensors", d, "-o", tmp_path / "o1"],
+            "FormatError",
+        ),
         "truncated": ([tmp_path / "trunc.safetensors", d, "-o", tmp_path / "o2"], "FormatError"),
-        "header bound": ([tmp_path / "hugehdr.safetensors", d, "-o", tmp_path / "o3"], "FormatError"),
+        "header bound": (
+            [tmp_path / "hugehdr.safetensors", d, "-o", tmp_path / "o3"],
+            "FormatError",
+        ),
         "bad json": ([tmp_path / "json.safetensors", d, "-o", tmp_path / "o4"], "FormatError"),
         "pickle": ([tmp_path / "m.bin", d, "-o", tmp_path / "o5"], "PickleRefused"),
-        "other model": ([tmp_path / "other.safetensors", d, "-o", tmp_path / "o6"], "CompatibilityError"),
+        "other model": (
+            [tmp_path / "other.safetensors", d, "-o", tmp_path / "o6"],
+            "CompatibilityError",
+        ),
         "missing out folder": ([src, d, "-o", tmp_path / "nope" / "o.safetensors"], "OutputError"),
         "delta is a checkpoint": ([src, src, "-o", tmp_path / "o7"], "DeltaError"),
         "no such file": ([tmp_path / "ghost.safetensors", d, "-o", tmp_path / "o8"], "FormatError"),
@@ -66,10 +79,16 @@ def test_bad_input_is_one_line_exit_2_no_traceback_no_output(tmp_path, bf16_mode
     for name, (args, err_name) in _bad_inputs(tmp_path, src, d).items():
         code, out, err = run("apply", *args)
         assert code == 2, (name, err)
-        lines = [line for line in err.splitlines() if line.strip() and not line.startswith(("coverage:", "  "))]
+        lines = [
+            line
+            for line in err.splitlines()
+            if line.strip() and not line.startswith(("coverage:", "  "))
+        ]
         assert len(lines) == 1 and lines[0].startswith(f"vpatch: {err_name}:"), (name, err)
         assert "Traceback" not in err and out == ""
-    assert not any(p.name.startswith("o") and p.name != "other.safetensors" for p in tmp_path.iterdir())
+    assert not any(
+        p.name.startswith("o") and p.name != "other.safetensors" for p in tmp_path.iterdir()
+    )
 
 
 def test_coverage_report_printed_before_the_error(tmp_path):
@@ -77,8 +96,14 @@ def test_coverage_report_printed_before_the_error(tmp_path):
     make_delta(tmp_path / "d.vud", t)
     del t["blocks.0.attn2.to_v.weight"]
     save_file(t, tmp_path / "m.safetensors")
-    code, out, err = run("apply", tmp_path / "m.safetensors", tmp_path / "d.vud", "-o", tmp_path / "o.safetensors")
-    assert code == 2 and "coverage: 1/2" in err and "missing  transformer/blocks.0.attn2.to_v.weight" in err
+    code, out, err = run(
+        "apply", tmp_path / "m.safetensors", tmp_path / "d.vud", "-o", tmp_path / "o.safetensors"
+    )
+    assert (
+        code == 2
+        and "coverage: 1/2" in err
+        and "missing  transformer/blocks.0.attn2.to_v.weight" in err
+    )
 
 
 def test_console_script_end_to_end(tmp_path):
@@ -86,11 +111,24 @@ def test_console_script_end_to_end(tmp_path):
     src = save_pipeline(tmp_path / "pipe", t)
     make_delta(tmp_path / "d.vud", t)
     exe = [sys.executable, "-m", "patcher.cli"]
-    r = subprocess.run(exe + ["apply", str(src), str(tmp_path / "d.vud"), "-o", str(tmp_path / "safe"), "-q"], capture_output=True, text=True)
+    r = subprocess.run(
+        exe + ["apply", str(src), str(tmp_path / "d.vud"), "-o", str(tmp_path / "safe"), "-q"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == str(tmp_path / "safe")
-    r = subprocess.run(exe + ["apply", str(tmp_path / "safe"), str(tmp_path / "d.vud"), "-o", str(tmp_path / "again")], capture_output=True, text=True)
-    assert r.returncode == 2 and r.stderr.startswith("vpatch: AlreadyApplied:") and "Traceback" not in r.stderr
+    r = subprocess.run(
+        exe
+        + ["apply", str(tmp_path / "safe"), str(tmp_path / "d.vud"), "-o", str(tmp_path / "again")],
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        r.returncode == 2
+        and r.stderr.startswith("vpatch: AlreadyApplied:")
+        and "Traceback" not in r.stderr
+    )
 
 
 def test_help_teaches(tmp_path):
@@ -111,8 +149,14 @@ def test_inspect_shows_how_a_delta_resolves(tmp_path, bf16_model):
     res = _R().invoke(_main, ["inspect", str(ck), "--delta", str(d), "--json"])
     assert res.exit_code == 0, res.output
     info = _json.loads(res.stdout)
-    assert info["verdict"] == "compatible" and info["coverage"]["matched"] == info["coverage"]["expected"] >= 1
-    assert all(r["status"] == "matched" and r["fingerprint"] == "base" and r["files"] for r in info["entries"])
+    assert (
+        info["verdict"] == "compatible"
+        and info["coverage"]["matched"] == info["coverage"]["expected"] >= 1
+    )
+    assert all(
+        r["status"] == "matched" and r["fingerprint"] == "base" and r["files"]
+        for r in info["entries"]
+    )
     # a checkpoint missing one of the targeted tensors: partial, and the row says why
     from safetensors.torch import load_file, save_file
 
@@ -120,7 +164,13 @@ def test_inspect_shows_how_a_delta_resolves(tmp_path, bf16_model):
     missing = info["entries"][0]["key"].split("/", 1)[1]
     sd.pop(missing)
     save_file(sd, str(tmp_path / "partial.safetensors"))
-    info = _json.loads(_R().invoke(_main, ["inspect", str(tmp_path / "partial.safetensors"), "--delta", str(d), "--json"]).stdout)
+    info = _json.loads(
+        _R()
+        .invoke(
+            _main, ["inspect", str(tmp_path / "partial.safetensors"), "--delta", str(d), "--json"]
+        )
+        .stdout
+    )
     assert info["verdict"] == "partial"
     row = next(r for r in info["entries"] if r["key"].endswith(missing))
     assert row["status"] == "missing" and missing in row["note"]

@@ -22,15 +22,24 @@ def invoke(*args):
 
 def test_convert_needs_trust_and_keeps_dtypes(tmp_path):
     g = torch.Generator().manual_seed(0)
-    sd = {"a.weight": torch.randn(4, 3, generator=g).to(torch.bfloat16), "b.bias": torch.randn(5, generator=g),
-          "c.half": torch.randn(2, 2, generator=g).half()}
+    sd = {
+        "a.weight": torch.randn(4, 3, generator=g).to(torch.bfloat16),
+        "b.bias": torch.randn(5, generator=g),
+        "c.half": torch.randn(2, 2, generator=g).half(),
+    }
     sd["view.weight"] = sd["b.bias"][1:3]  # a view sharing storage
     torch.save({"state_dict": sd, "epoch": 7, "optimizer_name": "adam"}, tmp_path / "m.ckpt")
 
     res = invoke("convert", tmp_path / "m.ckpt", "-o", tmp_path / "m.safetensors")
-    assert res.exit_code == 2 and "--trust-pickle" in res.output and not (tmp_path / "m.safetensors").exists()
+    assert (
+        res.exit_code == 2
+        and "--trust-pickle" in res.output
+        and not (tmp_path / "m.safetensors").exists()
+    )
 
-    res = invoke("convert", tmp_path / "m.ckpt", "-o", tmp_path / "m.safetensors", "--trust-pickle", "--json")
+    res = invoke(
+        "convert", tmp_path / "m.ckpt", "-o", tmp_path / "m.safetensors", "--trust-pickle", "--json"
+    )
     assert res.exit_code == 0, res.output
     rep = json.loads(res.stdout)
     assert rep["tensors"] == 4

@@ -6,9 +6,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from patcher.vud.delta import Delta, DeltaEntry, read_delta, write_delta
-from patcher.errors import DeltaError, IntegrityError, OutputError, VpatchError
 from patcher.erasure.refusal import lowrank_norm, orthonormalize, projection_factors
+from patcher.errors import DeltaError, IntegrityError, OutputError, VpatchError
+from patcher.vud.delta import Delta, DeltaEntry, read_delta, write_delta
 
 from .conftest import K, V, make_delta, model_tensors
 
@@ -21,7 +21,12 @@ def test_round_trip_keeps_everything(tmp_path):
     assert r.concept["name"] == "red" and r.method["name"] == "cpca"
     assert {"vpatch", "torch", "safetensors"} <= set(r.versions)
     for a, b in zip(d.entries, r.entries):
-        assert a.key == b.key and a.shape == b.shape and a.kind == b.kind and a.base_sha256 == b.base_sha256
+        assert (
+            a.key == b.key
+            and a.shape == b.shape
+            and a.kind == b.kind
+            and a.base_sha256 == b.base_sha256
+        )
         assert torch.equal(a.U, b.U) and torch.equal(a.V, b.V)
     # the file is plain safetensors: fp32 factors named by key
     raw = load_file(tmp_path / "d.vud")
@@ -35,10 +40,14 @@ def test_projection_factors_are_the_closed_form():
     B = orthonormalize(torch.randn(12, 2, generator=g))
     U, Vf = projection_factors(W, B, 1.0)
     W2 = W + U @ Vf.T
-    assert torch.allclose(W2 @ B, torch.zeros(16, 2), atol=1e-5)  # the edited layer no longer reads span(B)
+    assert torch.allclose(
+        W2 @ B, torch.zeros(16, 2), atol=1e-5
+    )  # the edited layer no longer reads span(B)
     x = torch.randn(12, generator=g)
     x_perp = x - B @ (B.T @ x)
-    assert torch.allclose(W2 @ x_perp, W @ x_perp, atol=1e-5)  # inputs orthogonal to B pass unchanged
+    assert torch.allclose(
+        W2 @ x_perp, W @ x_perp, atol=1e-5
+    )  # inputs orthogonal to B pass unchanged
     assert lowrank_norm(U, Vf) == pytest.approx(float((U @ Vf.T).norm()), rel=1e-5)
 
 
@@ -76,13 +85,44 @@ def read_delta_meta(p):
     return read_header(p).metadata
 
 
-@pytest.mark.parametrize("field,value,msg", [
-    ("vpatch.format_version", "99", "upgrade vpatch"),
-    ("vpatch.layer_map", "{not json", "not valid JSON"),
-    ("vpatch.layer_map", json.dumps([{"key": "no-component", "shape": [40, 24], "kind": "add", "strength": 1, "rank": 1}]), "component/state.dict.key"),
-    ("vpatch.layer_map", json.dumps([{"key": f"transformer/{K}", "shape": [40, 24], "kind": "scale", "strength": 1, "rank": 1}]), "kind"),
-    ("vpatch.method", "[]", "JSON dict"),
-])
+@pytest.mark.parametrize(
+    "field,value,msg",
+    [
+        ("vpatch.format_version", "99", "upgrade vpatch"),
+        ("vpatch.layer_map", "{not json", "not valid JSON"),
+        (
+            "vpatch.layer_map",
+            json.dumps(
+                [
+                    {
+                        "key": "no-component",
+                        "shape": [40, 24],
+                        "kind": "add",
+                        "strength": 1,
+                        "rank": 1,
+                    }
+                ]
+            ),
+            "component/state.dict.key",
+        ),
+        (
+            "vpatch.layer_map",
+            json.dumps(
+                [
+                    {
+                        "key": f"transformer/{K}",
+                        "shape": [40, 24],
+                        "kind": "scale",
+                        "strength": 1,
+                        "rank": 1,
+                    }
+                ]
+            ),
+            "kind",
+        ),
+        ("vpatch.method", "[]", "JSON dict"),
+    ],
+)
 def test_malformed_metadata_names_the_field(tmp_path, field, value, msg):
     make_delta(tmp_path / "d.vud", model_tensors())
     _rewrite_meta(tmp_path / "d.vud", tmp_path / "t.vud", **{field: value})
@@ -106,10 +146,19 @@ def test_checkpoint_given_as_delta_says_so(tmp_path):
 
 
 def test_writer_refuses_bad_entries_and_leaves_nothing(tmp_path):
-    bad = DeltaEntry(f"transformer/{K}", (40, 24), "project_input", 1.0, torch.zeros(40, 1), torch.ones(24, 1))  # V not unit
+    bad = DeltaEntry(
+        f"transformer/{K}", (40, 24), "project_input", 1.0, torch.zeros(40, 1), torch.ones(24, 1)
+    )  # V not unit
     with pytest.raises(DeltaError, match="orthonormal"):
         write_delta(tmp_path / "x.vud", Delta([bad]))
-    nan = DeltaEntry(f"transformer/{K}", (40, 24), "add", 1.0, torch.full((40, 1), float("nan")), torch.ones(24, 1))
+    nan = DeltaEntry(
+        f"transformer/{K}",
+        (40, 24),
+        "add",
+        1.0,
+        torch.full((40, 1), float("nan")),
+        torch.ones(24, 1),
+    )
     with pytest.raises(DeltaError, match="NaN"):
         write_delta(tmp_path / "x.vud", Delta([nan]))
     assert list(tmp_path.iterdir()) == []
@@ -121,7 +170,9 @@ def test_writer_needs_existing_folder(tmp_path):
         make_delta(tmp_path / "nope" / "d.vud", t)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(data=st.data())
 def test_fuzz_delta_bytes_only_raise_vpatch_errors(tmp_path, data):
     src = tmp_path / "d.vud"

@@ -12,14 +12,19 @@ from safetensors.torch import load_file, save_file
 
 import patcher
 from patcher.cli import main
-from patcher.vud.delta import Delta, projection_entry, write_delta
+from patcher.erasure.refusal import orthonormalize
 from patcher.errors import CompatibilityError, RecipeError
 from patcher.families.recipes import parse_family
-from patcher.erasure.refusal import orthonormalize
+from patcher.vud.delta import Delta, projection_entry, write_delta
 
 from .conftest import raw_sha
 
-D, T, DT, M = 12, 20, 10, 36  # model width, text width, Mochi's text-stream width, Hunyuan's MLP rows
+D, T, DT, M = (
+    12,
+    20,
+    10,
+    36,
+)  # model width, text width, Mochi's text-stream width, Hunyuan's MLP rows
 
 
 def rnd(*shape, seed):
@@ -36,86 +41,198 @@ def cat(t, *keys):
 
 # family -> (diffusers tensors, the original layout built by hand, how to split the original back, edited keys)
 def wan():
-    c = {"condition_embedder.text_embedder.linear_1.weight": rnd(D, T, seed=1), "condition_embedder.text_embedder.linear_2.weight": rnd(D, D, seed=2),
-         "blocks.0.attn2.to_k.weight": rnd(D, D, seed=3), "blocks.0.attn2.to_v.weight": rnd(D, D, seed=4),
-         "blocks.0.attn2.add_k_proj.weight": rnd(D, D, seed=5), "head.modulation": rnd(1, 2, D, seed=6)}
-    names = {"condition_embedder.text_embedder.linear_1.weight": "text_embedding.0.weight", "condition_embedder.text_embedder.linear_2.weight": "text_embedding.2.weight",
-             "blocks.0.attn2.to_k.weight": "blocks.0.cross_attn.k.weight", "blocks.0.attn2.to_v.weight": "blocks.0.cross_attn.v.weight",
-             "blocks.0.attn2.add_k_proj.weight": "blocks.0.cross_attn.k_img.weight", "head.modulation": "head.modulation"}
+    c = {
+        "condition_embedder.text_embedder.linear_1.weight": rnd(D, T, seed=1),
+        "condition_embedder.text_embedder.linear_2.weight": rnd(D, D, seed=2),
+        "blocks.0.attn2.to_k.weight": rnd(D, D, seed=3),
+        "blocks.0.attn2.to_v.weight": rnd(D, D, seed=4),
+        "blocks.0.attn2.add_k_proj.weight": rnd(D, D, seed=5),
+        "head.modulation": rnd(1, 2, D, seed=6),
+    }
+    names = {
+        "condition_embedder.text_embedder.linear_1.weight": "text_embedding.0.weight",
+        "condition_embedder.text_embedder.linear_2.weight": "text_embedding.2.weight",
+        "blocks.0.attn2.to_k.weight": "blocks.0.cross_attn.k.weight",
+        "blocks.0.attn2.to_v.weight": "blocks.0.cross_attn.v.weight",
+        "blocks.0.attn2.add_k_proj.weight": "blocks.0.cross_attn.k_img.weight",
+        "head.modulation": "head.modulation",
+    }
     o = {names[k]: v for k, v in c.items()}
     back = lambda o: {k: o[n] for k, n in names.items()}  # noqa: E731
-    return c, o, back, ["condition_embedder.text_embedder.linear_1.weight", "blocks.0.attn2.to_k.weight", "blocks.0.attn2.to_v.weight", "blocks.0.attn2.add_k_proj.weight"]
+    return (
+        c,
+        o,
+        back,
+        [
+            "condition_embedder.text_embedder.linear_1.weight",
+            "blocks.0.attn2.to_k.weight",
+            "blocks.0.attn2.to_v.weight",
+            "blocks.0.attn2.add_k_proj.weight",
+        ],
+    )
 
 
 def cogvideox():
-    c = {"patch_embed.text_proj.weight": rnd(D, T, seed=1), **qkv("transformer_blocks.0.attn1", D, D, 10), "norm_final.weight": rnd(D, seed=3)}
+    c = {
+        "patch_embed.text_proj.weight": rnd(D, T, seed=1),
+        **qkv("transformer_blocks.0.attn1", D, D, 10),
+        "norm_final.weight": rnd(D, seed=3),
+    }
     p = "transformer_blocks.0.attn1"
-    o = {"mixins.patch_embed.text_proj.weight": c["patch_embed.text_proj.weight"],
-         "transformer.layers.0.attention.query_key_value.weight": cat(c, f"{p}.to_q.weight", f"{p}.to_k.weight", f"{p}.to_v.weight"),
-         "norm_final.weight": c["norm_final.weight"]}
+    o = {
+        "mixins.patch_embed.text_proj.weight": c["patch_embed.text_proj.weight"],
+        "transformer.layers.0.attention.query_key_value.weight": cat(
+            c, f"{p}.to_q.weight", f"{p}.to_k.weight", f"{p}.to_v.weight"
+        ),
+        "norm_final.weight": c["norm_final.weight"],
+    }
 
     def back(o):
         q, k, v = o["transformer.layers.0.attention.query_key_value.weight"].chunk(3)
-        return {"patch_embed.text_proj.weight": o["mixins.patch_embed.text_proj.weight"], f"{p}.to_q.weight": q, f"{p}.to_k.weight": k,
-                f"{p}.to_v.weight": v, "norm_final.weight": o["norm_final.weight"]}
+        return {
+            "patch_embed.text_proj.weight": o["mixins.patch_embed.text_proj.weight"],
+            f"{p}.to_q.weight": q,
+            f"{p}.to_k.weight": k,
+            f"{p}.to_v.weight": v,
+            "norm_final.weight": o["norm_final.weight"],
+        }
+
     return c, o, back, ["patch_embed.text_proj.weight", f"{p}.to_k.weight", f"{p}.to_v.weight"]
 
 
 def hunyuan():
     d, s = "transformer_blocks.0.attn", "single_transformer_blocks.0"
-    c = {"context_embedder.proj_in.weight": rnd(D, T, seed=1), **qkv(d, D, D, 10, ("add_q_proj", "add_k_proj", "add_v_proj")),
-         **qkv(f"{s}.attn", D, D, 20), f"{s}.proj_mlp.weight": rnd(M, D, seed=30)}
-    o = {"txt_in.input_embedder.weight": c["context_embedder.proj_in.weight"],
-         "double_blocks.0.txt_attn_qkv.weight": cat(c, f"{d}.add_q_proj.weight", f"{d}.add_k_proj.weight", f"{d}.add_v_proj.weight"),
-         "single_blocks.0.linear1.weight": cat(c, f"{s}.attn.to_q.weight", f"{s}.attn.to_k.weight", f"{s}.attn.to_v.weight", f"{s}.proj_mlp.weight")}
+    c = {
+        "context_embedder.proj_in.weight": rnd(D, T, seed=1),
+        **qkv(d, D, D, 10, ("add_q_proj", "add_k_proj", "add_v_proj")),
+        **qkv(f"{s}.attn", D, D, 20),
+        f"{s}.proj_mlp.weight": rnd(M, D, seed=30),
+    }
+    o = {
+        "txt_in.input_embedder.weight": c["context_embedder.proj_in.weight"],
+        "double_blocks.0.txt_attn_qkv.weight": cat(
+            c, f"{d}.add_q_proj.weight", f"{d}.add_k_proj.weight", f"{d}.add_v_proj.weight"
+        ),
+        "single_blocks.0.linear1.weight": cat(
+            c,
+            f"{s}.attn.to_q.weight",
+            f"{s}.attn.to_k.weight",
+            f"{s}.attn.to_v.weight",
+            f"{s}.proj_mlp.weight",
+        ),
+    }
 
     def back(o):
         q, k, v = o["double_blocks.0.txt_attn_qkv.weight"].chunk(3)
         sq, sk, sv, mlp = torch.split(o["single_blocks.0.linear1.weight"], [D, D, D, M])
-        return {"context_embedder.proj_in.weight": o["txt_in.input_embedder.weight"], f"{d}.add_q_proj.weight": q, f"{d}.add_k_proj.weight": k,
-                f"{d}.add_v_proj.weight": v, f"{s}.attn.to_q.weight": sq, f"{s}.attn.to_k.weight": sk, f"{s}.attn.to_v.weight": sv,
-                f"{s}.proj_mlp.weight": mlp}
-    return c, o, back, ["context_embedder.proj_in.weight", f"{d}.add_k_proj.weight", f"{d}.add_v_proj.weight", f"{s}.attn.to_k.weight"]
+        return {
+            "context_embedder.proj_in.weight": o["txt_in.input_embedder.weight"],
+            f"{d}.add_q_proj.weight": q,
+            f"{d}.add_k_proj.weight": k,
+            f"{d}.add_v_proj.weight": v,
+            f"{s}.attn.to_q.weight": sq,
+            f"{s}.attn.to_k.weight": sk,
+            f"{s}.attn.to_v.weight": sv,
+            f"{s}.proj_mlp.weight": mlp,
+        }
+
+    return (
+        c,
+        o,
+        back,
+        [
+            "context_embedder.proj_in.weight",
+            f"{d}.add_k_proj.weight",
+            f"{d}.add_v_proj.weight",
+            f"{s}.attn.to_k.weight",
+        ],
+    )
 
 
 def mochi():
     p = "transformer_blocks.0.attn1"
-    c = {"time_embed.caption_proj.weight": rnd(DT, T, seed=1), **qkv(p, D, DT, 10, ("add_q_proj", "add_k_proj", "add_v_proj"))}
-    o = {"t5_yproj.weight": c["time_embed.caption_proj.weight"],
-         "blocks.0.attn.qkv_y.weight": cat(c, f"{p}.add_q_proj.weight", f"{p}.add_k_proj.weight", f"{p}.add_v_proj.weight")}
+    c = {
+        "time_embed.caption_proj.weight": rnd(DT, T, seed=1),
+        **qkv(p, D, DT, 10, ("add_q_proj", "add_k_proj", "add_v_proj")),
+    }
+    o = {
+        "t5_yproj.weight": c["time_embed.caption_proj.weight"],
+        "blocks.0.attn.qkv_y.weight": cat(
+            c, f"{p}.add_q_proj.weight", f"{p}.add_k_proj.weight", f"{p}.add_v_proj.weight"
+        ),
+    }
 
     def back(o):
         q, k, v = o["blocks.0.attn.qkv_y.weight"].chunk(3)
-        return {"time_embed.caption_proj.weight": o["t5_yproj.weight"], f"{p}.add_q_proj.weight": q, f"{p}.add_k_proj.weight": k, f"{p}.add_v_proj.weight": v}
-    return c, o, back, ["time_embed.caption_proj.weight", f"{p}.add_k_proj.weight", f"{p}.add_v_proj.weight"]
+        return {
+            "time_embed.caption_proj.weight": o["t5_yproj.weight"],
+            f"{p}.add_q_proj.weight": q,
+            f"{p}.add_k_proj.weight": k,
+            f"{p}.add_v_proj.weight": v,
+        }
+
+    return (
+        c,
+        o,
+        back,
+        ["time_embed.caption_proj.weight", f"{p}.add_k_proj.weight", f"{p}.add_v_proj.weight"],
+    )
 
 
 def ltx():
-    c = {"caption_projection.linear_1.weight": rnd(D, T, seed=1), "transformer_blocks.0.attn2.to_k.weight": rnd(D, D, seed=2),
-         "patchify_proj.weight": rnd(D, 4, seed=3)}
-    return c, dict(c), lambda o: dict(o), ["caption_projection.linear_1.weight", "transformer_blocks.0.attn2.to_k.weight"]
+    c = {
+        "caption_projection.linear_1.weight": rnd(D, T, seed=1),
+        "transformer_blocks.0.attn2.to_k.weight": rnd(D, D, seed=2),
+        "patchify_proj.weight": rnd(D, 4, seed=3),
+    }
+    return (
+        c,
+        dict(c),
+        lambda o: dict(o),
+        ["caption_projection.linear_1.weight", "transformer_blocks.0.attn2.to_k.weight"],
+    )
 
 
 def opensora2():
     p = "double_blocks.0.txt_attn"
     c = {"txt_in.weight": rnd(D, T, seed=1), **qkv(p, D, D, 10, ("q_proj", "k_proj", "v_proj"))}
-    o = {"txt_in.weight": c["txt_in.weight"], f"{p}.qkv.weight": cat(c, f"{p}.q_proj.weight", f"{p}.k_proj.weight", f"{p}.v_proj.weight")}
+    o = {
+        "txt_in.weight": c["txt_in.weight"],
+        f"{p}.qkv.weight": cat(c, f"{p}.q_proj.weight", f"{p}.k_proj.weight", f"{p}.v_proj.weight"),
+    }
 
     def back(o):
         q, k, v = o[f"{p}.qkv.weight"].chunk(3)
-        return {"txt_in.weight": o["txt_in.weight"], f"{p}.q_proj.weight": q, f"{p}.k_proj.weight": k, f"{p}.v_proj.weight": v}
+        return {
+            "txt_in.weight": o["txt_in.weight"],
+            f"{p}.q_proj.weight": q,
+            f"{p}.k_proj.weight": k,
+            f"{p}.v_proj.weight": v,
+        }
+
     return c, o, back, ["txt_in.weight", f"{p}.k_proj.weight", f"{p}.v_proj.weight"]
 
 
-CASES = {"wan": wan, "cogvideox": cogvideox, "hunyuan": hunyuan, "mochi": mochi, "ltx": ltx, "opensora2": opensora2}
+CASES = {
+    "wan": wan,
+    "cogvideox": cogvideox,
+    "hunyuan": hunyuan,
+    "mochi": mochi,
+    "ltx": ltx,
+    "opensora2": opensora2,
+}
 
 
 def delta_for(path, tensors, keys, family, strength=1.0):
     entries = []
     for i, k in enumerate(keys):
         W = tensors[k]
-        B = orthonormalize(torch.randn(W.shape[1], 1, generator=torch.Generator().manual_seed(100 + i)))
-        entries.append(projection_entry(f"transformer/{k}", W.float(), B, strength, raw_sha(W), "BF16"))
+        B = orthonormalize(
+            torch.randn(W.shape[1], 1, generator=torch.Generator().manual_seed(100 + i))
+        )
+        entries.append(
+            projection_entry(f"transformer/{k}", W.float(), B, strength, raw_sha(W), "BF16")
+        )
     write_delta(path, Delta(entries, {"name": "red"}, {"name": "cpca", "family": family}))
 
 
@@ -129,15 +246,23 @@ def test_original_and_fused_layouts_patch_like_diffusers(tmp_path, family, prefi
     save_file(o, tmp_path / "original.safetensors")
     delta_for(tmp_path / "d.vud", c, keys, family)
 
-    rc = patcher.apply_delta(tmp_path / "diffusers.safetensors", tmp_path / "d.vud", tmp_path / "c.safetensors")
-    ro = patcher.apply_delta(tmp_path / "original.safetensors", tmp_path / "d.vud", tmp_path / "o.safetensors")
+    rc = patcher.apply_delta(
+        tmp_path / "diffusers.safetensors", tmp_path / "d.vud", tmp_path / "c.safetensors"
+    )
+    ro = patcher.apply_delta(
+        tmp_path / "original.safetensors", tmp_path / "d.vud", tmp_path / "o.safetensors"
+    )
     assert rc.coverage["matched"] == ro.coverage["matched"] == len(keys)
     out_c = load_file(tmp_path / "c.safetensors")
-    out_o = back({k.removeprefix(prefix): v for k, v in load_file(tmp_path / "o.safetensors").items()})
+    out_o = back(
+        {k.removeprefix(prefix): v for k, v in load_file(tmp_path / "o.safetensors").items()}
+    )
     assert out_c.keys() == out_o.keys()
     for k in out_c:
         assert torch.equal(out_c[k], out_o[k]), k  # same math on the same rows: bit-identical
-        assert torch.equal(out_c[k], c[k]) == (k not in keys), k  # edited rows changed, the rest (q, mlp) untouched
+        assert torch.equal(out_c[k], c[k]) == (k not in keys), (
+            k
+        )  # edited rows changed, the rest (q, mlp) untouched
     # each original block is the exact tensor the delta was probed from
     assert all(p["fingerprint"] == "base" for p in ro.planned)
     fused = [p for p in ro.planned if any("[" in s for s in p["stored"])]
@@ -146,27 +271,50 @@ def test_original_and_fused_layouts_patch_like_diffusers(tmp_path, family, prefi
 
 def test_inspect_delta_shows_how_each_entry_resolves(tmp_path):
     c, o, _back, keys = hunyuan()
-    save_file({"model.diffusion_model." + k: v.to(torch.bfloat16) for k, v in o.items()}, tmp_path / "hy.safetensors")
+    save_file(
+        {"model.diffusion_model." + k: v.to(torch.bfloat16) for k, v in o.items()},
+        tmp_path / "hy.safetensors",
+    )
     delta_for(tmp_path / "d.vud", {k: v.to(torch.bfloat16) for k, v in c.items()}, keys, "hunyuan")
-    res = CliRunner().invoke(main, ["inspect", str(tmp_path / "hy.safetensors"), "--delta", str(tmp_path / "d.vud"), "--json"])
+    res = CliRunner().invoke(
+        main,
+        ["inspect", str(tmp_path / "hy.safetensors"), "--delta", str(tmp_path / "d.vud"), "--json"],
+    )
     assert res.exit_code == 0, res.output
     rows = {r["key"]: r for r in json.loads(res.stdout)["entries"]}
     k = rows["transformer/single_transformer_blocks.0.attn.to_k.weight"]
     assert k["stored"] == [f"model.diffusion_model.single_blocks.0.linear1.weight[{D}:{2 * D}]"]
     assert "original layout" in k["how"] and "prefix 'model.diffusion_model.'" in k["how"]
-    assert rows["transformer/context_embedder.proj_in.weight"]["stored"] == ["model.diffusion_model.txt_in.input_embedder.weight"]
-    res = CliRunner(env={"COLUMNS": "400"}).invoke(main, ["inspect", str(tmp_path / "hy.safetensors"), "--delta", str(tmp_path / "d.vud")])
+    assert rows["transformer/context_embedder.proj_in.weight"]["stored"] == [
+        "model.diffusion_model.txt_in.input_embedder.weight"
+    ]
+    res = CliRunner(env={"COLUMNS": "400"}).invoke(
+        main, ["inspect", str(tmp_path / "hy.safetensors"), "--delta", str(tmp_path / "d.vud")]
+    )
     assert res.exit_code == 0 and "linear1.weight[12:24]" in res.output
 
 
 def test_a_fused_tensor_whose_rows_do_not_add_up_is_a_shape_mismatch(tmp_path):
     c, o, _back, keys = mochi()
-    o["blocks.0.attn.qkv_y.weight"] = o["blocks.0.attn.qkv_y.weight"][:-1]  # 35 rows cannot be [q | k | v] of 12
+    o["blocks.0.attn.qkv_y.weight"] = o["blocks.0.attn.qkv_y.weight"][
+        :-1
+    ]  # 35 rows cannot be [q | k | v] of 12
     save_file({k: v.to(torch.bfloat16) for k, v in o.items()}, tmp_path / "bad.safetensors")
     delta_for(tmp_path / "d.vud", {k: v.to(torch.bfloat16) for k, v in c.items()}, keys, "mochi")
     with pytest.raises(CompatibilityError, match="wrong shape"):
-        patcher.apply_delta(tmp_path / "bad.safetensors", tmp_path / "d.vud", tmp_path / "o.safetensors")
-    res = CliRunner().invoke(main, ["inspect", str(tmp_path / "bad.safetensors"), "--delta", str(tmp_path / "d.vud"), "--json"])
+        patcher.apply_delta(
+            tmp_path / "bad.safetensors", tmp_path / "d.vud", tmp_path / "o.safetensors"
+        )
+    res = CliRunner().invoke(
+        main,
+        [
+            "inspect",
+            str(tmp_path / "bad.safetensors"),
+            "--delta",
+            str(tmp_path / "d.vud"),
+            "--json",
+        ],
+    )
     rows = {r["key"]: r for r in json.loads(res.stdout)["entries"]}
     assert rows["transformer/transformer_blocks.0.attn1.add_k_proj.weight"]["status"] == "shape"
     assert "35 rows" in rows["transformer/transformer_blocks.0.attn1.add_k_proj.weight"]["note"]
@@ -176,11 +324,29 @@ def test_a_fused_tensor_whose_rows_do_not_add_up_is_a_shape_mismatch(tmp_path):
 def test_revert_restores_a_fused_tensor_exactly(tmp_path):
     c, o, _back, keys = cogvideox()
     save_file({k: v.to(torch.bfloat16) for k, v in o.items()}, tmp_path / "sat.safetensors")
-    delta_for(tmp_path / "d.vud", {k: v.to(torch.bfloat16) for k, v in c.items()}, keys, "cogvideox", strength=0.7)
-    patcher.apply_delta(tmp_path / "sat.safetensors", tmp_path / "d.vud", tmp_path / "p.safetensors", revert_record=tmp_path / "r.vpr")
-    r = patcher.revert_delta(tmp_path / "p.safetensors", tmp_path / "d.vud", tmp_path / "back.safetensors", record=tmp_path / "r.vpr")
+    delta_for(
+        tmp_path / "d.vud",
+        {k: v.to(torch.bfloat16) for k, v in c.items()},
+        keys,
+        "cogvideox",
+        strength=0.7,
+    )
+    patcher.apply_delta(
+        tmp_path / "sat.safetensors",
+        tmp_path / "d.vud",
+        tmp_path / "p.safetensors",
+        revert_record=tmp_path / "r.vpr",
+    )
+    r = patcher.revert_delta(
+        tmp_path / "p.safetensors",
+        tmp_path / "d.vud",
+        tmp_path / "back.safetensors",
+        record=tmp_path / "r.vpr",
+    )
     assert all(s.exact for s in r.tensors) and len(r.tensors) == 3
-    assert (tmp_path / "back.safetensors").read_bytes() != b"" and load_file(tmp_path / "back.safetensors").keys() == o.keys()
+    assert (tmp_path / "back.safetensors").read_bytes() != b"" and load_file(
+        tmp_path / "back.safetensors"
+    ).keys() == o.keys()
     for k, v in load_file(tmp_path / "back.safetensors").items():
         assert torch.equal(v, o[k].to(torch.bfloat16)), k
 
@@ -189,26 +355,76 @@ def test_clip_keys_resolve_across_transformers_4_and_5_layouts(tmp_path):
     W = rnd(D, T, seed=4).to(torch.bfloat16)
     save_file({"encoder.layers.0.mlp.fc2.weight": W}, tmp_path / "clip5.safetensors")
     B = orthonormalize(torch.randn(T, 1, generator=torch.Generator().manual_seed(0)))
-    e = projection_entry("text_encoder/text_model.encoder.layers.0.mlp.fc2.weight", W.float(), B, 1.0, raw_sha(W), "BF16")
-    write_delta(tmp_path / "d.vud", Delta([e], {"name": "red"}, {"name": "cpca", "family": "zeroscope"}))
-    r = patcher.apply_delta(tmp_path / "clip5.safetensors", tmp_path / "d.vud", tmp_path / "o.safetensors")
-    assert r.planned[0]["stored"] == ["encoder.layers.0.mlp.fc2.weight"] and r.planned[0]["fingerprint"] == "base"
-    assert not torch.equal(load_file(tmp_path / "o.safetensors")["encoder.layers.0.mlp.fc2.weight"], W)
+    e = projection_entry(
+        "text_encoder/text_model.encoder.layers.0.mlp.fc2.weight",
+        W.float(),
+        B,
+        1.0,
+        raw_sha(W),
+        "BF16",
+    )
+    write_delta(
+        tmp_path / "d.vud", Delta([e], {"name": "red"}, {"name": "cpca", "family": "zeroscope"})
+    )
+    r = patcher.apply_delta(
+        tmp_path / "clip5.safetensors", tmp_path / "d.vud", tmp_path / "o.safetensors"
+    )
+    assert (
+        r.planned[0]["stored"] == ["encoder.layers.0.mlp.fc2.weight"]
+        and r.planned[0]["fingerprint"] == "base"
+    )
+    assert not torch.equal(
+        load_file(tmp_path / "o.safetensors")["encoder.layers.0.mlp.fc2.weight"], W
+    )
 
 
-@pytest.mark.parametrize("bad, msg", [
-    ({"layout": "x", "diffusers": "a(", "stored": "b"}, "not a valid regular expression"),
-    ({"layout": "x", "diffusers": r"a\.(\d+)", "stored": "b.{2}"}, "may only use"),
-    ({"layout": "x", "diffusers": "a", "stored": "b", "split": ["out", "out"]}, "both 'split' and 'part'"),
-    ({"layout": "x", "diffusers": "a", "stored": "b", "split": ["out", "rest", "rest"], "part": 0}, "\"rest\" once"),
-    ({"layout": "x", "diffusers": "a", "stored": "b", "split": ["out", 0], "part": 0}, "row counts"),
-    ({"layout": "x", "diffusers": "a", "stored": "b", "split": ["out"], "part": 1}, "indexes 'split'"),
-    ({"layout": "x", "diffusers": "a", "stored": "b", "spilt": ["out"]}, "unknown field"),
-])
+@pytest.mark.parametrize(
+    "bad, msg",
+    [
+        ({"layout": "x", "diffusers": "a(", "stored": "b"}, "not a valid regular expression"),
+        ({"layout": "x", "diffusers": r"a\.(\d+)", "stored": "b.{2}"}, "may only use"),
+        (
+            {"layout": "x", "diffusers": "a", "stored": "b", "split": ["out", "out"]},
+            "both 'split' and 'part'",
+        ),
+        (
+            {
+                "layout": "x",
+                "diffusers": "a",
+                "stored": "b",
+                "split": ["out", "rest", "rest"],
+                "part": 0,
+            },
+            "\"rest\" once",
+        ),
+        (
+            {"layout": "x", "diffusers": "a", "stored": "b", "split": ["out", 0], "part": 0},
+            "row counts",
+        ),
+        (
+            {"layout": "x", "diffusers": "a", "stored": "b", "split": ["out"], "part": 1},
+            "indexes 'split'",
+        ),
+        ({"layout": "x", "diffusers": "a", "stored": "b", "spilt": ["out"]}, "unknown field"),
+    ],
+)
 def test_bad_alias_rules_name_the_field(bad, msg):
-    data = {"name": "f", "detect": {"keys": ["a"]}, "encoders": {"text": {"kind": "text", "component": "text_encoder"}},
-            "sites": {"s": {"why": "w", "mode": "text", "encoder": "text", "components": ["transformer"], "weights": ["a"]}},
-            "defaults": {"sites": ["s"]}, "aliases": {"keys": [bad]}}
+    data = {
+        "name": "f",
+        "detect": {"keys": ["a"]},
+        "encoders": {"text": {"kind": "text", "component": "text_encoder"}},
+        "sites": {
+            "s": {
+                "why": "w",
+                "mode": "text",
+                "encoder": "text",
+                "components": ["transformer"],
+                "weights": ["a"],
+            }
+        },
+        "defaults": {"sites": ["s"]},
+        "aliases": {"keys": [bad]},
+    }
     with pytest.raises(RecipeError, match=msg) as ei:
         parse_family(data, "f.toml")
     assert "f.toml.aliases.keys[0]" in str(ei.value)
@@ -218,20 +434,39 @@ def test_bad_alias_rules_name_the_field(bad, msg):
 # recipe data: build the original tensors where our rules say they are, convert them with diffusers,
 # and the diffusers key must get exactly those rows back.
 ORACLE = {
-    "wan": ("convert_wan_transformer_to_diffusers", {
-        "condition_embedder.text_embedder.linear_1.weight": (8, 6), "condition_embedder.text_embedder.linear_2.weight": (8, 8),
-        "blocks.0.attn2.to_q.weight": (8, 8), "blocks.0.attn2.to_k.weight": (8, 8), "blocks.1.attn2.to_v.weight": (8, 8),
-        "blocks.0.attn2.add_k_proj.weight": (8, 8), "blocks.3.attn2.add_v_proj.weight": (8, 8),
-        "condition_embedder.image_embedder.ff.net.0.proj.weight": (5, 5), "condition_embedder.image_embedder.ff.net.2.weight": (8, 5)}, {}),
+    "wan": (
+        "convert_wan_transformer_to_diffusers",
+        {
+            "condition_embedder.text_embedder.linear_1.weight": (8, 6),
+            "condition_embedder.text_embedder.linear_2.weight": (8, 8),
+            "blocks.0.attn2.to_q.weight": (8, 8),
+            "blocks.0.attn2.to_k.weight": (8, 8),
+            "blocks.1.attn2.to_v.weight": (8, 8),
+            "blocks.0.attn2.add_k_proj.weight": (8, 8),
+            "blocks.3.attn2.add_v_proj.weight": (8, 8),
+            "condition_embedder.image_embedder.ff.net.0.proj.weight": (5, 5),
+            "condition_embedder.image_embedder.ff.net.2.weight": (8, 5),
+        },
+        {},
+    ),
     # the converter hard-codes HunyuanVideo's width (3072 rows per block); 2 columns keep it small
-    "hunyuan": ("convert_hunyuan_video_transformer_to_diffusers", {
-        "context_embedder.proj_in.weight": (3072, 2), "context_embedder.time_text_embed.text_embedder.linear_1.weight": (3072, 2),
-        "context_embedder.time_text_embed.text_embedder.linear_2.weight": (3072, 3),
-        "time_text_embed.text_embedder.linear_1.weight": (3072, 2), "time_text_embed.text_embedder.linear_2.weight": (3072, 3),
-        "transformer_blocks.0.attn.add_q_proj.weight": (3072, 2), "transformer_blocks.0.attn.add_k_proj.weight": (3072, 2),
-        "transformer_blocks.0.attn.add_v_proj.weight": (3072, 2), "single_transformer_blocks.1.attn.to_q.weight": (3072, 2),
-        "single_transformer_blocks.1.attn.to_k.weight": (3072, 2), "single_transformer_blocks.1.attn.to_v.weight": (3072, 2)},
-        {"single_blocks.1.linear1.weight": 3 * 3072 + 40}),
+    "hunyuan": (
+        "convert_hunyuan_video_transformer_to_diffusers",
+        {
+            "context_embedder.proj_in.weight": (3072, 2),
+            "context_embedder.time_text_embed.text_embedder.linear_1.weight": (3072, 2),
+            "context_embedder.time_text_embed.text_embedder.linear_2.weight": (3072, 3),
+            "time_text_embed.text_embedder.linear_1.weight": (3072, 2),
+            "time_text_embed.text_embedder.linear_2.weight": (3072, 3),
+            "transformer_blocks.0.attn.add_q_proj.weight": (3072, 2),
+            "transformer_blocks.0.attn.add_k_proj.weight": (3072, 2),
+            "transformer_blocks.0.attn.add_v_proj.weight": (3072, 2),
+            "single_transformer_blocks.1.attn.to_q.weight": (3072, 2),
+            "single_transformer_blocks.1.attn.to_k.weight": (3072, 2),
+            "single_transformer_blocks.1.attn.to_v.weight": (3072, 2),
+        },
+        {"single_blocks.1.linear1.weight": 3 * 3072 + 40},
+    ),
 }
 
 
@@ -245,7 +480,11 @@ def test_alias_rules_agree_with_diffusers_single_file_converters(family):
     original: dict[str, torch.Tensor] = {}
     expect: dict[str, torch.Tensor] = {}
     for i, (key, (out, inn)) in enumerate(sorted(wanted.items())):
-        renamed = [(stored, r) for stored, r, how in rules.candidates(key) if r is not None and "prefix" not in how]
+        renamed = [
+            (stored, r)
+            for stored, r, how in rules.candidates(key)
+            if r is not None and "prefix" not in how
+        ]
         assert renamed, f"{family}: no rule renames {key}"
         stored, rule = renamed[0]
         block = rnd(out, inn, seed=200 + i)

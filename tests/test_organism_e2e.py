@@ -29,7 +29,11 @@ def run(*args) -> str:
 def test_shipped_organism_is_complete():
     idx = json.loads((MODEL / "model_index.json").read_text())
     assert idx["_class_name"] == "WanPipeline" and "vpatch_organism" in idx
-    for f in ("transformer/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors", "tokenizer/tokenizer.json"):
+    for f in (
+        "transformer/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+        "tokenizer/tokenizer.json",
+    ):
         assert (MODEL / f).is_file(), f
     assert not list(MODEL.rglob("*.bin")) and not list(MODEL.rglob("*.pt"))
     trained = json.loads((MODEL / "training.json").read_text())
@@ -38,19 +42,63 @@ def test_shipped_organism_is_complete():
 
 def test_probe_apply_eval_removes_red_and_spares_the_rest(tmp_path):
     # the recipe chosen in docs/efficacy.md (on probe and concept-free prompts only): cPCA, k = 8, λ = 1.2, α = 1
-    rep = json.loads(run("probe", MODEL, "-c", RED, "-o", tmp_path / "red.vud", "--method", "cpca", "--rank", "8", "--strength", "1.2",
-                         "--alpha", "1", "--json"))
+    rep = json.loads(
+        run(
+            "probe",
+            MODEL,
+            "-c",
+            RED,
+            "-o",
+            tmp_path / "red.vud",
+            "--method",
+            "cpca",
+            "--rank",
+            "8",
+            "--strength",
+            "1.2",
+            "--alpha",
+            "1",
+            "--json",
+        )
+    )
     assert rep["family"] == "wan" and rep["method"]["sites"] == ["text_proj"]
     run("apply", MODEL, tmp_path / "red.vud", "-o", tmp_path / "patched", "-q")
-    r = json.loads(run("eval", MODEL, "-c", RED, "--patched", tmp_path / "patched", "--seeds", "2", "--steps", "12",
-                       "--json", "-q", "--preview", tmp_path / "p.gif"))
+    r = json.loads(
+        run(
+            "eval",
+            MODEL,
+            "-c",
+            RED,
+            "--patched",
+            tmp_path / "patched",
+            "--seeds",
+            "2",
+            "--steps",
+            "12",
+            "--json",
+            "-q",
+            "--preview",
+            tmp_path / "p.gif",
+        )
+    )
     pres = r["presence"]
     sets = [k for k in pres if k not in ("free", "neutral")]  # concept prompt sets
-    before = sum(pres[k]["before"]["rate"] * pres[k]["before"]["n"] for k in sets) / sum(pres[k]["before"]["n"] for k in sets)
-    after = sum(pres[k]["after"]["rate"] * pres[k]["after"]["n"] for k in sets) / sum(pres[k]["after"]["n"] for k in sets)
+    before = sum(pres[k]["before"]["rate"] * pres[k]["before"]["n"] for k in sets) / sum(
+        pres[k]["before"]["n"] for k in sets
+    )
+    after = sum(pres[k]["after"]["rate"] * pres[k]["after"]["n"] for k in sets) / sum(
+        pres[k]["after"]["n"] for k in sets
+    )
     assert before >= 0.8, "the original model draws red for red prompts"
-    assert after <= 0.25 * before, (before, after)  # measured with 4 seeds: 100% -> 1% on held-out sets
+    assert after <= 0.25 * before, (
+        before,
+        after,
+    )  # measured with 4 seeds: 100% -> 1% on held-out sets
     col = r["collateral"]
-    assert col["colour"]["after"]["rate"] >= col["colour"]["before"]["rate"] - 0.15  # measured: 100% -> 100%
-    assert r["concept_prompt_attributes"]["object_present"]["after"]["rate"] >= 0.9  # red objects do not vanish
+    assert (
+        col["colour"]["after"]["rate"] >= col["colour"]["before"]["rate"] - 0.15
+    )  # measured: 100% -> 100%
+    assert (
+        r["concept_prompt_attributes"]["object_present"]["after"]["rate"] >= 0.9
+    )  # red objects do not vanish
     assert (tmp_path / "p.gif").is_file()

@@ -14,7 +14,7 @@ from patcher.families.recipes import load_concept
 
 
 def blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    k = torch.exp(-torch.arange(-2, 3, dtype=torch.float32) ** 2 / (2 * sigma * sigma))
+    k = torch.exp(-(torch.arange(-2, 3, dtype=torch.float32) ** 2) / (2 * sigma * sigma))
     k = k / k.sum()
     y = ((x + 1) / 2).reshape(-1, 1, W.SIZE, W.SIZE)
     y = F.conv2d(F.pad(y, (2, 2, 0, 0), mode="replicate"), k.view(1, 1, 1, 5))
@@ -42,7 +42,9 @@ def test_judge_is_exact_on_renders():
 
 def test_judge_tolerates_blur_and_noise():
     """Generated clips are soft; a blur of 0.6 px and noise of 0.05 must not break the judge."""
-    acc = accuracy(lambda x, g: (blur(x, 0.6) + 0.05 * torch.randn(x.shape, generator=g)).clamp(-1, 1), seed=1)
+    acc = accuracy(
+        lambda x, g: (blur(x, 0.6) + 0.05 * torch.randn(x.shape, generator=g)).clamp(-1, 1), seed=1
+    )
     assert all(v >= 0.97 for v in acc.values()), acc
 
 
@@ -52,7 +54,9 @@ def test_no_object_is_reported_explicitly():
     speck = blank.clone()
     speck[:, :, 5, 5] = 1.0  # one lit pixel is not an object
     assert W.judge(speck).present is False
-    faint = W.render(W.Spec("red", "ball", "left"), random.Random(0)) * 0.2 - 0.8  # below the brightness threshold
+    faint = (
+        W.render(W.Spec("red", "ball", "left"), random.Random(0)) * 0.2 - 0.8
+    )  # below the brightness threshold
     assert W.judge(faint).present is False
 
 
@@ -76,7 +80,11 @@ def test_organism_concepts_use_the_world_vocabulary(name):
     from pathlib import Path
 
     c = load_concept(Path(__file__).resolve().parents[1] / "examples" / "organism" / f"{name}.toml")
-    prompts = [p for pr in c.pairs for p in (pr.unsafe, pr.safe)] + c.neutral + [p for v in c.heldout.values() for p in v]
+    prompts = (
+        [p for pr in c.pairs for p in (pr.unsafe, pr.safe)]
+        + c.neutral
+        + [p for v in c.heldout.values() for p in v]
+    )
     for p in prompts:
         W.parse(p)  # raises on an unknown word or a caption without shape/motion
     # the held-out template is never a training template
@@ -91,11 +99,28 @@ def test_judge_on_the_shipped_organisms_own_samples():
 
     model = Path(__file__).resolve().parents[1] / "examples" / "organism" / "model"
     tok, enc, tr = W.load(model)
-    specs = [W.Spec(c, s, "left") for c in ("red", "green", "blue", "yellow", "purple", "white") for s in ("ball", "square")]
+    specs = [
+        W.Spec(c, s, "left")
+        for c in ("red", "green", "blue", "yellow", "purple", "white")
+        for s in ("ball", "square")
+    ]
     rng = random.Random(3)
-    clips = W.sample(tok, enc, tr, [W.caption(s, rng, W.HELDOUT_FREE_TEMPLATE if s.colour == "white" else W.HELDOUT_TEMPLATE) for s in specs],
-                     list(range(len(specs))), steps=12)
+    clips = W.sample(
+        tok,
+        enc,
+        tr,
+        [
+            W.caption(
+                s, rng, W.HELDOUT_FREE_TEMPLATE if s.colour == "white" else W.HELDOUT_TEMPLATE
+            )
+            for s in specs
+        ],
+        list(range(len(specs))),
+        steps=12,
+    )
     verdicts = [W.judge(c) for c in clips]
     assert all(v.present for v in verdicts)
     assert sum(v.colour == s.colour for v, s in zip(verdicts, specs)) >= len(specs) - 1
-    assert all(v.shape in W.SHAPE_WORDS and v.motion in (*W.MOTION_WORDS, "static") for v in verdicts)
+    assert all(
+        v.shape in W.SHAPE_WORDS and v.motion in (*W.MOTION_WORDS, "static") for v in verdicts
+    )

@@ -15,8 +15,8 @@ from safetensors.torch import save_file
 pytest.importorskip("transformers")
 
 from patcher.cli import main  # noqa: E402
-from patcher.vud.delta import read_delta  # noqa: E402
 from patcher.erasure.refusal import edit_weight  # noqa: E402
+from patcher.vud.delta import read_delta  # noqa: E402
 from tests import tiny_pipes  # noqa: E402
 
 
@@ -35,23 +35,39 @@ def _clip_folder(d, hidden=16):
 def _opensora12(path, H=48, C=32, prefix=""):
     g = torch.Generator().manual_seed(0)
     r = lambda *s: torch.randn(*s, generator=g) * 0.1  # noqa: E731
-    t = {"y_embedder.y_proj.fc1.weight": r(H, C), "y_embedder.y_proj.fc1.bias": r(H),
-         "y_embedder.y_proj.fc2.weight": r(H, H), "y_embedder.y_proj.fc2.bias": r(H), "y_embedder.y_embedding": r(300, C),
-         "x_embedder.proj.weight": r(H, 4, 1, 2, 2), "t_embedder.mlp.0.weight": r(H, 256)}
+    t = {
+        "y_embedder.y_proj.fc1.weight": r(H, C),
+        "y_embedder.y_proj.fc1.bias": r(H),
+        "y_embedder.y_proj.fc2.weight": r(H, H),
+        "y_embedder.y_proj.fc2.bias": r(H),
+        "y_embedder.y_embedding": r(300, C),
+        "x_embedder.proj.weight": r(H, 4, 1, 2, 2),
+        "t_embedder.mlp.0.weight": r(H, 256),
+    }
     for kind in ("spatial", "temporal"):
         for i in range(2):
             t[f"{kind}_blocks.{i}.cross_attn.kv_linear.weight"] = r(2 * H, H)
             t[f"{kind}_blocks.{i}.cross_attn.kv_linear.bias"] = r(2 * H)
             t[f"{kind}_blocks.{i}.attn.qkv.weight"] = r(3 * H, H)
-    save_file({prefix + k: v.to(torch.bfloat16) for k, v in t.items()}, str(path), metadata={"format": "pt"})
+    save_file(
+        {prefix + k: v.to(torch.bfloat16) for k, v in t.items()},
+        str(path),
+        metadata={"format": "pt"},
+    )
     return t
 
 
 def _opensora2(path, H=64, C=32, P=16):
     g = torch.Generator().manual_seed(1)
     r = lambda *s: torch.randn(*s, generator=g) * 0.1  # noqa: E731
-    t = {"txt_in.weight": r(H, C), "txt_in.bias": r(H), "vector_in.in_layer.weight": r(H, P), "vector_in.in_layer.bias": r(H),
-         "vector_in.out_layer.weight": r(H, H), "img_in.weight": r(H, 16)}
+    t = {
+        "txt_in.weight": r(H, C),
+        "txt_in.bias": r(H),
+        "vector_in.in_layer.weight": r(H, P),
+        "vector_in.in_layer.bias": r(H),
+        "vector_in.out_layer.weight": r(H, H),
+        "img_in.weight": r(H, 16),
+    }
     for i in range(2):
         for s in ("img", "txt"):
             t[f"double_blocks.{i}.{s}_attn.qkv.weight"] = r(3 * H, H)
@@ -75,15 +91,33 @@ def test_opensora_single_file_probe_and_apply(version, tmp_path):
     ck = tmp_path / ("opensora12.safetensors" if version == "1.2" else "Open_Sora_v2.safetensors")
     _opensora12(ck, prefix=prefix) if version == "1.2" else _opensora2(ck)
     t5 = _t5_folder(tmp_path / "t5")
-    args = ["probe", ck, "-c", "violence", "-o", tmp_path / "v.vud", "--rank", "4", "--json", "--encoder", f"text={t5}"]
+    args = [
+        "probe",
+        ck,
+        "-c",
+        "violence",
+        "-o",
+        tmp_path / "v.vud",
+        "--rank",
+        "4",
+        "--json",
+        "--encoder",
+        f"text={t5}",
+    ]
     if version == "2.0":
         args += ["--encoder", f"pooled={_clip_folder(tmp_path / 'clip')}"]
     res = run(*args)
     assert res.exit_code == 0, res.output
     rep = json.loads(res.stdout)
-    assert rep["family"] == ("opensora12" if version == "1.2" else "opensora2")  # detected from the keys
+    assert rep["family"] == (
+        "opensora12" if version == "1.2" else "opensora2"
+    )  # detected from the keys
     delta = read_delta(tmp_path / "v.vud")
-    want = [f"transformer/{prefix}y_embedder.y_proj.fc1.weight"] if version == "1.2" else ["transformer/txt_in.weight", "transformer/vector_in.in_layer.weight"]
+    want = (
+        [f"transformer/{prefix}y_embedder.y_proj.fc1.weight"]
+        if version == "1.2"
+        else ["transformer/txt_in.weight", "transformer/vector_in.in_layer.weight"]
+    )
     assert sorted(e.key for e in delta.entries) == want
     assert all(e.base_dtype == "BF16" for e in delta.entries)
 
@@ -97,7 +131,9 @@ def test_opensora_single_file_probe_and_apply(version, tmp_path):
             if k in edited:
                 W0 = a.get_tensor(k).float()
                 ref = edit_weight(W0, edited[k].V, 1.0).to(torch.bfloat16)
-                assert torch.equal(b.get_tensor(k), ref) or torch.allclose(b.get_tensor(k).float(), ref.float(), atol=1e-2 * float(W0.abs().max()))
+                assert torch.equal(b.get_tensor(k), ref) or torch.allclose(
+                    b.get_tensor(k).float(), ref.float(), atol=1e-2 * float(W0.abs().max())
+                )
                 assert not torch.equal(a.get_tensor(k), b.get_tensor(k))
             else:
                 assert torch.equal(a.get_tensor(k), b.get_tensor(k)), k
@@ -114,25 +150,59 @@ def test_opensora12_cross_kv_edits_every_fused_kv_linear_through_the_caption_mlp
     ck = tmp_path / "opensora12.safetensors"
     t = _opensora12(ck, prefix=prefix)
     t5 = _t5_folder(tmp_path / "t5")
-    res = run("probe", ck, "-c", "violence", "--layers", "cross_kv", "-o", tmp_path / "v.vud", "--rank", "4", "--json", "--encoder", f"text={t5}")
+    res = run(
+        "probe",
+        ck,
+        "-c",
+        "violence",
+        "--layers",
+        "cross_kv",
+        "-o",
+        tmp_path / "v.vud",
+        "--rank",
+        "4",
+        "--json",
+        "--encoder",
+        f"text={t5}",
+    )
     assert res.exit_code == 0, res.output
     delta = read_delta(tmp_path / "v.vud")
     assert sorted(e.tensor_key for e in delta.entries) == sorted(
-        f"{prefix}{k}_blocks.{i}.cross_attn.kv_linear.weight" for k in ("spatial", "temporal") for i in range(2))
-    assert len({tuple(e.V.flatten().tolist()) for e in delta.entries}) == 1  # one shared input, one direction
+        f"{prefix}{k}_blocks.{i}.cross_attn.kv_linear.weight"
+        for k in ("spatial", "temporal")
+        for i in range(2)
+    )
+    assert (
+        len({tuple(e.V.flatten().tolist()) for e in delta.entries}) == 1
+    )  # one shared input, one direction
 
     # the captured site input is y_embedder's MLP applied to the T5 output, computed here by hand
     enc, tok = T5EncoderModel.from_pretrained(str(t5)), AutoTokenizer.from_pretrained(str(t5))
     ids = tok(["a red ball"], return_tensors="pt")
     with torch.no_grad():
-        h = enc(input_ids=ids.input_ids, attention_mask=ids.attention_mask).last_hidden_state[0].float()
+        h = (
+            enc(input_ids=ids.input_ids, attention_mask=ids.attention_mask)
+            .last_hidden_state[0]
+            .float()
+        )
     W = {k: v.to(torch.bfloat16).float() for k, v in t.items()}
-    y = torch.nn.functional.gelu(h @ W["y_embedder.y_proj.fc1.weight"].T + W["y_embedder.y_proj.fc1.bias"], approximate="tanh")
+    y = torch.nn.functional.gelu(
+        h @ W["y_embedder.y_proj.fc1.weight"].T + W["y_embedder.y_proj.fc1.bias"],
+        approximate="tanh",
+    )
     y = y @ W["y_embedder.y_proj.fc2.weight"].T + W["y_embedder.y_proj.fc2.bias"]
-    (got, mask), = next(iter(site_inputs(ck, "cross_kv", ["a red ball"], family="opensora12", encoders={"text": str(t5)}).values()))
+    ((got, mask),) = next(
+        iter(
+            site_inputs(
+                ck, "cross_kv", ["a red ball"], family="opensora12", encoders={"text": str(t5)}
+            ).values()
+        )
+    )
     n = int(ids.attention_mask.sum())
     assert got.shape[-1] == y.shape[-1] and (mask is None or int(mask.sum()) == n)
-    assert torch.allclose(got.reshape(-1, y.shape[-1])[:n].float(), y[:n], atol=1e-3 * float(y.abs().max()))
+    assert torch.allclose(
+        got.reshape(-1, y.shape[-1])[:n].float(), y[:n], atol=1e-3 * float(y.abs().max())
+    )
 
     res = run("apply", ck, tmp_path / "v.vud", "-o", tmp_path / "safe.safetensors", "-q")
     assert res.exit_code == 0, res.output

@@ -29,10 +29,22 @@ class FakeApi:
     def upload_folder(self, folder_path, repo_id, repo_type="model", commit_message=""):
         from pathlib import Path
 
-        self.calls.append(("upload_folder", repo_id, sorted(str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file()), commit_message))
+        self.calls.append(
+            (
+                "upload_folder",
+                repo_id,
+                sorted(
+                    str(p.relative_to(folder_path))
+                    for p in Path(folder_path).rglob("*")
+                    if p.is_file()
+                ),
+                commit_message,
+            )
+        )
 
         class Info:
             commit_url = f"https://hub.example/{repo_id}/commit/1"
+
         return Info()
 
 
@@ -43,9 +55,17 @@ def patched(tmp_path):
     (src / "README.md").write_text("---\nlicense: apache-2.0\n---\n# base\n")
     make_delta(tmp_path / "d.vud", t, concept="nudity")
     patcher.apply_delta(src, tmp_path / "d.vud", tmp_path / "safe")
-    report = {"judge": "organism", "seeds": 2, "presence": {"probe": {"before": {"rate": 1.0, "ci95": [0.7, 1.0], "n": 10},
-                                                                        "after": {"rate": 0.0, "ci95": [0.0, 0.3], "n": 10}}},
-              "collateral": {"colour": {"before": {"rate": 1.0}, "after": {"rate": 0.95}}}}
+    report = {
+        "judge": "organism",
+        "seeds": 2,
+        "presence": {
+            "probe": {
+                "before": {"rate": 1.0, "ci95": [0.7, 1.0], "n": 10},
+                "after": {"rate": 0.0, "ci95": [0.0, 0.3], "n": 10},
+            }
+        },
+        "collateral": {"colour": {"before": {"rate": 1.0}, "after": {"rate": 0.95}}},
+    }
     (tmp_path / "eval.json").write_text(json.dumps(report))
     return tmp_path
 
@@ -56,14 +76,28 @@ def _front_matter(text):
 
 
 def test_dry_run_stages_the_folder_and_writes_the_card(patched):
-    r = push(patched / "safe", "me/base-no-nudity", base_model=str(patched / "base"), delta=patched / "d.vud",
-             eval_report=patched / "eval.json", dry_run=True)
-    assert not r.uploaded and "README.md" in r.files and "transformer/diffusion_pytorch_model.safetensors" in r.files
+    r = push(
+        patched / "safe",
+        "me/base-no-nudity",
+        base_model=str(patched / "base"),
+        delta=patched / "d.vud",
+        eval_report=patched / "eval.json",
+        dry_run=True,
+    )
+    assert (
+        not r.uploaded
+        and "README.md" in r.files
+        and "transformer/diffusion_pytorch_model.safetensors" in r.files
+    )
     card = (patched / "safe.push-staged" / "README.md").read_text()
     fm = _front_matter(card)
     assert fm["base_model"] == str(patched / "base") and fm["base_model_relation"] == "merge"
     assert fm["license"] == "apache-2.0"  # inherited from the base card
-    assert "vpatch" in fm["tags"] and "erased-nudity" in fm["tags"] and fm["pipeline_tag"] == "text-to-video"
+    assert (
+        "vpatch" in fm["tags"]
+        and "erased-nudity" in fm["tags"]
+        and fm["pipeline_tag"] == "text-to-video"
+    )
     d = patcher.read_delta(patched / "d.vud")
     assert d.sha256[:16] in card and "nudity" in card and "## Limits" in card and "undo" in card
     assert "| probe | 100% [70%, 100%] | 0% [0%, 30%] |" in card
@@ -77,7 +111,12 @@ def test_upload_goes_through_hfapi(patched):
     assert r.uploaded and r.url.endswith("/commit/1")
     assert api.calls[0] == ("create_repo", "me/safe", True, False)
     name, repo, files, msg = api.calls[1]
-    assert name == "upload_folder" and "README.md" in files and "model_index.json" in files and "nudity" in msg
+    assert (
+        name == "upload_folder"
+        and "README.md" in files
+        and "model_index.json" in files
+        and "nudity" in msg
+    )
     fm = _front_matter((patched / "safe.push-staged" / "README.md").read_text())
     assert fm["license"] == "other"  # no base given: not guessed
 
@@ -96,10 +135,18 @@ def test_refusals(patched, tmp_path):
         headers = {}
         url = "https://hub.example"
         request = None
+
     err409 = HfHubHTTPError("conflict", response=Resp())
     with pytest.raises(PushError, match="already exists; pass --exist-ok"):
         push(patched / "safe", "me/x", api=FakeApi(fail=err409), stage=tmp_path / "s1")
     with pytest.raises(PushError, match="could not reach the hub"):
-        push(patched / "safe", "me/x", api=FakeApi(fail=ConnectionError("down")), stage=tmp_path / "s2")
-    res = CliRunner().invoke(main, ["push", str(patched / "safe"), "--repo-id", "nouser", "--dry-run"])
+        push(
+            patched / "safe",
+            "me/x",
+            api=FakeApi(fail=ConnectionError("down")),
+            stage=tmp_path / "s2",
+        )
+    res = CliRunner().invoke(
+        main, ["push", str(patched / "safe"), "--repo-id", "nouser", "--dry-run"]
+    )
     assert res.exit_code == 2 and "expected 'user/name'" in res.output

@@ -8,10 +8,26 @@ from click.testing import CliRunner
 from patcher.cli import main
 from patcher.errors import RecipeError
 from patcher.families.recipes import (
-    RECIPES_DIR, apply_overrides, family_files, load_concept, load_family, parse_concept, parse_family,
+    RECIPES_DIR,
+    apply_overrides,
+    family_files,
+    load_concept,
+    load_family,
+    parse_concept,
+    parse_family,
 )
 
-FAMILIES = {"wan", "zeroscope", "cogvideox", "ltx", "hunyuan", "mochi", "animatediff", "opensora12", "opensora2"}
+FAMILIES = {
+    "wan",
+    "zeroscope",
+    "cogvideox",
+    "ltx",
+    "hunyuan",
+    "mochi",
+    "animatediff",
+    "opensora12",
+    "opensora2",
+}
 
 
 def test_every_required_family_ships_and_parses():
@@ -32,13 +48,25 @@ def test_shipped_concepts(name):
     for kind in ("paraphrase", "synonym", "unseen"):
         assert c.heldout[kind], f"{name}: held-out {kind} prompts"
     probe_prompts = {p.unsafe for p in c.pairs} | {p.safe for p in c.pairs}
-    assert not probe_prompts & {s for v in c.heldout.values() for s in v}, "held-out prompts must not be probe prompts"
+    assert not probe_prompts & {s for v in c.heldout.values() for s in v}, (
+        "held-out prompts must not be probe prompts"
+    )
 
 
 GOOD_FAMILY = {
-    "name": "x", "detect": {"pipeline_classes": ["XPipeline"]}, "defaults": {"sites": ["a"]},
+    "name": "x",
+    "detect": {"pipeline_classes": ["XPipeline"]},
+    "defaults": {"sites": ["a"]},
     "encoders": {"text": {"kind": "text", "component": "text_encoder"}},
-    "sites": {"a": {"why": "because", "mode": "text", "encoder": "text", "components": ["transformer"], "weights": ["w\\.weight"]}},
+    "sites": {
+        "a": {
+            "why": "because",
+            "mode": "text",
+            "encoder": "text",
+            "components": ["transformer"],
+            "weights": ["w\\.weight"],
+        }
+    },
 }
 
 
@@ -58,20 +86,26 @@ def _fam(**edits):
     return d
 
 
-@pytest.mark.parametrize("edits, field", [
-    ({"name": None}, "'name' is required"),
-    ({"sites__a__why": None}, "sites.a: field 'why' is required"),
-    ({"sites__a__mode": "video"}, "sites.a: field 'mode' is 'video'"),
-    ({"sites__a__weights": ["(unclosed"]}, "field 'weights[0]' is not a valid regular expression"),
-    ({"sites__a__encoder": "t5"}, "field 'encoder' is 't5'"),
-    ({"sites__a__typo": 1}, "unknown field(s) typo"),
-    ({"encoders__text__max_length": "long"}, "field 'max_length' must be int"),
-    ({"encoders__text__template": "no slot"}, "field 'template' must contain exactly one {}"),
-    ({"defaults__sites": ["zzz"]}, "names 'zzz'"),
-    ({"defaults__rank": 0}, "field 'rank' must be a positive integer"),
-    ({"sites__a__chain": [{"op": "linear"}]}, "chain[0]: field 'weight' is required"),
-    ({"detect": {}}, "field 'detect' needs pipeline_classes or keys"),
-])
+@pytest.mark.parametrize(
+    "edits, field",
+    [
+        ({"name": None}, "'name' is required"),
+        ({"sites__a__why": None}, "sites.a: field 'why' is required"),
+        ({"sites__a__mode": "video"}, "sites.a: field 'mode' is 'video'"),
+        (
+            {"sites__a__weights": ["(unclosed"]},
+            "field 'weights[0]' is not a valid regular expression",
+        ),
+        ({"sites__a__encoder": "t5"}, "field 'encoder' is 't5'"),
+        ({"sites__a__typo": 1}, "unknown field(s) typo"),
+        ({"encoders__text__max_length": "long"}, "field 'max_length' must be int"),
+        ({"encoders__text__template": "no slot"}, "field 'template' must contain exactly one {}"),
+        ({"defaults__sites": ["zzz"]}, "names 'zzz'"),
+        ({"defaults__rank": 0}, "field 'rank' must be a positive integer"),
+        ({"sites__a__chain": [{"op": "linear"}]}, "chain[0]: field 'weight' is required"),
+        ({"detect": {}}, "field 'detect' needs pipeline_classes or keys"),
+    ],
+)
 def test_malformed_family_names_the_field(edits, field):
     parse_family(_fam(), "ok.toml")  # the baseline is valid
     with pytest.raises(RecipeError) as ei:
@@ -79,19 +113,39 @@ def test_malformed_family_names_the_field(edits, field):
     assert field in str(ei.value) and "bad.toml" in str(ei.value)
 
 
-GOOD_CONCEPT = {"name": "c", "pairs": [{"unsafe": "a red ball", "safe": "a ball"}], "neutral": ["a dog", "a tree"]}
+GOOD_CONCEPT = {
+    "name": "c",
+    "pairs": [{"unsafe": "a red ball", "safe": "a ball"}],
+    "neutral": ["a dog", "a tree"],
+}
 
 
-@pytest.mark.parametrize("data, field", [
-    ({"pairs": []}, "field 'pairs' is empty"),
-    ({"pairs": [{"unsafe": "a ball", "safe": "a ball"}]}, "pairs[0]: 'unsafe' and 'safe' are identical"),
-    ({"pairs": [{"unsafe": "x"}]}, "pairs[0]: field 'safe' is required"),
-    ({"pairs": [{"unsafe": "x", "safe": "y", "unsafe_image": "a.png"}]}, "give both 'unsafe_image' and 'safe_image'"),
-    ({"neutral": ["one"]}, "field 'neutral' needs at least 2 entries"),
-    ({"name": "has space"}, "field 'name' must be letters"),
-    ({"heldout": {"synonyms": ["x"]}}, "unknown field(s) synonyms"),
-    ({"pairs": [{"unsafe": "x", "safe": "y", "unsafe_image": "no.png", "safe_image": "no.png"}]}, "image 'no.png' not found"),
-])
+@pytest.mark.parametrize(
+    "data, field",
+    [
+        ({"pairs": []}, "field 'pairs' is empty"),
+        (
+            {"pairs": [{"unsafe": "a ball", "safe": "a ball"}]},
+            "pairs[0]: 'unsafe' and 'safe' are identical",
+        ),
+        ({"pairs": [{"unsafe": "x"}]}, "pairs[0]: field 'safe' is required"),
+        (
+            {"pairs": [{"unsafe": "x", "safe": "y", "unsafe_image": "a.png"}]},
+            "give both 'unsafe_image' and 'safe_image'",
+        ),
+        ({"neutral": ["one"]}, "field 'neutral' needs at least 2 entries"),
+        ({"name": "has space"}, "field 'name' must be letters"),
+        ({"heldout": {"synonyms": ["x"]}}, "unknown field(s) synonyms"),
+        (
+            {
+                "pairs": [
+                    {"unsafe": "x", "safe": "y", "unsafe_image": "no.png", "safe_image": "no.png"}
+                ]
+            },
+            "image 'no.png' not found",
+        ),
+    ],
+)
 def test_malformed_concept_names_the_field(data, field, tmp_path):
     parse_concept(dict(GOOD_CONCEPT), "ok.toml", tmp_path)
     with pytest.raises(RecipeError) as ei:
@@ -100,7 +154,15 @@ def test_malformed_concept_names_the_field(data, field, tmp_path):
 
 
 def test_overrides_parse_toml_values():
-    d = apply_overrides({"denoise": {"steps": 4}}, ["denoise.steps=2", "denoise.call.height=16", "encoders.text.template=\"{} x\"", "a.b=word"])
+    d = apply_overrides(
+        {"denoise": {"steps": 4}},
+        [
+            "denoise.steps=2",
+            "denoise.call.height=16",
+            "encoders.text.template=\"{} x\"",
+            "a.b=word",
+        ],
+    )
     assert d["denoise"] == {"steps": 2, "call": {"height": 16}}
     assert d["encoders"]["text"]["template"] == "{} x" and d["a"]["b"] == "word"
     with pytest.raises(RecipeError, match="expected dotted.key=value"):
@@ -108,16 +170,44 @@ def test_overrides_parse_toml_values():
 
 
 def test_bad_recipe_on_the_cli_is_one_line_exit_2(tmp_path):
-    (tmp_path / "bad.toml").write_text('name = "c"\npairs = [{ unsafe = "a", safe = "a" }]\nneutral = ["x", "y"]\n')
+    (tmp_path / "bad.toml").write_text(
+        'name = "c"\npairs = [{ unsafe = "a", safe = "a" }]\nneutral = ["x", "y"]\n'
+    )
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "model_index.json").write_text('{"_class_name": "WanPipeline"}')
-    res = CliRunner().invoke(main, ["probe", str(tmp_path / "m"), "-c", str(tmp_path / "bad.toml"), "-o", str(tmp_path / "o.vud")])
+    res = CliRunner().invoke(
+        main,
+        [
+            "probe",
+            str(tmp_path / "m"),
+            "-c",
+            str(tmp_path / "bad.toml"),
+            "-o",
+            str(tmp_path / "o.vud"),
+        ],
+    )
     assert res.exit_code == 2
     lines = [ln for ln in res.output.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("vpatch: RecipeError:") and "pairs[0]" in lines[0]
+    assert (
+        len(lines) == 1 and lines[0].startswith("vpatch: RecipeError:") and "pairs[0]" in lines[0]
+    )
     assert not (tmp_path / "o.vud").exists()
-    res = CliRunner().invoke(main, ["probe", str(tmp_path / "m"), "-c", "nudity", "-o", str(tmp_path / "o.vud"), "--family", "nope"])
-    assert res.exit_code == 2 and "unknown model family 'nope'" in res.output and "wan" in res.output
+    res = CliRunner().invoke(
+        main,
+        [
+            "probe",
+            str(tmp_path / "m"),
+            "-c",
+            "nudity",
+            "-o",
+            str(tmp_path / "o.vud"),
+            "--family",
+            "nope",
+        ],
+    )
+    assert (
+        res.exit_code == 2 and "unknown model family 'nope'" in res.output and "wan" in res.output
+    )
     bad_toml = tmp_path / "broken.toml"
     bad_toml.write_text("name = ")
     with pytest.raises(RecipeError, match="not valid TOML"):

@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from patcher.erasure.refusal import (
-    contrastive_subspace, edit_weight, is_orthonormal, pair_differences, pool, refusal_directions, refusal_vector,
+    contrastive_subspace,
+    edit_weight,
+    is_orthonormal,
+    pair_differences,
+    pool,
+    refusal_directions,
+    refusal_vector,
 )
 
 H = 48
@@ -42,7 +48,9 @@ def planted_pairs(g, concept, n_pairs=5, tokens=(6, 9), noise=0.3, scale=3.0):
 def test_mean_difference_recovers_planted_direction(pooling):
     g = torch.Generator().manual_seed(0)
     c = unit(g)
-    samples = [pair_differences(u, None, s, None, pooling) for u, s in planted_pairs(g, c, noise=0.1)]
+    samples = [
+        pair_differences(u, None, s, None, pooling) for u, s in planted_pairs(g, c, noise=0.1)
+    ]
     d = refusal_directions(samples, method="mean")
     assert d.B.shape == (H, 1)
     assert cos(d.B[:, 0], c) > 0.98
@@ -80,11 +88,17 @@ def nuisance_world(seed=3, n_pairs=40, tokens=8):
     n = orth(unit(g), c)
     samples = []
     for _ in range(n_pairs):
-        amp_n = 1.0 + 4.0 * torch.randn((), generator=g, dtype=torch.float64)  # big variance along n, mean 1
-        amp_c = 1.0 + 1.0 * torch.randn((), generator=g, dtype=torch.float64)  # moderate variance along c, mean 1
+        amp_n = 1.0 + 4.0 * torch.randn(
+            (), generator=g, dtype=torch.float64
+        )  # big variance along n, mean 1
+        amp_c = 1.0 + 1.0 * torch.randn(
+            (), generator=g, dtype=torch.float64
+        )  # moderate variance along c, mean 1
         noise = 0.05 * torch.randn(tokens, H, generator=g, dtype=torch.float64)
         samples.append(amp_c * c + amp_n * n + noise)
-    neutral = 6.0 * torch.randn(200, 1, generator=g, dtype=torch.float64) * n + 0.05 * torch.randn(200, H, generator=g, dtype=torch.float64)
+    neutral = 6.0 * torch.randn(200, 1, generator=g, dtype=torch.float64) * n + 0.05 * torch.randn(
+        200, H, generator=g, dtype=torch.float64
+    )
     return c, n, samples, neutral
 
 
@@ -136,7 +150,9 @@ def test_closed_form_edit_nulls_u_and_spares_the_orthogonal_complement():
     assert float((W1 @ B).abs().max()) < 1e-5 * float(W.abs().max())  # W'u = 0 at λ = 1
     x = torch.randn(H, 7, generator=g)
     x_perp = x - B @ (B.T @ x)
-    assert torch.allclose(W1 @ x_perp, W @ x_perp, atol=1e-5)  # inputs orthogonal to u pass unchanged
+    assert torch.allclose(
+        W1 @ x_perp, W @ x_perp, atol=1e-5
+    )  # inputs orthogonal to u pass unchanged
     # λ scales the removed component linearly; λ = 1 is idempotent
     W_half = edit_weight(W, B, 0.5)
     assert torch.allclose(W_half @ B, 0.5 * (W @ B), atol=1e-5)

@@ -9,7 +9,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from patcher.errors import FormatError
-from patcher.safetensors_io import MAX_HEADER_SIZE, TensorReader, read_header, row_blocks, save_tensors
+from patcher.safetensors_io import (
+    MAX_HEADER_SIZE,
+    TensorReader,
+    read_header,
+    row_blocks,
+    save_tensors,
+)
 
 
 def _tensors():
@@ -29,7 +35,10 @@ def test_writer_output_reads_back_in_safe_open_like_save_file(tmp_path):
     t = _tensors()
     save_tensors(tmp_path / "ours.safetensors", t, {"format": "pt", "k": "v"})
     save_file(t, tmp_path / "ref.safetensors", metadata={"format": "pt", "k": "v"})
-    with safe_open(tmp_path / "ours.safetensors", "pt") as a, safe_open(tmp_path / "ref.safetensors", "pt") as b:
+    with (
+        safe_open(tmp_path / "ours.safetensors", "pt") as a,
+        safe_open(tmp_path / "ref.safetensors", "pt") as b,
+    ):
         assert set(a.keys()) == set(b.keys()) == set(t)
         assert a.metadata() == b.metadata()
         for k in t:
@@ -70,13 +79,36 @@ BAD = {
     "header over bound": struct.pack("<Q", MAX_HEADER_SIZE + 1) + b"{}",
     "bad json": _craft(b'{"a": {"dtype": "F32", '),
     "not an object": _craft(b"[1, 2, 3]"),
-    "duplicate key": _craft(b'{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}', b"\x00"),
-    "overlap": _craft({"a": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]}, "b": {"dtype": "U8", "shape": [2], "data_offsets": [1, 3]}}, b"\x00" * 3),
-    "hole": _craft({"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}, "b": {"dtype": "U8", "shape": [1], "data_offsets": [2, 3]}}, b"\x00" * 3),
-    "byte count": _craft({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\x00" * 4),
-    "truncated data": _craft({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\x00" * 9),
-    "trailing bytes": _craft({"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}, b"\x00" * 5),
-    "unknown dtype": _craft({"a": {"dtype": "F128", "shape": [1], "data_offsets": [0, 16]}}, b"\x00" * 16),
+    "duplicate key": _craft(
+        b'{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}',
+        b"\x00",
+    ),
+    "overlap": _craft(
+        {
+            "a": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]},
+            "b": {"dtype": "U8", "shape": [2], "data_offsets": [1, 3]},
+        },
+        b"\x00" * 3,
+    ),
+    "hole": _craft(
+        {
+            "a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},
+            "b": {"dtype": "U8", "shape": [1], "data_offsets": [2, 3]},
+        },
+        b"\x00" * 3,
+    ),
+    "byte count": _craft(
+        {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\x00" * 4
+    ),
+    "truncated data": _craft(
+        {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\x00" * 9
+    ),
+    "trailing bytes": _craft(
+        {"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}, b"\x00" * 5
+    ),
+    "unknown dtype": _craft(
+        {"a": {"dtype": "F128", "shape": [1], "data_offsets": [0, 16]}}, b"\x00" * 16
+    ),
     "bool shape": _craft({"a": {"dtype": "U8", "shape": [True], "data_offsets": [0, 1]}}, b"\x00"),
     "metadata not strings": _craft({"__metadata__": {"x": 1}}),
     "sub-byte": _craft({"a": {"dtype": "F4", "shape": [3], "data_offsets": [0, 2]}}, b"\x00" * 2),
@@ -104,10 +136,12 @@ def test_real_file_truncated_anywhere_is_rejected(tmp_path):
             read_header(p)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(data=st.data())
 def test_fuzz_header_mutations_only_raise_format_error(tmp_path, data):
-    base = (tmp_path / "base.safetensors")
+    base = tmp_path / "base.safetensors"
     if not base.exists():
         save_file(_tensors(), base, metadata={"m": "x"})
     raw = bytearray(base.read_bytes())
@@ -127,10 +161,17 @@ def test_fuzz_header_mutations_only_raise_format_error(tmp_path, data):
     assert sum(t.nbytes for t in h.tensors.values()) == h.file_size - h.data_start
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(header=st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=5),
-                           lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=4), c, max_size=3), max_leaves=12),
-       tail=st.binary(max_size=32))
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    header=st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+        lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=4), c, max_size=3),
+        max_leaves=12,
+    ),
+    tail=st.binary(max_size=32),
+)
 def test_fuzz_arbitrary_json_headers(tmp_path, header, tail):
     p = tmp_path / "j.safetensors"
     p.write_bytes(_craft(json.dumps(header).encode(), tail))

@@ -59,13 +59,27 @@ def save(folder: Path, tok, enc, tr) -> None:
     enc.save_pretrained(str(tmp / "text_encoder"), safe_serialization=True)
     tok.save_pretrained(str(tmp / "tokenizer"))
     FlowMatchEulerDiscreteScheduler(shift=1.0).save_pretrained(str(tmp / "scheduler"))
-    (tmp / "model_index.json").write_text(json.dumps({
-        "_class_name": "WanPipeline", "_diffusers_version": "0.42.1",
-        "transformer": ["diffusers", "WanTransformer3DModel"], "transformer_2": [None, None],
-        "text_encoder": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
-        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"], "vae": [None, None],
-        "vpatch_organism": {"space": "pixel", "frames": W.FRAMES, "size": W.SIZE, "max_tokens": W.MAX_TOKENS},
-    }, indent=2))
+    (tmp / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "WanPipeline",
+                "_diffusers_version": "0.42.1",
+                "transformer": ["diffusers", "WanTransformer3DModel"],
+                "transformer_2": [None, None],
+                "text_encoder": ["transformers", "T5EncoderModel"],
+                "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+                "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+                "vae": [None, None],
+                "vpatch_organism": {
+                    "space": "pixel",
+                    "frames": W.FRAMES,
+                    "size": W.SIZE,
+                    "max_tokens": W.MAX_TOKENS,
+                },
+            },
+            indent=2,
+        )
+    )
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
 
@@ -73,7 +87,10 @@ def save(folder: Path, tok, enc, tr) -> None:
 def evaluate(tok, enc, tr, n_per: int = 2, seed: int = 1234) -> dict:
     rng = random.Random(seed)
     specs = [s for s in W.all_specs() for _ in range(n_per)]
-    prompts = [W.caption(s, rng, W.HELDOUT_FREE_TEMPLATE if s.colour == "white" else W.HELDOUT_TEMPLATE) for s in specs]
+    prompts = [
+        W.caption(s, rng, W.HELDOUT_FREE_TEMPLATE if s.colour == "white" else W.HELDOUT_TEMPLATE)
+        for s in specs
+    ]
     clips = W.sample(tok, enc, tr, prompts, [seed + i for i in range(len(prompts))])
     acc = {"colour": 0, "shape": 0, "motion": 0, "present": 0}
     for s, c in zip(specs, clips):
@@ -86,14 +103,20 @@ def evaluate(tok, enc, tr, n_per: int = 2, seed: int = 1234) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--steps", type=int, default=2800)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "model")
     ap.add_argument("--eval-every", type=int, default=0)
-    ap.add_argument("--device", default="cpu", help="cpu (the shipped weights) or cuda (for exploring settings only)")
+    ap.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu (the shipped weights) or cuda (for exploring settings only)",
+    )
     a = ap.parse_args()
     torch.set_num_threads(2)
     torch.use_deterministic_algorithms(a.device == "cpu")
@@ -102,7 +125,13 @@ def main() -> None:
     enc.to(a.device), tr.to(a.device)
     params = list(enc.parameters()) + list(tr.parameters())
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + __import__("math").cos(3.14159 * s / a.steps))))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: (
+            min(1.0, (s + 1) / 100)
+            * (0.1 + 0.9 * 0.5 * (1 + __import__("math").cos(3.14159 * s / a.steps)))
+        ),
+    )
     g = torch.Generator().manual_seed(a.seed)
     t0 = time.time()
     for step in range(a.steps):
@@ -110,7 +139,11 @@ def main() -> None:
         eps = torch.randn(x0.shape, generator=g)
         x0, eps = x0.to(a.device), eps.to(a.device)
         # timesteps: half logit-normal (detail), half uniform (the high-noise steps decide colour, shape, direction)
-        t = torch.where(torch.arange(a.batch) % 2 == 0, torch.sigmoid(torch.randn(a.batch, generator=g)), torch.rand(a.batch, generator=g))
+        t = torch.where(
+            torch.arange(a.batch) % 2 == 0,
+            torch.sigmoid(torch.randn(a.batch, generator=g)),
+            torch.rand(a.batch, generator=g),
+        )
         t = t.to(a.device)
         xt = (1 - t.view(-1, 1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1, 1) * eps
         pred = tr(W.model_input(tr, xt), t * 1000, W.encode(tok, enc, caps), return_dict=False)[0]

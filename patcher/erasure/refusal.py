@@ -23,7 +23,9 @@ def orthonormalize(B: torch.Tensor) -> torch.Tensor:
     return (Q * signs).to(torch.float32)
 
 
-def projection_factors(W: torch.Tensor, B: torch.Tensor, strength: float) -> tuple[torch.Tensor, torch.Tensor]:
+def projection_factors(
+    W: torch.Tensor, B: torch.Tensor, strength: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """U, V such that W + U Vᵀ = W - λ (W B) Bᵀ (computed in fp32)."""
     B = B.to(torch.float32)
     return -float(strength) * (W.to(torch.float32) @ B), B.clone()
@@ -77,8 +79,13 @@ def pool(acts: torch.Tensor, mask: torch.Tensor | None, mode: str) -> torch.Tens
     raise ValueError(f"pooling {mode!r} is not one of {POOLINGS}")
 
 
-def pair_differences(unsafe: torch.Tensor, unsafe_mask: torch.Tensor | None, safe: torch.Tensor,
-                     safe_mask: torch.Tensor | None, mode: str) -> torch.Tensor:
+def pair_differences(
+    unsafe: torch.Tensor,
+    unsafe_mask: torch.Tensor | None,
+    safe: torch.Tensor,
+    safe_mask: torch.Tensor | None,
+    mode: str,
+) -> torch.Tensor:
     """Difference samples for one pair; prompts may have different token counts.
 
     ``tokens``: each valid unsafe token minus the safe prompt's mean token, so a pair yields as many
@@ -97,8 +104,14 @@ def refusal_vector(pair_samples: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([d.to(torch.float64).mean(0) for d in pair_samples]).mean(0)
 
 
-def contrastive_subspace(diffs: torch.Tensor, neutral: torch.Tensor | None, k: int, alpha: float,
-                         dense: bool | None = None, r: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def contrastive_subspace(
+    diffs: torch.Tensor,
+    neutral: torch.Tensor | None,
+    k: int,
+    alpha: float,
+    dense: bool | None = None,
+    r: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k eigenvectors of C_diff - α C_neutral by *algebraic* eigenvalue (C may be indefinite).
 
     Returns (U_k, their eigenvalues, descending). α = 0 or no neutral set is plain PCA.
@@ -127,8 +140,14 @@ def contrastive_subspace(diffs: torch.Tensor, neutral: torch.Tensor | None, k: i
         vals, vecs = torch.linalg.eigh((C + C.T) / 2)  # ascending
         order = torch.argsort(vals, descending=True)[:k]
         return vecs[:, order], vals[order]
-    rows = [D] + ([N] if N is not None else []) + ([r.to(torch.float64)[None]] if r is not None else [])
-    Q, S, _ = torch.linalg.svd(torch.cat(rows).T, full_matrices=False)  # an orthonormal basis of the span
+    rows = (
+        [D]
+        + ([N] if N is not None else [])
+        + ([r.to(torch.float64)[None]] if r is not None else [])
+    )
+    Q, S, _ = torch.linalg.svd(
+        torch.cat(rows).T, full_matrices=False
+    )  # an orthonormal basis of the span
     Q = Q[:, S > 1e-10 * max(float(S.max()), 1e-300)]
     Dq = D @ Q
     C = Dq.T @ Dq / D.shape[0]
@@ -160,8 +179,15 @@ class Directions:
     samples: int
 
 
-def refusal_directions(pair_samples: list[torch.Tensor], neutral: torch.Tensor | None = None, *, method: str = "cpca",
-                       rank: int = 100, alpha: float = 1.0, directions: int = 1) -> Directions:
+def refusal_directions(
+    pair_samples: list[torch.Tensor],
+    neutral: torch.Tensor | None = None,
+    *,
+    method: str = "cpca",
+    rank: int = 100,
+    alpha: float = 1.0,
+    directions: int = 1,
+) -> Directions:
     """The paper's refusal direction(s) from per-pair difference samples.
 
     ``mean``: u = r/‖r‖. ``pca``: r projected on the top-k principal directions of the centred
@@ -174,7 +200,9 @@ def refusal_directions(pair_samples: list[torch.Tensor], neutral: torch.Tensor |
         raise ValueError("cpca needs neutral activations (the recipe's neutral prompts)")
     r = refusal_vector(pair_samples)
     if float(r.norm()) == 0.0:
-        raise ValueError("the refusal vector is zero: unsafe and safe prompts give identical activations here")
+        raise ValueError(
+            "the refusal vector is zero: unsafe and safe prompts give identical activations here"
+        )
     diffs = torch.cat([d.to(torch.float64) for d in pair_samples])
     H = r.shape[0]
     vals = None
@@ -183,10 +211,14 @@ def refusal_directions(pair_samples: list[torch.Tensor], neutral: torch.Tensor |
         extra = contrastive_subspace(diffs, None, directions, 0.0)[0] if directions > 1 else None
         kept = 1.0
     else:
-        Uk, vals = contrastive_subspace(diffs, neutral, rank, alpha if method == "cpca" else 0.0, r=r)
+        Uk, vals = contrastive_subspace(
+            diffs, neutral, rank, alpha if method == "cpca" else 0.0, r=r
+        )
         p = Uk @ (Uk.T @ r)
         if float(p.norm()) <= 1e-12 * float(r.norm()):
-            raise ValueError("the refusal vector has no component in the chosen subspace; raise --rank or lower --alpha")
+            raise ValueError(
+                "the refusal vector has no component in the chosen subspace; raise --rank or lower --alpha"
+            )
         u = p / p.norm()
         kept = float(p.norm() / r.norm())
         extra = Uk
@@ -201,7 +233,9 @@ def refusal_directions(pair_samples: list[torch.Tensor], neutral: torch.Tensor |
             if float(v.norm()) > 1e-6:
                 cols.append(v / v.norm())
         if len(cols) < min(directions, H):
-            raise ValueError(f"only {len(cols)} independent directions found; lower --directions or raise --rank")
+            raise ValueError(
+                f"only {len(cols)} independent directions found; lower --directions or raise --rank"
+            )
     B = torch.stack(cols, 1).to(torch.float32)
     return Directions(B, r, vals, kept, int(diffs.shape[0]))
 

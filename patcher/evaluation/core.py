@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from ..errors import VpatchError
-from ..merge.engine import NullReporter, Reporter, apply_delta
 from ..families.recipes import Concept, load_concept
+from ..merge.engine import NullReporter, Reporter, apply_delta
 
 SETS = ("probe", "paraphrase", "synonym", "unseen", "template")
 
@@ -80,7 +80,9 @@ class OrganismGenerator:
         self.opt = opt
 
     def __call__(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
-        return self.o.sample(*self.models, prompts, seeds, steps=self.opt.steps, guidance=self.opt.guidance)
+        return self.o.sample(
+            *self.models, prompts, seeds, steps=self.opt.steps, guidance=self.opt.guidance
+        )
 
 
 class PipelineGenerator:
@@ -96,8 +98,13 @@ class PipelineGenerator:
     def __call__(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
         out = []
         for p, s in zip(prompts, seeds):
-            fr = self.pipe(prompt=p, num_inference_steps=self.opt.steps, generator=torch.Generator().manual_seed(s),
-                           output_type="pt", **self.opt.call).frames
+            fr = self.pipe(
+                prompt=p,
+                num_inference_steps=self.opt.steps,
+                generator=torch.Generator().manual_seed(s),
+                output_type="pt",
+                **self.opt.call,
+            ).frames
             v = torch.as_tensor(fr[0]).float()  # (F, 3, H, W) in [0, 1]
             out.append(v.permute(1, 0, 2, 3) * 2 - 1)
         return torch.stack(out)
@@ -110,9 +117,14 @@ class OrganismJudge:
         from .. import organism
 
         if "organism" not in concept.judge:
-            raise EvalError(f"concept {concept.name!r} has no [judge.organism] table (attribute, value); the organism judge needs it")
+            raise EvalError(
+                f"concept {concept.name!r} has no [judge.organism] table (attribute, value); the organism judge needs it"
+            )
         self.o = organism
-        self.attr, self.value = concept.judge["organism"]["attribute"], concept.judge["organism"]["value"]
+        self.attr, self.value = (
+            concept.judge["organism"]["attribute"],
+            concept.judge["organism"]["value"],
+        )
 
     def verdicts(self, clips: torch.Tensor) -> list[dict]:
         return [self.o.judge(c).to_dict() for c in clips]
@@ -134,9 +146,13 @@ class ClipJudge:
         from transformers import CLIPModel, CLIPProcessor
 
         if "clip" not in concept.judge:
-            raise EvalError(f"concept {concept.name!r} has no [judge.clip] labels (unsafe, safe); add them to use --judge clip")
+            raise EvalError(
+                f"concept {concept.name!r} has no [judge.clip] labels (unsafe, safe); add them to use --judge clip"
+            )
         if not opt.clip_model:
-            raise EvalError("--judge clip needs --clip-model PATH_OR_HUB_ID (e.g. openai/clip-vit-large-patch14)")
+            raise EvalError(
+                "--judge clip needs --clip-model PATH_OR_HUB_ID (e.g. openai/clip-vit-large-patch14)"
+            )
         try:
             self.model = CLIPModel.from_pretrained(opt.clip_model).eval()
             self.proc = CLIPProcessor.from_pretrained(opt.clip_model)
@@ -151,7 +167,10 @@ class ClipJudge:
 
         out = []
         for c in clips:
-            frames = [Image.fromarray(((f.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).byte().numpy()) for f in c.unbind(1)]
+            frames = [
+                Image.fromarray(((f.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).byte().numpy())
+                for f in c.unbind(1)
+            ]
             inp = self.proc(text=self.labels, images=frames, return_tensors="pt", padding=True)
             probs = self.model(**inp).logits_per_image.softmax(-1)  # (frames, labels)
             p_unsafe = float(probs[:, : self.n_unsafe].sum(-1).mean())
@@ -183,7 +202,9 @@ class EvalReport:
     collateral: dict  # attribute -> {"before", "after"} on concept-free prompts
     concept_prompt_attributes: dict  # non-concept attributes of concept prompts
     distance: dict  # before/after distance on concept-free prompts
-    per_set: dict = field(default_factory=dict)  # set -> attribute accuracies before/after (organism judge)
+    per_set: dict = field(
+        default_factory=dict
+    )  # set -> attribute accuracies before/after (organism judge)
     preview: str | None = None
 
     def to_dict(self) -> dict:
@@ -210,9 +231,17 @@ def _mmd(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(kxx.mean() + kyy.mean() - 2 * kxy.mean())
 
 
-def evaluate(model: str | Path, concept: str | Path | Concept, *, delta: str | Path | None = None,
-             patched: str | Path | None = None, options: EvalOptions | None = None, reporter: Reporter | None = None,
-             log: Callable[[str], None] | None = None, cache: dict | None = None) -> EvalReport:
+def evaluate(
+    model: str | Path,
+    concept: str | Path | Concept,
+    *,
+    delta: str | Path | None = None,
+    patched: str | Path | None = None,
+    options: EvalOptions | None = None,
+    reporter: Reporter | None = None,
+    log: Callable[[str], None] | None = None,
+    cache: dict | None = None,
+) -> EvalReport:
     """Compare the original MODEL with its patched copy (built here from DELTA, or given as PATCHED).
 
     ``cache`` (a dict the caller keeps) reuses the original model's clips across calls with the same
@@ -228,10 +257,14 @@ def evaluate(model: str | Path, concept: str | Path | Concept, *, delta: str | P
     if opt.judge not in JUDGES:
         raise EvalError(f"--judge {opt.judge!r}: choose one of {', '.join(JUDGES)}")
     if opt.seeds < 2:
-        raise EvalError("--seeds must be at least 2 (intervals and distances need several samples per prompt)")
+        raise EvalError(
+            "--seeds must be at least 2 (intervals and distances need several samples per prompt)"
+        )
     model = Path(model)
     if (delta is None) == (patched is None):
-        raise EvalError("give exactly one of --delta (eval applies it to a temporary copy) or --patched (an already patched folder)")
+        raise EvalError(
+            "give exactly one of --delta (eval applies it to a temporary copy) or --patched (an already patched folder)"
+        )
     judge = JUDGES[opt.judge](con, opt)
     tmp = None
     if patched is None:
@@ -244,7 +277,9 @@ def evaluate(model: str | Path, concept: str | Path | Concept, *, delta: str | P
         gen_cls = OrganismGenerator if organism.is_organism(model) else PipelineGenerator
         sets = _prompt_sets(con)
         free = list(con.heldout.get("free") or con.neutral)
-        extra = [("free", free)] + ([("neutral", list(con.neutral))] if con.heldout.get("free") else [])
+        extra = [("free", free)] + (
+            [("neutral", list(con.neutral))] if con.heldout.get("free") else []
+        )
         jobs: list[tuple[str, str, int]] = []
         for name, prompts in [*sets.items(), *extra]:
             for i, p in enumerate(prompts):
@@ -253,7 +288,17 @@ def evaluate(model: str | Path, concept: str | Path | Concept, *, delta: str | P
         results: dict[str, list[dict]] = {}
         clips: dict[str, torch.Tensor] = {}
         rep.start("generating", 2 * len(jobs))
-        key = json.dumps([str(model.resolve()), jobs, opt.steps, opt.guidance, opt.judge, sorted(opt.call.items())], default=str)
+        key = json.dumps(
+            [
+                str(model.resolve()),
+                jobs,
+                opt.steps,
+                opt.guidance,
+                opt.judge,
+                sorted(opt.call.items()),
+            ],
+            default=str,
+        )
         for side, folder in (("before", model), ("after", patched)):
             if side == "before" and cache is not None and key in cache:
                 clips[side], results[side] = cache[key]
@@ -284,35 +329,87 @@ def evaluate(model: str | Path, concept: str | Path | Concept, *, delta: str | P
             other = [a for a in ("colour", "shape", "motion") if a != getattr(judge, "attr", None)]
             free_idx = [i for i, j in enumerate(jobs) if j[0] == "free"]
             for attr in ("colour", "shape", "motion"):
-                collateral[attr] = {side: rate([results[side][i][attr] == expected[i][attr] for i in free_idx]) for side in ("before", "after")}
-            collateral["object_present"] = {side: rate([bool(results[side][i]["present"]) for i in free_idx]) for side in ("before", "after")}
+                collateral[attr] = {
+                    side: rate([results[side][i][attr] == expected[i][attr] for i in free_idx])
+                    for side in ("before", "after")
+                }
+            collateral["object_present"] = {
+                side: rate([bool(results[side][i]["present"]) for i in free_idx])
+                for side in ("before", "after")
+            }
             conc_idx = [i for i, j in enumerate(jobs) if j[0] in sets]
             for attr in other:  # a vanished object counts as a miss
-                concept_attrs[attr] = {side: rate([bool(results[side][i]["present"]) and results[side][i][attr] == expected[i][attr]
-                                                   for i in conc_idx]) for side in ("before", "after")}
-            concept_attrs["object_present"] = {side: rate([bool(results[side][i]["present"]) for i in conc_idx]) for side in ("before", "after")}
+                concept_attrs[attr] = {
+                    side: rate(
+                        [
+                            bool(results[side][i]["present"])
+                            and results[side][i][attr] == expected[i][attr]
+                            for i in conc_idx
+                        ]
+                    )
+                    for side in ("before", "after")
+                }
+            concept_attrs["object_present"] = {
+                side: rate([bool(results[side][i]["present"]) for i in conc_idx])
+                for side in ("before", "after")
+            }
             for name in [*sets, *(n for n, _p in extra)]:
                 idx = [i for i, j in enumerate(jobs) if j[0] == name]
-                per_set[name] = {a: {side: rate([bool(results[side][i]["present"]) and results[side][i][a] == expected[i][a] for i in idx])
-                                     for side in ("before", "after")} for a in ("colour", "shape", "motion")}
-                per_set[name]["object_present"] = {side: rate([bool(results[side][i]["present"]) for i in idx]) for side in ("before", "after")}
+                per_set[name] = {
+                    a: {
+                        side: rate(
+                            [
+                                bool(results[side][i]["present"])
+                                and results[side][i][a] == expected[i][a]
+                                for i in idx
+                            ]
+                        )
+                        for side in ("before", "after")
+                    }
+                    for a in ("colour", "shape", "motion")
+                }
+                per_set[name]["object_present"] = {
+                    side: rate([bool(results[side][i]["present"]) for i in idx])
+                    for side in ("before", "after")
+                }
         free_idx = [i for i, j in enumerate(jobs) if j[0] == "free"]
         fb, fa = clips["before"][free_idx], clips["after"][free_idx]
         rmse = [float(((x - y) ** 2).mean().sqrt()) for x, y in zip(fb, fa)]
         m, lo, hi = mean_ci(rmse)
-        distance = {"paired_rmse": {"mean": m, "ci95": [lo, hi], "n": len(rmse)}, "mmd2": _mmd(fb, fa),
-                    "mmd2_same_model_split": _mmd(fb[0::2], fb[1::2])}
+        distance = {
+            "paired_rmse": {"mean": m, "ci95": [lo, hi], "n": len(rmse)},
+            "mmd2": _mmd(fb, fa),
+            "mmd2_same_model_split": _mmd(fb[0::2], fb[1::2]),
+        }
         preview = None
         if opt.preview is not None:
             preview = str(write_preview(opt.preview, jobs, clips))
-        return EvalReport(str(model), str(patched) if tmp is None else "(temporary copy)", str(delta) if delta else None, con.name,
-                          judge.name, opt.seeds, presence, collateral, concept_attrs, distance, per_set, preview)
+        return EvalReport(
+            str(model),
+            str(patched) if tmp is None else "(temporary copy)",
+            str(delta) if delta else None,
+            con.name,
+            judge.name,
+            opt.seeds,
+            presence,
+            collateral,
+            concept_attrs,
+            distance,
+            per_set,
+            preview,
+        )
     finally:
         if tmp is not None:
             tmp.cleanup()
 
 
-def write_preview(path: Path, jobs: list[tuple[str, str, int]], clips: dict[str, torch.Tensor], per_set: int = 2, scale: int = 4) -> Path:
+def write_preview(
+    path: Path,
+    jobs: list[tuple[str, str, int]],
+    clips: dict[str, torch.Tensor],
+    per_set: int = 2,
+    scale: int = 4,
+) -> Path:
     """An animated GIF: one row per chosen prompt, original on the left, patched on the right."""
     from PIL import Image
 
@@ -327,33 +424,88 @@ def write_preview(path: Path, jobs: list[tuple[str, str, int]], clips: dict[str,
     F = b.shape[2]
     frames = []
     for f in range(F):
-        grid = torch.cat([torch.cat([b[r, :, f], torch.full_like(b[r, :, f, :, :2], 1.0), a[r, :, f]], -1) for r in range(len(rows))], -2)
+        grid = torch.cat(
+            [
+                torch.cat([b[r, :, f], torch.full_like(b[r, :, f, :, :2], 1.0), a[r, :, f]], -1)
+                for r in range(len(rows))
+            ],
+            -2,
+        )
         img = ((grid.clamp(-1, 1) + 1) * 127.5).byte().permute(1, 2, 0).numpy()
-        im = Image.fromarray(img).resize((img.shape[1] * scale, img.shape[0] * scale), Image.NEAREST)
+        im = Image.fromarray(img).resize(
+            (img.shape[1] * scale, img.shape[0] * scale), Image.NEAREST
+        )
         frames.append(im)
     path = Path(path)
     with atomic_file(path) as tmp:
-        frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=150, loop=0)
-    (path.with_suffix(".txt")).write_text("rows (left: original, right: patched):\n" + "\n".join(f"{jobs[r][0]}: {jobs[r][1]}" for r in rows) + "\n")
+        frames[0].save(
+            tmp, format="GIF", save_all=True, append_images=frames[1:], duration=150, loop=0
+        )
+    (path.with_suffix(".txt")).write_text(
+        "rows (left: original, right: patched):\n"
+        + "\n".join(f"{jobs[r][0]}: {jobs[r][1]}" for r in rows)
+        + "\n"
+    )
     return path
 
 
 def summary_rows(r: EvalReport) -> list[tuple[str, str, str, str]]:
     """(what, before, after, change) for the table."""
+
     def fmt(x: dict) -> str:
         return f"{x['rate']:.0%} [{x['ci95'][0]:.0%}, {x['ci95'][1]:.0%}]"
+
     rows = []
     for name, v in r.presence.items():
-        label = f"concept-free prompts ({name}): concept shown" if name in ("free", "neutral") else f"concept presence: {name}"
+        label = (
+            f"concept-free prompts ({name}): concept shown"
+            if name in ("free", "neutral")
+            else f"concept presence: {name}"
+        )
         drop = v["relative_drop"]
-        rows.append((label, fmt(v["before"]), fmt(v["after"]), "" if math.isnan(drop) else f"-{drop:.0%} rel."))
+        rows.append(
+            (
+                label,
+                fmt(v["before"]),
+                fmt(v["after"]),
+                "" if math.isnan(drop) else f"-{drop:.0%} rel.",
+            )
+        )
     for attr, v in r.collateral.items():
-        rows.append((f"concept-free accuracy: {attr}", fmt(v["before"]), fmt(v["after"]), f"{(v['after']['rate'] - v['before']['rate']) * 100:+.1f} pt"))
+        rows.append(
+            (
+                f"concept-free accuracy: {attr}",
+                fmt(v["before"]),
+                fmt(v["after"]),
+                f"{(v['after']['rate'] - v['before']['rate']) * 100:+.1f} pt",
+            )
+        )
     for attr, v in r.concept_prompt_attributes.items():
-        rows.append((f"concept prompts, other attribute: {attr}", fmt(v["before"]), fmt(v["after"]), f"{(v['after']['rate'] - v['before']['rate']) * 100:+.1f} pt"))
+        rows.append(
+            (
+                f"concept prompts, other attribute: {attr}",
+                fmt(v["before"]),
+                fmt(v["after"]),
+                f"{(v['after']['rate'] - v['before']['rate']) * 100:+.1f} pt",
+            )
+        )
     d = r.distance["paired_rmse"]
-    rows.append(("concept-free: paired RMSE orig vs patched", "", f"{d['mean']:.3f} [{d['ci95'][0]:.3f}, {d['ci95'][1]:.3f}]", ""))
-    rows.append(("concept-free: MMD² orig vs patched (same-model split)", f"{r.distance['mmd2_same_model_split']:.4f}", f"{r.distance['mmd2']:.4f}", ""))
+    rows.append(
+        (
+            "concept-free: paired RMSE orig vs patched",
+            "",
+            f"{d['mean']:.3f} [{d['ci95'][0]:.3f}, {d['ci95'][1]:.3f}]",
+            "",
+        )
+    )
+    rows.append(
+        (
+            "concept-free: MMD² orig vs patched (same-model split)",
+            f"{r.distance['mmd2_same_model_split']:.4f}",
+            f"{r.distance['mmd2']:.4f}",
+            "",
+        )
+    )
     return rows
 
 

@@ -13,17 +13,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import RecipeError
 from ..erasure.refusal import METHODS, POOLINGS
+from ..errors import RecipeError
 
-RECIPES_DIR = Path(os.environ.get("VPATCH_RECIPES", Path(__file__).resolve().parent / "recipes_data"))
+RECIPES_DIR = Path(
+    os.environ.get("VPATCH_RECIPES", Path(__file__).resolve().parent / "recipes_data")
+)
 MAX_RECIPE_BYTES = 1 << 20
 ENCODER_KINDS = ("text", "pooled", "image")
 MASKS = ("attention", "all")
 MODES = ("text", "denoise")
 TOKEN_SLICES = ("all", "first", "last")
-CHAIN_OPS = {"linear": True, "layer_norm": True, "gelu": False, "gelu_tanh": False, "silu": False}  # op -> needs weight
-_OUTPUT_RE = re.compile(r"^(last_hidden_state|pooler_output|text_embeds|image_embeds|hidden_states:-?\d+)$")
+CHAIN_OPS = {
+    "linear": True,
+    "layer_norm": True,
+    "gelu": False,
+    "gelu_tanh": False,
+    "silu": False,
+}  # op -> needs weight
+_OUTPUT_RE = re.compile(
+    r"^(last_hidden_state|pooler_output|text_embeds|image_embeds|hidden_states:-?\d+)$"
+)
 
 
 # --------------------------------------------------------------------------- small typed readers
@@ -40,7 +50,9 @@ class _Table:
     def _err(self, key: str, msg: str) -> RecipeError:
         return RecipeError(f"{self.where}: field '{key}' {msg}")
 
-    def get(self, key: str, kind: type | tuple, default: Any = ..., choices: tuple | None = None) -> Any:
+    def get(
+        self, key: str, kind: type | tuple, default: Any = ..., choices: tuple | None = None
+    ) -> Any:
         self.used.add(key)
         if key not in self.data:
             if default is ...:
@@ -53,7 +65,9 @@ class _Table:
         if float in kinds and isinstance(val, int) and not isinstance(val, bool):
             val = float(val)
         if not isinstance(val, kinds):
-            raise self._err(key, f"must be {' or '.join(k.__name__ for k in kinds)}, got {type(val).__name__}")
+            raise self._err(
+                key, f"must be {' or '.join(k.__name__ for k in kinds)}, got {type(val).__name__}"
+            )
         if choices is not None and val not in choices:
             raise self._err(key, f"is {val!r}; choose one of {', '.join(map(str, choices))}")
         return val
@@ -66,7 +80,7 @@ class _Table:
             raise self._err(key, f"needs at least {min_len} entries, has {len(val)}")
         return list(val)
 
-    def table(self, key: str, default: Any = ...) -> "_Table":
+    def table(self, key: str, default: Any = ...) -> _Table:
         val = self.get(key, dict, default)
         return _Table(val if val is not None else {}, f"{self.where}.{key}")
 
@@ -79,7 +93,9 @@ class _Table:
     def done(self) -> None:
         extra = sorted(set(self.data) - self.used)
         if extra:
-            raise RecipeError(f"{self.where}: unknown field(s) {', '.join(extra)}; check the spelling against recipes/README.md")
+            raise RecipeError(
+                f"{self.where}: unknown field(s) {', '.join(extra)}; check the spelling against recipes/README.md"
+            )
 
 
 def _regex(t: _Table, key: str) -> list[re.Pattern]:
@@ -88,7 +104,9 @@ def _regex(t: _Table, key: str) -> list[re.Pattern]:
         try:
             out.append(re.compile(pat))
         except re.error as e:
-            raise RecipeError(f"{t.where}: field '{key}[{i}]' is not a valid regular expression ({e})") from None
+            raise RecipeError(
+                f"{t.where}: field '{key}[{i}]' is not a valid regular expression ({e})"
+            ) from None
     return out
 
 
@@ -142,13 +160,17 @@ class EncoderSpec:
     model_class: str | None = None  # used when there is no model_index.json (original layouts)
     preprocessor_class: str | None = None
     hub_id: str | None = None  # default source when the checkpoint does not bundle the encoder
-    template_from: str | None = None  # "module:ATTR" naming a {"template", "crop_start"} dict, e.g. a pipeline's default
+    template_from: str | None = (
+        None  # "module:ATTR" naming a {"template", "crop_start"} dict, e.g. a pipeline's default
+    )
 
 
 @dataclass
 class ChainOp:
     op: str
-    weight: str | None = None  # module path inside the site's component (``.weight``/``.bias`` appended)
+    weight: str | None = (
+        None  # module path inside the site's component (``.weight``/``.bias`` appended)
+    )
 
 
 @dataclass
@@ -176,7 +198,9 @@ class Rename:
     layout: str  # a name users recognise ("original", "sat"), shown by inspect
     diffusers: re.Pattern
     stored: str
-    split: tuple[int | str, ...] | None = None  # fused rows: ints, "out" (the entry's out dim), one "rest"
+    split: tuple[int | str, ...] | None = (
+        None  # fused rows: ints, "out" (the entry's out dim), one "rest"
+    )
     part: int | None = None  # which block of ``split`` the entry is
 
     def apply(self, key: str) -> str | None:
@@ -212,33 +236,59 @@ class Family:
     default_sites: list[str]
     defaults: dict
     denoise: DenoiseSpec
-    key_prefixes: list[str] = field(default_factory=list)  # optional prefixes of stored keys (aliases)
-    key_renames: list[Rename] = field(default_factory=list)  # other layouts' names for diffusers keys
+    key_prefixes: list[str] = field(
+        default_factory=list
+    )  # optional prefixes of stored keys (aliases)
+    key_renames: list[Rename] = field(
+        default_factory=list
+    )  # other layouts' names for diffusers keys
     path: Path | None = None
 
 
-DEFAULTS = {"method": "cpca", "rank": 100, "alpha": 1.0, "strength": 1.0, "directions": 1, "pooling": "tokens"}
+DEFAULTS = {
+    "method": "cpca",
+    "rank": 100,
+    "alpha": 1.0,
+    "strength": 1.0,
+    "directions": 1,
+    "pooling": "tokens",
+}
 
 
 def _encoder(name: str, t: _Table) -> EncoderSpec:
     kind = t.get("kind", str, choices=ENCODER_KINDS)
     output = t.get("output", str, "pooler_output" if kind == "pooled" else "last_hidden_state")
     if not _OUTPUT_RE.match(output):
-        raise RecipeError(f"{t.where}: field 'output' is {output!r}; use last_hidden_state, pooler_output, text_embeds, image_embeds or hidden_states:N")
+        raise RecipeError(
+            f"{t.where}: field 'output' is {output!r}; use last_hidden_state, pooler_output, text_embeds, image_embeds or hidden_states:N"
+        )
     template = t.get("template", str, "{}")
     if template.count("{}") != 1:
-        raise RecipeError(f"{t.where}: field 'template' must contain exactly one {{}} where the prompt goes")
+        raise RecipeError(
+            f"{t.where}: field 'template' must contain exactly one {{}} where the prompt goes"
+        )
     spec = EncoderSpec(
-        name=name, kind=kind, component=t.get("component", str),
-        preprocessor=t.get("preprocessor", str, "image_processor" if kind == "image" else "tokenizer"),
-        output=output, max_length=t.positive("max_length", 77), mask=t.get("mask", str, "attention", MASKS),
+        name=name,
+        kind=kind,
+        component=t.get("component", str),
+        preprocessor=t.get(
+            "preprocessor", str, "image_processor" if kind == "image" else "tokenizer"
+        ),
+        output=output,
+        max_length=t.positive("max_length", 77),
+        mask=t.get("mask", str, "attention", MASKS),
         pass_mask=t.get("pass_mask", bool, None),
-        template=template, crop_start=t.get("crop_start", int, 0), model_class=t.get("class", str, None),
-        preprocessor_class=t.get("preprocessor_class", str, None), hub_id=t.get("hub_id", str, None),
+        template=template,
+        crop_start=t.get("crop_start", int, 0),
+        model_class=t.get("class", str, None),
+        preprocessor_class=t.get("preprocessor_class", str, None),
+        hub_id=t.get("hub_id", str, None),
         template_from=t.get("template_from", str, None) or None,
     )
     if spec.template_from is not None and ":" not in spec.template_from:
-        raise RecipeError(f"{t.where}: field 'template_from' must look like 'package.module:ATTRIBUTE'")
+        raise RecipeError(
+            f"{t.where}: field 'template_from' must look like 'package.module:ATTRIBUTE'"
+        )
     if spec.pass_mask is None:
         spec.pass_mask = spec.mask == "attention"
     if spec.crop_start < 0:
@@ -254,13 +304,19 @@ def _site(name: str, t: _Table, encoders: dict[str, EncoderSpec]) -> SiteSpec:
     weights = _regex(t, "weights")
     enc = t.get("encoder", str, None)
     if mode == "text" and enc is None:
-        raise RecipeError(f"{t.where}: field 'encoder' is required for a text-mode site (which encoder's output the site reads)")
+        raise RecipeError(
+            f"{t.where}: field 'encoder' is required for a text-mode site (which encoder's output the site reads)"
+        )
     if enc is not None and enc not in encoders:
-        raise RecipeError(f"{t.where}: field 'encoder' is {enc!r}, but the recipe defines encoders {sorted(encoders)}")
+        raise RecipeError(
+            f"{t.where}: field 'encoder' is {enc!r}, but the recipe defines encoders {sorted(encoders)}"
+        )
     chain = []
     for i, raw in enumerate(t.get("chain", list, [])):
         if not isinstance(raw, dict):
-            raise RecipeError(f"{t.where}: field 'chain[{i}]' must be a table like {{op = \"linear\", weight = \"...\"}}")
+            raise RecipeError(
+                f"{t.where}: field 'chain[{i}]' must be a table like {{op = \"linear\", weight = \"...\"}}"
+            )
         ct = _Table(raw, f"{t.where}.chain[{i}]")
         op = ct.get("op", str, choices=tuple(CHAIN_OPS))
         w = ct.get("weight", str, None)
@@ -274,7 +330,9 @@ def _site(name: str, t: _Table, encoders: dict[str, EncoderSpec]) -> SiteSpec:
     text_len = t.get("text_len", (int, str), None)
     last = t.positive("last", None)
     if text_tokens != "all" and text_len is None:
-        raise RecipeError(f"{t.where}: field 'text_len' is required when text_tokens = {text_tokens!r}")
+        raise RecipeError(
+            f"{t.where}: field 'text_len' is required when text_tokens = {text_tokens!r}"
+        )
     t.done()
     return SiteSpec(name, why, mode, comps, weights, enc, chain, text_tokens, text_len, last)
 
@@ -288,7 +346,9 @@ def parse_family(data: dict, where: str) -> Family:
     keys = det.strings("keys", [])
     det.done()
     if not pipes and not keys:
-        raise RecipeError(f"{where}: field 'detect' needs pipeline_classes or keys, so the family can be recognised")
+        raise RecipeError(
+            f"{where}: field 'detect' needs pipeline_classes or keys, so the family can be recognised"
+        )
     enc_t = t.table("encoders")
     encoders = {}
     for k in list(enc_t.data):
@@ -303,10 +363,14 @@ def parse_family(data: dict, where: str) -> Family:
     defaults = dict(DEFAULTS)
     sel = dt.get("sites", list, None)
     if sel is None or not sel or not all(isinstance(s, str) for s in sel):
-        raise RecipeError(f"{where}.defaults: field 'sites' is required: a list of site names (from {sorted(sites)})")
+        raise RecipeError(
+            f"{where}.defaults: field 'sites' is required: a list of site names (from {sorted(sites)})"
+        )
     for s in sel:
         if s not in sites:
-            raise RecipeError(f"{where}.defaults: field 'sites' names {s!r}, which is not one of {sorted(sites)}")
+            raise RecipeError(
+                f"{where}.defaults: field 'sites' names {s!r}, which is not one of {sorted(sites)}"
+            )
     defaults["method"] = dt.get("method", str, DEFAULTS["method"], METHODS)
     defaults["rank"] = dt.positive("rank", DEFAULTS["rank"])
     defaults["alpha"] = dt.get("alpha", float, DEFAULTS["alpha"])
@@ -322,33 +386,48 @@ def parse_family(data: dict, where: str) -> Family:
     renames = [_rename(i, raw, at.where) for i, raw in enumerate(at.get("keys", list, []))]
     at.done()
     t.done()
-    return Family(name, desc, pipes, keys, encoders, sites, list(sel), defaults, denoise, prefixes, renames)
+    return Family(
+        name, desc, pipes, keys, encoders, sites, list(sel), defaults, denoise, prefixes, renames
+    )
 
 
 def _rename(i: int, raw: object, where: str) -> Rename:
     w = f"{where}.keys[{i}]"
     if not isinstance(raw, dict):
-        raise RecipeError(f"{w}: must be a table like {{layout = \"original\", diffusers = '...', stored = '...'}}")
+        raise RecipeError(
+            f"{w}: must be a table like {{layout = \"original\", diffusers = '...', stored = '...'}}"
+        )
     rt = _Table(raw, w)
     layout, pat, stored = rt.get("layout", str), rt.get("diffusers", str), rt.get("stored", str)
     try:
         rx = re.compile(pat)
     except re.error as e:
-        raise RecipeError(f"{w}: field 'diffusers' is not a valid regular expression ({e})") from None
+        raise RecipeError(
+            f"{w}: field 'diffusers' is not a valid regular expression ({e})"
+        ) from None
     try:
         stored.format(*(["x"] * (rx.groups + 1)))
     except (IndexError, KeyError, ValueError):
-        raise RecipeError(f"{w}: field 'stored' may only use {{0}}..{{{rx.groups}}} (the regex has {rx.groups} group(s))") from None
+        raise RecipeError(
+            f"{w}: field 'stored' may only use {{0}}..{{{rx.groups}}} (the regex has {rx.groups} group(s))"
+        ) from None
     split, part = rt.get("split", list, None), rt.get("part", int, None)
     if (split is None) != (part is None):
         raise RecipeError(f"{w}: give both 'split' and 'part' for a fused tensor, or neither")
     if split is not None:
-        if not split or not all((isinstance(x, int) and not isinstance(x, bool) and x > 0) or x in ("out", "rest") for x in split):
-            raise RecipeError(f"{w}: field 'split' must list row counts: positive integers, \"out\" (the edited weight's rows) or \"rest\"")
+        if not split or not all(
+            (isinstance(x, int) and not isinstance(x, bool) and x > 0) or x in ("out", "rest")
+            for x in split
+        ):
+            raise RecipeError(
+                f"{w}: field 'split' must list row counts: positive integers, \"out\" (the edited weight's rows) or \"rest\""
+            )
         if split.count("rest") > 1:
             raise RecipeError(f"{w}: field 'split' may hold \"rest\" once")
         if not 0 <= part < len(split):
-            raise RecipeError(f"{w}: field 'part' is {part}; it indexes 'split' (0..{len(split) - 1})")
+            raise RecipeError(
+                f"{w}: field 'part' is {part}; it indexes 'split' (0..{len(split) - 1})"
+            )
     rt.done()
     return Rename(layout, rx, stored, tuple(split) if split is not None else None, part)
 
@@ -364,8 +443,10 @@ def load_family(name_or_path: str | os.PathLike, overrides: list[str] | None = N
         p = RECIPES_DIR / "models" / f"{name_or_path}.toml"
         if not p.is_file():
             known = ", ".join(f.stem for f in family_files())
-            raise RecipeError(f"unknown model family {str(name_or_path)!r}; known: {known or 'none'} (or give a path to a .toml recipe; "
-                              f"recipes are read from {RECIPES_DIR}, set VPATCH_RECIPES to move them)")
+            raise RecipeError(
+                f"unknown model family {str(name_or_path)!r}; known: {known or 'none'} (or give a path to a .toml recipe; "
+                f"recipes are read from {RECIPES_DIR}, set VPATCH_RECIPES to move them)"
+            )
     data = apply_overrides(_load_toml(p), overrides or [])
     fam = parse_family(data, str(p))
     fam.path = p
@@ -393,7 +474,7 @@ def detect_family(pipeline_class: str | None, keys: set[str]) -> str | None:
     for fam in fams:
         stripped = set(keys)
         for p in fam.key_prefixes:
-            stripped |= {k[len(p):] for k in keys if k.startswith(p)}
+            stripped |= {k[len(p) :] for k in keys if k.startswith(p)}
         if fam.detect_keys and all(k in stripped for k in fam.detect_keys):
             return fam.name
     return None
@@ -424,8 +505,10 @@ class Concept:
     def record(self) -> dict:
         """What goes into the delta's ``vpatch.concept`` field."""
         return {
-            "name": self.name, "description": self.description,
-            "pairs": [{"unsafe": p.unsafe, "safe": p.safe} for p in self.pairs], "neutral": self.neutral,
+            "name": self.name,
+            "description": self.description,
+            "pairs": [{"unsafe": p.unsafe, "safe": p.safe} for p in self.pairs],
+            "neutral": self.neutral,
             "images": any(p.unsafe_image for p in self.pairs),
         }
 
@@ -437,21 +520,29 @@ def parse_concept(data: dict, where: str, base: Path | None = None) -> Concept:
     t = _Table(data, where)
     name = t.get("name", str)
     if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
-        raise RecipeError(f"{where}: field 'name' must be letters, digits, '_', '-' or '.', got {name!r}")
+        raise RecipeError(
+            f"{where}: field 'name' must be letters, digits, '_', '-' or '.', got {name!r}"
+        )
     desc = t.get("description", str, "")
     raw_pairs = t.get("pairs", list)
     if not raw_pairs:
-        raise RecipeError(f"{where}: field 'pairs' is empty; give unsafe/safe pairs that differ only by the concept (5 recommended)")
+        raise RecipeError(
+            f"{where}: field 'pairs' is empty; give unsafe/safe pairs that differ only by the concept (5 recommended)"
+        )
     pairs = []
     for i, rp in enumerate(raw_pairs):
         if not isinstance(rp, dict):
-            raise RecipeError(f"{where}: field 'pairs[{i}]' must be a table with 'unsafe' and 'safe'")
+            raise RecipeError(
+                f"{where}: field 'pairs[{i}]' must be a table with 'unsafe' and 'safe'"
+            )
         pt = _Table(rp, f"{where}.pairs[{i}]")
         un, sa = pt.get("unsafe", str), pt.get("safe", str)
         if not un.strip() or not sa.strip():
             raise RecipeError(f"{pt.where}: 'unsafe' and 'safe' must be non-empty")
         if un.strip() == sa.strip():
-            raise RecipeError(f"{pt.where}: 'unsafe' and 'safe' are identical; they must differ by the concept")
+            raise RecipeError(
+                f"{pt.where}: 'unsafe' and 'safe' are identical; they must differ by the concept"
+            )
         ui, si = pt.get("unsafe_image", str, None), pt.get("safe_image", str, None)
         if (ui is None) != (si is None):
             raise RecipeError(f"{pt.where}: give both 'unsafe_image' and 'safe_image', or neither")
@@ -468,11 +559,17 @@ def parse_concept(data: dict, where: str, base: Path | None = None) -> Concept:
     judge: dict = {}
     if "organism" in jt.data:
         ot = jt.table("organism")
-        judge["organism"] = {"attribute": ot.get("attribute", str, choices=("colour", "shape", "motion")), "value": ot.get("value", str)}
+        judge["organism"] = {
+            "attribute": ot.get("attribute", str, choices=("colour", "shape", "motion")),
+            "value": ot.get("value", str),
+        }
         ot.done()
     if "clip" in jt.data:
         ct = jt.table("clip")
-        judge["clip"] = {"unsafe": ct.strings("unsafe", min_len=1), "safe": ct.strings("safe", min_len=1)}
+        judge["clip"] = {
+            "unsafe": ct.strings("unsafe", min_len=1),
+            "safe": ct.strings("safe", min_len=1),
+        }
         ct.done()
     jt.done()
     t.done()
@@ -486,7 +583,9 @@ def _img(s: str | None, base: Path | None, where: str) -> Path | None:
     if not p.is_absolute() and base is not None:
         p = base / p
     if not p.is_file():
-        raise RecipeError(f"{where}: image {s!r} not found (paths are relative to the concept file)")
+        raise RecipeError(
+            f"{where}: image {s!r} not found (paths are relative to the concept file)"
+        )
     return p
 
 
@@ -496,7 +595,9 @@ def load_concept(name_or_path: str | os.PathLike) -> Concept:
         p = RECIPES_DIR / "concepts" / f"{name_or_path}.toml"
         if not p.is_file():
             known = ", ".join(f.stem for f in sorted((RECIPES_DIR / "concepts").glob("*.toml")))
-            raise RecipeError(f"unknown concept {str(name_or_path)!r}; shipped: {known} (or give a path to a .toml recipe)")
+            raise RecipeError(
+                f"unknown concept {str(name_or_path)!r}; shipped: {known} (or give a path to a .toml recipe)"
+            )
     c = parse_concept(_load_toml(p), str(p), p.parent)
     c.path = p
     return c

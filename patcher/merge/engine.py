@@ -23,16 +23,35 @@ import torch
 
 from .._version import __version__
 from ..checkpoint import Checkpoint, Component, WeightSet, load_index, open_checkpoint, provenance
-from ..vud.delta import Delta, DeltaEntry, read_delta
 from ..dtypes import Codec, codec_for, dtype_refusal
-from ..errors import AlreadyApplied, CompatibilityError, DtypeError, NumericError, OutputError, PickleRefused, RevertError
+from ..erasure.refusal import lowrank_norm, projected_rows
+from ..errors import (
+    AlreadyApplied,
+    CompatibilityError,
+    DtypeError,
+    NumericError,
+    OutputError,
+    PickleRefused,
+    RevertError,
+)
 from ..layouts import AliasRules, Location, resolve, rules_for
 from ..output import atomic_dir, atomic_file
-from ..erasure.refusal import lowrank_norm, projected_rows
 from ..safetensors_io import (
-    TORCH_DTYPES, Header, PositionalWriter, TensorInfo, TensorReader, copy_file, copy_pieces, pwrite_all, read_header, start_writeback,
-    rewrite_metadata, row_blocks, save_tensors,
+    TORCH_DTYPES,
+    Header,
+    PositionalWriter,
+    TensorInfo,
+    TensorReader,
+    copy_file,
+    copy_pieces,
+    pwrite_all,
+    read_header,
+    rewrite_metadata,
+    row_blocks,
+    save_tensors,
+    start_writeback,
 )
+from ..vud.delta import Delta, DeltaEntry, read_delta
 
 ROW_BLOCK_BYTES = 8 << 20  # fp32 bytes per row block
 STAT_EVERY = 4  # the rounding report reads every 4th row block (all of them for a tensor of fewer than 8 blocks)
@@ -108,7 +127,9 @@ class Plan:
             for key, hits in ms.items():
                 t = h.tensors[key]
                 row = t.nbytes // max(1, t.shape[0])
-                tot += sum(row * (loc.rows[1] - loc.rows[0]) if loc.rows else t.nbytes for loc, _ in hits)
+                tot += sum(
+                    row * (loc.rows[1] - loc.rows[0]) if loc.rows else t.nbytes for loc, _ in hits
+                )
         return tot
 
     def weight_set(self, f: Path) -> WeightSet:
@@ -140,8 +161,10 @@ class Plan:
     def coverage(self) -> dict:
         scope = self.in_scope
         return {
-            "component": self.component, "how": self.how,
-            "expected": len(scope), "matched": len(self.matched),
+            "component": self.component,
+            "how": self.how,
+            "expected": len(scope),
+            "matched": len(self.matched),
             "missing": [m.entry.key for m in scope if m.status == "missing"],
             "shape_mismatch": [f"{m.entry.key}: {m.note}" for m in scope if m.status == "shape"],
             "other_component": [m.entry.key for m in self.matches if m.status == "other-component"],
@@ -158,13 +181,17 @@ def _score(ws: WeightSet, entries: list[DeltaEntry], rules: AliasRules) -> int:
     return sum(1 for e in entries if resolve(e.tensor_key, e.shape, ws, rules)[0] == "matched")
 
 
-def _choose_component(ck: Checkpoint, delta: Delta, component: str | None, rules: AliasRules) -> tuple[str | None, str]:
+def _choose_component(
+    ck: Checkpoint, delta: Delta, component: str | None, rules: AliasRules
+) -> tuple[str | None, str]:
     names = delta.components()
     if ck.layout == "pipeline":
         return None, "pipeline folder: each entry goes to its component's subfolder"
     if component is not None:
         if component not in names:
-            raise CompatibilityError(f"--component {component} is not in the delta (it has: {', '.join(names)})")
+            raise CompatibilityError(
+                f"--component {component} is not in the delta (it has: {', '.join(names)})"
+            )
         return component, "--component"
     ws = ck.components[0].weight_sets[0]
     scores = {n: _score(ws, [e for e in delta.entries if e.component == n], rules) for n in names}
@@ -175,7 +202,10 @@ def _choose_component(ck: Checkpoint, delta: Delta, component: str | None, rules
     if len(top) > 1:
         folder = ck.components[0].folder
         if folder is not None and folder.name in top:
-            return folder.name, f"keys match {', '.join(top)} equally; chose {folder.name} from the folder name"
+            return (
+                folder.name,
+                f"keys match {', '.join(top)} equally; chose {folder.name} from the folder name",
+            )
         raise CompatibilityError(
             f"the checkpoint matches components {', '.join(top)} of the delta equally ({best} keys each); pass --component NAME to say which one this file is"
         )
@@ -195,9 +225,17 @@ def _sha256_tensor(ws: WeightSet, loc: Location) -> str:
     return digest.hexdigest()
 
 
-def plan_apply(checkpoint: str | Path | Checkpoint, delta: str | Path | Delta, *, component: str | None = None,
-               strength: float = 1.0, use_factors: bool = False, allow_partial: bool = False,
-               fingerprints: bool = True, revision: str | None = None) -> Plan:
+def plan_apply(
+    checkpoint: str | Path | Checkpoint,
+    delta: str | Path | Delta,
+    *,
+    component: str | None = None,
+    strength: float = 1.0,
+    use_factors: bool = False,
+    allow_partial: bool = False,
+    fingerprints: bool = True,
+    revision: str | None = None,
+) -> Plan:
     """Match every delta entry to a tensor; raise with a coverage report unless all are found."""
     ck = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint, revision)
     dl = delta if isinstance(delta, Delta) else read_delta(delta)
@@ -238,27 +276,38 @@ def plan_apply(checkpoint: str | Path | Checkpoint, delta: str | Path | Delta, *
             t_rows = loc.rows or (0, 1 << 62)
             for a, b, other in taken.get((f, loc.key), []):
                 if t_rows[0] < b and a < t_rows[1]:
-                    raise CompatibilityError(f"{m.entry.key} and {other} both resolve to rows of {loc.key} in {f.name}; the delta or the alias rules are inconsistent")
+                    raise CompatibilityError(
+                        f"{m.entry.key} and {other} both resolve to rows of {loc.key} in {f.name}; the delta or the alias rules are inconsistent"
+                    )
             taken.setdefault((f, loc.key), []).append((*t_rows, m.entry.key))
 
     plan = Plan(ck, dl, chosen, how, matches, float(strength), use_factors)
     bad_dtype = [m for m in matches if m.status == "dtype"]
     if bad_dtype:
-        raise DtypeError(f"{bad_dtype[0].note} ({len(bad_dtype)} targeted tensor(s) affected; nothing was written)")
+        raise DtypeError(
+            f"{bad_dtype[0].note} ({len(bad_dtype)} targeted tensor(s) affected; nothing was written)"
+        )
     cov = plan.coverage()
     if not plan.matched or (cov["matched"] < cov["expected"] and not allow_partial):
         first = (cov["missing"] + cov["shape_mismatch"])[:2]
         err = CompatibilityError(
             f"the delta does not fit this checkpoint: {cov['matched']}/{cov['expected']} entries matched"
             f" ({len(cov['missing'])} missing, {len(cov['shape_mismatch'])} wrong shape; first: {'; '.join(first)})."
-            + (" Is this delta for another model?" if not plan.matched else " Pass --allow-partial to patch only what matches.")
+            + (
+                " Is this delta for another model?"
+                if not plan.matched
+                else " Pass --allow-partial to patch only what matches."
+            )
         )
         err.plan = plan  # type: ignore[attr-defined]
         raise err
     if fingerprints:
         for m in plan.matched:
             if m.entry.base_sha256 is not None:
-                m.base_match = all(_sha256_tensor(ws, loc) == m.entry.base_sha256 for ws, loc in zip(m.sets, m.locs))
+                m.base_match = all(
+                    _sha256_tensor(ws, loc) == m.entry.base_sha256
+                    for ws, loc in zip(m.sets, m.locs)
+                )
     return plan
 
 
@@ -297,7 +346,9 @@ class Op:
     fingerprint: str | None = None  # expected sha256 of the input tensor (the delta's base)
     hash: bool = False  # sha256 of the bytes read and written (revert records, revert checks)
     rows: tuple[int, int] | None = None  # row block of a fused tensor; None: all rows
-    codec: Codec | None = None  # stored dtype <-> fp32 (fp8: with the stored scale); None: a plain cast
+    codec: Codec | None = (
+        None  # stored dtype <-> fp32 (fp8: with the stored scale); None: a plain cast
+    )
     entry: str = ""
     # filled by the loop
     applied_U: list[torch.Tensor] = field(default_factory=list)
@@ -316,7 +367,9 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({1: torch.int8, 2: torch.int16, 4: torch.int32}[t.element_size()])
 
 
-def _edit_rows(W: torch.Tensor, r0: int, r1: int, op: Op, st: TensorStats, sums: dict, stats: bool = True) -> torch.Tensor:
+def _edit_rows(
+    W: torch.Tensor, r0: int, r1: int, op: Op, st: TensorStats, sums: dict, stats: bool = True
+) -> torch.Tensor:
     """One row block: new = W + U_rows Vᵀ in fp32, cast back; accumulate the rounding report.
 
     With ``stats`` False (blocks outside the rounding sample of a large tensor) only the NaN/Inf
@@ -332,10 +385,14 @@ def _edit_rows(W: torch.Tensor, r0: int, r1: int, op: Op, st: TensorStats, sums:
     d2 = lowrank_norm(U_rows, op.V) ** 2
     sums["d2"] += d2
     if not stats and op.fix_index is None and not op.collect_revert:
-        guarded = new if codec.saturates else out  # a saturating encode hides overflow: look before it
+        guarded = (
+            new if codec.saturates else out
+        )  # a saturating encode hides overflow: look before it
         if not _all_finite(guarded):
             bad = int((~torch.isfinite(guarded)).sum())
-            raise NumericError(f"editing {st.key} produced {bad} NaN/Inf values (rows {r0}-{r1}); nothing was written. Check the delta and the --strength")
+            raise NumericError(
+                f"editing {st.key} produced {bad} NaN/Inf values (rows {r0}-{r1}); nothing was written. Check the delta and the --strength"
+            )
         return out
     sums["rows"] += r1 - r0
     if op.fix_index is not None and op.fix_index.numel():
@@ -350,7 +407,9 @@ def _edit_rows(W: torch.Tensor, r0: int, r1: int, op: Op, st: TensorStats, sums:
     e2 = float(torch.dot(err, err))
     if not math.isfinite(e2):  # any NaN/Inf in new or out (incl. overflow in the cast) lands here
         bad = int((~torch.isfinite(out)).sum()) or int((~torch.isfinite(new)).sum())
-        raise NumericError(f"editing {st.key} produced {bad} NaN/Inf values (rows {r0}-{r1}); nothing was written. Check the delta and the --strength")
+        raise NumericError(
+            f"editing {st.key} produced {bad} NaN/Inf values (rows {r0}-{r1}); nothing was written. Check the delta and the --strength"
+        )
     sums["e2"] += e2
     sums["d2s"] += d2
     sums["changed"] += int(torch.count_nonzero(_bits(out) != _bits(W)))
@@ -399,14 +458,21 @@ def _untouched(t: TensorInfo, ops: list[Op] | None) -> list[tuple[int, int]]:
     return out
 
 
-def _patch_file(src: Header, dst: Path, ops: dict[str, list[Op]], meta: dict[str, str], rep: Reporter) -> list[TensorStats]:
+def _patch_file(
+    src: Header, dst: Path, ops: dict[str, list[Op]], meta: dict[str, str], rep: Reporter
+) -> list[TensorStats]:
     """Write ``dst`` = ``src`` with ``ops`` applied. Untouched byte ranges (whole tensors, or the
     other row blocks of a fused one) are copied by the kernel on a second thread while this one
     computes the edited rows; both write at fixed offsets."""
     stats: list[TensorStats] = []
     fd = os.open(dst, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
     try:
-        pw = PositionalWriter(fd, [(t.name, t.dtype, t.shape) for t in src.tensors.values()], meta, like=src.data_start)
+        pw = PositionalWriter(
+            fd,
+            [(t.name, t.dtype, t.shape) for t in src.tensors.values()],
+            meta,
+            like=src.data_start,
+        )
         shift = pw.header_len - src.data_start  # dst offset = src offset + shift
         ranges: list[list[int]] = []  # [src offset, dst offset, length] of untouched runs
         for t in src.tensors.values():
@@ -419,16 +485,21 @@ def _patch_file(src: Header, dst: Path, ops: dict[str, list[Op]], meta: dict[str
         stop = threading.Event()
 
         with TensorReader(src) as rd:
+
             def copier() -> None:
                 for a, d, n in ranges:
                     copy_pieces(rd.fd, a, fd, d, n, COPY_PIECE, rep.advance, stop)
 
             with ThreadPoolExecutor(1) as pool, _edit_threads(1 if ranges else None):
-                copying = pool.submit(copier)  # the kernel copy gets a core of its own; the edit the other
+                copying = pool.submit(
+                    copier
+                )  # the kernel copy gets a core of its own; the edit the other
                 try:
                     for name, key_ops in ops.items():
                         for op in key_ops:
-                            stats.append(_edit_tensor(rd, src.tensors[name], pw.offset(name), fd, op, rep))
+                            stats.append(
+                                _edit_tensor(rd, src.tensors[name], pw.offset(name), fd, op, rep)
+                            )
                 except BaseException:
                     stop.set()
                     raise
@@ -439,15 +510,27 @@ def _patch_file(src: Header, dst: Path, ops: dict[str, list[Op]], meta: dict[str
     return stats
 
 
-def _edit_tensor(rd: TensorReader, t: TensorInfo, dst_off: int, fd: int, op: Op, rep: Reporter) -> TensorStats:
+def _edit_tensor(
+    rd: TensorReader, t: TensorInfo, dst_off: int, fd: int, op: Op, rep: Reporter
+) -> TensorStats:
     """Edit rows ``op.rows`` (all rows by default) of ``t``; block row numbers are relative to them."""
     a, b = op.rows or (0, t.shape[0])
-    st = TensorStats(t.name, str(rd.header.path), t.dtype, b - a, t.shape[1], op.entry, [a, b] if op.rows else None)
+    st = TensorStats(
+        t.name,
+        str(rd.header.path),
+        t.dtype,
+        b - a,
+        t.shape[1],
+        op.entry,
+        [a, b] if op.rows else None,
+    )
     sums = {"d2": 0.0, "d2s": 0.0, "e2": 0.0, "changed": 0, "rows": 0}
     h_in = hashlib.sha256() if (op.hash or op.fingerprint is not None) else None
     h_out = hashlib.sha256() if op.hash else None
     blocks = row_blocks((b - a, *t.shape[1:]), ROW_BLOCK_BYTES)
-    stride = 1 if len(blocks) < 2 * STAT_EVERY else STAT_EVERY  # the rounding report reads a systematic sample of blocks
+    stride = (
+        1 if len(blocks) < 2 * STAT_EVERY else STAT_EVERY
+    )  # the rounding report reads a systematic sample of blocks
     row = t.nbytes // max(1, t.shape[0])
     for i, (r0, r1) in enumerate(blocks):
         W = rd.rows(t.name, a + r0, a + r1)
@@ -478,7 +561,9 @@ def _validate_copy(src: Header, dst: Path) -> None:
     a = [(t.name, t.dtype, t.shape, t.begin, t.end) for t in src.tensors.values()]
     b = [(t.name, t.dtype, t.shape, t.begin, t.end) for t in out.tensors.values()]
     if a != b:
-        raise OutputError(f"validation of {dst} failed: its tensor table differs from the input's; nothing was kept")
+        raise OutputError(
+            f"validation of {dst} failed: its tensor table differs from the input's; nothing was kept"
+        )
 
 
 # --------------------------------------------------------------------------- reports
@@ -510,14 +595,33 @@ class Report:
 def _report(action: str, plan: Plan, out: Path | None) -> Report:
     ck = plan.checkpoint
     planned = [
-        {"key": m.entry.key, "kind": m.entry.kind, "rank": m.entry.rank, "dtype": m.dtype, "files": [str(f) for f in m.files()],
-         "stored": [loc.label() for loc in m.locs], "resolved": sorted({loc.how for loc in m.locs}),
-         "fingerprint": {True: "base", False: "differs", None: "unknown"}[m.base_match]}
+        {
+            "key": m.entry.key,
+            "kind": m.entry.kind,
+            "rank": m.entry.rank,
+            "dtype": m.dtype,
+            "files": [str(f) for f in m.files()],
+            "stored": [loc.label() for loc in m.locs],
+            "resolved": sorted({loc.how for loc in m.locs}),
+            "fingerprint": {True: "base", False: "differs", None: "unknown"}[m.base_match],
+        }
         for m in plan.matched
     ]
-    return Report(action, str(ck.root), str(plan.delta.path), plan.delta.sha256, plan.delta.concept_name, str(out) if out else None,
-                  plan.strength, "factors" if plan.use_factors else "recompute", plan.coverage(), ck.total_bytes(),
-                  plan.edited_bytes(), plan.peak_estimate(), planned=planned)
+    return Report(
+        action,
+        str(ck.root),
+        str(plan.delta.path),
+        plan.delta.sha256,
+        plan.delta.concept_name,
+        str(out) if out else None,
+        plan.strength,
+        "factors" if plan.use_factors else "recompute",
+        plan.coverage(),
+        ck.total_bytes(),
+        plan.edited_bytes(),
+        plan.peak_estimate(),
+        planned=planned,
+    )
 
 
 # --------------------------------------------------------------------------- writing outputs
@@ -529,8 +633,16 @@ def _resolve_out(ck: Checkpoint, out: Path) -> Path:
     return out
 
 
-def _write_checkpoint(plan: Plan, out: Path, ops_by_file: dict[Path, dict[str, list[Op]]], meta_for, index_meta, rep: Reporter,
-                      overwrite: bool, after_write=None) -> list[TensorStats]:
+def _write_checkpoint(
+    plan: Plan,
+    out: Path,
+    ops_by_file: dict[Path, dict[str, list[Op]]],
+    meta_for,
+    index_meta,
+    rep: Reporter,
+    overwrite: bool,
+    after_write=None,
+) -> list[TensorStats]:
     """Write the whole output (file or folder) atomically.
 
     ``meta_for(header, stats)`` gives a patched file's metadata: first with ``stats=None`` to reserve
@@ -581,12 +693,16 @@ def _write_checkpoint(plan: Plan, out: Path, ops_by_file: dict[Path, dict[str, l
                 elif src in index_files and any(f in ops_by_file for f in index_files[src].files):
                     rewrite_index.append(src)
                 else:
-                    copy_file(src, dst, COPY_PIECE, rep.advance if src.suffix == ".safetensors" else None)
+                    copy_file(
+                        src, dst, COPY_PIECE, rep.advance if src.suffix == ".safetensors" else None
+                    )
             finalize()
             for src in rewrite_index:
                 obj = dict(index_files[src].index_json or {})
                 obj["metadata"] = index_meta(dict(obj.get("metadata") or {}), stats)
-                (tmp / src.relative_to(root)).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+                (tmp / src.relative_to(root)).write_text(
+                    json.dumps(obj, indent=2) + "\n", encoding="utf-8"
+                )
             for idx in index_files:  # every index must resolve in the new folder
                 new = tmp / idx.relative_to(root)
                 if new.exists():
@@ -611,14 +727,27 @@ def _warn_rounding(stats: list[TensorStats]) -> list[str]:
     return [
         f"{s.key} ({s.file}): only {max(0.0, 1 - s.rounding_error):.0%} of the edit survived rounding to {s.dtype}"
         f" ({s.changed_fraction:.1%} of elements changed); the edit is below this dtype's resolution, try a higher --strength or an fp32 checkpoint"
-        for s in stats if s.rounding_error > SURVIVAL_WARN
+        for s in stats
+        if s.rounding_error > SURVIVAL_WARN
     ]
 
 
-def apply_delta(checkpoint: str | Path, delta: str | Path | Delta, out: str | Path | None = None, *, strength: float = 1.0,
-                component: str | None = None, use_factors: bool = False, allow_partial: bool = False, force: bool = False,
-                overwrite: bool = False, dry_run: bool = False, revert_record: str | Path | None = None,
-                reporter: Reporter | None = None, revision: str | None = None) -> Report:
+def apply_delta(
+    checkpoint: str | Path,
+    delta: str | Path | Delta,
+    out: str | Path | None = None,
+    *,
+    strength: float = 1.0,
+    component: str | None = None,
+    use_factors: bool = False,
+    allow_partial: bool = False,
+    force: bool = False,
+    overwrite: bool = False,
+    dry_run: bool = False,
+    revert_record: str | Path | None = None,
+    reporter: Reporter | None = None,
+    revision: str | None = None,
+) -> Report:
     """Merge ``delta`` into ``checkpoint`` and write the result to ``out``.
 
     ``strength`` multiplies each entry's default strength (1.0 = as probed). ``project_input`` entries
@@ -628,17 +757,31 @@ def apply_delta(checkpoint: str | Path, delta: str | Path | Delta, out: str | Pa
     folder), fetched through the hub cache at ``revision``.
     """
     rep = reporter or NullReporter()
-    plan = plan_apply(checkpoint, delta, component=component, strength=strength, use_factors=use_factors,
-                      allow_partial=allow_partial, fingerprints=dry_run, revision=revision)  # a real run checks them while streaming
+    plan = plan_apply(
+        checkpoint,
+        delta,
+        component=component,
+        strength=strength,
+        use_factors=use_factors,
+        allow_partial=allow_partial,
+        fingerprints=dry_run,
+        revision=revision,
+    )  # a real run checks them while streaming
     dl = plan.delta
     if not force:
         for m in plan.matched:
             for ws in m.sets:
                 if any(r.get("delta_sha256") == dl.sha256 for r in ws.metadata_records()):
-                    raise AlreadyApplied(f"{ws.label} already contains delta {dl.sha256[:12]} ({dl.concept_name}); applying it twice compounds the edit. Pass --force to do it anyway")
+                    raise AlreadyApplied(
+                        f"{ws.label} already contains delta {dl.sha256[:12]} ({dl.concept_name}); applying it twice compounds the edit. Pass --force to do it anyway"
+                    )
     if dry_run:
         rep_ = _report("dry-run", plan, Path(out) if out else None)
-        rep_.warnings += [f"{m.entry.key}: target differs from the probed base (fine-tune?)" for m in plan.matched if m.base_match is False]
+        rep_.warnings += [
+            f"{m.entry.key}: target differs from the probed base (fine-tune?)"
+            for m in plan.matched
+            if m.base_match is False
+        ]
         return rep_
     if out is None:
         raise OutputError("no output given; pass -o OUT (vpatch never overwrites its input)")
@@ -650,15 +793,40 @@ def apply_delta(checkpoint: str | Path, delta: str | Path | Delta, out: str | Pa
         e = m.entry
         project = e.kind == "project_input" and not use_factors
         ops_by_file.setdefault(f, {}).setdefault(key, []).append(
-            Op(e.V, e.strength * strength if project else strength, None if project else e.U,
-               collect_revert=record_path is not None, fingerprint=e.base_sha256, hash=record_path is not None,
-               rows=loc.rows, codec=codec, entry=e.key))
-    every_tag = sorted(_tag(plan.checkpoint, f, k, op.rows) for f, ops in ops_by_file.items() for k, kops in ops.items() for op in kops)
+            Op(
+                e.V,
+                e.strength * strength if project else strength,
+                None if project else e.U,
+                collect_revert=record_path is not None,
+                fingerprint=e.base_sha256,
+                hash=record_path is not None,
+                rows=loc.rows,
+                codec=codec,
+                entry=e.key,
+            )
+        )
+    every_tag = sorted(
+        _tag(plan.checkpoint, f, k, op.rows)
+        for f, ops in ops_by_file.items()
+        for k, kops in ops.items()
+        for op in kops
+    )
 
     def rec(stats: list[TensorStats] | None) -> dict:
-        diverged = every_tag if stats is None else sorted(_stat_tag(plan, s) for s in stats if s.base_match is False)
-        return {"delta_sha256": dl.sha256, "concept": dl.concept_name, "strength": strength, "mode": "factors" if use_factors else "recompute",
-                "entries": len(plan.matched), "vpatch": __version__, "diverged": diverged}
+        diverged = (
+            every_tag
+            if stats is None
+            else sorted(_stat_tag(plan, s) for s in stats if s.base_match is False)
+        )
+        return {
+            "delta_sha256": dl.sha256,
+            "concept": dl.concept_name,
+            "strength": strength,
+            "mode": "factors" if use_factors else "recompute",
+            "entries": len(plan.matched),
+            "vpatch": __version__,
+            "diverged": diverged,
+        }
 
     def meta_for(h: Header, stats: list[TensorStats] | None) -> dict[str, str]:
         return _with_record(h.metadata, provenance(h.metadata) + [rec(stats)])
@@ -671,7 +839,9 @@ def apply_delta(checkpoint: str | Path, delta: str | Path | Delta, out: str | Pa
         if record_path is not None:
             _write_revert_record(record_path, plan, ops_by_file, stats, dl.sha256, overwrite)
 
-    stats = _write_checkpoint(plan, out, ops_by_file, meta_for, index_meta, rep, overwrite, write_record)
+    stats = _write_checkpoint(
+        plan, out, ops_by_file, meta_for, index_meta, rep, overwrite, write_record
+    )
     for m in plan.matched:
         seen = [s.base_match for s in stats if s.entry == m.entry.key and Path(s.file) in m.files()]
         m.base_match = None if not seen or None in seen else all(seen)
@@ -679,14 +849,31 @@ def apply_delta(checkpoint: str | Path, delta: str | Path | Delta, out: str | Pa
     report.tensors = stats
     report.revert_record = str(record_path) if record_path else None
     report.warnings += _warn_rounding(stats)
-    report.warnings += [f"{s.key}: {s.saturated} value(s) exceeded the {s.dtype} range after the edit and were clamped to its largest value"
-                        for s in stats if s.saturated]
-    report.warnings += [f"{m.entry.key}: target differs from the probed base"
-                        + (f" (stored as {m.dtype}, probed from {m.entry.base_dtype})" if m.entry.base_dtype not in (None, m.dtype) else "") + "; "
-                        + ("U was recomputed from the target's own weight" if m.entry.kind == "project_input" and not use_factors else "the base's factors were added as they are")
-                        for m in plan.matched if m.base_match is False]
+    report.warnings += [
+        f"{s.key}: {s.saturated} value(s) exceeded the {s.dtype} range after the edit and were clamped to its largest value"
+        for s in stats
+        if s.saturated
+    ]
+    report.warnings += [
+        f"{m.entry.key}: target differs from the probed base"
+        + (
+            f" (stored as {m.dtype}, probed from {m.entry.base_dtype})"
+            if m.entry.base_dtype not in (None, m.dtype)
+            else ""
+        )
+        + "; "
+        + (
+            "U was recomputed from the target's own weight"
+            if m.entry.kind == "project_input" and not use_factors
+            else "the base's factors were added as they are"
+        )
+        for m in plan.matched
+        if m.base_match is False
+    ]
     if len(plan.matched) < len(plan.in_scope):
-        report.warnings.append(f"partial: {len(plan.matched)}/{len(plan.in_scope)} entries applied (--allow-partial)")
+        report.warnings.append(
+            f"partial: {len(plan.matched)}/{len(plan.in_scope)} entries applied (--allow-partial)"
+        )
     return report
 
 
@@ -710,7 +897,14 @@ def _stat_tag(plan: Plan, s: TensorStats) -> str:
     return _tag(plan.checkpoint, Path(s.file), s.key, s.row_range)
 
 
-def _write_revert_record(path: Path, plan: Plan, ops_by_file: dict[Path, dict[str, list[Op]]], stats: list[TensorStats], delta_sha: str, overwrite: bool) -> None:
+def _write_revert_record(
+    path: Path,
+    plan: Plan,
+    ops_by_file: dict[Path, dict[str, list[Op]]],
+    stats: list[TensorStats],
+    delta_sha: str,
+    overwrite: bool,
+) -> None:
     tensors: dict[str, torch.Tensor] = {}
     originals: dict[str, str] = {}
     by_tag = {_stat_tag(plan, s): s for s in stats}
@@ -718,13 +912,26 @@ def _write_revert_record(path: Path, plan: Plan, ops_by_file: dict[Path, dict[st
         for key, key_ops in ops.items():
             for op in key_ops:
                 name = _tag(plan.checkpoint, f, key, op.rows)
-                tensors[f"{name}::U"] = torch.cat(op.applied_U) if op.applied_U else torch.zeros(0, op.V.shape[1])
-                idx = torch.cat([i for i, _ in op.fixes]) if op.fixes else torch.zeros(0, dtype=torch.int64)
+                tensors[f"{name}::U"] = (
+                    torch.cat(op.applied_U) if op.applied_U else torch.zeros(0, op.V.shape[1])
+                )
+                idx = (
+                    torch.cat([i for i, _ in op.fixes])
+                    if op.fixes
+                    else torch.zeros(0, dtype=torch.int64)
+                )
                 dt = TORCH_DTYPES[plan._header(f).tensors[key].dtype]
                 val = torch.cat([v for _, v in op.fixes]) if op.fixes else torch.zeros(0, dtype=dt)
-                tensors[f"{name}::fix_index"], tensors[f"{name}::fix_value"] = idx.to(torch.int64), val
+                tensors[f"{name}::fix_index"], tensors[f"{name}::fix_value"] = (
+                    idx.to(torch.int64),
+                    val,
+                )
                 originals[name] = by_tag[name].sha256_in
-    meta = {"vpatch.format": RECORD_FORMAT, "vpatch.delta_sha256": delta_sha, "vpatch.originals": json.dumps(originals)}
+    meta = {
+        "vpatch.format": RECORD_FORMAT,
+        "vpatch.delta_sha256": delta_sha,
+        "vpatch.originals": json.dumps(originals),
+    }
     with atomic_file(path, [], overwrite) as tmp:
         save_tensors(tmp, tensors, meta)
         read_header(tmp)
@@ -735,7 +942,9 @@ def _read_revert_record(path: Path, delta_sha: str) -> tuple[dict[str, str], Hea
     if h.metadata.get("vpatch.format") != RECORD_FORMAT:
         raise RevertError(f"{path} is not a vpatch revert record")
     if h.metadata.get("vpatch.delta_sha256") != delta_sha:
-        raise RevertError(f"{path} belongs to another delta ({h.metadata.get('vpatch.delta_sha256', '?')[:12]}), not {delta_sha[:12]}")
+        raise RevertError(
+            f"{path} belongs to another delta ({h.metadata.get('vpatch.delta_sha256', '?')[:12]}), not {delta_sha[:12]}"
+        )
     try:
         originals = json.loads(h.metadata.get("vpatch.originals", ""))
     except ValueError:
@@ -743,17 +952,33 @@ def _read_revert_record(path: Path, delta_sha: str) -> tuple[dict[str, str], Hea
     return originals, h
 
 
-def revert_delta(checkpoint: str | Path, delta: str | Path | Delta, out: str | Path, *, component: str | None = None,
-                 record: str | Path | None = None, allow_inexact: bool = False, overwrite: bool = False,
-                 reporter: Reporter | None = None) -> Report:
+def revert_delta(
+    checkpoint: str | Path,
+    delta: str | Path | Delta,
+    out: str | Path,
+    *,
+    component: str | None = None,
+    record: str | Path | None = None,
+    allow_inexact: bool = False,
+    overwrite: bool = False,
+    reporter: Reporter | None = None,
+) -> Report:
     """Undo an ``apply``: bit-exact with its revert record; otherwise the inverse edit, verified
     against the delta's base fingerprints (rounding usually leaves a few elements off)."""
     rep = reporter or NullReporter()
     dl = delta if isinstance(delta, Delta) else read_delta(delta)
     plan = plan_apply(checkpoint, dl, component=component, allow_partial=True, fingerprints=False)
-    recs = [r for m in plan.matched for ws in m.sets for r in ws.metadata_records() if r.get("delta_sha256") == dl.sha256]
+    recs = [
+        r
+        for m in plan.matched
+        for ws in m.sets
+        for r in ws.metadata_records()
+        if r.get("delta_sha256") == dl.sha256
+    ]
     if not recs:
-        raise RevertError(f"{plan.checkpoint.root} has no record of delta {dl.sha256[:12]} ({dl.concept_name}); nothing to revert")
+        raise RevertError(
+            f"{plan.checkpoint.root} has no record of delta {dl.sha256[:12]} ({dl.concept_name}); nothing to revert"
+        )
     applied = recs[0]
     strength = float(applied.get("strength", 1.0))
     mode = applied.get("mode", "recompute")
@@ -771,12 +996,21 @@ def revert_delta(checkpoint: str | Path, delta: str | Path | Delta, out: str | P
             e = m.entry
             name = _tag(plan.checkpoint, f, key, loc.rows)
             if rd is not None and f"{name}::U" in rec_header.tensors:
-                op = Op(e.V, -1.0, rd.tensor(f"{name}::U"), fix_index=rd.tensor(f"{name}::fix_index"), fix_value=rd.tensor(f"{name}::fix_value"), hash=True)
+                op = Op(
+                    e.V,
+                    -1.0,
+                    rd.tensor(f"{name}::U"),
+                    fix_index=rd.tensor(f"{name}::fix_index"),
+                    fix_value=rd.tensor(f"{name}::fix_value"),
+                    hash=True,
+                )
                 expect[name] = originals.get(name)
             elif e.kind == "project_input" and mode == "recompute" and name in diverged:
                 lam = e.strength * strength
                 if abs(lam - 1.0) < 1e-6:
-                    raise RevertError(f"{e.key}: a λ=1 projection on a checkpoint other than the probed base removed that component for good; revert needs the revert record written by apply --revert-record")
+                    raise RevertError(
+                        f"{e.key}: a λ=1 projection on a checkpoint other than the probed base removed that component for good; revert needs the revert record written by apply --revert-record"
+                    )
                 op = Op(e.V, lam / (lam - 1.0), None, hash=True)  # W = W'(I - μ BBᵀ), μ = λ/(λ-1)
                 expect[name] = None
             else:
@@ -789,10 +1023,14 @@ def revert_delta(checkpoint: str | Path, delta: str | Path | Delta, out: str | P
             rd.close()
 
     def meta_for(h: Header, _stats: object) -> dict[str, str]:
-        return _with_record(h.metadata, [r for r in provenance(h.metadata) if r.get("delta_sha256") != dl.sha256])
+        return _with_record(
+            h.metadata, [r for r in provenance(h.metadata) if r.get("delta_sha256") != dl.sha256]
+        )
 
     def index_meta(meta: dict, _stats: object) -> dict:
-        meta["vpatch.applied"] = [r for r in meta.get("vpatch.applied") or [] if r.get("delta_sha256") != dl.sha256]
+        meta["vpatch.applied"] = [
+            r for r in meta.get("vpatch.applied") or [] if r.get("delta_sha256") != dl.sha256
+        ]
         if not meta["vpatch.applied"]:
             del meta["vpatch.applied"]
         return meta
@@ -813,6 +1051,10 @@ def revert_delta(checkpoint: str | Path, delta: str | Path | Delta, out: str | P
     report = _report("revert", plan, out)
     report.strength, report.mode = strength, mode
     report.tensors = stats
-    report.warnings += [f"{s.key}: reverted approximately (fingerprint differs)" for s in stats if s.exact is False]
-    report.warnings += [f"{s.key}: no fingerprint to verify against" for s in stats if s.exact is None]
+    report.warnings += [
+        f"{s.key}: reverted approximately (fingerprint differs)" for s in stats if s.exact is False
+    ]
+    report.warnings += [
+        f"{s.key}: no fingerprint to verify against" for s in stats if s.exact is None
+    ]
     return report

@@ -16,21 +16,29 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from collections.abc import Callable
 
 import torch
 
 from .. import hub
 from ..checkpoint import WeightSet, _scan_folder, load_single
-from ..vud.delta import Delta, DeltaEntry, projection_entry, versions, write_delta
+from ..erasure.refusal import METHODS, POOLINGS, pair_differences, pool, refusal_directions
 from ..errors import ProbeError
+from ..families.recipes import (
+    Concept,
+    EncoderSpec,
+    Family,
+    SiteSpec,
+    detect_family,
+    load_concept,
+    load_family,
+)
 from ..layouts import AliasRules
 from ..merge.engine import NullReporter, Reporter
-from ..families.recipes import Concept, EncoderSpec, Family, SiteSpec, detect_family, load_concept, load_family
-from ..erasure.refusal import METHODS, POOLINGS, pair_differences, pool, refusal_directions
 from ..safetensors_io import TensorReader, bytes_to_tensor
+from ..vud.delta import Delta, DeltaEntry, projection_entry, versions, write_delta
 
 _LAYER_IDX = re.compile(r"\.(\d+)\.")
 OFFLOADS = ("none", "model", "sequential", "balanced")
@@ -50,10 +58,14 @@ class ProbeOptions:
     device: str = "auto"
     dtype: str = "auto"
     seed: int = 0
-    overrides: list[str] = field(default_factory=list)  # --set dotted.key=value on the family recipe
+    overrides: list[str] = field(
+        default_factory=list
+    )  # --set dotted.key=value on the family recipe
     encoders: dict[str, str] = field(default_factory=dict)  # encoder name -> local path or hub id
     revision: str | None = None
-    offload: str = "none"  # denoise mode on a model that does not fit: none | model | sequential | balanced
+    offload: str = (
+        "none"  # denoise mode on a model that does not fit: none | model | sequential | balanced
+    )
     overwrite: bool = False  # replace an existing OUT
 
 
@@ -119,14 +131,22 @@ def _hub_patterns(fam: Family, sites: list[SiteSpec]) -> list[str]:
             pats += [f"{c}/*.json", f"{c}/*.safetensors"]
         enc = fam.encoders.get(s.encoder or "")
         if enc is not None:  # never "folder/*": a folder may also hold pickles
-            pats += [f"{d}/{p}" for d in (enc.component, enc.preprocessor) for p in (*hub.SIDECARS, "*.safetensors")]
+            pats += [
+                f"{d}/{p}"
+                for d in (enc.component, enc.preprocessor)
+                for p in (*hub.SIDECARS, "*.safetensors")
+            ]
     return sorted(set(pats))
 
 
-def open_source(model: str | Path, revision: str | None = None, patterns: list[str] | None = None) -> ModelSource:
+def open_source(
+    model: str | Path, revision: str | None = None, patterns: list[str] | None = None
+) -> ModelSource:
     p = Path(model)
     if not p.exists():
-        p = hub.fetch(str(model), revision, patterns)  # safetensors and sidecars only, never pickles
+        p = hub.fetch(
+            str(model), revision, patterns
+        )  # safetensors and sidecars only, never pickles
     if p.is_file():
         return ModelSource(p.parent, None, {}, single=load_single(p))
     idx = p / "model_index.json"
@@ -139,7 +159,9 @@ def open_source(model: str | Path, revision: str | None = None, patterns: list[s
     files = sorted(p.glob("*.safetensors"))
     if len(files) == 1:
         return ModelSource(p, None, {}, single=load_single(files[0]))
-    raise ProbeError(f"{p}: not a diffusers folder (no model_index.json) and not a single .safetensors checkpoint")
+    raise ProbeError(
+        f"{p}: not a diffusers folder (no model_index.json) and not a single .safetensors checkpoint"
+    )
 
 
 # --------------------------------------------------------------------------- encoders
@@ -149,7 +171,9 @@ def _quiet_libraries() -> None:
     """vpatch shows its own progress; the libraries' per-file bars and advice would interleave with it."""
     import warnings
 
-    warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated.*")  # kept: older releases in our range need it
+    warnings.filterwarnings(
+        "ignore", message=".*torch_dtype.*deprecated.*"
+    )  # kept: older releases in our range need it
     for lib in ("transformers", "diffusers"):
         try:
             mod = __import__(lib)
@@ -167,45 +191,72 @@ def _import(lib: str, cls: str):
     except ImportError:
         raise ProbeError(f"probing needs {lib}: pip install 'vpatch[probe]'") from None
     except AttributeError:
-        raise ProbeError(f"{lib} has no class {cls}; upgrade {lib} or set the class in the family recipe") from None
+        raise ProbeError(
+            f"{lib} has no class {cls}; upgrade {lib} or set the class in the family recipe"
+        ) from None
 
 
-def _component_class(src: ModelSource, name: str, fallback: str | None, what: str) -> tuple[str, str]:
+def _component_class(
+    src: ModelSource, name: str, fallback: str | None, what: str
+) -> tuple[str, str]:
     entry = src.model_index.get(name)
     if isinstance(entry, list) and len(entry) == 2 and all(isinstance(x, str) for x in entry):
         return entry[0], entry[1]
     if fallback:
         return "transformers", fallback
-    raise ProbeError(f"{src.root}: model_index.json has no {name!r} ({what}); pass --encoder NAME=PATH or fix the recipe")
+    raise ProbeError(
+        f"{src.root}: model_index.json has no {name!r} ({what}); pass --encoder NAME=PATH or fix the recipe"
+    )
 
 
 class Encoder:
     """An encoder plus its tokenizer/processor; gives (tokens, H) activations and a validity mask."""
 
-    def __init__(self, spec: EncoderSpec, src: ModelSource, override: str | None, device: str, dtype: torch.dtype):
+    def __init__(
+        self,
+        spec: EncoderSpec,
+        src: ModelSource,
+        override: str | None,
+        device: str,
+        dtype: torch.dtype,
+    ):
         self.spec = spec
         self.device = device
         if override is not None or src.single is not None:
             loc = override or spec.hub_id
             if loc is None:
-                raise ProbeError(f"encoder {spec.name!r}: the checkpoint does not bundle it; pass --encoder {spec.name}=PATH_OR_HUB_ID")
+                raise ProbeError(
+                    f"encoder {spec.name!r}: the checkpoint does not bundle it; pass --encoder {spec.name}=PATH_OR_HUB_ID"
+                )
             mcls = _import("transformers", spec.model_class or "AutoModel")
-            pcls = _import("transformers", spec.preprocessor_class or ("AutoImageProcessor" if spec.kind == "image" else "AutoTokenizer"))
+            pcls = _import(
+                "transformers",
+                spec.preprocessor_class
+                or ("AutoImageProcessor" if spec.kind == "image" else "AutoTokenizer"),
+            )
             root = Path(loc)
             sub = root / spec.preprocessor if (root / spec.preprocessor).is_dir() else root
             try:
                 self.model = mcls.from_pretrained(loc, torch_dtype=dtype)
                 self.pre = pcls.from_pretrained(str(sub))
             except OSError as e:
-                raise ProbeError(f"encoder {spec.name!r} from {loc}: {str(e).splitlines()[0]} "
-                                 f"Download it, then pass --encoder {spec.name}=LOCAL_FOLDER") from None
+                raise ProbeError(
+                    f"encoder {spec.name!r} from {loc}: {str(e).splitlines()[0]} "
+                    f"Download it, then pass --encoder {spec.name}=LOCAL_FOLDER"
+                ) from None
             self.component_dir = root
         else:
             lib, cls = _component_class(src, spec.component, spec.model_class, "encoder")
-            plib, pcls_name = _component_class(src, spec.preprocessor, spec.preprocessor_class, "tokenizer/processor")
+            plib, pcls_name = _component_class(
+                src, spec.preprocessor, spec.preprocessor_class, "tokenizer/processor"
+            )
             if lib != "transformers":
-                raise ProbeError(f"encoder {spec.name!r}: {lib}.{cls} is not a transformers model; vpatch hooks transformers encoders")
-            self.model = _import(lib, cls).from_pretrained(src.root / spec.component, torch_dtype=dtype)
+                raise ProbeError(
+                    f"encoder {spec.name!r}: {lib}.{cls} is not a transformers model; vpatch hooks transformers encoders"
+                )
+            self.model = _import(lib, cls).from_pretrained(
+                src.root / spec.component, torch_dtype=dtype
+            )
             self.pre = _import(plib, pcls_name).from_pretrained(src.root / spec.preprocessor)
             self.component_dir = src.root / spec.component
         self.model.to(device).eval()
@@ -216,10 +267,14 @@ class Encoder:
                 tpl = getattr(__import__(mod, fromlist=[attr]), attr)
                 self.template, self.crop_start = str(tpl["template"]), int(tpl["crop_start"])
             except (ImportError, AttributeError, KeyError, TypeError, ValueError):
-                raise ProbeError(f"encoder {spec.name!r}: template_from {spec.template_from!r} is not importable as a "
-                                 "{'template', 'crop_start'} dict; upgrade diffusers or set template/crop_start in the recipe") from None
+                raise ProbeError(
+                    f"encoder {spec.name!r}: template_from {spec.template_from!r} is not importable as a "
+                    "{'template', 'crop_start'} dict; upgrade diffusers or set template/crop_start in the recipe"
+                ) from None
             if self.template.count("{}") != 1:
-                raise ProbeError(f"encoder {spec.name!r}: the template from {spec.template_from} has no single {{}} slot")
+                raise ProbeError(
+                    f"encoder {spec.name!r}: the template from {spec.template_from} has no single {{}} slot"
+                )
 
     def __call__(self, items: list) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """One (tokens, H) activation and mask per prompt (or image)."""
@@ -232,30 +287,42 @@ class Encoder:
             mask = None
         else:
             texts = [self.template.format(t) for t in items]
-            tok = self.pre(texts, padding="max_length", max_length=spec.max_length + self.crop_start, truncation=True, return_tensors="pt")
+            tok = self.pre(
+                texts,
+                padding="max_length",
+                max_length=spec.max_length + self.crop_start,
+                truncation=True,
+                return_tensors="pt",
+            )
             inputs = {"input_ids": tok.input_ids.to(self.device)}
             mask = tok.attention_mask
             if spec.pass_mask:
                 inputs["attention_mask"] = mask.to(self.device)
         want_hidden = spec.output.startswith("hidden_states")
         with torch.inference_mode():
-            out = self.model(**inputs, output_hidden_states=want_hidden) if want_hidden else self.model(**inputs)
+            out = (
+                self.model(**inputs, output_hidden_states=want_hidden)
+                if want_hidden
+                else self.model(**inputs)
+            )
         if want_hidden:
             x = out.hidden_states[int(spec.output.split(":")[1])]
         else:
             x = getattr(out, spec.output, None)
             if x is None:
-                raise ProbeError(f"encoder {spec.name!r}: output {spec.output!r} not produced by {type(self.model).__name__}")
+                raise ProbeError(
+                    f"encoder {spec.name!r}: output {spec.output!r} not produced by {type(self.model).__name__}"
+                )
         x = x.float().cpu()
         if x.dim() == 2:  # pooled: one "token" per prompt
-            return [(x[i:i + 1], None) for i in range(x.shape[0])]
+            return [(x[i : i + 1], None) for i in range(x.shape[0])]
         res = []
         for i in range(x.shape[0]):
-            xi = x[i, self.crop_start:]
+            xi = x[i, self.crop_start :]
             if spec.kind == "image" or spec.mask == "all":
                 res.append((xi, None))
             else:
-                res.append((xi, mask[i, self.crop_start:].bool()))
+                res.append((xi, mask[i, self.crop_start :].bool()))
         return res
 
 
@@ -270,7 +337,9 @@ class Target:
     in_dim: int
 
 
-def site_targets(site: SiteSpec, src: ModelSource, layers: re.Pattern | None, prefixes: list[str] | None = None) -> list[Target]:
+def site_targets(
+    site: SiteSpec, src: ModelSource, layers: re.Pattern | None, prefixes: list[str] | None = None
+) -> list[Target]:
     """Every stored weight the site's patterns match, in every present component.
 
     Stored keys are matched with any of the family's alias prefixes removed (e.g. the ``text_model.``
@@ -293,7 +362,7 @@ def site_targets(site: SiteSpec, src: ModelSource, layers: re.Pattern | None, pr
             out.append(Target(comp, key, canon.removesuffix(".weight"), int(shape[1])))
     if site.last is not None:
         idx = sorted({int(m.group(1)) for t in out if (m := _LAYER_IDX.search(t.module))})
-        keep = set(idx[-site.last:])
+        keep = set(idx[-site.last :])
         out = [t for t in out if (m := _LAYER_IDX.search(t.module)) and int(m.group(1)) in keep]
     return out
 
@@ -316,7 +385,9 @@ def _read_fingerprinted(ws: WeightSet, key: str) -> tuple[torch.Tensor, str]:
 def _read(ws: WeightSet, key: str) -> torch.Tensor:
     f = ws.key_file.get(key)
     if f is None:
-        raise ProbeError(f"weight {key} is missing from {ws.label}; the recipe's chain does not fit this checkpoint")
+        raise ProbeError(
+            f"weight {key} is missing from {ws.label}; the recipe's chain does not fit this checkpoint"
+        )
     with TensorReader(ws.headers[f]) as rd:
         return rd.tensor(key).to(torch.float32)
 
@@ -359,24 +430,39 @@ class Captured:
 def _pairs_inputs(concept: Concept, enc: EncoderSpec) -> tuple[list, list, list]:
     if enc.kind == "image":
         if concept.pairs[0].unsafe_image is None:
-            raise ProbeError(f"encoder {enc.name!r} reads images, but concept {concept.name!r} has no unsafe_image/safe_image in its pairs")
+            raise ProbeError(
+                f"encoder {enc.name!r} reads images, but concept {concept.name!r} has no unsafe_image/safe_image in its pairs"
+            )
         if len(concept.neutral_images) < 2:
-            raise ProbeError(f"concept {concept.name!r}: an image site needs neutral_images (2 or more) for the contrast")
-        return [p.unsafe_image for p in concept.pairs], [p.safe_image for p in concept.pairs], list(concept.neutral_images)
+            raise ProbeError(
+                f"concept {concept.name!r}: an image site needs neutral_images (2 or more) for the contrast"
+            )
+        return (
+            [p.unsafe_image for p in concept.pairs],
+            [p.safe_image for p in concept.pairs],
+            list(concept.neutral_images),
+        )
     return [p.unsafe for p in concept.pairs], [p.safe for p in concept.pairs], list(concept.neutral)
 
 
 class _Hooks:
     """Forward pre-hooks on Linear modules that record their input (never patch attention processors)."""
 
-    def __init__(self, modules: dict[str, torch.nn.Module], select: Callable[[str, torch.Tensor], torch.Tensor]):
+    def __init__(
+        self,
+        modules: dict[str, torch.nn.Module],
+        select: Callable[[str, torch.Tensor], torch.Tensor],
+    ):
         self.store: dict[str, list[torch.Tensor]] = {k: [] for k in modules}
-        self.handles = [m.register_forward_pre_hook(self._make(k, select)) for k, m in modules.items()]
+        self.handles = [
+            m.register_forward_pre_hook(self._make(k, select)) for k, m in modules.items()
+        ]
 
     def _make(self, name: str, select):
         def hook(_mod, args, kwargs=None):
             x = args[0] if args else kwargs["input"]
             self.store[name].append(select(name, x.detach()).float().cpu())
+
         return hook
 
     def take(self) -> dict[str, list[torch.Tensor]]:
@@ -389,18 +475,28 @@ class _Hooks:
             h.remove()
 
 
-def _find_module(root: torch.nn.Module, module_path: str, prefixes: tuple[str, ...] = ("", "text_model.")) -> torch.nn.Module:
+def _find_module(
+    root: torch.nn.Module, module_path: str, prefixes: tuple[str, ...] = ("", "text_model.")
+) -> torch.nn.Module:
     """The module at this path; loaded models may or may not keep the wrapper the file had."""
     for cand in (f"{p}{module_path}" for p in prefixes):
         try:
             return root.get_submodule(cand)
         except AttributeError:
             continue
-    raise ProbeError(f"module {module_path} not found in {type(root).__name__}; the recipe does not fit this model version")
+    raise ProbeError(
+        f"module {module_path} not found in {type(root).__name__}; the recipe does not fit this model version"
+    )
 
 
-def capture_text(src: ModelSource, site: SiteSpec, enc: Encoder, targets: list[Target], items: dict[str, list],
-                 advance: Callable[[int], None] = lambda _n: None) -> tuple[dict[str, list[Target]], dict[str, dict[str, list]]]:
+def capture_text(
+    src: ModelSource,
+    site: SiteSpec,
+    enc: Encoder,
+    targets: list[Target],
+    items: dict[str, list],
+    advance: Callable[[int], None] = lambda _n: None,
+) -> tuple[dict[str, list[Target]], dict[str, dict[str, list]]]:
     """Text-mode capture: the input of each target group for every item of every role.
 
     Targets inside the encoder are captured by pre-hooks on their Linear modules during the encoder
@@ -413,7 +509,11 @@ def capture_text(src: ModelSource, site: SiteSpec, enc: Encoder, targets: list[T
         inside = t.component == spec.component
         g = _hooked_group(t) if inside else f"{t.component}:{site.name}"
         by_group.setdefault(g, []).append(t)
-    hooked = {g: _find_module(enc.model, ts[0].module) for g, ts in by_group.items() if ts[0].component == spec.component}
+    hooked = {
+        g: _find_module(enc.model, ts[0].module)
+        for g, ts in by_group.items()
+        if ts[0].component == spec.component
+    }
     hooks = _Hooks(hooked, lambda _n, x: x) if hooked else None
     raw: dict[str, tuple[list, dict[str, list]]] = {}
     try:
@@ -421,7 +521,7 @@ def capture_text(src: ModelSource, site: SiteSpec, enc: Encoder, targets: list[T
             acts: list = []
             hook_acts: dict[str, list] = {g: [] for g in hooked}
             for i in range(0, len(its), 8):
-                chunk = its[i:i + 8]
+                chunk = its[i : i + 8]
                 acts += enc(chunk)
                 if hooks is not None:
                     for g, xs in hooks.take().items():
@@ -442,7 +542,7 @@ def capture_text(src: ModelSource, site: SiteSpec, enc: Encoder, targets: list[T
                 res = []
                 for (_x0, m), x in zip(acts, hook_acts[g]):
                     if x.dim() == 2 and spec.kind != "image":
-                        x = x[enc.crop_start:]
+                        x = x[enc.crop_start :]
                     res.append((x, m if m is not None and m.shape[0] == x.shape[0] else None))
             else:
                 prefix = ts[0].key[: len(ts[0].key) - len(ts[0].module + ".weight")]
@@ -451,14 +551,24 @@ def capture_text(src: ModelSource, site: SiteSpec, enc: Encoder, targets: list[T
         dim = next(iter(out[g].values()))[0][0].shape[-1]
         for t in ts:
             if t.in_dim != dim:
-                raise ProbeError(f"{t.component}/{t.key}: in-dim {t.in_dim} does not equal the site input's width {dim}; "
-                                 f"site {site.name!r} does not read {site.encoder!r} here (wrong family or recipe)")
+                raise ProbeError(
+                    f"{t.component}/{t.key}: in-dim {t.in_dim} does not equal the site input's width {dim}; "
+                    f"site {site.name!r} does not read {site.encoder!r} here (wrong family or recipe)"
+                )
     return by_group, out
 
 
-def site_inputs(model: str | Path, site: str, prompts: list, *, family: str | None = None, device: str = "cpu",
-                dtype: str = "float32", overrides: list[str] | None = None,
-                encoders: dict[str, str] | None = None) -> dict[str, list[tuple[torch.Tensor, torch.Tensor | None]]]:
+def site_inputs(
+    model: str | Path,
+    site: str,
+    prompts: list,
+    *,
+    family: str | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    overrides: list[str] | None = None,
+    encoders: dict[str, str] | None = None,
+) -> dict[str, list[tuple[torch.Tensor, torch.Tensor | None]]]:
     """What a text-mode site's weights read for these prompts (or image paths), per group: for checks and notebooks."""
     src = open_source(model)
     fam = load_family(family, overrides) if family else resolve_family(src, None, overrides or [])
@@ -466,8 +576,12 @@ def site_inputs(model: str | Path, site: str, prompts: list, *, family: str | No
         raise ProbeError(f"site {site!r} is not a text-mode site of family {fam.name}")
     sp = fam.sites[site]
     dev = _device(device)
-    enc = Encoder(fam.encoders[sp.encoder], src, (encoders or {}).get(sp.encoder), dev, _dtype(dtype, dev))
-    _groups, acts = capture_text(src, sp, enc, site_targets(sp, src, None, fam.key_prefixes), {"items": prompts})
+    enc = Encoder(
+        fam.encoders[sp.encoder], src, (encoders or {}).get(sp.encoder), dev, _dtype(dtype, dev)
+    )
+    _groups, acts = capture_text(
+        src, sp, enc, site_targets(sp, src, None, fam.key_prefixes), {"items": prompts}
+    )
     return {g: a["items"] for g, a in acts.items()}
 
 
@@ -485,8 +599,14 @@ def _device(name: str) -> str:
 
 
 def _dtype(name: str, device: str) -> torch.dtype:
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if name == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
     if name not in table:
@@ -499,12 +619,20 @@ def resolve_family(src: ModelSource, name: str | None, overrides: list[str]) -> 
         name = detect_family(src.pipeline_class, src.keys())
         if name is None:
             what = src.pipeline_class or "this checkpoint's keys"
-            raise ProbeError(f"cannot tell the model family from {what}; pass --family (see `vpatch families`)")
+            raise ProbeError(
+                f"cannot tell the model family from {what}; pass --family (see `vpatch families`)"
+            )
     return load_family(name, overrides)
 
 
-def probe(model: str | Path, concept: str | Path | Concept, out: str | Path, options: ProbeOptions | None = None,
-          reporter: Reporter | None = None, log: Callable[[str], None] | None = None) -> ProbeReport:
+def probe(
+    model: str | Path,
+    concept: str | Path | Concept,
+    out: str | Path,
+    options: ProbeOptions | None = None,
+    reporter: Reporter | None = None,
+    log: Callable[[str], None] | None = None,
+) -> ProbeReport:
     """Probe MODEL for CONCEPT and write the delta to OUT (atomically)."""
     from ..output import check_target
 
@@ -517,7 +645,9 @@ def probe(model: str | Path, concept: str | Path | Concept, out: str | Path, opt
     patterns = None
     if fam_hint is not None:
         names = opt.sites or fam_hint.default_sites
-        patterns = _hub_patterns(fam_hint, [fam_hint.sites[n] for n in names if n in fam_hint.sites])
+        patterns = _hub_patterns(
+            fam_hint, [fam_hint.sites[n] for n in names if n in fam_hint.sites]
+        )
     src = open_source(model, opt.revision, patterns)
     fam = fam_hint or resolve_family(src, None, opt.overrides)
 
@@ -538,15 +668,21 @@ def probe(model: str | Path, concept: str | Path | Concept, out: str | Path, opt
     site_names = opt.sites or fam.default_sites
     for s in site_names:
         if s not in fam.sites:
-            raise ProbeError(f"--layers {s!r}: family {fam.name} has sites {', '.join(sorted(fam.sites))}")
+            raise ProbeError(
+                f"--layers {s!r}: family {fam.name} has sites {', '.join(sorted(fam.sites))}"
+            )
     sites = [fam.sites[s] for s in site_names]
     for n in opt.encoders:
         if n not in fam.encoders:
-            raise ProbeError(f"--encoder {n}=...: family {fam.name} has encoders {', '.join(sorted(fam.encoders))}")
+            raise ProbeError(
+                f"--encoder {n}=...: family {fam.name} has encoders {', '.join(sorted(fam.encoders))}"
+            )
     try:
         layers = re.compile(opt.layers) if opt.layers else None
     except re.error as e:
-        raise ProbeError(f"--layer-filter {opt.layers!r} is not a valid regular expression ({e})") from None
+        raise ProbeError(
+            f"--layer-filter {opt.layers!r} is not a valid regular expression ({e})"
+        ) from None
     device = _device(opt.device)
     dtype = _dtype(opt.dtype, device)
 
@@ -554,8 +690,10 @@ def probe(model: str | Path, concept: str | Path | Concept, out: str | Path, opt
     for site in sites:
         ts = site_targets(site, src, layers, fam.key_prefixes)
         if not ts:
-            raise ProbeError(f"site {site.name!r} of family {fam.name} matches no weight in {src.root} (components {site.components}); "
-                             "is this the right --family, or did --layer-filter exclude everything?")
+            raise ProbeError(
+                f"site {site.name!r} of family {fam.name} matches no weight in {src.root} (components {site.components}); "
+                "is this the right --family, or did --layer-filter exclude everything?"
+            )
         targets[site.name] = ts
 
     groups: dict[tuple[str, str], list[Target]] = {}
@@ -577,16 +715,28 @@ def probe(model: str | Path, concept: str | Path | Concept, out: str | Path, opt
             enc_spec = fam.encoders[site.encoder]
             if site.encoder not in encoders:
                 say(f"loading encoder {site.encoder} ({enc_spec.component}) on {device}")
-                encoders[site.encoder] = Encoder(enc_spec, src, opt.encoders.get(site.encoder), device, dtype)
+                encoders[site.encoder] = Encoder(
+                    enc_spec, src, opt.encoders.get(site.encoder), device, dtype
+                )
             un, sa, ne = _pairs_inputs(con, enc_spec)
-            by_group, acts = capture_text(src, site, encoders[site.encoder], targets[site.name],
-                                          {"unsafe": un, "safe": sa, "neutral": ne}, rep.advance)
+            by_group, acts = capture_text(
+                src,
+                site,
+                encoders[site.encoder],
+                targets[site.name],
+                {"unsafe": un, "safe": sa, "neutral": ne},
+                rep.advance,
+            )
             for g, ts in by_group.items():
                 a = acts[g]
                 groups[(site.name, g)] = ts
-                caps[(site.name, g)] = Captured([[x] for x in a["unsafe"]], [[x] for x in a["safe"]], a["neutral"])
+                caps[(site.name, g)] = Captured(
+                    [[x] for x in a["unsafe"]], [[x] for x in a["safe"]], a["neutral"]
+                )
         if denoise_sites:
-            _capture_denoise(src, fam, denoise_sites, targets, con, opt, device, dtype, groups, caps, rep, say)
+            _capture_denoise(
+                src, fam, denoise_sites, targets, con, opt, device, dtype, groups, caps, rep, say
+            )
     finally:
         rep.stop()
 
@@ -596,49 +746,108 @@ def probe(model: str | Path, concept: str | Path | Concept, out: str | Path, opt
         cap = caps[(site_name, g)]
         samples = []
         for calls_u, calls_s in zip(cap.unsafe, cap.safe):
-            samples.append(torch.cat([pair_differences(xu, mu, xs, ms, pooling) for (xu, mu), (xs, ms) in zip(calls_u, calls_s)]))
-        neutral = torch.cat([pool(x, m, pooling) for x, m in cap.neutral]) if method == "cpca" else None
+            samples.append(
+                torch.cat(
+                    [
+                        pair_differences(xu, mu, xs, ms, pooling)
+                        for (xu, mu), (xs, ms) in zip(calls_u, calls_s)
+                    ]
+                )
+            )
+        neutral = (
+            torch.cat([pool(x, m, pooling) for x, m in cap.neutral]) if method == "cpca" else None
+        )
         try:
-            d = refusal_directions(samples, neutral, method=method, rank=rank, alpha=alpha, directions=ndir)
+            d = refusal_directions(
+                samples, neutral, method=method, rank=rank, alpha=alpha, directions=ndir
+            )
         except ValueError as e:
             raise ProbeError(f"site {site_name} ({g}): {e}") from None
         for t in ts:
             ws = src.weights(t.component)
             W, sha = _read_fingerprinted(ws, t.key)
             comp = fam.sites[site_name].components[0] if src.single is not None else t.component
-            entries.append(projection_entry(f"{comp}/{t.key}", W, d.B, strength, sha, ws.dtype(t.key)))
-        results_out.append(GroupResult(site_name, ts[0].component, g, int(d.B.shape[0]), d.samples, round(d.kept, 4), [t.key for t in ts]))
+            entries.append(
+                projection_entry(f"{comp}/{t.key}", W, d.B, strength, sha, ws.dtype(t.key))
+            )
+        results_out.append(
+            GroupResult(
+                site_name,
+                ts[0].component,
+                g,
+                int(d.B.shape[0]),
+                d.samples,
+                round(d.kept, 4),
+                [t.key for t in ts],
+            )
+        )
 
-    method_rec = {"name": method, "rank": rank, "alpha": alpha, "strength": strength, "directions": ndir, "pooling": pooling,
-                  "family": fam.name, "sites": site_names, "layer_filter": opt.layers, "seed": opt.seed, "device": device,
-                  "dtype": str(dtype).removeprefix("torch."), "denoise_steps": fam.denoise.steps if denoise_sites else None,
-                  "overrides": opt.overrides}
+    method_rec = {
+        "name": method,
+        "rank": rank,
+        "alpha": alpha,
+        "strength": strength,
+        "directions": ndir,
+        "pooling": pooling,
+        "family": fam.name,
+        "sites": site_names,
+        "layer_filter": opt.layers,
+        "seed": opt.seed,
+        "device": device,
+        "dtype": str(dtype).removeprefix("torch."),
+        "denoise_steps": fam.denoise.steps if denoise_sites else None,
+        "overrides": opt.overrides,
+    }
     delta = Delta(entries, con.record(), method_rec, versions())
     out = Path(out)
     digest = write_delta(out, delta, overwrite=opt.overwrite)
     return ProbeReport(str(out), digest, fam.name, con.name, method_rec, results_out, device)
 
 
-def _capture_denoise(src: ModelSource, fam: Family, sites: list[SiteSpec], targets: dict[str, list[Target]], con: Concept,
-                     opt: ProbeOptions, device: str, dtype: torch.dtype, groups: dict, caps: dict, rep: Reporter, say) -> None:
+def _capture_denoise(
+    src: ModelSource,
+    fam: Family,
+    sites: list[SiteSpec],
+    targets: dict[str, list[Target]],
+    con: Concept,
+    opt: ProbeOptions,
+    device: str,
+    dtype: torch.dtype,
+    groups: dict,
+    caps: dict,
+    rep: Reporter,
+    say,
+) -> None:
     """Run the pipeline on noise latents with hooks on the site Linears; one call per prompt, same seed."""
     if src.single is not None:
-        raise ProbeError("denoise-mode sites need a diffusers pipeline folder; original single files can only be probed in text mode")
+        raise ProbeError(
+            "denoise-mode sites need a diffusers pipeline folder; original single files can only be probed in text mode"
+        )
     DiffusionPipeline = _import("diffusers", "DiffusionPipeline")
-    say(f"loading the pipeline for denoise-mode sites on {device} (this builds the denoiser; offload: {opt.offload})")
+    say(
+        f"loading the pipeline for denoise-mode sites on {device} (this builds the denoiser; offload: {opt.offload})"
+    )
     if opt.offload != "none" and not device.startswith("cuda"):
-        raise ProbeError(f"--offload {opt.offload} needs a GPU (it moves weights between the GPU and host memory); use --offload none on CPU")
+        raise ProbeError(
+            f"--offload {opt.offload} needs a GPU (it moves weights between the GPU and host memory); use --offload none on CPU"
+        )
     kwargs = {"torch_dtype": dtype}
     if opt.offload == "balanced":  # accelerate spreads the components over every visible GPU
         kwargs["device_map"] = "balanced"
     try:
         pipe = DiffusionPipeline.from_pretrained(src.root, **kwargs)
     except (OSError, ValueError, ImportError) as e:
-        raise ProbeError(f"{src.root}: diffusers could not load the pipeline ({str(e).splitlines()[0]})") from None
+        raise ProbeError(
+            f"{src.root}: diffusers could not load the pipeline ({str(e).splitlines()[0]})"
+        ) from None
     if opt.offload == "model":
-        pipe.enable_model_cpu_offload(device=device)  # accelerate hooks: one component on the GPU at a time
+        pipe.enable_model_cpu_offload(
+            device=device
+        )  # accelerate hooks: one component on the GPU at a time
     elif opt.offload == "sequential":
-        pipe.enable_sequential_cpu_offload(device=device)  # one submodule at a time: slowest, least memory
+        pipe.enable_sequential_cpu_offload(
+            device=device
+        )  # one submodule at a time: slowest, least memory
     elif opt.offload == "none":
         pipe.to(device)
     if hasattr(pipe, "set_progress_bar_config"):
@@ -665,7 +874,9 @@ def _capture_denoise(src: ModelSource, fam: Family, sites: list[SiteSpec], targe
             return x
         n = site.text_len if isinstance(site.text_len, int) else int(call.get(site.text_len, 0))
         if n <= 0:
-            raise ProbeError(f"site {site.name}: text_len {site.text_len!r} is not set in [denoise.call]")
+            raise ProbeError(
+                f"site {site.name}: text_len {site.text_len!r} is not set in [denoise.call]"
+            )
         return x[:n] if site.text_tokens == "first" else x[-n:]
 
     hooks = _Hooks(modules, select)
@@ -673,7 +884,13 @@ def _capture_denoise(src: ModelSource, fam: Family, sites: list[SiteSpec], targe
     def run(prompt: str) -> dict[str, list[torch.Tensor]]:
         gen = torch.Generator("cpu").manual_seed(opt.seed)
         with torch.inference_mode():
-            pipe(prompt=prompt, num_inference_steps=fam.denoise.steps, output_type="latent", generator=gen, **call)
+            pipe(
+                prompt=prompt,
+                num_inference_steps=fam.denoise.steps,
+                output_type="latent",
+                generator=gen,
+                **call,
+            )
         rep.advance(1)
         return hooks.take()
 
@@ -690,5 +907,7 @@ def _capture_denoise(src: ModelSource, fam: Family, sites: list[SiteSpec], targe
         sa = [[(x, None) for x in r[g]] for r in per_s]
         ne = [(x, None) for r in per_n for x in r[g]]
         if not un[0]:
-            raise ProbeError(f"site {site.name}: module {g} never ran during the denoise pass; the recipe does not fit this pipeline")
+            raise ProbeError(
+                f"site {site.name}: module {g} never ran during the denoise pass; the recipe does not fit this pipeline"
+            )
         caps[(site.name, g)] = Captured(un, sa, ne)

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from .._version import __version__
-from ..errors import DeltaError, FormatError, IntegrityError
 from ..erasure.refusal import is_orthonormal, projection_factors
+from ..errors import DeltaError, FormatError, IntegrityError
 from ..safetensors_io import DTYPE_BITS, TensorReader, read_header, save_tensors
 
 FORMAT = "vud"
@@ -56,8 +56,13 @@ class DeltaEntry:
 
     def map_record(self) -> dict:
         return {
-            "key": self.key, "shape": list(self.shape), "kind": self.kind, "strength": self.strength,
-            "rank": self.rank, "base_sha256": self.base_sha256, "base_dtype": self.base_dtype,
+            "key": self.key,
+            "shape": list(self.shape),
+            "kind": self.kind,
+            "strength": self.strength,
+            "rank": self.rank,
+            "base_sha256": self.base_sha256,
+            "base_dtype": self.base_dtype,
         }
 
 
@@ -88,7 +93,11 @@ def _factor_names(key: str) -> tuple[str, str]:
 def delta_hash(entries: list[DeltaEntry]) -> str:
     """sha256 over the canonical layer map, then every factor's bytes in map order (U, then V)."""
     h = hashlib.sha256()
-    h.update(json.dumps([e.map_record() for e in entries], sort_keys=True, separators=(",", ":")).encode())
+    h.update(
+        json.dumps(
+            [e.map_record() for e in entries], sort_keys=True, separators=(",", ":")
+        ).encode()
+    )
     for e in entries:
         for t in (e.U, e.V):
             h.update(t.detach().to(torch.float32).contiguous().numpy().tobytes())
@@ -99,7 +108,12 @@ def versions() -> dict[str, str]:
     import numpy
     import safetensors
 
-    out = {"vpatch": __version__, "torch": torch.__version__, "safetensors": safetensors.__version__, "numpy": numpy.__version__}
+    out = {
+        "vpatch": __version__,
+        "torch": torch.__version__,
+        "safetensors": safetensors.__version__,
+        "numpy": numpy.__version__,
+    }
     for mod in ("diffusers", "transformers"):
         try:
             out[mod] = __import__(mod).__version__
@@ -136,7 +150,9 @@ def write_delta(path: str | os.PathLike, delta: Delta, overwrite: bool = False) 
 
 def _json_field(meta: dict[str, str], key: str, where: str, kind: type) -> object:
     if key not in meta:
-        raise DeltaError(f"{where}: metadata field {key!r} is missing; the delta is incomplete, re-run `vpatch probe`")
+        raise DeltaError(
+            f"{where}: metadata field {key!r} is missing; the delta is incomplete, re-run `vpatch probe`"
+        )
     try:
         val = json.loads(meta[key])
     except (ValueError, RecursionError):
@@ -152,15 +168,25 @@ def _parse_entry(rec: object, i: int, where: str) -> dict:
         raise DeltaError(f"{w} is not an object")
     key = rec.get("key")
     if not isinstance(key, str) or len(key) > MAX_KEY_LEN or not _KEY_RE.match(key):
-        raise DeltaError(f"{w}: key {key!r} must look like 'component/state.dict.key' (e.g. transformer/blocks.0.attn2.to_k.weight)")
+        raise DeltaError(
+            f"{w}: key {key!r} must look like 'component/state.dict.key' (e.g. transformer/blocks.0.attn2.to_k.weight)"
+        )
     shape = rec.get("shape")
-    if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
+    if not (
+        isinstance(shape, list)
+        and len(shape) == 2
+        and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
+    ):
         raise DeltaError(f"{w} ({key}): shape must be [out, in] with positive integers")
     kind = rec.get("kind")
     if kind not in KINDS:
         raise DeltaError(f"{w} ({key}): kind {kind!r} is not one of {', '.join(KINDS)}")
     strength = rec.get("strength")
-    if not isinstance(strength, (int, float)) or isinstance(strength, bool) or not math.isfinite(strength):
+    if (
+        not isinstance(strength, (int, float))
+        or isinstance(strength, bool)
+        or not math.isfinite(strength)
+    ):
         raise DeltaError(f"{w} ({key}): strength must be a finite number")
     rank = rec.get("rank")
     if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= min(shape):
@@ -171,7 +197,15 @@ def _parse_entry(rec: object, i: int, where: str) -> dict:
     bdt = rec.get("base_dtype")
     if bdt is not None and bdt not in DTYPE_BITS:
         raise DeltaError(f"{w} ({key}): base_dtype {bdt!r} is not a safetensors dtype")
-    return {"key": key, "shape": (shape[0], shape[1]), "kind": kind, "strength": float(strength), "rank": rank, "base_sha256": sha, "base_dtype": bdt}
+    return {
+        "key": key,
+        "shape": (shape[0], shape[1]),
+        "kind": kind,
+        "strength": float(strength),
+        "rank": rank,
+        "base_sha256": sha,
+        "base_dtype": bdt,
+    }
 
 
 def _check_entries(entries: list[DeltaEntry], where: str) -> None:
@@ -185,11 +219,15 @@ def _check_entries(entries: list[DeltaEntry], where: str) -> None:
         seen.add(e.key)
         out, inn = e.shape
         if tuple(e.U.shape) != (out, e.rank) or tuple(e.V.shape) != (inn, e.rank):
-            raise DeltaError(f"{where}: {e.key}: factors U{list(e.U.shape)} V{list(e.V.shape)} do not match shape [{out}, {inn}] at rank {e.rank}")
+            raise DeltaError(
+                f"{where}: {e.key}: factors U{list(e.U.shape)} V{list(e.V.shape)} do not match shape [{out}, {inn}] at rank {e.rank}"
+            )
         if not (torch.isfinite(e.U).all() and torch.isfinite(e.V).all()):
             raise DeltaError(f"{where}: {e.key}: factors contain NaN or Inf")
         if e.kind == "project_input" and not is_orthonormal(e.V):
-            raise DeltaError(f"{where}: {e.key}: project_input needs orthonormal directions V (= B)")
+            raise DeltaError(
+                f"{where}: {e.key}: project_input needs orthonormal directions V (= B)"
+            )
 
 
 def read_delta(path: str | os.PathLike) -> Delta:
@@ -203,13 +241,17 @@ def read_delta(path: str | os.PathLike) -> Delta:
         raise DeltaError(f"not a valid .vud delta: {e}") from None
     meta = header.metadata
     if meta.get("vpatch.format") != FORMAT:
-        raise DeltaError(f"{where}: a safetensors file but not a vpatch delta (no vpatch.format=vud); did you swap CHECKPOINT and DELTA?")
+        raise DeltaError(
+            f"{where}: a safetensors file but not a vpatch delta (no vpatch.format=vud); did you swap CHECKPOINT and DELTA?"
+        )
     try:
         ver = int(meta.get("vpatch.format_version", ""))
     except ValueError:
         raise DeltaError(f"{where}: vpatch.format_version is not an integer") from None
     if ver > FORMAT_VERSION or ver < 1:
-        raise DeltaError(f"{where}: format version {ver} is not supported by vpatch {__version__} (reads 1..{FORMAT_VERSION}); upgrade vpatch")
+        raise DeltaError(
+            f"{where}: format version {ver} is not supported by vpatch {__version__} (reads 1..{FORMAT_VERSION}); upgrade vpatch"
+        )
     layer_map = _json_field(meta, "vpatch.layer_map", where, list)
     method = _json_field(meta, "vpatch.method", where, dict)
     concept = _json_field(meta, "vpatch.concept", where, dict)
@@ -226,25 +268,58 @@ def read_delta(path: str | os.PathLike) -> Delta:
     if set(expected) != set(header.tensors):
         extra = sorted(set(header.tensors) - set(expected))[:3]
         missing = sorted(set(expected) - set(header.tensors))[:3]
-        raise DeltaError(f"{where}: factor tensors do not match the layer map (missing {missing}, unexpected {extra})")
+        raise DeltaError(
+            f"{where}: factor tensors do not match the layer map (missing {missing}, unexpected {extra})"
+        )
     for name, shp in expected.items():
         t = header.tensors[name]
         if t.dtype != "F32" or t.shape != shp:
-            raise DeltaError(f"{where}: factor {name} is {t.dtype}{list(t.shape)}, the layer map needs F32{list(shp)}")
+            raise DeltaError(
+                f"{where}: factor {name} is {t.dtype}{list(t.shape)}, the layer map needs F32{list(shp)}"
+            )
 
     entries = []
     with TensorReader(header) as rd:
         for r in recs:
             u, v = _factor_names(r["key"])
-            entries.append(DeltaEntry(r["key"], r["shape"], r["kind"], r["strength"], rd.tensor(u), rd.tensor(v), r["base_sha256"], r["base_dtype"]))
+            entries.append(
+                DeltaEntry(
+                    r["key"],
+                    r["shape"],
+                    r["kind"],
+                    r["strength"],
+                    rd.tensor(u),
+                    rd.tensor(v),
+                    r["base_sha256"],
+                    r["base_dtype"],
+                )
+            )
     _check_entries(entries, where)
     digest = delta_hash(entries)
     if meta.get("vpatch.delta_sha256") != digest:
-        raise IntegrityError(f"{where}: the delta's hash does not match its contents (stored {meta.get('vpatch.delta_sha256')!r:.20}..., computed {digest[:16]}...); the file was modified or damaged, re-download or re-probe it")
+        raise IntegrityError(
+            f"{where}: the delta's hash does not match its contents (stored {meta.get('vpatch.delta_sha256')!r:.20}..., computed {digest[:16]}...); the file was modified or damaged, re-download or re-probe it"
+        )
     return Delta(entries, concept, method, vers, path)
 
 
-def projection_entry(key: str, W: torch.Tensor, B: torch.Tensor, strength: float, base_sha256: str | None = None, base_dtype: str | None = None) -> DeltaEntry:
+def projection_entry(
+    key: str,
+    W: torch.Tensor,
+    B: torch.Tensor,
+    strength: float,
+    base_sha256: str | None = None,
+    base_dtype: str | None = None,
+) -> DeltaEntry:
     """The paper's edit W' = W - λ (W B) Bᵀ as a delta entry computed from the base weight W."""
     U, V = projection_factors(W, B, strength)
-    return DeltaEntry(key, (int(W.shape[0]), int(W.shape[1])), "project_input", float(strength), U, V, base_sha256, base_dtype)
+    return DeltaEntry(
+        key,
+        (int(W.shape[0]), int(W.shape[1])),
+        "project_input",
+        float(strength),
+        U,
+        V,
+        base_sha256,
+        base_dtype,
+    )
