@@ -547,7 +547,9 @@ def probe(
     from .probe import probe as run_probe
 
     if out is None and save_activations is None:
-        raise ProbeError("probe: nothing to write; give -o DELTA.vud, --save-activations FILE or both")
+        raise ProbeError(
+            "probe: nothing to write; give -o DELTA.vud, --save-activations FILE or both"
+        )
     params = _params(method, rank, alpha, strength, directions, pooling)
     opt = CaptureOptions(
         family=family,

@@ -323,9 +323,16 @@ def read_activations(path: str | os.PathLike) -> Activations:
     except FormatError as e:
         raise ActivationsError(f"not a valid activations file: {e}") from None
     doc = _meta(d, header.metadata)
-    sites = d.get(doc, "sites", list, "activations")
-    defaults = d.get(doc, "defaults", dict, "activations")
-    raw_groups = d.get(doc, "groups", list, "activations")
+    top = "activations"
+    family = d.get(doc, "family", str, top)
+    defaults = d.get(doc, "defaults", dict, top)
+    sites = d.get(doc, "sites", list, top)
+    if not all(isinstance(x, str) for x in sites):
+        raise d.fail("activations: field 'sites' must list strings")
+    concept = d.get(doc, "concept", dict, top)
+    record = _capture_record(d, d.get(doc, "capture", dict, top))
+    versions = d.get(doc, "versions", dict, top)
+    raw_groups = d.get(doc, "groups", list, top)
     if not raw_groups:
         raise d.fail("activations: no groups; capture again")
     groups_spec = []
@@ -399,18 +406,8 @@ def read_activations(path: str | os.PathLike) -> Activations:
                 prompts.append(tuple(caps))
             rd_roles[name] = tuple(prompts)
         groups.append(GroupActivations(site, inp, targets, rd_roles))
-    if not all(isinstance(s, str) for s in sites):
-        raise d.fail("activations: field 'sites' must list strings")
-    versions = d.get(doc, "versions", dict, "activations")
     return Activations(
-        d.get(doc, "family", str, "activations"),
-        defaults,
-        tuple(sites),
-        d.get(doc, "concept", dict, "activations"),
-        _capture_record(d, d.get(doc, "capture", dict, "activations")),
-        versions,
-        tuple(groups),
-        path,
+        family, defaults, tuple(sites), concept, record, versions, tuple(groups), path
     )
 
 
