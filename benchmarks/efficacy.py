@@ -64,6 +64,19 @@ class Captures:
         return self.by_site[site]
 
 
+def variant_name(v: dict) -> str:
+    return "-".join(f"{k}={v[k]}" for k in ("method", "site", "rank", "strength", "alpha"))
+
+
+def write_variant(captures: Captures, v: dict, vud: Path) -> None:
+    """The variant's delta, built from its site's capture."""
+    acts, weights = captures.get(v["site"])
+    params = ProbeParams(
+        method=v["method"], rank=v["rank"], strength=v["strength"], alpha=v["alpha"]
+    )
+    write_delta(vud, build_delta(acts, params, weights))
+
+
 def run_variant(
     model: Path,
     concept: Path,
@@ -74,14 +87,9 @@ def run_variant(
     captures: Captures,
     preview: Path | None = None,
 ) -> dict:
-    name = "-".join(f"{k}={v[k]}" for k in ("method", "site", "rank", "strength", "alpha"))
-    vud = work / f"{name}.vud"
+    vud = work / f"{variant_name(v)}.vud"
     if not vud.exists():
-        acts, weights = captures.get(v["site"])
-        params = ProbeParams(
-            method=v["method"], rank=v["rank"], strength=v["strength"], alpha=v["alpha"]
-        )
-        write_delta(vud, build_delta(acts, params, weights))
+        write_variant(captures, v, vud)
     o = EvalOptions(**{**opt.__dict__, "preview": preview})
     r = evaluate(model, concept, delta=vud, options=o, cache=cache)
     pres = {

@@ -387,12 +387,12 @@ def _params(method, rank, alpha, strength, directions, pooling):
     return ProbeParams(method, rank, alpha, strength, directions, pooling)
 
 
-def _show_probe(r, as_json: bool) -> None:
+def _show_probe(r, as_json: bool, verb: str) -> None:
     if as_json:
         click.echo(json.dumps(r.to_dict(), indent=2))
         return
     if r.delta is None:  # capture only
-        t = Table(title=f"captured: {r.concept} on {r.family}")
+        t = Table(title=f"{verb}: captured {r.concept} on {r.family}")
         for c in ("site", "input", "width", "prompts", "tokens", "targets"):
             t.add_column(c, overflow="fold")
         for g in r.groups:
@@ -412,7 +412,7 @@ def _show_probe(r, as_json: bool) -> None:
         return
     m = r.method
     t = Table(
-        title=f"{r.concept} on {r.family} ({m['name']}, k={m['rank']}, α={m['alpha']:g}, λ={m['strength']:g})"
+        title=f"{verb}: {r.concept} on {r.family} ({m['name']}, k={m['rank']}, α={m['alpha']:g}, λ={m['strength']:g})"
     )
     for c in ("site", "input", "width", "samples", "r kept", "targets"):
         t.add_column(c, overflow="fold")
@@ -575,7 +575,7 @@ def probe(
         reporter=CountReporter(quiet or as_json),
         log=say,
     )
-    _show_probe(r, as_json)
+    _show_probe(r, as_json, "probe")
 
 
 @main.command()
@@ -618,7 +618,7 @@ def build(
     acts = read_activations(activations)
     built = run_build(acts, params, WeightReader.for_activations(acts, model))
     digest = write_delta(out, built.delta, overwrite=overwrite)
-    _show_probe(report(built, acts, out, digest), as_json)
+    _show_probe(report(built, acts, out, digest), as_json, "build")
 
 
 @main.command("eval")

@@ -312,6 +312,81 @@ def _meta(d: _Doc, meta: dict[str, str]) -> dict:
     return doc
 
 
+def _group(d: _Doc, i: int, g: object) -> tuple[str, str, tuple[TargetWeight, ...], list]:
+    """One group's description: (site, input, targets, [(role, token counts per prompt per call)])."""
+    w = f"groups[{i}]"
+    raw_targets = d.get(g, "targets", list, w)
+    if not raw_targets:
+        raise d.fail(f"{w}: no targets")
+    targets = tuple(_target(d, t, f"{w}.targets[{j}]") for j, t in enumerate(raw_targets))
+    if any(t.shape[1] != targets[0].shape[1] for t in targets):
+        raise d.fail(f"{w}: targets read inputs of different widths")
+    roles: list[tuple[str, list]] = []
+    for j, r in enumerate(d.get(g, "roles", list, w)):
+        rw = f"{w}.roles[{j}]"
+        name, calls = d.get(r, "role", str, rw), d.get(r, "calls", list, rw)
+        if not _ROLE.match(name) or name in (x[0] for x in roles):
+            raise d.fail(f"{rw}: role {name!r} is not a lowercase name or appears twice")
+        if not all(isinstance(p, list) and all(_count(n) for n in p) for p in calls):
+            raise d.fail(f"{rw}: calls must be lists of token counts per prompt")
+        roles.append((name, calls))
+    counts = {name: len(calls) for name, calls in roles}
+    if not all(r in counts for r in PAIR_ROLES):
+        raise d.fail(f"{w}: roles must include {', '.join(PAIR_ROLES)}")
+    if len({counts[r] for r in PAIR_ROLES}) != 1:
+        raise d.fail(f"{w}: unsafe and safe hold different numbers of prompts")
+    return d.get(g, "site", str, w), d.get(g, "input", str, w), targets, roles
+
+
+def _expected_tensors(specs: list) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Every tensor the description implies, in the order they were written (the hash's order)."""
+    out: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for i, (_site, _inp, targets, roles) in enumerate(specs):
+        for name, calls in roles:
+            n = sum(sum(p) for p in calls)
+            tk, pk = _names(i, name)
+            out[tk] = ("F32", (n, targets[0].shape[1]))
+            out[pk] = ("I64", (n,))
+    return out
+
+
+def _read_tensors(d: _Doc, header, expected: dict) -> dict[str, torch.Tensor]:
+    if set(expected) != set(header.tensors):
+        missing = sorted(set(expected) - set(header.tensors))[:3]
+        extra = sorted(set(header.tensors) - set(expected))[:3]
+        raise d.fail(
+            f"tensors do not match the description (missing {missing}, unexpected {extra})"
+        )
+    for name, (dt, shape) in expected.items():
+        t = header.tensors[name]
+        if t.dtype != dt or t.shape != shape:
+            raise d.fail(
+                f"tensor {name} is {t.dtype}{list(t.shape)}, the description needs {dt}{list(shape)}"
+            )
+    with TensorReader(header) as rd:
+        flat = {name: rd.tensor(name) for name in expected}
+    stored = header.metadata.get("vpatch.activations_sha256")
+    digest = _content_hash(header.metadata["vpatch.activations"], list(flat.values()))
+    if stored != digest:
+        raise d.fail(
+            f"the content hash does not match (stored {str(stored)[:16]}..., computed "
+            f"{digest[:16]}...); the file was modified or damaged, capture again"
+        )
+    return flat
+
+
+def _split(toks: torch.Tensor, pos: torch.Tensor, calls: list[list[int]]) -> tuple[Prompt, ...]:
+    """Cut one role's concatenated tokens back into prompts and calls."""
+    at, prompts = 0, []
+    for p in calls:
+        caps = []
+        for n in p:
+            caps.append(Capture(toks[at : at + n], pos[at : at + n]))
+            at += n
+        prompts.append(tuple(caps))
+    return tuple(prompts)
+
+
 def read_activations(path: str | os.PathLike) -> Activations:
     """Read and check saved activations; any defect is one ``ActivationsError`` naming it."""
     path = Path(path)
@@ -335,86 +410,12 @@ def read_activations(path: str | os.PathLike) -> Activations:
     raw_groups = d.get(doc, "groups", list, top)
     if not raw_groups:
         raise d.fail("activations: no groups; capture again")
-    groups_spec = []
-    expected: dict[str, tuple[str, tuple[int, ...]]] = {}
-    for i, g in enumerate(raw_groups):
-        w = f"groups[{i}]"
-        raw_targets = d.get(g, "targets", list, w)
-        if not raw_targets:
-            raise d.fail(f"{w}: no targets")
-        targets = tuple(_target(d, t, f"{w}.targets[{j}]") for j, t in enumerate(raw_targets))
-        dim = targets[0].shape[1]
-        if any(t.shape[1] != dim for t in targets):
-            raise d.fail(f"{w}: targets read inputs of different widths")
-        roles = []
-        for j, r in enumerate(d.get(g, "roles", list, w)):
-            rw = f"{w}.roles[{j}]"
-            name = d.get(r, "role", str, rw)
-            calls = d.get(r, "calls", list, rw)
-            if not _ROLE.match(name) or name in (x[0] for x in roles):
-                raise d.fail(f"{rw}: role {name!r} is not a lowercase name or appears twice")
-            if not all(isinstance(p, list) and all(_count(n) for n in p) for p in calls):
-                raise d.fail(f"{rw}: calls must be lists of token counts per prompt")
-            roles.append((name, calls))
-            tk, pk = _names(i, name)
-            n = sum(sum(p) for p in calls)
-            expected[tk] = ("F32", (n, dim))
-            expected[pk] = ("I64", (n,))
-        names = [x[0] for x in roles]
-        if not all(r in names for r in PAIR_ROLES):
-            raise d.fail(f"{w}: roles must include {', '.join(PAIR_ROLES)}")
-        pairs = {len(c) for r, c in roles if r in PAIR_ROLES}
-        if len(pairs) != 1:
-            raise d.fail(f"{w}: unsafe and safe hold different numbers of prompts")
-        groups_spec.append((d.get(g, "site", str, w), d.get(g, "input", str, w), targets, roles))
-    if set(expected) != set(header.tensors):
-        missing = sorted(set(expected) - set(header.tensors))[:3]
-        extra = sorted(set(header.tensors) - set(expected))[:3]
-        raise d.fail(
-            f"tensors do not match the description (missing {missing}, unexpected {extra})"
+    specs = [_group(d, i, g) for i, g in enumerate(raw_groups)]
+    flat = _read_tensors(d, header, _expected_tensors(specs))
+    groups = tuple(
+        GroupActivations(
+            site, inp, targets, {n: _split(*(flat[k] for k in _names(i, n)), c) for n, c in roles}
         )
-    for name, (dt, shape) in expected.items():
-        t = header.tensors[name]
-        if t.dtype != dt or t.shape != shape:
-            raise d.fail(
-                f"tensor {name} is {t.dtype}{list(t.shape)}, the description needs {dt}{list(shape)}"
-            )
-
-    with TensorReader(header) as rd:
-        flat = {name: rd.tensor(name) for name in expected}
-    stored = header.metadata.get("vpatch.activations_sha256")
-    digest = _content_hash(
-        header.metadata["vpatch.activations"], [flat[n] for n in _order(groups_spec)]
+        for i, (site, inp, targets, roles) in enumerate(specs)
     )
-    if stored != digest:
-        raise ActivationsError(
-            f"{path}: the content hash does not match (stored {str(stored)[:16]}..., computed "
-            f"{digest[:16]}...); the file was modified or damaged, capture again"
-        )
-    groups = []
-    for i, (site, inp, targets, roles) in enumerate(groups_spec):
-        rd_roles: dict[str, tuple[Prompt, ...]] = {}
-        for name, calls in roles:
-            tk, pk = _names(i, name)
-            toks, pos = flat[tk], flat[pk]
-            at, prompts = 0, []
-            for p in calls:
-                caps = []
-                for n in p:
-                    caps.append(Capture(toks[at : at + n], pos[at : at + n]))
-                    at += n
-                prompts.append(tuple(caps))
-            rd_roles[name] = tuple(prompts)
-        groups.append(GroupActivations(site, inp, targets, rd_roles))
-    return Activations(
-        family, defaults, tuple(sites), concept, record, versions, tuple(groups), path
-    )
-
-
-def _order(groups_spec: list) -> list[str]:
-    """Tensor names in the order the content hash reads them (the order they were written)."""
-    out = []
-    for i, (_s, _i, _t, roles) in enumerate(groups_spec):
-        for name, _calls in roles:
-            out += list(_names(i, name))
-    return out
+    return Activations(family, defaults, tuple(sites), concept, record, versions, groups, path)

@@ -25,8 +25,9 @@ from ..families.recipes import Concept, EncoderSpec, Family, SiteSpec, load_conc
 from ..merge.engine import NullReporter, Reporter
 from ..vud.delta import versions
 from .activations import Activations, Capture, CaptureRecord, GroupActivations, TargetWeight
-from .encoders import Encoder, import_class
-from .sites import Target, find_module, hooked_group, run_chain, site_targets
+from .denoise import capture_denoise
+from .encoders import Encoder
+from .sites import Hooks, Target, find_module, hooked_group, run_chain, site_targets
 from .sources import ModelSource, WeightReader, open_model, resolve_family
 
 OFFLOADS = ("none", "model", "sequential", "balanced")
@@ -95,9 +96,9 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
 # --------------------------------------------------------------------------- the capture
 
 
-# what one group captured before fingerprinting: its targets and, per role, per prompt, per call,
-# the (tokens, H) input and its validity mask
-_Raw = dict[tuple[str, str], tuple[list[Target], dict[str, list[list[Capture]]]]]
+# what each (site, group) captured before fingerprinting: its targets and, per role, per prompt,
+# one Capture per forward call
+Raw = dict[tuple[str, str], tuple[list[Target], dict[str, list[list[Capture]]]]]
 
 
 def capture(
@@ -115,8 +116,6 @@ def capture(
     the weights' never add up.
     """
     opt = options or CaptureOptions()
-    rep = reporter or NullReporter()
-    say = log or (lambda _m: None)
     con = concept if isinstance(concept, Concept) else load_concept(concept)
     src = open_model(model, opt)
     fam = (
@@ -124,22 +123,46 @@ def capture(
         if opt.family
         else resolve_family(src, None, list(opt.overrides))
     )
+    sites, targets = _site_targets(src, fam, opt)
+    device = resolve_device(opt.device)
+    dtype = resolve_dtype(opt.dtype, device)
+    raw = _capture_sites(
+        src, fam, sites, targets, con, opt, device, dtype, reporter or NullReporter(), log
+    )
+    groups = _fingerprinted(raw, src, fam, weights or WeightReader(src, keep=False))
+    record = CaptureRecord(
+        src.origin or str(model),
+        opt.revision,
+        device,
+        str(dtype).removeprefix("torch."),
+        opt.seed,
+        opt.layers,
+        opt.overrides,
+        fam.denoise.steps if any(s.mode == "denoise" for s in sites) else None,
+    )
+    names = tuple(s.name for s in sites)
+    return Activations(
+        fam.name, dict(fam.defaults), names, con.record(), record, versions(), groups
+    )
+
+
+def _site_targets(
+    src: ModelSource, fam: Family, opt: CaptureOptions
+) -> tuple[list[SiteSpec], dict[str, list[Target]]]:
+    """The chosen sites and the stored weights each one targets; unknown names fail here."""
     site_names = list(opt.sites or fam.default_sites)
     for s in site_names:
         if s not in fam.sites:
             raise ProbeError(
                 f"--layers {s!r}: family {fam.name} has sites {', '.join(sorted(fam.sites))}"
             )
-    sites = [fam.sites[s] for s in site_names]
     for n in opt.encoders:
         if n not in fam.encoders:
             raise ProbeError(
                 f"--encoder {n}=...: family {fam.name} has encoders {', '.join(sorted(fam.encoders))}"
             )
     layers = re.compile(opt.layers) if opt.layers else None
-    device = resolve_device(opt.device)
-    dtype = resolve_dtype(opt.dtype, device)
-
+    sites = [fam.sites[s] for s in site_names]
     targets: dict[str, list[Target]] = {}
     for site in sites:
         ts = site_targets(site, src, layers, fam.key_prefixes)
@@ -149,44 +172,27 @@ def capture(
                 "is this the right --family, or did --layer-filter exclude everything?"
             )
         targets[site.name] = ts
+    return sites, targets
 
-    raw = _capture_sites(src, fam, sites, targets, con, opt, device, dtype, rep, say)
-    weights = weights or WeightReader(src, keep=False)
+
+def _fingerprinted(
+    raw: Raw, src: ModelSource, fam: Family, weights: WeightReader
+) -> tuple[GroupActivations, ...]:
+    """Each group with its targets' shapes, stored dtypes and sha256 (one read of each W)."""
     groups = []
     for (site_name, g), (ts, roles) in raw.items():
         recs = []
         for t in ts:
             b = weights.read(t.component, t.key)
+            # a single original-layout file has no components: the delta names the recipe's
             comp = fam.sites[site_name].components[0] if src.single is not None else t.component
             shape = (int(b.W.shape[0]), int(b.W.shape[1]))
             recs.append(
                 TargetWeight(t.component, t.key, f"{comp}/{t.key}", shape, b.dtype, b.sha256)
             )
-        groups.append(
-            GroupActivations(
-                site_name, g, tuple(recs), {r: tuple(map(tuple, ps)) for r, ps in roles.items()}
-            )
-        )
-    has_denoise = any(s.mode == "denoise" for s in sites)
-    record = CaptureRecord(
-        src.origin or str(model),
-        opt.revision,
-        device,
-        str(dtype).removeprefix("torch."),
-        opt.seed,
-        opt.layers,
-        opt.overrides,
-        fam.denoise.steps if has_denoise else None,
-    )
-    return Activations(
-        fam.name,
-        dict(fam.defaults),
-        tuple(site_names),
-        con.record(),
-        record,
-        versions(),
-        tuple(groups),
-    )
+        prompts = {r: tuple(tuple(p) for p in ps) for r, ps in roles.items()}
+        groups.append(GroupActivations(site_name, g, tuple(recs), prompts))
+    return tuple(groups)
 
 
 def _capture_sites(
@@ -199,9 +205,10 @@ def _capture_sites(
     device: str,
     dtype: torch.dtype,
     rep: Reporter,
-    say: Callable[[str], None],
-) -> _Raw:
+    log: Callable[[str], None] | None,
+) -> Raw:
     """Every site's captures; the encoders and pipeline live only inside this call."""
+    say = log or (lambda _m: None)
     text_sites = [s for s in sites if s.mode == "text"]
     denoise_sites = [s for s in sites if s.mode == "denoise"]
     total = 0
@@ -209,7 +216,7 @@ def _capture_sites(
         total += sum(len(x) for x in _pairs_inputs(con, fam.encoders[s.encoder]))
     if denoise_sites:  # one pipeline call per prompt, all sites hooked at once
         total += 2 * len(con.pairs) + len(con.neutral)
-    out: _Raw = {}
+    out: Raw = {}
     encoders: dict[str, Encoder] = {}
     rep.start("probing", total)
     try:
@@ -234,9 +241,7 @@ def _capture_sites(
                 out[(site.name, g)] = (ts, roles)
         if denoise_sites:
             out.update(
-                _capture_denoise(
-                    src, fam, denoise_sites, targets, con, opt, device, dtype, rep, say
-                )
+                capture_denoise(src, fam, denoise_sites, targets, con, opt, device, dtype, rep, say)
             )
     finally:
         rep.stop()
@@ -259,36 +264,6 @@ def _pairs_inputs(concept: Concept, enc: EncoderSpec) -> tuple[list, list, list]
             list(concept.neutral_images),
         )
     return [p.unsafe for p in concept.pairs], [p.safe for p in concept.pairs], list(concept.neutral)
-
-
-class _Hooks:
-    """Forward pre-hooks on Linear modules that record their input (never patch attention processors)."""
-
-    def __init__(
-        self,
-        modules: dict[str, torch.nn.Module],
-        select: Callable[[str, torch.Tensor], torch.Tensor],
-    ):
-        self.store: dict[str, list[torch.Tensor]] = {k: [] for k in modules}
-        self.handles = [
-            m.register_forward_pre_hook(self._make(k, select)) for k, m in modules.items()
-        ]
-
-    def _make(self, name: str, select):
-        def hook(_mod, args, kwargs=None):
-            x = args[0] if args else kwargs["input"]
-            self.store[name].append(select(name, x.detach()).float().cpu())
-
-        return hook
-
-    def take(self) -> dict[str, list[torch.Tensor]]:
-        out = self.store
-        self.store = {k: [] for k in out}
-        return out
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
 
 
 def capture_text(
@@ -316,7 +291,7 @@ def capture_text(
         for g, ts in by_group.items()
         if ts[0].component == spec.component
     }
-    hooks = _Hooks(hooked, lambda _n, x: x) if hooked else None
+    hooks = Hooks(hooked, lambda _n, x: x) if hooked else None
     raw: dict[str, tuple[list, dict[str, list]]] = {}
     try:
         for role, its in items.items():
@@ -358,113 +333,6 @@ def capture_text(
                     f"site {site.name!r} does not read {site.encoder!r} here (wrong family or recipe)"
                 )
     return by_group, out
-
-
-def _capture_denoise(
-    src: ModelSource,
-    fam: Family,
-    sites: list[SiteSpec],
-    targets: dict[str, list[Target]],
-    con: Concept,
-    opt: CaptureOptions,
-    device: str,
-    dtype: torch.dtype,
-    rep: Reporter,
-    say: Callable[[str], None],
-) -> _Raw:
-    """Run the pipeline on noise latents with hooks on the site Linears; one call per prompt, same seed."""
-    if src.single is not None:
-        raise ProbeError(
-            "denoise-mode sites need a diffusers pipeline folder; original single files can only be probed in text mode"
-        )
-    DiffusionPipeline = import_class("diffusers", "DiffusionPipeline")
-    say(
-        f"loading the pipeline for denoise-mode sites on {device} (this builds the denoiser; offload: {opt.offload})"
-    )
-    if opt.offload != "none" and not device.startswith("cuda"):
-        raise ProbeError(
-            f"--offload {opt.offload} needs a GPU (it moves weights between the GPU and host memory); use --offload none on CPU"
-        )
-    kwargs = {"torch_dtype": dtype}
-    if opt.offload == "balanced":  # accelerate spreads the components over every visible GPU
-        kwargs["device_map"] = "balanced"
-    try:
-        pipe = DiffusionPipeline.from_pretrained(src.root, **kwargs)
-    except (OSError, ValueError, ImportError) as e:
-        raise ProbeError(
-            f"{src.root}: diffusers could not load the pipeline ({str(e).splitlines()[0]})"
-        ) from None
-    if opt.offload == "model":
-        pipe.enable_model_cpu_offload(device=device)  # one component on the GPU at a time
-    elif opt.offload == "sequential":
-        pipe.enable_sequential_cpu_offload(device=device)  # one submodule at a time: least memory
-    elif opt.offload == "none":
-        pipe.to(device)
-    if hasattr(pipe, "set_progress_bar_config"):
-        pipe.set_progress_bar_config(disable=True)
-    call = dict(fam.denoise.call)
-    modules: dict[str, torch.nn.Module] = {}
-    site_of: dict[str, SiteSpec] = {}
-    group_targets: dict[tuple[str, str], list[Target]] = {}
-    for site in sites:
-        for t in targets[site.name]:
-            g = hooked_group(t)
-            group_targets.setdefault((site.name, g), []).append(t)
-            if g not in modules:
-                comp = getattr(pipe, t.component, None)
-                if comp is None:
-                    raise ProbeError(f"pipeline has no component {t.component!r}")
-                modules[g] = find_module(comp, t.module)
-                site_of[g] = site
-
-    def select(g: str, x: torch.Tensor) -> torch.Tensor:
-        site = site_of[g]
-        # the recipes turn guidance off (batch 1); with it on, diffusers batches [uncond, cond]: keep cond
-        x = x[-1] if x.dim() == 3 else x
-        if site.text_tokens == "all":
-            return x
-        n = site.text_len if isinstance(site.text_len, int) else int(call.get(site.text_len, 0))
-        if n <= 0:
-            raise ProbeError(
-                f"site {site.name}: text_len {site.text_len!r} is not set in [denoise.call]"
-            )
-        return x[:n] if site.text_tokens == "first" else x[-n:]
-
-    hooks = _Hooks(modules, select)
-
-    def run(prompt: str) -> dict[str, list[torch.Tensor]]:
-        gen = torch.Generator("cpu").manual_seed(opt.seed)
-        with torch.inference_mode():
-            pipe(
-                prompt=prompt,
-                num_inference_steps=fam.denoise.steps,
-                output_type="latent",
-                generator=gen,
-                **call,
-            )
-        rep.advance(1)
-        return hooks.take()
-
-    try:
-        per_u, per_s = [], []
-        for p in con.pairs:
-            per_u.append(run(p.unsafe))
-            per_s.append(run(p.safe))
-        per_n = [run(n) for n in con.neutral]
-    finally:
-        hooks.remove()
-    out: _Raw = {}
-    for (site_name, g), ts in group_targets.items():
-        if not per_u[0][g]:
-            raise ProbeError(
-                f"site {site_name}: module {g} never ran during the denoise pass; the recipe does not fit this pipeline"
-            )
-        roles = {
-            r: [[Capture.of(x, None) for x in calls[g]] for calls in per]
-            for r, per in (("unsafe", per_u), ("safe", per_s), ("neutral", per_n))
-        }
-        out[(site_name, g)] = (ts, roles)
-    return out
 
 
 def site_inputs(

@@ -9,6 +9,7 @@ encoder output and the site (e.g. a caption projection) from the stored weights.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -111,3 +112,33 @@ def find_module(
     raise ProbeError(
         f"module {module_path} not found in {type(root).__name__}; the recipe does not fit this model version"
     )
+
+
+class Hooks:
+    """Forward pre-hooks on Linear modules that record their input (never patch attention processors)."""
+
+    def __init__(
+        self,
+        modules: dict[str, torch.nn.Module],
+        select: Callable[[str, torch.Tensor], torch.Tensor],
+    ):
+        self.store: dict[str, list[torch.Tensor]] = {k: [] for k in modules}
+        self.handles = [
+            m.register_forward_pre_hook(self._make(k, select)) for k, m in modules.items()
+        ]
+
+    def _make(self, name: str, select):
+        def hook(_mod, args, kwargs=None):
+            x = args[0] if args else kwargs["input"]
+            self.store[name].append(select(name, x.detach()).float().cpu())
+
+        return hook
+
+    def take(self) -> dict[str, list[torch.Tensor]]:
+        out = self.store
+        self.store = {k: [] for k in out}
+        return out
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
