@@ -13,6 +13,7 @@ processors). The result is an ``Activations`` value; no direction math happens h
 
 from __future__ import annotations
 
+import gc
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -129,6 +130,7 @@ def capture(
     raw = _capture_sites(
         src, fam, sites, targets, con, opt, device, dtype, reporter or NullReporter(), log
     )
+    gc.collect()  # the encoders and pipeline are gone; free them before the weights are read
     groups = _fingerprinted(raw, src, fam, weights or WeightReader(src, keep=False))
     record = CaptureRecord(
         src.origin or str(model),

@@ -154,7 +154,12 @@ class WeightReader:
     ) -> WeightReader:
         """Reopen the model the activations were captured from (or MODEL, e.g. after a move)."""
         loc = model if model is not None else acts.capture.model
-        return cls(open_source(loc, acts.capture.revision if model is None else None), keep)
+        comps = sorted({t.component for g in acts.groups for t in g.targets})
+        patterns = ["model_index.json"] + [  # from a hub id: only the edited components
+            f"{c}/{p}" for c in comps for p in (*hub.SIDECARS, "*.safetensors")
+        ]
+        revision = acts.capture.revision if model is None else None
+        return cls(open_source(loc, revision, patterns), keep)
 
     def _load(self, component: str, key: str) -> tuple[torch.Tensor, str, str]:
         hit = self._stored.get((component, key))
