@@ -38,7 +38,7 @@ class ProbeReport:
     family: str
     concept: str
     method: dict | None
-    groups: list[GroupResult] | list[dict]
+    groups: list[GroupResult] | list[dict]  # built: per group results; capture only: summaries
     device: str
     activations: str | None = None  # where the activations were saved, if they were
 

@@ -20,7 +20,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -57,7 +57,7 @@ class TargetWeight:
         }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensors: compare with torch.equal, not ==
 class Capture:
     """One forward call's input at a site for one prompt: its valid tokens and their positions."""
 
@@ -77,7 +77,7 @@ class Capture:
 Prompt = tuple[Capture, ...]  # one prompt: one Capture per forward call
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class GroupActivations:
     """The captures of the targets that read one input (one direction per group)."""
 
@@ -114,7 +114,7 @@ class CaptureRecord:
         return d
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Activations:
     family: str
     defaults: dict  # the family recipe's method defaults: a build fills unset parameters from them
@@ -123,7 +123,7 @@ class Activations:
     capture: CaptureRecord
     versions: dict
     groups: tuple[GroupActivations, ...]
-    path: Path | None = field(default=None, compare=False)
+    path: Path | None = None
 
     @property
     def concept_name(self) -> str:
