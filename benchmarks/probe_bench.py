@@ -168,10 +168,12 @@ def pipeline_folder(root: Path, run: tuple, layers: int, device: str) -> tuple[P
 
 
 def child(folder: str, site: str, device: str, out: str) -> None:
-    from patcher.probe.core import ProbeOptions, probe
+    from patcher.probe import CaptureOptions, ProbeParams, probe
 
     t0 = time.time()
-    r = probe(folder, "nudity", out, ProbeOptions(sites=[site], device=device, rank=100))
+    r = probe(
+        folder, "nudity", out, CaptureOptions(sites=[site], device=device), ProbeParams(rank=100)
+    )
     wall = time.time() - t0
     hwm = 0
     for line in Path("/proc/self/status").read_text().splitlines():

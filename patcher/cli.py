@@ -26,7 +26,7 @@ from rich.progress import (
 from rich.table import Table
 
 from ._version import __version__
-from .errors import VpatchError
+from .errors import ProbeError, VpatchError
 from .inspection import inspect_path
 from .merge.engine import Report, apply_delta, revert_delta
 
@@ -151,6 +151,7 @@ def main() -> None:
     \b
     Typical use:
       vpatch probe MODEL -c nudity -o concept.vud  find the concept's direction (needs [probe])
+      vpatch build ACTS -o other.vud --strength 1.5  another delta from saved activations
       vpatch inspect concept.vud                  what a delta edits
       vpatch apply MODEL concept.vud -o MODEL-safe   merge it (streaming, weights only)
       vpatch inspect MODEL-safe                   which deltas a checkpoint carries
@@ -340,6 +341,89 @@ def _pairs(values: tuple[str, ...], flag: str) -> dict[str, str]:
     return out
 
 
+def _method_options(fn):
+    """The method parameters, shared by `probe` and `build`; ProbeParams checks them (once)."""
+    from .erasure.refusal import POOLINGS
+    from .probe.build import METHODS
+
+    opts = [
+        click.option(
+            "--method",
+            metavar="NAME",
+            help=f"How directions are found: {', '.join(METHODS)}. cpca: the refusal vector kept by the "
+            "contrastive subspace of C_diff − α·C_neutral; pca: the same with α = 0; mean: the raw mean "
+            "difference. Default: the family recipe's (cpca).",
+        ),
+        click.option(
+            "--rank",
+            type=int,
+            help="k ≥ 1: the subspace size for pca/cpca (paper: 100; capped at the input width).",
+        ),
+        click.option("--alpha", type=float, help="α ≥ 0 in C = C_diff − α·C_neutral (cpca only)."),
+        click.option(
+            "--strength",
+            type=float,
+            help="λ > 0 in W' = W − λ (W u) uᵀ; 1 removes the direction exactly.",
+        ),
+        click.option(
+            "--directions",
+            type=int,
+            help="m ≥ 1: how many orthonormal refusal directions to remove.",
+        ),
+        click.option(
+            "--pooling",
+            metavar="MODE",
+            help=f"How a prompt's tokens become samples: {', '.join(POOLINGS)} (see recipes/README.md).",
+        ),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def _params(method, rank, alpha, strength, directions, pooling):
+    from .probe import ProbeParams
+
+    return ProbeParams(method, rank, alpha, strength, directions, pooling)
+
+
+def _show_probe(r, as_json: bool, verb: str) -> None:
+    if as_json:
+        click.echo(json.dumps(r.to_dict(), indent=2))
+        return
+    if r.delta is None:  # capture only
+        t = Table(title=f"{verb}: captured {r.concept} on {r.family}")
+        for c in ("site", "input", "width", "prompts", "tokens", "targets"):
+            t.add_column(c, overflow="fold")
+        for g in r.groups:
+            t.add_row(
+                g["site"],
+                g["input"],
+                str(g["dim"]),
+                "/".join(str(n) for n in g["prompts"].values()),
+                "/".join(str(n) for n in g["tokens"].values()),
+                str(len(g["targets"])),
+            )
+        err.print(t)
+        err.print(
+            f"build deltas from it with: vpatch build {r.activations} -o DELTA.vud [--strength ...]"
+        )
+        click.echo(r.activations)
+        return
+    m = r.method
+    t = Table(
+        title=f"{verb}: {r.concept} on {r.family} ({m['name']}, k={m['rank']}, α={m['alpha']:g}, λ={m['strength']:g})"
+    )
+    for c in ("site", "input", "width", "samples", "r kept", "targets"):
+        t.add_column(c, overflow="fold")
+    for g in r.groups:
+        t.add_row(g.site, g.input, str(g.dim), str(g.samples), f"{g.kept:.0%}", str(len(g.targets)))
+    err.print(t)
+    if r.activations:
+        err.print(f"activations saved to {r.activations}")
+    click.echo(r.delta)
+
+
 @main.command()
 @click.argument("model")
 @click.option(
@@ -349,7 +433,16 @@ def _pairs(values: tuple[str, ...], flag: str) -> dict[str, str]:
     help="Concept recipe: a shipped name (nudity, violence, gore, trademark) or a .toml path.",
 )
 @click.option(
-    "-o", "--out", type=click.Path(path_type=Path), required=True, help="The .vud delta to write."
+    "-o",
+    "--out",
+    type=click.Path(path_type=Path),
+    help="The .vud delta to write (may be left out with --save-activations).",
+)
+@click.option(
+    "--save-activations",
+    type=click.Path(path_type=Path),
+    metavar="FILE",
+    help="Also save what the sites read (safetensors), to build more deltas later with `vpatch build`.",
 )
 @click.option(
     "--family",
@@ -364,29 +457,7 @@ def _pairs(values: tuple[str, ...], flag: str) -> dict[str, str]:
     "--layer-filter",
     help="Regular expression: keep only target keys it matches, e.g. 'blocks\\.(2[0-9])\\.'.",
 )
-@click.option(
-    "--method",
-    type=click.Choice(["cpca", "pca", "mean"]),
-    help="cpca (default): contrastive subspace; pca: α = 0; mean: raw mean difference.",
-)
-@click.option(
-    "--rank",
-    "rank",
-    type=int,
-    help="k: the subspace size for pca/cpca (paper: 100; capped at the input width).",
-)
-@click.option("--alpha", type=float, help="α in C = C_diff − α·C_neutral (cpca only).")
-@click.option(
-    "--strength", type=float, help="λ in W' = W − λ (W u) uᵀ; 1 removes the direction exactly."
-)
-@click.option(
-    "--directions", type=int, help="m: how many orthonormal refusal directions to remove."
-)
-@click.option(
-    "--pooling",
-    type=click.Choice(["tokens", "mean", "last"]),
-    help="How a prompt's tokens become samples (see recipes/README.md).",
-)
+@_method_options
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option(
     "--dtype",
@@ -417,13 +488,16 @@ def _pairs(values: tuple[str, ...], flag: str) -> dict[str, str]:
 )
 @click.option(
     "--offload",
-    type=click.Choice(["none", "model", "sequential", "balanced"]),
     default="none",
     show_default=True,
-    help="Denoise mode on a model too big for the GPU: accelerate's model or sequential CPU offload, or a balanced device_map over all GPUs.",
+    metavar="MODE",
+    help="Denoise mode on a model too big for the GPU: none, model or sequential (accelerate's CPU "
+    "offload), or balanced (a device_map over all GPUs).",
 )
 @click.option("--revision", help="Hub revision when MODEL is a hub id.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing delta file at -o.")
+@click.option(
+    "--overwrite", is_flag=True, help="Replace existing files at -o and --save-activations."
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_user_errors
@@ -431,6 +505,7 @@ def probe(
     model,
     concept,
     out,
+    save_activations,
     family,
     sites,
     layer_filter,
@@ -457,48 +532,93 @@ def probe(
     (Open-Sora). Text-mode sites run only the text/image encoder; denoise-mode sites run the
     pipeline on noise latents. The delta is then merged with `vpatch apply`.
 
+    A probe is a capture (running the model, the slow part) and a build (the direction math, fast).
+    --save-activations keeps the capture, so other --strength/--rank/--alpha/--method values cost a
+    `vpatch build` each, not another capture.
+
     \b
     Examples:
       vpatch probe Wan-AI/Wan2.1-T2V-1.3B-Diffusers -c nudity -o nudity.vud
       vpatch probe ./cogvideox -c gore -o gore.vud --layers text_proj,t5_ffn --rank 64
       vpatch probe Open_Sora_v2.safetensors -c trademark -o tm.vud --encoder text=./t5-xxl --encoder pooled=./clip-l
+      vpatch probe ./wan -c nudity --save-activations nudity.acts.safetensors   # capture only
     """
-    from .probe.core import ProbeOptions
-    from .probe.core import probe as run_probe
+    from .probe import CaptureOptions
+    from .probe import probe as run_probe
 
-    opt = ProbeOptions(
+    if out is None and save_activations is None:
+        raise ProbeError(
+            "probe: nothing to write; give -o DELTA.vud, --save-activations FILE or both"
+        )
+    params = _params(method, rank, alpha, strength, directions, pooling)
+    opt = CaptureOptions(
         family=family,
-        method=method,
-        rank=rank,
-        alpha=alpha,
-        strength=strength,
-        directions=directions,
-        pooling=pooling,
-        sites=[s.strip() for s in sites.split(",") if s.strip()] if sites else None,
+        sites=tuple(s.strip() for s in sites.split(",") if s.strip()) if sites else None,
         layers=layer_filter,
         device=device,
         dtype=dtype,
         seed=seed,
-        overrides=list(sets),
+        overrides=tuple(sets),
         encoders=_pairs(encoders, "--encoder"),
         revision=revision,
         offload=offload,
-        overwrite=overwrite,
     )
     say = (lambda m: None) if (quiet or as_json) else (lambda m: err.print(m))
-    r = run_probe(model, concept, out, opt, reporter=CountReporter(quiet or as_json), log=say)
-    if as_json:
-        click.echo(json.dumps(r.to_dict(), indent=2))
-        return
-    t = Table(
-        title=f"probe: {r.concept} on {r.family} ({r.method['name']}, k={r.method['rank']}, α={r.method['alpha']:g}, λ={r.method['strength']:g})"
+    r = run_probe(
+        model,
+        concept,
+        out,
+        opt,
+        params,
+        save_activations=save_activations,
+        overwrite=overwrite,
+        reporter=CountReporter(quiet or as_json),
+        log=say,
     )
-    for c in ("site", "input", "width", "samples", "r kept", "targets"):
-        t.add_column(c, overflow="fold")
-    for g in r.groups:
-        t.add_row(g.site, g.input, str(g.dim), str(g.samples), f"{g.kept:.0%}", str(len(g.targets)))
-    err.print(t)
-    click.echo(r.delta)
+    _show_probe(r, as_json, "probe")
+
+
+@main.command()
+@click.argument("activations", type=click.Path(path_type=Path))
+@click.option(
+    "-o", "--out", type=click.Path(path_type=Path), required=True, help="The .vud delta to write."
+)
+@_method_options
+@click.option(
+    "--model",
+    help="Read the base weights from here (default: the model the activations were captured from, "
+    "as recorded in them); it must hold the very same target weights.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing delta file at -o.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable summary on stdout.")
+@_user_errors
+def build(
+    activations, out, method, rank, alpha, strength, directions, pooling, model, overwrite, as_json
+):
+    """Build a delta from saved activations, with any method parameters, without running a model.
+
+    ACTIVATIONS is a file written by `vpatch probe ... --save-activations FILE`. Unset parameters
+    take the family recipe's defaults, as in `probe`. The base weights W (the edit is
+    U = −λ W B) are read from the captured model and checked against the fingerprints taken at
+    capture, so a delta is never built on other weights than the directions came from.
+
+    \b
+    Examples:
+      vpatch probe ./wan -c nudity --save-activations nudity.acts.safetensors
+      vpatch build nudity.acts.safetensors -o nudity-l12.vud --strength 1.2
+      vpatch build nudity.acts.safetensors -o nudity-k16.vud --rank 16 --alpha 0.5
+    """
+    from .output import check_target
+    from .probe import WeightReader, read_activations, report
+    from .probe import build as run_build
+    from .vud.delta import write_delta
+
+    params = _params(method, rank, alpha, strength, directions, pooling)
+    check_target(out, [activations], overwrite)
+    acts = read_activations(activations)
+    built = run_build(acts, params, WeightReader.for_activations(acts, model))
+    digest = write_delta(out, built.delta, overwrite=overwrite)
+    _show_probe(report(built, acts, out, digest), as_json, "build")
 
 
 @main.command("eval")
