@@ -66,25 +66,6 @@ class WeightSet:
     def dtype(self, key: str) -> str:
         return self.headers[self.key_file[key]].tensors[key].dtype
 
-    def metadata_records(self) -> list[dict]:
-        """vpatch provenance found in this set's headers (one list per edited file, merged)."""
-        seen: dict[str, dict] = {}
-        for h in self.headers.values():
-            for rec in provenance(h.metadata):
-                seen.setdefault(json.dumps(rec, sort_keys=True), rec)
-        return list(seen.values())
-
-
-def provenance(meta: dict[str, str]) -> list[dict]:
-    raw = meta.get("vpatch.applied")
-    if not raw:
-        return []
-    try:
-        val = json.loads(raw)
-    except ValueError:
-        return []
-    return [r for r in val if isinstance(r, dict)] if isinstance(val, list) else []
-
 
 @dataclass
 class Component:
@@ -105,12 +86,10 @@ class Checkpoint:
         return [ws for c in self.components for ws in c.weight_sets]
 
     def applied(self) -> list[dict]:
-        """The vpatch provenance records of every weight set, one per delta."""
-        seen: dict[str, dict] = {}
-        for ws in self.weight_sets:
-            for rec in ws.metadata_records():
-                seen.setdefault(str(rec.get("delta_sha256", "?")), rec)
-        return list(seen.values())
+        """The vpatch provenance records of every weight set, one per delta (``merge.provenance``)."""
+        from .merge import provenance
+
+        return [r.to_dict() for r in provenance.applied(self)]
 
     def total_bytes(self) -> int:
         return sum(f.stat().st_size for ws in self.weight_sets for f in ws.files)
@@ -161,7 +140,8 @@ def load_index(index: Path) -> WeightSet:
     return WeightSet(files, index, _variant(index.name), headers, key_file, obj)
 
 
-def _scan_folder(folder: Path) -> tuple[list[WeightSet], list[Path]]:
+def scan_folder(folder: Path) -> tuple[list[WeightSet], list[Path]]:
+    """A component folder's weight sets (each index with its shards, each other file alone) and pickles."""
     sets: list[WeightSet] = []
     in_index: set[Path] = set()
     for idx in sorted(folder.glob("*.safetensors.index.json")):
@@ -204,12 +184,12 @@ def open_checkpoint(path: str | Path, revision: str | None = None) -> Checkpoint
     if (path / "model_index.json").is_file():
         comps = []
         for sub in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            sets, pickles = _scan_folder(sub)
+            sets, pickles = scan_folder(sub)
             if sets or pickles:
                 comps.append(Component(sub.name, sub, sets, pickles))
         return Checkpoint("pipeline", path, comps)
 
-    sets, pickles = _scan_folder(path)
+    sets, pickles = scan_folder(path)
     if not sets:
         if pickles:
             refuse_pickle(pickles[0])

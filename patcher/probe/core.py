@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .. import hub
-from ..checkpoint import WeightSet, _scan_folder, load_single
+from ..checkpoint import WeightSet, load_single, scan_folder
 from ..erasure.refusal import METHODS, POOLINGS, pair_differences, pool, refusal_directions
 from ..errors import ProbeError
 from ..families.recipes import (
@@ -112,7 +112,7 @@ class ModelSource:
         folder = self.root / component
         if not folder.is_dir():
             return None
-        sets, _pickles = _scan_folder(folder)
+        sets, _pickles = scan_folder(folder)
         plain = [ws for ws in sets if ws.variant is None]
         return (plain or sets or [None])[0]
 
