@@ -247,9 +247,9 @@ def evaluate(
     ``cache`` (a dict the caller keeps) reuses the original model's clips across calls with the same
     prompts, seeds and sampler settings, as the ablation benchmark does."""
     from .. import organism
-    from ..probe.core import _quiet_libraries
+    from ..probe.core import quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
     opt = options or EvalOptions()
     say = log or (lambda _m: None)
     rep = reporter or NullReporter()

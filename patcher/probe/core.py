@@ -167,7 +167,7 @@ def open_source(
 # --------------------------------------------------------------------------- encoders
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """vpatch shows its own progress; the libraries' per-file bars and advice would interleave with it."""
     import warnings
 
@@ -184,7 +184,7 @@ def _quiet_libraries() -> None:
 
 
 def _import(lib: str, cls: str):
-    _quiet_libraries()
+    quiet_libraries()
     try:
         mod = __import__(lib)
         return getattr(mod, cls)
