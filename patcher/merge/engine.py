@@ -8,11 +8,14 @@ output atomically (a file, a sharded checkpoint, a component or pipeline folder)
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .._version import __version__
+from ..checkpoint import Checkpoint
 from ..errors import AlreadyApplied, OutputError, RevertError
+from ..output import check_name, check_target
 from ..progress import NullReporter, Reporter
 from ..safetensors_io import Header
 from ..vud.delta import Delta, read_delta
@@ -107,6 +110,32 @@ def _warn_rounding(stats: list[EditStats]) -> list[str]:
     ]
 
 
+def _inputs(plan: Plan) -> list[Path]:
+    """Every path the command reads: never a target of its outputs."""
+    ck = plan.checkpoint
+    paths = [ck.root, *(f for ws in ck.weight_sets for f in ws.files)]
+    if plan.delta.path is not None:
+        paths.append(Path(plan.delta.path))
+    return paths
+
+
+def _check_outputs(
+    ck: Checkpoint, out: Path, inputs: list[Path], overwrite: bool, record: Path | None
+) -> None:
+    """Refuse a bad -o or --revert-record before any work (the writers check again)."""
+    check_target(out, inputs, overwrite, "checkpoint", folder=ck.layout != "file")
+    if record is None:
+        return
+    check_name(record)
+    if os.path.abspath(record) == os.path.abspath(out) or record.resolve().is_relative_to(
+        out.resolve()
+    ):
+        raise OutputError(
+            f"--revert-record {record} would be written at or inside the output {out}; keep the record apart from the model (it undoes the edit)"
+        )
+    check_target(record, [*inputs, out], overwrite, "record", folder=False)
+
+
 # --------------------------------------------------------------------------- apply
 
 
@@ -193,9 +222,11 @@ def apply_delta(
         return rep_
     if out is None:
         raise OutputError("no output given; pass -o OUT (vpatch never overwrites its input)")
-    out = resolve_out(plan.checkpoint, Path(out))
-    record_path = Path(revert_record) if revert_record else None
     ck = plan.checkpoint
+    out = resolve_out(ck, Path(out))
+    record_path = Path(revert_record) if revert_record else None
+    inputs = _inputs(plan)
+    _check_outputs(ck, out, inputs, overwrite, record_path)
     ops = plan.ops()
     every_tag = sorted(op_tag(ck, op) for op in ops)
 
@@ -226,11 +257,9 @@ def apply_delta(
 
     def write_revert_record(results: list[EditResult]) -> None:
         if record_path is not None:
-            inputs = [ck.root, out] + [f for ws in ck.weight_sets for f in ws.files]
-            if dl.path is not None:
-                inputs.append(Path(dl.path))
-            write_record(record_path, ck, results, dl.sha256, inputs, overwrite)
+            write_record(record_path, ck, results, dl.sha256, [*inputs, out], overwrite, notes)
 
+    notes: list[str] = []
     results = write_checkpoint(
         plan,
         out,
@@ -239,6 +268,8 @@ def apply_delta(
         index_meta,
         rep,
         overwrite,
+        inputs=inputs,
+        notes=notes,
         hash_bytes=record_path is not None,
         capture=record_path is not None,
         after_write=write_revert_record,
@@ -250,6 +281,7 @@ def apply_delta(
     report = _report("apply", plan, out)
     report.tensors = stats
     report.revert_record = str(record_path) if record_path else None
+    report.warnings += notes
     report.warnings += _apply_warnings(plan, stats)
     return report
 
@@ -310,8 +342,11 @@ def revert_delta(
     plan = dataclasses.replace(
         plan, strength=applied.strength, use_factors=applied.mode == "factors", _ops=None
     )
-    rec = RevertRecord(Path(record), dl.sha256) if record is not None else None
     ck = plan.checkpoint
+    out = resolve_out(ck, Path(out))
+    inputs = _inputs(plan) + ([Path(record)] if record is not None else [])
+    _check_outputs(ck, out, inputs, overwrite, None)
+    rec = RevertRecord(Path(record), dl.sha256) if record is not None else None
     jobs: list[Job] = []
     expect: dict[str, str | None] = {}  # tag -> the sha256 the reverted bytes must have
     for op in plan.ops():
@@ -353,7 +388,7 @@ def revert_delta(
                 " Revert with the record from `apply --revert-record`, or pass --allow-inexact to keep the approximate result"
             )
 
-    out = resolve_out(ck, Path(out))
+    notes: list[str] = []
     write_checkpoint(
         plan,
         out,
@@ -362,6 +397,8 @@ def revert_delta(
         index_meta,
         rep,
         overwrite,
+        inputs=inputs,
+        notes=notes,
         hash_bytes=True,
         capture=False,
         after_write=verify,
@@ -369,6 +406,7 @@ def revert_delta(
     report = _report("revert", plan, out)
     report.strength, report.mode = applied.strength, applied.mode
     report.tensors = checked
+    report.warnings += notes
     report.warnings += [
         f"{s.key}: reverted approximately (fingerprint differs)"
         for s in checked

@@ -187,7 +187,7 @@ def patch_file(
     ``hash_bytes``: sha256 of the rows read and written (revert records, revert checks);
     ``capture``: keep what an exact revert needs (``apply --revert-record``)."""
     results: list[EditResult] = []
-    fd = os.open(dst, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    fd = os.open(dst, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         pw = PositionalWriter(
             fd,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..checkpoint import Checkpoint, Component, WeightSet, open_checkpoint
 from ..dtypes import codec_for, dtype_refusal
-from ..errors import CompatibilityError, DtypeError, PickleRefused
+from ..errors import CompatibilityError, DeltaError, DtypeError, PickleRefused
 from ..layouts import AliasRules, Location, resolve, rules_for
 from ..safetensors_io import Header, TensorReader, row_blocks
 from ..vud.delta import Delta, DeltaEntry, read_delta
@@ -215,6 +215,11 @@ def plan_apply(
     ck = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint, revision)
     dl = delta if isinstance(delta, Delta) else read_delta(delta)
     check_strength(strength)
+    for e in dl.entries:
+        if not abs(e.strength) <= MAX_STRENGTH:
+            raise DeltaError(
+                f"{e.key}: the delta's stored strength {e.strength} is outside ±{MAX_STRENGTH:g}, the bound --strength has; the delta is damaged or was not written by vpatch"
+            )
     rules = rules_for(dl.method.get("family") if isinstance(dl.method, dict) else None)
     chosen, how = _choose_component(ck, dl, component, rules)
     matches: list[Match] = []
@@ -231,10 +236,16 @@ def plan_apply(
                 f"{comp.folder} holds pickle weights ({comp.pickle_files[0].name}) beside the safetensors ones; they would stay unpatched and could be loaded instead. Delete or convert them first"
             )
         m = Match(e, "matched")
+        found = [ws for ws in comp.weight_sets if resolve(e.tensor_key, e.shape, ws, rules)[1]]
         for ws in comp.weight_sets:
             status, loc, note = resolve(e.tensor_key, e.shape, ws, rules)
             if loc is None:
                 m.status, m.note = status, note
+                if found and status == "missing":
+                    m.note += (
+                        f", but it is in {found[0].label}: every weight file of a component folder is"
+                        f" taken as a variant of the same weights, so move {Path(ws.label).name} out of {comp.folder}"
+                    )
                 break
             m.sets.append(ws)
             m.locs.append(loc)
@@ -263,7 +274,11 @@ def plan_apply(
         )
     cov = plan.coverage()
     if not plan.matched or (cov["matched"] < cov["expected"] and not allow_partial):
-        first = (cov["missing"] + cov["shape_mismatch"])[:2]
+        first = [
+            f"{m.entry.key} ({m.note})" if m.status == "missing" and m.note else m.entry.key
+            for m in plan.in_scope
+            if m.status == "missing"
+        ][:2] or cov["shape_mismatch"][:2]
         err = CompatibilityError(
             f"the delta does not fit this checkpoint: {cov['matched']}/{cov['expected']} entries matched"
             f" ({len(cov['missing'])} missing, {len(cov['shape_mismatch'])} wrong shape; first: {'; '.join(first)})."

@@ -8,6 +8,7 @@ rounding, plus the sha256 of every original tensor. It undoes the edit: keep it 
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,7 @@ def write_record(
     delta_sha: str,
     inputs: list[Path],
     overwrite: bool,
+    notes: list[str] | None = None,
 ) -> None:
     tensors: dict[str, torch.Tensor] = {}
     originals: dict[str, str] = {}
@@ -64,8 +66,9 @@ def write_record(
         "vpatch.delta_sha256": delta_sha,
         "vpatch.originals": json.dumps(originals),
     }
-    with atomic_file(path, inputs, overwrite) as tmp:
+    with atomic_file(path, inputs, overwrite, "record", notes) as tmp:
         save_tensors(tmp, tensors, meta)
+        os.chmod(tmp, 0o600)  # private: it undoes the edit
         read_header(tmp)
 
 

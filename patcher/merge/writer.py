@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 from ..checkpoint import Checkpoint, load_index
-from ..output import atomic_dir, atomic_file
+from ..output import atomic_dir, atomic_file, check_name
 from ..progress import Reporter
 from ..safetensors_io import Header, copy_file, rewrite_metadata
 from .kernel import COPY_PIECE, Job, patch_file, validate_copy
@@ -20,6 +19,7 @@ IndexMeta = Callable[[dict, list[EditResult]], dict]
 
 
 def resolve_out(ck: Checkpoint, out: Path) -> Path:
+    check_name(out)
     if ck.layout == "file" and out.is_dir():
         return out / ck.root.name
     return out
@@ -41,22 +41,24 @@ def write_checkpoint(
     rep: Reporter,
     overwrite: bool,
     *,
+    inputs: list[Path],
     hash_bytes: bool,
     capture: bool,
     after_write: Callable[[list[EditResult]], None] | None = None,
+    notes: list[str] | None = None,
 ) -> list[EditResult]:
     """Write the whole output (file or folder) atomically.
 
     ``meta_for(header, results)`` gives a patched file's metadata: first with ``results=None`` to
     reserve the header (worst case), then with every edit's results once all files are streamed,
     when what the provenance says (e.g. which targets differed from the base) is known. Index files
-    are written last, with ``index_meta(metadata, results)``.
+    are written last, with ``index_meta(metadata, results)``. ``inputs``: every path the command
+    reads (never the target); ``notes`` collects what stale temporaries were removed.
     """
     ck = plan.checkpoint
     by_file = _jobs_by_file(jobs)
     results: list[EditResult] = []
     patched: list[tuple[Header, Path]] = []
-    inputs = [ck.root] + [f for ws in ck.weight_sets for f in ws.files]
 
     def patch(src: Path, dst: Path) -> None:
         h = plan.header(src)
@@ -81,7 +83,7 @@ def write_checkpoint(
     rep.start("writing", ck.total_bytes())
     try:
         if ck.layout == "file":
-            with atomic_file(out, inputs, overwrite) as tmp:
+            with atomic_file(out, inputs, overwrite, "checkpoint", notes) as tmp:
                 patch(ck.root, tmp)
                 finalize()
                 if after_write:
@@ -92,13 +94,11 @@ def write_checkpoint(
         if ck.layout == "sharded":
             sources = [ck.root] + ck.weight_sets[0].files
         else:
-            sources = [Path(dp) / f for dp, dns, fns in os.walk(root) for f in sorted(fns)]
-        with atomic_dir(out, inputs, overwrite) as tmp:
+            sources = ck.files
+        with atomic_dir(out, inputs, overwrite, "checkpoint", notes) as tmp:
             rewrite_index: list[Path] = []
             for src in sources:
                 rel = src.relative_to(root)
-                if any(".vpatch-tmp" in part or ".vpatch-old-" in part for part in rel.parts):
-                    continue  # leftovers of our own interrupted runs
                 dst = tmp / rel
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 if src in by_file:
