@@ -73,6 +73,9 @@ def _user_errors(fn):
         except VpatchError as e:
             msg = " ".join(str(e).split())
             click.echo(f"vpatch: {type(e).__name__}: {msg}", err=True)
+            plan = getattr(e, "plan", None)
+            if plan is not None:  # the details, after the message (a script reads the first line)
+                _coverage_table(plan.coverage())
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("vpatch: interrupted; no output was written", err=True)

@@ -17,7 +17,6 @@ from ..checkpoint import Checkpoint
 from ..errors import AlreadyApplied, OutputError, RevertError
 from ..output import check_name, check_target
 from ..progress import NullReporter, Reporter
-from ..safetensors_io import Header
 from ..vud.delta import Delta, read_delta
 from . import provenance
 from .kernel import Job
@@ -97,10 +96,6 @@ def _report(action: str, plan: Plan, out: Path | None) -> Report:
     )
 
 
-def _index_records(meta: dict, where: Path) -> list[AppliedRecord]:
-    return provenance.parse_list(meta.get(provenance.KEY), f"{where} (index metadata)")
-
-
 def _warn_rounding(stats: list[EditStats]) -> list[str]:
     return [
         f"{s.key} ({s.file}): only {max(0.0, 1 - s.rounding_error):.0%} of the edit survived rounding to {s.dtype}"
@@ -169,6 +164,16 @@ def _apply_warnings(plan: Plan, stats: list[EditStats]) -> list[str]:
     return out
 
 
+def _refuse_reapply(plan: Plan) -> None:
+    dl = plan.delta
+    for m in plan.matched:
+        for ws in m.sets:
+            if any(r.delta_sha256 == dl.sha256 for r in provenance.records(ws)):
+                raise AlreadyApplied(
+                    f"{ws.label} already contains delta {dl.sha256[:12]} ({dl.concept_name}); applying it twice compounds the edit. Pass --force to do it anyway"
+                )
+
+
 def apply_delta(
     checkpoint: str | Path,
     delta: str | Path | Delta,
@@ -206,12 +211,7 @@ def apply_delta(
     )
     dl = plan.delta
     if not force:
-        for m in plan.matched:
-            for ws in m.sets:
-                if any(r.delta_sha256 == dl.sha256 for r in provenance.records(ws)):
-                    raise AlreadyApplied(
-                        f"{ws.label} already contains delta {dl.sha256[:12]} ({dl.concept_name}); applying it twice compounds the edit. Pass --force to do it anyway"
-                    )
+        _refuse_reapply(plan)
     if dry_run:
         rep_ = _report("dry-run", plan, Path(out) if out else None)
         rep_.warnings += [
@@ -228,32 +228,18 @@ def apply_delta(
     inputs = _inputs(plan)
     _check_outputs(ck, out, inputs, overwrite, record_path)
     ops = plan.ops()
-    every_tag = sorted(op_tag(ck, op) for op in ops)
-
-    def rec(results: list[EditResult] | None) -> AppliedRecord:
-        diverged = (
-            every_tag
-            if results is None
-            else sorted(result_tag(ck, r) for r in results if r.stats.base_match is False)
-        )
-        return AppliedRecord(
+    prov = provenance.ApplyStamp(
+        plan,
+        AppliedRecord(
             delta_sha256=dl.sha256,
             concept=dl.concept_name,
             strength=float(strength),
             mode="factors" if use_factors else "recompute",
             entries=len(plan.matched),
             vpatch=__version__,
-            diverged=tuple(diverged),
-        )
-
-    def meta_for(h: Header, results: list[EditResult] | None) -> dict[str, str]:
-        recs = provenance.parse(h.metadata, str(h.path))
-        return provenance.with_records(h.metadata, recs + [rec(results)])
-
-    def index_meta(meta: dict, results: list[EditResult]) -> dict:
-        recs = _index_records(meta, ck.root)
-        meta[provenance.KEY] = [r.to_dict() for r in recs + [rec(results)]]
-        return meta
+            diverged=tuple(sorted(op_tag(ck, op) for op in ops)),
+        ),
+    )
 
     def write_revert_record(results: list[EditResult]) -> None:
         if record_path is not None:
@@ -264,8 +250,8 @@ def apply_delta(
         plan,
         out,
         [Job(op) for op in ops],
-        meta_for,
-        index_meta,
+        prov.meta_for,
+        prov.index_meta,
         rep,
         overwrite,
         inputs=inputs,
@@ -326,18 +312,7 @@ def revert_delta(
     rep = reporter or NullReporter()
     dl = delta if isinstance(delta, Delta) else read_delta(delta)
     plan = plan_apply(checkpoint, dl, component=component, allow_partial=True, fingerprints=False)
-    recs = [
-        r
-        for m in plan.matched
-        for ws in m.sets
-        for r in provenance.records(ws)
-        if r.delta_sha256 == dl.sha256
-    ]
-    if not recs:
-        raise RevertError(
-            f"{plan.checkpoint.root} has no record of delta {dl.sha256[:12]} ({dl.concept_name}); nothing to revert"
-        )
-    applied = recs[0]
+    applied = provenance.applied_to(plan)
     # the inverse edits are planned with the strength and mode the provenance records
     plan = dataclasses.replace(
         plan, strength=applied.strength, use_factors=applied.mode == "factors", _ops=None
@@ -354,18 +329,7 @@ def revert_delta(
         job, expect[name] = _inverse(op, name, applied, rec)
         jobs.append(job)
 
-    def meta_for(h: Header, _results: object) -> dict[str, str]:
-        recs = provenance.parse(h.metadata, str(h.path))
-        return provenance.with_records(h.metadata, [r for r in recs if r.delta_sha256 != dl.sha256])
-
-    def index_meta(meta: dict, _results: object) -> dict:
-        kept = [r for r in _index_records(meta, ck.root) if r.delta_sha256 != dl.sha256]
-        if kept:
-            meta[provenance.KEY] = [r.to_dict() for r in kept]
-        else:
-            meta.pop(provenance.KEY, None)
-        return meta
-
+    removal = provenance.RevertStamp(ck.root, dl.sha256)
     checked: list[EditStats] = []
 
     def verify(results: list[EditResult]) -> None:
@@ -393,8 +357,8 @@ def revert_delta(
         plan,
         out,
         jobs,
-        meta_for,
-        index_meta,
+        removal.meta_for,
+        removal.index_meta,
         rep,
         overwrite,
         inputs=inputs,

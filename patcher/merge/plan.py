@@ -20,7 +20,9 @@ from ..vud.delta import Delta, DeltaEntry, read_delta
 from . import kernel
 from .ops import PROJECT, EditOp
 
-BASE_RSS = 300 << 20  # interpreter + torch, for the estimate
+BASE_RSS = 300 << 20  # interpreter + torch, and the headers of up to HEADER_FREE tensors
+HEADER_FREE = 10_000
+HEADER_BYTES = 2 << 10  # per parsed tensor entry beyond that (measured: about 1.2 KiB)
 MAX_STRENGTH = 1e6  # |strength| above this is refused, from the command line or from a delta
 
 
@@ -123,7 +125,10 @@ class Plan:
             block = min(out * inn * 4, max(inn * 4, kernel.ROW_BLOCK_BYTES))
             factors = (out + inn) * m.entry.rank * 4 * 2
             worst = max(worst, 5 * block + factors)
-        return BASE_RSS + worst
+        entries = sum(
+            len(h.tensors) for ws in self.checkpoint.weight_sets for h in ws.headers.values()
+        )
+        return BASE_RSS + worst + max(0, entries - HEADER_FREE) * HEADER_BYTES
 
     def coverage(self) -> dict:
         scope = self.in_scope
@@ -197,6 +202,80 @@ def check_strength(strength: float, what: str = "--strength") -> None:
         raise CompatibilityError(f"{what} {strength} is not a usable number")
 
 
+def _match(e: DeltaEntry, ck: Checkpoint, chosen: str | None, rules: AliasRules) -> Match:
+    """Where one entry lands in every weight set of its component, or why it does not."""
+    if ck.layout != "pipeline" and chosen is not None and e.component != chosen:
+        return Match(e, "other-component", f"entry is for {e.component}")
+    comp = _sets_for(ck, e.component)
+    if comp is None or not comp.weight_sets:
+        return Match(e, "missing", f"no {e.component}/ weights in the checkpoint")
+    if comp.pickle_files:
+        raise PickleRefused(
+            f"{comp.folder} holds pickle weights ({comp.pickle_files[0].name}) beside the safetensors ones; they would stay unpatched and could be loaded instead. Delete or convert them first"
+        )
+    m = Match(e, "matched")
+    resolved = [(ws, *resolve(e.tensor_key, e.shape, ws, rules)) for ws in comp.weight_sets]
+    found = [ws for ws, _status, loc, _note in resolved if loc is not None]
+    for ws, status, loc, note in resolved:
+        if loc is None:
+            m.status, m.note = status, note
+            if found and status == "missing":
+                extra, has = Path(ws.label).name, Path(found[0].label).name
+                m.note = (
+                    f"{has} has it but {extra} does not: every weight file of a component folder is"
+                    f" taken as a variant of the same weights; move {extra} out of {comp.folder}"
+                )
+            break
+        m.sets.append(ws)
+        m.locs.append(loc)
+        m.dtype = ws.dtype(loc.key)
+        refusal = dtype_refusal(ws, loc.key)
+        if refusal:
+            m.status, m.note = "dtype", f"{loc.key} in {ws.label}: {refusal}"
+            break
+    return m
+
+
+def _refuse_overlaps(matches: list[Match]) -> None:
+    taken: dict[tuple[Path, str], list[tuple[int, int, str]]] = {}
+    for m in matches:
+        for f, loc in zip(m.files(), m.locs):
+            t_rows = loc.rows or (0, 1 << 62)
+            for a, b, other in taken.get((f, loc.key), []):
+                if t_rows[0] < b and a < t_rows[1]:
+                    raise CompatibilityError(
+                        f"{m.entry.key} and {other} both resolve to rows of {loc.key} in {f.name}; the delta or the alias rules are inconsistent"
+                    )
+            taken.setdefault((f, loc.key), []).append((*t_rows, m.entry.key))
+
+
+def _refuse_unfit(plan: Plan, allow_partial: bool) -> None:
+    bad_dtype = [m for m in plan.matches if m.status == "dtype"]
+    if bad_dtype:
+        raise DtypeError(
+            f"{bad_dtype[0].note} ({len(bad_dtype)} targeted tensor(s) affected; nothing was written)"
+        )
+    cov = plan.coverage()
+    if plan.matched and (cov["matched"] == cov["expected"] or allow_partial):
+        return
+    first = [
+        f"{m.entry.key} ({m.note})" if m.note else m.entry.key
+        for m in plan.in_scope
+        if m.status == "missing"
+    ][:2] or cov["shape_mismatch"][:2]
+    err = CompatibilityError(
+        f"the delta does not fit this checkpoint: {cov['matched']}/{cov['expected']} entries matched"
+        f" ({len(cov['missing'])} missing, {len(cov['shape_mismatch'])} wrong shape; first: {'; '.join(first)})."
+        + (
+            " Is this delta for another model?"
+            if not plan.matched
+            else " Pass --allow-partial to patch only what matches."
+        )
+    )
+    err.plan = plan  # type: ignore[attr-defined]
+    raise err
+
+
 def plan_apply(
     checkpoint: str | Path | Checkpoint,
     delta: str | Path | Delta,
@@ -222,74 +301,10 @@ def plan_apply(
             )
     rules = rules_for(dl.method.get("family") if isinstance(dl.method, dict) else None)
     chosen, how = _choose_component(ck, dl, component, rules)
-    matches: list[Match] = []
-    for e in dl.entries:
-        if ck.layout != "pipeline" and chosen is not None and e.component != chosen:
-            matches.append(Match(e, "other-component", f"entry is for {e.component}"))
-            continue
-        comp = _sets_for(ck, e.component)
-        if comp is None or not comp.weight_sets:
-            matches.append(Match(e, "missing", f"no {e.component}/ weights in the checkpoint"))
-            continue
-        if comp.pickle_files:
-            raise PickleRefused(
-                f"{comp.folder} holds pickle weights ({comp.pickle_files[0].name}) beside the safetensors ones; they would stay unpatched and could be loaded instead. Delete or convert them first"
-            )
-        m = Match(e, "matched")
-        found = [ws for ws in comp.weight_sets if resolve(e.tensor_key, e.shape, ws, rules)[1]]
-        for ws in comp.weight_sets:
-            status, loc, note = resolve(e.tensor_key, e.shape, ws, rules)
-            if loc is None:
-                m.status, m.note = status, note
-                if found and status == "missing":
-                    m.note += (
-                        f", but it is in {found[0].label}: every weight file of a component folder is"
-                        f" taken as a variant of the same weights, so move {Path(ws.label).name} out of {comp.folder}"
-                    )
-                break
-            m.sets.append(ws)
-            m.locs.append(loc)
-            m.dtype = ws.dtype(loc.key)
-            refusal = dtype_refusal(ws, loc.key)
-            if refusal:
-                m.status, m.note = "dtype", f"{loc.key} in {ws.label}: {refusal}"
-                break
-        matches.append(m)
-    taken: dict[tuple[Path, str], list[tuple[int, int, str]]] = {}
-    for m in matches:
-        for f, loc in zip(m.files(), m.locs):
-            t_rows = loc.rows or (0, 1 << 62)
-            for a, b, other in taken.get((f, loc.key), []):
-                if t_rows[0] < b and a < t_rows[1]:
-                    raise CompatibilityError(
-                        f"{m.entry.key} and {other} both resolve to rows of {loc.key} in {f.name}; the delta or the alias rules are inconsistent"
-                    )
-            taken.setdefault((f, loc.key), []).append((*t_rows, m.entry.key))
-
+    matches = [_match(e, ck, chosen, rules) for e in dl.entries]
+    _refuse_overlaps(matches)
     plan = Plan(ck, dl, chosen, how, matches, float(strength), use_factors)
-    bad_dtype = [m for m in matches if m.status == "dtype"]
-    if bad_dtype:
-        raise DtypeError(
-            f"{bad_dtype[0].note} ({len(bad_dtype)} targeted tensor(s) affected; nothing was written)"
-        )
-    cov = plan.coverage()
-    if not plan.matched or (cov["matched"] < cov["expected"] and not allow_partial):
-        first = [
-            f"{m.entry.key} ({m.note})" if m.status == "missing" and m.note else m.entry.key
-            for m in plan.in_scope
-            if m.status == "missing"
-        ][:2] or cov["shape_mismatch"][:2]
-        err = CompatibilityError(
-            f"the delta does not fit this checkpoint: {cov['matched']}/{cov['expected']} entries matched"
-            f" ({len(cov['missing'])} missing, {len(cov['shape_mismatch'])} wrong shape; first: {'; '.join(first)})."
-            + (
-                " Is this delta for another model?"
-                if not plan.matched
-                else " Pass --allow-partial to patch only what matches."
-            )
-        )
-        err.plan = plan  # type: ignore[attr-defined]
-        raise err
+    _refuse_unfit(plan, allow_partial)
     if fingerprints:
         for m in plan.matched:
             if m.entry.base_sha256 is not None:

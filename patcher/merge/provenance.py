@@ -8,16 +8,22 @@ error naming the file, never a traceback and never silently ignored (it could hi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import FormatError
+from ..errors import FormatError, RevertError
+from .records import result_tag
 
 if TYPE_CHECKING:
     from ..checkpoint import Checkpoint, WeightSet
+    from ..safetensors_io import Header
+    from .ops import EditResult
+    from .plan import Plan
 
 KEY = "vpatch.applied"
 MODES = ("recompute", "factors")
@@ -136,3 +142,65 @@ def with_records(meta: dict[str, str], recs: list[AppliedRecord]) -> dict[str, s
     else:
         m.pop(KEY, None)
     return m
+
+
+def index_records(meta: dict, where: Path) -> list[AppliedRecord]:
+    return parse_list(meta.get(KEY), f"{where} (index metadata)")
+
+
+@dataclass(frozen=True)
+class ApplyStamp:
+    """The ``vpatch.applied`` record an apply adds: first the worst case (every target listed as
+    diverged) to reserve header room, then the real one once every edit has been streamed."""
+
+    plan: Plan
+    worst: AppliedRecord
+
+    def record(self, results: list[EditResult] | None) -> AppliedRecord:
+        if results is None:
+            return self.worst
+        ck = self.plan.checkpoint
+        diverged = sorted(result_tag(ck, r) for r in results if r.stats.base_match is False)
+        return dataclasses.replace(self.worst, diverged=tuple(diverged))
+
+    def meta_for(self, h: Header, results: list[EditResult] | None) -> dict[str, str]:
+        recs = parse(h.metadata, str(h.path))
+        return with_records(h.metadata, recs + [self.record(results)])
+
+    def index_meta(self, meta: dict, results: list[EditResult]) -> dict:
+        recs = index_records(meta, self.plan.checkpoint.root)
+        meta[KEY] = [r.to_dict() for r in recs + [self.record(results)]]
+        return meta
+
+
+def applied_to(plan: Plan) -> AppliedRecord:
+    dl = plan.delta
+    for m in plan.matched:
+        for ws in m.sets:
+            for r in records(ws):
+                if r.delta_sha256 == dl.sha256:
+                    return r
+    raise RevertError(
+        f"{plan.checkpoint.root} has no record of delta {dl.sha256[:12]} ({dl.concept_name}); nothing to revert"
+    )
+
+
+@dataclass(frozen=True)
+class RevertStamp:
+    """A revert removes the delta's ``vpatch.applied`` record and keeps the others."""
+
+    root: Path
+    delta_sha256: str
+
+    def meta_for(self, h: Header, _results: object) -> dict[str, str]:
+        recs = parse(h.metadata, str(h.path))
+        kept = [r for r in recs if r.delta_sha256 != self.delta_sha256]
+        return with_records(h.metadata, kept)
+
+    def index_meta(self, meta: dict, _results: object) -> dict:
+        kept = [r for r in index_records(meta, self.root) if r.delta_sha256 != self.delta_sha256]
+        if kept:
+            meta[KEY] = [r.to_dict() for r in kept]
+        else:
+            meta.pop(KEY, None)
+        return meta
