@@ -134,9 +134,9 @@ def encoder_folder(root: Path, name: str, layers: int, device: str) -> tuple[Pat
 
 
 def _shapes(folder: Path):
-    from patcher.checkpoint import _scan_folder
+    from patcher.checkpoint import scan_folder
 
-    sets, _ = _scan_folder(folder)
+    sets, _ = scan_folder(folder)
     for ws in sets[:1]:
         for h in ws.headers.values():
             for t in h.tensors.values():

@@ -29,6 +29,7 @@ from ._version import __version__
 from .errors import ProbeError, VpatchError
 from .inspection import inspect_path
 from .merge.engine import Report, apply_delta, revert_delta
+from .output import Terminated
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -70,15 +71,18 @@ def _user_errors(fn):
         try:
             return fn(*a, **kw)
         except VpatchError as e:
-            plan = getattr(e, "plan", None)
-            if plan is not None:
-                _coverage_table(plan.coverage())
             msg = " ".join(str(e).split())
             click.echo(f"vpatch: {type(e).__name__}: {msg}", err=True)
+            plan = getattr(e, "plan", None)
+            if plan is not None:  # the details, after the message (a script reads the first line)
+                _coverage_table(plan.coverage())
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("vpatch: interrupted; no output was written", err=True)
             sys.exit(130)
+        except Terminated as e:  # SIGTERM / SIGHUP during a write: temporaries already removed
+            click.echo(f"vpatch: stopped by signal {e.signum}; no output was written", err=True)
+            sys.exit(128 + e.signum)
 
     return wrapper
 
@@ -196,7 +200,11 @@ def main() -> None:
     is_flag=True,
     help="Apply even if the checkpoint already carries this delta (compounds the edit).",
 )
-@click.option("--overwrite", is_flag=True, help="Replace an existing output (never the input).")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace a previous vpatch output (never an input, a delta or weights vpatch did not write).",
+)
 @click.option(
     "--revert-record",
     type=click.Path(path_type=Path),
@@ -289,7 +297,11 @@ def apply(
     is_flag=True,
     help="Keep the result even where rounding left it off the original fingerprint.",
 )
-@click.option("--overwrite", is_flag=True, help="Replace an existing output (never the input).")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace a previous vpatch output (never an input, a delta or weights vpatch did not write).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_user_errors

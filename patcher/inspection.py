@@ -7,6 +7,8 @@ from pathlib import Path
 
 from .checkpoint import open_checkpoint
 from .erasure.refusal import lowrank_norm
+from .errors import CompatibilityError
+from .merge.plan import plan_apply
 from .safetensors_io import read_header
 from .vud.delta import read_delta
 
@@ -84,9 +86,6 @@ def inspect_path(path: str | Path) -> dict:
 def inspect_resolution(path: str | Path, delta: str | Path, component: str | None = None) -> dict:
     """How each delta entry resolves against a checkpoint: which file and dtype, or why not, and
     whether the tensor is the exact one the delta was probed from (its sha256)."""
-    from .errors import CompatibilityError
-    from .merge.engine import plan_apply
-
     try:
         plan = plan_apply(path, delta, component=component, allow_partial=True, fingerprints=True)
     except CompatibilityError as e:

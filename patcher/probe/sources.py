@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .. import hub
-from ..checkpoint import WeightSet, _scan_folder, load_single
+from ..checkpoint import WeightSet, load_single, scan_folder
 from ..errors import ProbeError
 from ..families.recipes import Family, SiteSpec, detect_family, load_family
 from ..safetensors_io import TensorReader, bytes_to_tensor
@@ -43,7 +43,7 @@ class ModelSource:
         folder = self.root / component
         if not folder.is_dir():
             return None
-        sets, _pickles = _scan_folder(folder)
+        sets, _pickles = scan_folder(folder)
         plain = [ws for ws in sets if ws.variant is None]
         return (plain or sets or [None])[0]
 
