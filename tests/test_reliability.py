@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 
 import pytest
+import torch
 from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -127,3 +129,65 @@ def test_lone_surrogate_in_delta_metadata_is_a_delta_error(tmp_path):
     )
     with pytest.raises(DeltaError, match="surrogate"):
         read_delta(tmp_path / "t.vud")
+
+
+# ------------------------------------------------------------------ point 8 and convert tracebacks
+
+
+def _convert(tmp_path, obj, name="m.pt"):
+    src = tmp_path / name
+    if isinstance(obj, bytes):
+        src.write_bytes(obj)
+    else:
+        torch.save(obj, src)
+    before = src.read_bytes()
+    code, out, err = invoke("convert", src, "-o", tmp_path / "o.safetensors", "--trust-pickle")
+    assert src.read_bytes() == before
+    return code, out, err
+
+
+@pytest.mark.parametrize(
+    "obj,key",
+    [
+        ({"a.b": torch.zeros(2), "a": {"b": torch.ones(2)}}, "'a.b'"),
+        ({"model": {"x.y": torch.zeros(2), "x": {"y": torch.ones(2)}}}, "'x.y'"),
+        ({1: torch.zeros(2), "1": torch.ones(2)}, "'1'"),
+    ],
+)
+def test_convert_refuses_colliding_flattened_keys(tmp_path, obj, key):
+    code, _, err = _convert(tmp_path, obj)
+    assert code == 2 and "same key" in err and key in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o.safetensors").exists()
+    assert not [p for p in tmp_path.iterdir() if "vpatch-tmp" in p.name]
+
+
+@pytest.mark.parametrize(
+    "obj,words",
+    [
+        ({"\ud800": torch.zeros(2)}, "surrogate"),  # was a UnicodeEncodeError traceback
+        ({"ok": {"\udcff": torch.zeros(2)}}, "surrogate"),
+        ({"__metadata__": torch.zeros(2)}, "reserves"),  # was a ValueError traceback
+        (b"", "empty"),  # was an IndexError traceback
+        (b"PK\x03\x04" + b"\x00" * 60, "torch.load"),
+        ({"w": torch.zeros(3).to_sparse()}, "dense"),
+    ],
+)
+def test_convert_bad_inputs_are_one_line_exit_2(tmp_path, obj, words):
+    code, _, err = _convert(tmp_path, obj)
+    assert code == 2 and words in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o.safetensors").exists()
+
+
+def test_convert_dtype_message_says_what_is_true(tmp_path):
+    sd = {"a": torch.zeros(2, dtype=torch.float64), "b": torch.zeros(2, dtype=torch.bool)}
+    code, _, err = _convert(tmp_path, sd)
+    assert code == 2 and "torch.float64" in err and "torch.bool" in err
+    assert "no safetensors equivalent" not in err
+    assert "vpatch does not map them" in err and "F32" in err
+
+
+def test_convert_keeps_a_non_utf8_source_name_escaped(tmp_path):
+    name = os.fsdecode(b"m\xff.pt")  # a surrogate in the metadata value was a traceback
+    code, _, err = _convert(tmp_path, {"w": torch.zeros(2)}, name=name)
+    assert code == 0, err
+    assert _meta(tmp_path / "o.safetensors")["vpatch.converted_from"] == "m\\xff.pt"
