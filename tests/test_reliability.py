@@ -18,7 +18,7 @@ from patcher.cli import main
 from patcher.errors import DeltaError, IntegrityError, VpatchError
 from patcher.vud.delta import read_delta
 
-from .conftest import make_delta, model_tensors
+from .conftest import make_delta, model_tensors, save_pipeline
 
 
 def invoke(*args):
@@ -191,3 +191,143 @@ def test_convert_keeps_a_non_utf8_source_name_escaped(tmp_path):
     code, _, err = _convert(tmp_path, {"w": torch.zeros(2)}, name=name)
     assert code == 0, err
     assert _meta(tmp_path / "o.safetensors")["vpatch.converted_from"] == "m\\xff.pt"
+
+
+# ------------------------------------------------------------------ point 7: push refuses by content
+
+
+@pytest.fixture
+def safe(tmp_path):
+    t = model_tensors()
+    src = save_pipeline(tmp_path / "base", t)
+    (src / "README.md").write_text("---\nlicense: apache-2.0\n---\n# base\n")
+    make_delta(tmp_path / "d.vud", t, concept="nudity")
+    patcher.apply_delta(
+        src, tmp_path / "d.vud", tmp_path / "safe", revert_record=tmp_path / "rec.revert"
+    )
+    return tmp_path
+
+
+def _tree(folder):
+    return {
+        p.relative_to(folder).as_posix(): (p.is_symlink(), p.read_bytes() if p.is_file() else None)
+        for p in sorted(folder.rglob("*"))
+    }
+
+
+def _push_refused(tmp, match):
+    before = _tree(tmp / "safe")
+    with pytest.raises(VpatchError, match=match):
+        from patcher.push import push
+
+        push(tmp / "safe", "me/x", dry_run=True)
+    assert not (tmp / "safe.push-staged").exists()
+    assert not [p for p in tmp.iterdir() if "vpatch-tmp" in p.name]
+    assert _tree(tmp / "safe") == before
+    code, _, err = invoke("push", tmp / "safe", "--repo-id", "me/x", "--dry-run")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "what,name",
+    [
+        ("d.vud", "notes.bin"),
+        ("rec.revert", "priv.rec"),
+        ("d.vud", "RED.VUD"),
+        ("d.vud", "x.vud.bak"),
+        ("rec.revert", "transformer/extra.safetensors"),
+        ("d.vud", "docs/deep/readme"),
+    ],
+)
+def test_push_refuses_renamed_deltas_and_records(safe, what, name):
+    dst = safe / "safe" / name
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_bytes((safe / what).read_bytes())
+    _push_refused(safe, "delta or a revert record")
+
+
+def test_push_refuses_a_truncated_delta(safe):
+    raw = (safe / "d.vud").read_bytes()
+    (safe / "safe" / "part.dat").write_bytes(raw[: len(raw) // 2])  # header intact, data cut
+    _push_refused(safe, "delta or a revert record")
+    n = int.from_bytes(raw[:8], "little")
+    (safe / "safe" / "part.dat").write_bytes(raw[: 8 + n // 2])  # header itself cut
+    _push_refused(safe, "delta or a revert record")
+
+
+def test_push_refuses_links_out_of_the_folder(safe):
+    (safe / "secret.txt").write_text("not for upload")
+    os.symlink(safe / "secret.txt", safe / "safe" / "notes.txt")
+    _push_refused(safe, "outside")
+    (safe / "safe" / "notes.txt").unlink()
+    os.symlink(safe / "d.vud", safe / "safe" / "weights.dat")  # a link to the delta
+    _push_refused(safe, "outside|delta")
+    (safe / "safe" / "weights.dat").unlink()
+    os.symlink(safe / "base" / "text_encoder", safe / "safe" / "te2")  # a link to a folder
+    _push_refused(safe, "link to a folder")
+    (safe / "safe" / "te2").unlink()
+    os.symlink("missing", safe / "safe" / "dangling")  # inside, but nothing there
+    _push_refused(safe, "cannot be read")
+
+
+def test_push_stages_a_link_inside_the_folder_as_its_content_and_never_writes_the_input(safe):
+    from patcher.push import push
+
+    os.symlink("model_index.json", safe / "safe" / "index-copy.json")
+    before = _tree(safe / "safe")
+    r = push(safe / "safe", "me/x", dry_run=True)
+    staged = safe / "safe.push-staged"
+    assert "index-copy.json" in r.files and not (staged / "index-copy.json").is_symlink()
+    assert (staged / "index-copy.json").read_bytes() == (
+        safe / "safe" / "model_index.json"
+    ).read_bytes()
+    # the folder's own README (copied from the base by apply) is not overwritten by the card
+    assert _tree(safe / "safe") == before
+    assert (safe / "safe" / "README.md").read_text().endswith("# base\n")
+    assert "## Limits" in (staged / "README.md").read_text()
+
+
+# ------------------------------------------------------------------ push field types
+
+
+@pytest.mark.parametrize(
+    "report,field",
+    [
+        ([1, 2], "the report"),
+        ({"presence": [1]}, "presence"),
+        ({"presence": {"probe": 3}}, "presence.probe"),
+        (
+            {"presence": {"probe": {"before": {"rate": "1"}, "after": {}}}},
+            "presence.probe.before.rate",
+        ),
+        (
+            {"presence": {"probe": {"before": {"rate": 1, "ci95": [0, None]}, "after": {}}}},
+            "presence.probe.before.ci95",
+        ),
+        ({"collateral": {"colour": {"before": None}}}, "collateral.colour.before"),
+    ],
+)
+def test_push_eval_report_with_wrong_field_types_is_exit_2(safe, report, field):
+    (safe / "eval.json").write_text(json.dumps(report))
+    code, _, err = invoke(
+        "push", safe / "safe", "--repo-id", "me/x", "--dry-run", "--eval-report", safe / "eval.json"
+    )
+    assert code == 2 and field in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1 and not (safe / "safe.push-staged").exists()
+
+
+def test_push_delta_with_unexpected_field_types_still_writes_the_card(tmp_path):
+    from patcher.vud.delta import Delta, write_delta
+
+    t = model_tensors()
+    src = save_pipeline(tmp_path / "base", t)
+    d = make_delta(tmp_path / "d0.vud", t)
+    odd = Delta(d.entries, {"name": "x", "pairs": 7}, {"name": ["a"], "sites": 5, "rank": {}})
+    write_delta(tmp_path / "d.vud", odd)
+    patcher.apply_delta(src, tmp_path / "d.vud", tmp_path / "safe")
+    code, out, err = invoke(
+        "push", tmp_path / "safe", "--repo-id", "me/x", "--dry-run", "--delta", tmp_path / "d.vud"
+    )
+    assert code == 0, err
+    card = (tmp_path / "safe.push-staged" / "README.md").read_text()
+    assert "edit sites: 5" in card and "from ? unsafe/safe" in card
