@@ -331,3 +331,50 @@ def test_push_delta_with_unexpected_field_types_still_writes_the_card(tmp_path):
     assert code == 0, err
     card = (tmp_path / "safe.push-staged" / "README.md").read_text()
     assert "edit sites: 5" in card and "from ? unsafe/safe" in card
+
+
+# ------------------------------------------------------------------ point 9: the preview's sidecar
+
+
+def _preview_inputs():
+    jobs = [("probe", "a red ball", 0), ("probe", "a red ball", 1), ("free", "a tree", 0)]
+    clips = {"before": torch.zeros(3, 3, 2, 4, 4), "after": torch.ones(3, 3, 2, 4, 4) * 0.5}
+    return jobs, clips
+
+
+@pytest.mark.parametrize("existing", ["notes.txt", "notes.gif"])
+def test_preview_never_overwrites_its_sidecar_or_itself(tmp_path, existing):
+    from patcher.evaluation.core import write_preview
+
+    (tmp_path / existing).write_text("mine")
+    with pytest.raises(VpatchError, match="already exists"):
+        write_preview(tmp_path / "notes.gif", *_preview_inputs())
+    assert (tmp_path / existing).read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [existing]  # nothing else written
+
+
+def test_preview_writes_both_files_when_free(tmp_path):
+    from patcher.evaluation.core import write_preview
+
+    write_preview(tmp_path / "notes.gif", *_preview_inputs())
+    assert (tmp_path / "notes.gif").read_bytes()[:6] in (b"GIF87a", b"GIF89a")
+    assert "probe: a red ball" in (tmp_path / "notes.txt").read_text()
+    with pytest.raises(VpatchError, match="name it .gif"):
+        write_preview(tmp_path / "x.txt", *_preview_inputs())
+
+
+def test_eval_refuses_an_existing_sidecar_before_sampling(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    code, _, err = invoke(
+        "eval",
+        "examples/organism/model",
+        "-c",
+        "examples/organism/red.toml",
+        "--delta",
+        tmp_path / "never-read.vud",
+        "--preview",
+        tmp_path / "notes.gif",
+    )
+    assert code == 2 and "notes.txt already exists" in err
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert not (tmp_path / "notes.gif").exists()
