@@ -378,3 +378,22 @@ def test_eval_refuses_an_existing_sidecar_before_sampling(tmp_path):
     assert code == 2 and "notes.txt already exists" in err
     assert (tmp_path / "notes.txt").read_text() == "mine"
     assert not (tmp_path / "notes.gif").exists()
+
+
+# ------------------------------------------------------------------ point 10: rich markup
+
+
+def test_markup_in_a_concept_name_or_path_prints_as_itself(tmp_path):
+    t = model_tensors()
+    odd = tmp_path / "[" / "x]"  # every path below contains "[/x]"
+    odd.mkdir(parents=True)
+    src = save_pipeline(odd / "base", t)
+    make_delta(odd / "d.vud", t, concept="[/x] [bold]red")
+    code, out, err = invoke("apply", src, odd / "d.vud", "-o", odd / "safe")
+    assert code == 0, err
+    assert "[/x] [bold]red" in err and (odd / "safe" / "model_index.json").exists()
+    code, out, err = invoke("push", odd / "safe", "--repo-id", "me/x", "--dry-run")
+    assert code == 0, err
+    assert "[/x]" in err
+    code, out, err = invoke("inspect", odd / "d.vud")
+    assert code == 0 and "[/x] [bold]red" in out
