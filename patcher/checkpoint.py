@@ -81,7 +81,7 @@ def provenance(meta: dict[str, str]) -> list[dict]:
         return []
     try:
         val = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # "[[[[…" nested past the parser's depth
         return []
     return [r for r in val if isinstance(r, dict)] if isinstance(val, list) else []
 
