@@ -96,9 +96,9 @@ def main() -> int:
         "wall_s": round(wall, 1),
         "per_call": tally.per_target,
     }
-    print("per call:              cases      ok   clean")
-    for k, (n, ok, clean) in sorted(tally.per_target.items()):
-        print(f"  {k:20s} {n:7d} {ok:7d} {clean:7d}")
+    print("per call:              cases      ok   clean   other")
+    for k, (n, ok, clean, other) in sorted(tally.per_target.items()):
+        print(f"  {k:20s} {n:7d} {ok:7d} {clean:7d} {other:7d}")
     for label, items in (
         ("other exceptions", tally.other_exceptions),
         ("partial outputs", tally.partial_outputs),

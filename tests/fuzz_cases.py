@@ -45,7 +45,9 @@ class Tally:
     other_exceptions: list[str] = field(default_factory=list)
     partial_outputs: list[str] = field(default_factory=list)
     inputs_modified: list[str] = field(default_factory=list)
-    per_target: dict[str, list[int]] = field(default_factory=dict)  # call -> [cases, ok, clean]
+    per_target: dict[str, list[int]] = field(
+        default_factory=dict
+    )  # call -> [cases, ok, clean, other]
 
 
 def _tree(root: Path) -> dict[str, tuple]:
@@ -99,10 +101,11 @@ def call(
         problem = problem or ("other", f"{target}: accepted an input it must refuse")
     if tally is not None:
         tally.cases += 1
-        row = tally.per_target.setdefault(target, [0, 0, 0])
+        row = tally.per_target.setdefault(target, [0, 0, 0, 0])
         row[0] += 1
         if problem:
             tally.other_exceptions.append(problem[1])
+            row[3] += 1
         elif kind == "ok":
             tally.ok += 1
             row[1] += 1
