@@ -303,12 +303,12 @@ def push(
         raise PushError(
             f"--repo-id {repo_id!r}: expected 'user/name' (letters, digits, '-', '_', '.')"
         )
+    files = _plan_stage(folder)  # first: it refuses what must not be opened (FIFOs, links out)
     applied = open_checkpoint(folder).applied()
     if not applied:
         raise PushError(
             f"{folder}: no vpatch provenance in its weights; push a folder written by `vpatch apply`"
         )
-    files = _plan_stage(folder)
     dinfo = None
     if delta is not None:
         from .vud.delta import read_delta

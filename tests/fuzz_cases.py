@@ -507,6 +507,7 @@ def push_inputs(draw) -> dict:
                     "link-out",
                     "link-dir",
                     "link-delta",
+                    "fifo",
                 ]
             )
         )
@@ -564,6 +565,9 @@ def push_case(inp: dict, tally: Tally | None = None) -> None:
                     must_fail |= not hidden
                 elif what == "link-delta":
                     os.symlink(work / "d.vud", p)
+                    must_fail |= not hidden
+                elif what == "fifo":  # opening it would block: it must be refused unopened
+                    os.mkfifo(p)
                     must_fail |= not hidden
                 else:
                     os.symlink(work / "safe" / "transformer", p)

@@ -397,3 +397,26 @@ def test_markup_in_a_concept_name_or_path_prints_as_itself(tmp_path):
     assert "[/x]" in err
     code, out, err = invoke("inspect", odd / "d.vud")
     assert code == 0 and "[/x] [bold]red" in out
+
+
+def test_push_refuses_a_fifo_without_opening_it(safe):
+    import subprocess
+    import sys
+
+    os.mkfifo(safe / "safe" / "transformer" / "extra.safetensors")  # opening it would block
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "patcher.cli",
+            "push",
+            str(safe / "safe"),
+            "--repo-id",
+            "me/x",
+            "--dry-run",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2 and "not a regular file" in r.stderr
