@@ -84,7 +84,11 @@ def _plan_stage(folder: Path) -> list[tuple[str, Path]]:
     and anything that is not a regular file. Hidden entries are never staged."""
     root = folder.resolve()
     out: list[tuple[str, Path]] = []
-    for dp, dns, fns in os.walk(folder):
+
+    def unreadable(e: OSError) -> None:
+        raise PushError(f"{e.filename}: cannot be read ({e.strerror}); fix or remove it")
+
+    for dp, dns, fns in os.walk(folder, onerror=unreadable):
         d = Path(dp)
         dns[:] = sorted(n for n in dns if not n.startswith("."))
         for n in dns:
