@@ -99,31 +99,30 @@ def main() -> int:
     print("per call:              cases      ok   clean   other")
     for k, (n, ok, clean, other) in sorted(tally.per_target.items()):
         print(f"  {k:20s} {n:7d} {ok:7d} {clean:7d} {other:7d}")
+    classes = {}
     for label, items in (
-        ("other exceptions", tally.other_exceptions),
-        ("partial outputs", tally.partial_outputs),
-        ("inputs modified", tally.inputs_modified),
+        ("other exception", tally.other_exceptions),
+        ("partial output", tally.partial_outputs),
+        ("input modified", tally.inputs_modified),
     ):
-        distinct = sorted(
-            {
-                i.split(" at ")[0][:200] + (" at " + i.split(" at ")[-1] if " at " in i else "")
-                for i in items
-            }
-        )
-        if distinct:
-            print(f"{label}: {len(items)} ({len(distinct)} distinct)")
-            for d in distinct[:15]:
-                print(f"  {d}")
+        for i in items:  # "call: Type: message at file:line" -> one class per call, type and place
+            call_, rest = i.split(": ", 1)
+            kind = rest.split(":", 1)[0] if label == "other exception" else label
+            where = i.rsplit(" at ", 1)[-1].replace(str(ROOT) + "/", "") if " at " in i else ""
+            key = f"{label}: {call_}: {kind}" + (f" at {where}" if where else "")
+            classes.setdefault(key, [0, i])[0] += 1
+    if classes:
+        print(f"problems by class ({len(classes)}), count and one example:")
+        for k, (n, ex) in sorted(classes.items()):
+            print(f"  {n:6d}  {k}\n          e.g. {ex[:220]}")
     print(
         f"TOTAL cases {totals['cases']} | ok {totals['ok']} | clean errors {totals['clean_errors']} | "
         f"other exceptions {totals['other_exceptions']} | partial outputs {totals['partial_outputs']} | "
         f"inputs modified {totals['inputs_modified']} | {wall:.0f} s"
     )
     if a.json:
-        totals["problems"] = {
-            "other_exceptions": sorted(set(tally.other_exceptions))[:50],
-            "partial_outputs": sorted(set(tally.partial_outputs))[:50],
-            "inputs_modified": sorted(set(tally.inputs_modified))[:50],
+        totals["problem_classes"] = {
+            k: {"count": n, "example": ex} for k, (n, ex) in classes.items()
         }
         a.json.write_text(json.dumps(totals, indent=2))
     bad = totals["other_exceptions"] + totals["partial_outputs"] + totals["inputs_modified"]
