@@ -24,6 +24,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from ._version import __version__
 from .errors import ProbeError, VpatchError
@@ -31,7 +32,9 @@ from .inspection import inspect_path
 from .merge.engine import Report, apply_delta, revert_delta
 from .output import Terminated
 
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# markup is off everywhere: concept names, keys and paths are user data, and "[/x]" in one of them
+# must print as itself, not crash rich after the output was written
+err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 
 
 class RichReporter:
@@ -44,7 +47,7 @@ class RichReporter:
         if self.quiet:
             return
         self._p = Progress(
-            TextColumn("{task.description}"),
+            TextColumn("{task.description}", markup=False),
             BarColumn(),
             DownloadColumn(),
             TransferSpeedColumn(),
@@ -144,7 +147,7 @@ def _show_report(r: Report, as_json: bool) -> None:
         if r.output:
             click.echo(r.output)
     for w in r.warnings:
-        err.print(f"[yellow]warning:[/yellow] {w}")
+        err.print(Text.assemble(("warning:", "yellow"), " ", w))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -332,7 +335,7 @@ class CountReporter(RichReporter):
         if self.quiet:
             return
         self._p = Progress(
-            TextColumn("{task.description}"),
+            TextColumn("{task.description}", markup=False),
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
@@ -755,7 +758,7 @@ def eval_cmd(
         t.add_column(c, no_wrap=True)
     for row in summary_rows(r):
         t.add_row(*row)
-    Console(highlight=False, width=max(Console().width, 120)).print(t)
+    Console(highlight=False, markup=False, width=max(Console().width, 120)).print(t)
     if r.preview:
         click.echo(f"preview: {r.preview}")
 
@@ -914,7 +917,7 @@ def families(as_json):
             ", ".join(sorted({s["mode"] for s in r["sites"].values()})),
             also or "-",
         )
-    Console(highlight=False).print(t)
+    Console(highlight=False, markup=False).print(t)
 
 
 @main.command()
@@ -958,7 +961,7 @@ def inspect(path, delta, component, as_json):
                 r["fingerprint"],
                 ", ".join(Path(f).name for f in r["files"]) or r["note"],
             )
-        Console(highlight=False).print(t)
+        Console(highlight=False, markup=False).print(t)
         click.echo(info["verdict"])
         return
     info = inspect_path(path)
@@ -984,7 +987,7 @@ def inspect(path, delta, component, as_json):
                 f"{L['norm_UVt']:.4g}",
                 str(L["base_dtype"]),
             )
-        Console(highlight=False).print(t)
+        Console(highlight=False, markup=False).print(t)
     else:
         click.echo(
             f"{info['layout']} checkpoint: {info['tensors']} tensors, {_mib(info['total_bytes'])}"

@@ -107,7 +107,7 @@ def parse(meta: dict[str, str], where: str) -> list[AppliedRecord]:
     _check_text(raw, where)
     try:
         value = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: "[[[[…" nested past the parser's depth
         raise FormatError(f"{where}: damaged {KEY} provenance (not JSON)") from None
     return parse_list(value, where)
 
