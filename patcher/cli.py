@@ -167,7 +167,7 @@ def main() -> None:
     "-o",
     "--out",
     type=click.Path(path_type=Path),
-    help="Output file (single-file input) or folder (others). Must not exist.",
+    help="Output file (single-file input) or folder (others). Must not exist. Default: next to the input, named after it and the concept (model.no-nudity.safetensors, wan-no-nudity/; a hub id: in the current folder).",
 )
 @click.option(
     "--strength",
@@ -226,7 +226,7 @@ def apply(
     as_json,
     quiet,
 ):
-    """Merge DELTA (.vud) into CHECKPOINT and write the patched copy to -o.
+    """Merge DELTA (.vud) into CHECKPOINT and write the patched copy (to -o, or next to the input).
 
     Untouched tensors are copied byte for byte; edited ones are computed in fp32 and written in
     their stored dtype (fp8 weights are dequantized with their scale and requantized with it). The
@@ -239,16 +239,13 @@ def apply(
 
     \b
     Examples:
+      vpatch apply model.safetensors nudity.vud          (writes model.no-nudity.safetensors)
       vpatch apply wan/ nudity.vud -o wan-safe/
       vpatch apply Wan-AI/Wan2.1-T2V-1.3B-Diffusers nudity.vud -o wan-safe/
       vpatch apply wan2.1_t2v_1.3B_fp8_scaled.safetensors nudity.vud -o wan-safe.safetensors
       vpatch apply transformer/diffusion_pytorch_model.safetensors nudity.vud -o safe.safetensors
       vpatch apply model.safetensors nudity.vud --dry-run
     """
-    if out is None and not dry_run:
-        raise click.UsageError(
-            "missing -o OUT (or use --dry-run); vpatch never overwrites its input"
-        )
     r = apply_delta(
         checkpoint,
         delta,

@@ -783,8 +783,10 @@ def apply_delta(
             if m.base_match is False
         ]
         return rep_
-    if out is None:
-        raise OutputError("no output given; pass -o OUT (vpatch never overwrites its input)")
+    if out is None:  # next to the input, named after it and the concept(s)
+        from ..naming import derived_output
+
+        out = derived_output(checkpoint, dl)
     out = _resolve_out(plan.checkpoint, Path(out))
     record_path = Path(revert_record) if revert_record else None
 
