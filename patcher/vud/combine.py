@@ -206,3 +206,30 @@ def merge_files(deltas: list[str | Path], out: str | Path, overwrite: bool = Fal
         if len(owners[e.key]) > 1:
             joint.append({"key": e.key, "concepts": owners[e.key], "rank": e.rank})
     return MergeReport(str(out), digest, concept_names(merged), len(merged.entries), joint)
+
+
+def stacking_conflicts(plan) -> list[str]:
+    """Entries of ``plan`` whose target an earlier vpatch delta has already edited.
+
+    Applying a second delta on top of the first gives W(I − λP_a)(I − λP_b), not the projection onto
+    the complement of the joint span (part of u_a comes back when u_a and u_b are not orthogonal).
+    A target is known untouched when its bytes still equal the delta's base fingerprint; one without
+    a fingerprint counts as touched. Only checkpoints that carry another delta's record are read."""
+    from ..merge.engine import _sha256_tensor
+
+    sha = plan.delta.sha256
+    earlier = {
+        r.get("delta_sha256")
+        for m in plan.matched
+        for ws in m.sets
+        for r in ws.metadata_records()
+        if r.get("delta_sha256") != sha
+    }
+    if not earlier:
+        return []
+    out = []
+    for m in plan.matched:
+        fp = m.entry.base_sha256
+        if fp is None or any(_sha256_tensor(ws, loc) != fp for ws, loc in zip(m.sets, m.locs)):
+            out.append(m.entry.key)
+    return out
