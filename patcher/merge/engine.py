@@ -775,6 +775,15 @@ def apply_delta(
                     raise AlreadyApplied(
                         f"{ws.label} already contains delta {dl.sha256[:12]} ({dl.concept_name}); applying it twice compounds the edit. Pass --force to do it anyway"
                     )
+        from ..vud.combine import stacking_conflicts
+
+        stacked = stacking_conflicts(plan)
+        if stacked:
+            raise AlreadyApplied(
+                f"{plan.checkpoint.root} already carries another vpatch delta that edited {stacked[0]}"
+                f" ({len(stacked)} shared weight(s)); a second projection on top is not the joint projection of both concepts."
+                " Merge the deltas (vpatch merge first.vud second.vud -o both.vud) and apply that to the original checkpoint, or pass --force"
+            )
     if dry_run:
         rep_ = _report("dry-run", plan, Path(out) if out else None)
         rep_.warnings += [
