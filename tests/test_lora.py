@@ -203,9 +203,11 @@ def test_bf16_base_matches_within_rounding(pipes, tmp_path):
 # "diffusion_model.K.weight" the LoRA module "diffusion_model.K" maps to it ("generic lora format"), and
 # load_lora reads "<module>.lora_B.weight" (up) / "<module>.lora_A.weight" (down), scale alpha/rank or 1
 # without alpha. The model weights K are ComfyUI's own module names, read from comfy/ldm/wan/model.py
-# (text_embedding = Sequential(Linear, GELU, Linear); blocks.N.cross_attn.{q,k,v}),
-# comfy/ldm/lightricks/model.py (caption_projection.linear_1/2, transformer_blocks.N.attn2.to_{q,k,v})
-# and comfy/ldm/hunyuan_video/model.py at c828fdcf0c11dff5cb204f50791e182a53d63d31 (txt_in =
+# at 075e17041b2f2b7cdb8f6145800c42ee6a386ffd (text_embedding = Sequential(Linear, GELU, Linear);
+# blocks.N.cross_attn.{q,k,v}, k_img/v_img), comfy/ldm/lightricks/model.py at
+# c4a6b389de1014471a75a46ee57d2fdac4f8df93 (caption_projection = PixArtAlphaTextProjection with
+# linear_1/linear_2; transformer_blocks.N.attn2.to_{q,k,v}) and comfy/ldm/hunyuan_video/model.py at
+# c828fdcf0c11dff5cb204f50791e182a53d63d31 (txt_in =
 # TokenRefiner: input_embedder, c_embedder = MLPEmbedder with in_layer/out_layer; vector_in =
 # MLPEmbedder; double_blocks.N.txt_attn.qkv fused [q | k | v]). Written out here by hand, not derived
 # from vpatch's tables.
