@@ -383,3 +383,26 @@ def test_import_lora_round_trip(pipes, tmp_path):
             assert e.kind == "project_input" and e.strength == o.strength
             assert torch.allclose(e.V, o.V) and torch.allclose(e.U, o.U, atol=1e-6)
     assert lora_to_delta(tmp_path / "comfyui.safetensors").method["lora_target"] == "comfyui"
+
+
+def test_base_in_comfyui_single_file_layout_gives_the_same_lora(pipes, tmp_path):
+    """--base a ComfyUI repackaged single file (Wan's original names under diffusion_model.):
+    the base tensors are found by apply's alias rules and the LoRA is the same as from the folder."""
+    from safetensors.torch import save_file
+
+    src, _ = pipes("wan")
+    sd = load_file(src / "transformer" / "diffusion_pytorch_model.safetensors")
+    ren = {}
+    for k, v in sd.items():
+        k2 = re.sub(r"^condition_embedder\.text_embedder\.linear_1\.", "text_embedding.0.", k)
+        k2 = re.sub(r"^blocks\.(\d+)\.attn2\.to_([qkv])\.", r"blocks.\1.cross_attn.\2.", k2)
+        ren["diffusion_model." + k2] = v
+    single = tmp_path / "wan_comfy.safetensors"
+    save_file(ren, single)
+    make_delta(src, "wan", CASES[0][3], tmp_path / "c.vud")
+    a = export_lora(tmp_path / "c.vud", src, tmp_path / "a.safetensors", target="comfyui")
+    b = export_lora(tmp_path / "c.vud", single, tmp_path / "b.safetensors", target="comfyui")
+    la, lb = load_file(a.files[0].path), load_file(b.files[0].path)
+    assert set(la) == set(lb) and "diffusion_model.text_embedding.0.lora_B.weight" in la
+    assert all(torch.equal(la[k], lb[k]) for k in la)
+    assert base_warnings(b.files[0].path, src) == []  # same bytes, so the same base
