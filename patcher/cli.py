@@ -981,9 +981,12 @@ def export(delta, fmt, base, out, target, strength, component, revision, overwri
 @_user_errors
 def import_lora(lora, out, overwrite, as_json):
     """Read a LoRA written by `vpatch export` back into a .vud delta (projections stay projections)."""
+    from .errors import DeltaError
     from .vud.delta import write_delta
     from .vud.lora import lora_to_delta
 
+    if out.exists() and lora.exists() and out.resolve() == lora.resolve():
+        raise DeltaError(f"output {out} is the input LoRA; choose another -o")
     d = lora_to_delta(lora)
     digest = write_delta(out, d, overwrite=overwrite)
     if as_json:

@@ -406,3 +406,27 @@ def test_base_in_comfyui_single_file_layout_gives_the_same_lora(pipes, tmp_path)
     assert set(la) == set(lb) and "diffusion_model.text_embedding.0.lora_B.weight" in la
     assert all(torch.equal(la[k], lb[k]) for k in la)
     assert base_warnings(b.files[0].path, src) == []  # same bytes, so the same base
+
+
+def test_outputs_never_replace_inputs(pipes, tmp_path):
+    src, _ = pipes("ltx")
+    make_delta(src, "ltx", CASES[2][3], tmp_path / "c.vud")
+    before = (tmp_path / "c.vud").read_bytes()
+    r = CliRunner().invoke(
+        main,
+        [
+            "export",
+            str(tmp_path / "c.vud"),
+            "--base",
+            str(src),
+            "-o",
+            str(tmp_path / "c.vud"),
+            "--overwrite",
+        ],
+    )
+    assert r.exit_code == 2 and (tmp_path / "c.vud").read_bytes() == before
+    out = tmp_path / "e.safetensors"
+    export_lora(tmp_path / "c.vud", src, out)
+    lb = out.read_bytes()
+    r = CliRunner().invoke(main, ["import-lora", str(out), "-o", str(out), "--overwrite"])
+    assert r.exit_code == 2 and "input" in r.stderr and out.read_bytes() == lb

@@ -285,6 +285,8 @@ def export_lora(
         }
         path = _lora_path(out, comp, i == 0)
         inputs = [f for w in plan.checkpoint.weight_sets for f in w.files]
+        if dl.path is not None:
+            inputs.append(Path(dl.path))  # never written over, even with --overwrite
         with atomic_file(path, inputs, overwrite) as tmp:
             save_tensors(tmp, tensors, meta)
             read_header(tmp)
