@@ -152,8 +152,10 @@ def main() -> None:
     Typical use:
       vpatch probe MODEL -c nudity -o concept.vud  find the concept's direction (needs [probe])
       vpatch inspect concept.vud                  what a delta edits
-      vpatch apply MODEL concept.vud -o MODEL-safe   merge it (streaming, weights only)
-      vpatch inspect MODEL-safe                   which deltas a checkpoint carries
+      vpatch apply MODEL concept.vud              merge it (streaming, weights only) next to MODEL
+      vpatch inspect MODEL-no-nudity              which deltas a checkpoint carries
+      vpatch merge a.vud b.vud -o ab.vud          several concepts in one delta
+      vpatch export concept.vud --base MODEL -o erase.safetensors   the same edit as a LoRA
 
     MODEL is a .safetensors file, a sharded *.safetensors.index.json, a component folder or a
     diffusers pipeline folder. Exit code 2 means bad input; the message says how to fix it.
