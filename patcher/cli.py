@@ -160,8 +160,10 @@ def main() -> None:
       vpatch probe MODEL -c nudity -o concept.vud  find the concept's direction (needs [probe])
       vpatch build ACTS -o other.vud --strength 1.5  another delta from saved activations
       vpatch inspect concept.vud                  what a delta edits
-      vpatch apply MODEL concept.vud -o MODEL-safe   merge it (streaming, weights only)
-      vpatch inspect MODEL-safe                   which deltas a checkpoint carries
+      vpatch apply MODEL concept.vud              merge it (streaming, weights only) next to MODEL
+      vpatch inspect MODEL-no-nudity              which deltas a checkpoint carries
+      vpatch merge a.vud b.vud -o ab.vud          several concepts in one delta
+      vpatch export concept.vud --base MODEL -o erase.safetensors   the same edit as a LoRA
 
     MODEL is a .safetensors file, a sharded *.safetensors.index.json, a component folder or a
     diffusers pipeline folder. Exit code 2 means bad input; the message says how to fix it.
@@ -175,7 +177,7 @@ def main() -> None:
     "-o",
     "--out",
     type=click.Path(path_type=Path),
-    help="Output file (single-file input) or folder (others). Must not exist.",
+    help="Output file (single-file input) or folder (others). Must not exist. Default: next to the input, named after it and the concept (model.no-nudity.safetensors, wan-no-nudity/; a hub id: in the current folder).",
 )
 @click.option(
     "--strength",
@@ -238,7 +240,7 @@ def apply(
     as_json,
     quiet,
 ):
-    """Merge DELTA (.vud) into CHECKPOINT and write the patched copy to -o.
+    """Merge DELTA (.vud) into CHECKPOINT and write the patched copy (to -o, or next to the input).
 
     Untouched tensors are copied byte for byte; edited ones are computed in fp32 and written in
     their stored dtype (fp8 weights are dequantized with their scale and requantized with it). The
@@ -251,16 +253,13 @@ def apply(
 
     \b
     Examples:
+      vpatch apply model.safetensors nudity.vud          (writes model.no-nudity.safetensors)
       vpatch apply wan/ nudity.vud -o wan-safe/
       vpatch apply Wan-AI/Wan2.1-T2V-1.3B-Diffusers nudity.vud -o wan-safe/
       vpatch apply wan2.1_t2v_1.3B_fp8_scaled.safetensors nudity.vud -o wan-safe.safetensors
       vpatch apply transformer/diffusion_pytorch_model.safetensors nudity.vud -o safe.safetensors
       vpatch apply model.safetensors nudity.vud --dry-run
     """
-    if out is None and not dry_run:
-        raise click.UsageError(
-            "missing -o OUT (or use --dry-run); vpatch never overwrites its input"
-        )
     r = apply_delta(
         checkpoint,
         delta,
@@ -963,19 +962,40 @@ def inspect(path, delta, component, as_json):
             )
         Console(highlight=False, markup=False).print(t)
         click.echo(info["verdict"])
+        for w in info.get("warnings", []):
+            err.print(f"[yellow]warning:[/yellow] {w}")
         return
     info = inspect_path(path)
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
-    if info["type"] == "delta":
+    if info["type"] == "lora":
+        click.echo(
+            f"lora ({info['target']} keys) for {info['family']} {info['component']}, from delta {str(info['delta_sha256'])[:12]}"
+        )
+        t = Table()
+        t.add_column("entry", overflow="fold", ratio=1)
+        for c in ("shape", "kind", "rank", "strength", "|BA|", "concepts"):
+            t.add_column(c, no_wrap=True)
+        for L in info["layers"]:
+            t.add_row(
+                L["key"],
+                "×".join(map(str, L["shape"])),
+                L["kind"],
+                str(L["rank"]),
+                f"{L['strength']:g}",
+                f"{L['norm_UVt']:.4g}",
+                ", ".join(info["concepts"][L["key"]]),
+            )
+        Console(highlight=False).print(t)
+    elif info["type"] == "delta":
         click.echo(f"delta {info['delta_sha256']}")
         click.echo(
             f"concept: {info['concept'].get('name', '?')}   method: {info['method'].get('name', '?')}   components: {', '.join(info['components'])}"
         )
         t = Table()
         t.add_column("key", overflow="fold", ratio=1)
-        for c in ("shape", "kind", "rank", "strength", "|UVᵀ|", "base dtype"):
+        for c in ("shape", "kind", "rank", "strength", "|UVᵀ|", "base dtype", "concepts"):
             t.add_column(c, no_wrap=True)
         for L in info["layers"]:
             t.add_row(
@@ -986,6 +1006,7 @@ def inspect(path, delta, component, as_json):
                 f"{L['strength']:g}",
                 f"{L['norm_UVt']:.4g}",
                 str(L["base_dtype"]),
+                ", ".join(L.get("concepts", [])),
             )
         Console(highlight=False, markup=False).print(t)
     else:
@@ -1006,6 +1027,143 @@ def inspect(path, delta, component, as_json):
                 )
         else:
             click.echo("applied: none (no vpatch provenance)")
+
+
+@main.command()
+@click.argument("delta", type=click.Path(path_type=Path))
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["lora"]),
+    default="lora",
+    show_default=True,
+    help="What to write: a LoRA file (lora_B = −λ W u from the base weights, lora_A = uᵀ).",
+)
+@click.option(
+    "--base",
+    required=True,
+    help="The checkpoint the LoRA will be loaded on (folder, file or hub id): lora_B depends on its weights.",
+)
+@click.option(
+    "-o",
+    "--out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="The .safetensors to write; a second expert (Wan 2.2 transformer_2) goes to OUT.transformer_2.safetensors.",
+)
+@click.option(
+    "--target",
+    type=click.Choice(["diffusers", "comfyui"]),
+    default="diffusers",
+    show_default=True,
+    help="Key convention: diffusers (pipe.load_lora_weights) or comfyui (LoraLoaderModelOnly; diffusion_model.* keys).",
+)
+@click.option(
+    "--strength",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Multiplies each entry's probed λ (the loader's own LoRA strength multiplies it again).",
+)
+@click.option("--component", help="As for apply: which component a bare file or folder is.")
+@click.option("--revision", help="Hub revision when --base is a hub id.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output (never an input).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable summary on stdout.")
+@_user_errors
+def export(delta, fmt, base, out, target, strength, component, revision, overwrite, as_json):
+    """Write DELTA as a LoRA file that diffusers' load_lora_weights or ComfyUI's LoRA loader loads.
+
+    The LoRA is exact for the --base weights it was computed from; their sha256 are recorded in the
+    file, and `vpatch inspect OTHER --delta LORA` tells whether another checkpoint is that base.
+    Prefer a baked checkpoint (`vpatch apply`) when whoever runs the model must not be able to switch
+    the edit off: a LoRA is one toggle away from the original model.
+
+    \b
+    Examples:
+      vpatch export nudity.vud --format lora --base Wan-AI/Wan2.1-T2V-1.3B-Diffusers -o erase.safetensors
+      vpatch export nudity.vud --base wan2.1_t2v_1.3B_bf16.safetensors --target comfyui -o erase-comfy.safetensors
+    """
+    from .vud.lora import export_lora
+
+    r = export_lora(
+        delta,
+        base,
+        out,
+        target=target,
+        strength=strength,
+        component=component,
+        overwrite=overwrite,
+        revision=revision,
+    )
+    if as_json:
+        click.echo(json.dumps(r.to_dict(), indent=2))
+    else:
+        for f in r.files:
+            err.print(
+                f"{f.component}: {f.modules} LoRA modules, rank ≤ {f.rank} ({r.target} keys, family {r.family})"
+            )
+        for f in r.files:
+            click.echo(f.path)
+    for w in r.warnings:
+        err.print(f"[yellow]warning:[/yellow] {w}")
+
+
+@main.command("import-lora")
+@click.argument("lora", type=click.Path(path_type=Path))
+@click.option(
+    "-o", "--out", type=click.Path(path_type=Path), required=True, help="The .vud to write."
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable summary on stdout.")
+@_user_errors
+def import_lora(lora, out, overwrite, as_json):
+    """Read a LoRA written by `vpatch export` back into a .vud delta (projections stay projections)."""
+    from .errors import DeltaError
+    from .vud.delta import write_delta
+    from .vud.lora import lora_to_delta
+
+    if out.exists() and lora.exists() and out.resolve() == lora.resolve():
+        raise DeltaError(f"output {out} is the input LoRA; choose another -o")
+    d = lora_to_delta(lora)
+    digest = write_delta(out, d, overwrite=overwrite)
+    if as_json:
+        click.echo(
+            json.dumps({"output": str(out), "delta_sha256": digest, "entries": len(d.entries)})
+        )
+    else:
+        err.print(f"{len(d.entries)} entries, concept {d.concept_name}")
+        click.echo(str(out))
+
+
+@main.command("merge")
+@click.argument("deltas", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "-o", "--out", type=click.Path(path_type=Path), required=True, help="The merged .vud to write."
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing output (never an input).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable summary on stdout.")
+@_user_errors
+def merge_cmd(deltas, out, overwrite, as_json):
+    """Merge deltas of several concepts into one delta.
+
+    Where concepts edit the same weight, the merged entry is one projection onto the complement of
+    their joint span (their directions orthonormalised once), not a chain of rank-1 edits; where they
+    edit different weights, the entries are united. Apply the merged delta to the original checkpoint.
+
+    \b
+    Example:
+      vpatch merge nudity.vud gore.vud -o nudity+gore.vud
+    """
+    from .vud.combine import merge_files
+
+    r = merge_files(list(deltas), out, overwrite=overwrite)
+    if as_json:
+        click.echo(json.dumps(r.to_dict(), indent=2))
+        return
+    err.print(
+        f"{r.entries} entries for {', '.join(r.concepts)}; {len(r.joint)} weight(s) edited by several concepts (one joint projection each)"
+    )
+    click.echo(r.output)
 
 
 if __name__ == "__main__":

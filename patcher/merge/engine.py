@@ -212,6 +212,15 @@ def apply_delta(
     dl = plan.delta
     if not force:
         _refuse_reapply(plan)
+        from ..vud.combine import stacking_conflicts
+
+        stacked = stacking_conflicts(plan)
+        if stacked:
+            raise AlreadyApplied(
+                f"{plan.checkpoint.root} already carries another vpatch delta that edited {stacked[0]}"
+                f" ({len(stacked)} shared weight(s)); a second projection on top is not the joint projection of both concepts."
+                " Merge the deltas (vpatch merge first.vud second.vud -o both.vud) and apply that to the original checkpoint, or pass --force"
+            )
     if dry_run:
         rep_ = _report("dry-run", plan, Path(out) if out else None)
         rep_.warnings += [
@@ -220,8 +229,10 @@ def apply_delta(
             if m.base_match is False
         ]
         return rep_
-    if out is None:
-        raise OutputError("no output given; pass -o OUT (vpatch never overwrites its input)")
+    if out is None:  # next to the input, named after it and the concept(s)
+        from ..naming import derived_output
+
+        out = derived_output(checkpoint, dl)
     ck = plan.checkpoint
     out = resolve_out(ck, Path(out))
     record_path = Path(revert_record) if revert_record else None
