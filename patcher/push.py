@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .checkpoint import open_checkpoint
 from .errors import VpatchError
-from .output import atomic_dir
+from .output import atomic_dir, check_name
 
 LIMITS = (
     "Safety edits can be incomplete: the concept may still appear for prompts, seeds or phrasings that were not "
@@ -341,6 +341,7 @@ def push(
         repo_id=repo_id,
     )
     staged = Path(stage) if stage else folder.with_name(folder.name + ".push-staged")
+    check_name(staged)
     if staged.exists() or staged.is_symlink():
         raise PushError(f"staging folder {staged} exists; remove it or pass another --stage")
     try:

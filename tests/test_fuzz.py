@@ -24,12 +24,6 @@ CI = settings(
 KNOWN = settings(CI, phases=[Phase.explicit, Phase.generate])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="merge engine (owned by the merge helper, issue 14): a damaged revert record raises "
-    "KeyError (missing T::fix_index/fix_value), AttributeError (vpatch.originals not an object), "
-    "RuntimeError (factor dtype or rank), IndexError (fix_index out of range) instead of a RevertError",
-)
 @KNOWN
 @example([("drop", "blocks.0.attn2.to_k.weight::fix_index")])
 @example([("meta", "vpatch.originals", "[1]")])
@@ -46,11 +40,6 @@ def test_fuzz_provenance(value):
     fc.provenance_case(value, calls=("inspect", "apply", "push"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="merge engine (owned by the merge helper, issue 14): revert reads vpatch.applied fields "
-    "unchecked: strength null gives TypeError in float(), and other field types fail likewise",
-)
 @KNOWN
 @example(fc.known_provenance(strength=None))
 @example(fc.known_provenance(diverged=5))
@@ -77,11 +66,6 @@ def test_fuzz_output_paths(name, suffix):
     fc.output_path_case(name, suffix)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="output.py (owned by the merge helper, issue 14): an -o name near or over 255 bytes raises "
-    "OSError ENAMETOOLONG (from the existence check or the temporary's longer name) instead of an OutputError",
-)
 @pytest.mark.parametrize("length", [240, 300])
 def test_long_output_names_are_clean_errors(length):
     fc.output_path_case("n" * length, False)
