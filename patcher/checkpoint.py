@@ -126,7 +126,7 @@ def load_index(index: Path) -> WeightSet:
         raise FormatError(f"{where}: index file is larger than {MAX_INDEX_BYTES} bytes")
     try:
         obj = json.loads(index.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise FormatError(f"{where}: not valid JSON; the index is damaged") from None
     wm = obj.get("weight_map") if isinstance(obj, dict) else None
     if not isinstance(wm, dict) or not all(

@@ -420,3 +420,13 @@ def test_push_refuses_a_fifo_without_opening_it(safe):
         timeout=120,
     )
     assert r.returncode == 2 and "not a regular file" in r.stderr
+
+
+def test_an_index_nested_past_the_json_parser_depth_is_a_format_error(tmp_path):
+    from patcher.checkpoint import load_index
+    from patcher.errors import FormatError
+
+    idx = tmp_path / "m.safetensors.index.json"
+    idx.write_text("[" * 100_000)
+    with pytest.raises(FormatError):
+        load_index(idx)
