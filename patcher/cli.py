@@ -628,7 +628,7 @@ def build(
     from .vud.delta import write_delta
 
     params = _params(method, rank, alpha, strength, directions, pooling)
-    check_target(out, [activations], overwrite)
+    check_target(out, [activations], overwrite, "delta")
     acts = read_activations(activations)
     built = run_build(acts, params, WeightReader.for_activations(acts, model))
     digest = write_delta(out, built.delta, overwrite=overwrite)

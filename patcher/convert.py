@@ -107,7 +107,7 @@ def convert_pickle(
         "vpatch.converted_from": os.fsencode(src.name).decode("utf-8", "backslashreplace"),
         "vpatch.source_sha256": digest.hexdigest(),
     }
-    with atomic_file(out, [src], overwrite) as tmp:
+    with atomic_file(out, [src], overwrite, "converted") as tmp:
         save_tensors(tmp, tensors, meta)
         if set(read_header(tmp).tensors) != set(tensors):
             raise FormatError(f"validation of {out} failed; nothing was kept")

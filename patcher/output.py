@@ -60,9 +60,26 @@ def _folder_is_output(d: Path) -> bool:
     return False
 
 
-def replaceable(out: Path, kind: str) -> str | None:
+# What ``--overwrite`` may replace, by the kind of output being written: only an earlier vpatch
+# output of the same kind, recognised by its header, never by its name.
+_OUTPUT_FORMATS = {
+    "record": "vud-revert",
+    "delta": "vud",
+    "activations": "vpatch-activations",
+    "lora": "lora",
+}
+_FORMAT_NAMES = {
+    "vud": "a delta (.vud)",
+    "vud-revert": "a revert record",
+    "vpatch-activations": "saved probe activations",
+    "lora": "an exported LoRA",
+}
+
+
+def replaceable(out: Path, kind: str | None) -> str | None:
     """Why ``--overwrite`` must not replace ``out`` (None: it may). ``kind`` is what is being
-    written: ``checkpoint`` (apply/revert output) or ``record`` (a revert record)."""
+    written: ``checkpoint`` (apply/revert output), ``converted`` (convert output), ``record``,
+    ``delta``, ``activations`` or ``lora``; None allows only a plain file that is no model."""
     if out.is_symlink():
         return "is a symbolic link"
     if out.is_dir():
@@ -74,15 +91,17 @@ def replaceable(out: Path, kind: str) -> str | None:
     if not out.is_file():
         return "is not a regular file"
     meta = _safetensors_meta(out)
-    fmt = (meta or {}).get("vpatch.format")
-    if fmt == "vud":
-        return "is a delta (.vud)"
-    if fmt == "vud-revert":
-        return None if kind == "record" else "is a revert record"
     if meta is not None:
-        if "vpatch.applied" in meta and kind == "checkpoint":
+        fmt = meta.get("vpatch.format")
+        if fmt is not None and fmt == _OUTPUT_FORMATS.get(kind or ""):
             return None
-        return "is a safetensors file that vpatch did not write (no vpatch provenance)"
+        if fmt in _FORMAT_NAMES:
+            return f"is {_FORMAT_NAMES[fmt]}"
+        if kind == "checkpoint" and "vpatch.applied" in meta:
+            return None
+        if kind == "converted" and "vpatch.converted_from" in meta:
+            return None
+        return "is a safetensors file that vpatch did not write as this kind of output"
     if out.suffix.lower() in PICKLE_SUFFIXES:
         return "is a model weight file"
     return None  # a plain file that is no model: replaced like cp -f would
@@ -108,7 +127,8 @@ def check_target(
 
     ``inputs``: every path the command reads (checkpoint, its files, the delta, a record); the
     output is none of them, contains none of them and is not inside an input folder. With ``kind``,
-    an existing output is replaced only if ``replaceable`` accepts it; ``folder`` says whether the
+    an existing output is replaced only if ``replaceable`` accepts it (kind None: only a plain file
+    that is no model); ``folder`` says whether the
     output is a folder (an existing output of the other sort is refused)."""
     check_name(out)
     parent = out.parent
@@ -139,12 +159,11 @@ def check_target(
     if folder is not None and out.is_dir() != folder and not out.is_symlink():
         want, have = ("a folder", "a file") if folder else ("a file", "a folder")
         raise OutputError(f"output {out} is {have}, but this output is {want}; choose another -o")
-    if kind is not None:
-        why = replaceable(out, kind)
-        if why is not None:
-            raise OutputError(
-                f"--overwrite replaces only a previous vpatch output, and {out} {why}; remove it yourself or choose another -o"
-            )
+    why = replaceable(out, kind)
+    if why is not None:
+        raise OutputError(
+            f"--overwrite replaces only a previous vpatch output, and {out} {why}; remove it yourself or choose another -o"
+        )
 
 
 def _read_only(d: Path) -> bool:

@@ -83,9 +83,10 @@ def probe(
     prm = params or ProbeParams()  # already checked when it was made: nothing is loaded yet
     if out is None and save_activations is None:
         raise ProbeError("probe: nothing to write; give -o OUT, --save-activations FILE or both")
-    for p in (out, save_activations):  # fail before any model is loaded
+    local = [Path(model)] if Path(model).exists() else []  # never write into or over the model
+    for p, kind in ((out, "delta"), (save_activations, "activations")):  # before any model loads
         if p is not None:
-            check_target(Path(p), [], overwrite)
+            check_target(Path(p), local, overwrite, kind)
     src = open_model(model, opt)
     weights = WeightReader(src)
     acts = capture(src, concept, opt, weights, reporter, log)

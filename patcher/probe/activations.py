@@ -219,7 +219,7 @@ def write_activations(path: str | os.PathLike, acts: Activations, overwrite: boo
         "vpatch.activations": doc_json,
         "vpatch.activations_sha256": digest,
     }
-    with atomic_file(Path(path), [], overwrite) as tmp:
+    with atomic_file(Path(path), [], overwrite, "activations") as tmp:
         save_tensors(tmp, tensors, meta)
         read_activations(tmp)  # validate what landed before it gets the final name
     return digest

@@ -151,7 +151,7 @@ def write_delta(path: str | os.PathLike, delta: Delta, overwrite: bool = False) 
         "vpatch.versions": json.dumps(delta.versions or versions()),
         "vpatch.delta_sha256": digest,
     }
-    with atomic_file(Path(path), [], overwrite) as tmp:
+    with atomic_file(Path(path), [], overwrite, "delta") as tmp:
         save_tensors(tmp, tensors, meta)
         read_delta(tmp)  # validate what landed before it gets the final name
     return digest

@@ -287,7 +287,7 @@ def export_lora(
         inputs = [f for w in plan.checkpoint.weight_sets for f in w.files]
         if dl.path is not None:
             inputs.append(Path(dl.path))  # never written over, even with --overwrite
-        with atomic_file(path, inputs, overwrite) as tmp:
+        with atomic_file(path, inputs, overwrite, "lora") as tmp:
             save_tensors(tmp, tensors, meta)
             read_header(tmp)
         ranks = [t.shape[0] for k, t in tensors.items() if k.endswith("lora_A.weight")]
