@@ -34,7 +34,7 @@ def _imageio():
     return iio
 
 
-def to_uint8(clip: torch.Tensor) -> "torch.Tensor":
+def to_uint8(clip: torch.Tensor) -> torch.Tensor:
     """(3, F, H, W) in [-1, 1] -> (F, H, W, 3) uint8."""
     return (
         ((clip.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0)
