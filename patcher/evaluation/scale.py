@@ -449,3 +449,61 @@ def manifest(out: str | Path) -> dict:
     if not path.exists():
         raise ScaleError(f"{out}: not a vpatch eval folder (no {MANIFEST})")
     return json.loads(path.read_text())
+
+
+def evaluate_folder(
+    model: str | Path | None,
+    out: str | Path,
+    *,
+    concept=None,
+    prompts: str | Path | None = None,
+    delta: str | Path | None = None,
+    patched: str | Path | None = None,
+    options: RunOptions | None = None,
+    resume: bool = False,
+    rejudge_only: bool = False,
+    sheet: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict | None:
+    """The whole `vpatch eval --out DIR`: generate (or, with ``rejudge_only``, rescore the kept
+    clips), merge, and write report.<judge>.json/.md and the contact sheet. Returns the report on the
+    main process, None on the others."""
+    from ..families.recipes import Concept, load_concept
+    from .prompts import concept_prompts, load_prompts
+    from .report import summarize, write_reports
+
+    opt = options or RunOptions()
+    con = concept if concept is None or isinstance(concept, Concept) else load_concept(concept)
+    d = dist_state()
+    if rejudge_only:
+        if not d.main:
+            return None
+        rejudge(out, make_judge(opt.judge, con, opt), progress=progress)
+    else:
+        if model is None:
+            raise ScaleError("give the MODEL to generate with (or --rejudge to rescore kept clips)")
+        if prompts is not None:
+            ps = load_prompts(prompts, opt.free_categories)
+        elif con is not None:
+            ps = concept_prompts(con)
+        else:
+            raise ScaleError("give --prompts FILE or a concept (-c) whose prompt sets to use")
+        rows = run(
+            model,
+            ps,
+            out,
+            delta=delta,
+            patched=patched,
+            concept=con,
+            options=opt,
+            resume=resume,
+            dist=d,
+            progress=progress,
+            log=log,
+        )
+        if rows is None:
+            return None
+    rep = summarize(out, opt.judge)
+    rep["files"] = write_reports(out, rep, sheet=sheet)
+    return rep
