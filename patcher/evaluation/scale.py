@@ -107,11 +107,17 @@ class Dist:
 
 
 def dist_state() -> Dist:
+    """accelerate's view of this process. Without CUDA (or with ``accelerate launch --cpu``) the
+    processes meet over gloo: ``accelerate launch --multi_gpu --num_processes N`` then starts N CPU
+    processes (accelerate 1.x's ``--cpu`` launcher starts one process unless given an MPI hostfile)."""
     try:
         from accelerate import PartialState
+        from accelerate.utils import parse_flag_from_env
     except ImportError:
         return Dist()
-    s = PartialState()
+    import torch
+
+    s = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
     return Dist(s.process_index, s.num_processes, s.local_process_index, str(s.device), s)
 
 
