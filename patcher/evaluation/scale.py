@@ -321,6 +321,7 @@ def run(
         f"delta:{Path(delta).resolve()}" if delta else str(Path(patched)),
         getattr(concept, "name", None),
     )
+    judge = judge or make_judge(opt.judge, concept, opt)  # before anything is written
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
         _check_manifest(out, want, resume)
@@ -329,7 +330,6 @@ def run(
         with atomic_file(out / MANIFEST, overwrite=True) as tmp:
             tmp.write_text(json.dumps(want, indent=2) + "\n")
     d.barrier()
-    judge = judge or make_judge(opt.judge, concept, opt)
     if d.main:
         write_protocol(out, judge)
     jobs = jobs_for(prompts, opt)
@@ -485,6 +485,8 @@ def evaluate_folder(
     if rejudge_only:
         if not d.main:
             return None
+        if not (Path(out) / MANIFEST).exists():
+            raise ScaleError(f"--rejudge: {out} is not a vpatch eval folder (no {MANIFEST})")
         rejudge(out, make_judge(opt.judge, con, opt), progress=progress)
     else:
         if model is None:
