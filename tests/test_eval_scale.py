@@ -204,6 +204,8 @@ def test_tiny_wan_pipeline_clips_rows_and_rejudge(tmp_path):
     opt = RunOptions(seeds=2, steps=2, batch=2, call=tuple(sorted(call.items())))
     rows = run(wan, prompts, tmp_path / "out", patched=wan, options=opt, judge=Flat())
     assert len(rows) == 2 * 2 * 2 and {r["judge"] for r in rows} == {"flat"}
+    assert read_rows(tmp_path / "out" / "results.flat.jsonl") == rows  # files named by the judge
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["judge"] == "flat"
     # the same pipeline and seed, generated here, matches the kept clip within codec tolerance
     from patcher.evaluation.core import EvalOptions, PipelineGenerator
 

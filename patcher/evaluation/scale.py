@@ -314,6 +314,8 @@ def run(
         raise ScaleError("give exactly one of --delta or --patched")
     if opt.seeds < 1 or opt.batch < 1:
         raise ScaleError("--seeds and --batch must be at least 1")
+    judge = judge or make_judge(opt.judge, concept, opt)  # before anything is written
+    jname = judge.name
     want = _manifest(
         prompts,
         opt,
@@ -321,7 +323,7 @@ def run(
         f"delta:{Path(delta).resolve()}" if delta else str(Path(patched)),
         getattr(concept, "name", None),
     )
-    judge = judge or make_judge(opt.judge, concept, opt)  # before anything is written
+    want["judge"] = jname
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
         _check_manifest(out, want, resume)
@@ -333,7 +335,7 @@ def run(
     if d.main:
         write_protocol(out, judge)
     jobs = jobs_for(prompts, opt)
-    done = done_rows(out, opt.judge)
+    done = done_rows(out, jname)
     work = out / ".work" / f"patched-node{d.node_leader}"
     need_patched = any(key("patched", j.index, j.seed) not in done for j in jobs)
     if delta is not None and need_patched:
@@ -355,7 +357,7 @@ def run(
         sum(key(m, jobs[i].index, jobs[i].seed) not in done for b in todo[m] for i in b)
         for m in MODELS
     )
-    shard = Shard(out / "shards" / f"{opt.judge}-rank{d.rank}-of-{d.world}.jsonl")
+    shard = Shard(out / "shards" / f"{jname}-rank{d.rank}-of-{d.world}.jsonl")
     made = 0
     try:
         for m, folder in (("original", model), ("patched", Path(patched))):
@@ -403,7 +405,7 @@ def run(
     d.barrier()
     if not d.main:
         return None
-    rows = merge(out, opt.judge)
+    rows = merge(out, jname)
     try:
         (out / ".work").rmdir()
     except OSError:
