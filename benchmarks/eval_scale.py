@@ -75,6 +75,18 @@ def timed(cmd: list[str], log: Path, kill_after: float | None = None) -> tuple[f
     return time.perf_counter() - t, rc
 
 
+def phases(folder: Path) -> dict:
+    """Seconds from the manifest to the merged rows (generation) and from there to the report."""
+    t = {
+        n: (folder / n).stat().st_mtime
+        for n in ("run.json", "results.organism.jsonl", "report.organism.md")
+    }
+    return {
+        "generate_s": t["results.organism.jsonl"] - t["run.json"],
+        "report_s": t["report.organism.md"] - t["results.organism.jsonl"],
+    }
+
+
 def rows(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
@@ -124,7 +136,8 @@ def main() -> None:
     if "A" in runs:
         ta, rc = timed([py, "-m", "patcher.cli", *eval_args(work, "A", a)], work / "A.log")
         assert rc == 0, (work / "A.log").read_text()[-2000:]
-        print(f"A 1 process: {ta:.1f} s, {clips / ta:.2f} clips/s", flush=True)
+        res["A_phases"] = phases(work / "A")
+        print(f"A 1 process: {ta:.1f} s, {clips / ta:.2f} clips/s; {res['A_phases']}", flush=True)
     else:  # B, R, C against the A of an earlier invocation (same --work)
         res = {**json.loads(saved.read_text()), **res}
         ta = res["A_1proc_s"]
@@ -137,7 +150,7 @@ def main() -> None:
         tb, rc = timed([*acc, *eval_args(work, "B", a)], work / "B.log")
         assert rc == 0, (work / "B.log").read_text()[-2000:]
         rb = rows(work / "B" / "results.organism.jsonl")
-        res.update(B_2proc_s=tb, B_rows_equal_A=ra == rb)
+        res.update(B_2proc_s=tb, B_rows_equal_A=ra == rb, B_phases=phases(work / "B"))
         print(
             f"B 2 processes: {tb:.1f} s, {clips / tb:.2f} clips/s, speed-up {ta / tb:.2f}x; "
             f"rows equal: {ra == rb}",
@@ -163,6 +176,7 @@ def main() -> None:
     t2, rc = timed([py, "-m", "patcher.cli", *eval_args(work, "C", a), "--resume"], work / "C2.log")
     assert rc == 0, (work / "C2.log").read_text()[-2000:]
     rc_ = rows(work / "C" / "results.organism.jsonl")
+    res["C_resume_phases"] = phases(work / "C")
     res.update(
         C_killed_s=t1, C_killed_rc=rc1, C_rows_at_kill=done, C_resume_s=t2, C_rows_equal_A=rc_ == ra
     )
