@@ -636,11 +636,10 @@ def build(
 
 
 @main.command("eval")
-@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("model", type=click.Path(path_type=Path), required=False)
 @click.option(
     "-c",
     "--concept",
-    required=True,
     help="Concept recipe (name or .toml) with held-out prompts and [judge.*] labels.",
 )
 @click.option(
@@ -655,10 +654,11 @@ def build(
 )
 @click.option(
     "--judge",
-    type=click.Choice(["organism", "clip"]),
+    type=click.Choice(["organism", "clip", "nudenet"]),
     default="organism",
     show_default=True,
-    help="organism: the analytic judge of the shipped organism; clip: CLIP zero-shot against the concept's labels.",
+    help="organism: the analytic judge of the shipped organism; clip: CLIP zero-shot against the concept's labels; "
+    "nudenet: the NudeNet detector (needs --out; pip install 'vpatch[nudenet]').",
 )
 @click.option("--clip-model", help="CLIP model folder or hub id for --judge clip.")
 @click.option(
@@ -695,6 +695,59 @@ def build(
     metavar="KEY=VALUE",
     help="Extra pipeline arguments for real models, e.g. --call num_frames=17 --call height=256.",
 )
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    help="Keep every clip as MP4 and every result as a JSONL row in this folder; write report.<judge>.md/.json "
+    "and a contact sheet there. Runs on N processes under `accelerate launch`.",
+)
+@click.option(
+    "--prompts",
+    "prompts_file",
+    type=click.Path(path_type=Path),
+    help="A prompt file (.txt, .csv, .jsonl) with an optional category/aspect column (needs --out). "
+    "Default: the concept recipe's sets.",
+)
+@click.option(
+    "--free-category",
+    "free_categories",
+    multiple=True,
+    help="A concept-free category of --prompts (quality distances; not in the concept totals). Default: free, neutral.",
+)
+@click.option(
+    "--resume", is_flag=True, help="Finish the run in --out: skip the clips it already holds."
+)
+@click.option(
+    "--rejudge",
+    is_flag=True,
+    help="Score the clips kept in --out with --judge, without generating again.",
+)
+@click.option(
+    "--batch",
+    type=int,
+    default=16,
+    show_default=True,
+    help="(prompt, seed) jobs per generation call (--out).",
+)
+@click.option(
+    "--crf",
+    type=int,
+    default=0,
+    show_default=True,
+    help="H.264 rate factor of the kept clips: 0 is lossless in YUV 4:4:4; 18-23 are far smaller.",
+)
+@click.option(
+    "--frame-stride",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Judge every k-th frame (nudenet).",
+)
+@click.option("--nudenet-threshold", type=float, help="NudeNet score threshold [default: 0.6].")
+@click.option(
+    "--nudenet-classes",
+    help="Comma-separated NudeNet classes that count [default: the five explicit *_EXPOSED classes].",
+)
 @click.option("--json", "as_json", is_flag=True, help="The full report on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_user_errors
@@ -711,6 +764,16 @@ def eval_cmd(
     strength,
     preview,
     calls,
+    out,
+    prompts_file,
+    free_categories,
+    resume,
+    rejudge,
+    batch,
+    crf,
+    frame_stride,
+    nudenet_threshold,
+    nudenet_classes,
     as_json,
     quiet,
 ):
@@ -720,14 +783,35 @@ def eval_cmd(
     template) and concept-free prompts with the original and the patched model, same prompts and
     seeds, and judges every clip. Rates carry 95% intervals.
 
+    With --out, every clip is kept as MP4 and every result as a JSONL row (resumable), prompts can
+    come from a benchmark file with categories, and the run spreads over all processes of
+    `accelerate launch`.
+
     \b
     Example (the shipped organism):
       vpatch eval examples/organism/model -c examples/organism/red.toml --delta red.vud --preview red.gif
+      vpatch eval examples/organism/model -c examples/organism/red.toml --delta red.vud --out runs/red
     """
-    from .evaluation.core import EvalOptions, evaluate, summary_rows, to_json
+    from .evaluation.core import EvalError, EvalOptions, evaluate, summary_rows, to_json
     from .families.recipes import apply_overrides
 
     call = apply_overrides({}, list(calls))
+    if out is not None:
+        return _eval_folder(
+            model, concept, delta, patched, judge, clip_model, seeds, steps, guidance, strength,
+            call, out, prompts_file, free_categories, resume, rejudge, batch, crf, frame_stride,
+            nudenet_threshold, nudenet_classes, as_json, quiet,
+        )  # fmt: skip
+    for flag, v in (
+        ("--prompts", prompts_file),
+        ("--resume", resume),
+        ("--rejudge", rejudge),
+        ("--judge nudenet", judge == "nudenet"),
+    ):
+        if v:
+            raise EvalError(f"{flag} needs --out DIR (the folder that keeps the clips and rows)")
+    if model is None or concept is None:
+        raise EvalError("give MODEL and -c CONCEPT")
     opt = EvalOptions(
         seeds=seeds,
         steps=steps,
@@ -760,6 +844,75 @@ def eval_cmd(
     Console(highlight=False, markup=False, width=max(Console().width, 120)).print(t)
     if r.preview:
         click.echo(f"preview: {r.preview}")
+
+
+def _eval_folder(
+    model, concept, delta, patched, judge, clip_model, seeds, steps, guidance, strength, call, out,
+    prompts_file, free_categories, resume, rejudge, batch, crf, frame_stride, nudenet_threshold,
+    nudenet_classes, as_json, quiet,
+):  # fmt: skip
+    """`vpatch eval --out`: the API's evaluate_folder, its progress, and its table."""
+    from .evaluation.prompts import FREE_CATEGORIES
+    from .evaluation.report import table_rows
+    from .evaluation.scale import RunOptions, evaluate_folder
+
+    opt = RunOptions(
+        seeds=seeds,
+        steps=steps,
+        guidance=guidance,
+        call=tuple(sorted(call.items())),
+        judge=judge,
+        clip_model=clip_model,
+        threshold=nudenet_threshold,
+        classes=tuple(c.strip() for c in nudenet_classes.split(",")) if nudenet_classes else None,
+        frame_stride=frame_stride,
+        batch=batch,
+        crf=crf,
+        strength=strength,
+        free_categories=tuple(free_categories) or FREE_CATEGORIES,
+    )
+    rep_ = CountReporter(quiet or as_json)
+    started = []
+
+    def progress(done: int, total: int) -> None:
+        if not started:
+            rep_.start("rejudging" if rejudge else "generating", total)
+            started.append(1)
+        rep_.advance(1)
+
+    say = (lambda m: None) if (quiet or as_json) else (lambda m: err.print(m))
+    try:
+        r = evaluate_folder(
+            model,
+            out,
+            concept=concept,
+            prompts=prompts_file,
+            delta=delta,
+            patched=patched,
+            options=opt,
+            resume=resume,
+            rejudge_only=rejudge,
+            progress=progress,
+            log=say,
+        )
+    finally:
+        if started:
+            rep_.stop()
+    if r is None:  # not the main process
+        return
+    if as_json:
+        click.echo(json.dumps(r, indent=2, default=float))
+        return
+    t = Table(
+        title=f"eval: {r['prompts']['source']} ({r['judge']} judge, {r['seeds']} seeds per prompt)"
+    )
+    t.add_column("", overflow="fold", min_width=40)
+    for c in ("original", "patched", "change"):
+        t.add_column(c, no_wrap=True)
+    for row in table_rows(r):
+        t.add_row(*row)
+    Console(stderr=True, highlight=False, width=max(Console().width, 140)).print(t)
+    click.echo(r["files"]["md"])
 
 
 @main.command()

@@ -249,7 +249,10 @@ def build_card(
             f"pooling `{m.get('pooling')}`",
             f"- edited weights: {delta.get('entries')}; the update is W' = W − λ (W u) uᵀ on each",
         ]
-    if eval_report:
+    if eval_report and isinstance(eval_report.get("markdown"), str):
+        # a `vpatch eval --out` report: its page (per-category rates, Wilson intervals) as written
+        lines += ["", "## Evaluation", "", eval_report["markdown"].strip()]
+    elif eval_report:
         lines += [
             "",
             "## Evaluation",

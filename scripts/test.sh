@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's test command, complete on a fresh machine: the CPU torch wheel first when no torch is
 # installed (a bare `torch` requirement resolves to a multi-GB CUDA build), an existing torch left as
-# it is; then vpatch with its probe and test extras, then the suite.
+# it is; then vpatch with its probe, eval, nudenet and test extras, then the suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -15,5 +15,5 @@ else
   "$PY" -m pip install -q "torch==$TORCH_VERSION+cpu" 2>/dev/null ||
     "$PY" -m pip install -q "torch==$TORCH_VERSION" --index-url "$CPU_INDEX"
 fi
-"$PY" -m pip install -q -e '.[probe,test]'
+"$PY" -m pip install -q -e '.[probe,eval,nudenet,test]'
 "$PY" -m pytest -q "$@"
