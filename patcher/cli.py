@@ -443,8 +443,11 @@ def _show_probe(r, as_json: bool, verb: str) -> None:
 @click.option(
     "-c",
     "--concept",
+    "concepts",
     required=True,
-    help="Concept recipe: a shipped name (nudity, violence, gore, trademark) or a .toml path.",
+    multiple=True,
+    help="Concept recipe: a shipped name (nudity, violence, gore, trademark) or a .toml path. "
+    "Repeat it (-c nudity -c gore) to remove several concepts with one delta.",
 )
 @click.option(
     "-o",
@@ -517,7 +520,7 @@ def _show_probe(r, as_json: bool, verb: str) -> None:
 @_user_errors
 def probe(
     model,
-    concept,
+    concepts,
     out,
     save_activations,
     family,
@@ -556,8 +559,9 @@ def probe(
       vpatch probe ./cogvideox -c gore -o gore.vud --layers text_proj,t5_ffn --rank 64
       vpatch probe Open_Sora_v2.safetensors -c trademark -o tm.vud --encoder text=./t5-xxl --encoder pooled=./clip-l
       vpatch probe ./wan -c nudity --save-activations nudity.acts.safetensors   # capture only
+      vpatch probe ./wan -c nudity -c gore -o both.vud     # one joint projection for both
     """
-    from .probe import CaptureOptions
+    from .probe import CaptureOptions, probe_concepts
     from .probe import probe as run_probe
 
     if out is None and save_activations is None:
@@ -578,9 +582,27 @@ def probe(
         offload=offload,
     )
     say = (lambda m: None) if (quiet or as_json) else (lambda m: err.print(m))
+    if len(concepts) > 1:
+        if save_activations is not None or out is None:
+            raise ProbeError(
+                "probe: --save-activations takes one concept; save each concept's activations in "
+                "its own run, or give -o to write one delta for all of them"
+            )
+        r = probe_concepts(
+            model,
+            list(concepts),
+            out,
+            opt,
+            params,
+            overwrite=overwrite,
+            reporter=CountReporter(quiet or as_json),
+            log=say,
+        )
+        _show_probe(r, as_json, "probe")
+        return
     r = run_probe(
         model,
-        concept,
+        concepts[0],
         out,
         opt,
         params,

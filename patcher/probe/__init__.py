@@ -83,10 +83,9 @@ def probe(
     prm = params or ProbeParams()  # already checked when it was made: nothing is loaded yet
     if out is None and save_activations is None:
         raise ProbeError("probe: nothing to write; give -o OUT, --save-activations FILE or both")
-    local = [Path(model)] if Path(model).exists() else []  # never write into or over the model
     for p, kind in ((out, "delta"), (save_activations, "activations")):  # before any model loads
         if p is not None:
-            check_target(Path(p), local, overwrite, kind)
+            check_target(Path(p), _local_inputs(model), overwrite, kind)
     src = open_model(model, opt)
     weights = WeightReader(src)
     acts = capture(src, concept, opt, weights, reporter, log)
@@ -110,6 +109,63 @@ def probe(
     return report(built, acts, Path(out), digest)
 
 
+def _local_inputs(model: str | Path | ModelSource) -> list[Path]:
+    """The model's files on disk, which no output may replace or be written into."""
+    root = model.root if isinstance(model, ModelSource) else Path(model)
+    return [Path(root)] if root is not None and Path(root).exists() else []
+
+
+def probe_concepts(
+    model: str | Path | ModelSource,
+    concepts: list[str | Path | Concept],
+    out: str | Path,
+    options: CaptureOptions | None = None,
+    params: ProbeParams | None = None,
+    *,
+    overwrite: bool = False,
+    reporter: Reporter | None = None,
+    log: Callable[[str], None] | None = None,
+) -> ProbeReport:
+    """Several concepts in one delta: each is captured and built on its own, on one loaded model,
+    then merged (vud/combine.py), so a weight two concepts edit gets one projection onto the
+    complement of their joint span rather than a chain of edits."""
+    from ..output import check_target
+    from ..vud.combine import merge_deltas
+
+    if len(concepts) < 2:
+        return probe(
+            model,
+            concepts[0],
+            out,
+            options,
+            params,
+            overwrite=overwrite,
+            reporter=reporter,
+            log=log,
+        )
+    opt = options or CaptureOptions()
+    prm = params or ProbeParams()
+    check_target(Path(out), _local_inputs(model), overwrite, "delta")
+    src = open_model(model, opt)
+    weights = WeightReader(src)
+    parts = []
+    for c in concepts:
+        acts = capture(src, c, opt, weights, reporter, log)
+        parts.append((acts, build(acts, prm, weights)))
+    merged = merge_deltas([b.delta for _, b in parts])
+    digest = write_delta(Path(out), merged, overwrite=overwrite)
+    first = parts[0][0]
+    return ProbeReport(
+        str(out),
+        digest,
+        first.family,
+        merged.concept_name,
+        parts[0][1].delta.method,
+        [g for _, b in parts for g in b.groups],
+        first.capture.device,
+    )
+
+
 __all__ = [
     "METHODS",
     "Activations",
@@ -124,6 +180,7 @@ __all__ = [
     "capture",
     "open_model",
     "probe",
+    "probe_concepts",
     "read_activations",
     "report",
     "write_activations",
