@@ -337,7 +337,7 @@ def lora_to_delta(path: str | os.PathLike) -> Delta:
     try:
         modules = json.loads(meta["vpatch.modules"])
         concepts = json.loads(meta.get("vpatch.concept", "[]"))
-    except (KeyError, ValueError):
+    except (KeyError, ValueError, RecursionError):
         raise DeltaError(f"{path}: damaged vpatch.modules metadata") from None
     entries: list[DeltaEntry] = []
     owners: dict[str, list[str]] = {}
