@@ -27,6 +27,7 @@ from patcher.erasure.refusal import pair_differences, pool, refusal_directions  
 from patcher.families.recipes import load_concept  # noqa: E402
 
 WORDS: list[str] = []
+CONCEPT = ""
 PROMPTS: list[str] = []
 MODEL = ROOT / "examples" / "organism" / "model"
 
@@ -152,7 +153,20 @@ def summarise(sets, before, after, twin_before, kind: str) -> dict:
         pair = [(b, a) for b, a in zip(hb, ha) if b is not None and a is not None]
         n = len(idx)
         rec = {"n": n, "missing_after": sum(a is None for a in ha)}
-        if name == "concept" and kind == "colour":
+        if name == "concept" and kind == "shape":
+            jb = [o.judge(before[i]) for i in idx]
+            ja = [o.judge(after[i]) for i in idx]
+            rec.update(
+                twin_shape_before=sum(v.shape == "ball" for v in jb),
+                twin_shape_after=sum(v.shape == "ball" for v in ja),
+                concept_before=sum(v.shape == CONCEPT for v in jb),
+                concept_after=sum(v.shape == CONCEPT for v in ja),
+                colour_kept=sum(a.colour == b.colour for a, b in zip(ja, jb)),
+            )
+            if pair:
+                rec["dhue"] = sum(hue_diff(a[0], b[0]) for b, a in pair) / len(pair)
+                rec["dval"] = sum(a[2] - b[2] for b, a in pair) / len(pair)
+        elif name == "concept" and kind == "colour":
             white = sum(1 for a in ha if a is not None and a[1] < 0.2)
             pale = sum(1 for a in ha if a is not None and 0.2 <= a[1] < 0.5)
             sat = sum(1 for (b, a) in pair if a[1] >= b[1] - 0.05)
@@ -323,11 +337,26 @@ def main():
     a = ap.parse_args()
     torch.set_num_threads(1)
     tok, enc, tr = o.load(MODEL)
-    con = load_concept(ROOT / "examples" / "organism" / f"{a.concept}.toml")
-    concept_words = set(o.COLOUR_WORDS.get(a.concept, o.SHAPE_WORDS.get(a.concept, [])))
+    names = a.concept.split("+")
+    cons = [load_concept(ROOT / "examples" / "organism" / f"{c}.toml") for c in names]
+    concept_words = {w for c in names for w in o.COLOUR_WORDS.get(c, o.SHAPE_WORDS.get(c, []))}
+    con = cons[0]
+    if len(cons) > 1:  # one delta for several concepts: every pair, neutral prompts free of all
+        from dataclasses import replace
+
+        con = replace(
+            con,
+            pairs=[p for c in cons for p in c.pairs],
+            neutral=[n for c in cons for n in c.neutral if not set(n.split()) & concept_words],
+        )
+    global CONCEPT
+    CONCEPT = names[0]
     global WORDS, PROMPTS
     WORDS = sorted(concept_words)
-    sets = heldout(a.concept, a.kind, a.n, a.n // 2, a.n // 4)
+    sets = heldout(names[0], a.kind, a.n, a.n // 2, a.n // 4)
+    for extra in names[1:]:
+        sets["concept"] += heldout(extra, a.kind, a.n, 0, 0)["concept"]
+        sets.pop(extra, None)
     prompts, seeds, idx = [], [], {}
     for name, ps in sets.items():
         idx[name] = []

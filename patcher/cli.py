@@ -366,8 +366,9 @@ def _pairs(values: tuple[str, ...], flag: str) -> dict[str, str]:
 )
 @click.option(
     "--method",
-    type=click.Choice(["cpca", "pca", "mean"]),
-    help="cpca (default): contrastive subspace; pca: α = 0; mean: raw mean difference.",
+    type=click.Choice(["cpca", "pca", "mean", "twin"]),
+    help="cpca (default): contrastive subspace; pca: α = 0; mean: raw mean difference; "
+    "twin: closed-form map of the concept's tokens to its safe twin's, with a preservation set.",
 )
 @click.option(
     "--rank",

@@ -127,3 +127,30 @@ def test_input_operator_round_trip_and_factors():
     W = torch.randn(4, 6, generator=torch.Generator().manual_seed(5))
     U, V = twin.operator_factors(W, op)
     assert torch.allclose(W + U @ V.T, (W.double() @ M).float(), atol=1e-4)
+
+
+def test_twin_edit_sends_concept_words_to_padding_and_keeps_padding():
+    g = torch.Generator().manual_seed(7)
+    H = 8
+    pad = torch.zeros(H, dtype=torch.float64)
+    pad[7] = 1.5  # what a padding position reads at this site (not zero after a bias)
+    word = torch.zeros(H, dtype=torch.float64)
+    word[0] = 4.0  # the concept word's own reading
+    unsafe, safe, preserve = [], [], []
+    for i in range(5):
+        ctx = torch.randn(3, H, generator=g, dtype=torch.float64)
+        ctx[:, 0] = 0
+        ctx[:, 7] = 0
+        unsafe.append((torch.cat([ctx[:1], word[None], ctx[1:]]), [10 + i, 99, 20 + i, 1]))
+        safe.append((ctx, [10 + i, 20 + i, 1]))
+        preserve.append(ctx)
+    for _ in range(10):
+        p = torch.randn(4, H, generator=g, dtype=torch.float64)
+        p[:, 0] = 0
+        p[:, 7] = 0
+        preserve.append(p)
+    op, info = twin.twin_edit(unsafe, safe, preserve, pad, twin.TwinParams(beta=1.0, ridge=1e-6))
+    M = op.matrix().double()
+    assert torch.allclose(M @ word, pad, atol=1e-3)
+    assert torch.allclose(M @ pad, pad, atol=1e-3)
+    assert info["edit_tokens"] == 20 and info["residual"] < 1e-3

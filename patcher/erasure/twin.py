@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+TWIN = "twin"  # the probe method name of this edit
+
 
 def align_tokens(unsafe: list[int], safe: list[int]) -> list[tuple[int, int | None]]:
     """Pairs (i, j): unsafe token i should read as safe token j; j = None: as padding (zero).
@@ -164,3 +166,58 @@ def recover_inputs(
     r = float(ridge) * float(torch.trace(G)) / G.shape[0]
     rhs = A.T @ (W.double() @ X.double().T)
     return torch.linalg.solve(G + r * torch.eye(G.shape[0], dtype=torch.float64), rhs).T
+
+
+# --------------------------------------------------------------------------- from captured prompts
+
+TokenActs = tuple[torch.Tensor, list[int]]  # (valid tokens (n, H), their token ids)
+
+
+@dataclass(frozen=True)
+class TwinParams:
+    """The twin edit's settings; defaults are the ones chosen on the organism (docs/efficacy.md)."""
+
+    beta: float = 1.0  # weight of the preservation set against the concept pairs
+    ridge: float = 1e-3  # pull toward the identity, relative to the preservation tokens' scale
+    null: int = 0  # concept null-space directions (no input reaches them afterwards)
+
+
+def twin_edit(
+    unsafe: list[TokenActs],
+    safe: list[TokenActs],
+    preserve: list[torch.Tensor],
+    pad: torch.Tensor,
+    params: TwinParams = TwinParams(),
+) -> tuple[InputOperator, dict]:
+    """The input-side operator for one site from a recipe's captures.
+
+    ``unsafe``/``safe``: each pair's valid tokens and ids; ``preserve``: token rows that must keep
+    their value (neutral prompts, the safe twins, the empty prompt of the unconditional branch);
+    ``pad``: what a padding position reads at this site (the target of a concept word). Padding is
+    preserved too, as many rows as there are preserved tokens, so neither the padding positions nor
+    the unconditional branch move.
+    """
+    Xe, Te = [], []
+    for (xu, iu), (xs, is_) in zip(unsafe, safe):
+        X, T = aligned_targets(xu, xs, iu, is_)
+        deleted = [j is None for _, j in align_tokens(iu, is_)]
+        T[torch.tensor(deleted, dtype=torch.bool)] = pad.double()
+        Xe.append(X)
+        Te.append(T)
+    Xe_, Te_ = torch.cat(Xe), torch.cat(Te)
+    Xp = torch.cat([p.double() for p in preserve])
+    Xp = torch.cat([Xp, pad.double().expand(Xp.shape[0], -1)])
+    null = None
+    if params.null:
+        null, _ = concept_null_space(Xe_ - Te_, Xp, params.null)
+    M = twin_map(Xe_, Te_, Xp, params.beta, params.ridge, null)
+    op = input_operator(M)
+    fit = float((Xe_ @ M.T - Te_).norm() / (Xe_ - Te_).norm().clamp_min(1e-12))
+    kept = float((Xp @ M.T - Xp).norm() / Xp.norm().clamp_min(1e-12))
+    return op, {
+        "rank": op.rank,
+        "residual": round(fit, 4),
+        "preserve_change": round(kept, 4),
+        "edit_tokens": int(Xe_.shape[0]),
+        "preserve_tokens": int(Xp.shape[0]),
+    }

@@ -25,6 +25,7 @@ import torch
 from .. import hub
 from ..checkpoint import WeightSet, _scan_folder, load_single
 from ..erasure.refusal import METHODS, POOLINGS, pair_differences, pool, refusal_directions
+from ..erasure.twin import TWIN, TwinParams, operator_factors, twin_edit
 from ..errors import ProbeError
 from ..families.recipes import (
     Concept,
@@ -655,8 +656,8 @@ def probe(
     pooling = opt.pooling or fam.defaults["pooling"]
     if opt.offload not in OFFLOADS:
         raise ProbeError(f"--offload {opt.offload!r}: choose one of {', '.join(OFFLOADS)}")
-    if method not in METHODS:
-        raise ProbeError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
+    if method not in (*METHODS, TWIN):
+        raise ProbeError(f"--method {method!r}: choose one of {', '.join((*METHODS, TWIN))}")
     if pooling not in POOLINGS:
         raise ProbeError(f"--pooling {pooling!r}: choose one of {', '.join(POOLINGS)}")
     rank = opt.rank or fam.defaults["rank"]
@@ -707,6 +708,11 @@ def probe(
         e = fam.encoders[s.encoder]
         u, sf, nu = _pairs_inputs(con, e)
         total += len(u) + len(sf) + len(nu)
+    if denoise_sites and method == TWIN:
+        raise ProbeError(
+            "--method twin needs token-aligned inputs: use text-mode sites (e.g. --layers text_proj,cross_kv)"
+        )
+    twin_caps: dict[str, tuple[dict, list[list[int]]]] = {}
     if denoise_sites:  # one pipeline call per prompt, all sites hooked at once
         total += 2 * len(con.pairs) + len(con.neutral)
     rep.start("probing", total)
@@ -719,14 +725,14 @@ def probe(
                     enc_spec, src, opt.encoders.get(site.encoder), device, dtype
                 )
             un, sa, ne = _pairs_inputs(con, enc_spec)
+            roles = {"unsafe": un, "safe": sa, "neutral": ne}
+            if method == TWIN:  # the unconditional branch's empty prompt must keep its reading
+                roles["empty"] = [""]
             by_group, acts = capture_text(
-                src,
-                site,
-                encoders[site.encoder],
-                targets[site.name],
-                {"unsafe": un, "safe": sa, "neutral": ne},
-                rep.advance,
+                src, site, encoders[site.encoder], targets[site.name], roles, rep.advance
             )
+            if method == TWIN:
+                twin_caps[site.name] = (acts, _token_ids(encoders[site.encoder], un + sa))
             for g, ts in by_group.items():
                 a = acts[g]
                 groups[(site.name, g)] = ts
@@ -743,6 +749,11 @@ def probe(
     entries: list[DeltaEntry] = []
     results_out: list[GroupResult] = []
     for (site_name, g), ts in groups.items():
+        if method == TWIN:
+            entries += _twin_entries(
+                src, fam.sites[site_name], g, ts, twin_caps[site_name], con, strength, results_out
+            )
+            continue
         cap = caps[(site_name, g)]
         samples = []
         for calls_u, calls_s in zip(cap.unsafe, cap.safe):
@@ -802,6 +813,89 @@ def probe(
     out = Path(out)
     digest = write_delta(out, delta, overwrite=opt.overwrite)
     return ProbeReport(str(out), digest, fam.name, con.name, method_rec, results_out, device)
+
+
+def _token_ids(enc: Encoder, prompts: list[str]) -> list[list[int]]:
+    """The valid token ids of each prompt, tokenized exactly as ``Encoder`` does (twin alignment)."""
+    spec = enc.spec
+    tok = enc.pre(
+        [enc.template.format(t) for t in prompts],
+        padding="max_length",
+        max_length=spec.max_length + enc.crop_start,
+        truncation=True,
+        return_tensors="pt",
+    )
+    ids = tok.input_ids[:, enc.crop_start :]
+    mask = tok.attention_mask[:, enc.crop_start :].bool()
+    return [ids[i][mask[i]].tolist() for i in range(len(prompts))]
+
+
+def _twin_entries(
+    src: ModelSource,
+    site: SiteSpec,
+    group: str,
+    ts: list[Target],
+    captured: tuple[dict, list[list[int]]],
+    con: Concept,
+    strength: float,
+    results_out: list,
+) -> list[DeltaEntry]:
+    """The twin edit at one text-mode site: one input-side operator M, every target gets W (M - I).
+
+    A concept word is sent to what a padding position reads here: Wan (and the organism) zero the
+    encoder output after the real tokens, so that is the site's chain applied to a zero vector."""
+    acts, ids = captured
+    a = acts[group]
+    n = len(con.pairs)
+
+    def valid(x: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
+        return (x[m] if m is not None else x).double()
+
+    unsafe = [(valid(x, m), ids[i]) for i, (x, m) in enumerate(a["unsafe"])]
+    safe = [(valid(x, m), ids[n + i]) for i, (x, m) in enumerate(a["safe"])]
+    preserve = [valid(x, m) for x, m in a["neutral"] + a["safe"] + a["empty"]]
+    ws = src.weights(ts[0].component)
+    width = a["unsafe"][0][0].shape[-1]
+    if site.chain:
+        prefix = ts[0].key[: len(ts[0].key) - len(ts[0].module + ".weight")]
+        enc_width = _read(ws, f"{prefix}{site.chain[0].weight}.weight").shape[1]
+        pad = run_chain(site, ws, torch.zeros(1, enc_width), prefix)[0]
+    else:
+        pad = torch.zeros(width)
+    try:
+        op, info = twin_edit(unsafe, safe, preserve, pad, TwinParams())
+    except (ValueError, RuntimeError) as e:
+        raise ProbeError(f"site {site.name} ({group}): twin edit failed: {e}") from None
+    out = []
+    for t in ts:
+        wst = src.weights(t.component)
+        W, sha = _read_fingerprinted(wst, t.key)
+        U, V = operator_factors(W, op, strength)
+        comp = site.components[0] if src.single is not None else t.component
+        out.append(
+            DeltaEntry(
+                f"{comp}/{t.key}",
+                tuple(W.shape),
+                "add",
+                float(strength),
+                U,
+                V,
+                sha,
+                wst.dtype(t.key),
+            )
+        )
+    results_out.append(
+        GroupResult(
+            site.name,
+            ts[0].component,
+            group,
+            width,
+            info["edit_tokens"],
+            1.0 - info["residual"],
+            [t.key for t in ts],
+        )
+    )
+    return out
 
 
 def _capture_denoise(
