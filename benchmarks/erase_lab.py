@@ -324,6 +324,21 @@ def parse_variant(name: str) -> dict:
     return v
 
 
+def sample_delta(vud: Path, prompts, seeds, steps, tok, enc):
+    import tempfile
+
+    from diffusers import WanTransformer3DModel
+
+    from patcher.merge.engine import apply_delta
+
+    with tempfile.TemporaryDirectory() as td:
+        apply_delta(MODEL, vud, Path(td) / "patched")
+        trp = WanTransformer3DModel.from_pretrained(
+            str(Path(td) / "patched" / "transformer")
+        ).eval()
+    return o.sample(tok, enc, trp, prompts, seeds, steps=steps)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--concept", default="red")
@@ -383,6 +398,17 @@ def main():
     global FEATURE
     for name in a.variants.split(","):
         t0 = time.time()
+        if name.startswith(
+            "vud:"
+        ):  # the user's path: a probed .vud merged by apply, loaded from disk
+            after = sample_delta(Path(name[4:]), prompts, seeds, a.steps, tok, enc)
+            r = summarise(idx, before, after, twin_before, a.kind)
+            results[name] = r
+            print(
+                f"{name} ({time.time() - t0:.0f}s): {json.dumps(r, default=lambda x: round(x, 3))}",
+                flush=True,
+            )
+            continue
         v = parse_variant(name)
         if v.get("site") == "kv":
             FEATURE = lambda h: te.linear_2(te.act_1(te.linear_1(h.float()))).double()  # noqa: E731

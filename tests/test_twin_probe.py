@@ -29,7 +29,7 @@ def test_twin_probe_reaches_synonyms_and_spares_other_colours(tmp_path):
         ProbeOptions(method="twin", sites=["cross_kv"], device="cpu"),
     )
     d = read_delta(out)
-    assert len(d.entries) == 8 and all(e.kind == "add" for e in d.entries)
+    assert len(d.entries) == 8 and all(e.kind == "map_input" for e in d.entries)
     assert d.method["name"] == "twin"
     tok, enc, tr = o.load(MODEL)
     te = tr.condition_embedder.text_embedder

@@ -340,6 +340,7 @@ class Op:
     V: torch.Tensor
     coef: float
     U: torch.Tensor | None = None  # None: projection recomputed from the target
+    P: torch.Tensor | None = None  # map_input: U = W P recomputed from the target's own rows
     collect_revert: bool = False
     fix_index: torch.Tensor | None = None  # revert: positions to restore, flat, sorted
     fix_value: torch.Tensor | None = None
@@ -378,7 +379,10 @@ def _edit_rows(
     codec = op.codec or Codec(W.dtype)
     ra, rb = _abs_rows(op, r0, r1)
     new = codec.decode(W, ra, rb)
-    U_rows = projected_rows(new, op.V, op.coef) if op.U is None else op.coef * op.U[r0:r1]
+    if op.P is not None:
+        U_rows = op.coef * (new @ op.P)
+    else:
+        U_rows = projected_rows(new, op.V, op.coef) if op.U is None else op.coef * op.U[r0:r1]
     new.addmm_(U_rows, op.V.T)
     out, over = codec.encode(new, ra, rb)
     st.saturated += over
@@ -791,12 +795,13 @@ def apply_delta(
     ops_by_file: dict[Path, dict[str, list[Op]]] = {}
     for f, key, loc, m, codec in plan.each_edit():
         e = m.entry
-        project = e.kind == "project_input" and not use_factors
+        project = e.kind in ("project_input", "map_input") and not use_factors
         ops_by_file.setdefault(f, {}).setdefault(key, []).append(
             Op(
                 e.V,
                 e.strength * strength if project else strength,
                 None if project else e.U,
+                P=e.P if project else None,
                 collect_revert=record_path is not None,
                 fingerprint=e.base_sha256,
                 hash=record_path is not None,
@@ -864,7 +869,7 @@ def apply_delta(
         + "; "
         + (
             "U was recomputed from the target's own weight"
-            if m.entry.kind == "project_input" and not use_factors
+            if m.entry.kind in ("project_input", "map_input") and not use_factors
             else "the base's factors were added as they are"
         )
         for m in plan.matched
@@ -952,6 +957,17 @@ def _read_revert_record(path: Path, delta_sha: str) -> tuple[dict[str, str], Hea
     return originals, h
 
 
+def _inverse_map(e: DeltaEntry, lam: float) -> torch.Tensor:
+    """P' with (I + λ P Vᵀ)⁻¹ = I + P' Vᵀ (Woodbury): P' = −λ P (I + λ VᵀP)⁻¹."""
+    P, V = e.P.double(), e.V.double()
+    K = torch.eye(P.shape[1], dtype=torch.float64) + lam * (V.T @ P)
+    if float(torch.linalg.svdvals(K).min()) < 1e-6:
+        raise RevertError(
+            f"{e.key}: this input-side map sends some inputs to zero, so on a checkpoint other than the probed base it cannot be undone; revert needs the revert record written by apply --revert-record"
+        )
+    return (-lam * P @ torch.linalg.inv(K)).float()
+
+
 def revert_delta(
     checkpoint: str | Path,
     delta: str | Path | Delta,
@@ -1012,6 +1028,9 @@ def revert_delta(
                         f"{e.key}: a λ=1 projection on a checkpoint other than the probed base removed that component for good; revert needs the revert record written by apply --revert-record"
                     )
                 op = Op(e.V, lam / (lam - 1.0), None, hash=True)  # W = W'(I - μ BBᵀ), μ = λ/(λ-1)
+                expect[name] = None
+            elif e.kind == "map_input" and mode == "recompute" and name in diverged:
+                op = Op(e.V, 1.0, None, P=_inverse_map(e, e.strength * strength), hash=True)
                 expect[name] = None
             else:
                 op = Op(e.V, -strength, e.U, hash=True)

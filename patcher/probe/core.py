@@ -25,7 +25,7 @@ import torch
 from .. import hub
 from ..checkpoint import WeightSet, _scan_folder, load_single
 from ..erasure.refusal import METHODS, POOLINGS, pair_differences, pool, refusal_directions
-from ..erasure.twin import TWIN, TwinParams, operator_factors, twin_edit
+from ..erasure.twin import TWIN, TwinParams, twin_edit
 from ..errors import ProbeError
 from ..families.recipes import (
     Concept,
@@ -39,7 +39,14 @@ from ..families.recipes import (
 from ..layouts import AliasRules
 from ..merge.engine import NullReporter, Reporter
 from ..safetensors_io import TensorReader, bytes_to_tensor
-from ..vud.delta import Delta, DeltaEntry, projection_entry, versions, write_delta
+from ..vud.delta import (
+    Delta,
+    DeltaEntry,
+    map_input_entry,
+    projection_entry,
+    versions,
+    write_delta,
+)
 
 _LAYER_IDX = re.compile(r"\.(\d+)\.")
 OFFLOADS = ("none", "model", "sequential", "balanced")
@@ -870,19 +877,9 @@ def _twin_entries(
     for t in ts:
         wst = src.weights(t.component)
         W, sha = _read_fingerprinted(wst, t.key)
-        U, V = operator_factors(W, op, strength)
         comp = site.components[0] if src.single is not None else t.component
         out.append(
-            DeltaEntry(
-                f"{comp}/{t.key}",
-                tuple(W.shape),
-                "add",
-                float(strength),
-                U,
-                V,
-                sha,
-                wst.dtype(t.key),
-            )
+            map_input_entry(f"{comp}/{t.key}", W, op.P, op.Q, strength, sha, wst.dtype(t.key))
         )
     results_out.append(
         GroupResult(
