@@ -38,6 +38,12 @@ def main():
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--skip-prompts", action="store_true")
+    ap.add_argument(
+        "--harden",
+        type=int,
+        default=0,
+        help="RECE-style rounds: add what the attack found, re-edit, attack again",
+    )
     a = ap.parse_args()
     torch.set_num_threads(1)
     tok, enc, tr = o.load(L.MODEL)
@@ -79,6 +85,7 @@ def main():
                 if v["type"] == "paper"
                 else L.build_map(tok, enc, con, v, set(words))
             )
+            W0s = [lin.weight.data.clone() for lin in lins]
             for lin in lins:
                 lin.weight.data = (lin.weight.data.double() @ M).float()
         for p in trp.parameters():
@@ -134,6 +141,61 @@ def main():
             "loss_start": inv.loss_start,
             "loss_end": inv.loss_end,
         }
+        extra_x, extra_t = [], []
+        for rnd in range(a.harden):
+            # RECE: the attack's conditioning, read at the site, should read as the twin's: every real
+            # position as its aligned twin token (concept words as padding), every other as padding
+            with torch.no_grad():
+                twins = [" ".join(w for w in p.split() if w not in words) for p in red]
+                tc = o.encode(tok, enc, twins)
+                ids_u = tok(red).input_ids
+                ids_t = tok(twins).input_ids
+                feat = L.FEATURE if L.FEATURE is not None else (lambda h: h.double())
+                fa, ft = feat(inv.cond), feat(tc)
+                pad = feat(torch.zeros(1, 1, o.TEXT_DIM))[0, 0]
+                for i in range(len(red)):
+                    al = dict(L.twin.align_tokens(ids_u[i], ids_t[i]))
+                    for pos in range(o.MAX_TOKENS):
+                        j = al.get(pos)
+                        extra_x.append(fa[i, pos])
+                        extra_t.append(ft[i, j] if j is not None else pad)
+                M = L.build_map(
+                    tok,
+                    enc,
+                    con,
+                    {**v, "extra": (torch.stack(extra_x), torch.stack(extra_t))},
+                    set(words),
+                )
+                for lin, W0 in zip(lins, W0s):
+                    lin.weight.data = (W0.double() @ M).float()
+            inv = attacks.invert_conditioning(
+                v_pat, v_orig, cond, states, iterations=a.iterations, batch=2
+            )
+            fl = []
+            with torch.no_grad():
+                for s_ in range(a.seeds):
+                    nz = torch.stack(
+                        [
+                            torch.randn(
+                                3,
+                                o.FRAMES,
+                                o.SIZE,
+                                o.SIZE,
+                                generator=torch.Generator().manual_seed(4000 + 97 * s_ + i),
+                            )
+                            for i in range(len(red))
+                        ]
+                    )
+                    fl += [
+                        is_red(c)
+                        for c in attacks.sample_conditioned(v_pat, inv.cond, unc, nz, a.steps, 3.0)
+                    ]
+            rec[f"hardened_{rnd + 1}"] = {
+                "attacked": attacks.success_rate(fl),
+                "loss_start": inv.loss_start,
+                "loss_end": inv.loss_end,
+            }
+            torch.save(M, f"/tmp/harden-{name}-{rnd + 1}.pt")
         results[name] = rec
         print(
             f"{name} ({time.time() - t0:.0f}s): {json.dumps(rec, default=lambda x: round(x, 4))}",

@@ -272,10 +272,15 @@ def build_map(tok, enc, con, variant: dict, concept_words: set[str]):
         padding=variant.get("pad", True),
     )
     Xp = torch.cat([x for x, _ in P])
+    if "extra" in variant:  # hardening rows (RECE): attack inputs and what they should read as
+        Xe = torch.cat([Xe, variant["extra"][0].double()])
+        Te = torch.cat([Te, variant["extra"][1].double()])
     null = None
     if variant.get("null", 0):
         null, _ = twin.concept_null_space(Xe - Te, Xp, variant["null"], variant.get("eps", 1e-3))
     M = twin.twin_map(Xe, Te, Xp, variant.get("beta", 1.0), variant.get("ridge", 1e-3), null)
+    if variant.get("save"):
+        torch.save(M, variant["save"])
     return M
 
 

@@ -176,3 +176,151 @@ def success_rate(flags: Sequence[bool]) -> dict:
     from .core import rate
 
     return rate(list(flags))
+
+
+# --------------------------------------------------------------------------- the eval entry point
+
+
+@dataclass(frozen=True)
+class AttackReport:
+    attack: str
+    n: int
+    before: dict  # success rate on the original model
+    after: dict  # success rate on the patched model
+    notes: dict
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+def concept_vocabulary(concept) -> list[str]:
+    """The concept's words: the organism's synonym table for its judged value, else the words its
+    unsafe prompts have and their safe twins lack."""
+    from .. import organism
+
+    j = concept.judge.get("organism") if concept.judge else None
+    if j:
+        table = {
+            "colour": organism.COLOUR_WORDS,
+            "shape": organism.SHAPE_WORDS,
+            "motion": organism.MOTION_WORDS,
+        }.get(j["attribute"], {})
+        if j["value"] in table:
+            return list(table[j["value"]])
+    words: list[str] = []
+    for p in concept.pairs:
+        for w in p.unsafe.split():
+            if w not in p.safe.split() and w not in words:
+                words.append(w)
+    return words
+
+
+def attack_eval(
+    model,
+    concept,
+    *,
+    delta=None,
+    patched=None,
+    attack: str = "prompts",
+    options=None,
+    iterations: int = 150,
+    prompts: int = 4,
+) -> AttackReport:
+    """Run one attack on the original and the patched organism and judge the outputs.
+
+    ``prompts``: rewordings of the concept's held-out and probe prompts. ``embedding``: concept
+    inversion on ``prompts`` unsafe prompts (``iterations`` Adam steps each, batched), then
+    ``options.seeds`` clips per prompt. Before = the original model on the same prompts (for the
+    embedding attack the unsafe prompt's own conditioning: nothing needs recovering there).
+    """
+    import tempfile
+    from pathlib import Path
+
+    from .. import organism
+    from ..families.recipes import Concept, load_concept
+    from ..merge.engine import apply_delta
+    from .core import EvalError, EvalOptions, OrganismJudge
+
+    if attack not in ATTACKS:
+        raise EvalError(f"--attack {attack!r}: choose one of {', '.join(ATTACKS)}")
+    opt = options or EvalOptions()
+    con = concept if isinstance(concept, Concept) else load_concept(concept)
+    if not organism.is_organism(model):
+        raise EvalError(
+            "attacks run on the organism only for now (they need its judge and sampler)"
+        )
+    if (delta is None) == (patched is None):
+        raise EvalError("give exactly one of --delta or --patched")
+    judge = OrganismJudge(con, opt)
+    vocab = concept_vocabulary(con)
+    base = [p.unsafe for p in con.pairs] + [
+        p for k, ps in con.heldout.items() if k != "free" for p in ps
+    ]
+    with tempfile.TemporaryDirectory(prefix="vpatch-attack-") as td:
+        if patched is None:
+            patched = Path(td) / "patched"
+            apply_delta(model, delta, patched, strength=opt.strength)
+        tok, enc, tr = organism.load(model)
+        _, _, trp = organism.load(patched)
+    for p in trp.parameters():
+        p.requires_grad_(False)
+
+    def present(clips: torch.Tensor) -> list[bool]:
+        return [judge.present(v) for v in judge.verdicts(clips)]
+
+    if attack == "prompts":
+        ps = prompt_attack_set(base, vocab, per_prompt=3, seed=opt.seed)
+        seeds = [opt.seed + i for i in range(len(ps))]
+        before = organism.sample(tok, enc, tr, ps, seeds, steps=opt.steps, guidance=opt.guidance)
+        after = organism.sample(tok, enc, trp, ps, seeds, steps=opt.steps, guidance=opt.guidance)
+        return AttackReport(
+            attack,
+            len(ps),
+            success_rate(present(before)),
+            success_rate(present(after)),
+            {"examples": ps[:5]},
+        )
+    unsafe = [p for p in base if any(w in p.split() for w in vocab)][:prompts]
+    with torch.no_grad():
+        cond = organism.encode(tok, enc, unsafe)
+        unc = organism.encode(tok, enc, [""] * len(unsafe))
+    v_orig, v_pat = organism_velocity(tr), organism_velocity(trp)
+
+    def noise(s: int) -> torch.Tensor:
+        return torch.stack(
+            [
+                torch.randn(
+                    3,
+                    organism.FRAMES,
+                    organism.SIZE,
+                    organism.SIZE,
+                    generator=torch.Generator().manual_seed(opt.seed + 7919 * s + i),
+                )
+                for i in range(len(unsafe))
+            ]
+        )
+
+    states = trajectory_states(v_orig, cond, unc, noise(0), opt.steps, opt.guidance)
+    inv = invert_conditioning(v_pat, v_orig, cond, states, iterations=iterations, seed=opt.seed)
+    fb, fa, fp = [], [], []
+    with torch.no_grad():
+        for s in range(1, opt.seeds + 1):
+            z = noise(s)
+            fb += present(sample_conditioned(v_orig, cond, unc, z, opt.steps, opt.guidance))
+            fp += present(sample_conditioned(v_pat, cond, unc, z, opt.steps, opt.guidance))
+            fa += present(sample_conditioned(v_pat, inv.cond, unc, z, opt.steps, opt.guidance))
+    return AttackReport(
+        attack,
+        len(fa),
+        success_rate(fb),
+        success_rate(fa),
+        {
+            "patched_without_attack": success_rate(fp),
+            "velocity_mse_start": inv.loss_start,
+            "velocity_mse_end": inv.loss_end,
+            "iterations": iterations,
+            "prompts": unsafe,
+        },
+    )
