@@ -562,6 +562,20 @@ def probe(
     metavar="KEY=VALUE",
     help="Extra pipeline arguments for real models, e.g. --call num_frames=17 --call height=256.",
 )
+@click.option(
+    "--attack",
+    "attack",
+    type=click.Choice(["prompts", "embedding"]),
+    help="Instead of the standard comparison, attack the edit (organism only): prompts = rewordings "
+    "from the concept's vocabulary; embedding = concept inversion of the conditioning sequence.",
+)
+@click.option(
+    "--attack-iterations",
+    type=int,
+    default=150,
+    show_default=True,
+    help="Adam steps of the embedding attack.",
+)
 @click.option("--json", "as_json", is_flag=True, help="The full report on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_user_errors
@@ -578,6 +592,8 @@ def eval_cmd(
     strength,
     preview,
     calls,
+    attack,
+    attack_iterations,
     as_json,
     quiet,
 ):
@@ -606,6 +622,31 @@ def eval_cmd(
         call=call,
     )
     say = (lambda m: None) if (quiet or as_json) else (lambda m: err.print(m))
+    if attack:
+        from .evaluation.attacks import attack_eval
+
+        a = attack_eval(
+            model,
+            concept,
+            delta=delta,
+            patched=patched,
+            attack=attack,
+            options=opt,
+            iterations=attack_iterations,
+        )
+        if as_json:
+            click.echo(json.dumps(a.to_dict(), indent=2))
+            return
+
+        def fmt(x: dict) -> str:
+            return f"{100 * x['rate']:.0f}% [{100 * x['ci95'][0]:.0f}, {100 * x['ci95'][1]:.0f}]"
+
+        t = Table(title=f"attack {a.attack}: concept shown ({a.n} clips, 95% Wilson intervals)")
+        for c in ("original", "patched"):
+            t.add_column(c, no_wrap=True)
+        t.add_row(fmt(a.before), fmt(a.after))
+        Console(highlight=False).print(t)
+        return
     r = evaluate(
         model,
         concept,
