@@ -309,6 +309,8 @@ VARIANTS = {
 
 
 def parse_variant(name: str) -> dict:
+    if name.startswith("file:"):  # a saved cross_kv map (e.g. after hardening rounds)
+        return {"type": "file", "site": "kv", "path": name[5:]}
     if name in VARIANTS:
         return VARIANTS[name]
     v = {"type": "ls"}
@@ -422,11 +424,12 @@ def main():
             FEATURE = None
             lins = [te.linear_1]
         with torch.no_grad():
-            M = (
-                paper_map(tok, enc, con, v)
-                if v["type"] == "paper"
-                else build_map(tok, enc, con, v, concept_words)
-            )
+            if v["type"] == "file":
+                M = torch.load(v["path"])
+            elif v["type"] == "paper":
+                M = paper_map(tok, enc, con, v)
+            else:
+                M = build_map(tok, enc, con, v, concept_words)
         rank = int(torch.linalg.matrix_rank(M - torch.eye(M.shape[0], dtype=M.dtype), rtol=1e-6))
         W0s = [lin.weight.data.clone() for lin in lins]
         for lin, W0 in zip(lins, W0s):
