@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from patcher import organism as o
-from patcher.probe.core import ProbeOptions, probe
+from patcher.probe import CaptureOptions, ProbeParams, probe
 from patcher.vud.delta import read_delta
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,7 +26,8 @@ def test_twin_probe_reaches_synonyms_and_spares_other_colours(tmp_path):
         MODEL,
         ROOT / "examples" / "organism" / "red.toml",
         out,
-        ProbeOptions(method="twin", sites=["cross_kv"], device="cpu"),
+        CaptureOptions(sites=["cross_kv"], device="cpu"),
+        ProbeParams(method="twin"),
     )
     d = read_delta(out)
     assert len(d.entries) == 8 and all(e.kind == "map_input" for e in d.entries)
@@ -55,3 +56,39 @@ def test_twin_probe_reaches_synonyms_and_spares_other_colours(tmp_path):
             assert change < 0.15, (word, change)
         # padding and the empty prompt (the unconditional branch) keep their reading
         assert float((Wp @ pad - W @ pad).norm() / (W @ pad).norm()) < 0.02
+
+
+def test_twin_builds_from_saved_activations_and_refuses_captures_without_tokens(tmp_path):
+    import pytest
+
+    from patcher.errors import ProbeError
+    from patcher.probe import build_delta, read_activations
+
+    out, acts_file = tmp_path / "red.vud", tmp_path / "red.acts"
+    probe(
+        MODEL,
+        ROOT / "examples" / "organism" / "red.toml",
+        out,
+        CaptureOptions(sites=["cross_kv"], device="cpu"),
+        ProbeParams(method="twin"),
+        save_activations=acts_file,
+    )
+    direct = read_delta(out)
+    acts = read_activations(acts_file)
+    assert {"unsafe_ids", "safe_ids", "empty", "pad"} <= set(acts.groups[0].roles)
+    rebuilt = build_delta(acts, ProbeParams(method="twin"))
+    assert [e.key for e in rebuilt.entries] == [e.key for e in direct.entries]
+    for a, b in zip(rebuilt.entries, direct.entries):
+        assert a.kind == b.kind == "map_input"
+        assert torch.equal(a.P, b.P) and torch.equal(a.U, b.U) and torch.equal(a.V, b.V)
+    # activations captured for the paper's method have no token ids: twin says what is missing
+    plain = tmp_path / "plain.acts"
+    probe(
+        MODEL,
+        ROOT / "examples" / "organism" / "red.toml",
+        None,
+        CaptureOptions(sites=["cross_kv"], device="cpu"),
+        save_activations=plain,
+    )
+    with pytest.raises(ProbeError, match="unsafe_ids"):
+        build_delta(read_activations(plain), ProbeParams(method="twin"))
