@@ -127,7 +127,9 @@ class OrganismJudge:
         )
 
     def verdicts(self, clips: torch.Tensor) -> list[dict]:
-        return [self.o.judge(c).to_dict() for c in clips]
+        from .organism_judge import judge
+
+        return [judge(c).to_dict() for c in clips]
 
     def present(self, v: dict) -> bool:
         return bool(v["present"]) and v[self.attr] == self.value
