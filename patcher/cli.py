@@ -521,10 +521,10 @@ def probe(
 )
 @click.option(
     "--judge",
-    type=click.Choice(["organism", "clip"]),
     default="organism",
     show_default=True,
-    help="organism: the analytic judge of the shipped organism; clip: CLIP zero-shot against the concept's labels.",
+    help="organism: the analytic judge of the shipped organism; clip: CLIP zero-shot against the concept's labels "
+    "(and twin fidelity in CLIP image space); or any judge registered in patcher.evaluation.judges.",
 )
 @click.option("--clip-model", help="CLIP model folder or hub id for --judge clip.")
 @click.option(
@@ -555,6 +555,24 @@ def probe(
     help="Write a before/after GIF here (rows: prompts; left original, right patched).",
 )
 @click.option(
+    "--sheet",
+    type=click.Path(path_type=Path),
+    help="Write a contact sheet PNG here (rows: clips; original, patched and the safe twin's original).",
+)
+@click.option(
+    "--device",
+    default="cpu",
+    show_default=True,
+    help="Where the models generate (cpu, cuda, cuda:1).",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "float16", "bfloat16"]),
+    default="float32",
+    show_default=True,
+    help="Generation dtype (the judge always reads float32 clips).",
+)
+@click.option(
     "--call",
     "calls",
     multiple=True,
@@ -576,6 +594,9 @@ def eval_cmd(
     guidance,
     strength,
     preview,
+    sheet,
+    device,
+    dtype,
     calls,
     as_json,
     quiet,
@@ -584,7 +605,10 @@ def eval_cmd(
 
     Generates the concept's probe and held-out prompts (paraphrases, synonyms, unseen prompts, a new
     template) and concept-free prompts with the original and the patched model, same prompts and
-    seeds, and judges every clip. Rates carry 95% intervals.
+    seeds, and judges every clip. Reports how often the concept is shown, a trace of it, or the safe
+    twin's outcome; twin fidelity (the fraction of the distance to what the original model draws for
+    the safe twin, same seed, that the edit closes); concept-free drift against the seed floor; and
+    per-kind collateral shifts and texture. Rates and shifts carry 95% intervals.
 
     \b
     Example (the shipped organism):
@@ -602,6 +626,9 @@ def eval_cmd(
         clip_model=clip_model,
         strength=strength,
         preview=preview,
+        sheet=sheet,
+        device=device,
+        dtype=dtype,
         call=call,
     )
     say = (lambda m: None) if (quiet or as_json) else (lambda m: err.print(m))
@@ -626,6 +653,8 @@ def eval_cmd(
     Console(highlight=False, width=max(Console().width, 120)).print(t)
     if r.preview:
         click.echo(f"preview: {r.preview}")
+    if r.sheet:
+        click.echo(f"contact sheet: {r.sheet}")
 
 
 @main.command()

@@ -256,25 +256,27 @@ def sample(
     """Rectified-flow Euler sampling from t = 1 (noise) to 0, with classifier-free guidance.
     Returns (N, 3, F, H, W) in [-1, 1]; each sample's noise depends only on its seed."""
     outs = []
+    p0 = next(tr.parameters())
+    dev, dt = p0.device, p0.dtype
     for i in range(0, len(prompts), batch):
         ps, ss = prompts[i : i + batch], seeds[i : i + batch]
-        cond = encode(tok, enc, ps)
-        unc = encode(tok, enc, [""] * len(ps))
-        x = torch.stack(
+        cond = encode(tok, enc, ps).to(dev, dt)
+        unc = encode(tok, enc, [""] * len(ps)).to(dev, dt)
+        x = torch.stack(  # drawn on the CPU in fp32: the same noise on every device and dtype
             [
                 torch.randn(3, FRAMES, SIZE, SIZE, generator=torch.Generator().manual_seed(s))
                 for s in ss
             ]
-        )
+        ).to(dev, dt)
         ts = torch.linspace(1.0, 0.0, steps + 1)
         for a, b in zip(ts[:-1], ts[1:]):
-            tt = torch.full((len(ps) * 2,), float(a) * 1000)
+            tt = torch.full((len(ps) * 2,), float(a) * 1000, device=dev)
             v = tr(
                 model_input(tr, torch.cat([x, x])), tt, torch.cat([cond, unc]), return_dict=False
             )[0]
             vc, vu = v.chunk(2)
             x = x + (b - a) * (vu + guidance * (vc - vu))
-        outs.append(x.clamp(-1, 1))
+        outs.append(x.clamp(-1, 1).float().cpu())
     return torch.cat(outs)
 
 
