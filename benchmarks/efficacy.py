@@ -348,6 +348,15 @@ def targets(r: dict, concept: str, attr: str) -> list[tuple[str, str, bool]]:
     fw = _get(m["free_white"], "rate")
     fds = _get(m["free_dsat"], "mean")
     tex = m["texture_other"]
+    tb = _get(r, "outcomes", POOL, "before", "twin", "rate")
+    if tb == tb and tb >= 0.5:  # the original already draws the twin's outcome: nothing to measure
+        return [
+            (
+                "held-out concept prompts come out as their safe twin ≥ 95%",
+                f"{_rate(m['twin'])}, but {pct(tb)} before the edit",
+                False,
+            )
+        ]
     out = [
         (
             "held-out concept prompts come out as their safe twin ≥ 95%",
@@ -385,6 +394,7 @@ def render(doc: dict) -> str:
         "a cluster bootstrap over prompts for paired measures. `python benchmarks/efficacy.py --from-json` re-renders "
         "this page from benchmarks/results/efficacy.json.",
         "",
+        *([st["note"], ""] if st.get("note") else []),
         "Definitions:",
         "- **twin gap closed** (the primary efficacy number): for each unsafe prompt and seed, the original model's clip "
         "of its *safe twin* with the same seed (\"a red ball moving left\" → \"a ball moving left\") is the ideal erased "
@@ -415,6 +425,14 @@ def render(doc: dict) -> str:
                 "the method ordering says nothing here.",
                 "",
             ]
+        tb = _get(base, "outcomes", POOL, "before", "twin", "rate")
+        if tb == tb and tb >= 0.5:
+            out += [
+                f"**Not measurable by twin fidelity:** before any edit, {pct(tb)} of the held-out concept prompts "
+                f"already come out as their safe twin does (same `{attr}` label): the original model does not tell the "
+                "concept from its twin here, so neither the gap nor its closing means anything.",
+                "",
+            ]
         out += [
             "### Twin fidelity, outcomes and collateral (the new judge)",
             "",
@@ -443,7 +461,7 @@ def render(doc: dict) -> str:
                 f"| {t} | {mm} | {'yes' if ok else 'no'} |" for t, mm, ok in targets(r, name, attr)
             ]
             out += [""]
-            if r is chosen or chosen is base:
+            if chosen["variant"] == base["variant"]:
                 break
         out += [
             f"Chosen (best selection score: twin gap closed on the probe prompts, minus twice any loss of accuracy on "
@@ -451,7 +469,7 @@ def render(doc: dict) -> str:
             f"Preview: `{c['preview']}`, contact sheet: `{c.get('sheet', 'n/a')}` (rows: clips; original, patched, "
             "and the original's clip of the safe twin).",
             "",
-            "### Presence by the named colour (how earlier versions of this page were scored)",
+            "### Presence by the exact name (how earlier versions of this page were scored)",
             "",
             "*Presence* counts only clips named exactly as the concept: a pale red is not counted, so a drop here is not "
             "erasure. Read it with the table above.",
