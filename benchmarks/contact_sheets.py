@@ -67,21 +67,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as td:
         delta = a.delta
         if delta is None:
-            from patcher.probe.core import ProbeOptions, probe
+            from patcher.probe import CaptureOptions, ProbeParams, probe
 
             delta = Path(td) / "red.vud"
             probe(
                 a.model,
                 a.concept,
                 delta,
-                ProbeOptions(
-                    method="cpca",
-                    sites=["text_proj"],
-                    rank=8,
-                    strength=1.2,
-                    alpha=1.0,
-                    device="cpu",
-                ),
+                CaptureOptions(sites=("text_proj",), device="cpu"),
+                ProbeParams(method="cpca", rank=8, strength=1.2, alpha=1.0),
             )
         patched = Path(td) / "patched"
         apply_delta(a.model, delta, patched)

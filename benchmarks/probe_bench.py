@@ -134,9 +134,9 @@ def encoder_folder(root: Path, name: str, layers: int, device: str) -> tuple[Pat
 
 
 def _shapes(folder: Path):
-    from patcher.checkpoint import _scan_folder
+    from patcher.checkpoint import scan_folder
 
-    sets, _ = _scan_folder(folder)
+    sets, _ = scan_folder(folder)
     for ws in sets[:1]:
         for h in ws.headers.values():
             for t in h.tensors.values():
@@ -168,10 +168,12 @@ def pipeline_folder(root: Path, run: tuple, layers: int, device: str) -> tuple[P
 
 
 def child(folder: str, site: str, device: str, out: str) -> None:
-    from patcher.probe.core import ProbeOptions, probe
+    from patcher.probe import CaptureOptions, ProbeParams, probe
 
     t0 = time.time()
-    r = probe(folder, "nudity", out, ProbeOptions(sites=[site], device=device, rank=100))
+    r = probe(
+        folder, "nudity", out, CaptureOptions(sites=[site], device=device), ProbeParams(rank=100)
+    )
     wall = time.time() - t0
     hwm = 0
     for line in Path("/proc/self/status").read_text().splitlines():

@@ -33,6 +33,11 @@ class Judge:
     categorical: tuple[str, ...] = ()  # labels compared with ``expected`` (accuracy)
     continuous: tuple[str, ...] = ()  # attributes whose paired shift is collateral
     circular: tuple[str, ...] = ()  # continuous attributes measured in degrees
+    needs_concept = True  # built from the concept recipe's [judge.<name>] table
+
+    def protocol(self) -> dict:
+        """How this judge decides (threshold, classes, frames), for the report of `eval --out`."""
+        return {}
 
     def verdicts(self, clips: torch.Tensor) -> list[dict]:
         raise NotImplementedError
@@ -89,7 +94,7 @@ class OrganismJudge(Judge):
         out = []
         for c in clips:
             d = judge(c).to_dict()
-            d["vx"], d["vy"] = velocity(c) if d["present"] else (float("nan"), float("nan"))
+            d["vx"], d["vy"] = velocity(c) if d["present"] else (None, None)  # JSON null
             out.append(d)
         return out
 
@@ -194,3 +199,6 @@ class ClipJudge(Judge):
 
     def attributes(self, v: dict) -> dict[str, float]:
         return {"p_unsafe": v["p_unsafe"]}
+
+
+from . import nudenet as _nudenet  # noqa: E402,F401  (registers "nudenet"; it imports Judge from here)
