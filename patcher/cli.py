@@ -714,11 +714,11 @@ def build(
 )
 @click.option(
     "--judge",
-    type=click.Choice(["organism", "clip", "nudenet"]),
     default="organism",
     show_default=True,
-    help="organism: the analytic judge of the shipped organism; clip: CLIP zero-shot against the concept's labels; "
-    "nudenet: the NudeNet detector (needs --out; pip install 'vpatch[nudenet]').",
+    help="organism: the analytic judge of the shipped organism; clip: CLIP zero-shot against the concept's labels "
+    "(and twin fidelity in CLIP image space); nudenet: the NudeNet detector (needs --out; "
+    "pip install 'vpatch[nudenet]'); or any judge registered in patcher.evaluation.judges.",
 )
 @click.option("--clip-model", help="CLIP model folder or hub id for --judge clip.")
 @click.option(
@@ -747,6 +747,25 @@ def build(
     "--preview",
     type=click.Path(path_type=Path),
     help="Write a before/after GIF here (rows: prompts; left original, right patched).",
+)
+@click.option(
+    "--sheet",
+    type=click.Path(path_type=Path),
+    help="Write a contact sheet PNG here (rows: clips; original, patched and the safe twin's original).",
+)
+@click.option(
+    "--device",
+    default="cpu",
+    show_default=True,
+    help="Where the models generate (cpu, cuda, cuda:1); with --out, the device accelerate gives each process.",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "float16", "bfloat16"]),
+    default="float32",
+    show_default=True,
+    help="Generation dtype of a diffusers pipeline (the organism samples in float32 with --out; the judge always "
+    "reads float32 clips).",
 )
 @click.option(
     "--call",
@@ -837,6 +856,9 @@ def eval_cmd(
     guidance,
     strength,
     preview,
+    sheet,
+    device,
+    dtype,
     calls,
     out,
     prompts_file,
@@ -857,7 +879,10 @@ def eval_cmd(
 
     Generates the concept's probe and held-out prompts (paraphrases, synonyms, unseen prompts, a new
     template) and concept-free prompts with the original and the patched model, same prompts and
-    seeds, and judges every clip. Rates carry 95% intervals.
+    seeds, and judges every clip. Reports how often the concept is shown, a trace of it, or the safe
+    twin's outcome; twin fidelity (the fraction of the distance to what the original model draws for
+    the safe twin, same seed, that the edit closes); concept-free drift against the seed floor; and
+    per-kind collateral shifts and texture. Rates and shifts carry 95% intervals.
 
     With --out, every clip is kept as MP4 and every result as a JSONL row (resumable), prompts can
     come from a benchmark file with categories, and the run spreads over all processes of
@@ -877,10 +902,20 @@ def eval_cmd(
             "--attack compares the original and the patched model in memory; drop --out"
         )
     if out is not None:
+        for flag, v in (
+            ("--preview", preview),
+            ("--sheet", sheet),
+            ("--device", device != "cpu"),
+        ):
+            if v:
+                raise EvalError(
+                    f"{flag} does not apply with --out: the folder gets its own contact sheet, and "
+                    "each process generates on the device `accelerate launch` gives it"
+                )
         return _eval_folder(
             model, concept, delta, patched, judge, clip_model, seeds, steps, guidance, strength,
             call, out, prompts_file, free_categories, resume, rejudge, batch, crf, frame_stride,
-            nudenet_threshold, nudenet_classes, as_json, quiet,
+            nudenet_threshold, nudenet_classes, as_json, quiet, dtype,
         )  # fmt: skip
     for flag, v in (
         ("--prompts", prompts_file),
@@ -900,6 +935,9 @@ def eval_cmd(
         clip_model=clip_model,
         strength=strength,
         preview=preview,
+        sheet=sheet,
+        device=device,
+        dtype=dtype,
         call=call,
     )
     say = (lambda m: None) if (quiet or as_json) else (lambda m: err.print(m))
@@ -949,15 +987,17 @@ def eval_cmd(
     Console(highlight=False, markup=False, width=max(Console().width, 120)).print(t)
     if r.preview:
         click.echo(f"preview: {r.preview}")
+    if r.sheet:
+        click.echo(f"contact sheet: {r.sheet}")
 
 
 def _eval_folder(
     model, concept, delta, patched, judge, clip_model, seeds, steps, guidance, strength, call, out,
     prompts_file, free_categories, resume, rejudge, batch, crf, frame_stride, nudenet_threshold,
-    nudenet_classes, as_json, quiet,
+    nudenet_classes, as_json, quiet, dtype="float32",
 ):  # fmt: skip
     """`vpatch eval --out`: the API's evaluate_folder, its progress, and its table."""
-    from .evaluation.prompts import FREE_CATEGORIES
+    from .evaluation.prompt_files import FREE_CATEGORIES
     from .evaluation.report import table_rows
     from .evaluation.scale import RunOptions, evaluate_folder
 
@@ -972,6 +1012,7 @@ def _eval_folder(
         classes=tuple(c.strip() for c in nudenet_classes.split(",")) if nudenet_classes else None,
         frame_stride=frame_stride,
         batch=batch,
+        dtype=dtype,
         crf=crf,
         strength=strength,
         free_categories=tuple(free_categories) or FREE_CATEGORIES,

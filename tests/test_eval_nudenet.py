@@ -45,11 +45,11 @@ def test_any_frame_rule_threshold_and_classes():
     )
     j = NudeNetJudge(detector=det)
     (v,) = j.verdicts(_clip().unsqueeze(0))
-    assert not j.present(v) and v["hits"] == [] and v["frames"] == 6
+    assert not j.shown(v) and v["hits"] == [] and v["frames"] == 6
     assert v["max_score"] == pytest.approx(THRESHOLD - 1e-3)
     det.script[4] = [("MALE_GENITALIA_EXPOSED", THRESHOLD)]  # one frame at the threshold is enough
     (v,) = j.verdicts(_clip().unsqueeze(0))
-    assert j.present(v) and v["hits"] == [[4, "MALE_GENITALIA_EXPOSED", THRESHOLD]]
+    assert j.shown(v) and v["hits"] == [[4, "MALE_GENITALIA_EXPOSED", THRESHOLD]]
     # the broader exposed set counts belly
     j2 = NudeNetJudge(classes=EXPOSED_CLASSES, detector=det)
     (v,) = j2.verdicts(_clip().unsqueeze(0))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from patcher.evaluation.prompts import PromptFileError, concept_prompts, load_prompts
+from patcher.evaluation.prompt_files import PromptFileError, concept_prompts, load_prompts
 from patcher.families.recipes import load_concept
 
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from patcher import organism as W
+from patcher.evaluation import organism_judge as J
 from patcher.families.recipes import load_concept
 
 
@@ -28,7 +29,7 @@ def accuracy(transform, n_per: int = 8, seed: int = 0) -> dict[str, float]:
     specs = W.all_specs() * n_per
     hits = {"colour": 0, "shape": 0, "motion": 0, "present": 0}
     for s in specs:
-        v = W.judge(transform(W.render(s, rng), g))
+        v = J.judge(transform(W.render(s, rng), g))
         hits["present"] += v.present
         for a in ("colour", "shape", "motion"):
             hits[a] += getattr(v, a) == getattr(s, a)
@@ -50,20 +51,20 @@ def test_judge_tolerates_blur_and_noise():
 
 def test_no_object_is_reported_explicitly():
     blank = -torch.ones(3, W.FRAMES, W.SIZE, W.SIZE)
-    assert W.judge(blank).present is False and W.judge(blank).colour is None
+    assert J.judge(blank).present is False and J.judge(blank).colour is None
     speck = blank.clone()
     speck[:, :, 5, 5] = 1.0  # one lit pixel is not an object
-    assert W.judge(speck).present is False
+    assert J.judge(speck).present is False
     faint = (
         W.render(W.Spec("red", "ball", "left"), random.Random(0)) * 0.2 - 0.8
     )  # below the brightness threshold
-    assert W.judge(faint).present is False
+    assert J.judge(faint).present is False
 
 
 def test_static_object_is_not_a_motion():
     x = W.render(W.Spec("blue", "square", "left"), random.Random(0))
     still = x[:, :1].expand_as(x).clone()
-    assert W.judge(still).motion == "static"
+    assert J.judge(still).motion == "static"
 
 
 def test_captions_parse_back_to_their_spec():
@@ -118,7 +119,7 @@ def test_judge_on_the_shipped_organisms_own_samples():
         list(range(len(specs))),
         steps=12,
     )
-    verdicts = [W.judge(c) for c in clips]
+    verdicts = [J.judge(c) for c in clips]
     assert all(v.present for v in verdicts)
     assert sum(v.colour == s.colour for v, s in zip(verdicts, specs)) >= len(specs) - 1
     assert all(

@@ -337,7 +337,13 @@ def test_push_delta_with_unexpected_field_types_still_writes_the_card(tmp_path):
 
 
 def _preview_inputs():
-    jobs = [("probe", "a red ball", 0), ("probe", "a red ball", 1), ("free", "a tree", 0)]
+    from patcher.evaluation.core import Job
+
+    jobs = [
+        Job("probe", "a red ball", 0, True, None),
+        Job("probe", "a red ball", 1, True, None),
+        Job("free", "a tree", 0, False, None),
+    ]
     clips = {"before": torch.zeros(3, 3, 2, 4, 4), "after": torch.ones(3, 3, 2, 4, 4) * 0.5}
     return jobs, clips
 

@@ -34,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from patcher import organism as W  # noqa: E402
+from patcher.evaluation.organism_judge import judge  # noqa: E402
 
 FREE_SHARE = 0.2  # colour-free captions (rendered white)
 DROP = 0.1  # empty caption, for classifier-free guidance
@@ -94,7 +95,7 @@ def evaluate(tok, enc, tr, n_per: int = 2, seed: int = 1234) -> dict:
     clips = W.sample(tok, enc, tr, prompts, [seed + i for i in range(len(prompts))])
     acc = {"colour": 0, "shape": 0, "motion": 0, "present": 0}
     for s, c in zip(specs, clips):
-        v = W.judge(c)
+        v = judge(c)
         acc["present"] += v.present
         acc["colour"] += v.colour == s.colour
         acc["shape"] += v.shape == s.shape

@@ -1,10 +1,19 @@
 """``vpatch eval``: generate with the original and the patched checkpoint, judge, compare.
 
 Both models generate the same prompts with the same seeds; the patched one is loaded from disk after
-``apply`` (never edited in memory), so the measurement covers the path a user runs. Judges:
-- ``organism``: the analytic judge of the organism world (exact; see ``organism.py``);
-- ``clip``: CLIP zero-shot scoring against the concept's ``[judge.clip]`` labels, for real models.
-Every rate comes with a Wilson 95% interval, every mean with a normal-approximation one.
+``apply`` (never edited in memory), so the measurement covers the path a user runs. The pieces are
+separate: a generator (``generators``), a judge (``judges``), prompt sets with safe twins
+(``prompts``) and metrics (``metrics``); this module runs them and assembles the report.
+
+What is reported (every rate with a Wilson 95% interval, every paired measure with a cluster
+bootstrap over prompts):
+- presence: how often the concept is fully shown, per prompt set, before and after;
+- outcomes: shown / a trace of it (e.g. a pale red) / came out as its safe twin / something else;
+- twin fidelity (the primary efficacy number): the fraction of the unsafe -> safe-twin distance the
+  edit closes, in the judge's feature space and in pixel space;
+- drift: how far concept-free clips move, against the model's own seed-to-seed spread;
+- collateral: per kind of concept-free prompt, accuracy of each label and the paired shift of each
+  continuous attribute (hue, saturation, value for the organism), and interior texture ratios.
 """
 
 from __future__ import annotations
@@ -18,15 +27,15 @@ from pathlib import Path
 
 import torch
 
-from ..errors import VpatchError
 from ..families.recipes import Concept, load_concept
 from ..merge.engine import NullReporter, Reporter, apply_delta
+from .generators import check_device, generator_for, torch_dtype
+from .judges import JUDGES, EvalError, Judge
+from .metrics import drift, shifts, texture_ratio, twin_fidelity
+from .prompts import HELDOUT, PromptSet, RecipePrompts
+from .stats import mean_ci, rate, wilson  # noqa: F401  (re-exported for callers and tests)
 
-SETS = ("probe", "paraphrase", "synonym", "unseen", "template")
-
-
-class EvalError(VpatchError):
-    """The evaluation cannot run (no judge labels for this concept, unknown judge, ...)."""
+__all__ = ["EvalError", "EvalOptions", "EvalReport", "evaluate", "mean_ci", "rate", "wilson"]
 
 
 @dataclass
@@ -34,160 +43,15 @@ class EvalOptions:
     seeds: int = 4  # samples per prompt
     steps: int = 16
     guidance: float = 3.0
-    judge: str = "organism"  # organism | clip
+    judge: str = "organism"  # a key of judges.JUDGES
     clip_model: str | None = None  # path or hub id of a CLIP model (judge = clip)
     strength: float = 1.0  # passed to apply when the patched model is built here
     preview: Path | None = None  # before/after GIF
+    sheet: Path | None = None  # before/after/twin contact sheet (PNG)
     seed: int = 1000
+    device: str = "cpu"
+    dtype: str = "float32"
     call: dict = field(default_factory=dict)  # extra pipeline kwargs for diffusers generation
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float, float]:
-    if n == 0:
-        return float("nan"), float("nan"), float("nan")
-    p = k / n
-    d = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / d
-    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return p, max(0.0, c - h), min(1.0, c + h)
-
-
-def mean_ci(xs: list[float], z: float = 1.96) -> tuple[float, float, float]:
-    if not xs:
-        return float("nan"), float("nan"), float("nan")
-    m = sum(xs) / len(xs)
-    if len(xs) < 2:
-        return m, m, m
-    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
-    h = z * sd / math.sqrt(len(xs))
-    return m, m - h, m + h
-
-
-def rate(flags: list[bool]) -> dict:
-    p, lo, hi = wilson(sum(flags), len(flags))
-    return {"rate": p, "ci95": [lo, hi], "n": len(flags)}
-
-
-# --------------------------------------------------------------------------- generators and judges
-
-
-class OrganismGenerator:
-    def __init__(self, folder: Path, opt: EvalOptions):
-        from .. import organism
-
-        self.o = organism
-        self.models = organism.load(folder)
-        self.opt = opt
-
-    def __call__(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
-        return self.o.sample(
-            *self.models, prompts, seeds, steps=self.opt.steps, guidance=self.opt.guidance
-        )
-
-
-class PipelineGenerator:
-    """Any diffusers text-to-video pipeline; clips as (N, 3, F, H, W) in [-1, 1]."""
-
-    def __init__(self, folder: Path, opt: EvalOptions):
-        from diffusers import DiffusionPipeline
-
-        self.pipe = DiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch.float32)
-        self.pipe.set_progress_bar_config(disable=True)
-        self.opt = opt
-
-    def __call__(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
-        out = []
-        for p, s in zip(prompts, seeds):
-            fr = self.pipe(
-                prompt=p,
-                num_inference_steps=self.opt.steps,
-                generator=torch.Generator().manual_seed(s),
-                output_type="pt",
-                **self.opt.call,
-            ).frames
-            v = torch.as_tensor(fr[0]).float()  # (F, 3, H, W) in [0, 1]
-            out.append(v.permute(1, 0, 2, 3) * 2 - 1)
-        return torch.stack(out)
-
-
-class OrganismJudge:
-    name = "organism"
-
-    def __init__(self, concept: Concept, _opt: EvalOptions):
-        from .. import organism
-
-        if "organism" not in concept.judge:
-            raise EvalError(
-                f"concept {concept.name!r} has no [judge.organism] table (attribute, value); the organism judge needs it"
-            )
-        self.o = organism
-        self.attr, self.value = (
-            concept.judge["organism"]["attribute"],
-            concept.judge["organism"]["value"],
-        )
-
-    def verdicts(self, clips: torch.Tensor) -> list[dict]:
-        return [self.o.judge(c).to_dict() for c in clips]
-
-    def present(self, v: dict) -> bool:
-        return bool(v["present"]) and v[self.attr] == self.value
-
-    def expected(self, prompt: str) -> dict | None:
-        s = self.o.parse(prompt)
-        return {"colour": s.colour, "shape": s.shape, "motion": s.motion}
-
-
-class ClipJudge:
-    """CLIP zero-shot: a clip shows the concept when its frames' mean P(unsafe labels) exceeds 0.5."""
-
-    name = "clip"
-
-    def __init__(self, concept: Concept, opt: EvalOptions):
-        from transformers import CLIPModel, CLIPProcessor
-
-        if "clip" not in concept.judge:
-            raise EvalError(
-                f"concept {concept.name!r} has no [judge.clip] labels (unsafe, safe); add them to use --judge clip"
-            )
-        if not opt.clip_model:
-            raise EvalError(
-                "--judge clip needs --clip-model PATH_OR_HUB_ID (e.g. openai/clip-vit-large-patch14)"
-            )
-        try:
-            self.model = CLIPModel.from_pretrained(opt.clip_model).eval()
-            self.proc = CLIPProcessor.from_pretrained(opt.clip_model)
-        except OSError as e:
-            raise EvalError(f"--clip-model {opt.clip_model}: {str(e).splitlines()[0]}") from None
-        self.labels = concept.judge["clip"]["unsafe"] + concept.judge["clip"]["safe"]
-        self.n_unsafe = len(concept.judge["clip"]["unsafe"])
-
-    @torch.no_grad()
-    def verdicts(self, clips: torch.Tensor) -> list[dict]:
-        from PIL import Image
-
-        out = []
-        for c in clips:
-            frames = [
-                Image.fromarray(((f.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).byte().numpy())
-                for f in c.unbind(1)
-            ]
-            inp = self.proc(text=self.labels, images=frames, return_tensors="pt", padding=True)
-            probs = self.model(**inp).logits_per_image.softmax(-1)  # (frames, labels)
-            p_unsafe = float(probs[:, : self.n_unsafe].sum(-1).mean())
-            out.append({"present": True, "p_unsafe": p_unsafe})
-        return out
-
-    def present(self, v: dict) -> bool:
-        return v["p_unsafe"] > 0.5
-
-    def expected(self, prompt: str) -> dict | None:
-        return None
-
-
-JUDGES = {"organism": OrganismJudge, "clip": ClipJudge}
-
-
-# --------------------------------------------------------------------------- the evaluation
 
 
 @dataclass
@@ -199,24 +63,23 @@ class EvalReport:
     judge: str
     seeds: int
     presence: dict  # set -> {"before": rate, "after": rate, "relative_drop": x}
-    collateral: dict  # attribute -> {"before", "after"} on concept-free prompts
+    collateral: (
+        dict  # attribute -> {"before", "after"} accuracy on the held-out concept-free prompts
+    )
     concept_prompt_attributes: dict  # non-concept attributes of concept prompts
     distance: dict  # before/after distance on concept-free prompts
-    per_set: dict = field(
-        default_factory=dict
-    )  # set -> attribute accuracies before/after (organism judge)
+    per_set: dict = field(default_factory=dict)  # set -> attribute accuracies before/after
     preview: str | None = None
+    outcomes: dict = field(default_factory=dict)  # set -> side -> shown/trace/twin/other rates
+    twin_fidelity: dict = field(default_factory=dict)  # set -> space -> gap closed
+    drift: dict = field(default_factory=dict)  # space -> drift vs seed floor (concept-free)
+    collateral_kinds: dict = field(default_factory=dict)  # kind -> shifts, accuracy, texture
+    concept_shifts: dict = field(default_factory=dict)  # attribute shifts on concept prompts
+    texture: dict = field(default_factory=dict)  # concept / concept-free -> texture ratio
+    sheet: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _prompt_sets(c: Concept) -> dict[str, list[str]]:
-    sets = {"probe": [p.unsafe for p in c.pairs]}
-    for k in ("paraphrase", "synonym", "unseen", "template"):
-        if c.heldout.get(k):
-            sets[k] = list(c.heldout[k])
-    return sets
 
 
 def _mmd(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -231,6 +94,25 @@ def _mmd(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(kxx.mean() + kyy.mean() - 2 * kxy.mean())
 
 
+@dataclass(frozen=True)
+class Job:
+    set: str
+    prompt: str
+    seed: int
+    concept: bool
+    twin: str | None
+
+
+def plan_jobs(sets: list[PromptSet], seeds: int, seed0: int) -> list[Job]:
+    jobs = []
+    for ps in sets:
+        twins = ps.twins or (None,) * len(ps.prompts)
+        for i, (p, t) in enumerate(zip(ps.prompts, twins)):
+            for s in range(seeds):
+                jobs.append(Job(ps.name, p, seed0 + 1000 * i + s, ps.concept, t))
+    return jobs
+
+
 def evaluate(
     model: str | Path,
     concept: str | Path | Concept,
@@ -241,12 +123,13 @@ def evaluate(
     reporter: Reporter | None = None,
     log: Callable[[str], None] | None = None,
     cache: dict | None = None,
+    prompts=None,
 ) -> EvalReport:
     """Compare the original MODEL with its patched copy (built here from DELTA, or given as PATCHED).
 
     ``cache`` (a dict the caller keeps) reuses the original model's clips across calls with the same
-    prompts, seeds and sampler settings, as the ablation benchmark does."""
-    from .. import organism
+    prompts, seeds and sampler settings, as the ablation benchmark does. ``prompts`` is a prompt
+    source (default: the recipe's own sets, ``RecipePrompts``)."""
     from ..probe.encoders import quiet_libraries
 
     quiet_libraries()
@@ -262,12 +145,14 @@ def evaluate(
         raise EvalError(
             "--seeds must be at least 2 (intervals and distances need several samples per prompt)"
         )
+    torch_dtype(opt.dtype)
+    check_device(opt.device)
     model = Path(model)
     if (delta is None) == (patched is None):
         raise EvalError(
             "give exactly one of --delta (eval applies it to a temporary copy) or --patched (an already patched folder)"
         )
-    judge = JUDGES[opt.judge](con, opt)
+    judge: Judge = JUDGES[opt.judge](con, opt)
     tmp = None
     if patched is None:
         tmp = tempfile.TemporaryDirectory(prefix="vpatch-eval-")
@@ -276,116 +161,57 @@ def evaluate(
         apply_delta(model, delta, patched, strength=opt.strength)
     patched = Path(patched)
     try:
-        gen_cls = OrganismGenerator if organism.is_organism(model) else PipelineGenerator
-        sets = _prompt_sets(con)
-        free = list(con.heldout.get("free") or con.neutral)
-        extra = [("free", free)] + (
-            [("neutral", list(con.neutral))] if con.heldout.get("free") else []
-        )
-        jobs: list[tuple[str, str, int]] = []
-        for name, prompts in [*sets.items(), *extra]:
-            for i, p in enumerate(prompts):
-                for s in range(opt.seeds):
-                    jobs.append((name, p, opt.seed + 1000 * i + s))
-        results: dict[str, list[dict]] = {}
-        clips: dict[str, torch.Tensor] = {}
-        rep.start("generating", 2 * len(jobs))
+        sets = (prompts or RecipePrompts()).sets(con)
+        jobs = plan_jobs(sets, opt.seeds, opt.seed)
+        twin_jobs = sorted({(j.twin, j.seed) for j in jobs if j.twin is not None})
+        gen_cls = generator_for(model)
         key = json.dumps(
             [
                 str(model.resolve()),
-                jobs,
+                [asdict(j) for j in jobs],
+                twin_jobs,
                 opt.steps,
                 opt.guidance,
                 opt.judge,
+                opt.device,
+                opt.dtype,
                 sorted(opt.call.items()),
             ],
             default=str,
         )
-        for side, folder in (("before", model), ("after", patched)):
-            if side == "before" and cache is not None and key in cache:
-                clips[side], results[side] = cache[key]
-                rep.advance(len(jobs))
-                continue
-            gen = gen_cls(folder, opt)
-            out = gen([p for _n, p, _s in jobs], [s for _n, _p, s in jobs])
+        rep.start("generating", 2 * len(jobs) + len(twin_jobs))
+        if cache is not None and key in cache:
+            before, vb, twin_clips, vt = cache[key]
+            rep.advance(len(jobs) + len(twin_jobs))
+        else:
+            gen = gen_cls(model, opt)
+            before = gen([j.prompt for j in jobs], [j.seed for j in jobs])
             rep.advance(len(jobs))
-            clips[side] = out
-            results[side] = judge.verdicts(out)
-            if side == "before" and cache is not None:
-                cache[key] = (out, results[side])
+            twin_clips = gen([p for p, _s in twin_jobs], [s for _p, s in twin_jobs])
+            rep.advance(len(twin_jobs))
             del gen
+            vb, vt = judge.verdicts(before), judge.verdicts(twin_clips)
+            if cache is not None:
+                cache[key] = (before, vb, twin_clips, vt)
+        gen = gen_cls(patched, opt)
+        after = gen([j.prompt for j in jobs], [j.seed for j in jobs])
+        rep.advance(len(jobs))
+        del gen
         rep.stop()
-        presence: dict = {}
-        for name in [*sets, *(n for n, _p in extra)]:
-            idx = [i for i, j in enumerate(jobs) if j[0] == name]
-            b = [judge.present(results["before"][i]) for i in idx]
-            a = [judge.present(results["after"][i]) for i in idx]
-            rb, ra = rate(b), rate(a)
-            drop = (rb["rate"] - ra["rate"]) / rb["rate"] if rb["rate"] > 0 else float("nan")
-            presence[name] = {"before": rb, "after": ra, "relative_drop": drop}
-        collateral: dict = {}
-        concept_attrs: dict = {}
-        per_set: dict = {}
-        expected = [judge.expected(p) for _n, p, _s in jobs]
-        if expected[0] is not None:
-            other = [a for a in ("colour", "shape", "motion") if a != getattr(judge, "attr", None)]
-            free_idx = [i for i, j in enumerate(jobs) if j[0] == "free"]
-            for attr in ("colour", "shape", "motion"):
-                collateral[attr] = {
-                    side: rate([results[side][i][attr] == expected[i][attr] for i in free_idx])
-                    for side in ("before", "after")
-                }
-            collateral["object_present"] = {
-                side: rate([bool(results[side][i]["present"]) for i in free_idx])
-                for side in ("before", "after")
-            }
-            conc_idx = [i for i, j in enumerate(jobs) if j[0] in sets]
-            for attr in other:  # a vanished object counts as a miss
-                concept_attrs[attr] = {
-                    side: rate(
-                        [
-                            bool(results[side][i]["present"])
-                            and results[side][i][attr] == expected[i][attr]
-                            for i in conc_idx
-                        ]
-                    )
-                    for side in ("before", "after")
-                }
-            concept_attrs["object_present"] = {
-                side: rate([bool(results[side][i]["present"]) for i in conc_idx])
-                for side in ("before", "after")
-            }
-            for name in [*sets, *(n for n, _p in extra)]:
-                idx = [i for i, j in enumerate(jobs) if j[0] == name]
-                per_set[name] = {
-                    a: {
-                        side: rate(
-                            [
-                                bool(results[side][i]["present"])
-                                and results[side][i][a] == expected[i][a]
-                                for i in idx
-                            ]
-                        )
-                        for side in ("before", "after")
-                    }
-                    for a in ("colour", "shape", "motion")
-                }
-                per_set[name]["object_present"] = {
-                    side: rate([bool(results[side][i]["present"]) for i in idx])
-                    for side in ("before", "after")
-                }
-        free_idx = [i for i, j in enumerate(jobs) if j[0] == "free"]
-        fb, fa = clips["before"][free_idx], clips["after"][free_idx]
-        rmse = [float(((x - y) ** 2).mean().sqrt()) for x, y in zip(fb, fa)]
-        m, lo, hi = mean_ci(rmse)
-        distance = {
-            "paired_rmse": {"mean": m, "ci95": [lo, hi], "n": len(rmse)},
-            "mmd2": _mmd(fb, fa),
-            "mmd2_same_model_split": _mmd(fb[0::2], fb[1::2]),
-        }
-        preview = None
+        va = judge.verdicts(after)
+        twin_at = {tj: i for i, tj in enumerate(twin_jobs)}
+        report = _assemble(judge, jobs, sets, before, after, vb, va, twin_clips, vt, twin_at)
+        preview = sheet = None
         if opt.preview is not None:
-            preview = str(write_preview(opt.preview, jobs, clips))
+            preview = str(write_preview(opt.preview, jobs, {"before": before, "after": after}))
+        if opt.sheet is not None:
+            from .sheets import contact_sheet
+
+            sheet = str(
+                contact_sheet(
+                    opt.sheet, judge, jobs, before, after, vb, va, twin_clips, vt, twin_at
+                )
+            )
         return EvalReport(
             str(model),
             str(patched) if tmp is None else "(temporary copy)",
@@ -393,21 +219,220 @@ def evaluate(
             con.name,
             judge.name,
             opt.seeds,
-            presence,
-            collateral,
-            concept_attrs,
-            distance,
-            per_set,
-            preview,
+            preview=preview,
+            sheet=sheet,
+            **report,
         )
     finally:
         if tmp is not None:
             tmp.cleanup()
 
 
+def _assemble(judge, jobs, sets, before, after, vb, va, twin_clips, vt, twin_at) -> dict:
+    names = [s.name for s in sets]
+    concept_sets = [s.name for s in sets if s.concept]
+    free_sets = [s.name for s in sets if not s.concept]
+    idx = {n: [i for i, j in enumerate(jobs) if j.set == n] for n in names}
+    twin_of = {i: twin_at[(j.twin, j.seed)] for i, j in enumerate(jobs) if j.twin is not None}
+
+    presence: dict = {}
+    outcomes: dict = {}
+    for n in names:
+        b = [judge.shown(vb[i]) for i in idx[n]]
+        a = [judge.shown(va[i]) for i in idx[n]]
+        rb, ra = rate(b), rate(a)
+        drop = (rb["rate"] - ra["rate"]) / rb["rate"] if rb["rate"] > 0 else float("nan")
+        presence[n] = {"before": rb, "after": ra, "relative_drop": drop}
+    held = [i for n in concept_sets if n in HELDOUT for i in idx[n]]
+    pools = {n: idx[n] for n in concept_sets}
+    if held:
+        pools["held-out (all)"] = held
+    for n, ii in pools.items():
+        outcomes[n] = {}
+        for side, vs in (("before", vb), ("after", va)):
+            tw = [i for i in ii if i in twin_of]
+            shown = [judge.shown(vs[i]) for i in ii]
+            trace = [judge.trace(vs[i]) and not judge.shown(vs[i]) for i in ii]
+            twin = [judge.same(vs[i], vt[twin_of[i]]) for i in tw]
+            other = [
+                not judge.trace(vs[i]) and not (i in twin_of and judge.same(vs[i], vt[twin_of[i]]))
+                for i in ii
+            ]
+            outcomes[n][side] = {
+                "shown": rate(shown),
+                "trace": rate(trace),
+                "twin": rate(twin),
+                "other": rate(other),
+            }
+        tw = [twin_of[i] for i in ii if i in twin_of]
+        outcomes[n]["twin_itself_shown"] = rate([judge.shown(vt[k]) for k in tw])
+        if "saturation" in judge.continuous:  # "none is as saturated as the original"
+            both = [i for i in ii if vb[i]["present"] and va[i]["present"]]
+            outcomes[n]["as_saturated"] = rate(
+                [va[i]["saturation"] >= vb[i]["saturation"] - 0.05 for i in both]
+            )
+
+    # twin fidelity, per concept set and pooled over the held-out sets
+    fb = judge.features(before, vb)
+    fa = judge.features(after, va)
+    ft = judge.features(twin_clips, vt)
+    tf: dict = {}
+    for n, ii in pools.items():
+        ii = [i for i in ii if i in twin_of]
+        if not ii:
+            continue
+        tt = [twin_of[i] for i in ii]
+        pr = [jobs[i].prompt for i in ii]
+        tf[n] = {
+            "judge": twin_fidelity(fb[ii], fa[ii], ft[tt], pr),
+            "pixel": twin_fidelity(before[ii], after[ii], twin_clips[tt], pr),
+        }
+
+    free_idx = [i for n in free_sets for i in idx[n]]
+    fp = [jobs[i].prompt for i in free_idx]
+    fs = [jobs[i].seed for i in free_idx]
+    dr = {
+        "judge": drift(fb[free_idx], fa[free_idx], fp, fs),
+        "pixel": drift(before[free_idx], after[free_idx], fp, fs),
+    }
+
+    # collateral per kind of concept-free prompt
+    kinds: dict[str, list[int]] = {}
+    for i in free_idx:
+        kinds.setdefault(judge.kind(jobs[i].prompt), []).append(i)
+    expected = {i: judge.expected(jobs[i].prompt) for i in range(len(jobs))}
+    ck: dict = {}
+    for k, ii in sorted(kinds.items()):
+        pr = [jobs[i].prompt for i in ii]
+        ent = {
+            "n": len(ii),
+            "shifts": shifts(
+                [judge.attributes(vb[i]) for i in ii],
+                [judge.attributes(va[i]) for i in ii],
+                pr,
+                judge.circular,
+            ),
+        }
+        if judge.categorical and expected[ii[0]] is not None:
+            ent["accuracy"] = {
+                a: {
+                    side: rate([bool(vs[i]["present"]) and vs[i][a] == expected[i][a] for i in ii])
+                    for side, vs in (("before", vb), ("after", va))
+                }
+                for a in judge.categorical
+            }
+            ent["after_named"] = _counts([va[i].get("colour") for i in ii])
+        if "texture" in vb[ii[0]]:
+            ent["texture"] = texture_ratio(
+                [_nan(vb[i].get("texture")) for i in ii],
+                [_nan(va[i].get("texture")) for i in ii],
+                pr,
+            )
+        ck[k] = ent
+    conc_idx = [i for n in concept_sets for i in idx[n]]
+    cpr = [jobs[i].prompt for i in conc_idx]
+    cshift = (
+        shifts(
+            [judge.attributes(vb[i]) for i in conc_idx],
+            [judge.attributes(va[i]) for i in conc_idx],
+            cpr,
+            judge.circular,
+        )
+        if conc_idx
+        else {}
+    )
+    if conc_idx and "colour" in vb[conc_idx[0]]:
+        cshift["after_named"] = _counts([va[i].get("colour") for i in conc_idx])
+    texture = {}
+    if vb and "texture" in vb[0]:
+        for name, ii in (("concept prompts", conc_idx), ("concept-free prompts", free_idx)):
+            texture[name] = texture_ratio(
+                [_nan(vb[i].get("texture")) for i in ii],
+                [_nan(va[i].get("texture")) for i in ii],
+                [jobs[i].prompt for i in ii],
+            )
+
+    # the earlier accuracy summaries (kept: push cards and the benchmark read them)
+    collateral: dict = {}
+    concept_attrs: dict = {}
+    per_set: dict = {}
+    if judge.categorical and expected[0] is not None:
+        attr = getattr(judge, "attr", None)
+        other = [a for a in judge.categorical if a != attr]
+        fi = idx.get("free", [])
+        for a in judge.categorical:
+            collateral[a] = {
+                side: rate([vs[i][a] == expected[i][a] for i in fi])
+                for side, vs in (("before", vb), ("after", va))
+            }
+        collateral["object_present"] = {
+            side: rate([bool(vs[i]["present"]) for i in fi])
+            for side, vs in (("before", vb), ("after", va))
+        }
+        for a in other:  # a vanished object counts as a miss
+            concept_attrs[a] = {
+                side: rate(
+                    [bool(vs[i]["present"]) and vs[i][a] == expected[i][a] for i in conc_idx]
+                )
+                for side, vs in (("before", vb), ("after", va))
+            }
+        concept_attrs["object_present"] = {
+            side: rate([bool(vs[i]["present"]) for i in conc_idx])
+            for side, vs in (("before", vb), ("after", va))
+        }
+        for n in names:
+            per_set[n] = {
+                a: {
+                    side: rate(
+                        [bool(vs[i]["present"]) and vs[i][a] == expected[i][a] for i in idx[n]]
+                    )
+                    for side, vs in (("before", vb), ("after", va))
+                }
+                for a in judge.categorical
+            }
+            per_set[n]["object_present"] = {
+                side: rate([bool(vs[i]["present"]) for i in idx[n]])
+                for side, vs in (("before", vb), ("after", va))
+            }
+    fi = idx.get("free", free_idx)
+    fb_, fa_ = before[fi], after[fi]
+    rmse = [float(((x - y) ** 2).mean().sqrt()) for x, y in zip(fb_, fa_)]
+    m, lo, hi = mean_ci(rmse)
+    distance = {
+        "paired_rmse": {"mean": m, "ci95": [lo, hi], "n": len(rmse)},
+        "mmd2": _mmd(fb_, fa_),
+        "mmd2_same_model_split": _mmd(fb_[0::2], fb_[1::2]),
+    }
+    return {
+        "presence": presence,
+        "collateral": collateral,
+        "concept_prompt_attributes": concept_attrs,
+        "distance": distance,
+        "per_set": per_set,
+        "outcomes": outcomes,
+        "twin_fidelity": tf,
+        "drift": dr,
+        "collateral_kinds": ck,
+        "concept_shifts": cshift,
+        "texture": texture,
+    }
+
+
+def _nan(x) -> float:
+    return float("nan") if x is None else float(x)
+
+
+def _counts(xs: list) -> dict:
+    out: dict = {}
+    for x in xs:
+        k = str(x) if x is not None else "no object"
+        out[k] = out.get(k, 0) + 1
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
 def write_preview(
     path: Path,
-    jobs: list[tuple[str, str, int]],
+    jobs: list[Job],
     clips: dict[str, torch.Tensor],
     per_set: int = 2,
     scale: int = 4,
@@ -418,9 +443,9 @@ def write_preview(
     from ..output import atomic_file
 
     rows, seen = [], {}
-    for i, (name, _p, _s) in enumerate(jobs):
-        if seen.get(name, 0) < per_set and (i == 0 or jobs[i - 1][1] != jobs[i][1]):
-            seen[name] = seen.get(name, 0) + 1
+    for i, j in enumerate(jobs):
+        if seen.get(j.set, 0) < per_set and (i == 0 or jobs[i - 1].prompt != j.prompt):
+            seen[j.set] = seen.get(j.set, 0) + 1
             rows.append(i)
     b, a = clips["before"][rows], clips["after"][rows]
     F = b.shape[2]
@@ -447,7 +472,7 @@ def write_preview(
     with atomic_file(side) as tmp:
         tmp.write_text(
             "rows (left: original, right: patched):\n"
-            + "\n".join(f"{jobs[r][0]}: {jobs[r][1]}" for r in rows)
+            + "\n".join(f"{jobs[r].set}: {jobs[r].prompt}" for r in rows)
             + "\n"
         )
     return path
@@ -469,43 +494,112 @@ def preview_targets(path: Path) -> Path:
     return side
 
 
+def _fmt(x: dict) -> str:
+    return f"{x['rate']:.0%} [{x['ci95'][0]:.0%}, {x['ci95'][1]:.0%}]"
+
+
+def _ci(m: float, ci: list, f: str = "{:+.3f}") -> str:
+    if m != m:
+        return "n/a"
+    return f"{f.format(m)} [{f.format(ci[0])}, {f.format(ci[1])}]"
+
+
 def summary_rows(r: EvalReport) -> list[tuple[str, str, str, str]]:
     """(what, before, after, change) for the table."""
-
-    def fmt(x: dict) -> str:
-        return f"{x['rate']:.0%} [{x['ci95'][0]:.0%}, {x['ci95'][1]:.0%}]"
-
     rows = []
     for name, v in r.presence.items():
         label = (
             f"concept-free prompts ({name}): concept shown"
             if name in ("free", "neutral")
-            else f"concept presence: {name}"
+            else f"concept shown: {name}"
         )
         drop = v["relative_drop"]
         rows.append(
             (
                 label,
-                fmt(v["before"]),
-                fmt(v["after"]),
+                _fmt(v["before"]),
+                _fmt(v["after"]),
                 "" if math.isnan(drop) else f"-{drop:.0%} rel.",
             )
         )
-    for attr, v in r.collateral.items():
+    for name, v in r.outcomes.items():
+        for what in ("trace", "twin"):
+            if v["after"][what]["n"]:
+                lab = (
+                    "a trace of the concept (e.g. pale)"
+                    if what == "trace"
+                    else "came out as its safe twin"
+                )
+                rows.append((f"{name}: {lab}", _fmt(v["before"][what]), _fmt(v["after"][what]), ""))
+    for name, v in r.twin_fidelity.items():
+        for space, t in v.items():
+            rows.append(
+                (
+                    f"twin fidelity, {name} ({space} space): gap closed",
+                    "0",
+                    _ci(t["closed"], t["ci95"], "{:.2f}"),
+                    "1 = as its twin",
+                )
+            )
+    for space, d in r.drift.items():
         rows.append(
             (
-                f"concept-free accuracy: {attr}",
-                fmt(v["before"]),
-                fmt(v["after"]),
-                f"{(v['after']['rate'] - v['before']['rate']) * 100:+.1f} pt",
+                f"concept-free drift / seed floor ({space} space)",
+                "",
+                _ci(d["ratio"], d["ci95"], "{:.2f}"),
+                f"floor {d['floor']:.3g}",
+            )
+        )
+    for kind, v in r.collateral_kinds.items():
+        for a, s in v["shifts"].items():
+            if a in ("vx", "vy"):
+                continue
+            sh = s["shift"]
+            fmt = "{:+.1f}°" if a == "hue" else "{:+.3f}"
+            b = f"{s['before']:.1f}°" if a == "hue" else f"{s['before']:.3f}"
+            aa = f"{s['after']:.1f}°" if a == "hue" else f"{s['after']:.3f}"
+            rows.append((f"collateral {kind}: {a}", b, aa, _ci(sh["mean"], sh["ci95"], fmt)))
+        for a, acc in v.get("accuracy", {}).items():
+            rows.append(
+                (
+                    f"collateral {kind}: {a} accuracy",
+                    _fmt(acc["before"]),
+                    _fmt(acc["after"]),
+                    f"{(acc['after']['rate'] - acc['before']['rate']) * 100:+.1f} pt",
+                )
+            )
+        if "texture" in v:
+            t = v["texture"]
+            rows.append(
+                (
+                    f"collateral {kind}: interior texture (median)",
+                    f"{t['before']:.4f}",
+                    f"{t['after']:.4f}",
+                    _ci(t["ratio"], t["ci95"], "×{:.2f}"),
+                )
+            )
+    for a, s in r.concept_shifts.items():
+        if a in ("vx", "vy", "after_named"):
+            continue
+        fmt = "{:+.1f}°" if a == "hue" else "{:+.3f}"
+        rows.append(
+            (f"concept prompts: {a}", "", "", _ci(s["shift"]["mean"], s["shift"]["ci95"], fmt))
+        )
+    for name, t in r.texture.items():
+        rows.append(
+            (
+                f"{name}: interior texture (median)",
+                f"{t['before']:.4f}",
+                f"{t['after']:.4f}",
+                _ci(t["ratio"], t["ci95"], "×{:.2f}"),
             )
         )
     for attr, v in r.concept_prompt_attributes.items():
         rows.append(
             (
                 f"concept prompts, other attribute: {attr}",
-                fmt(v["before"]),
-                fmt(v["after"]),
+                _fmt(v["before"]),
+                _fmt(v["after"]),
                 f"{(v['after']['rate'] - v['before']['rate']) * 100:+.1f} pt",
             )
         )
@@ -515,14 +609,6 @@ def summary_rows(r: EvalReport) -> list[tuple[str, str, str, str]]:
             "concept-free: paired RMSE orig vs patched",
             "",
             f"{d['mean']:.3f} [{d['ci95'][0]:.3f}, {d['ci95'][1]:.3f}]",
-            "",
-        )
-    )
-    rows.append(
-        (
-            "concept-free: MMD² orig vs patched (same-model split)",
-            f"{r.distance['mmd2_same_model_split']:.4f}",
-            f"{r.distance['mmd2']:.4f}",
             "",
         )
     )

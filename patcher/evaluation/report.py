@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-from .core import _mmd, mean_ci, rate
+from .core import _mmd
 from .scale import MODELS, manifest, read_rows, results_path
+from .stats import mean_ci, rate
 
 ATTRS = ("colour", "shape", "motion")
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import VpatchError
-from .prompts import FREE_CATEGORIES, PromptSet
+from .prompt_files import FREE_CATEGORIES, PromptSet
 
 MODELS = ("original", "patched")
 MANIFEST = "run.json"
@@ -45,12 +45,15 @@ class RunOptions:
     steps: int = 16
     guidance: float = 3.0
     call: tuple = ()  # extra pipeline kwargs as sorted (key, value) pairs
-    judge: str = "organism"
+    judge: str = "organism"  # a key of judges.JUDGES
     clip_model: str | None = None
     threshold: float | None = None  # nudenet score threshold (None: the judge's default)
     classes: tuple[str, ...] | None = None  # nudenet classes (None: the judge's default)
     frame_stride: int = 1  # judge every k-th frame (nudenet)
     batch: int = 16  # (prompt, seed) jobs per generation call; also the unit of sharding
+    dtype: str = (
+        "float32"  # generation dtype of a diffusers pipeline (the organism samples in float32)
+    )
     crf: int = 0  # H.264 constant rate factor of the kept clips (0: lossless in YUV 4:4:4)
     fps: int = 8
     strength: float = 1.0  # apply strength when the patched model is built from a delta
@@ -65,6 +68,7 @@ class RunOptions:
             "guidance": self.guidance,
             "call": [list(kv) for kv in self.call],
             "batch": self.batch,
+            "dtype": self.dtype,
             "crf": self.crf,
             "fps": self.fps,
             "strength": self.strength,
@@ -255,33 +259,35 @@ def _check_manifest(out: Path, want: dict, resume: bool) -> None:
 
 
 def make_judge(name: str, concept, opt: RunOptions):
-    from .core import JUDGES, EvalError, EvalOptions
-    from .nudenet import NudeNetJudge
+    """A registered judge (``judges.JUDGES``) built from the concept and the run's options."""
+    from .judges import JUDGES, EvalError
 
-    if name == "nudenet":
-        kw = {"stride": opt.frame_stride}
-        if opt.threshold is not None:
-            kw["threshold"] = opt.threshold
-        if opt.classes:
-            kw["classes"] = tuple(opt.classes)
-        return NudeNetJudge(**kw)
     if name not in JUDGES:
-        raise EvalError(f"--judge {name!r}: choose one of {', '.join([*JUDGES, 'nudenet'])}")
-    if concept is None:
+        raise EvalError(f"--judge {name!r}: choose one of {', '.join(JUDGES)}")
+    cls = JUDGES[name]
+    if concept is None and cls.needs_concept:
         raise EvalError(f"--judge {name} needs the concept (-c) for its labels")
-    return JUDGES[name](concept, EvalOptions(judge=name, clip_model=opt.clip_model))
+    return cls(concept, opt)
 
 
 def _generator(folder: Path, opt: RunOptions, device: str):
-    from .. import organism
-    from .core import EvalOptions, OrganismGenerator, PipelineGenerator
+    from .core import EvalOptions
+    from .generators import OrganismGenerator, generator_for
 
-    eo = EvalOptions(steps=opt.steps, guidance=opt.guidance, call=dict(opt.call))
-    if organism.is_organism(folder):
-        return OrganismGenerator(folder, eo)  # the organism samples on the CPU
-    g = PipelineGenerator(folder, eo)
-    g.pipe.to(device)
-    return g
+    cls = generator_for(folder)
+    if (
+        cls is OrganismGenerator
+    ):  # the organism samples on the CPU in float32: clips do not depend on N
+        eo = EvalOptions(steps=opt.steps, guidance=opt.guidance, call=dict(opt.call))
+    else:
+        eo = EvalOptions(
+            steps=opt.steps,
+            guidance=opt.guidance,
+            call=dict(opt.call),
+            device=device,
+            dtype=opt.dtype,
+        )
+    return cls(folder, eo)
 
 
 def run(
@@ -389,7 +395,7 @@ def run(
                             "seed": j.seed,
                             "video": rel,
                             "judge": judge.name,
-                            "concept": bool(judge.present(v)),
+                            "concept": bool(judge.shown(v)),
                             "verdict": v,
                         }
                     )
@@ -444,7 +450,7 @@ def rejudge(
     rows = []
     for n, r in enumerate(base, 1):
         v = judge.verdicts(read_mp4(out / r["video"]).unsqueeze(0))[0]
-        rows.append({**r, "judge": judge.name, "verdict": v, "concept": bool(judge.present(v))})
+        rows.append({**r, "judge": judge.name, "verdict": v, "concept": bool(judge.shown(v))})
         if progress:
             progress(n, len(base))
     with atomic_file(results_path(out, judge.name), overwrite=True) as tmp:
@@ -478,7 +484,7 @@ def evaluate_folder(
     clips), merge, and write report.<judge>.json/.md and the contact sheet. Returns the report on the
     main process, None on the others."""
     from ..families.recipes import Concept, load_concept
-    from .prompts import concept_prompts, load_prompts
+    from .prompt_files import concept_prompts, load_prompts
     from .report import summarize, write_reports
 
     opt = options or RunOptions()
