@@ -182,19 +182,28 @@ def test_rows_videos_resume_and_shards_on_the_organism(tmp_path, monkeypatch):
     assert read_rows(tmp_path / "full" / "results.bright.jsonl") == re
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the organism judge's verdict now carries measurements (hue, saturation, value, texture, "
-    "velocity) that the kept clip's RGB<->YUV rounding moves in the third decimal (measured: hue "
-    "3.991 -> 3.984 on the first clip, whose categories agree). Needs a decision: an exactly lossless "
-    "codec (libx264rgb) with an 8-bit judge, or comparing the categories",
-)
+def _same_verdict(a: dict, b: dict) -> bool:
+    """Names and flags equal; measured values equal within what the codec moves them (frames
+    decode within LEVELS of 255, as tested above: hue within 1 degree, the rest within 0.02)."""
+    if a.keys() != b.keys():
+        return False
+    for k, x in a.items():
+        y = b[k]
+        if isinstance(x, float) and isinstance(y, float):
+            if not abs(x - y) <= (1.0 if k == "hue" else 0.02):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
 def test_organism_rejudge_of_kept_clips_gives_the_generation_verdicts(tmp_path):
     prompts = load_prompts(_prompts(tmp_path))
     full = run(MODEL, prompts, tmp_path / "full", patched=MODEL, concept=RED, options=OPT)
     # the organism judge on the decoded clips agrees with the generation-time verdicts
     again = rejudge(tmp_path / "full", scale.make_judge("organism", RED, OPT))
-    assert [r["verdict"] for r in again] == [r["verdict"] for r in full]
+    assert len(again) == len(full)
+    assert all(_same_verdict(r["verdict"], f["verdict"]) for r, f in zip(again, full))
 
 
 def test_tiny_wan_pipeline_clips_rows_and_rejudge(tmp_path):
