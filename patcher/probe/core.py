@@ -819,6 +819,10 @@ def _capture_denoise(
     say,
 ) -> None:
     """Run the pipeline on noise latents with hooks on the site Linears; one call per prompt, same seed."""
+    if fam.denoise.runner == "mmdit_video":  # a converted single file, no pipeline: its own sampler
+        from .mmdit_video import capture
+
+        return capture(src, fam, sites, targets, con, opt, device, dtype, groups, caps, rep, say)
     if src.single is not None:
         raise ProbeError(
             "denoise-mode sites need a diffusers pipeline folder; original single files can only be probed in text mode"
