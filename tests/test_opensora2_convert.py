@@ -222,3 +222,28 @@ def test_edit_is_written_under_the_original_key_and_reaches_the_module(tmp_path)
     assert torch.equal(got, w2[key].float())
     got = got.detach()
     assert float((got @ u).norm()) < 1e-2 * float((w[key].float() @ u).norm()) + 1e-2
+
+
+def test_release_shapes_convert_into_flux_with_the_release_config():
+    """The 11.9B release's keys and shapes (benchmarks/manifests/opensora2.json, from the upstream model
+    on the meta device) convert with the recipe as shipped and load strictly into FluxTransformer2DModel."""
+    doc = json.loads(
+        (DATA.parent.parent / "benchmarks" / "manifests" / "opensora2.json").read_text()
+    )
+    shapes = {k: s for k, s in doc["tensors"]}
+    fam = load_family("opensora2")
+    model = build_module(
+        fam.convert,
+        list(shapes),
+        lambda k: torch.empty(shapes[k], device="meta", dtype=torch.bfloat16),
+        torch.bfloat16,
+        "meta",
+    )
+    cfg = model.config
+    assert (cfg.num_layers, cfg.num_single_layers) == (19, 38)
+    assert (cfg.num_attention_heads, cfg.attention_head_dim) == (24, 128)
+    assert (cfg.in_channels, cfg.out_channels) == (132, 64)
+    assert (cfg.joint_attention_dim, cfg.pooled_projection_dim) == (4096, 768)
+    n = sum(p.numel() for p in model.state_dict().values())
+    assert doc["params"] == 11_891_390_528
+    assert n == doc["params"] - 3072  # cond_in.bias is summed into x_embedder.bias

@@ -3,6 +3,7 @@
     git clone https://github.com/hpcaitech/Open-Sora /tmp/opensora-ref && git -C /tmp/opensora-ref checkout 7ad6a96
     pip install --target /tmp/opensora-ref/_site einops
     python tests/data/make_opensora2_golden.py /tmp/opensora-ref
+    python tests/data/make_opensora2_golden.py /tmp/opensora-ref --manifest   # benchmarks/manifests/opensora2.json
 
 The upstream code is imported from the folder given as the argument; nothing of it is copied here. Its
 optional GPU dependencies are replaced by plain torch with the same forward math (the stubs below):
@@ -47,6 +48,24 @@ CONFIG = dict(
     fused_qkv=False,
     use_liger_rope=True,
     patch_size=2,
+)
+# configs/diffusion/inference/256px.py (768px.py inherits the model): the released 11.9B MMDiT
+RELEASE = dict(
+    in_channels=64,
+    vec_in_dim=768,
+    context_in_dim=4096,
+    hidden_size=3072,
+    mlp_ratio=4.0,
+    num_heads=24,
+    depth=19,
+    depth_single_blocks=38,
+    axes_dim=[16, 56, 56],
+    theta=10_000,
+    qkv_bias=True,
+    guidance_embed=False,
+    cond_embed=True,
+    fused_qkv=False,
+    use_liger_rope=True,
 )
 GRID = (3, 4, 6)  # latent frames, packed rows, packed columns: 72 video tokens
 TXT = 16
@@ -173,7 +192,28 @@ def main(root: Path) -> None:
     print("params", sum(v.numel() for v in weights.values()), "output", tuple(out.shape))
 
 
+def manifest(root: Path) -> None:
+    """Key names and shapes of the released model, built on the meta device (no weights)."""
+    _install_stubs(root)
+    from opensora.models.mmdit.model import MMDiTConfig, MMDiTModel
+
+    with torch.device("meta"):
+        model = MMDiTModel(MMDiTConfig(from_pretrained="", cache_dir="", **RELEASE))
+    tensors = [[k, list(v.shape)] for k, v in model.state_dict().items()]
+    doc = {
+        "class": None,
+        "layout": "single file (Open_Sora_v2.safetensors), the release's key names",
+        "source": f"hpcaitech/Open-Sora@{COMMIT} opensora/models/mmdit, configs/diffusion/inference/256px.py",
+        "config": RELEASE,
+        "params": sum(int(torch.Size(s).numel()) for _k, s in tensors),
+        "tensors": tensors,
+    }
+    out = Path(__file__).resolve().parents[2] / "benchmarks" / "manifests" / "opensora2.json"
+    out.write_text(json.dumps(doc, separators=(",", ":")))
+    print(out, doc["params"] / 1e9, "B params,", len(tensors), "tensors")
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
+    if len(sys.argv) not in (2, 3) or sys.argv[2:] not in ([], ["--manifest"]):
         raise SystemExit(__doc__)
-    main(Path(sys.argv[1]).resolve())
+    (manifest if sys.argv[2:] else main)(Path(sys.argv[1]).resolve())
