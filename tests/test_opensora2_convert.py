@@ -247,3 +247,19 @@ def test_release_shapes_convert_into_flux_with_the_release_config():
     n = sum(p.numel() for p in model.state_dict().values())
     assert doc["params"] == 11_891_390_528
     assert n == doc["params"] - 3072  # cond_in.bias is summed into x_embedder.bias
+
+
+def test_prefixed_single_file_loads_through_the_probe_path(tmp_path):
+    """What the probe loads (load_transformer: the family's wrapper prefixes stripped, tensors read
+    lazily from the file) reproduces upstream too."""
+    from patcher.checkpoint import load_single
+
+    g, _ = _golden()
+    w = load_file(str(WEIGHTS))
+    path = tmp_path / "prefixed.safetensors"
+    save_file({f"model.diffusion_model.{k}": v for k, v in w.items()}, str(path))
+    fam = load_family("opensora2", TINY)
+    model, stored = mmdit_video.load_transformer(fam, load_single(path), torch.float32, "cpu")
+    assert stored["txt_in.weight"] == "model.diffusion_model.txt_in.weight"
+    with torch.no_grad():
+        assert float((_run(model, g) - g["output"]).abs().max()) <= 1e-5

@@ -173,7 +173,9 @@ def load_transformer(fam, ws, dtype: torch.dtype, device: str) -> tuple[torch.nn
         f = ws.key_file[key]
         if f not in readers:
             readers[f] = TensorReader(ws.headers[f])
-        return readers[f].tensor(key)
+        return (
+            readers[f].tensor(key).to(device)
+        )  # converted on the device: no host copy of the model
 
     try:
         model = build_module(fam.convert, list(stored), read, dtype, device)
@@ -191,6 +193,11 @@ def capture(src, fam, sites, targets, con, opt, device, dtype, groups, caps, rep
     if src.single is None:
         raise ProbeError(
             f"family {fam.name}: runner {fam.denoise.runner} converts an original single file; this is a folder"
+        )
+    if opt.offload != "none":
+        raise ProbeError(
+            f"--offload {opt.offload}: offload drives diffusers pipelines; the converted {fam.name} module "
+            "runs whole on one device (use --offload none)"
         )
     call = dict(fam.denoise.call)
     texts = [p.unsafe for p in con.pairs] + [p.safe for p in con.pairs] + list(con.neutral)
