@@ -24,10 +24,8 @@ MAX_RECIPE_BYTES = 1 << 20
 ENCODER_KINDS = ("text", "pooled", "image")
 MASKS = ("attention", "all")
 MODES = ("text", "denoise")
-RUNNERS = (
-    "pipeline",
-    "mmdit_video",
-)  # denoise mode: the diffusers pipeline, or patcher/probe/mmdit_video.py
+# denoise mode runs the diffusers pipeline, or samples a converted single file (patcher/probe/mmdit_video.py)
+RUNNERS = ("pipeline", "mmdit_video")
 TOKEN_SLICES = ("all", "first", "last")
 CHAIN_OPS = {
     "linear": True,
@@ -228,9 +226,8 @@ class Rename:
 class DenoiseSpec:
     steps: int = 4
     call: dict = field(default_factory=dict)
-    runner: str = (
-        "pipeline"  # mmdit_video: a converted single-file denoiser sampled without a pipeline
-    )
+    # mmdit_video: a single file converted by [convert], sampled without a pipeline
+    runner: str = "pipeline"
 
 
 @dataclass
