@@ -266,6 +266,7 @@ def run_opensora2(root: Path, a, layers: int, env: dict) -> dict:
         "overrides": sets,
     }
     out = root / "opensora2-txt_mlp.vud"
+    out.unlink(missing_ok=True)  # this script's own output from an earlier run
     p = subprocess.run(
         [sys.executable, __file__, "--child-json", json.dumps(spec), str(out)],
         capture_output=True,
@@ -289,7 +290,7 @@ def run_opensora2(root: Path, a, layers: int, env: dict) -> dict:
     print(
         f"opensora2     txt_mlp    denoiser {info['denoiser_params'] / 1e9:5.2f}B, kept {info['kept_params'] / 1e9:5.2f}B "
         f"({double} of 19 double, {single} of 38 single blocks; {info['apparent'] / 2**30:5.1f} GiB file)  "
-        f"T5 {t5_params / 1e9:4.2f}B/{layers} blocks + CLIP-L  {row['device']}  wall {row['wall_s']:6.1f} s  "
+        f"T5 {t5_params / 1e9:4.2f}B/{layers} blocks + CLIP-L  {row['device']}  wall {row['wall_s']:6.1f} s  cpu {row['cpu_s']:6.1f} s  "
         f"host peak {row['host_peak'] / 2**20:7.0f} MiB  gpu peak {row['gpu_peak'] / 2**20:7.0f} MiB  "
         f"entries {row['entries']} {res['targets']}  sampling {sets or 'the recipe'}",
         flush=True,
@@ -301,7 +302,7 @@ def child(folder: str, site: str, device: str, out: str, extra: dict | None = No
     from patcher.probe.core import ProbeOptions, probe
 
     extra = extra or {}
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     r = probe(
         folder,
         "nudity",
@@ -315,7 +316,7 @@ def child(folder: str, site: str, device: str, out: str, extra: dict | None = No
             overrides=extra.get("overrides", []),
         ),
     )
-    wall = time.time() - t0
+    wall, cpu = time.time() - t0, time.process_time() - c0
     hwm = 0
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -325,6 +326,7 @@ def child(folder: str, site: str, device: str, out: str, extra: dict | None = No
         json.dumps(
             {
                 "wall_s": wall,
+                "cpu_s": cpu,  # all threads' CPU time: comparable when the machine is shared
                 "host_peak": hwm,
                 "gpu_peak": gpu,
                 "entries": sum(len(g.targets) for g in r.groups),
@@ -373,6 +375,7 @@ def main() -> None:
             continue
         folder, info = pipeline_folder(a.dir, run, layers, a.device)
         out = a.dir / f"{run[0]}-{run[3]}.vud"
+        out.unlink(missing_ok=True)  # this script's own output from an earlier run
         p = subprocess.run(
             [sys.executable, __file__, "--child", str(folder), run[3], a.device, str(out)],
             capture_output=True,
