@@ -2,9 +2,10 @@
 
     python benchmarks/efficacy.py [--model examples/organism/model] [--seeds 4] [--out docs/efficacy.md]
 
-Every variant runs the user's path: `probe` writes a .vud, `apply` writes a patched folder, and
-`eval` loads it from disk and compares it with the original on the same prompts and seeds, judged by
-the analytic organism judge. The original's samples are generated once and reused.
+Every variant runs the user's path: the probe's capture runs once per concept and site, each
+variant's .vud is built from those activations (as `probe --save-activations` + `build` do), `apply`
+writes a patched folder, and `eval` loads it from disk and compares it with the original on the same
+prompts and seeds, judged by the analytic organism judge. The original's samples are generated once and reused.
 
 Variants are chosen on the *probe* prompts and the concept-free prompts only (the "selection score"
 column); held-out numbers are reported, never used to choose. Writes a markdown report with the table
@@ -25,7 +26,15 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
 from patcher.evaluation.core import EvalOptions, evaluate  # noqa: E402
-from patcher.probe.core import ProbeOptions, probe  # noqa: E402
+from patcher.probe import (  # noqa: E402
+    CaptureOptions,
+    ProbeParams,
+    WeightReader,
+    build_delta,
+    capture,
+    open_model,
+)
+from patcher.vud.delta import write_delta  # noqa: E402
 
 BASE = {"method": "cpca", "site": "text_proj", "rank": 8, "strength": 1.2, "alpha": 1.0}
 SWEEPS = [  # one factor at a time around BASE, then the mean-diff edit at other sites and strengths
@@ -40,6 +49,34 @@ EXTRA = [{**BASE, "method": "mean", "site": s} for s in ("cross_kv", "t5_ffn")] 
 ]
 
 
+class Captures:
+    """One capture per concept and site; every variant at that site is built from it."""
+
+    def __init__(self, model: Path, concept: Path):
+        self.model, self.concept = model, concept
+        self.by_site: dict[str, tuple] = {}
+
+    def get(self, site: str) -> tuple:
+        if site not in self.by_site:
+            o = CaptureOptions(sites=(site,), device="cpu")
+            weights = WeightReader(open_model(self.model, o))
+            self.by_site[site] = (capture(weights.source, self.concept, o, weights), weights)
+        return self.by_site[site]
+
+
+def variant_name(v: dict) -> str:
+    return "-".join(f"{k}={v[k]}" for k in ("method", "site", "rank", "strength", "alpha"))
+
+
+def write_variant(captures: Captures, v: dict, vud: Path) -> None:
+    """The variant's delta, built from its site's capture."""
+    acts, weights = captures.get(v["site"])
+    params = ProbeParams(
+        method=v["method"], rank=v["rank"], strength=v["strength"], alpha=v["alpha"]
+    )
+    write_delta(vud, build_delta(acts, params, weights))
+
+
 def run_variant(
     model: Path,
     concept: Path,
@@ -47,24 +84,12 @@ def run_variant(
     work: Path,
     opt: EvalOptions,
     cache: dict,
+    captures: Captures,
     preview: Path | None = None,
 ) -> dict:
-    name = "-".join(f"{k}={v[k]}" for k in ("method", "site", "rank", "strength", "alpha"))
-    vud = work / f"{name}.vud"
+    vud = work / f"{variant_name(v)}.vud"
     if not vud.exists():
-        probe(
-            model,
-            concept,
-            vud,
-            ProbeOptions(
-                method=v["method"],
-                sites=[v["site"]],
-                rank=v["rank"],
-                strength=v["strength"],
-                alpha=v["alpha"],
-                device="cpu",
-            ),
-        )
+        write_variant(captures, v, vud)
     o = EvalOptions(**{**opt.__dict__, "preview": preview})
     r = evaluate(model, concept, delta=vud, options=o, cache=cache)
     pres = {
@@ -172,6 +197,7 @@ def main() -> None:
             work = Path(td)
             for concept in concepts:
                 cache: dict = {}
+                captures = Captures(a.model, concept)
                 rows, seen = [], {}
                 variants = [
                     {**BASE, key: val}
@@ -181,7 +207,7 @@ def main() -> None:
                 for v in variants + ([] if a.quick else EXTRA):
                     k = json.dumps(v, sort_keys=True)
                     if k not in seen:
-                        seen[k] = run_variant(a.model, concept, v, work, opt, cache)
+                        seen[k] = run_variant(a.model, concept, v, work, opt, cache, captures)
                         r = seen[k]
                         print(
                             f"[{time.time() - t0:5.0f} s] {concept.stem} {v}: probe {pct(r['presence']['probe'][0])}->"
@@ -194,7 +220,7 @@ def main() -> None:
                 gif = a.out.with_name(f"efficacy-{concept.stem}.gif")
                 gif.unlink(missing_ok=True)
                 chosen = run_variant(
-                    a.model, concept, best["variant"], work, opt, cache, preview=gif
+                    a.model, concept, best["variant"], work, opt, cache, captures, preview=gif
                 )
                 keep = ("variant", "presence", "collateral", "other", "distance", "score")
                 doc["concepts"][concept.stem] = {

@@ -162,9 +162,9 @@ def encoder_folder(root: Path, name: str, layers: int, device: str) -> tuple[Pat
 
 
 def _shapes(folder: Path):
-    from patcher.checkpoint import _scan_folder
+    from patcher.checkpoint import scan_folder
 
-    sets, _ = _scan_folder(folder)
+    sets, _ = scan_folder(folder)
     for ws in sets[:1]:
         for h in ws.headers.values():
             for t in h.tensors.values():
@@ -266,7 +266,6 @@ def run_opensora2(root: Path, a, layers: int, env: dict) -> dict:
         "overrides": sets,
     }
     out = root / "opensora2-txt_mlp.vud"
-    out.unlink(missing_ok=True)  # this script's own output from an earlier run
     p = subprocess.run(
         [sys.executable, __file__, "--child-json", json.dumps(spec), str(out)],
         capture_output=True,
@@ -299,7 +298,7 @@ def run_opensora2(root: Path, a, layers: int, env: dict) -> dict:
 
 
 def child(folder: str, site: str, device: str, out: str, extra: dict | None = None) -> None:
-    from patcher.probe.core import ProbeOptions, probe
+    from patcher.probe import CaptureOptions, ProbeParams, probe
 
     extra = extra or {}
     t0, c0 = time.time(), time.process_time()
@@ -307,14 +306,15 @@ def child(folder: str, site: str, device: str, out: str, extra: dict | None = No
         folder,
         "nudity",
         out,
-        ProbeOptions(
+        CaptureOptions(
             sites=[site],
             device=device,
-            rank=100,
             family=extra.get("family"),
             encoders=extra.get("encoders", {}),
             overrides=extra.get("overrides", []),
         ),
+        ProbeParams(rank=100),
+        overwrite=True,  # a rerun replaces this script's own earlier delta (never anything else)
     )
     wall, cpu = time.time() - t0, time.process_time() - c0
     hwm = 0
@@ -375,7 +375,6 @@ def main() -> None:
             continue
         folder, info = pipeline_folder(a.dir, run, layers, a.device)
         out = a.dir / f"{run[0]}-{run[3]}.vud"
-        out.unlink(missing_ok=True)  # this script's own output from an earlier run
         p = subprocess.run(
             [sys.executable, __file__, "--child", str(folder), run[3], a.device, str(out)],
             capture_output=True,

@@ -7,7 +7,10 @@ from ._version import __version__
 from .errors import VpatchError
 from .inspection import inspect_path
 from .merge.engine import Report, apply_delta, plan_apply, revert_delta
+from .naming import derived_output
+from .vud.combine import merge_deltas
 from .vud.delta import Delta, DeltaEntry, projection_entry, read_delta, write_delta
+from .vud.lora import export_lora, lora_to_delta
 
 __all__ = [
     "__version__",
@@ -22,4 +25,8 @@ __all__ = [
     "revert_delta",
     "Report",
     "inspect_path",
+    "derived_output",
+    "merge_deltas",
+    "export_lora",
+    "lora_to_delta",
 ]

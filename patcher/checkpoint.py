@@ -10,7 +10,9 @@ Four layouts are understood, all without loading a tensor:
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,25 +68,6 @@ class WeightSet:
     def dtype(self, key: str) -> str:
         return self.headers[self.key_file[key]].tensors[key].dtype
 
-    def metadata_records(self) -> list[dict]:
-        """vpatch provenance found in this set's headers (one list per edited file, merged)."""
-        seen: dict[str, dict] = {}
-        for h in self.headers.values():
-            for rec in provenance(h.metadata):
-                seen.setdefault(json.dumps(rec, sort_keys=True), rec)
-        return list(seen.values())
-
-
-def provenance(meta: dict[str, str]) -> list[dict]:
-    raw = meta.get("vpatch.applied")
-    if not raw:
-        return []
-    try:
-        val = json.loads(raw)
-    except ValueError:
-        return []
-    return [r for r in val if isinstance(r, dict)] if isinstance(val, list) else []
-
 
 @dataclass
 class Component:
@@ -99,18 +82,17 @@ class Checkpoint:
     layout: str  # file | sharded | component | pipeline
     root: Path
     components: list[Component]
+    files: list[Path] = field(default_factory=list)  # folder layouts: every file to copy
 
     @property
     def weight_sets(self) -> list[WeightSet]:
         return [ws for c in self.components for ws in c.weight_sets]
 
     def applied(self) -> list[dict]:
-        """The vpatch provenance records of every weight set, one per delta."""
-        seen: dict[str, dict] = {}
-        for ws in self.weight_sets:
-            for rec in ws.metadata_records():
-                seen.setdefault(str(rec.get("delta_sha256", "?")), rec)
-        return list(seen.values())
+        """The vpatch provenance records of every weight set, one per delta (``merge.provenance``)."""
+        from .merge import provenance
+
+        return [r.to_dict() for r in provenance.applied(self)]
 
     def total_bytes(self) -> int:
         return sum(f.stat().st_size for ws in self.weight_sets for f in ws.files)
@@ -123,18 +105,28 @@ def _variant(name: str) -> str | None:
     return None if v is None or re.fullmatch(r"\d{5}-of-\d{5}", v) else v
 
 
+def _readable(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        raise FormatError(f"{path}: cannot be read ({e.strerror}); nothing was written") from None
+    os.close(fd)
+
+
 def load_single(path: Path) -> WeightSet:
+    _readable(path)
     h = read_header(path)
     return WeightSet([path], None, _variant(path.name), {path: h}, {k: path for k in h.tensors})
 
 
 def load_index(index: Path) -> WeightSet:
     where = str(index)
+    _readable(index)
     if index.stat().st_size > MAX_INDEX_BYTES:
         raise FormatError(f"{where}: index file is larger than {MAX_INDEX_BYTES} bytes")
     try:
         obj = json.loads(index.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise FormatError(f"{where}: not valid JSON; the index is damaged") from None
     wm = obj.get("weight_map") if isinstance(obj, dict) else None
     if not isinstance(wm, dict) or not all(
@@ -161,7 +153,78 @@ def load_index(index: Path) -> WeightSet:
     return WeightSet(files, index, _variant(index.name), headers, key_file, obj)
 
 
-def _scan_folder(folder: Path) -> tuple[list[WeightSet], list[Path]]:
+def link_roots(root: Path) -> list[Path]:
+    """Where symbolic links inside the input ``root`` may point: into the input itself, and for a
+    hub-cache snapshot into its repo's cache folder (snapshot files are links to ``../../blobs``)."""
+    real = root.resolve()
+    roots = [real if real.is_dir() else real.parent]
+    for p in (root.absolute(), *root.absolute().parents):
+        if p.parent.name == "snapshots" and p.parent.parent.name.startswith(
+            ("models--", "datasets--", "spaces--")
+        ):
+            roots.append(p.parent.parent.resolve())
+            break
+    return roots
+
+
+def check_link(p: Path, root: Path, roots: list[Path]) -> None:
+    """A symbolic link inside the input is followed only when it resolves inside it."""
+    if not p.is_symlink():
+        return
+    real = Path(os.path.realpath(p))
+    if not any(real.is_relative_to(r) for r in roots):
+        raise FormatError(
+            f"{p} is a symbolic link to {real}, outside the input {root}; vpatch follows links only within the input. Copy the target in, or point vpatch at the folder it lies in"
+        )
+
+
+def _is_scratch(name: str) -> bool:
+    return ".vpatch-tmp" in name or ".vpatch-old" in name
+
+
+def input_files(root: Path) -> list[Path]:
+    """Every file of a folder input, by the names it has in the input, following symbolic links
+    that stay within it (``link_roots``). Links out of it, link loops, special files (FIFOs,
+    sockets, devices) and unreadable entries are refused before any work; leftovers of vpatch's
+    own interrupted runs are skipped."""
+    roots = link_roots(root)
+    files: list[Path] = []
+
+    def visit(d: Path, stack: tuple[Path, ...]) -> None:
+        try:
+            names = sorted(os.listdir(d))
+        except OSError as e:
+            raise FormatError(f"{d}: folder cannot be read ({e.strerror})") from None
+        for name in names:
+            if _is_scratch(name):
+                continue
+            p = d / name
+            check_link(p, root, roots)
+            try:
+                st = p.stat()
+            except OSError as e:
+                raise FormatError(f"{p}: cannot be read ({e.strerror}; a dangling link?)") from None
+            if stat.S_ISDIR(st.st_mode):
+                real = p.resolve()
+                if real in stack:
+                    raise FormatError(
+                        f"{p} is a symbolic link to {real}, a folder that contains it"
+                    )
+                visit(p, (*stack, real))
+            elif stat.S_ISREG(st.st_mode):
+                _readable(p)
+                files.append(p)
+            else:
+                raise FormatError(
+                    f"{p} is not a regular file or folder (a FIFO, socket or device); vpatch copies only files"
+                )
+
+    visit(root, (root.resolve(),))
+    return files
+
+
+def scan_folder(folder: Path) -> tuple[list[WeightSet], list[Path]]:
+    """A component folder's weight sets (each index with its shards, each other file alone) and pickles."""
     sets: list[WeightSet] = []
     in_index: set[Path] = set()
     for idx in sorted(folder.glob("*.safetensors.index.json")):
@@ -189,7 +252,11 @@ def open_checkpoint(path: str | Path, revision: str | None = None) -> Checkpoint
         if path.suffix.lower() in QUANT_SUFFIXES:
             refuse_quantized(path)
         if path.name.endswith(".index.json"):
-            return Checkpoint("sharded", path, [Component(None, path.parent, [load_index(path)])])
+            ws = load_index(path)
+            roots = link_roots(path.parent)
+            for f in ws.files:
+                check_link(f, path.parent, roots)
+            return Checkpoint("sharded", path, [Component(None, path.parent, [ws])])
         try:
             ws = load_single(path)
         except FormatError as e:
@@ -201,15 +268,20 @@ def open_checkpoint(path: str | Path, revision: str | None = None) -> Checkpoint
             raise FormatError(f"{e}{hint}") from None
         return Checkpoint("file", path, [Component(None, None, [ws])])
 
+    if not path.is_dir():
+        raise FormatError(
+            f"{path} is not a regular file or folder (a FIFO, socket or device); give a .safetensors file or a folder"
+        )
+    files = input_files(path)
     if (path / "model_index.json").is_file():
         comps = []
         for sub in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            sets, pickles = _scan_folder(sub)
+            sets, pickles = scan_folder(sub)
             if sets or pickles:
                 comps.append(Component(sub.name, sub, sets, pickles))
-        return Checkpoint("pipeline", path, comps)
+        return Checkpoint("pipeline", path, comps, files)
 
-    sets, pickles = _scan_folder(path)
+    sets, pickles = scan_folder(path)
     if not sets:
         if pickles:
             refuse_pickle(pickles[0])
@@ -219,4 +291,4 @@ def open_checkpoint(path: str | Path, revision: str | None = None) -> Checkpoint
         raise FormatError(
             f"{path}: folder holds no .safetensors weights and no model_index.json; point at a checkpoint file or a diffusers folder"
         )
-    return Checkpoint("component", path, [Component(None, path, sets, pickles)])
+    return Checkpoint("component", path, [Component(None, path, sets, pickles)], files)

@@ -24,13 +24,17 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from ._version import __version__
-from .errors import VpatchError
+from .errors import ProbeError, VpatchError
 from .inspection import inspect_path
 from .merge.engine import Report, apply_delta, revert_delta
+from .output import Terminated
 
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# markup is off everywhere: concept names, keys and paths are user data, and "[/x]" in one of them
+# must print as itself, not crash rich after the output was written
+err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 
 
 class RichReporter:
@@ -43,7 +47,7 @@ class RichReporter:
         if self.quiet:
             return
         self._p = Progress(
-            TextColumn("{task.description}"),
+            TextColumn("{task.description}", markup=False),
             BarColumn(),
             DownloadColumn(),
             TransferSpeedColumn(),
@@ -70,15 +74,18 @@ def _user_errors(fn):
         try:
             return fn(*a, **kw)
         except VpatchError as e:
-            plan = getattr(e, "plan", None)
-            if plan is not None:
-                _coverage_table(plan.coverage())
             msg = " ".join(str(e).split())
             click.echo(f"vpatch: {type(e).__name__}: {msg}", err=True)
+            plan = getattr(e, "plan", None)
+            if plan is not None:  # the details, after the message (a script reads the first line)
+                _coverage_table(plan.coverage())
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("vpatch: interrupted; no output was written", err=True)
             sys.exit(130)
+        except Terminated as e:  # SIGTERM / SIGHUP during a write: temporaries already removed
+            click.echo(f"vpatch: stopped by signal {e.signum}; no output was written", err=True)
+            sys.exit(128 + e.signum)
 
     return wrapper
 
@@ -140,7 +147,7 @@ def _show_report(r: Report, as_json: bool) -> None:
         if r.output:
             click.echo(r.output)
     for w in r.warnings:
-        err.print(f"[yellow]warning:[/yellow] {w}")
+        err.print(Text.assemble(("warning:", "yellow"), " ", w))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -151,9 +158,12 @@ def main() -> None:
     \b
     Typical use:
       vpatch probe MODEL -c nudity -o concept.vud  find the concept's direction (needs [probe])
+      vpatch build ACTS -o other.vud --strength 1.5  another delta from saved activations
       vpatch inspect concept.vud                  what a delta edits
-      vpatch apply MODEL concept.vud -o MODEL-safe   merge it (streaming, weights only)
-      vpatch inspect MODEL-safe                   which deltas a checkpoint carries
+      vpatch apply MODEL concept.vud              merge it (streaming, weights only) next to MODEL
+      vpatch inspect MODEL-no-nudity              which deltas a checkpoint carries
+      vpatch merge a.vud b.vud -o ab.vud          several concepts in one delta
+      vpatch export concept.vud --base MODEL -o erase.safetensors   the same edit as a LoRA
 
     MODEL is a .safetensors file, a sharded *.safetensors.index.json, a component folder or a
     diffusers pipeline folder. Exit code 2 means bad input; the message says how to fix it.
@@ -167,7 +177,7 @@ def main() -> None:
     "-o",
     "--out",
     type=click.Path(path_type=Path),
-    help="Output file (single-file input) or folder (others). Must not exist.",
+    help="Output file (single-file input) or folder (others). Must not exist. Default: next to the input, named after it and the concept (model.no-nudity.safetensors, wan-no-nudity/; a hub id: in the current folder).",
 )
 @click.option(
     "--strength",
@@ -195,7 +205,11 @@ def main() -> None:
     is_flag=True,
     help="Apply even if the checkpoint already carries this delta (compounds the edit).",
 )
-@click.option("--overwrite", is_flag=True, help="Replace an existing output (never the input).")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace a previous vpatch output (never an input, a delta or weights vpatch did not write).",
+)
 @click.option(
     "--revert-record",
     type=click.Path(path_type=Path),
@@ -226,7 +240,7 @@ def apply(
     as_json,
     quiet,
 ):
-    """Merge DELTA (.vud) into CHECKPOINT and write the patched copy to -o.
+    """Merge DELTA (.vud) into CHECKPOINT and write the patched copy (to -o, or next to the input).
 
     Untouched tensors are copied byte for byte; edited ones are computed in fp32 and written in
     their stored dtype (fp8 weights are dequantized with their scale and requantized with it). The
@@ -239,16 +253,13 @@ def apply(
 
     \b
     Examples:
+      vpatch apply model.safetensors nudity.vud          (writes model.no-nudity.safetensors)
       vpatch apply wan/ nudity.vud -o wan-safe/
       vpatch apply Wan-AI/Wan2.1-T2V-1.3B-Diffusers nudity.vud -o wan-safe/
       vpatch apply wan2.1_t2v_1.3B_fp8_scaled.safetensors nudity.vud -o wan-safe.safetensors
       vpatch apply transformer/diffusion_pytorch_model.safetensors nudity.vud -o safe.safetensors
       vpatch apply model.safetensors nudity.vud --dry-run
     """
-    if out is None and not dry_run:
-        raise click.UsageError(
-            "missing -o OUT (or use --dry-run); vpatch never overwrites its input"
-        )
     r = apply_delta(
         checkpoint,
         delta,
@@ -288,7 +299,11 @@ def apply(
     is_flag=True,
     help="Keep the result even where rounding left it off the original fingerprint.",
 )
-@click.option("--overwrite", is_flag=True, help="Replace an existing output (never the input).")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace a previous vpatch output (never an input, a delta or weights vpatch did not write).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_user_errors
@@ -319,7 +334,7 @@ class CountReporter(RichReporter):
         if self.quiet:
             return
         self._p = Progress(
-            TextColumn("{task.description}"),
+            TextColumn("{task.description}", markup=False),
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
@@ -340,16 +355,111 @@ def _pairs(values: tuple[str, ...], flag: str) -> dict[str, str]:
     return out
 
 
+def _method_options(fn):
+    """The method parameters, shared by `probe` and `build`; ProbeParams checks them (once)."""
+    from .erasure.refusal import POOLINGS
+    from .probe.build import METHODS
+
+    opts = [
+        click.option(
+            "--method",
+            metavar="NAME",
+            help=f"How directions are found: {', '.join(METHODS)}. cpca: the refusal vector kept by the "
+            "contrastive subspace of C_diff − α·C_neutral; pca: the same with α = 0; mean: the raw mean "
+            "difference. Default: the family recipe's (cpca).",
+        ),
+        click.option(
+            "--rank",
+            type=int,
+            help="k ≥ 1: the subspace size for pca/cpca (paper: 100; capped at the input width).",
+        ),
+        click.option("--alpha", type=float, help="α ≥ 0 in C = C_diff − α·C_neutral (cpca only)."),
+        click.option(
+            "--strength",
+            type=float,
+            help="λ > 0 in W' = W − λ (W u) uᵀ; 1 removes the direction exactly.",
+        ),
+        click.option(
+            "--directions",
+            type=int,
+            help="m ≥ 1: how many orthonormal refusal directions to remove.",
+        ),
+        click.option(
+            "--pooling",
+            metavar="MODE",
+            help=f"How a prompt's tokens become samples: {', '.join(POOLINGS)} (see recipes/README.md).",
+        ),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def _params(method, rank, alpha, strength, directions, pooling):
+    from .probe import ProbeParams
+
+    return ProbeParams(method, rank, alpha, strength, directions, pooling)
+
+
+def _show_probe(r, as_json: bool, verb: str) -> None:
+    if as_json:
+        click.echo(json.dumps(r.to_dict(), indent=2))
+        return
+    if r.delta is None:  # capture only
+        t = Table(title=f"{verb}: captured {r.concept} on {r.family}")
+        for c in ("site", "input", "width", "prompts", "tokens", "targets"):
+            t.add_column(c, overflow="fold")
+        for g in r.groups:
+            t.add_row(
+                g["site"],
+                g["input"],
+                str(g["dim"]),
+                "/".join(str(n) for n in g["prompts"].values()),
+                "/".join(str(n) for n in g["tokens"].values()),
+                str(len(g["targets"])),
+            )
+        err.print(t)
+        err.print(
+            f"build deltas from it with: vpatch build {r.activations} -o DELTA.vud [--strength ...]"
+        )
+        click.echo(r.activations)
+        return
+    m = r.method
+    t = Table(
+        title=f"{verb}: {r.concept} on {r.family} ({m['name']}, k={m['rank']}, α={m['alpha']:g}, λ={m['strength']:g})"
+    )
+    for c in ("site", "input", "width", "samples", "r kept", "targets"):
+        t.add_column(c, overflow="fold")
+    for g in r.groups:
+        t.add_row(g.site, g.input, str(g.dim), str(g.samples), f"{g.kept:.0%}", str(len(g.targets)))
+    err.print(t)
+    if r.activations:
+        err.print(f"activations saved to {r.activations}")
+    click.echo(r.delta)
+
+
 @main.command()
 @click.argument("model")
 @click.option(
     "-c",
     "--concept",
+    "concepts",
     required=True,
-    help="Concept recipe: a shipped name (nudity, violence, gore, trademark) or a .toml path.",
+    multiple=True,
+    help="Concept recipe: a shipped name (nudity, violence, gore, trademark) or a .toml path. "
+    "Repeat it (-c nudity -c gore) to remove several concepts with one delta.",
 )
 @click.option(
-    "-o", "--out", type=click.Path(path_type=Path), required=True, help="The .vud delta to write."
+    "-o",
+    "--out",
+    type=click.Path(path_type=Path),
+    help="The .vud delta to write (may be left out with --save-activations).",
+)
+@click.option(
+    "--save-activations",
+    type=click.Path(path_type=Path),
+    metavar="FILE",
+    help="Also save what the sites read (safetensors), to build more deltas later with `vpatch build`.",
 )
 @click.option(
     "--family",
@@ -364,29 +474,7 @@ def _pairs(values: tuple[str, ...], flag: str) -> dict[str, str]:
     "--layer-filter",
     help="Regular expression: keep only target keys it matches, e.g. 'blocks\\.(2[0-9])\\.'.",
 )
-@click.option(
-    "--method",
-    type=click.Choice(["cpca", "pca", "mean"]),
-    help="cpca (default): contrastive subspace; pca: α = 0; mean: raw mean difference.",
-)
-@click.option(
-    "--rank",
-    "rank",
-    type=int,
-    help="k: the subspace size for pca/cpca (paper: 100; capped at the input width).",
-)
-@click.option("--alpha", type=float, help="α in C = C_diff − α·C_neutral (cpca only).")
-@click.option(
-    "--strength", type=float, help="λ in W' = W − λ (W u) uᵀ; 1 removes the direction exactly."
-)
-@click.option(
-    "--directions", type=int, help="m: how many orthonormal refusal directions to remove."
-)
-@click.option(
-    "--pooling",
-    type=click.Choice(["tokens", "mean", "last"]),
-    help="How a prompt's tokens become samples (see recipes/README.md).",
-)
+@_method_options
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option(
     "--dtype",
@@ -417,20 +505,24 @@ def _pairs(values: tuple[str, ...], flag: str) -> dict[str, str]:
 )
 @click.option(
     "--offload",
-    type=click.Choice(["none", "model", "sequential", "balanced"]),
     default="none",
     show_default=True,
-    help="Denoise mode on a model too big for the GPU: accelerate's model or sequential CPU offload, or a balanced device_map over all GPUs.",
+    metavar="MODE",
+    help="Denoise mode on a model too big for the GPU: none, model or sequential (accelerate's CPU "
+    "offload), or balanced (a device_map over all GPUs).",
 )
 @click.option("--revision", help="Hub revision when MODEL is a hub id.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing delta file at -o.")
+@click.option(
+    "--overwrite", is_flag=True, help="Replace existing files at -o and --save-activations."
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_user_errors
 def probe(
     model,
-    concept,
+    concepts,
     out,
+    save_activations,
     family,
     sites,
     layer_filter,
@@ -457,56 +549,119 @@ def probe(
     (Open-Sora). Text-mode sites run only the text/image encoder; denoise-mode sites run the
     pipeline on noise latents. The delta is then merged with `vpatch apply`.
 
+    A probe is a capture (running the model, the slow part) and a build (the direction math, fast).
+    --save-activations keeps the capture, so other --strength/--rank/--alpha/--method values cost a
+    `vpatch build` each, not another capture.
+
     \b
     Examples:
       vpatch probe Wan-AI/Wan2.1-T2V-1.3B-Diffusers -c nudity -o nudity.vud
       vpatch probe ./cogvideox -c gore -o gore.vud --layers text_proj,t5_ffn --rank 64
       vpatch probe Open_Sora_v2.safetensors -c trademark -o tm.vud --encoder text=./t5-xxl --encoder pooled=./clip-l
+      vpatch probe ./wan -c nudity --save-activations nudity.acts.safetensors   # capture only
+      vpatch probe ./wan -c nudity -c gore -o both.vud     # one joint projection for both
     """
-    from .probe.core import ProbeOptions
-    from .probe.core import probe as run_probe
+    from .probe import CaptureOptions, probe_concepts
+    from .probe import probe as run_probe
 
-    opt = ProbeOptions(
+    if out is None and save_activations is None:
+        raise ProbeError(
+            "probe: nothing to write; give -o DELTA.vud, --save-activations FILE or both"
+        )
+    params = _params(method, rank, alpha, strength, directions, pooling)
+    opt = CaptureOptions(
         family=family,
-        method=method,
-        rank=rank,
-        alpha=alpha,
-        strength=strength,
-        directions=directions,
-        pooling=pooling,
-        sites=[s.strip() for s in sites.split(",") if s.strip()] if sites else None,
+        sites=tuple(s.strip() for s in sites.split(",") if s.strip()) if sites else None,
         layers=layer_filter,
         device=device,
         dtype=dtype,
         seed=seed,
-        overrides=list(sets),
+        overrides=tuple(sets),
         encoders=_pairs(encoders, "--encoder"),
         revision=revision,
         offload=offload,
-        overwrite=overwrite,
     )
     say = (lambda m: None) if (quiet or as_json) else (lambda m: err.print(m))
-    r = run_probe(model, concept, out, opt, reporter=CountReporter(quiet or as_json), log=say)
-    if as_json:
-        click.echo(json.dumps(r.to_dict(), indent=2))
+    if len(concepts) > 1:
+        if save_activations is not None or out is None:
+            raise ProbeError(
+                "probe: --save-activations takes one concept; save each concept's activations in "
+                "its own run, or give -o to write one delta for all of them"
+            )
+        r = probe_concepts(
+            model,
+            list(concepts),
+            out,
+            opt,
+            params,
+            overwrite=overwrite,
+            reporter=CountReporter(quiet or as_json),
+            log=say,
+        )
+        _show_probe(r, as_json, "probe")
         return
-    t = Table(
-        title=f"probe: {r.concept} on {r.family} ({r.method['name']}, k={r.method['rank']}, α={r.method['alpha']:g}, λ={r.method['strength']:g})"
+    r = run_probe(
+        model,
+        concepts[0],
+        out,
+        opt,
+        params,
+        save_activations=save_activations,
+        overwrite=overwrite,
+        reporter=CountReporter(quiet or as_json),
+        log=say,
     )
-    for c in ("site", "input", "width", "samples", "r kept", "targets"):
-        t.add_column(c, overflow="fold")
-    for g in r.groups:
-        t.add_row(g.site, g.input, str(g.dim), str(g.samples), f"{g.kept:.0%}", str(len(g.targets)))
-    err.print(t)
-    click.echo(r.delta)
+    _show_probe(r, as_json, "probe")
+
+
+@main.command()
+@click.argument("activations", type=click.Path(path_type=Path))
+@click.option(
+    "-o", "--out", type=click.Path(path_type=Path), required=True, help="The .vud delta to write."
+)
+@_method_options
+@click.option(
+    "--model",
+    help="Read the base weights from here (default: the model the activations were captured from, "
+    "as recorded in them); it must hold the very same target weights.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing delta file at -o.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable summary on stdout.")
+@_user_errors
+def build(
+    activations, out, method, rank, alpha, strength, directions, pooling, model, overwrite, as_json
+):
+    """Build a delta from saved activations, with any method parameters, without running a model.
+
+    ACTIVATIONS is a file written by `vpatch probe ... --save-activations FILE`. Unset parameters
+    take the family recipe's defaults, as in `probe`. The base weights W (the edit is
+    U = −λ W B) are read from the captured model and checked against the fingerprints taken at
+    capture, so a delta is never built on other weights than the directions came from.
+
+    \b
+    Examples:
+      vpatch probe ./wan -c nudity --save-activations nudity.acts.safetensors
+      vpatch build nudity.acts.safetensors -o nudity-l12.vud --strength 1.2
+      vpatch build nudity.acts.safetensors -o nudity-k16.vud --rank 16 --alpha 0.5
+    """
+    from .output import check_target
+    from .probe import WeightReader, read_activations, report
+    from .probe import build as run_build
+    from .vud.delta import write_delta
+
+    params = _params(method, rank, alpha, strength, directions, pooling)
+    check_target(out, [activations], overwrite, "delta")
+    acts = read_activations(activations)
+    built = run_build(acts, params, WeightReader.for_activations(acts, model))
+    digest = write_delta(out, built.delta, overwrite=overwrite)
+    _show_probe(report(built, acts, out, digest), as_json, "build")
 
 
 @main.command("eval")
-@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("model", type=click.Path(path_type=Path), required=False)
 @click.option(
     "-c",
     "--concept",
-    required=True,
     help="Concept recipe (name or .toml) with held-out prompts and [judge.*] labels.",
 )
 @click.option(
@@ -521,10 +676,11 @@ def probe(
 )
 @click.option(
     "--judge",
-    type=click.Choice(["organism", "clip"]),
+    type=click.Choice(["organism", "clip", "nudenet"]),
     default="organism",
     show_default=True,
-    help="organism: the analytic judge of the shipped organism; clip: CLIP zero-shot against the concept's labels.",
+    help="organism: the analytic judge of the shipped organism; clip: CLIP zero-shot against the concept's labels; "
+    "nudenet: the NudeNet detector (needs --out; pip install 'vpatch[nudenet]').",
 )
 @click.option("--clip-model", help="CLIP model folder or hub id for --judge clip.")
 @click.option(
@@ -561,6 +717,59 @@ def probe(
     metavar="KEY=VALUE",
     help="Extra pipeline arguments for real models, e.g. --call num_frames=17 --call height=256.",
 )
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    help="Keep every clip as MP4 and every result as a JSONL row in this folder; write report.<judge>.md/.json "
+    "and a contact sheet there. Runs on N processes under `accelerate launch`.",
+)
+@click.option(
+    "--prompts",
+    "prompts_file",
+    type=click.Path(path_type=Path),
+    help="A prompt file (.txt, .csv, .jsonl) with an optional category/aspect column (needs --out). "
+    "Default: the concept recipe's sets.",
+)
+@click.option(
+    "--free-category",
+    "free_categories",
+    multiple=True,
+    help="A concept-free category of --prompts (quality distances; not in the concept totals). Default: free, neutral.",
+)
+@click.option(
+    "--resume", is_flag=True, help="Finish the run in --out: skip the clips it already holds."
+)
+@click.option(
+    "--rejudge",
+    is_flag=True,
+    help="Score the clips kept in --out with --judge, without generating again.",
+)
+@click.option(
+    "--batch",
+    type=int,
+    default=16,
+    show_default=True,
+    help="(prompt, seed) jobs per generation call (--out).",
+)
+@click.option(
+    "--crf",
+    type=int,
+    default=0,
+    show_default=True,
+    help="H.264 rate factor of the kept clips: 0 is lossless in YUV 4:4:4; 18-23 are far smaller.",
+)
+@click.option(
+    "--frame-stride",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Judge every k-th frame (nudenet).",
+)
+@click.option("--nudenet-threshold", type=float, help="NudeNet score threshold [default: 0.6].")
+@click.option(
+    "--nudenet-classes",
+    help="Comma-separated NudeNet classes that count [default: the five explicit *_EXPOSED classes].",
+)
 @click.option("--json", "as_json", is_flag=True, help="The full report on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_user_errors
@@ -577,6 +786,16 @@ def eval_cmd(
     strength,
     preview,
     calls,
+    out,
+    prompts_file,
+    free_categories,
+    resume,
+    rejudge,
+    batch,
+    crf,
+    frame_stride,
+    nudenet_threshold,
+    nudenet_classes,
     as_json,
     quiet,
 ):
@@ -586,14 +805,35 @@ def eval_cmd(
     template) and concept-free prompts with the original and the patched model, same prompts and
     seeds, and judges every clip. Rates carry 95% intervals.
 
+    With --out, every clip is kept as MP4 and every result as a JSONL row (resumable), prompts can
+    come from a benchmark file with categories, and the run spreads over all processes of
+    `accelerate launch`.
+
     \b
     Example (the shipped organism):
       vpatch eval examples/organism/model -c examples/organism/red.toml --delta red.vud --preview red.gif
+      vpatch eval examples/organism/model -c examples/organism/red.toml --delta red.vud --out runs/red
     """
-    from .evaluation.core import EvalOptions, evaluate, summary_rows, to_json
+    from .evaluation.core import EvalError, EvalOptions, evaluate, summary_rows, to_json
     from .families.recipes import apply_overrides
 
     call = apply_overrides({}, list(calls))
+    if out is not None:
+        return _eval_folder(
+            model, concept, delta, patched, judge, clip_model, seeds, steps, guidance, strength,
+            call, out, prompts_file, free_categories, resume, rejudge, batch, crf, frame_stride,
+            nudenet_threshold, nudenet_classes, as_json, quiet,
+        )  # fmt: skip
+    for flag, v in (
+        ("--prompts", prompts_file),
+        ("--resume", resume),
+        ("--rejudge", rejudge),
+        ("--judge nudenet", judge == "nudenet"),
+    ):
+        if v:
+            raise EvalError(f"{flag} needs --out DIR (the folder that keeps the clips and rows)")
+    if model is None or concept is None:
+        raise EvalError("give MODEL and -c CONCEPT")
     opt = EvalOptions(
         seeds=seeds,
         steps=steps,
@@ -623,9 +863,78 @@ def eval_cmd(
         t.add_column(c, no_wrap=True)
     for row in summary_rows(r):
         t.add_row(*row)
-    Console(highlight=False, width=max(Console().width, 120)).print(t)
+    Console(highlight=False, markup=False, width=max(Console().width, 120)).print(t)
     if r.preview:
         click.echo(f"preview: {r.preview}")
+
+
+def _eval_folder(
+    model, concept, delta, patched, judge, clip_model, seeds, steps, guidance, strength, call, out,
+    prompts_file, free_categories, resume, rejudge, batch, crf, frame_stride, nudenet_threshold,
+    nudenet_classes, as_json, quiet,
+):  # fmt: skip
+    """`vpatch eval --out`: the API's evaluate_folder, its progress, and its table."""
+    from .evaluation.prompts import FREE_CATEGORIES
+    from .evaluation.report import table_rows
+    from .evaluation.scale import RunOptions, evaluate_folder
+
+    opt = RunOptions(
+        seeds=seeds,
+        steps=steps,
+        guidance=guidance,
+        call=tuple(sorted(call.items())),
+        judge=judge,
+        clip_model=clip_model,
+        threshold=nudenet_threshold,
+        classes=tuple(c.strip() for c in nudenet_classes.split(",")) if nudenet_classes else None,
+        frame_stride=frame_stride,
+        batch=batch,
+        crf=crf,
+        strength=strength,
+        free_categories=tuple(free_categories) or FREE_CATEGORIES,
+    )
+    rep_ = CountReporter(quiet or as_json)
+    started = []
+
+    def progress(done: int, total: int) -> None:
+        if not started:
+            rep_.start("rejudging" if rejudge else "generating", total)
+            started.append(1)
+        rep_.advance(1)
+
+    say = (lambda m: None) if (quiet or as_json) else (lambda m: err.print(m))
+    try:
+        r = evaluate_folder(
+            model,
+            out,
+            concept=concept,
+            prompts=prompts_file,
+            delta=delta,
+            patched=patched,
+            options=opt,
+            resume=resume,
+            rejudge_only=rejudge,
+            progress=progress,
+            log=say,
+        )
+    finally:
+        if started:
+            rep_.stop()
+    if r is None:  # not the main process
+        return
+    if as_json:
+        click.echo(json.dumps(r, indent=2, default=float))
+        return
+    t = Table(
+        title=f"eval: {r['prompts']['source']} ({r['judge']} judge, {r['seeds']} seeds per prompt)"
+    )
+    t.add_column("", overflow="fold", min_width=40)
+    for c in ("original", "patched", "change"):
+        t.add_column(c, no_wrap=True)
+    for row in table_rows(r):
+        t.add_row(*row)
+    Console(stderr=True, highlight=False, width=max(Console().width, 140)).print(t)
+    click.echo(r["files"]["md"])
 
 
 @main.command()
@@ -782,7 +1091,7 @@ def families(as_json):
             ", ".join(sorted({s["mode"] for s in r["sites"].values()})),
             also or "-",
         )
-    Console(highlight=False).print(t)
+    Console(highlight=False, markup=False).print(t)
 
 
 @main.command()
@@ -826,21 +1135,42 @@ def inspect(path, delta, component, as_json):
                 r["fingerprint"],
                 ", ".join(Path(f).name for f in r["files"]) or r["note"],
             )
-        Console(highlight=False).print(t)
+        Console(highlight=False, markup=False).print(t)
         click.echo(info["verdict"])
+        for w in info.get("warnings", []):
+            err.print(f"[yellow]warning:[/yellow] {w}")
         return
     info = inspect_path(path)
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
-    if info["type"] == "delta":
+    if info["type"] == "lora":
+        click.echo(
+            f"lora ({info['target']} keys) for {info['family']} {info['component']}, from delta {str(info['delta_sha256'])[:12]}"
+        )
+        t = Table()
+        t.add_column("entry", overflow="fold", ratio=1)
+        for c in ("shape", "kind", "rank", "strength", "|BA|", "concepts"):
+            t.add_column(c, no_wrap=True)
+        for L in info["layers"]:
+            t.add_row(
+                L["key"],
+                "×".join(map(str, L["shape"])),
+                L["kind"],
+                str(L["rank"]),
+                f"{L['strength']:g}",
+                f"{L['norm_UVt']:.4g}",
+                ", ".join(info["concepts"][L["key"]]),
+            )
+        Console(highlight=False).print(t)
+    elif info["type"] == "delta":
         click.echo(f"delta {info['delta_sha256']}")
         click.echo(
             f"concept: {info['concept'].get('name', '?')}   method: {info['method'].get('name', '?')}   components: {', '.join(info['components'])}"
         )
         t = Table()
         t.add_column("key", overflow="fold", ratio=1)
-        for c in ("shape", "kind", "rank", "strength", "|UVᵀ|", "base dtype"):
+        for c in ("shape", "kind", "rank", "strength", "|UVᵀ|", "base dtype", "concepts"):
             t.add_column(c, no_wrap=True)
         for L in info["layers"]:
             t.add_row(
@@ -851,8 +1181,9 @@ def inspect(path, delta, component, as_json):
                 f"{L['strength']:g}",
                 f"{L['norm_UVt']:.4g}",
                 str(L["base_dtype"]),
+                ", ".join(L.get("concepts", [])),
             )
-        Console(highlight=False).print(t)
+        Console(highlight=False, markup=False).print(t)
     else:
         click.echo(
             f"{info['layout']} checkpoint: {info['tensors']} tensors, {_mib(info['total_bytes'])}"
@@ -871,6 +1202,143 @@ def inspect(path, delta, component, as_json):
                 )
         else:
             click.echo("applied: none (no vpatch provenance)")
+
+
+@main.command()
+@click.argument("delta", type=click.Path(path_type=Path))
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["lora"]),
+    default="lora",
+    show_default=True,
+    help="What to write: a LoRA file (lora_B = −λ W u from the base weights, lora_A = uᵀ).",
+)
+@click.option(
+    "--base",
+    required=True,
+    help="The checkpoint the LoRA will be loaded on (folder, file or hub id): lora_B depends on its weights.",
+)
+@click.option(
+    "-o",
+    "--out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="The .safetensors to write; a second expert (Wan 2.2 transformer_2) goes to OUT.transformer_2.safetensors.",
+)
+@click.option(
+    "--target",
+    type=click.Choice(["diffusers", "comfyui"]),
+    default="diffusers",
+    show_default=True,
+    help="Key convention: diffusers (pipe.load_lora_weights) or comfyui (LoraLoaderModelOnly; diffusion_model.* keys).",
+)
+@click.option(
+    "--strength",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Multiplies each entry's probed λ (the loader's own LoRA strength multiplies it again).",
+)
+@click.option("--component", help="As for apply: which component a bare file or folder is.")
+@click.option("--revision", help="Hub revision when --base is a hub id.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output (never an input).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable summary on stdout.")
+@_user_errors
+def export(delta, fmt, base, out, target, strength, component, revision, overwrite, as_json):
+    """Write DELTA as a LoRA file that diffusers' load_lora_weights or ComfyUI's LoRA loader loads.
+
+    The LoRA is exact for the --base weights it was computed from; their sha256 are recorded in the
+    file, and `vpatch inspect OTHER --delta LORA` tells whether another checkpoint is that base.
+    Prefer a baked checkpoint (`vpatch apply`) when whoever runs the model must not be able to switch
+    the edit off: a LoRA is one toggle away from the original model.
+
+    \b
+    Examples:
+      vpatch export nudity.vud --format lora --base Wan-AI/Wan2.1-T2V-1.3B-Diffusers -o erase.safetensors
+      vpatch export nudity.vud --base wan2.1_t2v_1.3B_bf16.safetensors --target comfyui -o erase-comfy.safetensors
+    """
+    from .vud.lora import export_lora
+
+    r = export_lora(
+        delta,
+        base,
+        out,
+        target=target,
+        strength=strength,
+        component=component,
+        overwrite=overwrite,
+        revision=revision,
+    )
+    if as_json:
+        click.echo(json.dumps(r.to_dict(), indent=2))
+    else:
+        for f in r.files:
+            err.print(
+                f"{f.component}: {f.modules} LoRA modules, rank ≤ {f.rank} ({r.target} keys, family {r.family})"
+            )
+        for f in r.files:
+            click.echo(f.path)
+    for w in r.warnings:
+        err.print(f"[yellow]warning:[/yellow] {w}")
+
+
+@main.command("import-lora")
+@click.argument("lora", type=click.Path(path_type=Path))
+@click.option(
+    "-o", "--out", type=click.Path(path_type=Path), required=True, help="The .vud to write."
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable summary on stdout.")
+@_user_errors
+def import_lora(lora, out, overwrite, as_json):
+    """Read a LoRA written by `vpatch export` back into a .vud delta (projections stay projections)."""
+    from .errors import DeltaError
+    from .vud.delta import write_delta
+    from .vud.lora import lora_to_delta
+
+    if out.exists() and lora.exists() and out.resolve() == lora.resolve():
+        raise DeltaError(f"output {out} is the input LoRA; choose another -o")
+    d = lora_to_delta(lora)
+    digest = write_delta(out, d, overwrite=overwrite)
+    if as_json:
+        click.echo(
+            json.dumps({"output": str(out), "delta_sha256": digest, "entries": len(d.entries)})
+        )
+    else:
+        err.print(f"{len(d.entries)} entries, concept {d.concept_name}")
+        click.echo(str(out))
+
+
+@main.command("merge")
+@click.argument("deltas", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "-o", "--out", type=click.Path(path_type=Path), required=True, help="The merged .vud to write."
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing output (never an input).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable summary on stdout.")
+@_user_errors
+def merge_cmd(deltas, out, overwrite, as_json):
+    """Merge deltas of several concepts into one delta.
+
+    Where concepts edit the same weight, the merged entry is one projection onto the complement of
+    their joint span (their directions orthonormalised once), not a chain of rank-1 edits; where they
+    edit different weights, the entries are united. Apply the merged delta to the original checkpoint.
+
+    \b
+    Example:
+      vpatch merge nudity.vud gore.vud -o nudity+gore.vud
+    """
+    from .vud.combine import merge_files
+
+    r = merge_files(list(deltas), out, overwrite=overwrite)
+    if as_json:
+        click.echo(json.dumps(r.to_dict(), indent=2))
+        return
+    err.print(
+        f"{r.entries} entries for {', '.join(r.concepts)}; {len(r.joint)} weight(s) edited by several concepts (one joint projection each)"
+    )
+    click.echo(r.output)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ tensors are written in their own dtype, non-tensor entries are listed and left o
 from __future__ import annotations
 
 import hashlib
-import pickle
+import os
 from pathlib import Path
 
 import torch
@@ -20,12 +20,29 @@ from .safetensors_io import DTYPE_NAMES, read_header, save_tensors
 WRAPPERS = ("state_dict", "model", "module", "model_state_dict", "ema")
 
 
-def _flatten(obj: object, prefix: str, out: dict[str, torch.Tensor], skipped: list[str]) -> None:
+def _flatten(
+    obj: object, prefix: str, out: dict[str, torch.Tensor], skipped: list[str], src: Path
+) -> None:
     if isinstance(obj, torch.Tensor):
+        try:
+            prefix.encode("utf-8")
+        except UnicodeEncodeError:
+            raise FormatError(
+                f"{src}: key {prefix!r} is not valid Unicode text (a lone surrogate); safetensors names are UTF-8, rename it"
+            ) from None
+        if prefix == "__metadata__":
+            raise FormatError(
+                f"{src}: a tensor is named '__metadata__', which safetensors reserves; rename it"
+            )
+        if prefix in out:
+            raise FormatError(
+                f"{src}: two entries flatten to the same key {prefix!r} (a dotted name and a nested dict, "
+                "or keys that differ only in type); rename one and convert again"
+            )
         out[prefix] = obj
     elif isinstance(obj, dict):
         for k, v in obj.items():
-            _flatten(v, f"{prefix}.{k}" if prefix else str(k), out, skipped)
+            _flatten(v, f"{prefix}.{k}" if prefix else str(k), out, skipped, src)
     else:
         skipped.append(prefix or "<root>")
 
@@ -43,11 +60,14 @@ def convert_pickle(
         raise FormatError(f"{src}: no such file")
     if out.suffix != ".safetensors":
         raise FormatError(f"-o {out}: the output must be a .safetensors file")
+    if src.stat().st_size == 0:
+        raise FormatError(f"{src}: the file is empty; nothing to convert")
     try:
         obj = torch.load(src, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+    except Exception as e:  # a damaged file can make the unpickler fail in any way
+        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
         raise FormatError(
-            f"{src}: refused by torch.load(weights_only=True): {str(e).splitlines()[0][:200]} "
+            f"{src}: refused by torch.load(weights_only=True): {first} "
             "(it holds objects other than tensors and plain containers, or is damaged)"
         ) from None
     if isinstance(obj, dict):
@@ -59,12 +79,22 @@ def convert_pickle(
                 break
     tensors: dict[str, torch.Tensor] = {}
     skipped: list[str] = []
-    _flatten(obj, "", tensors, skipped)
+    _flatten(obj, "", tensors, skipped, src)
     if not tensors:
         raise FormatError(f"{src}: no tensors found (top-level entries: {', '.join(skipped[:5])})")
-    bad = sorted({str(t.dtype) for t in tensors.values() if t.dtype not in DTYPE_NAMES})
+    for k, t in tensors.items():
+        if t.layout != torch.strided:
+            raise FormatError(
+                f"{src}: tensor {k!r} is {t.layout} (not dense); convert it to a dense tensor first"
+            )
+    bad = {k: str(t.dtype) for k, t in tensors.items() if t.dtype not in DTYPE_NAMES}
     if bad:
-        raise FormatError(f"{src}: dtypes {', '.join(bad)} have no safetensors equivalent")
+        k0 = next(iter(bad))
+        raise FormatError(
+            f"{src}: tensors of dtype {', '.join(sorted(set(bad.values())))} (first: {k0!r}) are not converted: "
+            f"vpatch writes only {', '.join(DTYPE_NAMES.values())}; safetensors can store more dtypes, "
+            "but vpatch does not map them. Cast them (e.g. to float32) and convert again"
+        )
     # safetensors stores each tensor's own bytes: views and shared storage become plain copies
     tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
     digest = hashlib.sha256()
@@ -73,10 +103,11 @@ def convert_pickle(
             digest.update(chunk)
     meta = {
         "format": "pt",
-        "vpatch.converted_from": src.name,
+        # a file name that is not UTF-8 is kept with its raw bytes escaped (metadata is UTF-8 text)
+        "vpatch.converted_from": os.fsencode(src.name).decode("utf-8", "backslashreplace"),
         "vpatch.source_sha256": digest.hexdigest(),
     }
-    with atomic_file(out, [src], overwrite) as tmp:
+    with atomic_file(out, [src], overwrite, "converted") as tmp:
         save_tensors(tmp, tensors, meta)
         if set(read_header(tmp).tensors) != set(tensors):
             raise FormatError(f"validation of {out} failed; nothing was kept")

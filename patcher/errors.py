@@ -57,3 +57,7 @@ class RecipeError(VpatchError):
 
 class ProbeError(VpatchError):
     """The probe cannot run on this model (missing component, nothing matched, degenerate activations...)."""
+
+
+class ActivationsError(VpatchError):
+    """A saved activations file (``probe --save-activations``) is not valid, or not one."""

@@ -7,7 +7,10 @@ from pathlib import Path
 
 from .checkpoint import open_checkpoint
 from .erasure.refusal import lowrank_norm
+from .errors import CompatibilityError
+from .merge.plan import plan_apply
 from .safetensors_io import read_header
+from .vud.combine import entry_concepts
 from .vud.delta import read_delta
 
 
@@ -22,6 +25,9 @@ def inspect_delta(path: Path) -> dict:
         }
         for e in d.entries
     ]
+    owners = entry_concepts(d)
+    for L in layers:
+        L["concepts"] = owners[L["key"]]
     return {
         "type": "delta",
         "path": str(path),
@@ -67,9 +73,31 @@ def inspect_checkpoint(path: Path) -> dict:
     }
 
 
+def inspect_lora(path: Path) -> dict:
+    """A LoRA written by ``vpatch export``: its modules, concepts and the base it was computed for."""
+    from .vud.lora import lora_to_delta
+
+    meta = read_header(path).metadata
+    d = lora_to_delta(path)
+    return {
+        "type": "lora",
+        "path": str(path),
+        "target": meta.get("vpatch.target"),
+        "family": meta.get("vpatch.family"),
+        "component": meta.get("vpatch.component"),
+        "delta_sha256": meta.get("vpatch.delta_sha256"),
+        "concepts": entry_concepts(d),
+        "layers": [{**e.map_record(), "norm_UVt": lowrank_norm(e.U, e.V)} for e in d.entries],
+    }
+
+
 def inspect_path(path: str | Path) -> dict:
-    """A ``.vud`` gets its layer map; anything else is opened as a checkpoint."""
+    """A ``.vud`` gets its layer map, a vpatch LoRA its modules; anything else is opened as a checkpoint."""
     path = Path(path)
+    from .vud.lora import is_lora
+
+    if is_lora(path):
+        return inspect_lora(path)
     if path.is_file() and (
         path.suffix == ".vud"
         or (
@@ -84,11 +112,11 @@ def inspect_path(path: str | Path) -> dict:
 def inspect_resolution(path: str | Path, delta: str | Path, component: str | None = None) -> dict:
     """How each delta entry resolves against a checkpoint: which file and dtype, or why not, and
     whether the tensor is the exact one the delta was probed from (its sha256)."""
-    from .errors import CompatibilityError
-    from .merge.engine import plan_apply
+    from .vud.lora import is_lora, lora_to_delta
 
+    dl = lora_to_delta(delta) if is_lora(delta) else delta  # a LoRA: its recorded base fingerprints
     try:
-        plan = plan_apply(path, delta, component=component, allow_partial=True, fingerprints=True)
+        plan = plan_apply(path, dl, component=component, allow_partial=True, fingerprints=True)
     except CompatibilityError as e:
         plan = getattr(e, "plan", None)
         if plan is None:
@@ -122,6 +150,11 @@ def inspect_resolution(path: str | Path, delta: str | Path, component: str | Non
         "component": plan.component,
         "how": plan.how,
         "verdict": verdict,
+        "warnings": [
+            f"{m.entry.key}: this checkpoint's weight differs from the base the LoRA was computed from; its lora_B = −λ W u is exact only on that base"
+            for m in plan.matched
+            if m.base_match is False and dl is not delta
+        ],
         "coverage": cov,
         "entries": rows,
     }

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import stat
+import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .checkpoint import open_checkpoint
 from .errors import VpatchError
-from .merge.engine import RECORD_FORMAT
+from .output import atomic_dir, check_name
 
 LIMITS = (
     "Safety edits can be incomplete: the concept may still appear for prompts, seeds or phrasings that were not "
@@ -43,24 +46,125 @@ class PushReport:
         return asdict(self)
 
 
-def _forbidden(folder: Path) -> list[Path]:
-    """Files that would let anyone revert the edit: deltas and revert records."""
-    from .safetensors_io import read_header
+_UNDO_KEYS = ("vpatch.format", "vpatch.layer_map", "vpatch.originals")
+_UNDO_TENSORS = ("::U", "::V", "::fix_index", "::fix_value")
 
-    bad = []
-    for p in folder.rglob("*"):
-        if not p.is_file():
-            continue
-        if p.suffix == ".vud":
-            bad.append(p)
-        elif p.suffix == ".safetensors" or p.name.endswith(".revert"):
-            try:
-                meta = read_header(p).metadata
-            except VpatchError:
+
+def _undoes(p: Path) -> bool:
+    """True when the file is a delta or a revert record, judged by content, whatever its name: its
+    safetensors header declares a vpatch format or holds factor tensors. The header is read
+    leniently, so a truncated or damaged delta is still recognised."""
+    from .safetensors_io import MAX_HEADER_SIZE
+
+    with open(p, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return False
+        (n,) = struct.unpack("<Q", head)
+        if not 2 <= n <= MAX_HEADER_SIZE:
+            return False
+        raw = f.read(n)
+    if not raw.lstrip(b" ").startswith(b"{"):
+        return False
+    try:
+        obj = json.loads(raw)
+    except (ValueError, RecursionError):
+        return any(k.encode() in raw for k in _UNDO_KEYS)  # damaged: look for the fields
+    if not isinstance(obj, dict):
+        return False
+    meta = obj.get("__metadata__")
+    if isinstance(meta, dict) and any(k in meta for k in _UNDO_KEYS):
+        return True
+    return any(isinstance(k, str) and k.endswith(_UNDO_TENSORS) for k in obj)
+
+
+def _plan_stage(folder: Path) -> list[tuple[str, Path]]:
+    """(relative name, file to stage) for everything that would be uploaded; refuses what must not
+    be: deltas and revert records (by content), links leading out of the folder, links to folders,
+    and anything that is not a regular file. Hidden entries are never staged."""
+    root = folder.resolve()
+    out: list[tuple[str, Path]] = []
+
+    def unreadable(e: OSError) -> None:
+        raise PushError(f"{e.filename}: cannot be read ({e.strerror}); fix or remove it")
+
+    for dp, dns, fns in os.walk(folder, onerror=unreadable):
+        d = Path(dp)
+        dns[:] = sorted(n for n in dns if not n.startswith("."))
+        for n in dns:
+            if (d / n).is_symlink():
+                raise PushError(
+                    f"{d / n} is a link to a folder; push stages only real folders inside {folder}: replace it by a copy"
+                )
+        for n in sorted(fns):
+            if n.startswith("."):
                 continue
-            if meta.get("vpatch.format") in ("vud", RECORD_FORMAT):
-                bad.append(p)
-    return bad
+            p = d / n
+            real = Path(os.path.realpath(p))
+            if p.is_symlink():
+                try:
+                    real.relative_to(root)
+                except ValueError:
+                    raise PushError(
+                        f"{p} is a link to {real}, outside {folder}; push never follows links out of the folder: "
+                        "replace it by a copy or remove it"
+                    ) from None
+            try:
+                st = os.stat(real)
+            except OSError as e:
+                raise PushError(f"{p}: cannot be read ({e.strerror}); fix or remove it") from None
+            if not stat.S_ISREG(st.st_mode):
+                raise PushError(f"{p} is not a regular file; remove it before pushing")
+            try:
+                bad = _undoes(real)
+            except OSError as e:
+                raise PushError(f"{p}: cannot be read ({e.strerror}); fix or remove it") from None
+            if bad:
+                raise PushError(
+                    f"{p} is a delta or a revert record (recognised by its header, whatever its name) and would let "
+                    f"anyone undo the edit; move it out of {folder} before pushing"
+                )
+            out.append((p.relative_to(folder).as_posix(), real))
+    return out
+
+
+def _text(x: object) -> str:
+    """Provenance and arguments are user data: a lone surrogate is written escaped, not crashed on."""
+    return str(x).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _num(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _check_eval_report(rep: object, where: str) -> dict:
+    """The fields the card reads, with the types `vpatch eval --json` writes; extra fields are fine."""
+
+    def bad(field: str, want: str) -> PushError:
+        return PushError(
+            f"--eval-report {where}: {field} must be {want}; pass the output of `vpatch eval --json`"
+        )
+
+    def rate(x: object, field: str, ci: bool) -> None:
+        if not isinstance(x, dict) or not _num(x.get("rate")):
+            raise bad(f"{field}.rate", "a number")
+        if ci:
+            c = x.get("ci95")
+            if not (isinstance(c, list) and len(c) == 2 and all(_num(v) for v in c)):
+                raise bad(f"{field}.ci95", "a list of two numbers")
+
+    if not isinstance(rep, dict):
+        raise bad("the report", "a JSON object")
+    for name, ci in (("presence", True), ("collateral", False)):
+        part = rep.get(name, {})
+        if not isinstance(part, dict):
+            raise bad(name, "an object")
+        for k, v in part.items():
+            if not isinstance(v, dict):
+                raise bad(f"{name}.{k}", "an object with before and after")
+            for side in ("before", "after"):
+                rate(v.get(side), f"{name}.{k}.{side}", ci)
+    return rep
 
 
 def _base_license(base_model: str | None) -> str | None:
@@ -92,7 +196,7 @@ def build_card(
 ):
     from huggingface_hub import ModelCard, ModelCardData
 
-    concepts = sorted({str(r.get("concept")) for r in applied})
+    concepts = sorted({_text(r.get("concept")) for r in applied})
     tags = [
         "vpatch",
         "concept-erasure",
@@ -133,17 +237,22 @@ def build_card(
         )
     if delta:
         m = delta.get("method", {})
+        pairs = delta.get("concept", {}).get("pairs")
+        sites = m.get("sites")
         lines += [
             "",
             "## Method",
             "",
-            f"- method: `{m.get('name')}` (refusal direction from {len(delta.get('concept', {}).get('pairs', []))} unsafe/safe prompt pairs)",
-            f"- edit sites: {', '.join(m.get('sites') or [])} (family `{m.get('family')}`)",
+            f"- method: `{m.get('name')}` (refusal direction from {len(pairs) if isinstance(pairs, list) else '?'} unsafe/safe prompt pairs)",
+            f"- edit sites: {', '.join(map(str, sites)) if isinstance(sites, list) else sites or ''} (family `{m.get('family')}`)",
             f"- rank k = {m.get('rank')}, contrast α = {m.get('alpha')}, strength λ = {m.get('strength')}, directions m = {m.get('directions')}, "
             f"pooling `{m.get('pooling')}`",
             f"- edited weights: {delta.get('entries')}; the update is W' = W − λ (W u) uᵀ on each",
         ]
-    if eval_report:
+    if eval_report and isinstance(eval_report.get("markdown"), str):
+        # a `vpatch eval --out` report: its page (per-category rates, Wilson intervals) as written
+        lines += ["", "## Evaluation", "", eval_report["markdown"].strip()]
+    elif eval_report:
         lines += [
             "",
             "## Evaluation",
@@ -164,26 +273,20 @@ def build_card(
                 f"| concept-free, {attr} accuracy | {v['before']['rate']:.0%} | {v['after']['rate']:.0%} |"
             )
     lines += ["", "## Limits", "", LIMITS, ""]
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
+    return ModelCard(_text(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
 
 
-def _stage(src: Path, dst: Path) -> list[str]:
-    files = []
-    for p in sorted(src.rglob("*")):
-        rel = p.relative_to(src)
-        if any(part.startswith(".") for part in rel.parts):
-            continue
+def _stage(files: list[tuple[str, Path]], dst: Path) -> None:
+    for rel, real in files:
         q = dst / rel
-        if p.is_dir():
-            q.mkdir(parents=True, exist_ok=True)
-            continue
         q.parent.mkdir(parents=True, exist_ok=True)
         try:
-            os.link(p, q)
+            os.link(real, q)
         except OSError:
-            shutil.copy2(p, q)
-        files.append(str(rel))
-    return files
+            shutil.copy2(real, q)
+
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
 def push(
@@ -203,24 +306,22 @@ def push(
     folder = Path(folder)
     if not folder.is_dir():
         raise PushError(f"{folder}: not a folder; push the output folder of `vpatch apply`")
-    if "/" not in repo_id or len(repo_id) > 96:
-        raise PushError(f"--repo-id {repo_id!r}: expected 'user/name'")
+    if not _REPO_ID.match(repo_id) or len(repo_id) > 96:
+        raise PushError(
+            f"--repo-id {repo_id!r}: expected 'user/name' (letters, digits, '-', '_', '.')"
+        )
+    files = _plan_stage(folder)  # first: it refuses what must not be opened (FIFOs, links out)
     applied = open_checkpoint(folder).applied()
     if not applied:
         raise PushError(
             f"{folder}: no vpatch provenance in its weights; push a folder written by `vpatch apply`"
-        )
-    bad = _forbidden(folder)
-    if bad:
-        raise PushError(
-            f"{bad[0]} would let anyone undo the edit (a delta or a revert record); move it out of {folder} before pushing"
         )
     dinfo = None
     if delta is not None:
         from .vud.delta import read_delta
 
         d = read_delta(delta)
-        if d.sha256 not in {r.get("delta_sha256") for r in applied}:
+        if d.sha256 not in {str(r.get("delta_sha256")) for r in applied}:
             raise PushError(
                 f"--delta {delta}: this delta ({d.sha256[:12]}) is not the one applied to {folder}"
             )
@@ -228,24 +329,36 @@ def push(
     rep = None
     if eval_report is not None:
         try:
-            rep = json.loads(Path(eval_report).read_text())
-        except (OSError, ValueError):
+            rep = json.loads(Path(eval_report).read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError):
             raise PushError(
                 f"--eval-report {eval_report}: not a JSON report from `vpatch eval --json`"
             ) from None
+        rep = _check_eval_report(rep, str(eval_report))
     card = build_card(
         applied,
-        base_model=base_model,
+        base_model=_text(base_model) if base_model else None,
         license=_base_license(base_model),
         delta=dinfo,
         eval_report=rep,
         repo_id=repo_id,
     )
     staged = Path(stage) if stage else folder.with_name(folder.name + ".push-staged")
-    if staged.exists():
+    check_name(staged)
+    if staged.exists() or staged.is_symlink():
         raise PushError(f"staging folder {staged} exists; remove it or pass another --stage")
-    files = _stage(folder, staged)
-    card.save(staged / "README.md")
+    try:
+        staged.resolve().relative_to(folder.resolve())
+        raise PushError(f"--stage {staged} is inside {folder}; stage outside the folder you push")
+    except ValueError:
+        pass
+    with atomic_dir(staged, [folder]) as tmp:
+        _stage(files, tmp)
+        readme = tmp / "README.md"
+        if readme.exists():  # a hard link to the folder's own README: never write through it
+            readme.unlink()
+        card.save(readme)
+    files = [rel for rel, _ in files]
     if "README.md" not in files:
         files.append("README.md")
     if dry_run:

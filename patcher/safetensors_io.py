@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -23,6 +24,10 @@ import torch
 from .errors import FormatError, OutputError
 
 MAX_HEADER_SIZE = 100_000_000
+# tensors per file: real checkpoints hold a few thousand; parsing costs about 1 KiB and 50 µs per
+# entry, so a header of a million empty tensors would take minutes and gigabytes for nothing
+MAX_TENSORS = 100_000
+_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 MAX_RANK = 64  # tensor rank, not matrix rank: no real checkpoint comes near it
 ALIGN = 8
 COPY_ALIGN = 64 << 10  # see PositionalWriter
@@ -120,6 +125,24 @@ def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
     return out
 
 
+def _no_lone_surrogates(obj: dict, where: str) -> None:
+    """JSON can escape a lone surrogate (\\ud800), which is no Unicode text: such a name or value
+    could be read but never written back."""
+    meta = obj.get("__metadata__")
+    texts = list(obj) + (
+        [x for kv in meta.items() for x in kv if isinstance(x, str)]
+        if isinstance(meta, dict)
+        else []
+    )
+    for t in texts:
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError:
+            raise FormatError(
+                f"{where}: a tensor name or metadata entry ({t.encode('utf-8', 'backslashreplace').decode()[:60]!r}) holds a lone surrogate escape, which is not valid text; the file is damaged"
+            ) from None
+
+
 def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -150,6 +173,11 @@ def read_header(path: str | os.PathLike) -> Header:
         raise FormatError(f"{where}: no such file") from None
     except IsADirectoryError:
         raise FormatError(f"{where}: is a folder, expected a .safetensors file") from None
+    entries = raw.count(b'"data_offsets"')
+    if entries > MAX_TENSORS:
+        raise FormatError(
+            f"{where}: header lists {entries} tensors, over the {MAX_TENSORS} vpatch reads from one file (real checkpoints hold a few thousand); refused before parsing it"
+        )
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -166,6 +194,8 @@ def read_header(path: str | os.PathLike) -> Header:
         ) from None
     if not isinstance(obj, dict):
         raise FormatError(f"{where}: header is not a JSON object")
+    if _SURROGATE.search(raw):
+        _no_lone_surrogates(obj, where)
 
     meta = obj.pop("__metadata__", {})
     if meta is None:
@@ -416,7 +446,7 @@ def copy_file(src: Path, dst: Path, piece: int = 64 << 20, progress=None) -> Non
     fsynced as a whole before it gets its name (output.atomic_dir)."""
     fi = os.open(src, os.O_RDONLY)
     try:
-        fo = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fo = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
             copy_pieces(fi, 0, fo, 0, os.fstat(fi).st_size, piece, progress)
         finally:
@@ -446,7 +476,8 @@ class PositionalWriter:
         head, infos = build_header(entries, metadata)
         if like is not None and like % ALIGN == 0:
             target = like + -(-(len(head) - like) // COPY_ALIGN) * COPY_ALIGN
-            head, infos = build_header(entries, metadata, pad_to=target - 8)
+            if target - 8 <= MAX_HEADER_SIZE:  # else the data stays 8-aligned only (a slower copy)
+                head, infos = build_header(entries, metadata, pad_to=target - 8)
         self.header_len = len(head)
         self.infos = {t.name: t for t in infos}
         self.total = len(head) + (infos[-1].end if infos else 0)

@@ -19,7 +19,8 @@ from patcher.errors import (
     PickleRefused,
     RevertError,
 )
-from patcher.merge import engine as merge
+from patcher.merge import kernel as merge
+from patcher.merge import plan as merge_plan
 from patcher.safetensors_io import read_header
 
 from .conftest import (
@@ -560,7 +561,7 @@ def test_peak_memory_estimate_is_bounded_by_row_blocks(tmp_path):
         ),
     )
     r = patcher.apply_delta(tmp_path / "m.safetensors", tmp_path / "d.vud", dry_run=True)
-    assert r.peak_estimate <= merge.BASE_RSS + 5 * merge.ROW_BLOCK_BYTES + 4096 * 2 * 4 * 2 + 1
+    assert r.peak_estimate <= merge_plan.BASE_RSS + 5 * merge.ROW_BLOCK_BYTES + 4096 * 2 * 4 * 2 + 1
 
 
 def test_output_hash_of_edit_is_deterministic(tmp_path, bf16_model):

@@ -134,8 +134,10 @@ def test_console_script_end_to_end(tmp_path):
 def test_help_teaches(tmp_path):
     code, out, _ = run("apply", "--help")
     assert code == 0 and "Examples:" in out and "--revert-record" in out and "--dry-run" in out
+    # without -o apply writes next to the input (issue 11), so a missing input is what is reported
     code, out, err = run("apply", "a", "b")
-    assert code == 2 and "-o OUT" in err
+    assert code == 2 and "no such file or folder" in err
+    assert "model.no-nudity.safetensors" in run("apply", "--help")[1]
 
 
 def test_inspect_shows_how_a_delta_resolves(tmp_path, bf16_model):

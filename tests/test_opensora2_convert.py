@@ -80,14 +80,14 @@ def test_probe_hook_sees_upstream_txt_mlp_inputs():
     g, _ = _golden()
     w = load_file(str(WEIGHTS))
     model, fam = _module(w)
-    from patcher.probe.core import _find_module, _Hooks
+    from patcher.probe.sites import Hooks, find_module
 
     mods = {}
     for n in range(3):
         tgt = one_to_one(fam.convert, f"double_blocks.{n}.txt_mlp.0.weight", w)
         assert tgt == f"transformer_blocks.{n}.ff_context.net.0.proj.weight"
-        mods[n] = _find_module(model, tgt.removesuffix(".weight"))
-    hooks = _Hooks(mods, lambda _n, x: x)
+        mods[n] = find_module(model, tgt.removesuffix(".weight"))
+    hooks = Hooks(mods, lambda _n, x: x)
     with torch.no_grad():
         _run(model, g)
     got = hooks.take()

@@ -23,7 +23,7 @@ from diffusers import DiffusionPipeline  # noqa: E402
 
 from patcher.cli import main  # noqa: E402
 from patcher.erasure.refusal import edit_weight  # noqa: E402
-from patcher.probe.core import _find_module  # noqa: E402
+from patcher.probe.sites import find_module as _find_module  # noqa: E402
 from patcher.vud.delta import read_delta  # noqa: E402
 from tests import tiny_pipes  # noqa: E402
 
@@ -339,7 +339,9 @@ def test_capture_matches_the_pipelines_own_forward(case, pipes):
     """What the probe computes as a site's input (encoder + chain, no denoiser) equals what the real
     module receives inside the diffusers pipeline, seen by a forward pre-hook."""
     from patcher.families.recipes import load_family
-    from patcher.probe.core import open_source, site_inputs, site_targets
+    from patcher.probe.capture import site_inputs
+    from patcher.probe.sites import site_targets
+    from patcher.probe.sources import open_source
 
     builder, site, overrides, extra = case
     src, call = pipes(builder)
@@ -376,7 +378,7 @@ def test_capture_matches_the_pipelines_own_forward(case, pipes):
 def test_image_capture_matches_the_pipelines_own_forward(pipes, tmp_path):
     from PIL import Image
 
-    from patcher.probe.core import site_inputs
+    from patcher.probe.capture import site_inputs
 
     src, call = pipes("wan_i2v")
     Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "i.png")
@@ -679,7 +681,7 @@ def test_probe_by_hub_id_from_the_local_cache(pipes, tmp_path, monkeypatch):
 
 
 def test_existing_output_is_refused_before_any_work_unless_overwrite(pipes, tmp_path, monkeypatch):
-    import patcher.probe.core as P
+    import patcher.probe.sources as P
 
     wan, _ = pipes("wan")
     out = tmp_path / "x.vud"

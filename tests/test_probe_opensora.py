@@ -152,7 +152,7 @@ def test_opensora12_cross_kv_edits_every_fused_kv_linear_through_the_caption_mlp
     and the edit lands on both row blocks (K and V) of every spatial and temporal cross-attention."""
     from transformers import AutoTokenizer, T5EncoderModel
 
-    from patcher.probe.core import site_inputs
+    from patcher.probe.capture import site_inputs
 
     ck = tmp_path / "opensora12.safetensors"
     t = _opensora12(ck, prefix=prefix)

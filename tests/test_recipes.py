@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from click.testing import CliRunner
 
@@ -216,3 +218,64 @@ def test_bad_recipe_on_the_cli_is_one_line_exit_2(tmp_path):
 
 def test_recipes_dir_is_the_repository_folder():
     assert (RECIPES_DIR / "models" / "wan.toml").is_file() and (RECIPES_DIR / "README.md").is_file()
+
+
+def test_a_shipped_recipe_that_does_not_parse_is_an_error(tmp_path, monkeypatch):
+    import shutil
+
+    import patcher.families.recipes as R
+
+    shutil.copytree(RECIPES_DIR, tmp_path / "shipped")
+    (tmp_path / "shipped" / "models" / "zz_broken.toml").write_text(
+        'name = "zz_broken"\nbogus = 1\n'
+    )
+    monkeypatch.setattr(R, "RECIPES_DIR", tmp_path / "shipped")
+    with pytest.raises(RecipeError, match=r"zz_broken\.toml: field "):
+        R.shipped_families()
+    res = CliRunner().invoke(main, ["families"])
+    assert res.exit_code == 2 and "zz_broken.toml" in res.output
+
+
+def test_each_recipe_is_parsed_once_per_process(tmp_path, monkeypatch):
+    import shutil
+
+    import patcher.families.recipes as R
+
+    calls = []
+    real = R.parse_family
+    monkeypatch.setattr(R, "parse_family", lambda *a, **k: calls.append(1) or real(*a, **k))
+    shutil.copy(RECIPES_DIR / "models" / "wan.toml", tmp_path / "wan.toml")
+    R._parsed.cache_clear()
+    first = load_family(tmp_path / "wan.toml")
+    assert load_family(tmp_path / "wan.toml") is first and len(calls) == 1
+    # an edited file is read again; overrides never come from (or land in) the cache
+    (tmp_path / "wan.toml").write_text((tmp_path / "wan.toml").read_text() + "\n# edited\n")
+    os.utime(tmp_path / "wan.toml", ns=(1, 1))
+    assert load_family(tmp_path / "wan.toml") is not first and len(calls) == 2
+    over = load_family(tmp_path / "wan.toml", ["defaults.rank=7"])
+    assert over.defaults["rank"] == 7 and load_family(tmp_path / "wan.toml").defaults["rank"] != 7
+
+
+def test_a_user_folder_adds_recipes(tmp_path, monkeypatch):
+    import shutil
+
+    from patcher.families.recipes import concept_files
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "concepts").mkdir()
+    text = (
+        (RECIPES_DIR / "models" / "wan.toml")
+        .read_text()
+        .replace('name = "wan"', 'name = "mywan"', 1)
+    )
+    (tmp_path / "models" / "mywan.toml").write_text(text)
+    shutil.copy(RECIPES_DIR / "concepts" / "gore.toml", tmp_path / "concepts" / "mygore.toml")
+    monkeypatch.setenv("VPATCH_RECIPES", str(tmp_path))
+    stems = [f.stem for f in family_files()]
+    assert "mywan" in stems and "wan" in stems
+    assert load_family("mywan").name == "mywan"
+    assert load_concept("mygore").pairs == load_concept("gore").pairs
+    assert "mygore" in [f.stem for f in concept_files()]
+    monkeypatch.setenv("VPATCH_RECIPES", str(tmp_path / "nope"))
+    with pytest.raises(RecipeError, match="VPATCH_RECIPES.*not a folder"):
+        family_files()

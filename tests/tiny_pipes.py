@@ -17,10 +17,10 @@ SENTENCES_FILE = None
 
 
 def _recipe_sentences() -> list[str]:
-    from patcher.families.recipes import RECIPES_DIR, load_concept
+    from patcher.families.recipes import concept_files, load_concept
 
     out = ["a red ball moving left", "a blue square moving right", "dance monkey", "negative"]
-    for p in sorted((RECIPES_DIR / "concepts").glob("*.toml")):
+    for p in concept_files():
         c = load_concept(p)
         out += [s for pr in c.pairs for s in (pr.unsafe, pr.safe)] + c.neutral
         out += [s for v in c.heldout.values() for s in v]

@@ -247,15 +247,17 @@ def evaluate(
     ``cache`` (a dict the caller keeps) reuses the original model's clips across calls with the same
     prompts, seeds and sampler settings, as the ablation benchmark does."""
     from .. import organism
-    from ..probe.core import _quiet_libraries
+    from ..probe.encoders import quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
     opt = options or EvalOptions()
     say = log or (lambda _m: None)
     rep = reporter or NullReporter()
     con = concept if isinstance(concept, Concept) else load_concept(concept)
     if opt.judge not in JUDGES:
         raise EvalError(f"--judge {opt.judge!r}: choose one of {', '.join(JUDGES)}")
+    if opt.preview is not None:
+        preview_targets(Path(opt.preview))  # before any sampling, not after
     if opt.seeds < 2:
         raise EvalError(
             "--seeds must be at least 2 (intervals and distances need several samples per prompt)"
@@ -437,16 +439,34 @@ def write_preview(
         )
         frames.append(im)
     path = Path(path)
+    side = preview_targets(path)
     with atomic_file(path) as tmp:
         frames[0].save(
             tmp, format="GIF", save_all=True, append_images=frames[1:], duration=150, loop=0
         )
-    (path.with_suffix(".txt")).write_text(
-        "rows (left: original, right: patched):\n"
-        + "\n".join(f"{jobs[r][0]}: {jobs[r][1]}" for r in rows)
-        + "\n"
-    )
+    with atomic_file(side) as tmp:
+        tmp.write_text(
+            "rows (left: original, right: patched):\n"
+            + "\n".join(f"{jobs[r][0]}: {jobs[r][1]}" for r in rows)
+            + "\n"
+        )
     return path
+
+
+def preview_targets(path: Path) -> Path:
+    """The preview and its ``.txt`` sidecar follow the rule of every output: neither may exist. Both
+    are checked before either is written. Returns the sidecar's path."""
+    from ..errors import OutputError
+    from ..output import check_target
+
+    side = path.with_suffix(".txt")
+    if side == path:
+        raise OutputError(
+            f"--preview {path}: the preview is a GIF; name it .gif (its captions go to .txt)"
+        )
+    for p in (path, side):
+        check_target(p, [], False)
+    return side
 
 
 def summary_rows(r: EvalReport) -> list[tuple[str, str, str, str]]:

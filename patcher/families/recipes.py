@@ -6,6 +6,8 @@ them, so a malformed recipe fails before any model is loaded, with a message tha
 
 from __future__ import annotations
 
+import functools
+import importlib.resources
 import os
 import re
 import tomllib
@@ -17,9 +19,10 @@ from ..erasure.refusal import METHODS, POOLINGS
 from ..errors import RecipeError
 from .conversion import Conversion, parse_conversion
 
-RECIPES_DIR = Path(
-    os.environ.get("VPATCH_RECIPES", Path(__file__).resolve().parent / "recipes_data")
-)
+# The shipped recipes are package data (the top-level recipes/ folder, linked into the package as
+# recipes_data so that a wheel carries it); VPATCH_RECIPES adds user folders in front of it.
+RECIPES_DIR = Path(str(importlib.resources.files("patcher.families") / "recipes_data"))
+USER_RECIPES_ENV = "VPATCH_RECIPES"
 MAX_RECIPE_BYTES = 1 << 20
 ENCODER_KINDS = ("text", "pooled", "image")
 MASKS = ("attention", "all")
@@ -467,36 +470,74 @@ def _rename(i: int, raw: object, where: str) -> Rename:
     return Rename(layout, rx, stored, tuple(split) if split is not None else None, part)
 
 
+def recipe_dirs() -> list[Path]:
+    """Where recipes are looked up, first match wins: each VPATCH_RECIPES folder, then the shipped one."""
+    user = [Path(d) for d in os.environ.get(USER_RECIPES_ENV, "").split(os.pathsep) if d]
+    for d in user:
+        if not d.is_dir():
+            raise RecipeError(
+                f"{USER_RECIPES_ENV} names {d}, which is not a folder (it should hold models/ and/or concepts/)"
+            )
+    return [*user, RECIPES_DIR]
+
+
+def _recipe_files(kind: str) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for d in recipe_dirs():
+        for f in sorted((d / kind).glob("*.toml")):
+            found.setdefault(f.stem, f)
+    return dict(sorted(found.items()))
+
+
 def family_files() -> list[Path]:
-    return sorted((RECIPES_DIR / "models").glob("*.toml"))
+    return list(_recipe_files("models").values())
+
+
+@functools.cache
+def _parsed(kind: str, path: Path, stamp: tuple[int, int]):
+    # one parse per file and version of it per process; callers treat the result as read-only
+    if kind == "models":
+        fam = parse_family(_load_toml(path), str(path))
+        fam.path = path
+        return fam
+    con = parse_concept(_load_toml(path), str(path), path.parent)
+    con.path = path
+    return con
+
+
+def _load(kind: str, path: Path):
+    if not path.is_file():
+        raise RecipeError(f"{path}: no such recipe file")
+    st = path.stat()
+    return _parsed(kind, path.resolve(), (st.st_mtime_ns, st.st_size))
+
+
+def _named(kind: str, name_or_path: str | os.PathLike, what: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix == ".toml":
+        return p
+    files = _recipe_files(kind)
+    if str(name_or_path) not in files:
+        raise RecipeError(
+            f"unknown {what} {str(name_or_path)!r}; known: {', '.join(files) or 'none'} (or give a path "
+            f"to a .toml recipe; {USER_RECIPES_ENV} adds folders of your own)"
+        )
+    return files[str(name_or_path)]
 
 
 def load_family(name_or_path: str | os.PathLike, overrides: list[str] | None = None) -> Family:
-    """A family by name (``recipes/models/NAME.toml``) or by path to a TOML file."""
-    p = Path(name_or_path)
-    if p.suffix != ".toml":
-        p = RECIPES_DIR / "models" / f"{name_or_path}.toml"
-        if not p.is_file():
-            known = ", ".join(f.stem for f in family_files())
-            raise RecipeError(
-                f"unknown model family {str(name_or_path)!r}; known: {known or 'none'} (or give a path to a .toml recipe; "
-                f"recipes are read from {RECIPES_DIR}, set VPATCH_RECIPES to move them)"
-            )
-    data = apply_overrides(_load_toml(p), overrides or [])
-    fam = parse_family(data, str(p))
+    """A family by name (``recipes/models/NAME.toml`` or a user folder's) or by path to a TOML file."""
+    p = _named("models", name_or_path, "model family")
+    if not overrides:
+        return _load("models", p)
+    fam = parse_family(apply_overrides(_load_toml(p), overrides), str(p))
     fam.path = p
     return fam
 
 
 def shipped_families() -> list[Family]:
-    """Every family recipe that parses (a broken one is reported when it is named, not here)."""
-    fams = []
-    for f in family_files():
-        try:
-            fams.append(load_family(f))
-        except RecipeError:
-            continue
-    return fams
+    """Every family recipe on the search path; one that does not parse is an error, not a silent gap."""
+    return [_load("models", f) for f in family_files()]
 
 
 def detect_family(pipeline_class: str | None, keys: set[str]) -> str | None:
@@ -624,15 +665,10 @@ def _img(s: str | None, base: Path | None, where: str) -> Path | None:
     return p
 
 
+def concept_files() -> list[Path]:
+    return list(_recipe_files("concepts").values())
+
+
 def load_concept(name_or_path: str | os.PathLike) -> Concept:
-    p = Path(name_or_path)
-    if p.suffix != ".toml":
-        p = RECIPES_DIR / "concepts" / f"{name_or_path}.toml"
-        if not p.is_file():
-            known = ", ".join(f.stem for f in sorted((RECIPES_DIR / "concepts").glob("*.toml")))
-            raise RecipeError(
-                f"unknown concept {str(name_or_path)!r}; shipped: {known} (or give a path to a .toml recipe)"
-            )
-    c = parse_concept(_load_toml(p), str(p), p.parent)
-    c.path = p
-    return c
+    """A concept by name (``recipes/concepts/NAME.toml`` or a user folder's) or by path to a TOML file."""
+    return _load("concepts", _named("concepts", name_or_path, "concept"))

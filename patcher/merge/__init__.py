@@ -1,5 +1,12 @@
-"""The streaming merge: plan a delta against a checkpoint, then apply or revert it."""
+"""The streaming merge: plan a delta against a checkpoint, then apply or revert it.
 
-from .engine import Report, apply_delta, plan_apply, revert_delta
+``plan`` (where each entry lands, as ``EditOp``s), ``kernel`` (the streaming row loop), ``records``
+(revert records), ``provenance`` (the ``vpatch.applied`` record), ``writer`` (a whole output,
+atomically), ``engine`` (apply and revert).
+"""
 
-__all__ = ["Report", "apply_delta", "plan_apply", "revert_delta"]
+from .engine import Report, apply_delta, revert_delta
+from .ops import EditOp, EditStats
+from .plan import Plan, plan_apply
+
+__all__ = ["EditOp", "EditStats", "Plan", "Report", "apply_delta", "plan_apply", "revert_delta"]

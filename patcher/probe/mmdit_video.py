@@ -20,14 +20,25 @@ from __future__ import annotations
 
 import gc
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import ProbeError
 from ..families.conversion import build_module, one_to_one
+from ..families.recipes import Concept, Family, SiteSpec
 from ..layouts import AliasRules
+from ..merge.engine import Reporter
 from ..safetensors_io import TensorReader
+from .activations import Capture
+from .encoders import Encoder
+from .sites import Hooks, Target, find_module, hooked_group
+from .sources import ModelSource
+
+if TYPE_CHECKING:
+    from .capture import CaptureOptions, Raw
 
 
 @dataclass(frozen=True)
@@ -185,11 +196,20 @@ def load_transformer(fam, ws, dtype: torch.dtype, device: str) -> tuple[torch.nn
     return model, stored
 
 
-def capture(src, fam, sites, targets, con, opt, device, dtype, groups, caps, rep, say) -> None:
+def capture_denoise(
+    src: ModelSource,
+    fam: Family,
+    sites: list[SiteSpec],
+    targets: dict[str, list[Target]],
+    con: Concept,
+    opt: CaptureOptions,
+    device: str,
+    dtype: torch.dtype,
+    rep: Reporter,
+    say: Callable[[str], None],
+) -> Raw:
     """Denoise-mode capture on a converted single file: encode every prompt, free the encoders,
     convert and load the denoiser, sample each prompt with pre-hooks on the site Linears."""
-    from .core import Captured, Encoder, _find_module, _hooked_group, _Hooks
-
     if src.single is None:
         raise ProbeError(
             f"family {fam.name}: runner {fam.denoise.runner} converts an original single file; this is a folder"
@@ -221,7 +241,9 @@ def capture(src, fam, sites, targets, con, opt, device, dtype, groups, caps, rep
             torch.cuda.empty_cache()
     say(f"converting the single file to {fam.convert.module} on {device}")
     model, stored = load_transformer(fam, src.single, dtype, device)
-    modules, site_of = {}, {}
+    modules: dict[str, torch.nn.Module] = {}
+    site_of: dict[str, SiteSpec] = {}
+    group_targets: dict[tuple[str, str], list[Target]] = {}
     for site in sites:
         for t in targets[site.name]:
             tgt = one_to_one(fam.convert, t.module + ".weight", stored)
@@ -230,18 +252,19 @@ def capture(src, fam, sites, targets, con, opt, device, dtype, groups, caps, rep
                     f"site {site.name}: {t.key} is split, folded or permuted by the conversion, so an "
                     "edit of the converted weight is not the same edit of the stored one"
                 )
-            g = _hooked_group(t)
-            groups.setdefault((site.name, g), []).append(t)
+            g = hooked_group(t)
+            group_targets.setdefault((site.name, g), []).append(t)
             if g not in modules:
-                modules[g] = _find_module(model, tgt.removesuffix(".weight"))
+                modules[g] = find_module(model, tgt.removesuffix(".weight"))
                 site_of[g] = site
-    hooks = _Hooks(modules, lambda _g, x: x[0] if x.dim() == 3 else x)
+    # with guidance the batch is [prompt, negative]: keep the prompt's half
+    hooks = Hooks(modules, lambda _g, x: x[0] if x.dim() == 3 else x)
 
     def to(x: torch.Tensor) -> torch.Tensor:
         return x.to(device, dtype).unsqueeze(0)
 
     neg = (to(enc_out["text"][1]), to(enc_out["pooled"][1].reshape(-1)))
-    per: list[dict] = []
+    per: list[dict[str, list[torch.Tensor]]] = []
     try:
         for i in range(len(texts)):
             txt, vec = enc_out["text"][0][i], enc_out["pooled"][0][i].reshape(-1)
@@ -252,10 +275,14 @@ def capture(src, fam, sites, targets, con, opt, device, dtype, groups, caps, rep
     finally:
         hooks.remove()
     n = len(con.pairs)
-    for g, site in site_of.items():
-        un = [[(x, None) for x in r[g]] for r in per[:n]]
-        sa = [[(x, None) for x in r[g]] for r in per[n : 2 * n]]
-        ne = [(x, None) for r in per[2 * n :] for x in r[g]]
-        if not un[0]:
-            raise ProbeError(f"site {site.name}: module {g} never ran during sampling")
-        caps[(site.name, g)] = Captured(un, sa, ne)
+    by_role = {"unsafe": per[:n], "safe": per[n : 2 * n], "neutral": per[2 * n :]}
+    out: Raw = {}
+    for (site_name, g), ts in group_targets.items():
+        if not by_role["unsafe"][0][g]:
+            raise ProbeError(f"site {site_name}: module {g} never ran during sampling")
+        roles = {
+            r: [[Capture.of(x, None) for x in calls[g]] for calls in prompts]
+            for r, prompts in by_role.items()
+        }
+        out[(site_name, g)] = (ts, roles)
+    return out

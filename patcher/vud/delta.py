@@ -22,7 +22,7 @@ from ..errors import DeltaError, FormatError, IntegrityError
 from ..safetensors_io import DTYPE_BITS, TensorReader, read_header, save_tensors
 
 FORMAT = "vud"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the hash also covers the concept and method records
 KINDS = ("add", "project_input")
 MAX_KEY_LEN = 1024
 _KEY_RE = re.compile(r"^[A-Za-z0-9_.\-]+/[A-Za-z0-9_.\-]+$")
@@ -73,10 +73,11 @@ class Delta:
     method: dict = field(default_factory=dict)
     versions: dict = field(default_factory=dict)
     path: Path | None = None
+    format_version: int = FORMAT_VERSION  # a delta read from an older file keeps that file's hash
 
     @property
     def sha256(self) -> str:
-        return delta_hash(self.entries)
+        return delta_hash(self.entries, self.concept, self.method, self.format_version)
 
     @property
     def concept_name(self) -> str:
@@ -90,14 +91,22 @@ def _factor_names(key: str) -> tuple[str, str]:
     return f"{key}::U", f"{key}::V"
 
 
-def delta_hash(entries: list[DeltaEntry]) -> str:
-    """sha256 over the canonical layer map, then every factor's bytes in map order (U, then V)."""
+def _canonical(obj: object) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def delta_hash(
+    entries: list[DeltaEntry],
+    concept: dict | None = None,
+    method: dict | None = None,
+    version: int = FORMAT_VERSION,
+) -> str:
+    """sha256 over the canonical layer map, (version 2 on) the canonical concept and method
+    records, then every factor's bytes in map order (U, then V). Version 1 files keep their hash."""
     h = hashlib.sha256()
-    h.update(
-        json.dumps(
-            [e.map_record() for e in entries], sort_keys=True, separators=(",", ":")
-        ).encode()
-    )
+    h.update(_canonical([e.map_record() for e in entries]))
+    if version >= 2:
+        h.update(_canonical({"concept": concept or {}, "method": method or {}}))
     for e in entries:
         for t in (e.U, e.V):
             h.update(t.detach().to(torch.float32).contiguous().numpy().tobytes())
@@ -132,7 +141,7 @@ def write_delta(path: str | os.PathLike, delta: Delta, overwrite: bool = False) 
         u, v = _factor_names(e.key)
         tensors[u] = e.U.detach().to(torch.float32).contiguous()
         tensors[v] = e.V.detach().to(torch.float32).contiguous()
-    digest = delta_hash(delta.entries)
+    digest = delta_hash(delta.entries, delta.concept, delta.method)
     meta = {
         "vpatch.format": FORMAT,
         "vpatch.format_version": str(FORMAT_VERSION),
@@ -142,7 +151,7 @@ def write_delta(path: str | os.PathLike, delta: Delta, overwrite: bool = False) 
         "vpatch.versions": json.dumps(delta.versions or versions()),
         "vpatch.delta_sha256": digest,
     }
-    with atomic_file(Path(path), [], overwrite) as tmp:
+    with atomic_file(Path(path), [], overwrite, "delta") as tmp:
         save_tensors(tmp, tensors, meta)
         read_delta(tmp)  # validate what landed before it gets the final name
     return digest
@@ -159,7 +168,20 @@ def _json_field(meta: dict[str, str], key: str, where: str, kind: type) -> objec
         raise DeltaError(f"{where}: metadata field {key!r} is not valid JSON") from None
     if not isinstance(val, kind):
         raise DeltaError(f"{where}: metadata field {key!r} must be a JSON {kind.__name__}")
+    try:  # "\ud800" is valid JSON but no UTF-8 text: it would break every later write
+        json.dumps(val, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise DeltaError(
+            f"{where}: metadata field {key!r} holds a lone surrogate (not valid Unicode text)"
+        ) from None
     return val
+
+
+def _finite(x: int | float) -> bool:
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # a JSON integer beyond float range
+        return False
 
 
 def _parse_entry(rec: object, i: int, where: str) -> dict:
@@ -185,7 +207,7 @@ def _parse_entry(rec: object, i: int, where: str) -> dict:
     if (
         not isinstance(strength, (int, float))
         or isinstance(strength, bool)
-        or not math.isfinite(strength)
+        or not _finite(strength)
     ):
         raise DeltaError(f"{w} ({key}): strength must be a finite number")
     rank = rec.get("rank")
@@ -195,7 +217,7 @@ def _parse_entry(rec: object, i: int, where: str) -> dict:
     if sha is not None and (not isinstance(sha, str) or not _HEX64.match(sha)):
         raise DeltaError(f"{w} ({key}): base_sha256 must be 64 lowercase hex digits or null")
     bdt = rec.get("base_dtype")
-    if bdt is not None and bdt not in DTYPE_BITS:
+    if bdt is not None and (not isinstance(bdt, str) or bdt not in DTYPE_BITS):
         raise DeltaError(f"{w} ({key}): base_dtype {bdt!r} is not a safetensors dtype")
     return {
         "key": key,
@@ -295,12 +317,12 @@ def read_delta(path: str | os.PathLike) -> Delta:
                 )
             )
     _check_entries(entries, where)
-    digest = delta_hash(entries)
+    digest = delta_hash(entries, concept, method, ver)
     if meta.get("vpatch.delta_sha256") != digest:
         raise IntegrityError(
             f"{where}: the delta's hash does not match its contents (stored {meta.get('vpatch.delta_sha256')!r:.20}..., computed {digest[:16]}...); the file was modified or damaged, re-download or re-probe it"
         )
-    return Delta(entries, concept, method, vers, path)
+    return Delta(entries, concept, method, vers, path, ver)
 
 
 def projection_entry(

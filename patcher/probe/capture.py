@@ -1,0 +1,370 @@
+"""Capture: run a concept's prompts through the model and record what each edit site reads.
+
+Two modes, chosen per site by the family recipe:
+- ``text``: the site reads the (image or text) encoder's output, possibly after a few small modules
+  (a caption projection). Only the encoder runs; those few weights are read lazily from safetensors.
+  The denoiser is never built, so a 14B transformer costs nothing but its file headers.
+- ``denoise``: the site's input depends on the video tokens (joint attention), so the pipeline runs
+  on noise latents for the recipe's number of steps, with forward pre-hooks on the site Linears.
+
+Activations are captured at the *input* of the target Linear (never by patching attention
+processors). The result is an ``Activations`` value; no direction math happens here.
+"""
+
+from __future__ import annotations
+
+import gc
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import ProbeError
+from ..families.recipes import Concept, EncoderSpec, Family, SiteSpec, load_concept, load_family
+from ..merge.engine import NullReporter, Reporter
+from ..vud.delta import versions
+from .activations import Activations, Capture, CaptureRecord, GroupActivations, TargetWeight
+from .denoise import capture_denoise
+from .encoders import Encoder
+from .sites import Hooks, Target, find_module, hooked_group, run_chain, site_targets
+from .sources import ModelSource, WeightReader, open_model, resolve_family
+
+OFFLOADS = ("none", "model", "sequential", "balanced")
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+@dataclass(frozen=True)
+class CaptureOptions:
+    """What to capture and how; the method parameters are apart (``ProbeParams``)."""
+
+    family: str | None = None  # name or TOML path; detected when None
+    sites: tuple[str, ...] | None = None  # recipe site names; None = the recipe's defaults
+    layers: str | None = None  # regex that further restricts the target keys
+    device: str = "auto"
+    dtype: str = "auto"
+    seed: int = 0  # noise seed for denoise-mode sites (same for both prompts of a pair)
+    overrides: tuple[str, ...] = ()  # --set dotted.key=value on the family recipe
+    encoders: dict[str, str] = field(default_factory=dict)  # encoder name -> local path or hub id
+    revision: str | None = None
+    offload: str = (
+        "none"  # denoise mode on a model that does not fit: none | model | sequential | balanced
+    )
+
+    def __post_init__(self) -> None:
+        if self.sites is not None:
+            object.__setattr__(self, "sites", tuple(self.sites))
+        object.__setattr__(self, "overrides", tuple(self.overrides))
+        if self.offload not in OFFLOADS:
+            raise ProbeError(f"--offload {self.offload!r}: choose one of {', '.join(OFFLOADS)}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ProbeError(f"--dtype {self.dtype!r}: use auto, float32, bfloat16 or float16")
+        if self.layers:
+            try:
+                re.compile(self.layers)
+            except re.error as e:
+                raise ProbeError(
+                    f"--layer-filter {self.layers!r} is not a valid regular expression ({e})"
+                ) from None
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ProbeError("--device cuda: no CUDA device is visible; use --device cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise ProbeError(f"--device {name!r}: use auto, cpu or cuda[:N]")
+    return name
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if name not in DTYPES:
+        raise ProbeError(f"--dtype {name!r}: use auto, float32, bfloat16 or float16")
+    return DTYPES[name]
+
+
+# --------------------------------------------------------------------------- the capture
+
+
+# what each (site, group) captured before fingerprinting: its targets and, per role, per prompt,
+# one Capture per forward call
+Raw = dict[tuple[str, str], tuple[list[Target], dict[str, list[list[Capture]]]]]
+
+
+def capture(
+    model: str | Path | ModelSource,
+    concept: str | Path | Concept,
+    options: CaptureOptions | None = None,
+    weights: WeightReader | None = None,
+    reporter: Reporter | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Activations:
+    """Run CONCEPT's prompts through MODEL and return what every target of every site reads.
+
+    ``weights`` fingerprints the targets (pass the reader the builds will use, so that each W is
+    read once); it is used only after the encoders and pipelines are released, so their memory and
+    the weights' never add up.
+    """
+    opt = options or CaptureOptions()
+    con = concept if isinstance(concept, Concept) else load_concept(concept)
+    src = open_model(model, opt)
+    fam = (
+        load_family(opt.family, list(opt.overrides))
+        if opt.family
+        else resolve_family(src, None, list(opt.overrides))
+    )
+    sites, targets = _site_targets(src, fam, opt)
+    device = resolve_device(opt.device)
+    dtype = resolve_dtype(opt.dtype, device)
+    raw = _capture_sites(
+        src, fam, sites, targets, con, opt, device, dtype, reporter or NullReporter(), log
+    )
+    gc.collect()  # the encoders and pipeline are gone; free them before the weights are read
+    groups = _fingerprinted(raw, src, fam, weights or WeightReader(src, keep=False))
+    record = CaptureRecord(
+        src.origin or str(model),
+        opt.revision,
+        device,
+        str(dtype).removeprefix("torch."),
+        opt.seed,
+        opt.layers,
+        opt.overrides,
+        fam.denoise.steps if any(s.mode == "denoise" for s in sites) else None,
+    )
+    names = tuple(s.name for s in sites)
+    return Activations(
+        fam.name, dict(fam.defaults), names, con.record(), record, versions(), groups
+    )
+
+
+def _site_targets(
+    src: ModelSource, fam: Family, opt: CaptureOptions
+) -> tuple[list[SiteSpec], dict[str, list[Target]]]:
+    """The chosen sites and the stored weights each one targets; unknown names fail here."""
+    site_names = list(opt.sites or fam.default_sites)
+    for s in site_names:
+        if s not in fam.sites:
+            raise ProbeError(
+                f"--layers {s!r}: family {fam.name} has sites {', '.join(sorted(fam.sites))}"
+            )
+    for n in opt.encoders:
+        if n not in fam.encoders:
+            raise ProbeError(
+                f"--encoder {n}=...: family {fam.name} has encoders {', '.join(sorted(fam.encoders))}"
+            )
+    layers = re.compile(opt.layers) if opt.layers else None
+    sites = [fam.sites[s] for s in site_names]
+    targets: dict[str, list[Target]] = {}
+    for site in sites:
+        ts = site_targets(site, src, layers, fam.key_prefixes)
+        if not ts:
+            raise ProbeError(
+                f"site {site.name!r} of family {fam.name} matches no weight in {src.root} (components {site.components}); "
+                "is this the right --family, or did --layer-filter exclude everything?"
+            )
+        targets[site.name] = ts
+    return sites, targets
+
+
+def _fingerprinted(
+    raw: Raw, src: ModelSource, fam: Family, weights: WeightReader
+) -> tuple[GroupActivations, ...]:
+    """Each group with its targets' shapes, stored dtypes and sha256 (one read of each W)."""
+    groups = []
+    for (site_name, g), (ts, roles) in raw.items():
+        recs = []
+        for t in ts:
+            b = weights.read(t.component, t.key)
+            # a single original-layout file has no components: the delta names the recipe's
+            comp = fam.sites[site_name].components[0] if src.single is not None else t.component
+            shape = (int(b.W.shape[0]), int(b.W.shape[1]))
+            recs.append(
+                TargetWeight(t.component, t.key, f"{comp}/{t.key}", shape, b.dtype, b.sha256)
+            )
+        prompts = {r: tuple(tuple(p) for p in ps) for r, ps in roles.items()}
+        groups.append(GroupActivations(site_name, g, tuple(recs), prompts))
+    return tuple(groups)
+
+
+def _capture_sites(
+    src: ModelSource,
+    fam: Family,
+    sites: list[SiteSpec],
+    targets: dict[str, list[Target]],
+    con: Concept,
+    opt: CaptureOptions,
+    device: str,
+    dtype: torch.dtype,
+    rep: Reporter,
+    log: Callable[[str], None] | None,
+) -> Raw:
+    """Every site's captures; the encoders and pipeline live only inside this call."""
+    say = log or (lambda _m: None)
+    text_sites = [s for s in sites if s.mode == "text"]
+    denoise_sites = [s for s in sites if s.mode == "denoise"]
+    total = 0
+    for s in text_sites:
+        total += sum(len(x) for x in _pairs_inputs(con, fam.encoders[s.encoder]))
+    if denoise_sites:  # one pipeline call per prompt, all sites hooked at once
+        total += 2 * len(con.pairs) + len(con.neutral)
+    out: Raw = {}
+    encoders: dict[str, Encoder] = {}
+    rep.start("probing", total)
+    try:
+        for site in text_sites:
+            enc_spec = fam.encoders[site.encoder]
+            if site.encoder not in encoders:
+                say(f"loading encoder {site.encoder} ({enc_spec.component}) on {device}")
+                encoders[site.encoder] = Encoder(
+                    enc_spec, src, opt.encoders.get(site.encoder), device, dtype
+                )
+            un, sa, ne = _pairs_inputs(con, enc_spec)
+            by_group, acts = capture_text(
+                src,
+                site,
+                encoders[site.encoder],
+                targets[site.name],
+                {"unsafe": un, "safe": sa, "neutral": ne},
+                rep.advance,
+            )
+            for g, ts in by_group.items():
+                roles = {r: [[Capture.of(x, m)] for x, m in items] for r, items in acts[g].items()}
+                out[(site.name, g)] = (ts, roles)
+        if denoise_sites:
+            out.update(
+                capture_denoise(src, fam, denoise_sites, targets, con, opt, device, dtype, rep, say)
+            )
+    finally:
+        rep.stop()
+    return out
+
+
+def _pairs_inputs(concept: Concept, enc: EncoderSpec) -> tuple[list, list, list]:
+    if enc.kind == "image":
+        if concept.pairs[0].unsafe_image is None:
+            raise ProbeError(
+                f"encoder {enc.name!r} reads images, but concept {concept.name!r} has no unsafe_image/safe_image in its pairs"
+            )
+        if len(concept.neutral_images) < 2:
+            raise ProbeError(
+                f"concept {concept.name!r}: an image site needs neutral_images (2 or more) for the contrast"
+            )
+        return (
+            [p.unsafe_image for p in concept.pairs],
+            [p.safe_image for p in concept.pairs],
+            list(concept.neutral_images),
+        )
+    return [p.unsafe for p in concept.pairs], [p.safe for p in concept.pairs], list(concept.neutral)
+
+
+def capture_text(
+    src: ModelSource,
+    site: SiteSpec,
+    enc: Encoder,
+    targets: list[Target],
+    items: dict[str, list],
+    advance: Callable[[int], None] = lambda _n: None,
+) -> tuple[dict[str, list[Target]], dict[str, dict[str, list]]]:
+    """Text-mode capture: the input of each target group for every item of every role.
+
+    Targets inside the encoder are captured by pre-hooks on their Linear modules during the encoder
+    forward; targets in another component read the encoder output through the site's chain.
+    Returns (targets by group, {group: {role: [(acts (tokens, H), mask or None)]}}).
+    """
+    spec = enc.spec
+    by_group: dict[str, list[Target]] = {}
+    for t in targets:
+        inside = t.component == spec.component
+        g = hooked_group(t) if inside else f"{t.component}:{site.name}"
+        by_group.setdefault(g, []).append(t)
+    hooked = {
+        g: find_module(enc.model, ts[0].module)
+        for g, ts in by_group.items()
+        if ts[0].component == spec.component
+    }
+    hooks = Hooks(hooked, lambda _n, x: x) if hooked else None
+    raw: dict[str, tuple[list, dict[str, list]]] = {}
+    try:
+        for role, its in items.items():
+            acts: list = []
+            hook_acts: dict[str, list] = {g: [] for g in hooked}
+            for i in range(0, len(its), 8):
+                chunk = its[i : i + 8]
+                acts += enc(chunk)
+                if hooks is not None:
+                    for g, xs in hooks.take().items():
+                        for x in xs:
+                            hook_acts[g] += [x[j] for j in range(x.shape[0])]
+                advance(len(chunk))
+            raw[role] = (acts, hook_acts)
+    finally:
+        if hooks is not None:
+            hooks.remove()
+
+    out: dict[str, dict[str, list]] = {}
+    for g, ts in by_group.items():
+        ws = src.weights(ts[0].component)
+        out[g] = {}
+        for role, (acts, hook_acts) in raw.items():
+            if g in hook_acts:
+                res = []
+                for (_x0, m), x in zip(acts, hook_acts[g]):
+                    if x.dim() == 2 and spec.kind != "image":
+                        x = x[enc.crop_start :]
+                    res.append((x, m if m is not None and m.shape[0] == x.shape[0] else None))
+            else:
+                prefix = ts[0].key[: len(ts[0].key) - len(ts[0].module + ".weight")]
+                res = [(run_chain(site, ws, x, prefix) if site.chain else x, m) for x, m in acts]
+            out[g][role] = res
+        dim = next(iter(out[g].values()))[0][0].shape[-1]
+        for t in ts:
+            if t.in_dim != dim:
+                raise ProbeError(
+                    f"{t.component}/{t.key}: in-dim {t.in_dim} does not equal the site input's width {dim}; "
+                    f"site {site.name!r} does not read {site.encoder!r} here (wrong family or recipe)"
+                )
+    return by_group, out
+
+
+def site_inputs(
+    model: str | Path,
+    site: str,
+    prompts: list,
+    *,
+    family: str | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    overrides: list[str] | None = None,
+    encoders: dict[str, str] | None = None,
+) -> dict[str, list[tuple[torch.Tensor, torch.Tensor | None]]]:
+    """What a text-mode site's weights read for these prompts (or image paths), per group: for checks and notebooks."""
+    from .sources import open_source
+
+    src = open_source(model)
+    fam = load_family(family, overrides) if family else resolve_family(src, None, overrides or [])
+    if site not in fam.sites or fam.sites[site].mode != "text":
+        raise ProbeError(f"site {site!r} is not a text-mode site of family {fam.name}")
+    sp = fam.sites[site]
+    dev = resolve_device(device)
+    enc = Encoder(
+        fam.encoders[sp.encoder],
+        src,
+        (encoders or {}).get(sp.encoder),
+        dev,
+        resolve_dtype(dtype, dev),
+    )
+    _groups, acts = capture_text(
+        src, sp, enc, site_targets(sp, src, None, fam.key_prefixes), {"items": prompts}
+    )
+    return {g: a["items"] for g, a in acts.items()}

@@ -1,0 +1,64 @@
+"""``ProbeParams``: the method parameters that turn captured activations into a delta.
+
+One frozen record, checked once when it is made: the CLI and the API both build it, and a bad value
+fails with one line before any model is loaded. A field left as ``None`` means "the family recipe's
+default"; ``resolved`` fills those from the defaults recorded with the activations.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+
+from ..erasure.refusal import POOLINGS
+from ..errors import ProbeError
+
+
+def method_names() -> tuple[str, ...]:
+    from .build import METHODS
+
+    return tuple(METHODS)
+
+
+@dataclass(frozen=True)
+class ProbeParams:
+    method: str | None = None  # a name in build.METHODS: mean, pca, cpca
+    rank: int | None = None  # k: subspace size for pca/cpca
+    alpha: float | None = None  # α in C = C_diff - α C_neutral (cpca)
+    strength: float | None = None  # λ in W' = W - λ (W B) Bᵀ
+    directions: int | None = None  # m: orthonormal directions removed
+    pooling: str | None = None  # how a prompt's tokens become samples: tokens, mean, last
+
+    def __post_init__(self) -> None:
+        if self.method is not None and self.method not in method_names():
+            raise ProbeError(f"--method {self.method!r}: choose one of {', '.join(method_names())}")
+        if self.pooling is not None and self.pooling not in POOLINGS:
+            raise ProbeError(f"--pooling {self.pooling!r}: choose one of {', '.join(POOLINGS)}")
+        for name, what in (("rank", "k, the subspace size"), ("directions", "m, the directions")):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ProbeError(f"--{name} {v!r}: {what}, must be a whole number >= 1")
+        for name, low, what in (
+            ("alpha", ">= 0", "the neutral contrast α"),
+            ("strength", "> 0", "the edit strength λ (1 removes the direction exactly)"),
+        ):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ProbeError(f"--{name} {v!r}: {what}, must be a finite number {low}")
+            if (v < 0) if low == ">= 0" else (v <= 0):
+                raise ProbeError(f"--{name} {v!r}: {what}, must be {low}")
+
+    def resolved(self, defaults: dict) -> ProbeParams:
+        """Every unset field taken from ``defaults`` (a family recipe's), checked again as a whole."""
+        missing = {
+            f.name: defaults.get(f.name) for f in fields(self) if getattr(self, f.name) is None
+        }
+        absent = [k for k, v in missing.items() if v is None]
+        if absent:
+            raise ProbeError(f"no value and no family default for {', '.join(absent)}")
+        return replace(self, **missing)
+
+    def record(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
