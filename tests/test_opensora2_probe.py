@@ -106,3 +106,42 @@ def test_txt_mlp_on_a_folder_is_refused(tmp_path, encoders):
     res = _probe(tmp_path / "m", tmp_path / "v.vud", encoders, "--family", "opensora2")
     assert res.exit_code == 2, res.output
     assert "single file" in res.output and "Traceback" not in res.output
+
+
+def test_txt_mlp_activations_saved_then_built_equal_the_direct_probe(tmp_path, encoders):
+    """The converted file's denoise capture is an Activations value like the pipeline's: per prompt,
+    one capture per sampling step; a build from the saved file gives the probe's own delta."""
+    from patcher.families.recipes import load_concept
+    from patcher.probe import read_activations
+
+    ck = tmp_path / "Open_Sora_v2.safetensors"
+    shutil.copy(WEIGHTS, ck)
+    acts = tmp_path / "v.acts.safetensors"
+    res = _probe(ck, tmp_path / "v.vud", encoders, "--save-activations", acts)
+    assert res.exit_code == 0, res.output
+    saved = read_activations(acts)
+    con = load_concept("violence")
+    assert saved.capture.denoise_steps == 2
+    assert sorted(g.targets[0].key for g in saved.groups) == [
+        f"double_blocks.{n}.txt_mlp.0.weight" for n in (1, 2)
+    ]
+    for g in saved.groups:
+        counts = {r: len(ps) for r, ps in g.roles.items()}
+        assert counts == {
+            "unsafe": len(con.pairs),
+            "safe": len(con.pairs),
+            "neutral": len(con.neutral),
+        }
+        assert {len(p) for ps in g.roles.values() for p in ps} == {2}  # one capture per step
+        assert {tuple(c.tokens.shape) for ps in g.roles.values() for p in ps for c in p} == {
+            (16, 32)
+        }
+    res = CliRunner().invoke(
+        main, ["build", str(acts), "-o", str(tmp_path / "b.vud"), "--rank", "4", "--json"]
+    )
+    assert res.exit_code == 0, res.output
+    direct, built = read_delta(tmp_path / "v.vud"), read_delta(tmp_path / "b.vud")
+    assert [e.key for e in built.entries] == [e.key for e in direct.entries]
+    for a, b in zip(built.entries, direct.entries):
+        assert torch.equal(a.U, b.U) and torch.equal(a.V, b.V)
+    assert built.sha256 == direct.sha256
