@@ -366,7 +366,8 @@ def _method_options(fn):
             metavar="NAME",
             help=f"How directions are found: {', '.join(METHODS)}. cpca: the refusal vector kept by the "
             "contrastive subspace of C_diff − α·C_neutral; pca: the same with α = 0; mean: the raw mean "
-            "difference. Default: the family recipe's (cpca).",
+            "difference; twin: a closed-form input-side map that sends the concept's tokens to its safe "
+            "twin's, with a preservation set (text-mode sites). Default: the family recipe's (cpca).",
         ),
         click.option(
             "--rank",
@@ -389,16 +390,37 @@ def _method_options(fn):
             metavar="MODE",
             help=f"How a prompt's tokens become samples: {', '.join(POOLINGS)} (see recipes/README.md).",
         ),
+        click.option(
+            "--beta",
+            type=float,
+            default=1.0,
+            show_default=True,
+            help="twin: β ≥ 0, the preservation set's weight against the concept pairs.",
+        ),
+        click.option(
+            "--ridge",
+            type=float,
+            default=1e-3,
+            show_default=True,
+            help="twin: pull toward the identity, relative to the preservation tokens' scale.",
+        ),
+        click.option(
+            "--null",
+            type=int,
+            default=0,
+            show_default=True,
+            help="twin: concept null-space directions that no input reaches afterwards (docs/erasure.md).",
+        ),
     ]
     for o in reversed(opts):
         fn = o(fn)
     return fn
 
 
-def _params(method, rank, alpha, strength, directions, pooling):
+def _params(method, rank, alpha, strength, directions, pooling, beta, ridge, null):
     from .probe import ProbeParams
 
-    return ProbeParams(method, rank, alpha, strength, directions, pooling)
+    return ProbeParams(method, rank, alpha, strength, directions, pooling, beta, ridge, null)
 
 
 def _show_probe(r, as_json: bool, verb: str) -> None:
@@ -532,6 +554,9 @@ def probe(
     strength,
     directions,
     pooling,
+    beta,
+    ridge,
+    null,
     device,
     dtype,
     encoders,
@@ -568,7 +593,7 @@ def probe(
         raise ProbeError(
             "probe: nothing to write; give -o DELTA.vud, --save-activations FILE or both"
         )
-    params = _params(method, rank, alpha, strength, directions, pooling)
+    params = _params(method, rank, alpha, strength, directions, pooling, beta, ridge, null)
     opt = CaptureOptions(
         family=family,
         sites=tuple(s.strip() for s in sites.split(",") if s.strip()) if sites else None,
@@ -629,7 +654,20 @@ def probe(
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable summary on stdout.")
 @_user_errors
 def build(
-    activations, out, method, rank, alpha, strength, directions, pooling, model, overwrite, as_json
+    activations,
+    out,
+    method,
+    rank,
+    alpha,
+    strength,
+    directions,
+    pooling,
+    beta,
+    ridge,
+    null,
+    model,
+    overwrite,
+    as_json,
 ):
     """Build a delta from saved activations, with any method parameters, without running a model.
 
@@ -649,7 +687,7 @@ def build(
     from .probe import build as run_build
     from .vud.delta import write_delta
 
-    params = _params(method, rank, alpha, strength, directions, pooling)
+    params = _params(method, rank, alpha, strength, directions, pooling, beta, ridge, null)
     check_target(out, [activations], overwrite, "delta")
     acts = read_activations(activations)
     built = run_build(acts, params, WeightReader.for_activations(acts, model))
@@ -716,6 +754,20 @@ def build(
     multiple=True,
     metavar="KEY=VALUE",
     help="Extra pipeline arguments for real models, e.g. --call num_frames=17 --call height=256.",
+)
+@click.option(
+    "--attack",
+    "attack",
+    type=click.Choice(["prompts", "embedding"]),
+    help="Instead of the standard comparison, attack the edit (organism only): prompts = rewordings "
+    "from the concept's vocabulary; embedding = concept inversion of the conditioning sequence.",
+)
+@click.option(
+    "--attack-iterations",
+    type=int,
+    default=150,
+    show_default=True,
+    help="Adam steps of the embedding attack.",
 )
 @click.option(
     "--out",
@@ -796,6 +848,8 @@ def eval_cmd(
     frame_stride,
     nudenet_threshold,
     nudenet_classes,
+    attack,
+    attack_iterations,
     as_json,
     quiet,
 ):
@@ -818,6 +872,10 @@ def eval_cmd(
     from .families.recipes import apply_overrides
 
     call = apply_overrides({}, list(calls))
+    if attack and out is not None:
+        raise EvalError(
+            "--attack compares the original and the patched model in memory; drop --out"
+        )
     if out is not None:
         return _eval_folder(
             model, concept, delta, patched, judge, clip_model, seeds, steps, guidance, strength,
@@ -845,6 +903,31 @@ def eval_cmd(
         call=call,
     )
     say = (lambda m: None) if (quiet or as_json) else (lambda m: err.print(m))
+    if attack:
+        from .evaluation.attacks import attack_eval
+
+        a = attack_eval(
+            model,
+            concept,
+            delta=delta,
+            patched=patched,
+            attack=attack,
+            options=opt,
+            iterations=attack_iterations,
+        )
+        if as_json:
+            click.echo(json.dumps(a.to_dict(), indent=2))
+            return
+
+        def fmt(x: dict) -> str:
+            return f"{100 * x['rate']:.0f}% [{100 * x['ci95'][0]:.0f}, {100 * x['ci95'][1]:.0f}]"
+
+        t = Table(title=f"attack {a.attack}: concept shown ({a.n} clips, 95% Wilson intervals)")
+        for c in ("original", "patched"):
+            t.add_column(c, no_wrap=True)
+        t.add_row(fmt(a.before), fmt(a.after))
+        Console(highlight=False).print(t)
+        return
     r = evaluate(
         model,
         concept,

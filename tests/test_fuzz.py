@@ -27,6 +27,7 @@ KNOWN = settings(CI, phases=[Phase.explicit, Phase.generate])
 @KNOWN
 @example([("drop", "blocks.0.attn2.to_k.weight::fix_index")])
 @example([("meta", "vpatch.originals", "[1]")])
+@example([("meta", "vpatch.originals", "[" * 100_000)])  # past the JSON parser's depth
 @example([("dtype", "blocks.0.attn2.to_k.weight::U", fc.torch.bfloat16)])
 @example([("values", "blocks.0.attn2.to_k.weight::fix_index", 2**40)])
 @given(fc.record_mutations())

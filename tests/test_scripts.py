@@ -54,7 +54,7 @@ def test_fresh_machine_installs_the_cpu_wheel_before_the_package(tmp_path):
     calls = _run(tmp_path, has_torch=False)
     pip = _pip(calls)
     assert pip[0] == "-m pip install -q torch==2.13.0+cpu"
-    assert pip[-1] == "-m pip install -q -e .[probe,test]"
+    assert pip[-1] == "-m pip install -q -e .[probe,eval,nudenet,test]"
     assert calls[-1] == "-m pytest -q -k nothing"
 
 
@@ -69,7 +69,7 @@ def test_without_a_local_cpu_wheel_it_uses_pytorchs_cpu_index(tmp_path):
 
 def test_an_installed_torch_is_left_alone(tmp_path):
     pip = _pip(_run(tmp_path, has_torch=True))
-    assert pip == ["-m pip install -q -e .[probe,test]"]
+    assert pip == ["-m pip install -q -e .[probe,eval,nudenet,test]"]
 
 
 def test_ci_runs_exactly_the_readme_command():

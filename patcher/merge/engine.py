@@ -12,6 +12,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
 from .._version import __version__
 from ..checkpoint import Checkpoint
 from ..errors import AlreadyApplied, OutputError, RevertError
@@ -20,7 +22,7 @@ from ..progress import NullReporter, Reporter
 from ..vud.delta import Delta, read_delta
 from . import provenance
 from .kernel import Job
-from .ops import EditOp, EditResult, EditStats
+from .ops import MAP, RECOMPUTED, EditOp, EditResult, EditStats
 from .plan import Plan, plan_apply
 from .provenance import AppliedRecord
 from .records import RECORD_FORMAT, RevertRecord, op_tag, result_tag, write_record
@@ -151,7 +153,7 @@ def _apply_warnings(plan: Plan, stats: list[EditStats]) -> list[str]:
         + "; "
         + (
             "U was recomputed from the target's own weight"
-            if m.entry.kind == "project_input" and not plan.use_factors
+            if m.entry.kind in RECOMPUTED and not plan.use_factors
             else "the base's factors were added as they are"
         )
         for m in plan.matched
@@ -286,6 +288,18 @@ def apply_delta(
 # --------------------------------------------------------------------------- revert
 
 
+def _inverse_map(op: EditOp) -> torch.Tensor:
+    """P' with (I + λ P Vᵀ)⁻¹ = I + P' Vᵀ (Woodbury): P' = −λ P (I + λ VᵀP)⁻¹."""
+    lam = op.strength
+    P, V = op.P.double(), op.V.double()
+    K = torch.eye(P.shape[1], dtype=torch.float64) + lam * (V.T @ P)
+    if float(torch.linalg.svdvals(K).min()) < 1e-6:
+        raise RevertError(
+            f"{op.entry}: this input-side map sends some inputs to zero, so on a checkpoint other than the probed base it cannot be undone; revert needs the revert record written by apply --revert-record"
+        )
+    return (-lam * P @ torch.linalg.inv(K)).float()
+
+
 def _inverse(
     op: EditOp, name: str, applied: AppliedRecord, record: RevertRecord | None
 ) -> tuple[Job, str | None]:
@@ -303,6 +317,9 @@ def _inverse(
             )
         # W = W'(I - μ BBᵀ), μ = λ/(λ-1)
         return Job(dataclasses.replace(plain, strength=lam / (lam - 1.0), recompute=True)), None
+    if op.kind == MAP and applied.mode == "recompute" and name in applied.diverged:
+        inv = dataclasses.replace(plain, P=_inverse_map(op), strength=1.0, recompute=True)
+        return Job(inv), None
     inv = dataclasses.replace(plain, strength=-applied.strength, recompute=False)
     return Job(inv), op.base_sha256 if op.base_dtype in (None, op.dtype) else None
 

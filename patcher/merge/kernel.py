@@ -102,7 +102,12 @@ def _edit_rows(
     a = op.rows[0] if op.rows else 0
     ra, rb = a + r0, a + r1  # rows of the whole stored tensor (per-row fp8 scales)
     new = codec.decode(W, ra, rb)
-    U_rows = projected_rows(new, op.V, op.strength) if op.recompute else op.strength * op.U[r0:r1]
+    if op.recompute and op.P is not None:  # map_input: U = λ W P from these very rows
+        U_rows = op.strength * (new @ op.P)
+    elif op.recompute:
+        U_rows = projected_rows(new, op.V, op.strength)
+    else:
+        U_rows = op.strength * op.U[r0:r1]
     new.addmm_(U_rows, op.V.T)
     out, over = codec.encode(new, ra, rb)
     tally.saturated += over

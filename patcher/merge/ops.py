@@ -15,7 +15,9 @@ import torch
 from ..dtypes import Codec
 
 PROJECT = "project_input"
+MAP = "map_input"
 ADD = "add"
+RECOMPUTED = (PROJECT, MAP)  # kinds whose U is recomputed from the target's own weight
 
 
 @dataclass(frozen=True, eq=False)
@@ -26,7 +28,8 @@ class EditOp:
 
     - ``recompute`` True (a ``project_input`` entry in the default mode): W ← W − λ (W V) Vᵀ with
       λ = ``strength``: the projection is recomputed from the target's own weight, so it is exact on
-      a fine-tune too.
+      a fine-tune too. With ``P`` set (a ``map_input`` entry), W ← W + λ (W P) Vᵀ instead: the
+      input-side map I + λ P Vᵀ, again recomputed from the target's own rows.
     - ``recompute`` False: W ← W + ``strength`` · U Vᵀ with the delta's factors as stored (for a
       ``project_input`` entry U = −λ W_base V, computed at the probed base).
 
@@ -36,7 +39,7 @@ class EditOp:
     """
 
     entry: str  # the delta entry, "component/diffusers.key"
-    kind: str  # the entry's kind: project_input | add
+    kind: str  # the entry's kind: project_input | map_input | add
     file: Path  # the safetensors file that holds the target
     key: str  # the stored key in that file
     rows: tuple[int, int] | None  # row block of a fused tensor; None: every row
@@ -49,6 +52,7 @@ class EditOp:
     recompute: bool
     base_sha256: str | None = None
     base_dtype: str | None = None  # the dtype the delta was probed from
+    P: torch.Tensor | None = None  # map_input with recompute: U = λ W P from the target's own W
 
     @property
     def rank(self) -> int:

@@ -18,7 +18,7 @@ from ..layouts import AliasRules, Location, resolve, rules_for
 from ..safetensors_io import Header, TensorReader, row_blocks
 from ..vud.delta import Delta, DeltaEntry, read_delta
 from . import kernel
-from .ops import PROJECT, EditOp
+from .ops import MAP, RECOMPUTED, EditOp
 
 BASE_RSS = 300 << 20  # interpreter + torch, and the headers of up to HEADER_FREE tensors
 HEADER_FREE = 10_000
@@ -81,7 +81,7 @@ class Plan:
 
     def _op(self, f: Path, key: str, loc: Location, m: Match, ws: WeightSet, codec) -> EditOp:
         e = m.entry
-        recompute = e.kind == PROJECT and not self.use_factors
+        recompute = e.kind in RECOMPUTED and not self.use_factors
         return EditOp(
             entry=e.key,
             kind=e.kind,
@@ -97,6 +97,7 @@ class Plan:
             recompute=recompute,
             base_sha256=e.base_sha256,
             base_dtype=e.base_dtype,
+            P=e.P if recompute and e.kind == MAP else None,
         )
 
     def edited_bytes(self) -> int:

@@ -99,7 +99,7 @@ class RevertRecord:
             )
         try:
             originals = json.loads(meta.get("vpatch.originals", ""))
-        except ValueError:
+        except (ValueError, RecursionError):
             originals = None
         if not isinstance(originals, dict) or not all(
             isinstance(k, str) and isinstance(v, str) and _SHA.fullmatch(v)

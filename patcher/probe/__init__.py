@@ -25,7 +25,7 @@ from ..families.recipes import Concept
 from ..merge.engine import Reporter
 from ..vud.delta import write_delta
 from .activations import Activations, read_activations, write_activations
-from .build import METHODS, Built, GroupResult, build, build_delta
+from .build import METHODS, TOKEN_METHODS, Built, GroupResult, build, build_delta
 from .capture import CaptureOptions, capture
 from .params import ProbeParams
 from .sources import ModelSource, WeightReader, open_model
@@ -86,6 +86,8 @@ def probe(
     for p, kind in ((out, "delta"), (save_activations, "activations")):  # before any model loads
         if p is not None:
             check_target(Path(p), _local_inputs(model), overwrite, kind)
+    if prm.method is not None and prm.method in TOKEN_METHODS:
+        opt = replace(opt, token_roles=True)  # what a token-aligned method needs is captured too
     src = open_model(model, opt)
     weights = WeightReader(src)
     acts = capture(src, concept, opt, weights, reporter, log)
@@ -146,6 +148,8 @@ def probe_concepts(
     opt = options or CaptureOptions()
     prm = params or ProbeParams()
     check_target(Path(out), _local_inputs(model), overwrite, "delta")
+    if prm.method is not None and prm.method in TOKEN_METHODS:
+        opt = replace(opt, token_roles=True)
     src = open_model(model, opt)
     weights = WeightReader(src)
     parts = []

@@ -12,6 +12,8 @@ Layout of the data, per group of targets that read one input (``GroupActivations
 - a ``Capture`` keeps token-level activations (valid tokens only, padding dropped) and each token's
   position in its sequence, so methods that pool and methods that align tokens can both use it.
 A new method or concept source can add roles (e.g. preservation prompts) without a format change.
+A role whose rows are not the group's input width (the twin's token-id columns, (n, 1)) records its
+``width`` in the description.
 """
 
 from __future__ import annotations
@@ -172,12 +174,19 @@ def _doc(acts: Activations) -> dict:
                 "targets": [t.record() for t in g.targets],
                 "roles": [
                     {"role": r, "calls": [[int(c.tokens.shape[0]) for c in p] for p in ps]}
+                    | ({"width": _width(g, r)} if _width(g, r) != g.dim else {})
                     for r, ps in g.roles.items()
                 ],
             }
             for g in acts.groups
         ],
     }
+
+
+def _width(g: GroupActivations, role: str) -> int:
+    """The row width of a role's tokens: the group's input width unless the role says otherwise."""
+    caps = [c for p in g.roles[role] for c in p]
+    return int(caps[0].tokens.shape[1]) if caps else g.dim
 
 
 def _names(i: int, role: str) -> tuple[str, str]:
@@ -197,9 +206,9 @@ def _flat(acts: Activations) -> dict[str, torch.Tensor]:
         for r, ps in g.roles.items():
             tk, pk = _names(i, r)
             caps = [c for p in ps for c in p]
-            out[tk] = (torch.cat([c.tokens for c in caps]) if caps else torch.zeros(0, g.dim)).to(
-                torch.float32
-            )
+            out[tk] = (
+                torch.cat([c.tokens for c in caps]) if caps else torch.zeros(0, _width(g, r))
+            ).to(torch.float32)
             out[pk] = (torch.cat([c.positions for c in caps]) if caps else torch.zeros(0)).to(
                 torch.int64
             )
@@ -321,7 +330,7 @@ def _group(d: _Doc, i: int, g: object) -> tuple[str, str, tuple[TargetWeight, ..
     targets = tuple(_target(d, t, f"{w}.targets[{j}]") for j, t in enumerate(raw_targets))
     if any(t.shape[1] != targets[0].shape[1] for t in targets):
         raise d.fail(f"{w}: targets read inputs of different widths")
-    roles: list[tuple[str, list]] = []
+    roles: list[tuple[str, list, int]] = []
     for j, r in enumerate(d.get(g, "roles", list, w)):
         rw = f"{w}.roles[{j}]"
         name, calls = d.get(r, "role", str, rw), d.get(r, "calls", list, rw)
@@ -329,8 +338,11 @@ def _group(d: _Doc, i: int, g: object) -> tuple[str, str, tuple[TargetWeight, ..
             raise d.fail(f"{rw}: role {name!r} is not a lowercase name or appears twice")
         if not all(isinstance(p, list) and all(_count(n) for n in p) for p in calls):
             raise d.fail(f"{rw}: calls must be lists of token counts per prompt")
-        roles.append((name, calls))
-    counts = {name: len(calls) for name, calls in roles}
+        width = r.get("width", targets[0].shape[1]) if isinstance(r, dict) else None
+        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+            raise d.fail(f"{rw}: width must be a whole number >= 1")
+        roles.append((name, calls, width))
+    counts = {name: len(calls) for name, calls, _w in roles}
     if not all(r in counts for r in PAIR_ROLES):
         raise d.fail(f"{w}: roles must include {', '.join(PAIR_ROLES)}")
     if len({counts[r] for r in PAIR_ROLES}) != 1:
@@ -341,11 +353,11 @@ def _group(d: _Doc, i: int, g: object) -> tuple[str, str, tuple[TargetWeight, ..
 def _expected_tensors(specs: list) -> dict[str, tuple[str, tuple[int, ...]]]:
     """Every tensor the description implies, in the order they were written (the hash's order)."""
     out: dict[str, tuple[str, tuple[int, ...]]] = {}
-    for i, (_site, _inp, targets, roles) in enumerate(specs):
-        for name, calls in roles:
+    for i, (_site, _inp, _targets, roles) in enumerate(specs):
+        for name, calls, width in roles:
             n = sum(sum(p) for p in calls)
             tk, pk = _names(i, name)
-            out[tk] = ("F32", (n, targets[0].shape[1]))
+            out[tk] = ("F32", (n, width))
             out[pk] = ("I64", (n,))
     return out
 
@@ -414,7 +426,10 @@ def read_activations(path: str | os.PathLike) -> Activations:
     flat = _read_tensors(d, header, _expected_tensors(specs))
     groups = tuple(
         GroupActivations(
-            site, inp, targets, {n: _split(*(flat[k] for k in _names(i, n)), c) for n, c in roles}
+            site,
+            inp,
+            targets,
+            {n: _split(*(flat[k] for k in _names(i, n)), c) for n, c, _w in roles},
         )
         for i, (site, inp, targets, roles) in enumerate(specs)
     )

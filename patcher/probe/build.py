@@ -14,8 +14,9 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..erasure.refusal import pair_differences, pool, refusal_directions
+from ..erasure.twin import TWIN, TwinParams, twin_edit
 from ..errors import ProbeError
-from ..vud.delta import Delta, DeltaEntry, projection_entry, versions
+from ..vud.delta import Delta, DeltaEntry, map_input_entry, projection_entry, versions
 from .activations import Activations, GroupActivations
 from .params import ProbeParams
 from .sources import WeightReader
@@ -110,10 +111,65 @@ def refusal_projection(
     return entries, results
 
 
+def _with_ids(g: GroupActivations, role: str) -> list[tuple[torch.Tensor, list[int]]]:
+    """Each prompt of ROLE: its valid tokens (n, H) and their token ids (from ROLE_ids)."""
+    return [
+        (p[0].tokens.double(), [int(v) for v in ids[0].tokens[:, 0].tolist()])
+        for p, ids in zip(g.roles[role], g.roles[f"{role}_ids"])
+    ]
+
+
+def twin_map(
+    acts: Activations, params: ProbeParams, weights: WeightReader
+) -> tuple[list[DeltaEntry], list[GroupResult]]:
+    """The twin edit (erasure/twin.py): per group, one input-side operator M fitted on the pairs
+    aligned token by token (a concept word is sent to what padding reads), with the neutral prompts,
+    the safe twins, the empty prompt and padding preserved; every target gets W' = W M."""
+    from .capture import TWIN_ROLES
+
+    entries: list[DeltaEntry] = []
+    results: list[GroupResult] = []
+    for g in acts.groups:
+        missing = [r for r in TWIN_ROLES if r not in g.roles]
+        if missing:
+            raise ProbeError(
+                f"site {g.site} ({g.input}): twin needs the token captures {', '.join(missing)}; "
+                "capture with probe --method twin (--save-activations keeps them)"
+            )
+
+        preserve = [c.tokens for r in ("neutral", "safe", "empty") for p in g.roles[r] for c in p]
+        pad = g.roles["pad"][0][0].tokens[0]
+        tp = TwinParams(beta=params.beta, ridge=params.ridge, null=params.null)
+        try:
+            op, info = twin_edit(_with_ids(g, "unsafe"), _with_ids(g, "safe"), preserve, pad, tp)
+        except (ValueError, RuntimeError) as e:
+            raise ProbeError(f"site {g.site} ({g.input}): twin edit failed: {e}") from None
+        for t in g.targets:
+            W = weights.target(t)
+            entries.append(
+                map_input_entry(t.delta_key, W, op.P, op.Q, params.strength, t.sha256, t.dtype)
+            )
+        results.append(
+            GroupResult(
+                g.site,
+                g.targets[0].component,
+                g.input,
+                g.dim,
+                info["edit_tokens"],
+                round(1.0 - info["residual"], 4),
+                [t.key for t in g.targets],
+            )
+        )
+    return entries, results
+
+
+TOKEN_METHODS = (TWIN,)  # methods that need CaptureOptions.token_roles
+
 METHODS: dict[str, Method] = {
     "cpca": refusal_projection,  # contrastive subspace: C_diff - α C_neutral
     "pca": refusal_projection,  # α = 0
     "mean": refusal_projection,  # the raw mean difference
+    TWIN: twin_map,  # the concept's tokens mapped to its safe twin's, with a preservation set
 }
 
 
@@ -145,6 +201,8 @@ def build(
         "denoise_steps": c.denoise_steps,
         "overrides": list(c.overrides),
     }
+    if p.method == TWIN:
+        method_rec.update(beta=p.beta, ridge=p.ridge, null=p.null)
     return Built(Delta(entries, acts.concept, method_rec, versions()), groups)
 
 

@@ -32,6 +32,10 @@ from .sites import Hooks, Target, find_module, hooked_group, run_chain, site_tar
 from .sources import ModelSource, WeightReader, open_model, resolve_family
 
 OFFLOADS = ("none", "model", "sequential", "balanced")
+# the extra roles of ``CaptureOptions.token_roles``: each unsafe/safe prompt's valid token ids (as an
+# (n, 1) float column aligned with its tokens), the empty prompt (the unconditional branch) and what a
+# padding position reads at the site (the encoder output zero, through the site's chain)
+TWIN_ROLES = ("unsafe_ids", "safe_ids", "empty", "pad")
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -58,6 +62,8 @@ class CaptureOptions:
     offload: str = (
         "none"  # denoise mode on a model that does not fit: none | model | sequential | balanced
     )
+    # also capture what token-aligned methods (twin) read: TWIN_ROLES (text-mode sites only)
+    token_roles: bool = False
 
     def __post_init__(self) -> None:
         if self.sites is not None:
@@ -214,8 +220,13 @@ def _capture_sites(
     text_sites = [s for s in sites if s.mode == "text"]
     denoise_sites = [s for s in sites if s.mode == "denoise"]
     total = 0
+    if opt.token_roles and denoise_sites:
+        raise ProbeError(
+            "--method twin needs token-aligned inputs: use text-mode sites (e.g. --layers text_proj,cross_kv)"
+        )
     for s in text_sites:
         total += sum(len(x) for x in _pairs_inputs(con, fam.encoders[s.encoder]))
+        total += 1 if opt.token_roles else 0
     if denoise_sites:  # one pipeline call per prompt, all sites hooked at once
         total += 2 * len(con.pairs) + len(con.neutral)
     out: Raw = {}
@@ -230,16 +241,24 @@ def _capture_sites(
                     enc_spec, src, opt.encoders.get(site.encoder), device, dtype
                 )
             un, sa, ne = _pairs_inputs(con, enc_spec)
+            items = {"unsafe": un, "safe": sa, "neutral": ne}
+            if opt.token_roles:
+                if enc_spec.kind == "image":
+                    raise ProbeError(
+                        f"--method twin aligns text tokens; site {site.name!r} reads images"
+                    )
+                items["empty"] = [""]  # the unconditional branch's prompt must keep its reading
+            enc = encoders[site.encoder]
             by_group, acts = capture_text(
-                src,
-                site,
-                encoders[site.encoder],
-                targets[site.name],
-                {"unsafe": un, "safe": sa, "neutral": ne},
-                rep.advance,
+                src, site, enc, targets[site.name], items, rep.advance, pad=opt.token_roles
             )
+            ids = _token_ids(enc, un + sa) if opt.token_roles else []
             for g, ts in by_group.items():
                 roles = {r: [[Capture.of(x, m)] for x, m in items] for r, items in acts[g].items()}
+                if opt.token_roles:
+                    col = [torch.tensor(i, dtype=torch.float32)[:, None] for i in ids]
+                    roles["unsafe_ids"] = [[Capture.of(x, None)] for x in col[: len(un)]]
+                    roles["safe_ids"] = [[Capture.of(x, None)] for x in col[len(un) :]]
                 out[(site.name, g)] = (ts, roles)
         if denoise_sites:
             out.update(
@@ -268,6 +287,21 @@ def _pairs_inputs(concept: Concept, enc: EncoderSpec) -> tuple[list, list, list]
     return [p.unsafe for p in concept.pairs], [p.safe for p in concept.pairs], list(concept.neutral)
 
 
+def _token_ids(enc: Encoder, prompts: list[str]) -> list[list[int]]:
+    """The valid token ids of each prompt, tokenized exactly as ``Encoder`` does (twin alignment)."""
+    spec = enc.spec
+    tok = enc.pre(
+        [enc.template.format(t) for t in prompts],
+        padding="max_length",
+        max_length=spec.max_length + enc.crop_start,
+        truncation=True,
+        return_tensors="pt",
+    )
+    ids = tok.input_ids[:, enc.crop_start :]
+    mask = tok.attention_mask[:, enc.crop_start :].bool()
+    return [ids[i][mask[i]].tolist() for i in range(len(prompts))]
+
+
 def capture_text(
     src: ModelSource,
     site: SiteSpec,
@@ -275,12 +309,15 @@ def capture_text(
     targets: list[Target],
     items: dict[str, list],
     advance: Callable[[int], None] = lambda _n: None,
+    pad: bool = False,
 ) -> tuple[dict[str, list[Target]], dict[str, dict[str, list]]]:
     """Text-mode capture: the input of each target group for every item of every role.
 
     Targets inside the encoder are captured by pre-hooks on their Linear modules during the encoder
     forward; targets in another component read the encoder output through the site's chain.
-    Returns (targets by group, {group: {role: [(acts (tokens, H), mask or None)]}}).
+    Returns (targets by group, {group: {role: [(acts (tokens, H), mask or None)]}}). With ``pad``,
+    each group also gets the role ``pad``: what a padding position reads there (Wan and the organism
+    zero the encoder output after the real tokens, so the site's chain applied to a zero vector).
     """
     spec = enc.spec
     by_group: dict[str, list[Target]] = {}
@@ -327,6 +364,14 @@ def capture_text(
                 prefix = ts[0].key[: len(ts[0].key) - len(ts[0].module + ".weight")]
                 res = [(run_chain(site, ws, x, prefix) if site.chain else x, m) for x, m in acts]
             out[g][role] = res
+        if pad:
+            x0 = next(iter(raw.values()))[0][0][0]
+            if g in hooked or not site.chain:
+                z = torch.zeros(1, int(ts[0].in_dim))
+            else:
+                prefix = ts[0].key[: len(ts[0].key) - len(ts[0].module + ".weight")]
+                z = run_chain(site, ws, torch.zeros(1, x0.shape[-1]), prefix)
+            out[g]["pad"] = [(z, None)]
         dim = next(iter(out[g].values()))[0][0].shape[-1]
         for t in ts:
             if t.in_dim != dim:

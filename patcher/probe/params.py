@@ -22,12 +22,16 @@ def method_names() -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class ProbeParams:
-    method: str | None = None  # a name in build.METHODS: mean, pca, cpca
+    method: str | None = None  # a name in build.METHODS: mean, pca, cpca, twin
     rank: int | None = None  # k: subspace size for pca/cpca
     alpha: float | None = None  # α in C = C_diff - α C_neutral (cpca)
     strength: float | None = None  # λ in W' = W - λ (W B) Bᵀ
     directions: int | None = None  # m: orthonormal directions removed
     pooling: str | None = None  # how a prompt's tokens become samples: tokens, mean, last
+    # twin only (erasure/twin.py); fixed defaults, not the family's
+    beta: float = 1.0  # weight of the preservation set against the concept pairs
+    ridge: float = 1e-3  # pull toward the identity, relative to the preservation tokens' scale
+    null: int = 0  # concept null-space directions that no input reaches afterwards
 
     def __post_init__(self) -> None:
         if self.method is not None and self.method not in method_names():
@@ -38,8 +42,12 @@ class ProbeParams:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ProbeError(f"--{name} {v!r}: {what}, must be a whole number >= 1")
+        if isinstance(self.null, bool) or not isinstance(self.null, int) or self.null < 0:
+            raise ProbeError(f"--null {self.null!r}: null-space directions, a whole number >= 0")
         for name, low, what in (
             ("alpha", ">= 0", "the neutral contrast α"),
+            ("beta", ">= 0", "the twin's preservation weight β"),
+            ("ridge", ">= 0", "the twin's pull toward the identity"),
             ("strength", "> 0", "the edit strength λ (1 removes the direction exactly)"),
         ):
             v = getattr(self, name)

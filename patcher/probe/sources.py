@@ -85,7 +85,7 @@ def open_source(
     if idx.is_file():
         try:
             mi = json.loads(idx.read_text())
-        except ValueError:
+        except (ValueError, RecursionError):
             raise ProbeError(f"{idx}: not valid JSON") from None
         return ModelSource(p, mi.get("_class_name"), mi, origin=str(model))
     files = sorted(p.glob("*.safetensors"))

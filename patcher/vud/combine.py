@@ -156,6 +156,11 @@ def merge_deltas(deltas: list[Delta | str | Path]) -> Delta:
             entries.append(parts[0][1])
             continue
         kinds = {e.kind for _, e in parts}
+        if "map_input" in kinds:
+            raise DeltaError(
+                f"{key}: two deltas edit it and one is a twin edit (map_input); input-side maps do not "
+                "combine into one entry: probe one concept recipe that holds both concepts' pairs"
+            )
         if kinds == {"project_input"}:
             entries.append(_merge_projection(key, parts))
         elif kinds == {"add"}:

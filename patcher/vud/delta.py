@@ -22,8 +22,8 @@ from ..errors import DeltaError, FormatError, IntegrityError
 from ..safetensors_io import DTYPE_BITS, TensorReader, read_header, save_tensors
 
 FORMAT = "vud"
-FORMAT_VERSION = 2  # 2: the hash also covers the concept and method records
-KINDS = ("add", "project_input")
+FORMAT_VERSION = 2  # 2: the hash covers concept and method records; the map_input kind (P factor)
+KINDS = ("add", "project_input", "map_input")
 MAX_KEY_LEN = 1024
 _KEY_RE = re.compile(r"^[A-Za-z0-9_.\-]+/[A-Za-z0-9_.\-]+$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -41,6 +41,7 @@ class DeltaEntry:
     V: torch.Tensor  # (in, r) fp32; for project_input this is B, orthonormal
     base_sha256: str | None = None  # sha256 of the base tensor's stored bytes
     base_dtype: str | None = None
+    P: torch.Tensor | None = None  # map_input only: (in, r), W' = W + λ (W P) Vᵀ
 
     @property
     def component(self) -> str:
@@ -91,6 +92,10 @@ def _factor_names(key: str) -> tuple[str, str]:
     return f"{key}::U", f"{key}::V"
 
 
+def _p_name(key: str) -> str:
+    return f"{key}::P"
+
+
 def _canonical(obj: object) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
@@ -102,13 +107,14 @@ def delta_hash(
     version: int = FORMAT_VERSION,
 ) -> str:
     """sha256 over the canonical layer map, (version 2 on) the canonical concept and method
-    records, then every factor's bytes in map order (U, then V). Version 1 files keep their hash."""
+    records, then every factor's bytes in map order (U, V, then P where
+    the entry has one). Version 1 files keep their hash."""
     h = hashlib.sha256()
     h.update(_canonical([e.map_record() for e in entries]))
     if version >= 2:
         h.update(_canonical({"concept": concept or {}, "method": method or {}}))
     for e in entries:
-        for t in (e.U, e.V):
+        for t in (e.U, e.V) if e.P is None else (e.U, e.V, e.P):
             h.update(t.detach().to(torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()
 
@@ -141,6 +147,8 @@ def write_delta(path: str | os.PathLike, delta: Delta, overwrite: bool = False) 
         u, v = _factor_names(e.key)
         tensors[u] = e.U.detach().to(torch.float32).contiguous()
         tensors[v] = e.V.detach().to(torch.float32).contiguous()
+        if e.P is not None:
+            tensors[_p_name(e.key)] = e.P.detach().to(torch.float32).contiguous()
     digest = delta_hash(delta.entries, delta.concept, delta.method)
     meta = {
         "vpatch.format": FORMAT,
@@ -246,10 +254,17 @@ def _check_entries(entries: list[DeltaEntry], where: str) -> None:
             )
         if not (torch.isfinite(e.U).all() and torch.isfinite(e.V).all()):
             raise DeltaError(f"{where}: {e.key}: factors contain NaN or Inf")
-        if e.kind == "project_input" and not is_orthonormal(e.V):
-            raise DeltaError(
-                f"{where}: {e.key}: project_input needs orthonormal directions V (= B)"
-            )
+        if e.kind in ("project_input", "map_input") and not is_orthonormal(e.V):
+            raise DeltaError(f"{where}: {e.key}: {e.kind} needs orthonormal directions V")
+        if (e.kind == "map_input") != (e.P is not None):
+            raise DeltaError(f"{where}: {e.key}: a P factor belongs to map_input entries only")
+        if e.P is not None:
+            if tuple(e.P.shape) != (inn, e.rank):
+                raise DeltaError(
+                    f"{where}: {e.key}: factor P{list(e.P.shape)} does not match [{inn}, {e.rank}]"
+                )
+            if not torch.isfinite(e.P).all():
+                raise DeltaError(f"{where}: {e.key}: factors contain NaN or Inf")
 
 
 def read_delta(path: str | os.PathLike) -> Delta:
@@ -287,6 +302,10 @@ def read_delta(path: str | os.PathLike) -> Delta:
             raise DeltaError(f"{where}: key {r['key']} appears twice in the layer map")
         expected[u] = (r["shape"][0], r["rank"])
         expected[v] = (r["shape"][1], r["rank"])
+        if r["kind"] == "map_input":
+            if ver < 2:
+                raise DeltaError(f"{where}: {r['key']}: kind map_input needs format version 2")
+            expected[_p_name(r["key"])] = (r["shape"][1], r["rank"])
     if set(expected) != set(header.tensors):
         extra = sorted(set(header.tensors) - set(expected))[:3]
         missing = sorted(set(expected) - set(header.tensors))[:3]
@@ -314,6 +333,7 @@ def read_delta(path: str | os.PathLike) -> Delta:
                     rd.tensor(v),
                     r["base_sha256"],
                     r["base_dtype"],
+                    rd.tensor(_p_name(r["key"])) if r["kind"] == "map_input" else None,
                 )
             )
     _check_entries(entries, where)
@@ -344,4 +364,29 @@ def projection_entry(
         V,
         base_sha256,
         base_dtype,
+    )
+
+
+def map_input_entry(
+    key: str,
+    W: torch.Tensor,
+    P: torch.Tensor,
+    Q: torch.Tensor,
+    strength: float,
+    base_sha256: str | None = None,
+    base_dtype: str | None = None,
+) -> DeltaEntry:
+    """An input-side operator W' = W (I + λ P Qᵀ) as a delta entry: U = λ W_base P is stored for
+    factor-mode merges, P so that a merge can recompute U from another checkpoint's own W."""
+    U = float(strength) * (W.to(torch.float32) @ P.to(torch.float32))
+    return DeltaEntry(
+        key,
+        (int(W.shape[0]), int(W.shape[1])),
+        "map_input",
+        float(strength),
+        U,
+        Q.to(torch.float32).clone(),
+        base_sha256,
+        base_dtype,
+        P.to(torch.float32).clone(),
     )

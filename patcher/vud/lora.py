@@ -230,13 +230,15 @@ def export_lora(
             lam = e.strength * strength
             if e.kind == "project_input":
                 B = -lam * (W @ e.V)
+            elif e.kind == "map_input":  # W (I + λ P Vᵀ): up = λ W P from this base
+                B = lam * (W @ e.P)
             else:
                 B = strength * e.U
             A = e.V.T.contiguous()
             rec = {
                 "entry": e.key,
                 "kind": e.kind,
-                "strength": lam if e.kind == "project_input" else strength,
+                "strength": lam if e.kind in ("project_input", "map_input") else strength,
                 "shape": list(e.shape),
                 "base_sha256": sha,
                 "base_key": loc.label(),
@@ -337,7 +339,7 @@ def lora_to_delta(path: str | os.PathLike) -> Delta:
     try:
         modules = json.loads(meta["vpatch.modules"])
         concepts = json.loads(meta.get("vpatch.concept", "[]"))
-    except (KeyError, ValueError):
+    except (KeyError, ValueError, RecursionError):
         raise DeltaError(f"{path}: damaged vpatch.modules metadata") from None
     entries: list[DeltaEntry] = []
     owners: dict[str, list[str]] = {}
@@ -354,6 +356,8 @@ def lora_to_delta(path: str | os.PathLike) -> Delta:
                 U = B[rows[0] : rows[1], c0:c1] if rows else B[:, c0:c1]
                 V = A[c0:c1].T
                 kind = r["kind"]
+                if kind == "map_input":  # P is not in a LoRA: its up factor is added as it is
+                    kind = "add"
                 entries.append(
                     DeltaEntry(
                         r["entry"],

@@ -1,0 +1,156 @@
+"""The twin-map erasure math on planted directions (patcher/erasure/twin.py)."""
+
+import torch
+
+from patcher.erasure import twin
+
+
+def test_align_tokens_maps_concept_words_to_padding():
+    # "a red ball moving left </s>" vs "a ball moving left </s>"
+    assert twin.align_tokens([4, 25, 7, 23, 20, 1], [4, 7, 23, 20, 1]) == [
+        (0, 0),
+        (1, None),
+        (2, 1),
+        (3, 2),
+        (4, 3),
+        (5, 4),
+    ]
+    # a same-length replacement (left -> right) is paired position by position
+    assert twin.align_tokens([4, 7, 20, 1], [4, 7, 21, 1]) == [(0, 0), (1, 1), (2, 2), (3, 3)]
+    # two concept words where the twin has one: both map to padding
+    assert twin.align_tokens([4, 25, 26, 7, 1], [4, 9, 7, 1]) == [
+        (0, 0),
+        (1, None),
+        (2, None),
+        (3, 2),
+        (4, 3),
+    ]
+
+
+def test_aligned_targets_rows():
+    xu = torch.arange(12.0).view(4, 3)
+    xs = -torch.arange(9.0).view(3, 3)
+    X, T = twin.aligned_targets(xu, xs, [4, 25, 7, 1], [4, 7, 1])
+    assert torch.equal(X, xu.double())
+    assert torch.equal(T[1], torch.zeros(3, dtype=torch.float64))
+    assert torch.equal(T[[0, 2, 3]], xs.double())
+
+
+def _planted(seed=0, H=6, n=40):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, H, generator=g, dtype=torch.float64)
+    base[:, 0] = 0
+    concept = torch.zeros(H, dtype=torch.float64)
+    concept[0] = 3.0
+    Xe, Te = base + concept, base.clone()
+    Xp = torch.randn(3 * n, H, generator=g, dtype=torch.float64)
+    Xp[:, 0] = 0  # preservation never uses the concept's direction
+    return Xe, Te, Xp
+
+
+def test_twin_map_takes_concept_to_twin_and_keeps_preservation():
+    Xe, Te, Xp = _planted()
+    M = twin.twin_map(Xe, Te, Xp, beta=1.0, ridge=1e-6)
+    assert torch.allclose(Xe @ M.T, Te, atol=1e-4)
+    assert torch.allclose(Xp @ M.T, Xp, atol=1e-4)
+    # a concept input it never saw (another context) also goes to its twin: the map is linear
+    x = torch.tensor([3.0, 0.5, -1.0, 2.0, 0.0, 1.0], dtype=torch.float64)
+    assert torch.allclose(
+        M @ x, torch.tensor([0.0, 0.5, -1.0, 2.0, 0.0, 1.0], dtype=torch.float64), atol=1e-4
+    )
+
+
+def test_twin_map_is_uce_with_weight_targets():
+    """W M is UCE's minimiser over W' of Σ‖W'x_e − W t_e‖² + β Σ‖W'x_p − W x_p‖² + ρ‖W' − W‖²,
+    solved here independently as one stacked least-squares problem."""
+    g = torch.Generator().manual_seed(3)
+    H, out = 5, 7
+    Xe = torch.randn(9, H, generator=g, dtype=torch.float64)
+    Te = torch.randn(9, H, generator=g, dtype=torch.float64)
+    Xp = torch.randn(20, H, generator=g, dtype=torch.float64)
+    W = torch.randn(out, H, generator=g, dtype=torch.float64)
+    beta, ridge = 0.3, 0.05
+    r = ridge * float(torch.trace(Xp.T @ Xp / 20)) / H
+    A = torch.cat(
+        [Xe / 9**0.5, Xp * (beta / 20) ** 0.5, torch.eye(H, dtype=torch.float64) * r**0.5]
+    )
+    Y = torch.cat(
+        [Te @ W.T / 9**0.5, Xp @ W.T * (beta / 20) ** 0.5, W.T * r**0.5]
+    )  # rows: targets of W' applied to each row of A
+    Wp = torch.linalg.lstsq(A, Y).solution.T
+    M = twin.twin_map(Xe, Te, Xp, beta=beta, ridge=ridge)
+    assert torch.allclose(W @ M, Wp, atol=1e-8)
+
+
+def test_null_space_finds_the_direction_preservation_does_not_use():
+    g = torch.Generator().manual_seed(1)
+    H = 6
+    d = torch.zeros(50, H, dtype=torch.float64)
+    d[:, 0] = 2 + 0.1 * torch.randn(50, generator=g, dtype=torch.float64)  # concept-only direction
+    d[:, 1] = 5 * torch.randn(50, generator=g, dtype=torch.float64)  # large, but shared
+    P = torch.randn(200, H, generator=g, dtype=torch.float64)
+    P[:, 0] *= 0.01
+    P[:, 1] *= 10
+    N, vals = twin.concept_null_space(d, P, 1)
+    assert N.shape == (H, 1)
+    assert abs(float(N[0, 0])) > 0.999
+    assert float(vals[0]) > 10
+
+
+def test_null_makes_the_edit_non_invertible():
+    Xe, Te, Xp = _planted()
+    W = torch.randn(8, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    M = twin.twin_map(Xe, Te, Xp, beta=1.0, ridge=1e-3)
+    x = Xe[:3]
+    # without a null space the map is invertible: inversion reaches the original's output
+    rec = twin.recover_inputs(W, M, x, ridge=1e-12)
+    gap = (rec @ (W @ M).T - x @ W.T).norm(dim=1) / (x @ W.T).norm(dim=1)
+    assert float(gap.max()) < 1e-3
+    assert float(rec[:, 0].abs().min()) > 100  # ...with a huge input along the shrunk direction
+    N = torch.zeros(6, 1, dtype=torch.float64)
+    N[0, 0] = 1
+    Mn = twin.twin_map(Xe, Te, Xp, beta=1.0, ridge=1e-3, null=N)
+    assert torch.allclose(N.T @ Mn, torch.zeros(1, 6, dtype=torch.float64), atol=1e-12)
+    rec = twin.recover_inputs(W, Mn, x, ridge=1e-10)
+    gap = (rec @ (W @ Mn).T - x @ W.T).norm(dim=1)
+    assert float(gap.min()) > 1.0  # the concept's component is out of reach for every input
+
+
+def test_input_operator_round_trip_and_factors():
+    Xe, Te, Xp = _planted()
+    M = twin.twin_map(Xe, Te, Xp, beta=1.0, ridge=1e-3)
+    op = twin.input_operator(M)
+    assert op.rank < 6 or op.rank == 6
+    assert torch.allclose(op.matrix().double(), M, atol=1e-5)
+    Q = op.Q.double()
+    assert torch.allclose(Q.T @ Q, torch.eye(op.rank, dtype=torch.float64), atol=1e-5)
+    W = torch.randn(4, 6, generator=torch.Generator().manual_seed(5))
+    U, V = twin.operator_factors(W, op)
+    assert torch.allclose(W + U @ V.T, (W.double() @ M).float(), atol=1e-4)
+
+
+def test_twin_edit_sends_concept_words_to_padding_and_keeps_padding():
+    g = torch.Generator().manual_seed(7)
+    H = 8
+    pad = torch.zeros(H, dtype=torch.float64)
+    pad[7] = 1.5  # what a padding position reads at this site (not zero after a bias)
+    word = torch.zeros(H, dtype=torch.float64)
+    word[0] = 4.0  # the concept word's own reading
+    unsafe, safe, preserve = [], [], []
+    for i in range(5):
+        ctx = torch.randn(3, H, generator=g, dtype=torch.float64)
+        ctx[:, 0] = 0
+        ctx[:, 7] = 0
+        unsafe.append((torch.cat([ctx[:1], word[None], ctx[1:]]), [10 + i, 99, 20 + i, 1]))
+        safe.append((ctx, [10 + i, 20 + i, 1]))
+        preserve.append(ctx)
+    for _ in range(10):
+        p = torch.randn(4, H, generator=g, dtype=torch.float64)
+        p[:, 0] = 0
+        p[:, 7] = 0
+        preserve.append(p)
+    op, info = twin.twin_edit(unsafe, safe, preserve, pad, twin.TwinParams(beta=1.0, ridge=1e-6))
+    M = op.matrix().double()
+    assert torch.allclose(M @ word, pad, atol=1e-3)
+    assert torch.allclose(M @ pad, pad, atol=1e-3)
+    assert info["edit_tokens"] == 20 and info["residual"] < 1e-3
