@@ -3,7 +3,11 @@
     python benchmarks/make_manifests.py        # needs diffusers; the output is committed
 
 probe_bench.py reads these so that it can lay out real-size checkpoints on machines without diffusers.
-The configs are those of the official conversion scripts.
+The configs are those of the official conversion scripts; for LTX-2 and HunyuanVideo 1.5 they are the
+model classes' own defaults in diffusers 0.42.1 (an empty dict below; the manifest records them in full),
+which are the released sizes: 18.88B (LTX-2, video and audio streams) and 8.33B (HunyuanVideo 1.5, whose
+T2V and I2V transformers have the same keys). opensora2.json is not written here: it comes from the
+upstream model (tests/data/make_opensora2_golden.py --manifest), as there is no diffusers class for it.
 """
 
 from __future__ import annotations
@@ -71,6 +75,8 @@ CONFIGS = {
             use_learned_positional_embeddings=False,
         ),
     ),
+    "ltx2-19b": ("LTX2VideoTransformer3DModel", "LTX2Pipeline", {}),
+    "hunyuanvideo1.5-8.3b": ("HunyuanVideo15Transformer3DModel", "HunyuanVideo15Pipeline", {}),
 }
 
 
@@ -85,7 +91,7 @@ def main() -> None:
         doc = {
             "class": cls,
             "pipeline": pipe,
-            "config": cfg,
+            "config": cfg or {k: v for k, v in model.config.items() if not k.startswith("_")},
             "diffusers": diffusers.__version__,
             "params": sum(int(torch.Size(s).numel()) for _k, s in tensors),
             "tensors": tensors,

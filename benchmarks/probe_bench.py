@@ -3,7 +3,9 @@
     python benchmarks/probe_bench.py [--device cpu|cuda] [--encoder-layers N] [--dir DIR] [--json OUT]
 
 Configs: Wan 2.1 T2V 1.3B and 14B (UMT5-XXL encoder) and CogVideoX-5B (T5-v1.1-XXL encoder), laid
-out as diffusers folders from the manifests in benchmarks/manifests (real key names and shapes).
+out as diffusers folders from the manifests in benchmarks/manifests (real key names and shapes); and
+Open-Sora 2.0 (11.9B MMDiT, T5-v1.1-XXL + CLIP-L) as the release's single file, probed at the paper's
+denoise-mode site txt_mlp.
 
 - The denoiser file has its real size, but only the tensors the text-mode probe reads (the site and
   its chain) hold data; the rest is a hole in a sparse file. If the probe read or built the denoiser
@@ -11,6 +13,12 @@ out as diffusers folders from the manifests in benchmarks/manifests (real key na
 - The text encoder is real-size with random weights and really runs. On CPU, --encoder-layers (default
   2 there) keeps the real width and vocabulary but fewer blocks, so it fits 24 GB and minutes; on a
   GPU the default is all 24 blocks.
+- Open-Sora 2.0's txt_mlp runs the denoiser, so every weight it keeps holds random data (bf16, scaled
+  1/sqrt(fan-in)). --double-blocks/--single-blocks (default on CPU: 4 and 2, so that the fp32 module fits
+  24 GB; on a GPU: all 19 and 38) truncate the model; the site is then the last two kept double blocks.
+  On CPU the sampling is also cut (--set-style overrides in OPENSORA2_CPU: 1 step, no guidance, 1 frame
+  at 64 x 64: 16 video tokens beside the 512 text tokens); on a GPU it is the recipe's (Open-Sora's 256px,
+  129 frames, 4 steps, guidance 7.5).
 Each probe runs in a child process; host peak is VmHWM, GPU peak is torch.cuda.max_memory_allocated.
 """
 
@@ -70,6 +78,26 @@ ENCODERS = {
         ),
     ),
 }
+CLIP_L = dict(  # openai/clip-vit-large-patch14, text tower
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    projection_dim=768,
+    bos_token_id=0,
+    eos_token_id=2,
+    pad_token_id=1,
+)
+OPENSORA2_CPU = [
+    "denoise.steps=1",
+    "denoise.call.guidance=1.0",
+    "denoise.call.num_frames=1",
+    "denoise.call.height=64",
+    "denoise.call.width=64",
+]
 # (config name, manifest, encoder, sites)
 RUNS = [
     ("wan2.1-1.3b", "wan2.1-t2v-1.3b", "umt5-xxl", "text_proj"),
@@ -167,14 +195,128 @@ def pipeline_folder(root: Path, run: tuple, layers: int, device: str) -> tuple[P
     return d, {"denoiser_params": manifest["params"], "encoder_params": enc_params, **sizes}
 
 
-def child(folder: str, site: str, device: str, out: str) -> None:
+def opensora2_file(root: Path, double: int, single: int) -> tuple[Path, dict]:
+    """The release's single file, truncated to the first ``double``/``single`` blocks, random bf16."""
+    manifest = json.loads((HERE / "manifests" / "opensora2.json").read_text())
+    path = root / f"opensora2-d{double}-s{single}" / "Open_Sora_v2.safetensors"
+    keep = []
+    for k, shape in manifest["tensors"]:
+        parts = k.split(".")
+        if parts[0] == "double_blocks" and int(parts[1]) >= double:
+            continue
+        if parts[0] == "single_blocks" and int(parts[1]) >= single:
+            continue
+        keep.append((k, shape))
+    if not path.is_file():
+        t0 = time.time()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        head, infos = build_header([(k, "BF16", tuple(s)) for k, s in keep], {"format": "pt"})
+        g = torch.Generator().manual_seed(0)
+        tmp = path.with_suffix(".part")
+        with open(tmp, "wb") as f:
+            f.write(head)
+            for t in infos:
+                if len(t.shape) == 2:
+                    x = torch.randn(t.shape, generator=g) / t.shape[1] ** 0.5
+                elif t.name.endswith("scale"):
+                    x = 1 + 0.1 * torch.randn(t.shape, generator=g)
+                else:
+                    x = 0.02 * torch.randn(t.shape, generator=g)
+                f.write(x.to(torch.bfloat16).contiguous().view(torch.uint8).numpy().tobytes())
+        tmp.rename(path)
+        print(
+            f"  wrote {path.name} ({len(keep)} tensors) in {time.time() - t0:.0f} s",
+            file=sys.stderr,
+        )
+    kept = sum(int(torch.Size(s).numel()) for _k, s in keep)
+    info = {"denoiser_params": manifest["params"], "kept_params": kept}
+    info["double_blocks"], info["single_blocks"] = double, single
+    st = path.stat()
+    return path, {**info, "apparent": st.st_size, "allocated": st.st_blocks * 512}
+
+
+def clip_folder(root: Path) -> tuple[Path, int]:
+    import transformers
+
+    from tests.tiny_pipes import clip_tokenizer
+
+    d = root / "clip-l"
+    if not (d / "config.json").is_file():
+        model = transformers.CLIPTextModel(transformers.CLIPTextConfig(**CLIP_L)).eval()
+        model.save_pretrained(str(d))
+        clip_tokenizer(d / "_tok").save_pretrained(str(d))
+        shutil.rmtree(d / "_tok", ignore_errors=True)
+    return d, sum(int(torch.Size(s).numel()) for s in _shapes(d))
+
+
+def run_opensora2(root: Path, a, layers: int, env: dict) -> dict:
+    cpu = not a.device.startswith("cuda")
+    double = a.double_blocks or (4 if cpu else 19)
+    single = a.single_blocks if a.single_blocks is not None else (2 if cpu else 38)
+    path, info = opensora2_file(root, double, single)
+    t5, t5_params = encoder_folder(root, "t5-v1_1-xxl", layers, a.device)
+    clip, clip_params = clip_folder(root)
+    sets = OPENSORA2_CPU if cpu else []
+    spec = {
+        "model": str(path),
+        "site": "txt_mlp",
+        "device": a.device,
+        "family": "opensora2",
+        "encoders": {"text": str(t5), "pooled": str(clip)},
+        "overrides": sets,
+    }
+    out = root / "opensora2-txt_mlp.vud"
+    p = subprocess.run(
+        [sys.executable, __file__, "--child-json", json.dumps(spec), str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    if p.returncode != 0:
+        print(p.stderr[-3000:], file=sys.stderr)
+        raise SystemExit("probe failed on opensora2")
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    row = {
+        "config": "opensora2",
+        "site": "txt_mlp",
+        "encoder": "t5-v1_1-xxl + clip-l",
+        "encoder_layers": layers,
+        "encoder_params": t5_params + clip_params,
+        "overrides": sets,
+        **info,
+        **res,
+    }
+    print(
+        f"opensora2     txt_mlp    denoiser {info['denoiser_params'] / 1e9:5.2f}B, kept {info['kept_params'] / 1e9:5.2f}B "
+        f"({double} of 19 double, {single} of 38 single blocks; {info['apparent'] / 2**30:5.1f} GiB file)  "
+        f"T5 {t5_params / 1e9:4.2f}B/{layers} blocks + CLIP-L  {row['device']}  wall {row['wall_s']:6.1f} s  cpu {row['cpu_s']:6.1f} s  "
+        f"host peak {row['host_peak'] / 2**20:7.0f} MiB  gpu peak {row['gpu_peak'] / 2**20:7.0f} MiB  "
+        f"entries {row['entries']} {res['targets']}  sampling {sets or 'the recipe'}",
+        flush=True,
+    )
+    return row
+
+
+def child(folder: str, site: str, device: str, out: str, extra: dict | None = None) -> None:
     from patcher.probe import CaptureOptions, ProbeParams, probe
 
-    t0 = time.time()
+    extra = extra or {}
+    t0, c0 = time.time(), time.process_time()
     r = probe(
-        folder, "nudity", out, CaptureOptions(sites=[site], device=device), ProbeParams(rank=100)
+        folder,
+        "nudity",
+        out,
+        CaptureOptions(
+            sites=[site],
+            device=device,
+            family=extra.get("family"),
+            encoders=extra.get("encoders", {}),
+            overrides=extra.get("overrides", []),
+        ),
+        ProbeParams(rank=100),
+        overwrite=True,  # a rerun replaces this script's own earlier delta (never anything else)
     )
-    wall = time.time() - t0
+    wall, cpu = time.time() - t0, time.process_time() - c0
     hwm = 0
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -184,9 +326,11 @@ def child(folder: str, site: str, device: str, out: str) -> None:
         json.dumps(
             {
                 "wall_s": wall,
+                "cpu_s": cpu,  # all threads' CPU time: comparable when the machine is shared
                 "host_peak": hwm,
                 "gpu_peak": gpu,
                 "entries": sum(len(g.targets) for g in r.groups),
+                "targets": [t for g in r.groups for t in g.targets],
                 "samples": r.groups[0].samples,
                 "kept": r.groups[0].kept,
                 "device": r.device,
@@ -206,10 +350,21 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=Path("/tmp/vpatch-probe-bench"))
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--only", help="comma-separated config names")
+    ap.add_argument(
+        "--double-blocks", type=int, help="opensora2: double blocks kept (CPU default 4)"
+    )
+    ap.add_argument(
+        "--single-blocks", type=int, help="opensora2: single blocks kept (CPU default 2)"
+    )
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--child-json", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         child(*a.child)
+        return
+    if a.child_json:
+        spec = json.loads(a.child_json[0])
+        child(spec["model"], spec["site"], spec["device"], a.child_json[1], spec)
         return
     layers = a.encoder_layers or (24 if a.device.startswith("cuda") else 2)
     a.dir.mkdir(parents=True, exist_ok=True)
@@ -247,6 +402,8 @@ def main() -> None:
             f"entries {row['entries']}",
             flush=True,
         )
+    if not a.only or "opensora2" in a.only.split(","):
+        rows.append(run_opensora2(a.dir, a, layers, env))
     by = {(r["config"], r["site"]): r for r in rows}
     small, big = by.get(("wan2.1-1.3b", "text_proj")), by.get(("wan2.1-14b", "text_proj"))
     if small and big:

@@ -104,8 +104,15 @@ def test_opensora_single_file_probe_and_apply(version, tmp_path):
         "--encoder",
         f"text={t5}",
     ]
-    if version == "2.0":
-        args += ["--encoder", f"pooled={_clip_folder(tmp_path / 'clip')}"]
+    if (
+        version == "2.0"
+    ):  # the text-mode sites (the default, txt_mlp, is denoise mode: test_opensora2_probe.py)
+        args += [
+            "--encoder",
+            f"pooled={_clip_folder(tmp_path / 'clip')}",
+            "--layers",
+            "txt_in,vector_in",
+        ]
     res = run(*args)
     assert res.exit_code == 0, res.output
     rep = json.loads(res.stdout)

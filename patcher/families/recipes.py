@@ -17,6 +17,7 @@ from typing import Any
 
 from ..erasure.refusal import METHODS, POOLINGS
 from ..errors import RecipeError
+from .conversion import Conversion, parse_conversion
 
 # The shipped recipes are package data (the top-level recipes/ folder, linked into the package as
 # recipes_data so that a wheel carries it); VPATCH_RECIPES adds user folders in front of it.
@@ -26,6 +27,8 @@ MAX_RECIPE_BYTES = 1 << 20
 ENCODER_KINDS = ("text", "pooled", "image")
 MASKS = ("attention", "all")
 MODES = ("text", "denoise")
+# denoise mode runs the diffusers pipeline, or samples a converted single file (patcher/probe/mmdit_video.py)
+RUNNERS = ("pipeline", "mmdit_video")
 TOKEN_SLICES = ("all", "first", "last")
 CHAIN_OPS = {
     "linear": True,
@@ -226,6 +229,8 @@ class Rename:
 class DenoiseSpec:
     steps: int = 4
     call: dict = field(default_factory=dict)
+    # mmdit_video: a single file converted by [convert], sampled without a pipeline
+    runner: str = "pipeline"
 
 
 @dataclass
@@ -245,6 +250,7 @@ class Family:
     key_renames: list[Rename] = field(
         default_factory=list
     )  # other layouts' names for diffusers keys
+    convert: Conversion | None = None  # how a single file becomes a module diffusers runs
     path: Path | None = None
 
 
@@ -382,16 +388,45 @@ def parse_family(data: dict, where: str) -> Family:
     defaults["pooling"] = dt.get("pooling", str, DEFAULTS["pooling"], POOLINGS)
     dt.done()
     dn = t.table("denoise", {})
-    denoise = DenoiseSpec(steps=dn.positive("steps", 4), call=dn.get("call", dict, {}))
+    denoise = DenoiseSpec(
+        steps=dn.positive("steps", 4),
+        call=dn.get("call", dict, {}),
+        runner=dn.get("runner", str, "pipeline", RUNNERS),
+    )
     dn.done()
     at = t.table("aliases", {})
     prefixes = at.strings("prefixes", [])
     renames = [_rename(i, raw, at.where) for i, raw in enumerate(at.get("keys", list, []))]
     at.done()
+    convert = parse_conversion(t.table("convert"), _tables) if "convert" in t.data else None
+    if denoise.runner != "pipeline" and convert is None:
+        raise RecipeError(
+            f"{where}.denoise: runner {denoise.runner!r} runs a converted checkpoint; add a [convert] table"
+        )
     t.done()
     return Family(
-        name, desc, pipes, keys, encoders, sites, list(sel), defaults, denoise, prefixes, renames
+        name,
+        desc,
+        pipes,
+        keys,
+        encoders,
+        sites,
+        list(sel),
+        defaults,
+        denoise,
+        prefixes,
+        renames,
+        convert,
     )
+
+
+def _tables(raw: list, where: str) -> list[_Table]:
+    out = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, dict):
+            raise RecipeError(f"{where}[{i}]: must be a table")
+        out.append(_Table(item, f"{where}[{i}]"))
+    return out
 
 
 def _rename(i: int, raw: object, where: str) -> Rename:

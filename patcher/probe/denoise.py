@@ -3,6 +3,8 @@
 Used where a site's input depends on the video tokens (joint attention), so the encoder alone
 cannot produce it. Builds the whole pipeline (optionally with accelerate's offload) and runs one call
 per prompt with the same seed, recording every step's input.
+A family whose recipe sets ``denoise.runner = "mmdit_video"`` has no pipeline: its converted single
+file is sampled by mmdit_video.py, which returns the same captures.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 from ..errors import ProbeError
 from ..families.recipes import Concept, Family, SiteSpec
 from ..merge.engine import Reporter
+from . import mmdit_video
 from .activations import Capture
 from .encoders import import_class
 from .sites import Hooks, Target, find_module, hooked_group
@@ -37,6 +40,10 @@ def capture_denoise(
     say: Callable[[str], None],
 ) -> Raw:
     """Run the pipeline on noise latents with hooks on the site Linears; one call per prompt, same seed."""
+    if fam.denoise.runner == "mmdit_video":  # a converted single file, no pipeline: its own sampler
+        return mmdit_video.capture_denoise(
+            src, fam, sites, targets, con, opt, device, dtype, rep, say
+        )
     pipe = _load_pipeline(src, opt, device, dtype, say)
     call = dict(fam.denoise.call)
     modules: dict[str, torch.nn.Module] = {}
