@@ -358,7 +358,7 @@ def parse_family(data: dict, where: str) -> Family:
         raise RecipeError(
             f"{where}: field 'detect' needs pipeline_classes or keys, so the family can be recognised"
         )
-    enc_t = t.table("encoders")
+    enc_t = t.table("encoders", {})  # a family whose sites all run the pipeline (denoise mode) needs none
     encoders = {}
     for k in list(enc_t.data):
         encoders[k] = _encoder(k, enc_t.table(k))
@@ -541,7 +541,8 @@ def shipped_families() -> list[Family]:
 
 
 def detect_family(pipeline_class: str | None, keys: set[str]) -> str | None:
-    """The family whose recipe claims this pipeline class, else whose detection keys are all present."""
+    """The family whose recipe claims this pipeline class, else whose detection keys are all present
+    (the most of them, when several families' keys are)."""
     fams = shipped_families()
     if pipeline_class:
         for fam in fams:
@@ -549,12 +550,14 @@ def detect_family(pipeline_class: str | None, keys: set[str]) -> str | None:
                 return fam.name
     from ..layouts import AliasRules  # layouts reads families: imported here, not at module level
 
+    best, most = None, 0  # a family whose keys include another's (Latte's Allegro's) is the more specific one
     for fam in fams:
         rules = AliasRules(prefixes=list(fam.key_prefixes))
         stripped = set(keys) | {rules.strip(k)[0] for k in keys}
         if fam.detect_keys and all(k in stripped for k in fam.detect_keys):
-            return fam.name
-    return None
+            if len(fam.detect_keys) > most:
+                best, most = fam.name, len(fam.detect_keys)
+    return best
 
 
 # --------------------------------------------------------------------------- concepts
