@@ -1178,6 +1178,7 @@ def families(as_json):
             {
                 "family": fam.name,
                 "description": fam.description,
+                "pipelines": list(fam.pipeline_classes),
                 "default_sites": fam.default_sites,
                 "sites": {
                     n: {"mode": s.mode, "components": s.components, "why": " ".join(s.why.split())}
@@ -1197,7 +1198,7 @@ def families(as_json):
         click.echo(json.dumps(rows, indent=2))
         return
     t = Table(title="model families (recipes/models)")
-    for c in ("family", "sites (default first)", "mode", "apply also reads"):
+    for c in ("family", "pipelines", "sites (default first)", "mode", "apply also reads"):
         t.add_column(c, overflow="fold")
     for r in rows:
         names = r["default_sites"] + [n for n in r["sites"] if n not in r["default_sites"]]
@@ -1211,6 +1212,7 @@ def families(as_json):
         )
         t.add_row(
             r["family"],
+            ", ".join(r["pipelines"]) or "-",
             ", ".join(names),
             ", ".join(sorted({s["mode"] for s in r["sites"].values()})),
             also or "-",

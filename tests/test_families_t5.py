@@ -1,0 +1,303 @@
+"""Wan 2.2 TI2V-5B, the Wan-derived pipelines (VACE, ChronoEdit), SkyReels-V2, Cosmos Predict 2 and
+2.5, Allegro and Latte, proven as tests/test_probe_families.py proves the first nine:
+
+(a) what the probe computes as a site's input equals what the real module receives inside the real
+    diffusers pipeline call (a forward pre-hook), and
+(b) probe -> .vud -> apply -> reload with diffusers -> generate works, the site's weights are edited
+    exactly as the in-memory edit says, and nothing else changed.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from patcher.erasure.refusal import edit_weight  # noqa: E402
+from patcher.probe.sites import find_module  # noqa: E402
+from patcher.vud.delta import read_delta  # noqa: E402
+from tests import tiny_pipes_t5 as tiny  # noqa: E402
+from tests.test_probe_families import run_cli  # noqa: E402
+
+warnings.filterwarnings("ignore")
+
+PROMPT = "a naked man walking"  # lower case (Allegro and Latte lower-case prompts) and short
+
+
+@pytest.fixture(scope="session")
+def pipes5(tmp_path_factory):
+    """Build each tiny pipeline once per session, on first use."""
+    root = tmp_path_factory.mktemp("pipes5")
+    cache: dict[str, tuple[Path, dict]] = {}
+
+    def get(name: str) -> tuple[Path, dict]:
+        if name not in cache:
+            cache[name] = tiny.BUILDERS[name](root / name)
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture
+def guardrail_stand_in(monkeypatch):
+    """Cosmos pipelines build NVIDIA's guardrail when none is passed (cosmos_guardrail is not a test
+    dependency): a probe that builds the pipeline gets the permissive stand-in instead."""
+    import diffusers.pipelines.cosmos.pipeline_cosmos2_5_predict as c25
+
+    monkeypatch.setattr(c25, "CosmosSafetyChecker", tiny.DummySafetyChecker)
+
+
+def load(folder: Path):
+    from diffusers import DiffusionPipeline
+
+    kw = {}
+    if json.loads((folder / "model_index.json").read_text())["_class_name"].startswith("Cosmos"):
+        kw["safety_checker"] = tiny.DummySafetyChecker()
+    pipe = DiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch.float32, **kw)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def call_pipe(pipe, call: dict, output_type: str, steps: int = 2, prompt: str = PROMPT):
+    return pipe(
+        prompt=prompt,
+        num_inference_steps=steps,
+        output_type=output_type,
+        generator=torch.Generator().manual_seed(0),
+        **call,
+    )
+
+
+def hooked(pipe, component: str, module: str, call: dict, steps: int = 1) -> list[torch.Tensor]:
+    seen: list[torch.Tensor] = []
+    mod = find_module(getattr(pipe, component), module)
+    h = mod.register_forward_pre_hook(lambda _m, a: seen.append(a[0].detach().float()))
+    try:
+        with torch.no_grad():
+            call_pipe(pipe, call, "latent", steps)
+    finally:
+        h.remove()
+    assert seen, f"{module} never ran in the pipeline call"
+    return seen
+
+
+# ------------------------------------------------------------------------------------------ (a)
+
+# (builder, family, site, the module hooked in the pipeline: None = the site's first target)
+REF_CASES = [
+    ("wan22_5b", "wan", "text_proj", None),
+    ("wan22_5b_i2v", "wan", "text_proj", None),
+    ("wan_vace", "wan", "cross_kv", "vace_blocks.1.attn2.to_k"),  # VACE's own cross-attention
+    ("chronoedit", "wan", "text_proj", None),
+    ("skyreels_v2", "wan", "cross_kv", "blocks.1.attn2.to_v"),
+    ("skyreels_v2_df", "wan", "text_proj", None),
+    ("cosmos2", "cosmos", "cross_kv", "transformer_blocks.1.attn2.to_k"),
+    ("allegro", "allegro", "caption_proj", None),
+    ("allegro", "allegro", "cross_kv", None),
+    ("latte", "latte", "caption_proj", None),
+    ("latte", "latte", "cross_kv", None),
+]
+
+
+@pytest.mark.parametrize("case", REF_CASES, ids=[f"{c[0]}-{c[2]}" for c in REF_CASES])
+def test_capture_matches_the_pipelines_own_forward(case, pipes5):
+    """Text mode (encoder + chain, no denoiser) gives exactly what the real module reads in the pipeline."""
+    from patcher.families.recipes import load_family
+    from patcher.probe.capture import site_inputs
+    from patcher.probe.sites import site_targets
+    from patcher.probe.sources import open_source
+
+    builder, family, site, module = case
+    src, call = pipes5(builder)
+    got = site_inputs(src, site, [PROMPT])  # the family is detected from model_index.json
+    ((x, mask),) = got[sorted(got)[0]]
+    fam = load_family(family)
+    ts = site_targets(fam.sites[site], open_source(src), None, fam.key_prefixes)
+    t = ts[0]
+    if module is not None:  # a later block: every target of the site reads the same input
+        assert any(u.module == module for u in ts), (module, [u.module for u in ts])
+    seen = hooked(load(src), t.component, module or t.module, call)
+    # (batch, tokens, width), Allegro's (batch, 1, tokens, width): the conditional half if batched
+    ref = seen[0].reshape(-1, *seen[0].shape[-2:])[-1]
+    assert mask is not None
+    n = int(mask.sum())
+    assert 0 < n < 16 and ref.shape[-1] == x.shape[-1]
+    assert torch.allclose(x[:n], ref[:n], atol=1e-5 * float(ref.abs().max()) + 1e-6), float(
+        (x[:n] - ref[:n]).abs().max()
+    )
+
+
+def test_cosmos25_denoise_capture_is_the_pipelines_own_encoding(pipes5, guardrail_stand_in):
+    """Cosmos 2.5's site reads the VLM text after the pipeline's own encoding (chat template, every
+    layer normalised and concatenated): the probe's capture equals crossattn_proj.0's input in an
+    independent pipeline call, and that input is the pipeline's encode_prompt output."""
+    from patcher.probe.capture import CaptureOptions, capture
+
+    src, call = pipes5("cosmos25")
+    acts = capture(
+        src,
+        "nudity",
+        CaptureOptions(
+            device="cpu",
+            overrides=tuple(f"denoise.call.{k}={v}" for k, v in call.items()),
+        ),
+    )
+    (g,) = acts.groups
+    assert g.site == "crossattn_proj" and [t.key for t in g.targets] == ["crossattn_proj.0.weight"]
+    from patcher.families.recipes import load_concept
+
+    first = load_concept("nudity").pairs[0].unsafe
+    (cap,) = g.roles["unsafe"][0]  # one step: one capture per prompt
+    pipe = load(src)
+    seen: list[torch.Tensor] = []
+    h = pipe.transformer.crossattn_proj[0].register_forward_pre_hook(
+        lambda _m, a: seen.append(a[0].detach().float())
+    )
+    try:
+        with torch.no_grad():
+            call_pipe(pipe, call, "latent", 1, prompt=first)
+            embeds, _neg = pipe.encode_prompt(
+                first,
+                do_classifier_free_guidance=False,
+                max_sequence_length=call["max_sequence_length"],
+            )
+    finally:
+        h.remove()
+    assert (
+        cap.tokens.shape == seen[0][0].shape == embeds[0].shape
+    )  # every position, 2 layers x 16 wide
+    assert torch.allclose(cap.tokens, seen[0][0], atol=1e-6)
+    assert torch.allclose(cap.tokens, embeds[0].float(), atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ (b)
+
+# (builder, family, site, extra probe args, output_type of the final generation)
+E2E_CASES = [
+    ("wan22_5b", "wan", "text_proj", [], "pt"),
+    ("wan_vace", "wan", "cross_kv", [], "pt"),
+    ("chronoedit", "wan", "text_proj", [], "pt"),
+    ("skyreels_v2", "wan", "cross_kv", [], "pt"),
+    ("cosmos2", "cosmos", "cross_kv", [], "pt"),
+    (
+        "allegro",
+        "allegro",
+        "caption_proj",
+        [],
+        "latent",
+    ),  # its VAE decodes only tiled, at real sizes
+    ("latte", "latte", "caption_proj", [], "pt"),
+]
+
+
+def _probe_apply_reload_generate(src: Path, call: dict, family, site, extra, out_type, tmp_path):
+    vud = tmp_path / "c.vud"
+    rep = json.loads(
+        run_cli(
+            *("probe", src, "-c", "nudity", "-o", vud, "--layers", site),
+            *("--rank", "4", "--device", "cpu", "--json", *extra),
+        )
+    )
+    assert rep["family"] == family  # detected from model_index.json
+    delta = read_delta(vud)
+    assert delta.method["sites"] == [site] and rep["delta_sha256"] == delta.sha256
+    patched = tmp_path / "patched"
+    run_cli("apply", src, vud, "-o", patched, "-q")
+    orig, pat = load(src), load(patched)
+    edited = set()
+    for e in delta.entries:
+        assert e.kind == "project_input" and e.strength == 1.0
+        comp, tkey = e.key.split("/", 1)
+        mod_o = find_module(getattr(orig, comp), tkey.removesuffix(".weight"))
+        mod_p = find_module(getattr(pat, comp), tkey.removesuffix(".weight"))
+        W0, W1 = mod_o.weight.detach().float(), mod_p.weight.detach().float()
+        expected = edit_weight(W0, e.V, 1.0)
+        assert torch.allclose(W1, expected, atol=1e-5 * float(W0.abs().max())), e.key
+        assert float((W1 - W0).abs().max()) > 0, f"{e.key} was not edited"
+        assert float((W1 @ e.V).abs().max()) < 1e-4 * float(W0.abs().max()), "W'u = 0 at λ = 1"
+        edited.add((comp, tkey))
+    for name, comp in orig.components.items():  # nothing else changed, in any component
+        if not isinstance(comp, torch.nn.Module):
+            continue
+        p_pat = dict(getattr(pat, name).named_parameters())
+        for pname, p in comp.named_parameters():
+            if (name, pname) in edited:
+                continue
+            assert torch.equal(p.detach().float(), p_pat[pname].detach().float()), (
+                f"{name}.{pname} changed"
+            )
+    with torch.no_grad():
+        out = call_pipe(pat, call, out_type)
+    frames = out.frames if hasattr(out, "frames") else out[0]
+    assert torch.isfinite(torch.as_tensor(frames)).all()
+    return delta
+
+
+@pytest.mark.parametrize("case", E2E_CASES, ids=[f"{c[0]}-{c[2]}" for c in E2E_CASES])
+def test_probe_apply_reload_generate(case, pipes5, tmp_path):
+    builder, family, site, extra, out_type = case
+    src, call = pipes5(builder)
+    delta = _probe_apply_reload_generate(src, call, family, site, extra, out_type, tmp_path)
+    keys = sorted(e.tensor_key for e in delta.entries)
+    if builder == "wan_vace":  # the VACE blocks' cross-attention is edited with the main blocks'
+        assert keys == sorted(
+            f"{b}.{i}.attn2.to_{kv}.weight"
+            for b in ("blocks", "vace_blocks")
+            for i in (0, 1)
+            for kv in "kv"
+        )
+    if (
+        builder == "latte"
+    ):  # the temporal blocks have no cross-attention: nothing of theirs is touched
+        assert not any("temporal" in k for k in keys)
+
+
+def test_cosmos25_probe_apply_reload_generate(pipes5, tmp_path, guardrail_stand_in):
+    src, call = pipes5("cosmos25")
+    sets = [a for k, v in call.items() for a in ("--set", f"denoise.call.{k}={v}")]
+    delta = _probe_apply_reload_generate(
+        src, call, "cosmos25", "crossattn_proj", sets, "pt", tmp_path
+    )
+    assert [e.tensor_key for e in delta.entries] == ["crossattn_proj.0.weight"]
+
+
+def test_families_are_detected_from_their_keys(pipes5):
+    """A single file has no model_index.json: the transformer's keys alone pick the family, and the
+    most specific one wins where one family's detection keys include another's (Latte / Allegro,
+    Cosmos 2.5 / Cosmos 2)."""
+    from safetensors import safe_open
+
+    from patcher.families.recipes import detect_family
+
+    want = {
+        "wan22_5b": "wan",
+        "wan_vace": "wan",
+        "skyreels_v2": "wan",
+        "chronoedit": "wan",
+        "cosmos2": "cosmos",
+        "cosmos25": "cosmos25",
+        "allegro": "allegro",
+        "latte": "latte",
+    }
+    for builder, family in want.items():
+        src, _ = pipes5(builder)
+        (f,) = (src / "transformer").glob("*.safetensors")
+        with safe_open(str(f), "pt") as fh:
+            keys = set(fh.keys())
+        assert detect_family(None, keys) == family, builder
+        assert detect_family(None, {f"model.diffusion_model.{k}" for k in keys}) == family
+
+
+def test_families_lists_the_new_families():
+    out = json.loads(run_cli("families", "--json"))
+    fams = {r["family"]: r for r in out}
+    assert {"cosmos", "cosmos25", "allegro", "latte", "wan"} <= set(fams)
+    assert fams["cosmos25"]["sites"]["crossattn_proj"]["mode"] == "denoise"
+    for name in ("SkyReelsV2DiffusionForcingPipeline", "ChronoEditPipeline", "WanAnimatePipeline"):
+        assert name in fams["wan"]["pipelines"]
