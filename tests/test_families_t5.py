@@ -301,3 +301,77 @@ def test_families_lists_the_new_families():
     assert fams["cosmos25"]["sites"]["crossattn_proj"]["mode"] == "denoise"
     for name in ("SkyReelsV2DiffusionForcingPipeline", "ChronoEditPipeline", "WanAnimatePipeline"):
         assert name in fams["wan"]["pipelines"]
+
+
+# ------------------------------------------------------------------------------- layouts
+
+# diffusers' own single-file converters (loaders/single_file_utils.py) as the oracle for the recipes'
+# original-layout aliases, as tests/test_layouts.py does for Wan and HunyuanVideo: build each original
+# tensor where our rules say it is stored, convert with diffusers, and the diffusers key must get it back.
+# (family, layout, converter, diffusers keys -> shape, extra original keys the converter looks for)
+ORACLE = [
+    # VACE, SkyReels-V2, ChronoEdit and Wan 2.2 5B files are Wan's layout (diffusers maps them all with
+    # convert_wan_transformer_to_diffusers); VACE adds its vace_blocks
+    (
+        "wan",
+        "original",
+        "convert_wan_transformer_to_diffusers",
+        {
+            "condition_embedder.text_embedder.linear_1.weight": (8, 6),
+            "blocks.0.attn2.to_k.weight": (8, 8),
+            "blocks.1.attn2.to_v.weight": (8, 8),
+            "vace_blocks.0.attn2.to_k.weight": (8, 8),
+            "vace_blocks.1.attn2.to_v.weight": (8, 8),
+            "vace_blocks.1.attn2.to_q.weight": (8, 8),
+        },
+        {"vace_blocks.0.after_proj.bias": (8,)},
+    ),
+    (
+        "cosmos",
+        "original",
+        "convert_cosmos_transformer_checkpoint_to_diffusers",
+        {
+            "transformer_blocks.0.attn2.to_k.weight": (8, 6),
+            "transformer_blocks.0.attn2.to_v.weight": (8, 6),
+            "transformer_blocks.11.attn2.to_q.weight": (8, 8),
+        },
+        {"net.pos_embedder.dim_spatial_range": (3,)},
+    ),
+    (
+        "cosmos25",
+        "original",
+        "convert_cosmos_transformer_checkpoint_to_diffusers",
+        {
+            "transformer_blocks.2.attn2.to_k.weight": (8, 6),
+            "transformer_blocks.2.attn2.to_v.weight": (8, 6),
+            "crossattn_proj.0.weight": (6, 10),
+        },
+        {},
+    ),
+]
+
+
+@pytest.mark.parametrize("case", ORACLE, ids=[f"{c[0]}-{c[1]}" for c in ORACLE])
+def test_alias_rules_agree_with_diffusers_single_file_converters(case):
+    sfu = pytest.importorskip("diffusers.loaders.single_file_utils")
+    from patcher.layouts import rules_for
+
+    family, layout, fn, wanted, extra = case
+    rules = rules_for(family)
+    g = torch.Generator().manual_seed(0)
+    original = {k: torch.randn(*s, generator=g) for k, s in extra.items()}
+    expect = {}
+    for key, shape in sorted(wanted.items()):
+        cands = rules.candidates(key)
+        renamed = [s for s, r, _how in cands if r is not None and r.layout == layout]
+        stored = (
+            renamed[0] if renamed else key
+        )  # crossattn_proj keeps its name in the original file
+        if family.startswith("cosmos"):  # NVIDIA's files keep the net. wrapper
+            stored = "net." + stored
+            assert any(s == stored for s, _r, _how in cands), stored  # apply looks there too
+        expect[key] = original[stored] = torch.randn(*shape, generator=g)
+    converted = getattr(sfu, fn)(dict(original))
+    for key, block in expect.items():
+        assert key in converted, f"diffusers maps none of our stored keys to {key}"
+        assert torch.equal(converted[key], block), key
