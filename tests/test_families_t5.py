@@ -95,6 +95,7 @@ REF_CASES = [
     ("wan22_5b_i2v", "wan", "text_proj", None),
     ("wan_vace", "wan", "cross_kv", "vace_blocks.1.attn2.to_k"),  # VACE's own cross-attention
     ("chronoedit", "wan", "text_proj", None),
+    ("wan_animate", "wan", "cross_kv", "blocks.1.attn2.to_k"),
     ("skyreels_v2", "wan", "cross_kv", "blocks.1.attn2.to_v"),
     ("skyreels_v2_df", "wan", "text_proj", None),
     ("cosmos2", "cosmos", "cross_kv", "transformer_blocks.1.attn2.to_k"),
@@ -133,56 +134,16 @@ def test_capture_matches_the_pipelines_own_forward(case, pipes5):
     )
 
 
-def test_cosmos25_denoise_capture_is_the_pipelines_own_encoding(pipes5, guardrail_stand_in):
-    """Cosmos 2.5's site reads the VLM text after the pipeline's own encoding (chat template, every
-    layer normalised and concatenated): the probe's capture equals crossattn_proj.0's input in an
-    independent pipeline call, and that input is the pipeline's encode_prompt output."""
-    from patcher.probe.capture import CaptureOptions, capture
-
-    src, call = pipes5("cosmos25")
-    acts = capture(
-        src,
-        "nudity",
-        CaptureOptions(
-            device="cpu",
-            overrides=tuple(f"denoise.call.{k}={v}" for k, v in call.items()),
-        ),
-    )
-    (g,) = acts.groups
-    assert g.site == "crossattn_proj" and [t.key for t in g.targets] == ["crossattn_proj.0.weight"]
-    from patcher.families.recipes import load_concept
-
-    first = load_concept("nudity").pairs[0].unsafe
-    (cap,) = g.roles["unsafe"][0]  # one step: one capture per prompt
-    pipe = load(src)
-    seen: list[torch.Tensor] = []
-    h = pipe.transformer.crossattn_proj[0].register_forward_pre_hook(
-        lambda _m, a: seen.append(a[0].detach().float())
-    )
-    try:
-        with torch.no_grad():
-            call_pipe(pipe, call, "latent", 1, prompt=first)
-            embeds, _neg = pipe.encode_prompt(
-                first,
-                do_classifier_free_guidance=False,
-                max_sequence_length=call["max_sequence_length"],
-            )
-    finally:
-        h.remove()
-    assert (
-        cap.tokens.shape == seen[0][0].shape == embeds[0].shape
-    )  # every position, 2 layers x 16 wide
-    assert torch.allclose(cap.tokens, seen[0][0], atol=1e-6)
-    assert torch.allclose(cap.tokens, embeds[0].float(), atol=1e-6)
-
-
 # ------------------------------------------------------------------------------------------ (b)
 
-# (builder, family, site, extra probe args, output_type of the final generation)
+# (builder, family, site, extra probe args, output_type of the final generation); the T5 families
+# encode at 64 tokens instead of 512 here (the concept prompts are shorter, padding is masked: the
+# same samples, a quarter of the encoder's work; the capture tests above run the recipes as shipped)
 E2E_CASES = [
     ("wan22_5b", "wan", "text_proj", [], "pt"),
     ("wan_vace", "wan", "cross_kv", [], "pt"),
     ("chronoedit", "wan", "text_proj", [], "pt"),
+    ("wan_animate", "wan", "cross_kv", [], "latent"),  # face adapters never read text: untouched
     ("skyreels_v2", "wan", "cross_kv", [], "pt"),
     ("cosmos2", "cosmos", "cross_kv", [], "pt"),
     (
@@ -202,6 +163,7 @@ def _probe_apply_reload_generate(src: Path, call: dict, family, site, extra, out
         run_cli(
             *("probe", src, "-c", "nudity", "-o", vud, "--layers", site),
             *("--rank", "4", "--device", "cpu", "--json", *extra),
+            *(() if family == "cosmos25" else ("--set", "encoders.text.max_length=64")),
         )
     )
     assert rep["family"] == family  # detected from model_index.json
@@ -258,13 +220,48 @@ def test_probe_apply_reload_generate(case, pipes5, tmp_path):
         assert not any("temporal" in k for k in keys)
 
 
-def test_cosmos25_probe_apply_reload_generate(pipes5, tmp_path, guardrail_stand_in):
+def test_cosmos25_denoise_site_reads_the_pipelines_own_encoding(
+    pipes5, tmp_path, guardrail_stand_in
+):
+    """Cosmos 2.5's site reads the VLM text after the pipeline's own encoding (chat template, every
+    layer normalised and concatenated): (a) what the probe captured for a prompt equals
+    crossattn_proj.0's input in an independent pipeline call and the pipeline's encode_prompt output;
+    (b) probe -> apply -> reload -> generate, as for the other families."""
+    from patcher.families.recipes import load_concept
+    from patcher.probe.activations import read_activations
+
     src, call = pipes5("cosmos25")
+    acts_file = tmp_path / "acts.safetensors"
     sets = [a for k, v in call.items() for a in ("--set", f"denoise.call.{k}={v}")]
+    sets += ["--save-activations", str(acts_file)]
     delta = _probe_apply_reload_generate(
         src, call, "cosmos25", "crossattn_proj", sets, "pt", tmp_path
     )
     assert [e.tensor_key for e in delta.entries] == ["crossattn_proj.0.weight"]
+
+    (g,) = read_activations(acts_file).groups
+    (cap,) = g.roles["unsafe"][0]  # one step: one capture per prompt
+    first = load_concept("nudity").pairs[0].unsafe
+    pipe = load(src)
+    seen: list[torch.Tensor] = []
+    h = pipe.transformer.crossattn_proj[0].register_forward_pre_hook(
+        lambda _m, a: seen.append(a[0].detach().float())
+    )
+    try:
+        with torch.no_grad():
+            call_pipe(pipe, call, "latent", 1, prompt=first)
+            embeds, _neg = pipe.encode_prompt(
+                first,
+                do_classifier_free_guidance=False,
+                max_sequence_length=call["max_sequence_length"],
+            )
+    finally:
+        h.remove()
+    assert (
+        cap.tokens.shape == seen[0][0].shape == embeds[0].shape
+    )  # every position, 2 layers x 16 wide
+    assert torch.allclose(cap.tokens, seen[0][0], atol=1e-6)
+    assert torch.allclose(cap.tokens, embeds[0].float(), atol=1e-6)
 
 
 def test_families_are_detected_from_their_keys(pipes5):

@@ -190,6 +190,48 @@ def chronoedit(d: Path):
     return _done(pipe, d, {**WAN_CALL, "max_sequence_length": 512, "image": image()})
 
 
+def wan_animate(d: Path):
+    """Wan-Animate: Wan's I2V transformer plus a motion encoder and face adapters (which read face motion)."""
+    from diffusers import UniPCMultistepScheduler, WanAnimatePipeline, WanAnimateTransformer3DModel
+
+    enc, proc = _clip_vision()
+    tr = _wan_tr(
+        WanAnimateTransformer3DModel,
+        in_channels=36,
+        latent_channels=16,
+        image_dim=4,
+        added_kv_proj_dim=24,
+        motion_encoder_channel_sizes={"4": 8, "8": 8, "16": 8},
+        motion_encoder_size=16,
+        motion_style_dim=8,
+        motion_dim=4,
+        motion_encoder_dim=8,
+        face_encoder_hidden_dim=8,
+        face_encoder_num_heads=2,
+        inject_face_latents_blocks=1,
+        motion_encoder_batch_size=4,
+    )
+    pipe = WanAnimatePipeline(
+        **_text(d),
+        transformer=tr,
+        vae=_wan_vae(),
+        scheduler=UniPCMultistepScheduler(flow_shift=5.0, use_flow_sigmas=True),
+        image_encoder=enc,
+        image_processor=proc,
+    )
+    call = {
+        "height": 16,
+        "width": 16,
+        "guidance_scale": 1.0,
+        "segment_frame_length": 5,
+        "max_sequence_length": 512,  # Wan's I2V attention takes the last 512 context tokens as text
+        "image": image(),
+        "pose_video": [image((30 * i, 60, 90)) for i in range(5)],
+        "face_video": [image((90, 30 * i, 60)) for i in range(5)],
+    }
+    return _done(pipe, d, call)
+
+
 def skyreels_v2(d: Path):
     from diffusers import SkyReelsV2Pipeline, SkyReelsV2Transformer3DModel, UniPCMultistepScheduler
 
@@ -471,6 +513,7 @@ BUILDERS = {
     "wan22_5b_i2v": wan22_5b_i2v,
     "wan_vace": wan_vace,
     "chronoedit": chronoedit,
+    "wan_animate": wan_animate,
     "skyreels_v2": skyreels_v2,
     "skyreels_v2_df": skyreels_v2_df,
     "cosmos2": cosmos2,
