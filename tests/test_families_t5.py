@@ -97,6 +97,7 @@ REF_CASES = [
     ("chronoedit", "wan", "text_proj", None),
     ("wan_animate", "wan", "cross_kv", "blocks.1.attn2.to_k"),
     ("skyreels_v2", "wan", "cross_kv", "blocks.1.attn2.to_v"),
+    ("skyreels_v2_i2v", "wan", "text_proj", None),
     ("skyreels_v2_df", "wan", "text_proj", None),
     ("cosmos2", "cosmos", "cross_kv", "transformer_blocks.1.attn2.to_k"),
     ("allegro", "allegro", "caption_proj", None),
@@ -132,6 +133,19 @@ def test_capture_matches_the_pipelines_own_forward(case, pipes5):
     assert torch.allclose(x[:n], ref[:n], atol=1e-5 * float(ref.abs().max()) + 1e-6), float(
         (x[:n] - ref[:n]).abs().max()
     )
+
+
+@pytest.mark.parametrize("builder", ["chronoedit", "skyreels_v2_i2v"])
+def test_image_capture_matches_the_pipelines_own_forward(builder, pipes5, tmp_path):
+    """The image site (CLIP penultimate layer through image_embedder) of the Wan-derived I2V pipelines."""
+    from patcher.probe.capture import site_inputs
+
+    src, call = pipes5(builder)
+    call["image"].save(tmp_path / "i.png")
+    ((x, mask),) = next(iter(site_inputs(src, "image_kv", [tmp_path / "i.png"]).values()))
+    seen = hooked(load(src), "transformer", "blocks.0.attn2.add_k_proj", call)
+    assert mask is None and seen[0][0].shape == x.shape
+    assert torch.allclose(x, seen[0][0], atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------ (b)

@@ -244,6 +244,26 @@ def skyreels_v2(d: Path):
     return _done(pipe, d, {**WAN_CALL, "max_sequence_length": 16})
 
 
+def skyreels_v2_i2v(d: Path):
+    from diffusers import (
+        SkyReelsV2ImageToVideoPipeline,
+        SkyReelsV2Transformer3DModel,
+        UniPCMultistepScheduler,
+    )
+
+    enc, proc = _clip_vision()
+    tr = _wan_tr(SkyReelsV2Transformer3DModel, in_channels=36, image_dim=4, added_kv_proj_dim=24)
+    pipe = SkyReelsV2ImageToVideoPipeline(
+        **_text(d),
+        transformer=tr,
+        vae=_wan_vae(),
+        scheduler=UniPCMultistepScheduler(flow_shift=5.0, use_flow_sigmas=True),
+        image_encoder=enc,
+        image_processor=proc,
+    )
+    return _done(pipe, d, {**WAN_CALL, "max_sequence_length": 512, "image": image()})
+
+
 def skyreels_v2_df(d: Path):
     """The diffusion-forcing pipeline on the same tiny transformer config."""
     from diffusers import (
@@ -515,6 +535,7 @@ BUILDERS = {
     "chronoedit": chronoedit,
     "wan_animate": wan_animate,
     "skyreels_v2": skyreels_v2,
+    "skyreels_v2_i2v": skyreels_v2_i2v,
     "skyreels_v2_df": skyreels_v2_df,
     "cosmos2": cosmos2,
     "cosmos25": cosmos25,
