@@ -19,6 +19,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 from patcher.erasure.refusal import edit_weight  # noqa: E402
+from patcher.families.recipes import load_family  # noqa: E402
 from patcher.probe.sites import find_module  # noqa: E402
 from patcher.vud.delta import read_delta  # noqa: E402
 from tests import tiny_pipes_llm  # noqa: E402
@@ -50,7 +51,14 @@ def sets(*overrides: str) -> list[str]:
 
 
 # (case id, builder, family, site, recipe overrides, extra pipeline call kwargs)
+LTX2 = [
+    "encoders.text.kwargs.max_sequence_length=16",
+    "encoders.audio.kwargs.max_sequence_length=16",
+]
 CASES = [
+    ("ltx2-caption_proj", "ltx2", "ltx2", "caption_proj", LTX2, {}),
+    ("ltx2-audio_caption_proj", "ltx2", "ltx2", "audio_caption_proj", LTX2, {}),
+    ("ltx2-cross_kv", "ltx2", "ltx2", "cross_kv", LTX2, {}),
     (
         "sana_video-caption_proj",
         "sana_video",
@@ -76,7 +84,6 @@ def _call(pipe, call: dict, extra: dict, output_type: str):
 def test_capture_matches_the_pipelines_own_forward(case, llm_pipes):
     """The site input the probe computes (the pipeline's encode_prompt + the recipe's chain, no
     denoiser) equals what the real module receives inside the diffusers pipeline call."""
-    from patcher.families.recipes import load_family
     from patcher.probe.capture import site_inputs
     from patcher.probe.sites import site_targets
     from patcher.probe.sources import open_source
@@ -96,7 +103,7 @@ def test_capture_matches_the_pipelines_own_forward(case, llm_pipes):
     finally:
         h.remove()
     assert seen, f"{t.module} was not called by the pipeline"
-    ref = seen[0][0] if seen[0].dim() == 3 else seen[0]
+    ref = seen[0][-1] if seen[0].dim() == 3 else seen[0]  # under guidance the prompt's row is last
     assert ref.shape == x.shape, (ref.shape, x.shape)
     if mask is not None:  # the probe keeps the valid tokens only: some, not all
         assert 0 < int(mask.sum()) < mask.shape[0]
@@ -105,7 +112,12 @@ def test_capture_matches_the_pipelines_own_forward(case, llm_pipes):
     )
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+# probe -> apply -> generate once per family, at its default site (the other sites differ only in
+# which weights are matched, and each is verified against the pipeline above)
+APPLY_CASES = [c for c in CASES if c[3] == load_family(c[2]).default_sites[0]]
+
+
+@pytest.mark.parametrize("case", APPLY_CASES, ids=[c[0] for c in APPLY_CASES])
 def test_probe_apply_reload_generate(case, llm_pipes, tmp_path):
     _id, builder, family, site, overrides, extra = case
     src, call = llm_pipes(builder)
@@ -155,7 +167,7 @@ def test_probe_apply_reload_generate(case, llm_pipes, tmp_path):
     assert torch.isfinite(torch.as_tensor(frames)).all()
 
 
-TRIP_CASES = [("sana_video", "caption_proj", ["encoders.text.kwargs.max_sequence_length=16"])]
+TRIP_CASES = [("ltx2", "caption_proj", LTX2)]  # the one with a diffusers module (connectors) loaded
 
 
 @pytest.mark.parametrize("case", TRIP_CASES, ids=[c[0] for c in TRIP_CASES])

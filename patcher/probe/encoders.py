@@ -209,6 +209,19 @@ def _pick(out, which: int | str, what: str, method: str):
         ) from None
 
 
+def _library_class(lib: str, cls: str):
+    """A model_index.json class: a library's (transformers, diffusers) or, as diffusers resolves a
+    pipeline's own modules (LTX-2's ``["ltx2", "LTX2TextConnectors"]``), ``diffusers.pipelines.LIB``'s."""
+    import importlib
+
+    if lib in ("transformers", "diffusers"):
+        return import_class(lib, cls)
+    try:
+        return getattr(importlib.import_module(f"diffusers.pipelines.{lib}"), cls)
+    except (ImportError, AttributeError):
+        return import_class(lib, cls)
+
+
 class PipelineEncoder:
     """The pipeline's own prompt encoding (``encode_prompt``), with only its text components loaded.
 
@@ -263,7 +276,7 @@ class PipelineEncoder:
         loaded: dict = {}
         for name in self.enc.components:
             lib, cls = _component_class(index, root, name, None, "component")
-            c = import_class(lib, cls)
+            c = _library_class(lib, cls)
             try:
                 if isinstance(c, type) and issubclass(c, torch.nn.Module):
                     obj = c.from_pretrained(root / name, torch_dtype=dtype).to(device).eval()
