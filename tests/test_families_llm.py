@@ -59,6 +59,7 @@ CASES = [
     ("ltx2-caption_proj", "ltx2", "ltx2", "caption_proj", LTX2, {}),
     ("ltx2-audio_caption_proj", "ltx2", "ltx2", "audio_caption_proj", LTX2, {}),
     ("ltx2-cross_kv", "ltx2", "ltx2", "cross_kv", LTX2, {}),
+    ("hunyuan15-context_proj", "hunyuan15", "hunyuan15", "context_proj", [], {}),
     (
         "sana_video-caption_proj",
         "sana_video",

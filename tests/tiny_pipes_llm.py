@@ -16,6 +16,7 @@ from tests.tiny_pipes import _save, word_tokenizer
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }} "
+    "{% if m['role'] == 'system' %}{{ 'filler ' * FILL }}{% endif %}"
     "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
     "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
     "{% endif %}<|im_end|> {% endfor %}{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
@@ -28,8 +29,18 @@ def llm_tokenizer(max_len: int = 512, chat: bool = False, padding_side: str = "r
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     tok.padding_side = padding_side
     if chat:
-        tok.chat_template = CHAT_TEMPLATE
+        tok.chat_template = CHAT_TEMPLATE.replace("FILL", "0")
     return tok
+
+
+def pad_chat_prefix(tok, system: str, crop_start: int) -> None:
+    """Pad the system turn so that the template's tokens before the user's prompt number exactly
+    ``crop_start``, as the real tokenizer's do (the pipeline crops that many)."""
+    msgs = [[{"role": "system", "content": system}, {"role": "user", "content": "dance"}]]
+    ids = tok.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"][0]
+    n = ids.index(tok.convert_tokens_to_ids("dance"))
+    assert n <= crop_start, n
+    tok.chat_template = CHAT_TEMPLATE.replace("FILL", str(crop_start - n))
 
 
 def sana_video(d: Path, i2v: bool = False):
@@ -277,3 +288,88 @@ def ltx2(d: Path, kind: str = "t2v"):
 
 
 BUILDERS["ltx2"] = ltx2
+
+
+def hunyuan15(d: Path, i2v: bool = False):
+    from diffusers import (
+        AutoencoderKLHunyuanVideo15,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideo15Pipeline,
+        HunyuanVideo15Transformer3DModel,
+    )
+    from diffusers.guiders import ClassifierFreeGuidance
+    from transformers import (
+        ByT5Tokenizer,
+        Qwen2_5_VLTextConfig,
+        Qwen2_5_VLTextModel,
+        T5Config,
+        T5EncoderModel,
+    )
+
+    tok = llm_tokenizer(max_len=2048, chat=True)
+    torch.manual_seed(0)
+    tr = HunyuanVideo15Transformer3DModel(
+        in_channels=9,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_layers=1,
+        num_refiner_layers=1,
+        mlp_ratio=2.0,
+        patch_size=1,
+        patch_size_t=1,
+        text_embed_dim=16,
+        text_embed_2_dim=8,
+        image_embed_dim=12,
+        rope_axes_dim=(2, 2, 4),
+        target_size=16,
+        task_type="i2v" if i2v else "t2v",
+    )
+    torch.manual_seed(0)
+    vae = AutoencoderKLHunyuanVideo15(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(16, 16),
+        layers_per_block=1,
+        spatial_compression_ratio=4,
+        temporal_compression_ratio=2,
+        downsample_match_channel=False,
+        upsample_match_channel=False,
+    )
+    torch.manual_seed(0)
+    te = Qwen2_5_VLTextModel(
+        Qwen2_5_VLTextConfig(
+            hidden_size=16,
+            intermediate_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            vocab_size=len(tok),
+            rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+            rope_theta=1000000.0,
+            bos_token_id=None,
+            eos_token_id=1,
+            pad_token_id=0,
+        )
+    ).eval()
+    torch.manual_seed(0)
+    te2 = T5EncoderModel(
+        T5Config(vocab_size=384, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2)
+    ).eval()
+    pipe = HunyuanVideo15Pipeline(
+        transformer=tr,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        text_encoder=te,
+        text_encoder_2=te2,
+        tokenizer=tok,
+        tokenizer_2=ByT5Tokenizer(),
+        guider=ClassifierFreeGuidance(guidance_scale=1.0),
+    )
+    pad_chat_prefix(tok, pipe.system_message, pipe.prompt_template_encode_start_idx)
+    _save(pipe, d)
+    return d, {"height": 16, "width": 16, "num_frames": 5}
+
+
+BUILDERS["hunyuan15"] = hunyuan15
