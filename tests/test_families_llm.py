@@ -217,3 +217,32 @@ def test_pipeline_encoder_never_builds_the_denoiser_or_vae(case, llm_pipes, tmp_
         getattr(diffusers, sorted(forbidden)[0]).from_pretrained(
             src / next(c for c in ("transformer", "vae") if index[c][1] == sorted(forbidden)[0])
         )
+
+
+def test_ltx2_single_file_aliases_agree_with_diffusers_converter():
+    """LTX-2's original single file keeps the text readers' diffusers names under a prefix: every
+    key our rules try with a prefix comes back at the diffusers key through diffusers' own
+    single-file converter (an independent oracle for the recipe's [aliases])."""
+    sfu = pytest.importorskip("diffusers.loaders.single_file_utils")
+    from patcher.layouts import rules_for
+
+    rules = rules_for("ltx2")
+    keys = [
+        "caption_projection.linear_1.weight",
+        "audio_caption_projection.linear_1.weight",
+        "transformer_blocks.0.attn2.to_k.weight",
+        "transformer_blocks.3.attn2.to_v.weight",
+    ]
+    tried = 0
+    for i, key in enumerate(keys):
+        for stored, _rule, how in rules.candidates(key):
+            if "prefix" not in how or "without" in how:
+                continue
+            block = torch.randn(4, 3, generator=torch.Generator().manual_seed(i))
+            out = sfu.convert_ltx2_transformer_to_diffusers({stored: block})
+            if stored.startswith("model.diffusion_model."):  # the converter's own prefix
+                assert list(out) == [key] and torch.equal(out[key], block), (stored, list(out))
+                tried += 1
+            else:  # ComfyUI's "diffusion_model." wrapper: the same names once it is removed
+                assert stored.removeprefix("diffusion_model.") == key
+    assert tried == len(keys)

@@ -181,6 +181,13 @@ class Encoder:
         return res
 
 
+class _Config(dict):
+    """An absent component's config.json as attributes; a field it lacks reads as None."""
+
+    def __getattr__(self, name: str):
+        return self.get(name)
+
+
 class _Absent:
     """Stands for a component a text-mode probe does not load (the denoiser, the VAE).
 
@@ -189,9 +196,7 @@ class _Absent:
     """
 
     def __init__(self, config: dict):
-        from types import SimpleNamespace
-
-        self.config = SimpleNamespace(**config)
+        self.config = _Config(config)
 
     def __bool__(self) -> bool:
         return False
