@@ -124,16 +124,18 @@ def test_capture_matches_the_pipelines_own_forward(case, pipes5, guardrail_stand
     fam = load_family(family)
     ts = site_targets(fam.sites[site], open_source(src), None, fam.key_prefixes)
     t = ts[0]
+    if builder == "latte" and site == "cross_kv":  # temporal blocks have no cross-attention
+        assert [u.module for u in ts] == [f"transformer_blocks.0.attn2.to_{kv}" for kv in "kv"]
     if module is not None:  # a later block: every target of the site reads the same input
         assert any(u.module == module for u in ts), (module, [u.module for u in ts])
     seen = hooked(load(src), t.component, module or t.module, call)
     # (batch, tokens, width), Allegro's (batch, 1, tokens, width): the conditional half if batched
     ref = seen[0].reshape(-1, *seen[0].shape[-2:])[-1]
-    if (
-        mask is None
-    ):  # Cosmos 2.5: every position, and a causal VLM: the first ones do not see the rest
+    if mask is None:  # every position is read
+        # Latte keeps only the valid tokens; Cosmos 2.5 masks none and its VLM is causal (the first
+        # positions do not see the padding after them)
         n = ref.shape[0]
-        assert family == "cosmos25" and x.shape[0] == 512 > n
+        assert x.shape[0] == (512 if family == "cosmos25" else n)
     else:
         n = int(mask.sum())
         assert 0 < n < 16
@@ -141,6 +143,23 @@ def test_capture_matches_the_pipelines_own_forward(case, pipes5, guardrail_stand
     assert torch.allclose(x[:n], ref[:n], atol=1e-5 * float(ref.abs().max()) + 1e-6), float(
         (x[:n] - ref[:n]).abs().max()
     )
+
+
+@pytest.mark.parametrize("builder", ["allegro", "latte"])
+def test_pipeline_encoder_applies_the_pipelines_own_prompt_preprocessing(builder, pipes5):
+    """Allegro and Latte lower-case the prompt before T5: so does the probe (their own encode_prompt),
+    while the plain T5 tokenizer would see other tokens."""
+    from patcher.probe.capture import site_inputs
+
+    src, _call = pipes5(builder)
+    got = site_inputs(src, "caption_proj", [PROMPT, PROMPT.upper(), "a clothed man walking"])
+    ((x, _), (xu, _), (xo, _)) = next(iter(got.values()))
+    assert torch.equal(x, xu) and x.shape == xu.shape
+    assert not torch.equal(x[: xo.shape[0]], xo[: x.shape[0]])  # the check can tell prompts apart
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(src / "tokenizer"))
+    assert tok(PROMPT).input_ids != tok(PROMPT.upper()).input_ids
 
 
 @pytest.mark.parametrize("builder", ["chronoedit", "skyreels_v2_i2v"])
@@ -158,26 +177,23 @@ def test_image_capture_matches_the_pipelines_own_forward(builder, pipes5, tmp_pa
 
 # ------------------------------------------------------------------------------------------ (b)
 
-# (builder, family, site, extra probe args, output_type of the final generation); the T5 families
-# encode at 64 tokens instead of 512 here (the concept prompts are shorter, padding is masked: the
-# same samples, a quarter of the encoder's work), Cosmos 2.5 at 48 (the tiny pipeline's length); the
-# capture tests above run the recipes as shipped
+# (builder, family, site, extra probe args, output_type of the final generation). The T5 families
+# encode at 64 tokens instead of 512 here (the concept prompts are shorter and padding is masked: the
+# same delta, checked, for a quarter of the encoder's work), Cosmos 2.5 at its tiny pipeline's 48; the
+# capture tests above run the recipes as shipped.
+T5_64 = ["--set", "encoders.text.max_length=64"]
+ALLEGRO_64 = ["--set", "encoders.text.kwargs.max_sequence_length=64"]
+COSMOS25_48 = ["--set", "encoders.text.kwargs.max_sequence_length=48"]
 E2E_CASES = [
-    ("wan22_5b", "wan", "text_proj", [], "pt"),
-    ("wan_vace", "wan", "cross_kv", [], "pt"),
-    ("chronoedit", "wan", "text_proj", [], "pt"),
-    ("wan_animate", "wan", "cross_kv", [], "latent"),  # face adapters never read text: untouched
-    ("skyreels_v2", "wan", "cross_kv", [], "pt"),
-    ("cosmos2", "cosmos", "cross_kv", [], "pt"),
-    (
-        "allegro",
-        "allegro",
-        "caption_proj",
-        [],
-        "latent",
-    ),  # its VAE decodes only tiled, at real sizes
-    ("latte", "latte", "caption_proj", [], "pt"),
-    ("cosmos25", "cosmos25", "crossattn_proj", [], "pt"),
+    ("wan22_5b", "wan", "text_proj", T5_64, "pt"),
+    ("wan_vace", "wan", "cross_kv", T5_64, "pt"),
+    ("chronoedit", "wan", "text_proj", T5_64, "pt"),
+    ("wan_animate", "wan", "cross_kv", T5_64, "latent"),
+    ("skyreels_v2", "wan", "cross_kv", T5_64, "pt"),
+    ("cosmos2", "cosmos", "cross_kv", T5_64, "pt"),
+    ("allegro", "allegro", "caption_proj", ALLEGRO_64, "latent"),  # its VAE decodes only tiled
+    ("latte", "latte", "caption_proj", [], "pt"),  # encode_prompt keeps only the valid tokens
+    ("cosmos25", "cosmos25", "crossattn_proj", COSMOS25_48, "pt"),
 ]
 
 
@@ -187,10 +203,6 @@ def _probe_apply_reload_generate(src: Path, call: dict, family, site, extra, out
         run_cli(
             *("probe", src, "-c", "nudity", "-o", vud, "--layers", site),
             *("--rank", "4", "--device", "cpu", "--json", *extra),
-            "--set",
-            "encoders.text.kwargs.max_sequence_length=48"
-            if family == "cosmos25"
-            else "encoders.text.max_length=64",
         )
     )
     assert rep["family"] == family  # detected from model_index.json
@@ -241,10 +253,12 @@ def test_probe_apply_reload_generate(case, pipes5, tmp_path, guardrail_stand_in)
             for i in (0, 1)
             for kv in "kv"
         )
-    if (
-        builder == "latte"
-    ):  # the temporal blocks have no cross-attention: nothing of theirs is touched
-        assert not any("temporal" in k for k in keys)
+    if builder == "wan_animate":  # the face adapters read face motion, not text: untouched
+        assert keys == sorted(f"blocks.{i}.attn2.to_{kv}.weight" for i in (0, 1) for kv in "kv")
+    if builder == "cosmos25":
+        assert keys == ["crossattn_proj.0.weight"]
+    if builder in ("latte", "allegro"):
+        assert keys == ["caption_projection.linear_1.weight"]
 
 
 def test_families_are_detected_from_their_keys(pipes5):
@@ -278,7 +292,7 @@ def test_families_lists_the_new_families():
     out = json.loads(run_cli("families", "--json"))
     fams = {r["family"]: r for r in out}
     assert {"cosmos", "cosmos25", "allegro", "latte", "wan"} <= set(fams)
-    assert fams["cosmos25"]["sites"]["crossattn_proj"]["mode"] == "denoise"
+    assert fams["cosmos25"]["sites"]["crossattn_proj"]["mode"] == "text"
     for name in ("SkyReelsV2DiffusionForcingPipeline", "ChronoEditPipeline", "WanAnimatePipeline"):
         assert name in fams["wan"]["pipelines"]
 
@@ -344,9 +358,8 @@ def test_alias_rules_agree_with_diffusers_single_file_converters(case):
     for key, shape in sorted(wanted.items()):
         cands = rules.candidates(key)
         renamed = [s for s, r, _how in cands if r is not None and r.layout == layout]
-        stored = (
-            renamed[0] if renamed else key
-        )  # crossattn_proj keeps its name in the original file
+        # crossattn_proj keeps its name in the original file
+        stored = renamed[0] if renamed else key
         if family.startswith("cosmos"):  # NVIDIA's files keep the net. wrapper
             stored = "net." + stored
             assert any(s == stored for s, _r, _how in cands), stored  # apply looks there too

@@ -523,7 +523,6 @@ def latte(d: Path):
         "width": 16,
         "video_length": 2,
         "guidance_scale": 1.0,
-        "clean_caption": False,
     }
     return _done(pipe, d, call)
 

@@ -436,7 +436,7 @@ def parse_family(data: dict, where: str) -> Family:
         raise RecipeError(
             f"{where}: field 'detect' needs pipeline_classes or keys, so the family can be recognised"
         )
-    enc_t = t.table("encoders", {})  # a family whose sites all run the pipeline (denoise mode) needs none
+    enc_t = t.table("encoders")
     encoders = {}
     for k in list(enc_t.data):
         encoders[k] = _encoder(k, enc_t.table(k))
