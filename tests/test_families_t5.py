@@ -99,6 +99,8 @@ REF_CASES = [
     ("skyreels_v2", "wan", "cross_kv", "blocks.1.attn2.to_v"),
     ("skyreels_v2_i2v", "wan", "text_proj", None),
     ("skyreels_v2_df", "wan", "text_proj", None),
+    ("skyreels_v2_df_i2v", "wan", "text_proj", None),
+    ("skyreels_v2_df_v2v", "wan", "text_proj", None),
     ("cosmos2", "cosmos", "cross_kv", "transformer_blocks.1.attn2.to_k"),
     ("cosmos2", "cosmos", "t5_ffn", None),  # hooked inside the text encoder
     ("cosmos25", "cosmos25", "crossattn_proj", None),

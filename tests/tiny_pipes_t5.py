@@ -264,21 +264,34 @@ def skyreels_v2_i2v(d: Path):
     return _done(pipe, d, {**WAN_CALL, "max_sequence_length": 512, "image": image()})
 
 
-def skyreels_v2_df(d: Path):
-    """The diffusion-forcing pipeline on the same tiny transformer config."""
-    from diffusers import (
-        SkyReelsV2DiffusionForcingPipeline,
-        SkyReelsV2Transformer3DModel,
-        UniPCMultistepScheduler,
-    )
+def skyreels_v2_df(d: Path, variant: str = ""):
+    """The diffusion-forcing pipelines (T2V, and with variant "ImageToVideo" / "VideoToVideo") on the
+    same tiny transformer config: they share their components."""
+    import diffusers
+    from diffusers import SkyReelsV2Transformer3DModel, UniPCMultistepScheduler
 
-    pipe = SkyReelsV2DiffusionForcingPipeline(
+    cls = getattr(diffusers, f"SkyReelsV2DiffusionForcing{variant}Pipeline")
+    pipe = cls(
         **_text(d),
         transformer=_wan_tr(SkyReelsV2Transformer3DModel),
         vae=_wan_vae(),
         scheduler=UniPCMultistepScheduler(flow_shift=8.0, use_flow_sigmas=True),
     )
-    return _done(pipe, d, {**WAN_CALL, "max_sequence_length": 16, "base_num_frames": 5})
+    call = {**WAN_CALL, "max_sequence_length": 16, "base_num_frames": 5}
+    if variant == "ImageToVideo":
+        call["image"] = image()
+    if variant == "VideoToVideo":
+        call["video"] = [image((40 * i, 90, 120)) for i in range(5)]
+        call["overlap_history"] = 1  # frames of the given video the extension overlaps
+    return _done(pipe, d, call)
+
+
+def skyreels_v2_df_i2v(d: Path):
+    return skyreels_v2_df(d, "ImageToVideo")
+
+
+def skyreels_v2_df_v2v(d: Path):
+    return skyreels_v2_df(d, "VideoToVideo")
 
 
 # --------------------------------------------------------------------------- Cosmos
@@ -536,6 +549,8 @@ BUILDERS = {
     "skyreels_v2": skyreels_v2,
     "skyreels_v2_i2v": skyreels_v2_i2v,
     "skyreels_v2_df": skyreels_v2_df,
+    "skyreels_v2_df_i2v": skyreels_v2_df_i2v,
+    "skyreels_v2_df_v2v": skyreels_v2_df_v2v,
     "cosmos2": cosmos2,
     "cosmos25": cosmos25,
     "allegro": allegro,
