@@ -60,6 +60,8 @@ CASES = [
     ("ltx2-audio_caption_proj", "ltx2", "ltx2", "audio_caption_proj", LTX2, {}),
     ("ltx2-cross_kv", "ltx2", "ltx2", "cross_kv", LTX2, {}),
     ("hunyuan15-context_proj", "hunyuan15", "hunyuan15", "context_proj", [], {}),
+    ("kandinsky5-text_embed", "kandinsky5", "kandinsky5", "text_embed", [], {}),
+    ("kandinsky5-clip_pooled", "kandinsky5", "kandinsky5", "clip_pooled", [], {}),
     (
         "sana_video-caption_proj",
         "sana_video",
