@@ -248,3 +248,34 @@ def test_ltx2_single_file_aliases_agree_with_diffusers_converter():
             else:  # ComfyUI's "diffusion_model." wrapper: the same names once it is removed
                 assert stored.removeprefix("diffusion_model.") == key
     assert tried == len(keys)
+
+
+@pytest.mark.parametrize("builder", ["ltx2", "hunyuan15", "kandinsky5", "sana_video"])
+def test_every_pipeline_class_of_the_family_encodes_the_same(builder, llm_pipes, tmp_path):
+    """I2V / condition pipelines share the family's text path: with model_index.json naming each
+    pipeline class the recipe claims, detection picks the family and the pipeline encoder (that
+    class's own encode_prompt, built without its denoiser, VAE or image encoder) gives the same site
+    input as the T2V class."""
+    import shutil
+
+    from patcher.families.recipes import detect_family
+    from patcher.probe.capture import site_inputs
+
+    src, _call_kw = llm_pipes(builder)
+    fam = load_family(builder)
+    site = fam.default_sites[0]
+    overrides = next(c[4] for c in CASES if c[1] == builder)
+    ((x0, m0),) = next(iter(site_inputs(src, site, [PROMPT], overrides=overrides).values()))
+    index = json.loads((src / "model_index.json").read_text())
+    others = [c for c in fam.pipeline_classes if c != index["_class_name"]]
+    assert others, f"{builder}: the recipe names only {fam.pipeline_classes}"
+    for cls in others:
+        assert detect_family(cls, set()) == builder
+        d = tmp_path / cls
+        d.mkdir()
+        for sub in (*fam.encoders[fam.sites[site].encoder].pipeline.components, "transformer"):
+            (d / sub).symlink_to(src / sub, target_is_directory=True)
+        (d / "model_index.json").write_text(json.dumps({**index, "_class_name": cls}))
+        ((x, m),) = next(iter(site_inputs(d, site, [PROMPT], overrides=overrides).values()))
+        assert torch.equal(x, x0) and (m is None) == (m0 is None), cls
+        shutil.rmtree(d)
