@@ -19,6 +19,13 @@ denoise-mode site txt_mlp.
   On CPU the sampling is also cut (--set-style overrides in OPENSORA2_CPU: 1 step, no guidance, 1 frame
   at 64 x 64: 16 video tokens beside the 512 text tokens); on a GPU it is the recipe's (Open-Sora's 256px,
   129 frames, 4 steps, guidance 7.5).
+LTX-2 19B and HunyuanVideo 1.5 8.3B go through their pipelines' own encode_prompt (kind = "pipeline"
+encoders): the denoiser is the same sparse real-size file; the text stack is real width and vocabulary
+with random weights (LTX-2: Gemma-3-12B, its vision tower cut to 1 block, and the real-size connectors,
+whose text_proj_in width follows the kept layers; HunyuanVideo 1.5: Qwen2.5-VL-7B's text model and a
+1-block ByT5-small), the LLM truncated to --encoder-layers blocks; the tokenizer is the offline
+word-level one at the pipeline's own sequence length (LTX-2 1024, HunyuanVideo 1.5 1000 after its 108
+template tokens).
 Each probe runs in a child process; host peak is VmHWM, GPU peak is torch.cuda.max_memory_allocated.
 """
 
