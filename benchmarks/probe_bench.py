@@ -269,9 +269,6 @@ def _bare_pipeline(cls):
 def llm_pipeline_folder(root: Path, run: tuple, layers: int) -> tuple[Path, dict]:
     """A diffusers folder: the real-size sparse denoiser, and the text components the family's
     pipeline encoder loads, real width and vocabulary, the LLM cut to ``layers`` blocks."""
-    import transformers
-
-    from tests.tiny_pipes_llm import llm_tokenizer, pad_chat_prefix
 
     cfg_name, manifest_name, family, _site = run
     manifest = json.loads((HERE / "manifests" / f"{manifest_name}.json").read_text())
@@ -284,50 +281,13 @@ def llm_pipeline_folder(root: Path, run: tuple, layers: int) -> tuple[Path, dict
             "transformer": ["diffusers", manifest["class"]],
         }
         torch.manual_seed(0)
-        if family == "ltx2":
-            from diffusers.pipelines.ltx2 import LTX2TextConnectors
-
-            cfg = transformers.Gemma3Config(**GEMMA3_12B)
-            cfg.text_config.num_hidden_layers = layers
-            te = transformers.Gemma3ForConditionalGeneration(cfg).to(torch.bfloat16).eval()
-            te.save_pretrained(str(d / "text_encoder"), max_shard_size="5GB")
-            del te
-            # LTX-2's connectors (scripts/convert_ltx2_to_diffusers.py): 30 x 128 heads, 2 blocks, 128
-            # registers; text_proj_in reads every hidden state, so its width follows the truncation
-            conn = LTX2TextConnectors(caption_channels=3840, text_proj_in_factor=layers + 1)
-            conn.to(torch.bfloat16).save_pretrained(str(d / "connectors"))
-            del conn
-            llm_tokenizer(1024, padding_side="left").save_pretrained(str(d / "tokenizer"))
-            index |= {
-                "text_encoder": ["transformers", "Gemma3ForConditionalGeneration"],
-                "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
-                "connectors": ["ltx2", "LTX2TextConnectors"],
-            }
-        else:
-            from diffusers import HunyuanVideo15Pipeline
-
-            te = transformers.Qwen2_5_VLTextModel(
-                transformers.Qwen2_5_VLTextConfig(**{**QWEN25_VL_7B, "num_hidden_layers": layers})
-            )
-            te.to(torch.bfloat16).eval().save_pretrained(
-                str(d / "text_encoder"), max_shard_size="5GB"
-            )
-            del te
-            te2 = transformers.T5EncoderModel(transformers.T5Config(**BYT5_SMALL))
-            te2.to(torch.bfloat16).eval().save_pretrained(str(d / "text_encoder_2"))
-            tok = llm_tokenizer(2048, chat=True)
-            # the offline tokenizer's chat template is padded so that the pipeline's crop removes
-            # exactly the template, as with the real Qwen tokenizer
-            shell = _bare_pipeline(HunyuanVideo15Pipeline)
-            pad_chat_prefix(tok, shell.system_message, shell.prompt_template_encode_start_idx)
-            tok.save_pretrained(str(d / "tokenizer"))
-            transformers.ByT5Tokenizer().save_pretrained(str(d / "tokenizer_2"))
-            index |= {
-                "text_encoder": ["transformers", "Qwen2_5_VLTextModel"],
-                "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
-                "text_encoder_2": ["transformers", "T5EncoderModel"],
-                "tokenizer_2": ["transformers", "ByT5Tokenizer"],
-            }
+        torch.set_default_dtype(
+            torch.bfloat16
+        )  # built in bf16: no fp32 copy of a 1B-row vocabulary
+        try:
+            _llm_components(d, family, layers, index)
+        finally:
+            torch.set_default_dtype(torch.float32)
         (d / "model_index.json").write_text(json.dumps(index))
         (d / "sizes.json").write_text(json.dumps({"apparent": apparent, "allocated": alloc}))
         print(f"  built {d.name} in {time.time() - t0:.0f} s", file=sys.stderr)
@@ -344,6 +304,55 @@ def llm_pipeline_folder(root: Path, run: tuple, layers: int) -> tuple[Path, dict
             )
     sizes = json.loads((d / "sizes.json").read_text())
     return d, {"denoiser_params": manifest["params"], "encoder_params": enc_params, **sizes}
+
+
+def _llm_components(d: Path, family: str, layers: int, index: dict) -> None:
+    import transformers
+
+    from tests.tiny_pipes_llm import llm_tokenizer, pad_chat_prefix
+
+    if family == "ltx2":
+        from diffusers.pipelines.ltx2 import LTX2TextConnectors
+
+        text = {**GEMMA3_12B["text_config"], "num_hidden_layers": layers}
+        cfg = transformers.Gemma3Config(**{**GEMMA3_12B, "text_config": text})
+        te = transformers.Gemma3ForConditionalGeneration(cfg).eval()
+        te.save_pretrained(str(d / "text_encoder"), max_shard_size="5GB")
+        del te
+        # LTX-2's connectors (scripts/convert_ltx2_to_diffusers.py): 30 x 128 heads, 2 blocks, 128
+        # registers; text_proj_in reads every hidden state, so its width follows the truncation
+        conn = LTX2TextConnectors(caption_channels=3840, text_proj_in_factor=layers + 1)
+        conn.save_pretrained(str(d / "connectors"))
+        del conn
+        llm_tokenizer(1024, padding_side="left").save_pretrained(str(d / "tokenizer"))
+        index |= {
+            "text_encoder": ["transformers", "Gemma3ForConditionalGeneration"],
+            "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+            "connectors": ["ltx2", "LTX2TextConnectors"],
+        }
+    else:
+        from diffusers import HunyuanVideo15Pipeline
+
+        te = transformers.Qwen2_5_VLTextModel(
+            transformers.Qwen2_5_VLTextConfig(**{**QWEN25_VL_7B, "num_hidden_layers": layers})
+        )
+        te.eval().save_pretrained(str(d / "text_encoder"), max_shard_size="5GB")
+        del te
+        te2 = transformers.T5EncoderModel(transformers.T5Config(**BYT5_SMALL))
+        te2.eval().save_pretrained(str(d / "text_encoder_2"))
+        tok = llm_tokenizer(2048, chat=True)
+        # the offline tokenizer's chat template is padded so that the pipeline's crop removes
+        # exactly the template, as with the real Qwen tokenizer
+        shell = _bare_pipeline(HunyuanVideo15Pipeline)
+        pad_chat_prefix(tok, shell.system_message, shell.prompt_template_encode_start_idx)
+        tok.save_pretrained(str(d / "tokenizer"))
+        transformers.ByT5Tokenizer().save_pretrained(str(d / "tokenizer_2"))
+        index |= {
+            "text_encoder": ["transformers", "Qwen2_5_VLTextModel"],
+            "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+            "text_encoder_2": ["transformers", "T5EncoderModel"],
+            "tokenizer_2": ["transformers", "ByT5Tokenizer"],
+        }
 
 
 def opensora2_file(root: Path, double: int, single: int) -> tuple[Path, dict]:
@@ -463,6 +472,7 @@ def child(folder: str, site: str, device: str, out: str, extra: dict | None = No
             family=extra.get("family"),
             encoders=extra.get("encoders", {}),
             overrides=extra.get("overrides", []),
+            dtype=extra.get("dtype", "auto"),
         ),
         ProbeParams(rank=100),
         overwrite=True,  # a rerun replaces this script's own earlier delta (never anything else)
@@ -559,6 +569,8 @@ def main() -> None:
         folder, info = llm_pipeline_folder(a.dir, run, layers)
         out = a.dir / f"{run[0]}-{run[3]}.vud"
         spec = {"model": str(folder), "site": run[3], "device": a.device, "family": run[2]}
+        if not a.device.startswith("cuda"):  # bf16 on CPU: an fp32 copy of the LLM would not fit
+            spec["dtype"] = "bfloat16"  # a shared 23 GB machine beside the other runs
         p = subprocess.run(
             [sys.executable, __file__, "--child-json", json.dumps(spec), str(out)],
             capture_output=True,
@@ -573,6 +585,7 @@ def main() -> None:
             "config": run[0],
             "site": run[3],
             "encoder": "pipeline encode_prompt (LLM truncated)",
+            "dtype": spec.get("dtype", "auto"),
             "encoder_layers": layers,
             **info,
             **res,
