@@ -279,3 +279,21 @@ def test_every_pipeline_class_of_the_family_encodes_the_same(builder, llm_pipes,
         ((x, m),) = next(iter(site_inputs(d, site, [PROMPT], overrides=overrides).values()))
         assert torch.equal(x, x0) and (m is None) == (m0 is None), cls
         shutil.rmtree(d)
+
+
+def test_twin_on_a_pipeline_encoder_is_one_line(llm_pipes, tmp_path):
+    """The twin map aligns tokenizer tokens, which a pipeline's own encoding does not expose."""
+    from click.testing import CliRunner
+
+    from patcher.cli import main
+
+    src, _ = llm_pipes("sana_video")
+    out = tmp_path / "t.vud"
+    res = CliRunner().invoke(
+        main, ["probe", str(src), "-c", "nudity", "-o", str(out), "--method", "twin"]
+    )
+    lines = [ln for ln in res.output.splitlines() if ln.startswith("vpatch:")]
+    assert res.exit_code == 2 and len(lines) == 1 and "pipeline's own encoding" in lines[0], (
+        res.output
+    )
+    assert not out.exists()
