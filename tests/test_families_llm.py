@@ -51,14 +51,13 @@ def sets(*overrides: str) -> list[str]:
 
 
 # (case id, builder, family, site, recipe overrides, extra pipeline call kwargs)
-LTX2 = [
-    "encoders.text.kwargs.max_sequence_length=16",
-    "encoders.audio.kwargs.max_sequence_length=16",
-]
+LTX2 = [f"encoders.{e}.kwargs.max_sequence_length=16" for e in ("text", "audio", "llm")]
 CASES = [
     ("ltx2-caption_proj", "ltx2", "ltx2", "caption_proj", LTX2, {}),
     ("ltx2-audio_caption_proj", "ltx2", "ltx2", "audio_caption_proj", LTX2, {}),
     ("ltx2-cross_kv", "ltx2", "ltx2", "cross_kv", LTX2, {}),
+    ("ltx2-connector_in", "ltx2", "ltx2", "connector_in", LTX2, {}),
+    ("ltx23-connector_in", "ltx23", "ltx2", "connector_in", LTX2, {}),
     ("hunyuan15-context_proj", "hunyuan15", "hunyuan15", "context_proj", [], {}),
     ("kandinsky5-text_embed", "kandinsky5", "kandinsky5", "text_embed", [], {}),
     ("kandinsky5-clip_pooled", "kandinsky5", "kandinsky5", "clip_pooled", [], {}),
@@ -118,6 +117,7 @@ def test_capture_matches_the_pipelines_own_forward(case, llm_pipes):
 # probe -> apply -> generate once per family, at its default site (the other sites differ only in
 # which weights are matched, and each is verified against the pipeline above)
 APPLY_CASES = [c for c in CASES if c[3] == load_family(c[2]).default_sites[0]]
+APPLY_CASES.append(next(c for c in CASES if c[1] == "ltx23"))  # LTX-2.3 has no caption_projection
 
 
 @pytest.mark.parametrize("case", APPLY_CASES, ids=[c[0] for c in APPLY_CASES])

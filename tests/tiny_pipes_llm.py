@@ -146,7 +146,12 @@ def tiny_gemma3():
     return Gemma3ForConditionalGeneration(cfg).eval()
 
 
-def ltx2(d: Path, kind: str = "t2v"):
+def ltx23(d: Path):
+    """LTX-2.3's layout: per-modality projections in the connectors, no caption_projection."""
+    return ltx2(d, v23=True)
+
+
+def ltx2(d: Path, kind: str = "t2v", v23: bool = False):
     from diffusers import (
         AutoencoderKLLTX2Audio,
         AutoencoderKLLTX2Video,
@@ -174,16 +179,19 @@ def ltx2(d: Path, kind: str = "t2v"):
         audio_in_channels=4,
         audio_out_channels=4,
         audio_num_attention_heads=2,
-        audio_attention_head_dim=4,
-        audio_cross_attention_dim=8,
+        audio_attention_head_dim=8 if v23 else 4,
+        audio_cross_attention_dim=16 if v23 else 8,
         num_layers=1,
         qk_norm="rms_norm_across_heads",
         caption_channels=hidden,
         rope_double_precision=False,
         rope_type="split",
+        use_prompt_embeddings=not v23,
     )
     torch.manual_seed(0)
+    v23_kw = {"per_modality_projections": True, "video_hidden_dim": 16, "audio_hidden_dim": 16}
     connectors = LTX2TextConnectors(
+        **(v23_kw if v23 else {}),
         caption_channels=hidden,
         text_proj_in_factor=layers + 1,
         video_connector_num_attention_heads=2,
@@ -288,6 +296,7 @@ def ltx2(d: Path, kind: str = "t2v"):
 
 
 BUILDERS["ltx2"] = ltx2
+BUILDERS["ltx23"] = ltx23
 
 
 def hunyuan15(d: Path, i2v: bool = False):
