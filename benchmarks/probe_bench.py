@@ -122,6 +122,8 @@ FILLED = (
     "context_embedder.proj_in.",
     "context_embedder.time_text_embed.text_embedder.",
 )
+# the LLM runs' text-mode sites read only these (their attn2 K/V are other sites)
+LLM_FILLED = ("caption_projection.", "context_embedder.")
 # LLM-conditioned families probed through the pipeline's own encode_prompt (kind = "pipeline"):
 # (config name, manifest, family, site). Their text stacks (the LLM, LTX-2's connectors, HunyuanVideo
 # 1.5's ByT5) are real width and vocabulary with random weights; --encoder-layers truncates the LLM.
@@ -175,7 +177,9 @@ BYT5_SMALL = dict(  # google/byt5-small encoder (glyph text), 1 block: it runs o
 )
 
 
-def sparse_denoiser(folder: Path, manifest: dict, dtype: str = "BF16") -> tuple[int, int]:
+def sparse_denoiser(
+    folder: Path, manifest: dict, dtype: str = "BF16", filled: tuple[str, ...] = FILLED
+) -> tuple[int, int]:
     """A real-size safetensors file whose unread tensors are holes; returns (apparent, allocated) bytes."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(
@@ -189,7 +193,7 @@ def sparse_denoiser(folder: Path, manifest: dict, dtype: str = "BF16") -> tuple[
         f.write(head)
         base = len(head)
         for t in infos:
-            if any(s in t.name for s in FILLED):
+            if any(s in t.name for s in filled):
                 x = (torch.randn(t.shape, generator=g) * 0.02).to(torch.bfloat16)
                 f.seek(base + t.begin)
                 f.write(x.contiguous().view(torch.uint8).numpy().tobytes())
@@ -275,7 +279,7 @@ def llm_pipeline_folder(root: Path, run: tuple, layers: int) -> tuple[Path, dict
     d = root / f"{cfg_name}-L{layers}"
     if not (d / "model_index.json").is_file():
         t0 = time.time()
-        apparent, alloc = sparse_denoiser(d / "transformer", manifest)
+        apparent, alloc = sparse_denoiser(d / "transformer", manifest, filled=LLM_FILLED)
         index = {
             "_class_name": manifest["pipeline"],
             "transformer": ["diffusers", manifest["class"]],
