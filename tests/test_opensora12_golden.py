@@ -168,3 +168,19 @@ def test_wrong_chain_misses_the_kv_linear_input(golden):
     ):
         err = _rel(run_chain(replace(site, chain=chain), ws, x), ref)
         assert err > 1e-5, [op.op for op in chain]
+
+
+def test_prompt_reaches_t5_as_upstream_inference_writes_it(golden):
+    """Upstream's inference appends its config's aesthetic score and cleans the prompt before T5
+    (recorded in the golden file from its own helpers); the recipe's template gives the same text
+    for a prompt written in lower case. Upper case is the one difference left (upstream lowercases).
+    That the encoder applies the template: test_probe_opensora.py's cross_kv test."""
+    _g, info = golden
+    spec = load_family("opensora12").encoders["text"]
+    pr = info["prompts"]
+    assert pr["aes"] == 6.5
+    for raw, want in zip(pr["in"], pr["t5_reads"]):
+        if raw == raw.lower():
+            assert spec.template.format(raw) == want
+        else:
+            assert spec.template.format(raw) != want and spec.template.format(raw).lower() == want

@@ -1,7 +1,8 @@
 """Write the Open-Sora 1.2 golden files from the upstream STDiT3 (run by hand; the outputs are committed).
 
     git clone https://github.com/hpcaitech/Open-Sora /tmp/os12-ref && git -C /tmp/os12-ref checkout v1.2.0
-    pip install --target /tmp/os12-ref/_site --no-deps timm==0.9.16 rotary_embedding_torch==0.5.3 einops
+    pip install --target /tmp/os12-ref/_site --no-deps timm==0.9.16 rotary_embedding_torch==0.5.3 einops \
+        beartype beautifulsoup4 soupsieve
     python tests/data/make_opensora12_golden.py /tmp/os12-ref
 
 v1.2.0 is commit 17cce90 (the release; its requirements pin timm 0.9.16 and rotary_embedding_torch
@@ -14,7 +15,8 @@ einops are the real packages. What is replaced, and by what:
   with the same block-diagonal mask (query block i attends only to caption block i), scale 1/sqrt(D);
 - torchvision (timm imports it for its image-data helpers, which STDiT3 never calls) -> empty
   placeholder modules;
-- opensora.registry (mmengine) and opensora.utils.ckpt_utils (colossalai) -> unused placeholders.
+- opensora.registry (mmengine), opensora.utils.ckpt_utils (colossalai) and opensora.datasets (video
+  readers, imported by inference_utils) -> unused placeholders.
 The model runs with enable_flash_attn = False and enable_layernorm_kernel = False (torch attention and
 nn.LayerNorm, upstream's own non-kernel paths).
 
@@ -53,6 +55,13 @@ CONFIG = dict(
 )
 LATENT = (3, 8, 8)  # latent frames, height, width: 3 x 16 video tokens after the 2x2 patch
 LENGTHS = (7, 4)  # real (unmasked) T5 tokens of the two prompts, of model_max_length
+AES = 6.5  # configs/opensora-v1-2/inference/sample.py (and the Gradio app's default): aes = 6.5
+# prompts as a user writes them; upstream inference rewrites each before T5 (recorded below)
+PROMPTS = (
+    "a man violently beating another man in an alley",
+    "two people brutally fighting, punching each other's faces",
+    "A Red Ball rolling on the floor",
+)
 
 
 class _PlaceholderType(type):
@@ -133,12 +142,16 @@ def _install_stubs(root: Path) -> None:
     sys.modules["torchvision"].__version__ = "0.0-placeholder"
     _stub("opensora.registry", MODELS=_Registry())
     _stub("opensora.utils.ckpt_utils", load_checkpoint=None)
+    # inference_utils imports the datasets package (video readers) for names its prompt helpers never use
+    _stub("opensora.datasets", IMG_FPS=None)
+    _stub("opensora.datasets.utils", read_from_path=None)
     # the package __init__ files import every model (VAEs, diffusers, colossalai): skip them
     for pkg in (
         "opensora",
         "opensora.models",
         "opensora.models.layers",
         "opensora.models.stdit",
+        "opensora.models.text_encoder",
         "opensora.acceleration",
         "opensora.utils",
     ):
@@ -200,6 +213,13 @@ def main(root: Path) -> None:
     def rec(name):
         return lambda _m, a: seen.__setitem__(name, a[0].detach().clone())
 
+    # scripts/inference.py, before T5: append_score_to_prompts (aes from the config), then
+    # text_preprocessing (clean_caption twice)
+    from opensora.models.text_encoder.t5 import text_preprocessing
+    from opensora.utils.inference_utils import append_score_to_prompts
+
+    seen_prompts = [text_preprocessing(p) for p in append_score_to_prompts(list(PROMPTS), aes=AES)]
+
     hooks = [model.y_embedder.y_proj.fc1.register_forward_pre_hook(rec("fc1_in"))]
     for kind in ("spatial", "temporal"):
         for i, blk in enumerate(getattr(model, f"{kind}_blocks")):
@@ -221,6 +241,7 @@ def main(root: Path) -> None:
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in CONFIG.items()},
         "latent": list(LATENT),
         "lengths": list(LENGTHS),
+        "prompts": {"in": list(PROMPTS), "t5_reads": seen_prompts, "aes": AES},
         "batch": "2 prompts then their 2 null captions (RFlow.sample's guided layout)",
     }
     save_file(
@@ -234,6 +255,7 @@ def main(root: Path) -> None:
         "output",
         tuple(out.shape),
         {k: tuple(v.shape) for k, v in seen.items()},
+        seen_prompts,
     )
 
 
