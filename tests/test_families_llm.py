@@ -297,3 +297,23 @@ def test_twin_on_a_pipeline_encoder_is_one_line(llm_pipes, tmp_path):
         res.output
     )
     assert not out.exists()
+
+
+def test_single_file_detection_prefers_the_most_specific_family(llm_pipes):
+    """An LTX-2 or Sana-Video file also holds LTX-Video's two detection keys; its own family claims it."""
+    from safetensors import safe_open
+
+    from patcher.families.recipes import detect_family
+
+    # LTX-2's original single file (prefixed); Sana-Video has none: its bare transformer file
+    for builder, prefix in (("ltx2", "model.diffusion_model."), ("sana_video", "")):
+        src, _ = llm_pipes(builder)
+        with safe_open(str(src / "transformer" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+            keys = {f"{prefix}{k}" for k in f.keys()}
+        assert {"caption_projection.linear_1.weight", "transformer_blocks.0.attn2.to_k.weight"} <= {
+            k.removeprefix("model.diffusion_model.") for k in keys
+        }
+        assert detect_family(None, keys) == builder
+    # LTX-Video's own keys still detect LTX-Video
+    ltx = {"caption_projection.linear_1.weight", "transformer_blocks.0.attn2.to_k.weight"}
+    assert detect_family(None, ltx) == "ltx"

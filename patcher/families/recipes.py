@@ -627,12 +627,14 @@ def detect_family(pipeline_class: str | None, keys: set[str]) -> str | None:
                 return fam.name
     from ..layouts import AliasRules  # layouts reads families: imported here, not at module level
 
+    claims = []
     for fam in fams:
         rules = AliasRules(prefixes=list(fam.key_prefixes))
         stripped = set(keys) | {rules.strip(k)[0] for k in keys}
         if fam.detect_keys and all(k in stripped for k in fam.detect_keys):
-            return fam.name
-    return None
+            claims.append(fam)
+    # the most specific claim wins: an LTX-2 or Sana-Video file also holds LTX-Video's two keys
+    return max(claims, key=lambda f: len(f.detect_keys)).name if claims else None
 
 
 # --------------------------------------------------------------------------- concepts
