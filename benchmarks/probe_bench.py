@@ -19,6 +19,13 @@ denoise-mode site txt_mlp.
   On CPU the sampling is also cut (--set-style overrides in OPENSORA2_CPU: 1 step, no guidance, 1 frame
   at 64 x 64: 16 video tokens beside the 512 text tokens); on a GPU it is the recipe's (Open-Sora's 256px,
   129 frames, 4 steps, guidance 7.5).
+LTX-2 19B and HunyuanVideo 1.5 8.3B go through their pipelines' own encode_prompt (kind = "pipeline"
+encoders): the denoiser is the same sparse real-size file; the text stack is real width and vocabulary
+with random weights (LTX-2: Gemma-3-12B, its vision tower cut to 1 block, and the real-size connectors,
+whose text_proj_in width follows the kept layers; HunyuanVideo 1.5: Qwen2.5-VL-7B's text model and a
+1-block ByT5-small), the LLM truncated to --encoder-layers blocks; the tokenizer is the offline
+word-level one at the pipeline's own sequence length (LTX-2 1024, HunyuanVideo 1.5 1000 after its 108
+template tokens).
 Each probe runs in a child process; host peak is VmHWM, GPU peak is torch.cuda.max_memory_allocated.
 """
 
@@ -115,6 +122,8 @@ FILLED = (
     "context_embedder.proj_in.",
     "context_embedder.time_text_embed.text_embedder.",
 )
+# the LLM runs' text-mode sites read only these (their attn2 K/V are other sites)
+LLM_FILLED = ("caption_projection.", "context_embedder.")
 # LLM-conditioned families probed through the pipeline's own encode_prompt (kind = "pipeline"):
 # (config name, manifest, family, site). Their text stacks (the LLM, LTX-2's connectors, HunyuanVideo
 # 1.5's ByT5) are real width and vocabulary with random weights; --encoder-layers truncates the LLM.
@@ -168,7 +177,9 @@ BYT5_SMALL = dict(  # google/byt5-small encoder (glyph text), 1 block: it runs o
 )
 
 
-def sparse_denoiser(folder: Path, manifest: dict, dtype: str = "BF16") -> tuple[int, int]:
+def sparse_denoiser(
+    folder: Path, manifest: dict, dtype: str = "BF16", filled: tuple[str, ...] = FILLED
+) -> tuple[int, int]:
     """A real-size safetensors file whose unread tensors are holes; returns (apparent, allocated) bytes."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(
@@ -182,7 +193,7 @@ def sparse_denoiser(folder: Path, manifest: dict, dtype: str = "BF16") -> tuple[
         f.write(head)
         base = len(head)
         for t in infos:
-            if any(s in t.name for s in FILLED):
+            if any(s in t.name for s in filled):
                 x = (torch.randn(t.shape, generator=g) * 0.02).to(torch.bfloat16)
                 f.seek(base + t.begin)
                 f.write(x.contiguous().view(torch.uint8).numpy().tobytes())
@@ -262,65 +273,25 @@ def _bare_pipeline(cls):
 def llm_pipeline_folder(root: Path, run: tuple, layers: int) -> tuple[Path, dict]:
     """A diffusers folder: the real-size sparse denoiser, and the text components the family's
     pipeline encoder loads, real width and vocabulary, the LLM cut to ``layers`` blocks."""
-    import transformers
-
-    from tests.tiny_pipes_llm import llm_tokenizer, pad_chat_prefix
 
     cfg_name, manifest_name, family, _site = run
     manifest = json.loads((HERE / "manifests" / f"{manifest_name}.json").read_text())
     d = root / f"{cfg_name}-L{layers}"
     if not (d / "model_index.json").is_file():
         t0 = time.time()
-        apparent, alloc = sparse_denoiser(d / "transformer", manifest)
+        apparent, alloc = sparse_denoiser(d / "transformer", manifest, filled=LLM_FILLED)
         index = {
             "_class_name": manifest["pipeline"],
             "transformer": ["diffusers", manifest["class"]],
         }
         torch.manual_seed(0)
-        if family == "ltx2":
-            from diffusers.pipelines.ltx2 import LTX2TextConnectors
-
-            cfg = transformers.Gemma3Config(**GEMMA3_12B)
-            cfg.text_config.num_hidden_layers = layers
-            te = transformers.Gemma3ForConditionalGeneration(cfg).to(torch.bfloat16).eval()
-            te.save_pretrained(str(d / "text_encoder"), max_shard_size="5GB")
-            del te
-            # LTX-2's connectors (scripts/convert_ltx2_to_diffusers.py): 30 x 128 heads, 2 blocks, 128
-            # registers; text_proj_in reads every hidden state, so its width follows the truncation
-            conn = LTX2TextConnectors(caption_channels=3840, text_proj_in_factor=layers + 1)
-            conn.to(torch.bfloat16).save_pretrained(str(d / "connectors"))
-            del conn
-            llm_tokenizer(1024, padding_side="left").save_pretrained(str(d / "tokenizer"))
-            index |= {
-                "text_encoder": ["transformers", "Gemma3ForConditionalGeneration"],
-                "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
-                "connectors": ["ltx2", "LTX2TextConnectors"],
-            }
-        else:
-            from diffusers import HunyuanVideo15Pipeline
-
-            te = transformers.Qwen2_5_VLTextModel(
-                transformers.Qwen2_5_VLTextConfig(**{**QWEN25_VL_7B, "num_hidden_layers": layers})
-            )
-            te.to(torch.bfloat16).eval().save_pretrained(
-                str(d / "text_encoder"), max_shard_size="5GB"
-            )
-            del te
-            te2 = transformers.T5EncoderModel(transformers.T5Config(**BYT5_SMALL))
-            te2.to(torch.bfloat16).eval().save_pretrained(str(d / "text_encoder_2"))
-            tok = llm_tokenizer(2048, chat=True)
-            # the offline tokenizer's chat template is padded so that the pipeline's crop removes
-            # exactly the template, as with the real Qwen tokenizer
-            shell = _bare_pipeline(HunyuanVideo15Pipeline)
-            pad_chat_prefix(tok, shell.system_message, shell.prompt_template_encode_start_idx)
-            tok.save_pretrained(str(d / "tokenizer"))
-            transformers.ByT5Tokenizer().save_pretrained(str(d / "tokenizer_2"))
-            index |= {
-                "text_encoder": ["transformers", "Qwen2_5_VLTextModel"],
-                "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
-                "text_encoder_2": ["transformers", "T5EncoderModel"],
-                "tokenizer_2": ["transformers", "ByT5Tokenizer"],
-            }
+        torch.set_default_dtype(
+            torch.bfloat16
+        )  # built in bf16: no fp32 copy of a 1B-row vocabulary
+        try:
+            _llm_components(d, family, layers, index)
+        finally:
+            torch.set_default_dtype(torch.float32)
         (d / "model_index.json").write_text(json.dumps(index))
         (d / "sizes.json").write_text(json.dumps({"apparent": apparent, "allocated": alloc}))
         print(f"  built {d.name} in {time.time() - t0:.0f} s", file=sys.stderr)
@@ -337,6 +308,55 @@ def llm_pipeline_folder(root: Path, run: tuple, layers: int) -> tuple[Path, dict
             )
     sizes = json.loads((d / "sizes.json").read_text())
     return d, {"denoiser_params": manifest["params"], "encoder_params": enc_params, **sizes}
+
+
+def _llm_components(d: Path, family: str, layers: int, index: dict) -> None:
+    import transformers
+
+    from tests.tiny_pipes_llm import llm_tokenizer, pad_chat_prefix
+
+    if family == "ltx2":
+        from diffusers.pipelines.ltx2 import LTX2TextConnectors
+
+        text = {**GEMMA3_12B["text_config"], "num_hidden_layers": layers}
+        cfg = transformers.Gemma3Config(**{**GEMMA3_12B, "text_config": text})
+        te = transformers.Gemma3ForConditionalGeneration(cfg).eval()
+        te.save_pretrained(str(d / "text_encoder"), max_shard_size="5GB")
+        del te
+        # LTX-2's connectors (scripts/convert_ltx2_to_diffusers.py): 30 x 128 heads, 2 blocks, 128
+        # registers; text_proj_in reads every hidden state, so its width follows the truncation
+        conn = LTX2TextConnectors(caption_channels=3840, text_proj_in_factor=layers + 1)
+        conn.save_pretrained(str(d / "connectors"))
+        del conn
+        llm_tokenizer(1024, padding_side="left").save_pretrained(str(d / "tokenizer"))
+        index |= {
+            "text_encoder": ["transformers", "Gemma3ForConditionalGeneration"],
+            "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+            "connectors": ["ltx2", "LTX2TextConnectors"],
+        }
+    else:
+        from diffusers import HunyuanVideo15Pipeline
+
+        te = transformers.Qwen2_5_VLTextModel(
+            transformers.Qwen2_5_VLTextConfig(**{**QWEN25_VL_7B, "num_hidden_layers": layers})
+        )
+        te.eval().save_pretrained(str(d / "text_encoder"), max_shard_size="5GB")
+        del te
+        te2 = transformers.T5EncoderModel(transformers.T5Config(**BYT5_SMALL))
+        te2.eval().save_pretrained(str(d / "text_encoder_2"))
+        tok = llm_tokenizer(2048, chat=True)
+        # the offline tokenizer's chat template is padded so that the pipeline's crop removes
+        # exactly the template, as with the real Qwen tokenizer
+        shell = _bare_pipeline(HunyuanVideo15Pipeline)
+        pad_chat_prefix(tok, shell.system_message, shell.prompt_template_encode_start_idx)
+        tok.save_pretrained(str(d / "tokenizer"))
+        transformers.ByT5Tokenizer().save_pretrained(str(d / "tokenizer_2"))
+        index |= {
+            "text_encoder": ["transformers", "Qwen2_5_VLTextModel"],
+            "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+            "text_encoder_2": ["transformers", "T5EncoderModel"],
+            "tokenizer_2": ["transformers", "ByT5Tokenizer"],
+        }
 
 
 def opensora2_file(root: Path, double: int, single: int) -> tuple[Path, dict]:
@@ -456,6 +476,7 @@ def child(folder: str, site: str, device: str, out: str, extra: dict | None = No
             family=extra.get("family"),
             encoders=extra.get("encoders", {}),
             overrides=extra.get("overrides", []),
+            dtype=extra.get("dtype", "auto"),
         ),
         ProbeParams(rank=100),
         overwrite=True,  # a rerun replaces this script's own earlier delta (never anything else)
@@ -552,6 +573,8 @@ def main() -> None:
         folder, info = llm_pipeline_folder(a.dir, run, layers)
         out = a.dir / f"{run[0]}-{run[3]}.vud"
         spec = {"model": str(folder), "site": run[3], "device": a.device, "family": run[2]}
+        if not a.device.startswith("cuda"):  # bf16 on CPU: an fp32 copy of the LLM would not fit
+            spec["dtype"] = "bfloat16"  # a shared 23 GB machine beside the other runs
         p = subprocess.run(
             [sys.executable, __file__, "--child-json", json.dumps(spec), str(out)],
             capture_output=True,
@@ -566,6 +589,7 @@ def main() -> None:
             "config": run[0],
             "site": run[3],
             "encoder": "pipeline encode_prompt (LLM truncated)",
+            "dtype": spec.get("dtype", "auto"),
             "encoder_layers": layers,
             **info,
             **res,

@@ -51,15 +51,16 @@ def sets(*overrides: str) -> list[str]:
 
 
 # (case id, builder, family, site, recipe overrides, extra pipeline call kwargs)
-LTX2 = [
-    "encoders.text.kwargs.max_sequence_length=16",
-    "encoders.audio.kwargs.max_sequence_length=16",
-]
+LTX2 = [f"encoders.{e}.kwargs.max_sequence_length=16" for e in ("text", "audio", "llm")]
 CASES = [
     ("ltx2-caption_proj", "ltx2", "ltx2", "caption_proj", LTX2, {}),
     ("ltx2-audio_caption_proj", "ltx2", "ltx2", "audio_caption_proj", LTX2, {}),
     ("ltx2-cross_kv", "ltx2", "ltx2", "cross_kv", LTX2, {}),
+    ("ltx2-connector_in", "ltx2", "ltx2", "connector_in", LTX2, {}),
+    ("ltx23-connector_in", "ltx23", "ltx2", "connector_in", LTX2, {}),
     ("hunyuan15-context_proj", "hunyuan15", "hunyuan15", "context_proj", [], {}),
+    ("kandinsky5-text_embed", "kandinsky5", "kandinsky5", "text_embed", [], {}),
+    ("kandinsky5-clip_pooled", "kandinsky5", "kandinsky5", "clip_pooled", [], {}),
     (
         "sana_video-caption_proj",
         "sana_video",
@@ -116,6 +117,7 @@ def test_capture_matches_the_pipelines_own_forward(case, llm_pipes):
 # probe -> apply -> generate once per family, at its default site (the other sites differ only in
 # which weights are matched, and each is verified against the pipeline above)
 APPLY_CASES = [c for c in CASES if c[3] == load_family(c[2]).default_sites[0]]
+APPLY_CASES.append(next(c for c in CASES if c[1] == "ltx23"))  # LTX-2.3 has no caption_projection
 
 
 @pytest.mark.parametrize("case", APPLY_CASES, ids=[c[0] for c in APPLY_CASES])
@@ -246,3 +248,72 @@ def test_ltx2_single_file_aliases_agree_with_diffusers_converter():
             else:  # ComfyUI's "diffusion_model." wrapper: the same names once it is removed
                 assert stored.removeprefix("diffusion_model.") == key
     assert tried == len(keys)
+
+
+@pytest.mark.parametrize("builder", ["ltx2", "hunyuan15", "kandinsky5", "sana_video"])
+def test_every_pipeline_class_of_the_family_encodes_the_same(builder, llm_pipes, tmp_path):
+    """I2V / condition pipelines share the family's text path: with model_index.json naming each
+    pipeline class the recipe claims, detection picks the family and the pipeline encoder (that
+    class's own encode_prompt, built without its denoiser, VAE or image encoder) gives the same site
+    input as the T2V class."""
+    import shutil
+
+    from patcher.families.recipes import detect_family
+    from patcher.probe.capture import site_inputs
+
+    src, _call_kw = llm_pipes(builder)
+    fam = load_family(builder)
+    site = fam.default_sites[0]
+    overrides = next(c[4] for c in CASES if c[1] == builder)
+    ((x0, m0),) = next(iter(site_inputs(src, site, [PROMPT], overrides=overrides).values()))
+    index = json.loads((src / "model_index.json").read_text())
+    others = [c for c in fam.pipeline_classes if c != index["_class_name"]]
+    assert others, f"{builder}: the recipe names only {fam.pipeline_classes}"
+    for cls in others:
+        assert detect_family(cls, set()) == builder
+        d = tmp_path / cls
+        d.mkdir()
+        for sub in (*fam.encoders[fam.sites[site].encoder].pipeline.components, "transformer"):
+            (d / sub).symlink_to(src / sub, target_is_directory=True)
+        (d / "model_index.json").write_text(json.dumps({**index, "_class_name": cls}))
+        ((x, m),) = next(iter(site_inputs(d, site, [PROMPT], overrides=overrides).values()))
+        assert torch.equal(x, x0) and (m is None) == (m0 is None), cls
+        shutil.rmtree(d)
+
+
+def test_twin_on_a_pipeline_encoder_is_one_line(llm_pipes, tmp_path):
+    """The twin map aligns tokenizer tokens, which a pipeline's own encoding does not expose."""
+    from click.testing import CliRunner
+
+    from patcher.cli import main
+
+    src, _ = llm_pipes("sana_video")
+    out = tmp_path / "t.vud"
+    res = CliRunner().invoke(
+        main, ["probe", str(src), "-c", "nudity", "-o", str(out), "--method", "twin"]
+    )
+    lines = [ln for ln in res.output.splitlines() if ln.startswith("vpatch:")]
+    assert res.exit_code == 2 and len(lines) == 1 and "pipeline's own encoding" in lines[0], (
+        res.output
+    )
+    assert not out.exists()
+
+
+def test_single_file_detection_prefers_the_most_specific_family(llm_pipes):
+    """An LTX-2 or Sana-Video file also holds LTX-Video's two detection keys; its own family claims it."""
+    from safetensors import safe_open
+
+    from patcher.families.recipes import detect_family
+
+    # LTX-2's original single file (prefixed); Sana-Video has none: its bare transformer file
+    for builder, prefix in (("ltx2", "model.diffusion_model."), ("sana_video", "")):
+        src, _ = llm_pipes(builder)
+        with safe_open(str(src / "transformer" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+            keys = {f"{prefix}{k}" for k in f.keys()}
+        assert {"caption_projection.linear_1.weight", "transformer_blocks.0.attn2.to_k.weight"} <= {
+            k.removeprefix("model.diffusion_model.") for k in keys
+        }
+        assert detect_family(None, keys) == builder
+    # LTX-Video's own keys still detect LTX-Video
+    ltx = {"caption_projection.linear_1.weight", "transformer_blocks.0.attn2.to_k.weight"}
+    assert detect_family(None, ltx) == "ltx"

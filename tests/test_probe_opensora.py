@@ -185,7 +185,8 @@ def test_opensora12_cross_kv_edits_every_fused_kv_linear_through_the_caption_mlp
 
     # the captured site input is y_embedder's MLP applied to the T5 output, computed here by hand
     enc, tok = T5EncoderModel.from_pretrained(str(t5)), AutoTokenizer.from_pretrained(str(t5))
-    ids = tok(["a red ball"], return_tensors="pt")
+    # Open-Sora 1.2's inference appends its aesthetic score before T5 (the recipe's template)
+    ids = tok(["a red ball aesthetic score: 6.5."], return_tensors="pt")
     with torch.no_grad():
         h = (
             enc(input_ids=ids.input_ids, attention_mask=ids.attention_mask)

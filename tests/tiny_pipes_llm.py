@@ -146,7 +146,12 @@ def tiny_gemma3():
     return Gemma3ForConditionalGeneration(cfg).eval()
 
 
-def ltx2(d: Path, kind: str = "t2v"):
+def ltx23(d: Path):
+    """LTX-2.3's layout: per-modality projections in the connectors, no caption_projection."""
+    return ltx2(d, v23=True)
+
+
+def ltx2(d: Path, kind: str = "t2v", v23: bool = False):
     from diffusers import (
         AutoencoderKLLTX2Audio,
         AutoencoderKLLTX2Video,
@@ -174,16 +179,19 @@ def ltx2(d: Path, kind: str = "t2v"):
         audio_in_channels=4,
         audio_out_channels=4,
         audio_num_attention_heads=2,
-        audio_attention_head_dim=4,
-        audio_cross_attention_dim=8,
+        audio_attention_head_dim=8 if v23 else 4,
+        audio_cross_attention_dim=16 if v23 else 8,
         num_layers=1,
         qk_norm="rms_norm_across_heads",
         caption_channels=hidden,
         rope_double_precision=False,
         rope_type="split",
+        use_prompt_embeddings=not v23,
     )
     torch.manual_seed(0)
+    v23_kw = {"per_modality_projections": True, "video_hidden_dim": 16, "audio_hidden_dim": 16}
     connectors = LTX2TextConnectors(
+        **(v23_kw if v23 else {}),
         caption_channels=hidden,
         text_proj_in_factor=layers + 1,
         video_connector_num_attention_heads=2,
@@ -288,6 +296,7 @@ def ltx2(d: Path, kind: str = "t2v"):
 
 
 BUILDERS["ltx2"] = ltx2
+BUILDERS["ltx23"] = ltx23
 
 
 def hunyuan15(d: Path, i2v: bool = False):
@@ -373,3 +382,109 @@ def hunyuan15(d: Path, i2v: bool = False):
 
 
 BUILDERS["hunyuan15"] = hunyuan15
+
+
+def kandinsky5(d: Path):
+    """Kandinsky 5 T2V. The tokenizer is the plain offline one rather than a Qwen2VLProcessor (whose
+    video processor needs torchvision): for text-only prompts the processor only forwards the text to
+    its tokenizer. A short preamble makes the template's prefix exactly the pipeline's crop (128)."""
+    from diffusers import (
+        AutoencoderKLHunyuanVideo,
+        FlowMatchEulerDiscreteScheduler,
+        Kandinsky5T2VPipeline,
+        Kandinsky5Transformer3DModel,
+    )
+    from tokenizers import processors
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from tests.tiny_pipes import clip_tokenizer, tiny_clip_text
+
+    tok = llm_tokenizer(1024)
+    torch.manual_seed(0)
+    vae = AutoencoderKLHunyuanVideo(
+        in_channels=3,
+        out_channels=3,
+        spatial_compression_ratio=8,
+        temporal_compression_ratio=4,
+        latent_channels=4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        norm_num_groups=4,
+    )
+    torch.manual_seed(0)
+    te = Qwen2_5_VLForConditionalGeneration(
+        Qwen2_5_VLConfig(
+            text_config={
+                "hidden_size": 16,
+                "intermediate_size": 16,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 2,
+                "num_key_value_heads": 2,
+                "rope_scaling": {
+                    "mrope_section": [1, 1, 2],
+                    "rope_type": "default",
+                    "type": "default",
+                },
+                "rope_theta": 1000000.0,
+                "vocab_size": len(tok),
+                "bos_token_id": None,
+                "eos_token_id": 1,
+                "pad_token_id": 0,
+            },
+            vision_config={
+                "depth": 1,
+                "hidden_size": 16,
+                "intermediate_size": 16,
+                "num_heads": 2,
+                "out_hidden_size": 16,
+            },
+            hidden_size=16,
+            vocab_size=len(tok),
+        )
+    ).eval()
+    te2 = tiny_clip_text(8)
+    torch.manual_seed(0)
+    tr = Kandinsky5Transformer3DModel(
+        in_visual_dim=4,
+        in_text_dim=16,
+        in_text_dim2=8,
+        time_dim=16,
+        out_visual_dim=4,
+        patch_size=(1, 2, 2),
+        model_dim=24,
+        ff_dim=32,
+        num_text_blocks=1,
+        num_visual_blocks=1,
+        axes_dims=(4, 4, 4),
+        visual_cond=False,
+    )
+    pipe = Kandinsky5T2VPipeline(
+        transformer=tr.eval(),
+        vae=vae.eval(),
+        text_encoder=te,
+        tokenizer=tok,
+        text_encoder_2=te2,
+        tokenizer_2=clip_tokenizer(d / "_clip_tok"),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+    )
+    prefix = pipe.prompt_template.split("{}")[0]
+    n = len(tok(prefix)["input_ids"]) - 1  # without the closing </s>
+    k = pipe.prompt_template_encode_start_idx - n
+    assert k >= 0, n
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=" ".join(["<s>"] * k + ["$A", "</s>"]), special_tokens=[("<s>", 3), ("</s>", 1)]
+    )
+    _save(pipe, d)
+    import shutil
+
+    shutil.rmtree(d / "_clip_tok", ignore_errors=True)
+    return d, {
+        "height": 32,
+        "width": 32,
+        "num_frames": 5,
+        "max_sequence_length": 16,
+        "guidance_scale": 1.0,
+    }
+
+
+BUILDERS["kandinsky5"] = kandinsky5

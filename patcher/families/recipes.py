@@ -619,8 +619,7 @@ def shipped_families() -> list[Family]:
 
 
 def detect_family(pipeline_class: str | None, keys: set[str]) -> str | None:
-    """The family whose recipe claims this pipeline class, else whose detection keys are all present
-    (the most of them, when several families' keys are)."""
+    """The family whose recipe claims this pipeline class, else whose detection keys are all present."""
     fams = shipped_families()
     if pipeline_class:
         for fam in fams:
@@ -628,14 +627,14 @@ def detect_family(pipeline_class: str | None, keys: set[str]) -> str | None:
                 return fam.name
     from ..layouts import AliasRules  # layouts reads families: imported here, not at module level
 
-    best, most = None, 0  # a family whose keys include another's (Latte's Allegro's) is the more specific one
+    claims = []
     for fam in fams:
         rules = AliasRules(prefixes=list(fam.key_prefixes))
         stripped = set(keys) | {rules.strip(k)[0] for k in keys}
         if fam.detect_keys and all(k in stripped for k in fam.detect_keys):
-            if len(fam.detect_keys) > most:
-                best, most = fam.name, len(fam.detect_keys)
-    return best
+            claims.append(fam)
+    # the most specific claim wins: an LTX-2 or Sana-Video file also holds LTX-Video's two keys
+    return max(claims, key=lambda f: len(f.detect_keys)).name if claims else None
 
 
 # --------------------------------------------------------------------------- concepts

@@ -225,6 +225,11 @@ def _capture_sites(
             "--method twin needs token-aligned inputs: use text-mode sites (e.g. --layers text_proj,cross_kv)"
         )
     for s in text_sites:
+        if opt.token_roles and fam.encoders[s.encoder].kind == "pipeline":
+            raise ProbeError(
+                f"--method twin aligns tokenizer tokens; site {s.name!r} reads the pipeline's own "
+                "encoding (use --method cpca)"
+            )
         total += sum(len(x) for x in _pairs_inputs(con, fam.encoders[s.encoder]))
         total += 1 if opt.token_roles else 0
     if denoise_sites:  # one pipeline call per prompt, all sites hooked at once
@@ -247,11 +252,7 @@ def _capture_sites(
                     raise ProbeError(
                         f"--method twin aligns text tokens; site {site.name!r} reads images"
                     )
-                if enc_spec.kind == "pipeline":
-                    raise ProbeError(
-                        f"--method twin aligns tokenizer tokens; site {site.name!r} reads the pipeline's "
-                        "own encoding (use --method cpca)"
-                    )
+
                 items["empty"] = [""]  # the unconditional branch's prompt must keep its reading
             enc = encoders[site.encoder]
             by_group, acts = capture_text(
