@@ -1,0 +1,165 @@
+"""The further families of issue 12 (part 2), proven like the first nine (tests/test_probe_families.py):
+
+(a) what the probe computes as a site's input equals what the real module receives inside the real
+    diffusers pipeline call (a forward pre-hook), and
+(b) probe -> .vud -> apply -> reload with diffusers -> generate works, and only the site's weights changed.
+
+Each tiny pipeline (tests/tiny_pipes_more.py) is built once per session.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from patcher.erasure.refusal import edit_weight  # noqa: E402
+from patcher.probe.sites import find_module  # noqa: E402
+from patcher.vud.delta import read_delta  # noqa: E402
+from tests import tiny_pipes_more  # noqa: E402
+from tests.test_probe_families import load, run_cli, weight_of  # noqa: E402
+
+warnings.filterwarnings("ignore")
+
+
+@pytest.fixture(scope="session")
+def more_pipes(tmp_path_factory):
+    """Build each tiny pipeline once per session, on first use."""
+    root = tmp_path_factory.mktemp("pipes_more")
+    cache: dict[str, tuple[Path, dict]] = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = tiny_pipes_more.BUILDERS[name](root / name)
+        return cache[name]
+
+    return get
+
+
+def _generate(pipe, call: dict, steps: int = 2, output_type: str = "pt", prompt: str = "a woman"):
+    return pipe(
+        prompt=prompt,
+        num_inference_steps=steps,
+        output_type=output_type,
+        generator=torch.Generator().manual_seed(0),
+        **call,
+    )
+
+
+# (builder, family, site, probe --set overrides)
+CASES = [
+    ("helios", "helios", "text_proj", []),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-{c[2]}" for c in CASES])
+def test_probe_apply_reload_generate(case, more_pipes, tmp_path):
+    builder, family, site, sets = case
+    src, call = more_pipes(builder)
+    vud = tmp_path / "c.vud"
+    extra = [a for s in sets for a in ("--set", s)]
+    rep = json.loads(
+        run_cli(
+            "probe",
+            src,
+            "-c",
+            "nudity",
+            "-o",
+            vud,
+            "--layers",
+            site,
+            "--rank",
+            "4",
+            "--device",
+            "cpu",
+            "--json",
+            *extra,
+        )
+    )
+    assert rep["family"] == family  # detected from model_index.json
+    delta = read_delta(vud)
+    assert delta.method["sites"] == [site] and delta.entries
+    patched = tmp_path / "patched"
+    run_cli("apply", src, vud, "-o", patched, "-q")
+    orig, pat = load(src), load(patched)
+    edited = set()
+    for e in delta.entries:
+        mod_o, W0 = weight_of(orig, e.key)
+        _m, W1 = weight_of(pat, e.key)
+        expected = edit_weight(W0, e.V, e.strength)
+        assert torch.allclose(W1, expected, atol=1e-5 * float(W0.abs().max())), e.key
+        assert float((W1 - W0).abs().max()) > 0, f"{e.key} was not edited"
+        assert float((W1 @ e.V).abs().max()) < 1e-4 * float(W0.abs().max()), "W'u = 0 at λ = 1"
+        edited.add((e.component, mod_o.weight.data_ptr()))
+    for name, comp in orig.components.items():
+        if not isinstance(comp, torch.nn.Module):
+            continue
+        p_pat = dict(getattr(pat, name).named_parameters())
+        for pname, p in comp.named_parameters():
+            if (name, p.data_ptr()) not in edited:
+                assert torch.equal(p.detach().float(), p_pat[pname].detach().float()), (
+                    f"{name}.{pname} changed"
+                )
+    frames = _generate(pat, call).frames
+    assert torch.isfinite(torch.as_tensor(frames)).all()
+    ref = _generate(orig, call).frames
+    assert not torch.equal(torch.as_tensor(frames), torch.as_tensor(ref)), (
+        "the edit changed nothing"
+    )
+
+
+# (builder, site, --set overrides, extra call kwargs)
+REF_CASES = [
+    ("helios", "text_proj", [], {}),
+    ("helios", "cross_kv", [], {}),
+    ("helios", "t5_ffn", [], {}),
+]
+
+
+@pytest.mark.parametrize("case", REF_CASES, ids=[f"{c[0]}-{c[1]}" for c in REF_CASES])
+def test_capture_matches_the_pipelines_own_forward(case, more_pipes):
+    """The probe's site input (encoder + chain, no denoiser) equals what the real module receives inside
+    the diffusers pipeline call, seen by a forward pre-hook."""
+    from patcher.families.recipes import load_family
+    from patcher.probe.capture import site_inputs
+    from patcher.probe.sites import site_targets
+    from patcher.probe.sources import open_source
+
+    builder, site, overrides, extra = case
+    src, call = more_pipes(builder)
+    prompt = "a naked man walking"
+    got = site_inputs(src, site, [prompt], overrides=overrides)
+    ((x, mask),) = got[sorted(got)[0]]
+    fam = load_family(open_source(src).pipeline_class and _family_of(src), overrides)
+    t = site_targets(fam.sites[site], open_source(src), None, fam.key_prefixes)[0]
+    pipe = load(src)
+    seen: list[torch.Tensor] = []
+    mod = find_module(getattr(pipe, t.component), t.module)
+    h = mod.register_forward_pre_hook(lambda _m, a: seen.append(a[0].detach().float()))
+    try:
+        _generate(pipe, {**call, **extra}, output_type="latent", prompt=prompt)
+    finally:
+        h.remove()
+    assert seen, f"{t.module} never ran in the pipeline call"
+    ref = seen[0][0] if seen[0].dim() == 3 else seen[0]
+    n = int(mask.sum()) if mask is not None else min(ref.shape[0], x.shape[0])
+    assert 0 < n and ref.shape[-1] == x.shape[-1]
+    if mask is not None:
+        assert n < x.shape[0]  # the prompt did not fill the padding length: padding was excluded
+    assert torch.allclose(x[:n], ref[:n], atol=1e-5 * float(ref.abs().max()) + 1e-6), float(
+        (x[:n] - ref[:n]).abs().max()
+    )
+
+
+def _family_of(src: Path) -> str:
+    from patcher.families.recipes import detect_family
+    from patcher.probe.sources import open_source
+
+    s = open_source(src)
+    return detect_family(s.pipeline_class, s.keys())
