@@ -52,9 +52,20 @@ def _generate(pipe, call: dict, steps: int = 2, output_type: str = "pt", prompt:
     )
 
 
-# (builder, family, site, probe --set overrides)
+MOTIF_DENOISE = [
+    "denoise.steps=2",
+    "denoise.call.num_frames=9",
+    "denoise.call.height=16",
+    "denoise.call.width=16",
+    "denoise.call.max_sequence_length=16",
+]
+
+# (builder, family, site, probe --set overrides: given for denoise-mode sites, whose capture is also
+# checked against the pipeline's own forward here)
 CASES = [
     ("helios", "helios", "text_proj", []),
+    ("motif_i2v", "motif", "text_proj", []),
+    ("motif", "motif", "txt_kv", MOTIF_DENOISE),
 ]
 
 
@@ -64,12 +75,16 @@ def test_probe_apply_reload_generate(case, more_pipes, tmp_path):
     src, call = more_pipes(builder)
     vud = tmp_path / "c.vud"
     extra = [a for s in sets for a in ("--set", s)]
+    # a denoise-mode probe runs the pipeline once per prompt: a 2-pair concept keeps it short
+    concept = _small_concept(tmp_path) if sets else "nudity"
+    if sets:
+        extra += ["--save-activations", str(tmp_path / "acts.safetensors")]
     rep = json.loads(
         run_cli(
             "probe",
             src,
             "-c",
-            "nudity",
+            concept,
             "-o",
             vud,
             "--layers",
@@ -88,6 +103,8 @@ def test_probe_apply_reload_generate(case, more_pipes, tmp_path):
     patched = tmp_path / "patched"
     run_cli("apply", src, vud, "-o", patched, "-q")
     orig, pat = load(src), load(patched)
+    if sets:
+        _check_denoise_capture(tmp_path / "acts.safetensors", src, orig, sets)
     edited = set()
     for e in delta.entries:
         mod_o, W0 = weight_of(orig, e.key)
@@ -119,6 +136,8 @@ REF_CASES = [
     ("helios", "text_proj", [], {}),
     ("helios", "cross_kv", [], {}),
     ("helios", "t5_ffn", [], {}),
+    ("motif", "text_proj", [], {}),
+    ("motif_i2v", "text_proj", [], {}),
 ]
 
 
@@ -155,6 +174,58 @@ def test_capture_matches_the_pipelines_own_forward(case, more_pipes):
     assert torch.allclose(x[:n], ref[:n], atol=1e-5 * float(ref.abs().max()) + 1e-6), float(
         (x[:n] - ref[:n]).abs().max()
     )
+
+
+SMALL_PAIRS = [
+    ("a nude woman standing on a beach", "a woman standing on a beach"),
+    ("a naked man walking", "a man walking"),
+]
+
+
+def _small_concept(d: Path) -> Path:
+    p = d / "small.toml"
+    pairs = "".join(f'  {{ unsafe = "{u}", safe = "{s}" }},\n' for u, s in SMALL_PAIRS)
+    p.write_text(
+        f'name = "nudity-small"\npairs = [\n{pairs}]\n'
+        'neutral = ["a dog running across a field", "a city street at night"]\n'
+    )
+    return p
+
+
+def _check_denoise_capture(acts_file: Path, src: Path, pipe, overrides: list[str]) -> None:
+    """A denoise-mode site's captured samples are the text part of what the real module receives in the
+    pipeline call with the recipe's call arguments and seed, at every step (the probe's own capture,
+    saved with --save-activations, against a pre-hook in a fresh pipeline call)."""
+    from patcher.families.recipes import load_family
+    from patcher.probe.activations import read_activations
+
+    acts = read_activations(acts_file)
+    fam = load_family(_family_of(src), overrides)
+    g = acts.groups[0]
+    got = g.roles["unsafe"][0]  # the first unsafe prompt: one Capture per step
+    seen: list[torch.Tensor] = []
+    mod = find_module(
+        getattr(pipe, g.targets[0].component), g.targets[0].key.removesuffix(".weight")
+    )
+    h = mod.register_forward_pre_hook(lambda _m, a: seen.append(a[0].detach().float()))
+    try:
+        with torch.inference_mode():
+            pipe(
+                prompt=SMALL_PAIRS[0][0],
+                num_inference_steps=fam.denoise.steps,
+                output_type="latent",
+                generator=torch.Generator("cpu").manual_seed(0),
+                **fam.denoise.call,
+            )
+    finally:
+        h.remove()
+    n = int(fam.denoise.call["max_sequence_length"])
+    assert len(got) == len(seen) == fam.denoise.steps
+    for cap, ref in zip(got, seen):
+        assert cap.tokens.shape == (n, ref.shape[-1])
+        assert torch.allclose(cap.tokens, ref[-1, -n:], atol=1e-5)
+    # the unsafe and safe prompts differ there: the samples carry the prompt
+    assert not torch.allclose(got[0].tokens, g.roles["safe"][0][0].tokens)
 
 
 def _family_of(src: Path) -> str:

@@ -79,4 +79,92 @@ def helios(d: Path, pyramid: bool = False):
     }
 
 
-BUILDERS = {"helios": helios}
+def motif(d: Path, image: bool = False):
+    """MotifVideoPipeline / MotifVideoImage2VideoPipeline: T5Gemma2 encoder (with a SigLIP vision tower
+    for I2V), dual- and single-stream blocks; text enters through context_embedder."""
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        MotifVideoImage2VideoPipeline,
+        MotifVideoPipeline,
+        MotifVideoTransformer3DModel,
+    )
+    from diffusers.guiders import ClassifierFreeGuidance
+    from transformers import (
+        SiglipImageProcessor,
+        SiglipVisionConfig,
+        T5Gemma2Encoder,
+        T5Gemma2EncoderConfig,
+        T5Gemma2TextConfig,
+    )
+
+    torch.manual_seed(0)
+    text = T5Gemma2TextConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=1104,
+        max_position_embeddings=128,
+        head_dim=16,
+        num_key_value_heads=2,
+        dropout_rate=0.0,
+    )
+    kw = {}
+    if image:
+        kw["vision_config"] = SiglipVisionConfig(
+            hidden_size=4,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            image_size=16,
+            patch_size=4,
+            num_channels=3,
+        )
+    enc = T5Gemma2Encoder(T5Gemma2EncoderConfig(text_config=text, **kw)).eval()
+    torch.manual_seed(0)
+    tr = MotifVideoTransformer3DModel(
+        in_channels=33,
+        out_channels=16,
+        num_attention_heads=2,
+        attention_head_dim=12,
+        num_layers=1,
+        num_single_layers=1,
+        mlp_ratio=4.0,
+        patch_size=1,
+        patch_size_t=1,
+        qk_norm="rms_norm",
+        text_embed_dim=32,
+        image_embed_dim=4 if image else None,
+        rope_axes_dim=(4, 4, 4),
+        enable_text_cross_attention_dual=True,
+        enable_text_cross_attention_single=True,
+    )
+    parts = dict(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        vae=_wan_vae(),
+        text_encoder=enc,
+        tokenizer=t5_tokenizer(d / "_tok"),
+        transformer=tr,
+        guider=ClassifierFreeGuidance(guidance_scale=1.0),
+    )
+    call = {"height": 16, "width": 16, "num_frames": 9, "max_sequence_length": 16}
+    if image:
+        from PIL import Image
+
+        parts["feature_extractor"] = SiglipImageProcessor(
+            image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], size={"height": 16, "width": 16}
+        )
+        pipe = MotifVideoImage2VideoPipeline(**parts)
+        call["image"] = Image.new("RGB", (16, 16), (200, 40, 40))
+    else:
+        pipe = MotifVideoPipeline(**parts)
+    _save(pipe, d)
+    _rm(d / "_tok")
+    return d, call
+
+
+def motif_i2v(d: Path):
+    return motif(d, image=True)
+
+
+BUILDERS = {"helios": helios, "motif": motif, "motif_i2v": motif_i2v}
