@@ -42,6 +42,26 @@ def more_pipes(tmp_path_factory):
     return get
 
 
+def _transformers4_clip_attr(pipe) -> None:
+    """diffusers 0.42's I2VGen-XL applies ``text_encoder.text_model.final_layer_norm`` at its default
+    clip_skip = 1, an attribute of transformers 4.x's CLIPTextModel; 5.x holds the norm directly. Give
+    the loaded pipeline the 4.x path to the same module so that its own code runs unchanged."""
+    from types import SimpleNamespace
+
+    te = pipe.text_encoder
+    if not hasattr(te, "text_model"):
+        object.__setattr__(te, "text_model", SimpleNamespace(final_layer_norm=te.final_layer_norm))
+
+
+FIXUPS = {"i2vgenxl": _transformers4_clip_attr}
+
+
+def load_pipe(builder: str, folder: Path):
+    pipe = load(folder)
+    FIXUPS.get(builder, lambda _p: None)(pipe)
+    return pipe
+
+
 def _generate(pipe, call: dict, steps: int = 2, output_type: str = "pt", prompt: str = "a woman"):
     return pipe(
         prompt=prompt,
@@ -66,6 +86,7 @@ CASES = [
     ("helios", "helios", "text_proj", []),
     ("motif_i2v", "motif", "text_proj", []),
     ("motif", "motif", "txt_kv", MOTIF_DENOISE),
+    ("i2vgenxl", "i2vgenxl", "cross_kv", []),
 ]
 
 
@@ -102,7 +123,7 @@ def test_probe_apply_reload_generate(case, more_pipes, tmp_path):
     assert delta.method["sites"] == [site] and delta.entries
     patched = tmp_path / "patched"
     run_cli("apply", src, vud, "-o", patched, "-q")
-    orig, pat = load(src), load(patched)
+    orig, pat = load_pipe(builder, src), load_pipe(builder, patched)
     if sets:
         _check_denoise_capture(tmp_path / "acts.safetensors", src, orig, sets)
     edited = set()
@@ -138,6 +159,7 @@ REF_CASES = [
     ("helios", "t5_ffn", [], {}),
     ("motif", "text_proj", [], {}),
     ("motif_i2v", "text_proj", [], {}),
+    ("i2vgenxl", "cross_kv", [], {}),
 ]
 
 
@@ -157,7 +179,7 @@ def test_capture_matches_the_pipelines_own_forward(case, more_pipes):
     ((x, mask),) = got[sorted(got)[0]]
     fam = load_family(open_source(src).pipeline_class and _family_of(src), overrides)
     t = site_targets(fam.sites[site], open_source(src), None, fam.key_prefixes)[0]
-    pipe = load(src)
+    pipe = load_pipe(builder, src)
     seen: list[torch.Tensor] = []
     mod = find_module(getattr(pipe, t.component), t.module)
     h = mod.register_forward_pre_hook(lambda _m, a: seen.append(a[0].detach().float()))

@@ -13,7 +13,9 @@ import torch
 from tests.tiny_pipes import (
     _rm,
     _save,
+    clip_tokenizer,
     t5_tokenizer,
+    tiny_clip_text,
     tiny_t5,
 )
 
@@ -167,4 +169,69 @@ def motif_i2v(d: Path):
     return motif(d, image=True)
 
 
-BUILDERS = {"helios": helios, "motif": motif, "motif_i2v": motif_i2v}
+def i2vgenxl(d: Path):
+    """I2VGenXLPipeline: UNet3D-style I2VGenXLUNet, CLIP text + CLIP image; attn2 reads [text | image tokens]."""
+    from diffusers import AutoencoderKL, DDIMScheduler, I2VGenXLPipeline
+    from diffusers.models.unets import I2VGenXLUNet
+    from PIL import Image
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    unet = I2VGenXLUNet(
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+        cross_attention_dim=4,
+        attention_head_dim=4,
+        num_attention_heads=None,
+        norm_num_groups=2,
+    )
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=(8,),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D"],
+        latent_channels=4,
+        sample_size=32,
+        norm_num_groups=2,
+    )
+    torch.manual_seed(0)
+    image_encoder = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=4,
+            projection_dim=4,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            intermediate_size=16,
+            patch_size=1,
+        )
+    ).eval()
+    pipe = I2VGenXLPipeline(
+        vae=vae,
+        text_encoder=tiny_clip_text(4, layers=3),
+        tokenizer=clip_tokenizer(d / "_tok"),
+        image_encoder=image_encoder,
+        feature_extractor=CLIPImageProcessor(crop_size=32, size=32),
+        unet=unet,
+        scheduler=DDIMScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            clip_sample=False,
+            set_alpha_to_one=False,
+        ),
+    )
+    _save(pipe, d)
+    _rm(d / "_tok")
+    img = Image.new("RGB", (32, 32), (200, 40, 40))
+    return d, {"image": img, "height": 32, "width": 32, "num_frames": 2, "guidance_scale": 1.0}
+
+
+BUILDERS = {"helios": helios, "motif": motif, "motif_i2v": motif_i2v, "i2vgenxl": i2vgenxl}
