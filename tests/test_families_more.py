@@ -72,6 +72,11 @@ def _generate(pipe, call: dict, steps: int = 2, output_type: str = "pt", prompt:
     )
 
 
+HUNYUAN_TEMPLATE = [  # the tiny word tokenizer cannot spell the chat template (as in test_probe_families)
+    'encoders.text.template_from=""',
+    'encoders.text.template="{}"',
+    "encoders.text.crop_start=0",
+]
 MOTIF_DENOISE = [
     "denoise.steps=2",
     "denoise.call.num_frames=9",
@@ -80,13 +85,14 @@ MOTIF_DENOISE = [
     "denoise.call.max_sequence_length=16",
 ]
 
-# (builder, family, site, probe --set overrides: given for denoise-mode sites, whose capture is also
-# checked against the pipeline's own forward here)
+# (builder, family, site, probe --set overrides); a denoise-mode site's capture is also checked against
+# the pipeline's own forward here
 CASES = [
     ("helios", "helios", "text_proj", []),
     ("motif_i2v", "motif", "text_proj", []),
     ("motif", "motif", "txt_kv", MOTIF_DENOISE),
     ("i2vgenxl", "i2vgenxl", "cross_kv", []),
+    ("framepack", "hunyuan", "context_proj", HUNYUAN_TEMPLATE),
 ]
 
 
@@ -97,8 +103,11 @@ def test_probe_apply_reload_generate(case, more_pipes, tmp_path):
     vud = tmp_path / "c.vud"
     extra = [a for s in sets for a in ("--set", s)]
     # a denoise-mode probe runs the pipeline once per prompt: a 2-pair concept keeps it short
-    concept = _small_concept(tmp_path) if sets else "nudity"
-    if sets:
+    from patcher.families.recipes import load_family
+
+    denoise = load_family(family).sites[site].mode == "denoise"
+    concept = _small_concept(tmp_path) if denoise else "nudity"
+    if denoise:
         extra += ["--save-activations", str(tmp_path / "acts.safetensors")]
     rep = json.loads(
         run_cli(
@@ -124,7 +133,7 @@ def test_probe_apply_reload_generate(case, more_pipes, tmp_path):
     patched = tmp_path / "patched"
     run_cli("apply", src, vud, "-o", patched, "-q")
     orig, pat = load_pipe(builder, src), load_pipe(builder, patched)
-    if sets:
+    if denoise:
         _check_denoise_capture(tmp_path / "acts.safetensors", src, orig, sets)
     edited = set()
     for e in delta.entries:
@@ -160,6 +169,10 @@ REF_CASES = [
     ("motif", "text_proj", [], {}),
     ("motif_i2v", "text_proj", [], {}),
     ("i2vgenxl", "cross_kv", [], {}),
+    ("framepack", "context_proj", HUNYUAN_TEMPLATE, {}),
+    ("framepack", "clip_pooled", [], {}),
+    ("skyreels_i2v", "context_proj", HUNYUAN_TEMPLATE, {}),
+    ("skyreels_i2v", "clip_pooled", [], {}),
 ]
 
 

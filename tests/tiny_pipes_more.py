@@ -17,6 +17,7 @@ from tests.tiny_pipes import (
     t5_tokenizer,
     tiny_clip_text,
     tiny_t5,
+    word_tokenizer,
 )
 
 
@@ -234,4 +235,172 @@ def i2vgenxl(d: Path):
     return d, {"image": img, "height": 32, "width": 32, "num_frames": 2, "guidance_scale": 1.0}
 
 
-BUILDERS = {"helios": helios, "motif": motif, "motif_i2v": motif_i2v, "i2vgenxl": i2vgenxl}
+def _hunyuan_text_parts(d: Path) -> dict:
+    """HunyuanVideo's text side as tests/tiny_pipes.py builds it: a 2-layer Llama (16 wide) with a word
+    tokenizer, and CLIP (8 wide) for the pooled vector."""
+    from transformers import LlamaConfig, LlamaModel
+
+    torch.manual_seed(0)
+    llama = LlamaModel(
+        LlamaConfig(
+            hidden_size=16,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            vocab_size=1000,
+            bos_token_id=0,
+            eos_token_id=2,
+            pad_token_id=1,
+        )
+    ).eval()
+    return dict(
+        text_encoder=llama,
+        tokenizer=word_tokenizer(),
+        text_encoder_2=tiny_clip_text(8),
+        tokenizer_2=clip_tokenizer(d / "_tok"),
+    )
+
+
+def _hunyuan_vae():
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    torch.manual_seed(0)
+    return AutoencoderKLHunyuanVideo(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+        up_block_types=("HunyuanVideoUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        act_fn="silu",
+        norm_num_groups=4,
+        scaling_factor=0.476986,
+        spatial_compression_ratio=8,
+        temporal_compression_ratio=4,
+        mid_block_add_attention=True,
+    )
+
+
+TINY_TEMPLATE = {
+    "template": "{}",
+    "crop_start": 0,
+}  # the tiny word tokenizer cannot spell the chat template
+
+
+def framepack(d: Path):
+    """HunyuanVideoFramepackPipeline: HunyuanVideo's text side and token refiner, SigLIP image tokens."""
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideoFramepackPipeline,
+        HunyuanVideoFramepackTransformer3DModel,
+    )
+    from PIL import Image
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(0)
+    tr = HunyuanVideoFramepackTransformer3DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=10,
+        num_layers=1,
+        num_single_layers=1,
+        num_refiner_layers=1,
+        patch_size=2,
+        patch_size_t=1,
+        guidance_embeds=True,
+        text_embed_dim=16,
+        pooled_projection_dim=8,
+        rope_axes_dim=(2, 4, 4),
+        image_condition_type=None,
+        has_image_proj=True,
+        image_proj_dim=8,
+        has_clean_x_embedder=True,
+    )
+    torch.manual_seed(0)
+    siglip = SiglipVisionModel(
+        SiglipVisionConfig(
+            hidden_size=8,
+            intermediate_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        )
+    ).eval()
+    pipe = HunyuanVideoFramepackPipeline(
+        transformer=tr,
+        vae=_hunyuan_vae(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        image_encoder=siglip,
+        feature_extractor=SiglipImageProcessor(size={"height": 32, "width": 32}),
+        **_hunyuan_text_parts(d),
+    )
+    _save(pipe, d)
+    _rm(d / "_tok")
+    return d, {
+        "image": Image.new("RGB", (32, 32), (200, 40, 40)),
+        "height": 32,
+        "width": 32,
+        "num_frames": 9,
+        "latent_window_size": 3,
+        "max_sequence_length": 16,
+        "guidance_scale": 1.0,
+        "prompt_template": TINY_TEMPLATE,
+    }
+
+
+def skyreels_i2v(d: Path):
+    """HunyuanSkyreelsImageToVideoPipeline: HunyuanVideo with the image latent concatenated to the noise."""
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanSkyreelsImageToVideoPipeline,
+        HunyuanVideoTransformer3DModel,
+    )
+    from PIL import Image
+
+    torch.manual_seed(0)
+    tr = HunyuanVideoTransformer3DModel(
+        in_channels=8,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=10,
+        num_layers=1,
+        num_single_layers=1,
+        num_refiner_layers=1,
+        patch_size=1,
+        patch_size_t=1,
+        guidance_embeds=True,
+        text_embed_dim=16,
+        pooled_projection_dim=8,
+        rope_axes_dim=(2, 4, 4),
+    )
+    pipe = HunyuanSkyreelsImageToVideoPipeline(
+        transformer=tr,
+        vae=_hunyuan_vae(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        **_hunyuan_text_parts(d),
+    )
+    _save(pipe, d)
+    _rm(d / "_tok")
+    return d, {
+        "image": Image.new("RGB", (16, 16), (200, 40, 40)),
+        "height": 16,
+        "width": 16,
+        "num_frames": 5,
+        "max_sequence_length": 16,
+        "guidance_scale": 1.0,
+        "true_cfg_scale": 1.0,
+        "prompt_template": TINY_TEMPLATE,
+    }
+
+
+BUILDERS = {
+    "helios": helios,
+    "motif": motif,
+    "motif_i2v": motif_i2v,
+    "i2vgenxl": i2vgenxl,
+    "framepack": framepack,
+    "skyreels_i2v": skyreels_i2v,
+}
