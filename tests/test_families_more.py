@@ -77,6 +77,15 @@ HUNYUAN_TEMPLATE = [  # the tiny word tokenizer cannot spell the chat template (
     'encoders.text.template="{}"',
     "encoders.text.crop_start=0",
 ]
+HY_I2V_DENOISE = [
+    "denoise.call.num_frames=5",
+    "denoise.call.height=16",
+    "denoise.call.width=16",
+    "denoise.call.max_sequence_length=16",
+    "denoise.call.prompt_template={"
+    + ", ".join(f"{k} = {json.dumps(v)}" for k, v in tiny_pipes_more.HY_I2V_TEMPLATE.items())
+    + "}",
+]
 MOTIF_DENOISE = [
     "denoise.steps=2",
     "denoise.call.num_frames=9",
@@ -93,6 +102,7 @@ CASES = [
     ("motif", "motif", "txt_kv", MOTIF_DENOISE),
     ("i2vgenxl", "i2vgenxl", "cross_kv", []),
     ("framepack", "hunyuan", "context_proj", HUNYUAN_TEMPLATE),
+    ("hunyuan_i2v", "hunyuan_i2v", "context_proj", HY_I2V_DENOISE),
 ]
 
 
@@ -173,6 +183,7 @@ REF_CASES = [
     ("framepack", "clip_pooled", [], {}),
     ("skyreels_i2v", "context_proj", HUNYUAN_TEMPLATE, {}),
     ("skyreels_i2v", "clip_pooled", [], {}),
+    ("hunyuan_i2v", "clip_pooled", [], {}),
 ]
 
 
@@ -233,10 +244,13 @@ def _check_denoise_capture(acts_file: Path, src: Path, pipe, overrides: list[str
     saved with --save-activations, against a pre-hook in a fresh pipeline call)."""
     from patcher.families.recipes import load_family
     from patcher.probe.activations import read_activations
+    from patcher.probe.denoise import conditioning_image
 
     acts = read_activations(acts_file)
     fam = load_family(_family_of(src), overrides)
     g = acts.groups[0]
+    site = fam.sites[g.site]
+    images = {n: conditioning_image(None, fam.denoise.call) for n in fam.denoise.images}
     got = g.roles["unsafe"][0]  # the first unsafe prompt: one Capture per step
     seen: list[torch.Tensor] = []
     mod = find_module(
@@ -251,14 +265,17 @@ def _check_denoise_capture(acts_file: Path, src: Path, pipe, overrides: list[str
                 output_type="latent",
                 generator=torch.Generator("cpu").manual_seed(0),
                 **fam.denoise.call,
+                **images,
             )
     finally:
         h.remove()
-    n = int(fam.denoise.call["max_sequence_length"])
     assert len(got) == len(seen) == fam.denoise.steps
     for cap, ref in zip(got, seen):
-        assert cap.tokens.shape == (n, ref.shape[-1])
-        assert torch.allclose(cap.tokens, ref[-1, -n:], atol=1e-5)
+        ref = ref[-1] if ref.dim() == 3 else ref
+        if site.text_tokens == "last":
+            ref = ref[-int(fam.denoise.call[site.text_len]) :]
+        assert cap.tokens.shape == ref.shape
+        assert torch.allclose(cap.tokens, ref, atol=1e-5)
     # the unsafe and safe prompts differ there: the samples carry the prompt
     assert not torch.allclose(got[0].tokens, g.roles["safe"][0][0].tokens)
 

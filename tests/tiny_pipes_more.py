@@ -396,6 +396,102 @@ def skyreels_i2v(d: Path):
     }
 
 
+# HunyuanVideo I2V's chat template in miniature: the image token inside the system turn, the prompt in
+# the user turn, the assistant header cropped; the same crop and image-token arithmetic as the real one
+HY_I2V_TEMPLATE = {
+    "template": "<|start_header_id|>system<|end_header_id|><image>describe<|eot_id|>"
+    "<|start_header_id|>user<|end_header_id|>{}<|eot_id|><|start_header_id|>assistant<|end_header_id|>",
+    "crop_start": 9,  # tokens before the prompt
+    "image_emb_start": 3,
+    "image_emb_end": 19,
+    "image_emb_len": 16,  # (32 / 8)^2 patches of the tiny CLIP vision tower
+}
+
+
+def hunyuan_i2v(d: Path):
+    """HunyuanVideoImageToVideoPipeline: a LLaVA text encoder reads the image inside the prompt."""
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideoImageToVideoPipeline,
+        HunyuanVideoTransformer3DModel,
+    )
+    from PIL import Image
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
+
+    tok = word_tokenizer()
+    special = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<image>"]
+    tok.add_special_tokens({"additional_special_tokens": special})
+    torch.manual_seed(0)
+    llava = LlavaForConditionalGeneration(
+        LlavaConfig(
+            vision_config=CLIPVisionConfig(
+                hidden_size=8,
+                intermediate_size=37,
+                projection_dim=32,
+                num_attention_heads=4,
+                num_hidden_layers=2,
+                image_size=32,
+                patch_size=8,
+            ),
+            text_config=LlamaConfig(
+                hidden_size=16,
+                intermediate_size=37,
+                num_attention_heads=4,
+                num_hidden_layers=3,
+                vocab_size=1000,
+                bos_token_id=0,
+                eos_token_id=2,
+                pad_token_id=0,
+            ),
+            pad_token_id=0,
+            image_token_index=tok.convert_tokens_to_ids("<image>"),
+        )
+    ).eval()
+    torch.manual_seed(0)
+    tr = HunyuanVideoTransformer3DModel(
+        in_channels=9,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=10,
+        num_layers=1,
+        num_single_layers=1,
+        num_refiner_layers=1,
+        patch_size=1,
+        patch_size_t=1,
+        guidance_embeds=False,
+        text_embed_dim=16,
+        pooled_projection_dim=8,
+        rope_axes_dim=(2, 4, 4),
+        image_condition_type="latent_concat",
+    )
+    parts = _hunyuan_text_parts(d)
+    parts.update(text_encoder=llava, tokenizer=tok)
+    pipe = HunyuanVideoImageToVideoPipeline(
+        transformer=tr,
+        vae=_hunyuan_vae(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        image_processor=CLIPImageProcessor(crop_size=32, size=32),
+        **parts,
+    )
+    _save(pipe, d)
+    _rm(d / "_tok")
+    return d, {
+        "image": Image.new("RGB", (16, 16), (200, 40, 40)),
+        "height": 16,
+        "width": 16,
+        "num_frames": 5,
+        "max_sequence_length": 16,
+        "guidance_scale": 1.0,
+        "prompt_template": HY_I2V_TEMPLATE,
+    }
+
+
 BUILDERS = {
     "helios": helios,
     "motif": motif,
@@ -403,4 +499,5 @@ BUILDERS = {
     "i2vgenxl": i2vgenxl,
     "framepack": framepack,
     "skyreels_i2v": skyreels_i2v,
+    "hunyuan_i2v": hunyuan_i2v,
 }

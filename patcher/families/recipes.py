@@ -261,6 +261,9 @@ class DenoiseSpec:
     call: dict = field(default_factory=dict)
     # mmdit_video: a single file converted by [convert], sampled without a pipeline
     runner: str = "pipeline"
+    # call arguments that take the conditioning image (image-to-video pipelines): each prompt gets its
+    # pair's image (neutral prompts: the concept's neutral_images), or mid-grey when the concept has none
+    images: tuple[str, ...] = ()
 
 
 @dataclass
@@ -476,6 +479,7 @@ def parse_family(data: dict, where: str) -> Family:
         steps=dn.positive("steps", 4),
         call=dn.get("call", dict, {}),
         runner=dn.get("runner", str, "pipeline", RUNNERS),
+        images=tuple(dn.strings("images", [])),
     )
     dn.done()
     at = t.table("aliases", {})

@@ -10,6 +10,7 @@ file is sampled by mmdit_video.py, which returns the same captures.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -75,8 +76,9 @@ def capture_denoise(
 
     hooks = Hooks(modules, select)
 
-    def run(prompt: str) -> dict[str, list[torch.Tensor]]:
+    def run(prompt: str, image: Path | None = None) -> dict[str, list[torch.Tensor]]:
         gen = torch.Generator("cpu").manual_seed(opt.seed)
+        kw = {name: conditioning_image(image, call) for name in fam.denoise.images}
         with torch.inference_mode():
             pipe(
                 prompt=prompt,
@@ -84,6 +86,7 @@ def capture_denoise(
                 output_type="latent",
                 generator=gen,
                 **call,
+                **kw,
             )
         rep.advance(1)
         return hooks.take()
@@ -91,9 +94,10 @@ def capture_denoise(
     try:
         per_u, per_s = [], []
         for p in con.pairs:
-            per_u.append(run(p.unsafe))
-            per_s.append(run(p.safe))
-        per_n = [run(n) for n in con.neutral]
+            per_u.append(run(p.unsafe, p.unsafe_image))
+            per_s.append(run(p.safe, p.safe_image))
+        imgs = list(con.neutral_images)
+        per_n = [run(n, imgs[i % len(imgs)] if imgs else None) for i, n in enumerate(con.neutral)]
     finally:
         hooks.remove()
     out: Raw = {}
@@ -108,6 +112,17 @@ def capture_denoise(
         }
         out[(site_name, g)] = (ts, roles)
     return out
+
+
+def conditioning_image(path: Path | None, call: dict):
+    """The image an image-to-video call conditions on: the concept's own, else mid-grey at the call's size
+    (the same for both prompts of a pair, so their difference is the text's)."""
+    from PIL import Image
+
+    if path is not None:
+        return Image.open(path).convert("RGB")
+    size = (int(call.get("width", 512)), int(call.get("height", 512)))
+    return Image.new("RGB", size, (128, 128, 128))
 
 
 def _load_pipeline(
