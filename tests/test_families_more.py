@@ -103,6 +103,7 @@ CASES = [
     ("i2vgenxl", "i2vgenxl", "cross_kv", []),
     ("framepack", "hunyuan", "context_proj", HUNYUAN_TEMPLATE),
     ("hunyuan_i2v", "hunyuan_i2v", "context_proj", HY_I2V_DENOISE),
+    ("easyanimate", "easyanimate", "text_proj", []),
 ]
 
 
@@ -184,6 +185,7 @@ REF_CASES = [
     ("skyreels_i2v", "context_proj", HUNYUAN_TEMPLATE, {}),
     ("skyreels_i2v", "clip_pooled", [], {}),
     ("hunyuan_i2v", "clip_pooled", [], {}),
+    ("easyanimate", "text_proj", [], {}),
 ]
 
 

@@ -492,6 +492,91 @@ def hunyuan_i2v(d: Path):
     }
 
 
+def easyanimate(d: Path):
+    """EasyAnimatePipeline: Qwen2-VL text (chat template, hidden_states[-2]) into text_proj, then MMDiT-style
+    joint blocks."""
+    from diffusers import (
+        AutoencoderKLMagvit,
+        EasyAnimatePipeline,
+        EasyAnimateTransformer3DModel,
+        FlowMatchEulerDiscreteScheduler,
+    )
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    from tests.tiny_pipes_llm import llm_tokenizer
+
+    torch.manual_seed(0)
+    tr = EasyAnimateTransformer3DModel(
+        num_attention_heads=2,
+        attention_head_dim=16,  # 3-D RoPE splits the head 2:3:3, so 8 would give odd parts
+        in_channels=4,
+        out_channels=4,
+        time_embed_dim=2,
+        text_embed_dim=16,
+        num_layers=1,
+        sample_width=16,
+        sample_height=16,
+        patch_size=2,
+    )
+    torch.manual_seed(0)
+    vae = AutoencoderKLMagvit(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("SpatialDownBlock3D",) + ("SpatialTemporalDownBlock3D",) * 3,
+        up_block_types=("SpatialUpBlock3D",) + ("SpatialTemporalUpBlock3D",) * 3,
+        block_out_channels=(8, 8, 8, 8),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=2,
+        spatial_group_norm=False,
+    )
+    torch.manual_seed(0)
+    qwen = Qwen2VLForConditionalGeneration(
+        Qwen2VLConfig(
+            text_config=dict(
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                num_key_value_heads=2,
+                vocab_size=1000,
+                max_position_embeddings=512,
+                rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]},
+                bos_token_id=3,
+                eos_token_id=1,
+                pad_token_id=0,
+            ),
+            vision_config=dict(
+                depth=1,
+                embed_dim=8,
+                hidden_size=16,
+                num_heads=2,
+                mlp_ratio=2,
+                patch_size=2,
+                spatial_merge_size=1,
+                temporal_patch_size=1,
+            ),
+            bos_token_id=3,
+            eos_token_id=1,
+            pad_token_id=0,
+        )
+    ).eval()
+    pipe = EasyAnimatePipeline(
+        vae=vae,
+        text_encoder=qwen,
+        tokenizer=llm_tokenizer(chat=True),
+        transformer=tr,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+    )
+    _save(pipe, d)
+    return d, {
+        "height": 16,
+        "width": 16,
+        "num_frames": 5,
+        "guidance_scale": 1.0,
+    }
+
+
 BUILDERS = {
     "helios": helios,
     "motif": motif,
@@ -500,4 +585,5 @@ BUILDERS = {
     "framepack": framepack,
     "skyreels_i2v": skyreels_i2v,
     "hunyuan_i2v": hunyuan_i2v,
+    "easyanimate": easyanimate,
 }
