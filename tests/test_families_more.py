@@ -288,3 +288,61 @@ def _family_of(src: Path) -> str:
 
     s = open_source(src)
     return detect_family(s.pipeline_class, s.keys())
+
+
+def test_families_lists_the_further_families():
+    from click.testing import CliRunner
+
+    from patcher.cli import main
+
+    res = CliRunner().invoke(main, ["families", "--json"])
+    assert res.exit_code == 0, res.output
+    rows = {r["family"]: r for r in json.loads(res.stdout)}
+    expect = {
+        "helios": ["text_proj"],
+        "motif": ["text_proj"],
+        "i2vgenxl": ["cross_kv"],
+        "hunyuan_i2v": ["context_proj"],
+        "easyanimate": ["text_proj"],
+    }
+    for fam, default in expect.items():
+        assert rows[fam]["default_sites"] == default, fam
+        assert all(s["why"] for s in rows[fam]["sites"].values())
+    assert rows["motif"]["sites"]["txt_kv"]["mode"] == "denoise"
+    assert rows["hunyuan_i2v"]["sites"]["context_proj"]["mode"] == "denoise"
+    assert (
+        rows["zeroscope"]["aliases"]["layouts"]
+        == rows["animatediff"]["aliases"]["layouts"]
+        == ["ldm"]
+    )
+    from patcher.families.recipes import load_family
+
+    hy = load_family("hunyuan")
+    assert {"HunyuanVideoFramepackPipeline", "HunyuanSkyreelsImageToVideoPipeline"} <= set(
+        hy.pipeline_classes
+    )
+
+
+def test_a_chain_op_naming_a_component_needs_a_weight():
+    from patcher.errors import RecipeError
+    from patcher.families.recipes import parse_family
+
+    data = {
+        "name": "f",
+        "detect": {"keys": ["a"]},
+        "encoders": {"text": {"kind": "text", "component": "text_encoder"}},
+        "sites": {
+            "s": {
+                "why": "w",
+                "mode": "text",
+                "encoder": "text",
+                "components": ["unet"],
+                "weights": ["a"],
+                "chain": [{"op": "gelu", "component": "text_encoder"}],
+            }
+        },
+        "defaults": {"sites": ["s"]},
+    }
+    with pytest.raises(RecipeError, match="'component' needs a 'weight'") as ei:
+        parse_family(data, "f.toml")
+    assert "f.toml.sites.s.chain[0]" in str(ei.value)

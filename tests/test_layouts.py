@@ -471,6 +471,10 @@ ORACLE = {
 }
 
 
+# HunyuanVideo-I2V is the same transformer class and original layout; its recipe repeats the rules
+ORACLE["hunyuan_i2v"] = ORACLE["hunyuan"]
+
+
 @pytest.mark.parametrize("family", sorted(ORACLE))
 def test_alias_rules_agree_with_diffusers_single_file_converters(family):
     sfu = pytest.importorskip("diffusers.loaders.single_file_utils")
