@@ -63,11 +63,12 @@ def load_pipe(builder: str, folder: Path):
 
 
 def _generate(pipe, call: dict, steps: int = 2, output_type: str = "pt", prompt: str = "a woman"):
+    kw = {} if "pyramid_num_inference_steps_list" in call else {"num_inference_steps": steps}
     return pipe(
         prompt=prompt,
-        num_inference_steps=steps,
         output_type=output_type,
         generator=torch.Generator().manual_seed(0),
+        **kw,
         **call,
     )
 
@@ -177,6 +178,7 @@ REF_CASES = [
     ("helios", "text_proj", [], {}),
     ("helios", "cross_kv", [], {}),
     ("helios", "t5_ffn", [], {}),
+    ("helios_pyramid", "text_proj", [], {}),
     ("motif", "text_proj", [], {}),
     ("motif_i2v", "text_proj", [], {}),
     ("i2vgenxl", "cross_kv", [], {}),

@@ -34,6 +34,10 @@ def _wan_vae():
     )
 
 
+def helios_pyramid(d: Path):
+    return helios(d, pyramid=True)
+
+
 def helios(d: Path, pyramid: bool = False):
     """HeliosPipeline (or HeliosPyramidPipeline): a Wan-shaped DiT with UMT5 text, history memory patches."""
     from diffusers import (
@@ -73,13 +77,16 @@ def helios(d: Path, pyramid: bool = False):
     )
     _save(pipe, d)
     _rm(d / "_tok")
-    return d, {
+    call = {
         "height": 16,
         "width": 16,
         "num_frames": 9,
         "max_sequence_length": 16,
         "guidance_scale": 1.0,
     }
+    if pyramid:  # the pyramid pipeline takes steps per stage instead of num_inference_steps
+        call["pyramid_num_inference_steps_list"] = [2]
+    return d, call
 
 
 def motif(d: Path, image: bool = False):
@@ -579,6 +586,7 @@ def easyanimate(d: Path):
 
 BUILDERS = {
     "helios": helios,
+    "helios_pyramid": helios_pyramid,
     "motif": motif,
     "motif_i2v": motif_i2v,
     "i2vgenxl": i2vgenxl,
