@@ -279,3 +279,17 @@ def test_a_user_folder_adds_recipes(tmp_path, monkeypatch):
     monkeypatch.setenv("VPATCH_RECIPES", str(tmp_path / "nope"))
     with pytest.raises(RecipeError, match="VPATCH_RECIPES.*not a folder"):
         family_files()
+
+
+def test_detect_family_by_pipeline_class_then_by_keys_through_a_prefix():
+    from patcher.families.recipes import detect_family
+
+    assert detect_family("WanImageToVideoPipeline", set()) == "wan"
+    wan_keys = {
+        "model.diffusion_model.condition_embedder.text_embedder.linear_1.weight",
+        "model.diffusion_model.blocks.0.attn2.to_k.weight",
+    }
+    assert detect_family(None, wan_keys) == "wan"
+    # one detection key missing: no family is claimed
+    assert detect_family(None, {next(iter(sorted(wan_keys)))}) is None
+    assert detect_family("NoSuchPipeline", {"x.weight"}) is None

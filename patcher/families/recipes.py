@@ -635,10 +635,11 @@ def detect_family(pipeline_class: str | None, keys: set[str]) -> str | None:
         for fam in fams:
             if pipeline_class in fam.pipeline_classes:
                 return fam.name
+    from ..layouts import AliasRules  # layouts reads families: imported here, not at module level
+
     for fam in fams:
-        stripped = set(keys)
-        for p in fam.key_prefixes:
-            stripped |= {k[len(p) :] for k in keys if k.startswith(p)}
+        rules = AliasRules(prefixes=list(fam.key_prefixes))
+        stripped = set(keys) | {rules.strip(k)[0] for k in keys}
         if fam.detect_keys and all(k in stripped for k in fam.detect_keys):
             return fam.name
     return None
