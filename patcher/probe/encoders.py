@@ -181,6 +181,13 @@ class Encoder:
         return res
 
 
+class _Config(dict):
+    """An absent component's config.json as attributes; a field it lacks reads as None."""
+
+    def __getattr__(self, name: str):
+        return self.get(name)
+
+
 class _Absent:
     """Stands for a component a text-mode probe does not load (the denoiser, the VAE).
 
@@ -189,9 +196,7 @@ class _Absent:
     """
 
     def __init__(self, config: dict):
-        from types import SimpleNamespace
-
-        self.config = SimpleNamespace(**config)
+        self.config = _Config(config)
 
     def __bool__(self) -> bool:
         return False
@@ -207,6 +212,19 @@ def _pick(out, which: int | str, what: str, method: str):
         raise ProbeError(
             f"{method} has no output {which!r} ({what}); fix the family recipe's encoder"
         ) from None
+
+
+def _library_class(lib: str, cls: str):
+    """A model_index.json class: a library's (transformers, diffusers) or, as diffusers resolves a
+    pipeline's own modules (LTX-2's ``["ltx2", "LTX2TextConnectors"]``), ``diffusers.pipelines.LIB``'s."""
+    import importlib
+
+    if lib in ("transformers", "diffusers"):
+        return import_class(lib, cls)
+    try:
+        return getattr(importlib.import_module(f"diffusers.pipelines.{lib}"), cls)
+    except (ImportError, AttributeError):
+        return import_class(lib, cls)
 
 
 class PipelineEncoder:
@@ -263,7 +281,7 @@ class PipelineEncoder:
         loaded: dict = {}
         for name in self.enc.components:
             lib, cls = _component_class(index, root, name, None, "component")
-            c = import_class(lib, cls)
+            c = _library_class(lib, cls)
             try:
                 if isinstance(c, type) and issubclass(c, torch.nn.Module):
                     obj = c.from_pretrained(root / name, torch_dtype=dtype).to(device).eval()
