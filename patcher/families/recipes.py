@@ -261,8 +261,9 @@ class DenoiseSpec:
     call: dict = field(default_factory=dict)
     # mmdit_video: a single file converted by [convert], sampled without a pipeline
     runner: str = "pipeline"
-    # call arguments that take the conditioning image (image-to-video pipelines): each prompt gets its
-    # pair's image (neutral prompts: the concept's neutral_images), or mid-grey when the concept has none
+    # call arguments that take the conditioning image (image-to-video pipelines; a pipeline without the
+    # argument gets none): each prompt gets its pair's image (neutral prompts: the concept's
+    # neutral_images), or mid-grey when the concept has none
     images: tuple[str, ...] = ()
 
 

@@ -9,6 +9,7 @@ file is sampled by mmdit_video.py, which returns the same captures.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -75,10 +76,13 @@ def capture_denoise(
         return x[:n] if site.text_tokens == "first" else x[-n:]
 
     hooks = Hooks(modules, select)
+    # a family's text-to-video pipelines take no image: only the arguments this pipeline has get one
+    takes = inspect.signature(pipe.__call__).parameters
+    image_args = [n for n in fam.denoise.images if n in takes]
 
     def run(prompt: str, image: Path | None = None) -> dict[str, list[torch.Tensor]]:
         gen = torch.Generator("cpu").manual_seed(opt.seed)
-        kw = {name: conditioning_image(image, call) for name in fam.denoise.images}
+        kw = {name: conditioning_image(image, call) for name in image_args}
         with torch.inference_mode():
             pipe(
                 prompt=prompt,
