@@ -111,6 +111,60 @@ FILLED = (
     "patch_embed.text_proj.",
     ".attn2.to_k.",
     ".attn2.to_v.",
+    "caption_projection.",
+    "context_embedder.proj_in.",
+    "context_embedder.time_text_embed.text_embedder.",
+)
+# LLM-conditioned families probed through the pipeline's own encode_prompt (kind = "pipeline"):
+# (config name, manifest, family, site). Their text stacks (the LLM, LTX-2's connectors, HunyuanVideo
+# 1.5's ByT5) are real width and vocabulary with random weights; --encoder-layers truncates the LLM.
+LLM_RUNS = [
+    ("ltx2-19b", "ltx2-19b", "ltx2", "caption_proj"),
+    ("hunyuan15-8.3b", "hunyuanvideo1.5-8.3b", "hunyuan15", "context_proj"),
+]
+GEMMA3_12B = dict(  # google/gemma-3-12b-it, the text tower LTX-2 uses (vision tower cut to 1 block)
+    text_config=dict(
+        hidden_size=3840,
+        intermediate_size=15360,
+        num_hidden_layers=48,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=256,
+        vocab_size=262208,
+        sliding_window=1024,
+        pad_token_id=0,
+    ),
+    vision_config=dict(
+        hidden_size=1152,
+        intermediate_size=4304,
+        num_hidden_layers=1,
+        num_attention_heads=16,
+        image_size=896,
+        patch_size=14,
+    ),
+    mm_tokens_per_image=256,
+)
+QWEN25_VL_7B = dict(  # Qwen/Qwen2.5-VL-7B-Instruct's text model (HunyuanVideo 1.5)
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    vocab_size=152064,
+    rope_scaling={"mrope_section": [16, 24, 24], "rope_type": "default", "type": "default"},
+    rope_theta=1000000.0,
+    bos_token_id=None,
+    eos_token_id=1,
+    pad_token_id=0,
+)
+BYT5_SMALL = dict(  # google/byt5-small encoder (glyph text), 1 block: it runs only on quoted text
+    vocab_size=384,
+    d_model=1472,
+    d_kv=64,
+    d_ff=3584,
+    num_layers=1,
+    num_heads=6,
+    feed_forward_proj="gated-gelu",
 )
 
 
@@ -191,6 +245,96 @@ def pipeline_folder(root: Path, run: tuple, layers: int, device: str) -> tuple[P
             )
         )
         (d / "sizes.json").write_text(json.dumps({"apparent": apparent, "allocated": alloc}))
+    sizes = json.loads((d / "sizes.json").read_text())
+    return d, {"denoiser_params": manifest["params"], "encoder_params": enc_params, **sizes}
+
+
+def _bare_pipeline(cls):
+    """The pipeline class with no component loaded: its constants (system prompt, crop)."""
+    import inspect
+
+    from patcher.probe.encoders import _Absent
+
+    names = [n for n in inspect.signature(cls.__init__).parameters if n != "self"]
+    return cls(**{n: _Absent({}) for n in names})
+
+
+def llm_pipeline_folder(root: Path, run: tuple, layers: int) -> tuple[Path, dict]:
+    """A diffusers folder: the real-size sparse denoiser, and the text components the family's
+    pipeline encoder loads, real width and vocabulary, the LLM cut to ``layers`` blocks."""
+    import transformers
+
+    from tests.tiny_pipes_llm import llm_tokenizer, pad_chat_prefix
+
+    cfg_name, manifest_name, family, _site = run
+    manifest = json.loads((HERE / "manifests" / f"{manifest_name}.json").read_text())
+    d = root / f"{cfg_name}-L{layers}"
+    if not (d / "model_index.json").is_file():
+        t0 = time.time()
+        apparent, alloc = sparse_denoiser(d / "transformer", manifest)
+        index = {
+            "_class_name": manifest["pipeline"],
+            "transformer": ["diffusers", manifest["class"]],
+        }
+        torch.manual_seed(0)
+        if family == "ltx2":
+            from diffusers.pipelines.ltx2 import LTX2TextConnectors
+
+            cfg = transformers.Gemma3Config(**GEMMA3_12B)
+            cfg.text_config.num_hidden_layers = layers
+            te = transformers.Gemma3ForConditionalGeneration(cfg).to(torch.bfloat16).eval()
+            te.save_pretrained(str(d / "text_encoder"), max_shard_size="5GB")
+            del te
+            # LTX-2's connectors (scripts/convert_ltx2_to_diffusers.py): 30 x 128 heads, 2 blocks, 128
+            # registers; text_proj_in reads every hidden state, so its width follows the truncation
+            conn = LTX2TextConnectors(caption_channels=3840, text_proj_in_factor=layers + 1)
+            conn.to(torch.bfloat16).save_pretrained(str(d / "connectors"))
+            del conn
+            llm_tokenizer(1024, padding_side="left").save_pretrained(str(d / "tokenizer"))
+            index |= {
+                "text_encoder": ["transformers", "Gemma3ForConditionalGeneration"],
+                "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+                "connectors": ["ltx2", "LTX2TextConnectors"],
+            }
+        else:
+            from diffusers import HunyuanVideo15Pipeline
+
+            te = transformers.Qwen2_5_VLTextModel(
+                transformers.Qwen2_5_VLTextConfig(**{**QWEN25_VL_7B, "num_hidden_layers": layers})
+            )
+            te.to(torch.bfloat16).eval().save_pretrained(
+                str(d / "text_encoder"), max_shard_size="5GB"
+            )
+            del te
+            te2 = transformers.T5EncoderModel(transformers.T5Config(**BYT5_SMALL))
+            te2.to(torch.bfloat16).eval().save_pretrained(str(d / "text_encoder_2"))
+            tok = llm_tokenizer(2048, chat=True)
+            # the offline tokenizer's chat template is padded so that the pipeline's crop removes
+            # exactly the template, as with the real Qwen tokenizer
+            shell = _bare_pipeline(HunyuanVideo15Pipeline)
+            pad_chat_prefix(tok, shell.system_message, shell.prompt_template_encode_start_idx)
+            tok.save_pretrained(str(d / "tokenizer"))
+            transformers.ByT5Tokenizer().save_pretrained(str(d / "tokenizer_2"))
+            index |= {
+                "text_encoder": ["transformers", "Qwen2_5_VLTextModel"],
+                "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+                "text_encoder_2": ["transformers", "T5EncoderModel"],
+                "tokenizer_2": ["transformers", "ByT5Tokenizer"],
+            }
+        (d / "model_index.json").write_text(json.dumps(index))
+        (d / "sizes.json").write_text(json.dumps({"apparent": apparent, "allocated": alloc}))
+        print(f"  built {d.name} in {time.time() - t0:.0f} s", file=sys.stderr)
+    from patcher.checkpoint import scan_folder
+
+    enc_params = 0
+    for sub in ("text_encoder", "text_encoder_2", "connectors"):
+        if (d / sub).is_dir():
+            sets, _ = scan_folder(d / sub)
+            enc_params += sum(
+                int(torch.Size(t.shape).numel())
+                for h in sets[0].headers.values()
+                for t in h.tensors.values()
+            )
     sizes = json.loads((d / "sizes.json").read_text())
     return d, {"denoiser_params": manifest["params"], "encoder_params": enc_params, **sizes}
 
@@ -400,6 +544,39 @@ def main() -> None:
             f"encoder {info['encoder_params'] / 1e9:5.2f}B/{layers} blocks  {row['device']}  "
             f"wall {row['wall_s']:6.1f} s  host peak {row['host_peak'] / 2**20:7.0f} MiB  gpu peak {row['gpu_peak'] / 2**20:7.0f} MiB  "
             f"entries {row['entries']}",
+            flush=True,
+        )
+    for run in LLM_RUNS:
+        if a.only and run[0] not in a.only.split(","):
+            continue
+        folder, info = llm_pipeline_folder(a.dir, run, layers)
+        out = a.dir / f"{run[0]}-{run[3]}.vud"
+        spec = {"model": str(folder), "site": run[3], "device": a.device, "family": run[2]}
+        p = subprocess.run(
+            [sys.executable, __file__, "--child-json", json.dumps(spec), str(out)],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+        if p.returncode != 0:
+            print(p.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"probe failed on {run[0]}")
+        res = json.loads(p.stdout.strip().splitlines()[-1])
+        row = {
+            "config": run[0],
+            "site": run[3],
+            "encoder": "pipeline encode_prompt (LLM truncated)",
+            "encoder_layers": layers,
+            **info,
+            **res,
+        }
+        rows.append(row)
+        print(
+            f"{row['config']:<13} {row['site']:<12} denoiser {info['denoiser_params'] / 1e9:5.2f}B "
+            f"({info['apparent'] / 2**30:5.1f} GiB file, {info['allocated'] / 2**20:6.0f} MiB on disk)  "
+            f"text stack {info['encoder_params'] / 1e9:5.2f}B (LLM {layers} blocks)  {row['device']}  "
+            f"wall {row['wall_s']:6.1f} s  cpu {row['cpu_s']:6.1f} s  host peak {row['host_peak'] / 2**20:7.0f} MiB  "
+            f"gpu peak {row['gpu_peak'] / 2**20:7.0f} MiB  entries {row['entries']}",
             flush=True,
         )
     if not a.only or "opensora2" in a.only.split(","):

@@ -24,7 +24,7 @@ from .conversion import Conversion, parse_conversion
 RECIPES_DIR = Path(str(importlib.resources.files("patcher.families") / "recipes_data"))
 USER_RECIPES_ENV = "VPATCH_RECIPES"
 MAX_RECIPE_BYTES = 1 << 20
-ENCODER_KINDS = ("text", "pooled", "image")
+ENCODER_KINDS = ("text", "pooled", "image", "pipeline")
 MASKS = ("attention", "all")
 MODES = ("text", "denoise")
 # denoise mode runs the diffusers pipeline, or samples a converted single file (patcher/probe/mmdit_video.py)
@@ -169,6 +169,33 @@ class EncoderSpec:
     template_from: str | None = (
         None  # "module:ATTR" naming a {"template", "crop_start"} dict, e.g. a pipeline's default
     )
+    # kind = "pipeline": the pipeline's own prompt encoding, built from its text components only
+    pipeline: PipelineEncoding | None = None
+
+
+@dataclass(frozen=True)
+class PipelineEncoding:
+    """How a ``kind = "pipeline"`` encoder calls the pipeline's own method (``encode_prompt``).
+
+    The pipeline class is built with only ``components`` loaded (the denoiser and VAE are absent),
+    so templates, masks, hidden-layer choices and connectors are the library's, never re-described.
+    """
+
+    components: tuple[
+        str, ...
+    ]  # pipeline components loaded (tokenizers, text encoders, connectors)
+    method: str = "encode_prompt"
+    prompt_arg: str = "prompt"
+    kwargs: tuple[tuple[str, Any], ...] = ()  # the call's keyword arguments (max_sequence_length)
+    result: int | str = 0  # which output of the method the site reads (index or key)
+    mask: int | str | None = None  # which output is its token mask (None: every position counts)
+    then: str | None = None  # a component module applied next to (output, mask), e.g. connectors
+    then_kwargs: tuple[tuple[str, Any], ...] = ()
+    then_result: int | str = 0
+    pipeline_class: str | None = None  # when model_index.json does not name it
+    # arguments the method shares with the pipeline's __call__ take __call__'s defaults (what a user
+    # running the pipeline gets: Sana's complex_human_instruction, max_sequence_length), then kwargs
+    call_defaults: bool = True
 
 
 @dataclass
@@ -177,6 +204,9 @@ class ChainOp:
     weight: str | None = (
         None  # module path inside the site's component (``.weight``/``.bias`` appended)
     )
+    # the component holding ``weight`` when it is not the site's own (a text encoder's final norm that
+    # a pipeline applies to a hidden layer it picks); a wrapper prefix there (``text_model.``) is allowed
+    component: str | None = None
 
 
 @dataclass
@@ -231,6 +261,10 @@ class DenoiseSpec:
     call: dict = field(default_factory=dict)
     # mmdit_video: a single file converted by [convert], sampled without a pipeline
     runner: str = "pipeline"
+    # call arguments that take the conditioning image (image-to-video pipelines; a pipeline without the
+    # argument gets none): each prompt gets its pair's image (neutral prompts: the concept's
+    # neutral_images), or mid-grey when the concept has none
+    images: tuple[str, ...] = ()
 
 
 @dataclass
@@ -264,8 +298,59 @@ DEFAULTS = {
 }
 
 
+def _index(t: _Table, key: str, default: Any) -> int | str | None:
+    val = t.get(key, (int, str), default)
+    if isinstance(val, str) and not val:
+        raise RecipeError(f"{t.where}: field '{key}' must be an output index or a non-empty name")
+    return val
+
+
+def _pipeline_encoding(t: _Table) -> PipelineEncoding:
+    comps = t.strings("components", min_len=1)
+    method = t.get("method", str, "encode_prompt")
+    if not method.isidentifier() or method.startswith("__"):
+        raise RecipeError(f"{t.where}: field 'method' must name a method of the pipeline")
+    then = t.get("then", str, None)
+    if then is not None and then not in comps:
+        raise RecipeError(
+            f"{t.where}: field 'then' is {then!r}; it must be one of the loaded components {comps}"
+        )
+    return PipelineEncoding(
+        components=tuple(comps),
+        method=method,
+        prompt_arg=t.get("prompt_arg", str, "prompt"),
+        kwargs=tuple(sorted(t.get("kwargs", dict, {}).items())),
+        result=_index(t, "result", 0),
+        mask=_index(t, "mask_result", None),
+        then=then,
+        then_kwargs=tuple(sorted(t.get("then_kwargs", dict, {}).items())),
+        then_result=_index(t, "then_result", 0),
+        pipeline_class=t.get("pipeline_class", str, None),
+        call_defaults=t.get("call_defaults", bool, True),
+    )
+
+
 def _encoder(name: str, t: _Table) -> EncoderSpec:
     kind = t.get("kind", str, choices=ENCODER_KINDS)
+    if kind == "pipeline":
+        enc = _pipeline_encoding(t)
+        spec = EncoderSpec(
+            name=name,
+            kind=kind,
+            component=t.get("component", str, enc.components[0]),
+            preprocessor="",
+            output="last_hidden_state",
+            max_length=0,  # the method's own kwargs (max_sequence_length) decide
+            mask=t.get("mask", str, "attention" if enc.mask is not None else "all", MASKS),
+            hub_id=t.get("hub_id", str, None),
+            pipeline=enc,
+        )
+        if spec.mask == "attention" and enc.mask is None:
+            raise RecipeError(
+                f"{t.where}: mask = \"attention\" needs 'mask_result' (which output of {enc.method} is the mask)"
+            )
+        t.done()
+        return spec
     output = t.get("output", str, "pooler_output" if kind == "pooled" else "last_hidden_state")
     if not _OUTPUT_RE.match(output):
         raise RecipeError(
@@ -331,8 +416,11 @@ def _site(name: str, t: _Table, encoders: dict[str, EncoderSpec]) -> SiteSpec:
         w = ct.get("weight", str, None)
         if CHAIN_OPS[op] and not w:
             raise RecipeError(f"{ct.where}: field 'weight' is required for op {op!r}")
+        comp = ct.get("component", str, None)
+        if comp is not None and not w:
+            raise RecipeError(f"{ct.where}: field 'component' needs a 'weight' to read from it")
         ct.done()
-        chain.append(ChainOp(op, w))
+        chain.append(ChainOp(op, w, comp))
     if mode == "denoise" and chain:
         raise RecipeError(f"{t.where}: field 'chain' only applies to text-mode sites")
     text_tokens = t.get("text_tokens", str, "all", TOKEN_SLICES)
@@ -392,6 +480,7 @@ def parse_family(data: dict, where: str) -> Family:
         steps=dn.positive("steps", 4),
         call=dn.get("call", dict, {}),
         runner=dn.get("runner", str, "pipeline", RUNNERS),
+        images=tuple(dn.strings("images", [])),
     )
     dn.done()
     at = t.table("aliases", {})

@@ -27,7 +27,7 @@ from ..merge.engine import NullReporter, Reporter
 from ..vud.delta import versions
 from .activations import Activations, Capture, CaptureRecord, GroupActivations, TargetWeight
 from .denoise import capture_denoise
-from .encoders import Encoder
+from .encoders import Encoder, PipelineEncoder, make_encoder
 from .sites import Hooks, Target, find_module, hooked_group, run_chain, site_targets
 from .sources import ModelSource, WeightReader, open_model, resolve_family
 
@@ -230,14 +230,14 @@ def _capture_sites(
     if denoise_sites:  # one pipeline call per prompt, all sites hooked at once
         total += 2 * len(con.pairs) + len(con.neutral)
     out: Raw = {}
-    encoders: dict[str, Encoder] = {}
+    encoders: dict[str, Encoder | PipelineEncoder] = {}
     rep.start("probing", total)
     try:
         for site in text_sites:
             enc_spec = fam.encoders[site.encoder]
             if site.encoder not in encoders:
                 say(f"loading encoder {site.encoder} ({enc_spec.component}) on {device}")
-                encoders[site.encoder] = Encoder(
+                encoders[site.encoder] = make_encoder(
                     enc_spec, src, opt.encoders.get(site.encoder), device, dtype
                 )
             un, sa, ne = _pairs_inputs(con, enc_spec)
@@ -246,6 +246,11 @@ def _capture_sites(
                 if enc_spec.kind == "image":
                     raise ProbeError(
                         f"--method twin aligns text tokens; site {site.name!r} reads images"
+                    )
+                if enc_spec.kind == "pipeline":
+                    raise ProbeError(
+                        f"--method twin aligns tokenizer tokens; site {site.name!r} reads the pipeline's "
+                        "own encoding (use --method cpca)"
                     )
                 items["empty"] = [""]  # the unconditional branch's prompt must keep its reading
             enc = encoders[site.encoder]
@@ -305,7 +310,7 @@ def _token_ids(enc: Encoder, prompts: list[str]) -> list[list[int]]:
 def capture_text(
     src: ModelSource,
     site: SiteSpec,
-    enc: Encoder,
+    enc: Encoder | PipelineEncoder,
     targets: list[Target],
     items: dict[str, list],
     advance: Callable[[int], None] = lambda _n: None,
@@ -322,13 +327,13 @@ def capture_text(
     spec = enc.spec
     by_group: dict[str, list[Target]] = {}
     for t in targets:
-        inside = t.component == spec.component
+        inside = t.component in enc.modules  # a loaded module (encoder, connectors): hooked
         g = hooked_group(t) if inside else f"{t.component}:{site.name}"
         by_group.setdefault(g, []).append(t)
     hooked = {
-        g: find_module(enc.model, ts[0].module)
+        g: find_module(enc.modules[ts[0].component], ts[0].module)
         for g, ts in by_group.items()
-        if ts[0].component == spec.component
+        if ts[0].component in enc.modules
     }
     hooks = Hooks(hooked, lambda _n, x: x) if hooked else None
     raw: dict[str, tuple[list, dict[str, list]]] = {}
@@ -362,7 +367,10 @@ def capture_text(
                     res.append((x, m if m is not None and m.shape[0] == x.shape[0] else None))
             else:
                 prefix = ts[0].key[: len(ts[0].key) - len(ts[0].module + ".weight")]
-                res = [(run_chain(site, ws, x, prefix) if site.chain else x, m) for x, m in acts]
+                res = [
+                    (run_chain(site, ws, x, prefix, src.weights) if site.chain else x, m)
+                    for x, m in acts
+                ]
             out[g][role] = res
         if pad:
             x0 = next(iter(raw.values()))[0][0][0]
@@ -370,7 +378,7 @@ def capture_text(
                 z = torch.zeros(1, int(ts[0].in_dim))
             else:
                 prefix = ts[0].key[: len(ts[0].key) - len(ts[0].module + ".weight")]
-                z = run_chain(site, ws, torch.zeros(1, x0.shape[-1]), prefix)
+                z = run_chain(site, ws, torch.zeros(1, x0.shape[-1]), prefix, src.weights)
             out[g]["pad"] = [(z, None)]
         dim = next(iter(out[g].values()))[0][0].shape[-1]
         for t in ts:
@@ -402,7 +410,7 @@ def site_inputs(
         raise ProbeError(f"site {site!r} is not a text-mode site of family {fam.name}")
     sp = fam.sites[site]
     dev = resolve_device(device)
-    enc = Encoder(
+    enc = make_encoder(
         fam.encoders[sp.encoder],
         src,
         (encoders or {}).get(sp.encoder),

@@ -63,11 +63,10 @@ def hub_patterns(fam: Family, sites: list[SiteSpec]) -> list[str]:
             pats += [f"{c}/*.json", f"{c}/*.safetensors"]
         enc = fam.encoders.get(s.encoder or "")
         if enc is not None:  # never "folder/*": a folder may also hold pickles
-            pats += [
-                f"{d}/{p}"
-                for d in (enc.component, enc.preprocessor)
-                for p in (*hub.SIDECARS, "*.safetensors")
-            ]
+            dirs = enc.pipeline.components if enc.pipeline else (enc.component, enc.preprocessor)
+            pats += [f"{d}/{p}" for d in dirs for p in (*hub.SIDECARS, "*.safetensors")]
+            if enc.pipeline:  # absent components' configs (a constructor may read one)
+                pats += ["*/config.json"]
     return sorted(set(pats))
 
 
