@@ -4,6 +4,7 @@ torch.cat written out, not taken from the recipes), patched, split back by hand 
 patched diffusers file."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -470,6 +471,10 @@ ORACLE = {
 }
 
 
+# HunyuanVideo-I2V is the same transformer class and original layout; its recipe repeats the rules
+ORACLE["hunyuan_i2v"] = ORACLE["hunyuan"]
+
+
 @pytest.mark.parametrize("family", sorted(ORACLE))
 def test_alias_rules_agree_with_diffusers_single_file_converters(family):
     sfu = pytest.importorskip("diffusers.loaders.single_file_utils")
@@ -499,3 +504,107 @@ def test_alias_rules_agree_with_diffusers_single_file_converters(family):
     for key, block in expect.items():
         assert key in converted, f"diffusers maps none of our stored keys to {key}"
         assert torch.equal(converted[key], block), key
+
+
+# The original LDM UNet layout (SD1.5 under AnimateDiff, ModelScope/ZeroScope): the recipes' per-block
+# renames, checked against diffusers' own LDM -> diffusers UNet conversion on a tiny SD-shaped UNet.
+def _sd_shaped_unet(family):
+    from diffusers import UNet2DConditionModel, UNet3DConditionModel
+
+    torch.manual_seed(0)
+    kw = dict(
+        block_out_channels=(4, 4, 4, 4),
+        layers_per_block=2,
+        cross_attention_dim=6,
+        norm_num_groups=2,
+    )
+    if family == "zeroscope":
+        return UNet3DConditionModel(
+            down_block_types=("CrossAttnDownBlock3D",) * 3 + ("DownBlock3D",),
+            up_block_types=("UpBlock3D",) + ("CrossAttnUpBlock3D",) * 3,
+            attention_head_dim=2,
+            **kw,
+        )
+    return UNet2DConditionModel(
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        attention_head_dim=2,
+        sample_size=8,
+        **kw,
+    )
+
+
+def _ldm_names_by_diffusers(sd_keys, config) -> dict[str, str]:
+    """diffusers key -> LDM key for every spatial-attention parameter, found by running diffusers'
+    convert_ldm_unet_checkpoint on every candidate LDM name (each a distinct value) and reading back
+    where each value landed: the conversion inverted by the conversion itself."""
+    import re
+
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    rests = set()
+    for k in sd_keys:
+        m = re.fullmatch(r"(?:(?:down|up)_blocks\.\d+|mid_block)\.attentions\.\d+\.(.*)", k)
+        if m:
+            rests.add(m.group(1))
+    cands = [
+        f"{b}.{i}.1.{r}"
+        for b in ("input_blocks", "output_blocks")
+        for i in range(12)
+        for r in rests
+    ]
+    cands += [f"middle_block.{i}.{r}" for i in range(3) for r in rests]
+    ckpt = {f"model.diffusion_model.{c}": torch.tensor([float(j)]) for j, c in enumerate(cands)}
+    out = convert_ldm_unet_checkpoint(ckpt, dict(config))
+    return {k: cands[int(v.item())] for k, v in out.items() if k in sd_keys}
+
+
+@pytest.mark.parametrize("family", ["animatediff", "zeroscope"])
+def test_ldm_unet_aliases_agree_with_diffusers_ldm_conversion(tmp_path, family):
+    pytest.importorskip("diffusers.loaders.single_file_utils")
+    from patcher.layouts import rules_for
+
+    unet = _sd_shaped_unet(family)
+    sd = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    ldm = _ldm_names_by_diffusers(set(sd), unet.config)
+    kv = sorted(
+        k
+        for k in sd
+        if re.fullmatch(r".*\.attentions\.\d+\.transformer_blocks\.\d+\.attn2\.to_[kv]\.weight", k)
+    )
+    assert len(kv) == 2 * 16 and set(kv) <= set(
+        ldm
+    )  # 6 down, 1 mid, 9 up cross-attentions, K and V
+    rules = rules_for(family)
+    for k in kv:
+        renamed = [s for s, r, how in rules.candidates(k) if r is not None and "prefix" not in how]
+        assert renamed[:1] == [ldm[k]], (k, renamed, ldm[k])
+    # the same delta applied to the diffusers file and to the LDM single file edits the same weights
+    save_file({k: sd[k] for k in kv}, tmp_path / "diffusers.safetensors")
+    original = {f"model.diffusion_model.{ldm[k]}": v for k, v in sd.items() if k in ldm}
+    original["model.diffusion_model.time_embed.0.weight"] = sd["time_embedding.linear_1.weight"]
+    save_file(original, tmp_path / "ldm.safetensors")
+    entries = []
+    for i, k in enumerate(kv):
+        B = orthonormalize(
+            torch.randn(sd[k].shape[1], 1, generator=torch.Generator().manual_seed(i))
+        )
+        entries.append(projection_entry(f"unet/{k}", sd[k].float(), B, 1.0, raw_sha(sd[k]), "F32"))
+    write_delta(
+        tmp_path / "d.vud", Delta(entries, {"name": "red"}, {"name": "cpca", "family": family})
+    )
+    rc = patcher.apply_delta(
+        tmp_path / "diffusers.safetensors", tmp_path / "d.vud", tmp_path / "c.safetensors"
+    )
+    ro = patcher.apply_delta(
+        tmp_path / "ldm.safetensors", tmp_path / "d.vud", tmp_path / "o.safetensors"
+    )
+    assert rc.coverage["matched"] == ro.coverage["matched"] == len(kv)
+    out_c, out_o = load_file(tmp_path / "c.safetensors"), load_file(tmp_path / "o.safetensors")
+    for k in kv:
+        assert torch.equal(out_o[f"model.diffusion_model.{ldm[k]}"], out_c[k]) and not torch.equal(
+            out_c[k], sd[k]
+        )
+    for k, v in original.items():  # every other tensor of the single file is untouched
+        if not any(k == f"model.diffusion_model.{ldm[x]}" for x in kv):
+            assert torch.equal(out_o[k], v), k

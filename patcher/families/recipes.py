@@ -204,6 +204,9 @@ class ChainOp:
     weight: str | None = (
         None  # module path inside the site's component (``.weight``/``.bias`` appended)
     )
+    # the component holding ``weight`` when it is not the site's own (a text encoder's final norm that
+    # a pipeline applies to a hidden layer it picks); a wrapper prefix there (``text_model.``) is allowed
+    component: str | None = None
 
 
 @dataclass
@@ -258,6 +261,10 @@ class DenoiseSpec:
     call: dict = field(default_factory=dict)
     # mmdit_video: a single file converted by [convert], sampled without a pipeline
     runner: str = "pipeline"
+    # call arguments that take the conditioning image (image-to-video pipelines; a pipeline without the
+    # argument gets none): each prompt gets its pair's image (neutral prompts: the concept's
+    # neutral_images), or mid-grey when the concept has none
+    images: tuple[str, ...] = ()
 
 
 @dataclass
@@ -409,8 +416,11 @@ def _site(name: str, t: _Table, encoders: dict[str, EncoderSpec]) -> SiteSpec:
         w = ct.get("weight", str, None)
         if CHAIN_OPS[op] and not w:
             raise RecipeError(f"{ct.where}: field 'weight' is required for op {op!r}")
+        comp = ct.get("component", str, None)
+        if comp is not None and not w:
+            raise RecipeError(f"{ct.where}: field 'component' needs a 'weight' to read from it")
         ct.done()
-        chain.append(ChainOp(op, w))
+        chain.append(ChainOp(op, w, comp))
     if mode == "denoise" and chain:
         raise RecipeError(f"{t.where}: field 'chain' only applies to text-mode sites")
     text_tokens = t.get("text_tokens", str, "all", TOKEN_SLICES)
@@ -470,6 +480,7 @@ def parse_family(data: dict, where: str) -> Family:
         steps=dn.positive("steps", 4),
         call=dn.get("call", dict, {}),
         runner=dn.get("runner", str, "pipeline", RUNNERS),
+        images=tuple(dn.strings("images", [])),
     )
     dn.done()
     at = t.table("aliases", {})

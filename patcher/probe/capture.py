@@ -368,7 +368,10 @@ def capture_text(
                     res.append((x, m if m is not None and m.shape[0] == x.shape[0] else None))
             else:
                 prefix = ts[0].key[: len(ts[0].key) - len(ts[0].module + ".weight")]
-                res = [(run_chain(site, ws, x, prefix) if site.chain else x, m) for x, m in acts]
+                res = [
+                    (run_chain(site, ws, x, prefix, src.weights) if site.chain else x, m)
+                    for x, m in acts
+                ]
             out[g][role] = res
         if pad:
             x0 = next(iter(raw.values()))[0][0][0]
@@ -376,7 +379,7 @@ def capture_text(
                 z = torch.zeros(1, int(ts[0].in_dim))
             else:
                 prefix = ts[0].key[: len(ts[0].key) - len(ts[0].module + ".weight")]
-                z = run_chain(site, ws, torch.zeros(1, x0.shape[-1]), prefix)
+                z = run_chain(site, ws, torch.zeros(1, x0.shape[-1]), prefix, src.weights)
             out[g]["pad"] = [(z, None)]
         dim = next(iter(out[g].values()))[0][0].shape[-1]
         for t in ts:

@@ -9,7 +9,9 @@ file is sampled by mmdit_video.py, which returns the same captures.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -74,9 +76,13 @@ def capture_denoise(
         return x[:n] if site.text_tokens == "first" else x[-n:]
 
     hooks = Hooks(modules, select)
+    # a family's text-to-video pipelines take no image: only the arguments this pipeline has get one
+    takes = inspect.signature(pipe.__call__).parameters
+    image_args = [n for n in fam.denoise.images if n in takes]
 
-    def run(prompt: str) -> dict[str, list[torch.Tensor]]:
+    def run(prompt: str, image: Path | None = None) -> dict[str, list[torch.Tensor]]:
         gen = torch.Generator("cpu").manual_seed(opt.seed)
+        kw = {name: conditioning_image(image, call) for name in image_args}
         with torch.inference_mode():
             pipe(
                 prompt=prompt,
@@ -84,6 +90,7 @@ def capture_denoise(
                 output_type="latent",
                 generator=gen,
                 **call,
+                **kw,
             )
         rep.advance(1)
         return hooks.take()
@@ -91,9 +98,10 @@ def capture_denoise(
     try:
         per_u, per_s = [], []
         for p in con.pairs:
-            per_u.append(run(p.unsafe))
-            per_s.append(run(p.safe))
-        per_n = [run(n) for n in con.neutral]
+            per_u.append(run(p.unsafe, p.unsafe_image))
+            per_s.append(run(p.safe, p.safe_image))
+        imgs = list(con.neutral_images)
+        per_n = [run(n, imgs[i % len(imgs)] if imgs else None) for i, n in enumerate(con.neutral)]
     finally:
         hooks.remove()
     out: Raw = {}
@@ -108,6 +116,17 @@ def capture_denoise(
         }
         out[(site_name, g)] = (ts, roles)
     return out
+
+
+def conditioning_image(path: Path | None, call: dict):
+    """The image an image-to-video call conditions on: the concept's own, else mid-grey at the call's size
+    (the same for both prompts of a pair, so their difference is the text's)."""
+    from PIL import Image
+
+    if path is not None:
+        return Image.open(path).convert("RGB")
+    size = (int(call.get("width", 512)), int(call.get("height", 512)))
+    return Image.new("RGB", size, (128, 128, 128))
 
 
 def _load_pipeline(

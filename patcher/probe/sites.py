@@ -77,11 +77,39 @@ def _read(ws: WeightSet, key: str) -> torch.Tensor:
         return rd.tensor(key).to(torch.float32)
 
 
-def run_chain(site: SiteSpec, ws: WeightSet, x: torch.Tensor, prefix: str = "") -> torch.Tensor:
+def _other_component(
+    weights_of: Callable[[str], WeightSet | None] | None, comp: str, module: str
+) -> tuple[WeightSet, str]:
+    """A chain op's weights in another component, and the wrapper prefix its keys carry there."""
+    ws = weights_of(comp) if weights_of is not None else None
+    if ws is None:
+        raise ProbeError(
+            f"the recipe's chain reads {comp}/{module}, but this checkpoint has no {comp}"
+        )
+    for key in sorted(ws.key_file, key=len):
+        if key == f"{module}.weight" or key.endswith(f".{module}.weight"):
+            return ws, key[: -len(f"{module}.weight")]
+    raise ProbeError(
+        f"weight {module}.weight is missing from {ws.label}; the recipe's chain does not fit"
+    )
+
+
+def run_chain(
+    site: SiteSpec,
+    ws: WeightSet,
+    x: torch.Tensor,
+    prefix: str = "",
+    weights_of: Callable[[str], WeightSet | None] | None = None,
+) -> torch.Tensor:
     """The few modules between the encoder output and the site (e.g. a caption projection), in fp32.
-    ``prefix``: the wrapper prefix the site's own keys carry in this file (``model.diffusion_model.``)."""
+    ``prefix``: the wrapper prefix the site's own keys carry in this file (``model.diffusion_model.``);
+    ``weights_of``: a component's weights, for ops that read another component (``component = ...``)."""
     F = torch.nn.functional
+    site_ws, site_prefix = ws, prefix
     for op in site.chain:
+        ws, prefix = site_ws, site_prefix
+        if op.component is not None:
+            ws, prefix = _other_component(weights_of, op.component, str(op.weight))
         if op.op == "linear":
             W = _read(ws, f"{prefix}{op.weight}.weight")
             b_key = f"{prefix}{op.weight}.bias"
