@@ -103,6 +103,7 @@ REF_CASES = [
     ("skyreels_v2_df_v2v", "wan", "text_proj", None),
     ("cosmos2", "cosmos", "cross_kv", "transformer_blocks.1.attn2.to_k"),
     ("cosmos2", "cosmos", "t5_ffn", None),  # hooked inside the text encoder
+    ("cosmos2_t2i", "cosmos", "cross_kv", None),
     ("cosmos25", "cosmos25", "crossattn_proj", None),
     ("cosmos25", "cosmos25", "cross_kv", "transformer_blocks.1.attn2.to_v"),
     ("allegro", "allegro", "caption_proj", None),

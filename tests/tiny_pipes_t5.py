@@ -375,6 +375,23 @@ def cosmos2(d: Path):
     return d, call
 
 
+def cosmos2_t2i(d: Path):
+    """Cosmos Predict 2 Text2Image: the same transformer class and T5 encoding as Video2World."""
+    from diffusers import Cosmos2TextToImagePipeline, FlowMatchEulerDiscreteScheduler
+
+    pipe = Cosmos2TextToImagePipeline(
+        **_text(d),
+        transformer=_cosmos_tr(in_channels=16),
+        vae=_wan_vae(),
+        scheduler=FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True),
+        safety_checker=DummySafetyChecker(),
+    )
+    pipe.safety_checker = None
+    _done(pipe, d, {})
+    _no_safety_checker_in_index(d)
+    return d, {"height": 16, "width": 16, "guidance_scale": 1.0, "max_sequence_length": 16}
+
+
 def qwen25_vl(hidden: int = 16, layers: int = 2):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -552,6 +569,7 @@ BUILDERS = {
     "skyreels_v2_df_i2v": skyreels_v2_df_i2v,
     "skyreels_v2_df_v2v": skyreels_v2_df_v2v,
     "cosmos2": cosmos2,
+    "cosmos2_t2i": cosmos2_t2i,
     "cosmos25": cosmos25,
     "allegro": allegro,
     "latte": latte,
