@@ -44,6 +44,7 @@ class GoldenT5:
 
     def __init__(self, spec, g):
         self.spec, self.crop_start, self.model = spec, 0, None
+        self.modules: dict = {}  # no loaded module holds a site: every target is computed by its chain
         self.y, self.mask = g["input.y"][:, 0], g["input.mask"].bool()
 
     def __call__(self, items):
