@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 POOL = "held-out (all)"
+COLOURS = ("red", "green", "blue", "yellow", "purple")  # the organism's colour concepts
 SETS = ("paraphrase", "synonym", "template", "unseen")
 
 
@@ -78,8 +79,11 @@ def lines(f: dict) -> list[str]:
     out.append(
         f"after: shown {pct(f['shown_after'])}, trace {pct(f['trace_after'])}, other {pct(f['other_after'])}"
     )
-    out.append(f"named after (concept prompts, all sets): {f['named_after']}")
-    if f["as_saturated"]:
+    if f["concept"] not in COLOURS:  # a shape or motion: the colour lines below do not apply
+        out.append("(not a colour: as-saturated and the colours named do not apply)")
+    else:
+        out.append(f"named after (concept prompts, all sets): {f['named_after']}")
+    if f["as_saturated"] and f["concept"] in COLOURS:
         out.append(f"as saturated as the original: {pct(f['as_saturated'])}")
     c = f["closed"]
     out.append(
