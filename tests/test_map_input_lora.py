@@ -29,7 +29,7 @@ def _delta(W: torch.Tensor, seed: int, name: str) -> Delta:
     return Delta([e], {"name": name}, {"name": "twin", "family": "wan"})
 
 
-def test_map_input_lora_export_equals_apply_and_merge_refuses(tmp_path):
+def test_map_input_lora_export_equals_apply_and_merge_composes(tmp_path):
     src, _call = tiny_pipes.wan(tmp_path / "wan")
     f = src / "transformer" / "diffusion_pytorch_model.safetensors"
     W = load_file(f)[KEY].float()
