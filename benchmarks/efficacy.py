@@ -48,6 +48,10 @@ SWEEPS = [  # one factor at a time around BASE, then the mean-diff edit at other
 EXTRA = [{**BASE, "method": "mean", "site": s} for s in ("cross_kv", "t5_ffn")] + [
     {**BASE, "method": "mean", "strength": x} for x in (1.0, 1.5)
 ]
+# the twin map (erasure/twin.py, defaults β = 1, ρ = 1e-3): k and α do not apply and are ignored
+TWIN_VARIANTS = [
+    {**BASE, "method": "twin", "site": s, "strength": 1.0} for s in ("cross_kv", "text_proj")
+]
 
 
 class Captures:
@@ -59,7 +63,7 @@ class Captures:
 
     def get(self, site: str) -> tuple:
         if site not in self.by_site:
-            o = CaptureOptions(sites=(site,), device="cpu")
+            o = CaptureOptions(sites=(site,), device="cpu", token_roles=True)
             weights = WeightReader(open_model(self.model, o))
             self.by_site[site] = (capture(weights.source, self.concept, o, weights), weights)
         return self.by_site[site]
@@ -146,6 +150,13 @@ def r_attr(concept: Path) -> str:
     return load_concept(concept).judge["organism"]["attribute"]
 
 
+def ka(v: dict) -> str:
+    """The k | λ | α cells of a variant (k and α do not apply to the twin map)."""
+    if v["method"] == "twin":
+        return f"– | {v['strength']:g} | –"
+    return f"{v['rank']} | {v['strength']:g} | {v['alpha']:g}"
+
+
 def pct(x: float) -> str:
     return "n/a" if x != x else f"{100 * x:.0f}%"
 
@@ -173,7 +184,7 @@ def table(rows: list[dict], attr: str) -> str:
             else "-"
         )
         lines.append(
-            f"| {v['method']} | {v['site']} | {v['rank']} | {v['strength']:g} | {v['alpha']:g} | {r['score']:.2f} | "
+            f"| {v['method']} | {v['site']} | {ka(v)} | {r['score']:.2f} | "
             f"{pr('probe')} | {pr('paraphrase')} | {pr('synonym')} | {pr('template')} | {pr('unseen')} | {cf} | {cfo} | {oo} | {kept} | "
             f"{r['distance']['paired_rmse']['mean']:.3f} |"
         )
@@ -195,6 +206,9 @@ def main() -> None:
         "--base-only", action="store_true", help="only the base (demo) recipe: a baseline run"
     )
     ap.add_argument(
+        "--twin", action="store_true", help="also the twin map (probe --method twin) at each site"
+    )
+    ap.add_argument(
         "--from-json", action="store_true", help="only re-render the markdown from --json (no runs)"
     )
     a = ap.parse_args()
@@ -208,7 +222,15 @@ def main() -> None:
         doc = json.loads(a.json.read_text())
     else:
         doc = {
-            "settings": {"seeds": a.seeds, "steps": a.steps, "guidance": opt.guidance},
+            "settings": {
+                "seeds": a.seeds,
+                "steps": a.steps,
+                "guidance": opt.guidance,
+                "run": "quick (the method sweep only)"
+                if a.quick
+                else ("base only" if a.base_only else "full"),
+                "twin": a.twin,
+            },
             "concepts": {},
         }
         with tempfile.TemporaryDirectory() as td:
@@ -224,7 +246,8 @@ def main() -> None:
                 ]
                 if a.base_only:
                     variants = [dict(BASE)]
-                for v in variants + ([] if a.quick or a.base_only else EXTRA):
+                extra = [] if a.quick or a.base_only else EXTRA
+                for v in variants + extra + (TWIN_VARIANTS if a.twin else []):
                     k = json.dumps(v, sort_keys=True)
                     if k not in seen:
                         seen[k] = run_variant(a.model, concept, v, work, opt, cache, captures)
@@ -269,8 +292,20 @@ def main() -> None:
                 }
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(doc, indent=2, default=float))
-    a.out.write_text(render(doc))
+    a.out.write_text(render(doc) + kept_tail(a.out))
     print(f"wrote {a.out} and {a.json} in {time.time() - t0:.0f} s")
+
+
+KEEP_MARK = "<!-- below: measured by other runs (vpatch eval, attacks); efficacy.py keeps it -->"
+
+
+def kept_tail(out: Path) -> str:
+    """What follows KEEP_MARK in the page being replaced: sections written from other runs."""
+    if not out.exists():
+        return ""
+    text = out.read_text()
+    i = text.find(KEEP_MARK)
+    return "\n" + text[i:] if i >= 0 else ""
 
 
 HELDOUT = ("paraphrase", "synonym", "template", "unseen")
@@ -353,7 +388,7 @@ def honest_table(rows: list[dict], concept: str, attr: str) -> str:
 
         ds = m["free_dsat"]
         lines.append(
-            f"| {v['method']} | {v['site']} | {v['rank']} | {v['strength']:g} | {v['alpha']:g} | "
+            f"| {v['method']} | {v['site']} | {ka(v)} | "
             f"{cl(m['closed_probe'])} | {cl(m['closed'])} | {cl(m['closed_pixel'])} | "
             f"{rr(m['shown'])} / {rr(m['trace'])} / {rr(m['twin'])} / {rr(m['other'])} | {rr(m['as_saturated'])} | "
             f"{rr(m['free_white_before'])} → {rr(m['free_white'])} | "

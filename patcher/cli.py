@@ -960,10 +960,19 @@ def eval_cmd(
         def fmt(x: dict) -> str:
             return f"{100 * x['rate']:.0f}% [{100 * x['ci95'][0]:.0f}, {100 * x['ci95'][1]:.0f}]"
 
-        t = Table(title=f"attack {a.attack}: concept shown ({a.n} clips, 95% Wilson intervals)")
-        for c in ("original", "patched"):
+        t = Table(title=f"attack {a.attack}: success rate ({a.n} clips, 95% Wilson intervals)")
+        t.add_column("")
+        for c in ("original", "patched, attacked"):
             t.add_column(c, no_wrap=True)
-        t.add_row(fmt(a.before), fmt(a.after))
+        t.add_row("concept shown (success)", fmt(a.before), fmt(a.after))
+        if "before" in a.notes and "after" in a.notes:
+            t.add_row(
+                "a trace of it (e.g. pale)",
+                fmt(a.notes["before"]["trace"]),
+                fmt(a.notes["after"]["trace"]),
+            )
+        if "patched_without_attack" in a.notes:
+            t.add_row("patched, not attacked: shown", "", fmt(a.notes["patched_without_attack"]))
         Console(highlight=False).print(t)
         return
     r = evaluate(
@@ -1449,7 +1458,9 @@ def merge_cmd(deltas, out, overwrite, as_json):
 
     Where concepts edit the same weight, the merged entry is one projection onto the complement of
     their joint span (their directions orthonormalised once), not a chain of rank-1 edits; where they
-    edit different weights, the entries are united. Apply the merged delta to the original checkpoint.
+    edit different weights, the entries are united. Twin edits (--method twin) compose instead, in
+    the order given: the merged entry is W M_1 M_2, what applying the deltas one after the other
+    makes. Apply the merged delta to the original checkpoint.
 
     \b
     Example:
@@ -1462,7 +1473,7 @@ def merge_cmd(deltas, out, overwrite, as_json):
         click.echo(json.dumps(r.to_dict(), indent=2))
         return
     err.print(
-        f"{r.entries} entries for {', '.join(r.concepts)}; {len(r.joint)} weight(s) edited by several concepts (one joint projection each)"
+        f"{r.entries} entries for {', '.join(r.concepts)}; {len(r.joint)} weight(s) edited by several concepts (one joint edit each)"
     )
     click.echo(r.output)
 

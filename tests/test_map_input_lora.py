@@ -1,5 +1,7 @@
 """A twin edit (map_input) through the other consumers of a delta: the LoRA export adds the same
-weights apply writes, the LoRA import keeps its factors, and `merge` refuses to combine two maps."""
+weights apply writes, the LoRA import keeps its factors, and `merge` composes two maps (W M_a M_b;
+tests/test_merge_twin.py checks the composition through apply) but refuses a map with an additive
+edit (the LoRA read back)."""
 
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ def _delta(W: torch.Tensor, seed: int, name: str) -> Delta:
     return Delta([e], {"name": name}, {"name": "twin", "family": "wan"})
 
 
-def test_map_input_lora_export_equals_apply_and_merge_refuses(tmp_path):
+def test_map_input_lora_export_equals_apply_and_merge_composes(tmp_path):
     src, _call = tiny_pipes.wan(tmp_path / "wan")
     f = src / "transformer" / "diffusion_pytorch_model.safetensors"
     W = load_file(f)[KEY].float()
@@ -45,5 +47,11 @@ def test_map_input_lora_export_equals_apply_and_merge_refuses(tmp_path):
     assert not torch.allclose(W, want, rtol=0, atol=1e-3)
     back = lora_to_delta(tmp_path / "l.safetensors")
     assert [e.kind for e in back.entries] == ["add"]
-    with pytest.raises(DeltaError, match="map_input"):
-        merge_deltas([d, _delta(W, 1, "blue")])
+    d2 = _delta(W, 1, "blue")
+    (m,) = merge_deltas([d, d2]).entries
+    eye = torch.eye(W.shape[1], dtype=torch.float64)
+    Ma, Mb = (eye + x.entries[0].P.double() @ x.entries[0].V.double().T for x in (d, d2))
+    assert m.kind == "map_input"
+    assert torch.allclose(eye + m.P.double() @ m.V.double().T, Ma @ Mb, atol=1e-5)
+    with pytest.raises(DeltaError, match="additive"):
+        merge_deltas([d, back])

@@ -97,3 +97,30 @@ def test_probe_apply_eval_removes_red_and_spares_the_rest(tmp_path):
     assert (tmp_path / "p.gif").is_file()
     col = r["collateral"]
     assert col["colour"]["after"]["rate"] >= col["colour"]["before"]["rate"] - 0.15
+    # the attack path of eval on the same patched folder (a short run: it checks that the attack
+    # is judged by the validated judge, not how strong the attack is; docs/efficacy.md has that)
+    a = json.loads(
+        run(
+            "eval",
+            MODEL,
+            "-c",
+            RED,
+            "--patched",
+            tmp_path / "patched",
+            "--attack",
+            "embedding",
+            "--attack-iterations",
+            "2",
+            "--seeds",
+            "1",
+            "--steps",
+            "6",
+            "--json",
+            "-q",
+        )
+    )
+    assert a["attack"] == "embedding" and a["n"] == 4  # 4 unsafe prompts x 1 seed
+    assert a["before"]["rate"] >= 0.75  # the original draws red from the red prompts' conditioning
+    assert a["notes"]["patched_without_attack"]["rate"] <= 0.25  # the edit holds unattacked
+    names = a["notes"]["patched_without_attack_names"]["names"]
+    assert sum(names.values()) == 4 and names.get("red", 0) <= 1

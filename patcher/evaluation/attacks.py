@@ -241,7 +241,8 @@ def attack_eval(
     from .. import organism
     from ..families.recipes import Concept, load_concept
     from ..merge.engine import apply_delta
-    from .core import EvalError, EvalOptions, OrganismJudge
+    from .core import EvalError, EvalOptions
+    from .judges import OrganismJudge
 
     if attack not in ATTACKS:
         raise EvalError(f"--attack {attack!r}: choose one of {', '.join(ATTACKS)}")
@@ -267,20 +268,39 @@ def attack_eval(
     for p in trp.parameters():
         p.requires_grad_(False)
 
-    def present(clips: torch.Tensor) -> list[bool]:
-        return [judge.present(v) for v in judge.verdicts(clips)]
+    def judged(clips: torch.Tensor) -> list[dict]:
+        return judge.verdicts(clips)
+
+    def shown(vs: list[dict]) -> list[bool]:
+        return [judge.shown(v) for v in vs]
+
+    def traces(vs: list[dict]) -> dict:
+        """Beyond success (the concept shown by its exact name): a trace of it (e.g. a pale red)
+        and what the clips are named, so a pale concept is not read as erased."""
+        names: dict[str, int] = {}
+        for v in vs:
+            d = str(v[judge.attr]) if v["present"] else "no object"
+            names[d] = names.get(d, 0) + 1
+        return {
+            "trace": success_rate([judge.trace(v) for v in vs]),
+            "names": dict(sorted(names.items(), key=lambda kv: -kv[1])),
+        }
 
     if attack == "prompts":
         ps = prompt_attack_set(base, vocab, per_prompt=3, seed=opt.seed)
         seeds = [opt.seed + i for i in range(len(ps))]
-        before = organism.sample(tok, enc, tr, ps, seeds, steps=opt.steps, guidance=opt.guidance)
-        after = organism.sample(tok, enc, trp, ps, seeds, steps=opt.steps, guidance=opt.guidance)
+        vb = judged(
+            organism.sample(tok, enc, tr, ps, seeds, steps=opt.steps, guidance=opt.guidance)
+        )
+        va = judged(
+            organism.sample(tok, enc, trp, ps, seeds, steps=opt.steps, guidance=opt.guidance)
+        )
         return AttackReport(
             attack,
             len(ps),
-            success_rate(present(before)),
-            success_rate(present(after)),
-            {"examples": ps[:5]},
+            success_rate(shown(vb)),
+            success_rate(shown(va)),
+            {"examples": ps[:5], "before": traces(vb), "after": traces(va)},
         )
     unsafe = [p for p in base if any(w in p.split() for w in vocab)][:prompts]
     with torch.no_grad():
@@ -304,20 +324,23 @@ def attack_eval(
 
     states = trajectory_states(v_orig, cond, unc, noise(0), opt.steps, opt.guidance)
     inv = invert_conditioning(v_pat, v_orig, cond, states, iterations=iterations, seed=opt.seed)
-    fb, fa, fp = [], [], []
+    vb, va, vp = [], [], []
     with torch.no_grad():
         for s in range(1, opt.seeds + 1):
             z = noise(s)
-            fb += present(sample_conditioned(v_orig, cond, unc, z, opt.steps, opt.guidance))
-            fp += present(sample_conditioned(v_pat, cond, unc, z, opt.steps, opt.guidance))
-            fa += present(sample_conditioned(v_pat, inv.cond, unc, z, opt.steps, opt.guidance))
+            vb += judged(sample_conditioned(v_orig, cond, unc, z, opt.steps, opt.guidance))
+            vp += judged(sample_conditioned(v_pat, cond, unc, z, opt.steps, opt.guidance))
+            va += judged(sample_conditioned(v_pat, inv.cond, unc, z, opt.steps, opt.guidance))
     return AttackReport(
         attack,
-        len(fa),
-        success_rate(fb),
-        success_rate(fa),
+        len(va),
+        success_rate(shown(vb)),
+        success_rate(shown(va)),
         {
-            "patched_without_attack": success_rate(fp),
+            "patched_without_attack": success_rate(shown(vp)),
+            "before": traces(vb),
+            "after": traces(va),
+            "patched_without_attack_names": traces(vp),
             "velocity_mse_start": inv.loss_start,
             "velocity_mse_end": inv.loss_end,
             "iterations": iterations,

@@ -6,6 +6,12 @@ merged edit is W' = W − λ (W Q) Qᵀ with Q spanning both. A chain of rank-1 
 non-orthogonal directions is not that projection (it depends on the order and lets part of the first
 direction back in). Where they edit different weights the entries are simply united.
 
+Twin edits (``map_input``: W' = W M) combine by composition instead, in the order the deltas are
+given: the merged entry is W' = W M_1 M_2 … M_n, exactly what applying the deltas one after the other
+makes (each recomputes its U from the weight it is applied to). M_i − I is low rank, so the product
+minus I is too (rank ≤ Σ r_i); it is stored as one ``map_input`` entry. A projection entry on the same
+weight is the map I − λ B Bᵀ and composes the same way.
+
 Which concepts edit which entry is recorded in the delta's concept metadata
 (``concept["concepts"]`` and ``concept["entries"]``), so ``inspect`` can list it.
 """
@@ -105,6 +111,64 @@ def _merge_projection(key: str, parts: list[tuple[str, DeltaEntry]]) -> DeltaEnt
     )
 
 
+def _input_factors(e: DeltaEntry) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(A, B, WA) with the entry's input map M = I + A Bᵀ and W A its stored U (float64)."""
+    if e.kind == "map_input":
+        assert e.P is not None
+        A = float(e.strength) * e.P.to(torch.float64)
+    else:  # project_input: M = I − λ B Bᵀ, stored U = −λ W B
+        A = -float(e.strength) * e.V.to(torch.float64)
+    return A, e.V.to(torch.float64), e.U.to(torch.float64)
+
+
+def compose_maps(
+    factors: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(P, Q, W P) with I + P Qᵀ = Π_i (I + A_i B_iᵀ) in the given order, Q orthonormal.
+
+    Never forms an H × H matrix: (I + L Rᵀ)(I + A Bᵀ) − I = [L, A + L (Rᵀ A)] [R, B]ᵀ, then one QR of
+    the right factor and one SVD of the left drop the directions the product no longer uses."""
+    L, R, WL = factors[0]
+    for A, B, WA in factors[1:]:
+        c = R.T @ A
+        L, WL, R = (
+            torch.cat([L, A + L @ c], 1),
+            torch.cat([WL, WA + WL @ c], 1),
+            torch.cat([R, B], 1),
+        )
+    Qr, Rr = torch.linalg.qr(R)
+    L, WL = L @ Rr.T, WL @ Rr.T
+    U, S, Vh = torch.linalg.svd(L, full_matrices=False)
+    if float(S.max()) == 0.0:
+        raise DeltaError("the composed edit is the identity: the deltas undo each other")
+    keep = S > SPAN_TOL * float(S.max())
+    P = U[:, keep] * S[keep]
+    Q = Qr @ Vh[keep].T
+    return P, Q, WL @ Vh[keep].T
+
+
+def _merge_maps(key: str, parts: list[tuple[str, DeltaEntry]]) -> DeltaEntry:
+    shas = {e.base_sha256 for _, e in parts}
+    if len(shas) > 1:
+        raise DeltaError(
+            f"{key}: the deltas were probed on different base weights (sha256 "
+            f"{', '.join(str(s)[:12] for s in shas)}); composing their edits needs one base"
+        )
+    dtypes = {e.base_dtype for _, e in parts}
+    P, Q, WP = compose_maps([_input_factors(e) for _, e in parts])
+    return DeltaEntry(
+        key,
+        parts[0][1].shape,
+        "map_input",
+        1.0,
+        WP.to(torch.float32),
+        Q.to(torch.float32).contiguous(),
+        shas.pop(),
+        dtypes.pop() if len(dtypes) == 1 else None,
+        P.to(torch.float32),
+    )
+
+
 def _merge_add(key: str, parts: list[tuple[str, DeltaEntry]]) -> DeltaEntry:
     U = torch.cat([e.U for _, e in parts], 1)
     V = torch.cat([e.V for _, e in parts], 1)
@@ -156,12 +220,14 @@ def merge_deltas(deltas: list[Delta | str | Path]) -> Delta:
             entries.append(parts[0][1])
             continue
         kinds = {e.kind for _, e in parts}
-        if "map_input" in kinds:
+        if "map_input" in kinds and "add" not in kinds:
+            entries.append(_merge_maps(key, parts))
+        elif "map_input" in kinds:
             raise DeltaError(
-                f"{key}: two deltas edit it and one is a twin edit (map_input); input-side maps do not "
-                "combine into one entry: probe one concept recipe that holds both concepts' pairs"
+                f"{key}: one delta maps its input (a twin edit) and another adds to it; an additive "
+                "edit does not compose with an input-side map into one entry"
             )
-        if kinds == {"project_input"}:
+        elif kinds == {"project_input"}:
             entries.append(_merge_projection(key, parts))
         elif kinds == {"add"}:
             entries.append(_merge_add(key, parts))
