@@ -62,6 +62,14 @@ CASES = [
     ("kandinsky5-text_embed", "kandinsky5", "kandinsky5", "text_embed", [], {}),
     ("kandinsky5-clip_pooled", "kandinsky5", "kandinsky5", "clip_pooled", [], {}),
     (
+        "sana_video-cross_kv",
+        "sana_video",
+        "sana_video",
+        "cross_kv",
+        ["encoders.text.kwargs.max_sequence_length=16"],
+        {},
+    ),
+    (
         "sana_video-caption_proj",
         "sana_video",
         "sana_video",

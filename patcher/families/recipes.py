@@ -33,6 +33,7 @@ TOKEN_SLICES = ("all", "first", "last")
 CHAIN_OPS = {
     "linear": True,
     "layer_norm": True,
+    "rms_norm": True,
     "gelu": False,
     "gelu_tanh": False,
     "silu": False,
@@ -203,6 +204,9 @@ class ChainOp:
     op: str
     weight: str | None = (
         None  # module path inside the site's component (``.weight``/``.bias`` appended)
+    )
+    eps: float | None = (
+        None  # norms: the module's epsilon (default: layer_norm 1e-5, rms_norm 1e-6)
     )
 
 
@@ -409,8 +413,11 @@ def _site(name: str, t: _Table, encoders: dict[str, EncoderSpec]) -> SiteSpec:
         w = ct.get("weight", str, None)
         if CHAIN_OPS[op] and not w:
             raise RecipeError(f"{ct.where}: field 'weight' is required for op {op!r}")
+        eps = ct.get("eps", float, None)
+        if eps is not None and (op not in ("layer_norm", "rms_norm") or eps <= 0):
+            raise RecipeError(f"{ct.where}: field 'eps' is a positive number, for norm ops only")
         ct.done()
-        chain.append(ChainOp(op, w))
+        chain.append(ChainOp(op, w, eps))
     if mode == "denoise" and chain:
         raise RecipeError(f"{t.where}: field 'chain' only applies to text-mode sites")
     text_tokens = t.get("text_tokens", str, "all", TOKEN_SLICES)
