@@ -62,6 +62,14 @@ CASES = [
     ("kandinsky5-text_embed", "kandinsky5", "kandinsky5", "text_embed", [], {}),
     ("kandinsky5-clip_pooled", "kandinsky5", "kandinsky5", "clip_pooled", [], {}),
     (
+        "sana_video-cross_kv",
+        "sana_video",
+        "sana_video",
+        "cross_kv",
+        ["encoders.text.kwargs.max_sequence_length=16"],
+        {},
+    ),
+    (
         "sana_video-caption_proj",
         "sana_video",
         "sana_video",
@@ -317,3 +325,33 @@ def test_single_file_detection_prefers_the_most_specific_family(llm_pipes):
     # LTX-Video's own keys still detect LTX-Video
     ltx = {"caption_projection.linear_1.weight", "transformer_blocks.0.attn2.to_k.weight"}
     assert detect_family(None, ltx) == "ltx"
+
+
+def test_ltx2_original_single_file_probes_with_the_text_stack_from_a_folder(llm_pipes, tmp_path):
+    """An LTX-2 original single file (prefixed keys, no text stack): detected by its keys, its text
+    comes from --encoder text=FOLDER through that folder's pipeline encode_prompt + connectors, the
+    delta names the stored key, and the direction is the folder probe's."""
+    from safetensors.torch import load_file, save_file
+
+    src, _ = llm_pipes("ltx2")
+    sd = load_file(str(src / "transformer" / "diffusion_pytorch_model.safetensors"))
+    single = tmp_path / "ltx-2-19b-dev.safetensors"
+    save_file({f"model.diffusion_model.{k}": v for k, v in sd.items()}, str(single))
+    args = ["-c", "nudity", "--rank", "4", "-q", *sets(*LTX2)]
+    run_cli("probe", single, "-o", tmp_path / "s.vud", "--encoder", f"text={src}", *args)
+    run_cli("probe", src, "-o", tmp_path / "f.vud", *args)
+    ((es,), (ef,)) = read_delta(tmp_path / "s.vud").entries, read_delta(tmp_path / "f.vud").entries
+    assert es.tensor_key == "model.diffusion_model.caption_projection.linear_1.weight"
+    assert ef.tensor_key == "caption_projection.linear_1.weight"
+    assert torch.allclose(es.V, ef.V, atol=1e-5) and torch.allclose(es.U, ef.U, atol=1e-5)
+    run_cli("apply", single, tmp_path / "s.vud", "-o", tmp_path / "safe.safetensors", "-q")
+    out = load_file(str(tmp_path / "safe.safetensors"))
+    key = es.tensor_key
+    assert torch.allclose(
+        out[key], edit_weight(sd[key.removeprefix("model.diffusion_model.")], es.V, 1.0), atol=1e-5
+    )
+    assert all(
+        torch.equal(out[f"model.diffusion_model.{k}"], v)
+        for k, v in sd.items()
+        if f"model.diffusion_model.{k}" != key
+    )

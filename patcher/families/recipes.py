@@ -33,6 +33,7 @@ TOKEN_SLICES = ("all", "first", "last")
 CHAIN_OPS = {
     "linear": True,
     "layer_norm": True,
+    "rms_norm": True,
     "gelu": False,
     "gelu_tanh": False,
     "silu": False,
@@ -207,6 +208,9 @@ class ChainOp:
     # the component holding ``weight`` when it is not the site's own (a text encoder's final norm that
     # a pipeline applies to a hidden layer it picks); a wrapper prefix there (``text_model.``) is allowed
     component: str | None = None
+    eps: float | None = (
+        None  # norms: the module's epsilon (default: layer_norm 1e-5, rms_norm 1e-6)
+    )
 
 
 @dataclass
@@ -419,8 +423,11 @@ def _site(name: str, t: _Table, encoders: dict[str, EncoderSpec]) -> SiteSpec:
         comp = ct.get("component", str, None)
         if comp is not None and not w:
             raise RecipeError(f"{ct.where}: field 'component' needs a 'weight' to read from it")
+        eps = ct.get("eps", float, None)
+        if eps is not None and (op not in ("layer_norm", "rms_norm") or eps <= 0):
+            raise RecipeError(f"{ct.where}: field 'eps' is a positive number, for norm ops only")
         ct.done()
-        chain.append(ChainOp(op, w, comp))
+        chain.append(ChainOp(op, w, component=comp, eps=eps))
     if mode == "denoise" and chain:
         raise RecipeError(f"{t.where}: field 'chain' only applies to text-mode sites")
     text_tokens = t.get("text_tokens", str, "all", TOKEN_SLICES)

@@ -326,15 +326,16 @@ def capture_text(
     zero the encoder output after the real tokens, so the site's chain applied to a zero vector).
     """
     spec = enc.spec
+    # the loaded modules a target may sit in (an encoder; a pipeline encoder's connectors): hooked
+    modules = getattr(enc, "modules", None) or {spec.component: enc.model}
     by_group: dict[str, list[Target]] = {}
     for t in targets:
-        inside = t.component in enc.modules  # a loaded module (encoder, connectors): hooked
-        g = hooked_group(t) if inside else f"{t.component}:{site.name}"
+        g = hooked_group(t) if t.component in modules else f"{t.component}:{site.name}"
         by_group.setdefault(g, []).append(t)
     hooked = {
-        g: find_module(enc.modules[ts[0].component], ts[0].module)
+        g: find_module(modules[ts[0].component], ts[0].module)
         for g, ts in by_group.items()
-        if ts[0].component in enc.modules
+        if ts[0].component in modules
     }
     hooks = Hooks(hooked, lambda _n, x: x) if hooked else None
     raw: dict[str, tuple[list, dict[str, list]]] = {}

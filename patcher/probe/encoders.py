@@ -256,9 +256,13 @@ class PipelineEncoder:
                     f"encoder {spec.name!r}: the checkpoint does not bundle it; pass --encoder "
                     f"{spec.name}=FOLDER (a diffusers pipeline folder holding {', '.join(self.enc.components)})"
                 )
+            from .. import hub
             from .sources import open_source
 
-            root_src = open_source(loc)
+            pats = ["model_index.json", "*/config.json"] + [  # from a hub id: the text stack only
+                f"{c}/{p}" for c in self.enc.components for p in (*hub.SIDECARS, "*.safetensors")
+            ]
+            root_src = open_source(loc, None, pats)
             if root_src.single is not None:
                 raise ProbeError(
                     f"encoder {spec.name!r}: {loc} is a single file; give a diffusers pipeline folder"

@@ -118,7 +118,14 @@ def run_chain(
             w_key, b_key = f"{prefix}{op.weight}.weight", f"{prefix}{op.weight}.bias"
             w = _read(ws, w_key) if w_key in ws.key_file else None
             b = _read(ws, b_key) if b_key in ws.key_file else None
-            x = F.layer_norm(x.float(), (x.shape[-1],), w, b, eps=1e-5 if w is not None else 1e-6)
+            eps = op.eps if op.eps is not None else (1e-5 if w is not None else 1e-6)
+            x = F.layer_norm(x.float(), (x.shape[-1],), w, b, eps=eps)
+        elif op.op == "rms_norm":  # as diffusers' RMSNorm: x / rms(x), times the weight if stored
+            w_key = f"{prefix}{op.weight}.weight"
+            eps = op.eps if op.eps is not None else 1e-6
+            x = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+            if w_key in ws.key_file:
+                x = x * _read(ws, w_key)
         elif op.op == "gelu":
             x = F.gelu(x)
         elif op.op == "gelu_tanh":
