@@ -372,3 +372,21 @@ def test_alias_rules_agree_with_diffusers_single_file_converters(case):
     for key, block in expect.items():
         assert key in converted, f"diffusers maps none of our stored keys to {key}"
         assert torch.equal(converted[key], block), key
+
+
+def test_cosmos25_text_mode_needs_no_guardrail_package(pipes5):
+    """Encoding prompts is not generation: without cosmos_guardrail installed, the pipeline's own
+    constructor raises ImportError for its default guardrail, and the probe still encodes."""
+    pytest.importorskip("diffusers")
+    try:
+        import cosmos_guardrail  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("cosmos_guardrail is installed: the failing default cannot be provoked")
+    from patcher.probe.capture import site_inputs
+
+    src, _call = pipes5("cosmos25")
+    got = site_inputs(src, "crossattn_proj", [PROMPT])
+    ((x, _mask),) = got[sorted(got)[0]]
+    assert x.shape[0] == 512 and torch.isfinite(x).all() and float(x.abs().max()) > 0

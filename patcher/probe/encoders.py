@@ -310,7 +310,8 @@ class PipelineEncoder:
         others = [n for n in params if n not in loaded]
         try:  # absent components as None first: what diffusers itself passes for a skipped one
             self.pipe = pcls(**loaded, **{n: None for n in others})
-        except (AttributeError, TypeError):  # a constructor that reads an absent one's config
+        except (AttributeError, TypeError, ImportError):  # reads an absent one's config, or builds
+            # a default for it from an optional package (Cosmos 2.5's guardrail)
             self.pipe = pcls(**loaded, **{n: absent(n) for n in others})
         self.pipe.set_progress_bar_config(disable=True)
         method = getattr(self.pipe, self.enc.method, None)
