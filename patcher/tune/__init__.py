@@ -164,6 +164,30 @@ def _judge_candidates(model, con: Concept, split: Split, acts, weights, cands, o
     return out
 
 
+def run_trials(study, n, fits, weights, objective_fn, sites, methods, widths, pooling) -> None:
+    """Add N trials to STUDY: each builds a candidate from the fit activations FITS (per site) and
+    scores it; a build that is refused (or a non-finite score) is recorded as a pruned trial."""
+    optuna = _optuna()
+
+    def objective(trial) -> tuple[float, float]:
+        cand = suggest(trial, sites, methods, widths, pooling)
+        trial.set_user_attr("candidate", cand.record())
+        try:
+            d = build(fits[cand.site], cand.params, weights).delta
+            _check_entries(d.entries, f"trial {trial.number}")  # what write_delta would refuse
+        except (ProbeError, DeltaError) as e:
+            trial.set_user_attr("refused", str(e))
+            raise optuna.TrialPruned(str(e)) from None
+        s: Scores = objective_fn(d)
+        if not (math.isfinite(s.concept_left) and math.isfinite(s.damage)):
+            trial.set_user_attr("refused", "non-finite objective")
+            raise optuna.TrialPruned("non-finite objective")
+        return s.concept_left, s.damage
+
+    if n:
+        study.optimize(objective, n_trials=n)
+
+
 def tune(
     model: str | Path,
     concept: str | Path | Concept,
@@ -253,25 +277,12 @@ def tune(
         )
     study.set_user_attr("setup", setup)
 
-    def objective(trial) -> tuple[float, float]:
-        cand = suggest(trial, list(sites), methods, widths, pooling)
-        trial.set_user_attr("candidate", cand.record())
-        try:
-            d = build(fits[cand.site], cand.params, weights).delta
-            _check_entries(d.entries, f"trial {trial.number}")  # what write_delta would refuse
-        except (ProbeError, DeltaError) as e:
-            trial.set_user_attr("refused", str(e))
-            raise optuna.TrialPruned(str(e)) from None
-        s: Scores = objective_fn(d)
-        if not (math.isfinite(s.concept_left) and math.isfinite(s.damage)):
-            trial.set_user_attr("refused", "non-finite objective")
-            raise optuna.TrialPruned("non-finite objective")
-        return s.concept_left, s.damage
-
     t1 = time.perf_counter()
     if opt.trials:
         say(f"{opt.trials} trials ({level} objectives) into study {name!r} at {study_path}")
-        study.optimize(objective, n_trials=opt.trials)
+    run_trials(
+        study, opt.trials, fits, weights, objective_fn, list(sites), methods, widths, pooling
+    )
     t_search = time.perf_counter() - t1
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     failed = sum(t.state == optuna.trial.TrialState.PRUNED for t in study.trials)
@@ -370,4 +381,4 @@ def tune(
     return rep
 
 
-__all__ = ["TuneError", "TuneOptions", "TuneReport", "default_sites", "tune"]
+__all__ = ["TuneError", "TuneOptions", "TuneReport", "default_sites", "run_trials", "tune"]
