@@ -221,15 +221,20 @@ def run_correlation(a, cache: dict, organism: dict) -> dict:
                 json.loads((RES / "tune" / "eval_red.json").read_text()),
                 "this run (organism part)",
             )
-        else:
-            full = build_delta(subset(acts, (s,)), pp, w)
-            vud = Path(a.tmp) / "cand.vud"
-            write_delta(vud, full, overwrite=True)
-            t0 = time.perf_counter()
-            r = evaluate(
-                model, con, delta=vud, options=EvalOptions(seeds=a.seeds), cache=cache
-            ).to_dict()
-            src_ = f"this run ({time.perf_counter() - t0:.0f} s)"
+        else:  # evaluated once, kept in results/tune/ (a rerun adds rows without re-sampling)
+            slug = "".join(ch if ch.isalnum() else "_" for ch in label)
+            keep = RES / "tune" / f"cand_{slug}.json"
+            if keep.is_file():
+                r, src_ = json.loads(keep.read_text()), keep.name
+            else:
+                full = build_delta(subset(acts, (s,)), pp, w)
+                vud = Path(a.tmp) / "cand.vud"
+                write_delta(vud, full, overwrite=True)
+                t0 = time.perf_counter()
+                opt_ = EvalOptions(seeds=a.seeds)
+                r = evaluate(model, con, delta=vud, options=opt_, cache=cache).to_dict()
+                keep.write_text(json.dumps(r, indent=1, default=str))
+                src_ = f"this run ({time.perf_counter() - t0:.0f} s)"
         m = summary(r, "red", "colour")
         row = {
             "label": label,
@@ -341,8 +346,9 @@ def main() -> None:
         doc["organism"] = run_organism(a, cache)
         (RES / "tune_organism.json").write_text(json.dumps(doc, indent=1, default=str))
     if "correlation" in parts:
-        org = doc.get("organism") or json.loads((RES / "tune_organism.json").read_text()).get(
-            "organism", {}
+        saved = RES / "tune_organism.json"
+        org = doc.get("organism") or (
+            json.loads(saved.read_text())["organism"] if saved.is_file() else {}
         )
         doc["correlation"] = run_correlation(a, cache, org)
         (RES / "tune_correlation.json").write_text(
