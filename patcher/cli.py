@@ -1556,7 +1556,7 @@ def tune_cmd(
     opt = TuneOptions(
         trials=trials,
         seed=seed,
-        sites=None,
+        sites=split(sites),
         methods=split(methods),
         max_damage=max_damage,
         val_fraction=val_fraction,
@@ -1567,9 +1567,7 @@ def tune_cmd(
         confirm=confirm,
         refit=not no_refit,
         clip_model=clip_model,
-        capture=CaptureOptions(
-            family=family, sites=split(sites), device=device, overrides=tuple(sets)
-        ),
+        capture=CaptureOptions(family=family, device=device, overrides=tuple(sets)),
     )
     say = (lambda m: None) if (quiet or as_json) else (lambda m: err.print(m))
     r = tune(model, concept, out, opt, overwrite=overwrite, log=say)

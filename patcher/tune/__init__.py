@@ -219,7 +219,7 @@ def tune(
 
     # one capture: every candidate site, with the token roles the twin map reads
     src = open_model(model, opt.capture)
-    sites = opt.capture.sites or default_sites(src, opt.capture)
+    sites = opt.sites or opt.capture.sites or default_sites(src, opt.capture)
     if not sites:
         raise TuneError("the family has no text-mode site to search; give --sites")
     cap = replace(opt.capture, sites=tuple(sites), token_roles=True)
