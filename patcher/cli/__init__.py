@@ -4,7 +4,7 @@ Results go to stdout (``--json`` for machines); progress, tables and warnings go
 A ``VpatchError`` is printed on one line with exit code 2 and no traceback.
 """
 
-from . import evaluate, probing, sharing, weights  # noqa: F401  (each registers its verbs)
+from . import evaluate, probing, sharing, tuning, weights  # noqa: F401  (each registers its verbs)
 from .common import main
 
 __all__ = ["main"]

@@ -1,0 +1,384 @@
+"""``vpatch tune``: pick site, method, k, α, λ and the number of directions automatically.
+
+One capture (every candidate site, with the token roles the twin map needs), then an Optuna
+multi-objective study whose trials only *build* deltas from the fit half of that capture and score
+them with two cheap objectives on the validation half (objectives.py): concept left and damage.
+The chosen trial is the least concept left within the user's damage budget; with a judge, the best
+few candidates are also sampled and scored by the eval machinery, and the judge decides among
+them. The chosen parameters are rebuilt on all of the recipe's prompts (``refit``) and written with
+the search record in the delta's method metadata (``method["tune"]``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from ..errors import DeltaError, ProbeError, VpatchError
+from ..families.recipes import Concept, load_concept
+from ..probe.build import METHODS, build
+from ..probe.capture import CaptureOptions, capture
+from ..probe.sources import ModelSource, WeightReader, open_model, resolve_family
+from ..vud.delta import _check_entries, versions, write_delta
+from .objectives import OrganismObjectives, Scores, SiteObjectives
+from .search import Candidate, candidate_of, choose, front, suggest
+from .split import Split, subset
+
+LEVELS = ("auto", "denoiser", "site")
+
+
+class TuneError(VpatchError):
+    """tune cannot run as asked (no optuna, no site, a level the model cannot serve...)."""
+
+
+@dataclass(frozen=True)
+class TuneOptions:
+    trials: int = 40  # trials this run adds to the study
+    seed: int = 0  # the TPE sampler's seed
+    sites: tuple[str, ...] | None = None  # None: the family's text-mode sites read from text
+    methods: tuple[str, ...] | None = None  # None: every build method
+    max_damage: float = 0.25  # the damage budget the choice respects
+    val_fraction: float = 0.4  # share of pairs and neutral prompts held for validation
+    level: str = "auto"  # objectives: auto (denoiser for the organism, else site), denoiser, site
+    study: Path | None = None  # SQLite file; default OUT with suffix .tune.db
+    study_name: str | None = None  # default "<concept>@<family>"
+    judge: str | None = None  # organism | clip | ...: confirm the best candidates by sampling
+    confirm: int = 3  # how many candidates the judge samples
+    judge_seeds: int = 2
+    refit: bool = True  # rebuild the chosen parameters on every recipe prompt
+    capture: CaptureOptions = field(default_factory=CaptureOptions)
+    clip_model: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.trials < 0:
+            raise TuneError(f"--trials {self.trials}: a whole number >= 0")
+        if self.level not in LEVELS:
+            raise TuneError(f"--objectives {self.level!r}: choose one of {', '.join(LEVELS)}")
+        if not (math.isfinite(self.max_damage) and self.max_damage > 0):
+            raise TuneError(f"--max-damage {self.max_damage!r}: a positive number")
+        for m in self.methods or ():
+            if m not in METHODS:
+                raise TuneError(f"--methods {m!r}: choose among {', '.join(METHODS)}")
+        if self.confirm < 1:
+            raise TuneError(f"--confirm {self.confirm}: at least 1")
+
+
+@dataclass(frozen=True)
+class TuneReport:
+    delta: str
+    delta_sha256: str
+    report: str
+    plot: str | None
+    study: str
+    study_name: str
+    concept: str
+    family: str
+    level: str
+    trials: int  # completed trials in the study
+    failed: int  # trials whose build was refused (pruned)
+    chosen: dict
+    front: list[dict]
+    judged: list[dict]
+    record: dict
+    seconds: dict
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _optuna():
+    try:
+        import optuna
+    except ImportError:
+        raise TuneError(
+            "vpatch tune needs Optuna: pip install 'vpatch[tune]' (or 'optuna>=4,<6')"
+        ) from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna
+
+
+def default_sites(src: ModelSource, opt: CaptureOptions) -> tuple[str, ...]:
+    """The family's text-mode sites that read a text encoder (the search's default sites)."""
+    fam = resolve_family(src, opt.family, list(opt.overrides))
+    return tuple(
+        n
+        for n, s in fam.sites.items()
+        if s.mode == "text" and s.encoder in fam.encoders and fam.encoders[s.encoder].kind == "text"
+    )
+
+
+def _trial_row(t) -> dict:
+    return {
+        "trial": t.number,
+        **t.user_attrs.get("candidate", {}),
+        "concept_left": t.values[0],
+        "damage": t.values[1],
+    }
+
+
+def _judge_candidates(model, con: Concept, split: Split, acts, weights, cands, opt, say):
+    """Sample the candidates on the validation prompts (never the held-out sets) and score them
+    with the eval machinery: twin gap closed (judge space) and drift over the seed floor."""
+    from ..evaluation.core import EvalOptions, evaluate
+    from ..evaluation.prompts import PromptSet
+
+    class Validation:
+        def sets(self, c):
+            return [
+                PromptSet(
+                    "validation",
+                    tuple(con.pairs[i].unsafe for i in split.val_pairs),
+                    True,
+                    tuple(con.pairs[i].safe for i in split.val_pairs),
+                ),
+                PromptSet("free", tuple(con.neutral[i] for i in split.val_neutral), False),
+            ]
+
+    eopt = EvalOptions(seeds=opt.judge_seeds, judge=opt.judge, clip_model=opt.clip_model)
+    out = []
+    cache: dict = {}
+    with tempfile.TemporaryDirectory(prefix="vpatch-tune-") as tmp:
+        for t, cand in cands:
+            d = build(
+                subset(acts, (cand.site,), split.fit_pairs, split.fit_neutral), cand.params, weights
+            ).delta
+            p = Path(tmp) / f"trial{t.number}.vud"
+            write_delta(p, d)
+            say(f"judging trial {t.number} ({cand.record()})")
+            r = evaluate(model, con, delta=p, options=eopt, cache=cache, prompts=Validation())
+            tf = r.twin_fidelity.get("validation", {})
+            space = "judge" if "judge" in tf else "pixel"
+            out.append(
+                {
+                    **_trial_row(t),
+                    "judge_gap_closed": tf.get(space, {}).get("closed"),
+                    "judge_space": space,
+                    "drift_over_floor": r.drift.get("pixel", {}).get("ratio"),
+                }
+            )
+    return out
+
+
+def run_trials(study, n, fits, weights, objective_fn, sites, methods, widths, pooling) -> None:
+    """Add N trials to STUDY: each builds a candidate from the fit activations FITS (per site) and
+    scores it; a build that is refused (or a non-finite score) is recorded as a pruned trial."""
+    optuna = _optuna()
+
+    def objective(trial) -> tuple[float, float]:
+        cand = suggest(trial, sites, methods, widths, pooling)
+        trial.set_user_attr("candidate", cand.record())
+        try:
+            d = build(fits[cand.site], cand.params, weights).delta
+            _check_entries(d.entries, f"trial {trial.number}")  # what write_delta would refuse
+        except (ProbeError, DeltaError) as e:
+            trial.set_user_attr("refused", str(e))
+            raise optuna.TrialPruned(str(e)) from None
+        s: Scores = objective_fn(d)
+        if not (math.isfinite(s.concept_left) and math.isfinite(s.damage)):
+            trial.set_user_attr("refused", "non-finite objective")
+            raise optuna.TrialPruned("non-finite objective")
+        return s.concept_left, s.damage
+
+    if n:
+        study.optimize(objective, n_trials=n)
+
+
+def tune(
+    model: str | Path,
+    concept: str | Path | Concept,
+    out: str | Path,
+    options: TuneOptions | None = None,
+    *,
+    overwrite: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> TuneReport:
+    """Search the edit's parameters for CONCEPT on MODEL and write the chosen delta to OUT."""
+    from ..output import check_target
+    from ..probe import _local_inputs
+    from .plot import plot_front
+
+    optuna = _optuna()
+    opt = options or TuneOptions()
+    say = log or (lambda _m: None)
+    out = Path(out)
+    report_path = out.with_suffix(".tune.json")
+    plot_path = out.with_suffix(".front.png")
+    study_path = Path(opt.study) if opt.study else out.with_suffix(".tune.db")
+    inputs = _local_inputs(model)
+    for p, kind in ((out, "delta"), (report_path, "report"), (plot_path, "plot")):
+        check_target(p, inputs, overwrite, kind)
+    con = concept if isinstance(concept, Concept) else load_concept(concept)
+    unsafe = [p.unsafe for p in con.pairs]
+    split = Split.of(unsafe, list(con.neutral), opt.val_fraction)
+    t0 = time.perf_counter()
+
+    # one capture: every candidate site, with the token roles the twin map reads
+    src = open_model(model, opt.capture)
+    sites = opt.sites or opt.capture.sites or default_sites(src, opt.capture)
+    if not sites:
+        raise TuneError("the family has no text-mode site to search; give --sites")
+    cap = replace(opt.capture, sites=tuple(sites), token_roles=True)
+    weights = WeightReader(src)
+    say(f"capturing {con.name} at {', '.join(sites)} (once for every trial)")
+    acts = capture(src, con, cap, weights)
+    pooling = acts.defaults.get("pooling", "tokens")
+    widths = {g.site: g.dim for g in acts.groups}
+    t_capture = time.perf_counter() - t0
+
+    # the objectives on the validation prompts
+    from ..organism import is_organism
+
+    level = opt.level
+    if level == "auto":
+        level = "denoiser" if is_organism(model) else "site"
+    if level == "denoiser":
+        if not is_organism(model):
+            raise TuneError(
+                "--objectives denoiser needs a model whose sampling vpatch can run in memory (the "
+                "organism); use --objectives site"
+            )
+        objective_fn = OrganismObjectives(
+            model,
+            [(con.pairs[i].unsafe, con.pairs[i].safe) for i in split.val_pairs],
+            [con.neutral[i] for i in split.val_neutral],
+        )
+    else:
+        objective_fn = SiteObjectives(acts, split, weights)
+    fits = {s: subset(acts, (s,), split.fit_pairs, split.fit_neutral) for s in sites}
+    methods = list(opt.methods or METHODS)
+    t_setup = time.perf_counter() - t0 - t_capture
+
+    name = opt.study_name or f"{con.name}@{acts.family}"
+    sampler = optuna.samplers.TPESampler(seed=opt.seed)
+    study = optuna.create_study(
+        study_name=name,
+        storage=f"sqlite:///{study_path}",
+        directions=["minimize", "minimize"],
+        sampler=sampler,
+        load_if_exists=True,
+    )
+    prior = study.user_attrs.get("setup")
+    setup = {
+        "sites": list(sites),
+        "methods": methods,
+        "level": level,
+        "split": split.record(unsafe, list(con.neutral)),
+        "concept": con.name,
+    }
+    if prior is not None and prior != setup:
+        raise TuneError(
+            f"study {name!r} in {study_path} was run with another setup ({prior}); give another "
+            "--study or --study-name"
+        )
+    study.set_user_attr("setup", setup)
+
+    t1 = time.perf_counter()
+    if opt.trials:
+        say(f"{opt.trials} trials ({level} objectives) into study {name!r} at {study_path}")
+    run_trials(
+        study, opt.trials, fits, weights, objective_fn, list(sites), methods, widths, pooling
+    )
+    t_search = time.perf_counter() - t1
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    failed = sum(t.state == optuna.trial.TrialState.PRUNED for t in study.trials)
+    if not done:
+        raise TuneError(f"no trial of study {name!r} completed ({failed} refused)")
+    pareto = front(study)
+    chosen, within = choose(pareto, opt.max_damage)
+    judged: list[dict] = []
+    t2 = time.perf_counter()
+    if opt.judge:
+        pool = sorted(
+            (t for t in pareto if t.values[1] <= opt.max_damage), key=lambda t: t.values[0]
+        )[: opt.confirm] or [chosen]
+        cands = [(t, candidate_of(t.user_attrs["candidate"], pooling)) for t in pool]
+        judged = _judge_candidates(model, con, split, acts, weights, cands, opt, say)
+        best = max(
+            range(len(judged)),
+            key=lambda i: (judged[i]["judge_gap_closed"] or -math.inf, -judged[i]["concept_left"]),
+        )
+        chosen = pool[best]
+    t_judge = time.perf_counter() - t2
+
+    cand: Candidate = candidate_of(chosen.user_attrs["candidate"], pooling)
+    pairs = None if opt.refit else split.fit_pairs
+    neutral = None if opt.refit else split.fit_neutral
+    refit_refused = None
+    try:
+        built = build(subset(acts, (cand.site,), pairs, neutral), cand.params, weights)
+        _check_entries(built.delta.entries, str(out))
+    except (ProbeError, DeltaError) as e:  # the refit is refused: keep what the trial scored
+        if pairs is None:
+            refit_refused = str(e)
+            say(f"refit on every prompt refused ({e}); writing the delta fitted on the fit prompts")
+            fit = subset(acts, (cand.site,), split.fit_pairs, split.fit_neutral)
+            built = build(fit, cand.params, weights)
+        else:
+            raise
+    final_scores = objective_fn(built.delta)
+    ver = {**versions(), "optuna": optuna.__version__}
+    record = {
+        "study": name,
+        "storage": str(study_path),
+        "sampler": {"name": "TPESampler", "seed": opt.seed},
+        "trials": len(done),
+        "refused": failed,
+        "trials_this_run": opt.trials,
+        "level": level,
+        "objectives": ["concept_left", "damage"],
+        "max_damage": opt.max_damage,
+        "within_budget": within,
+        "split": split.record(unsafe, list(con.neutral)),
+        "search_space": {"sites": list(sites), "methods": methods},
+        "chosen": {**_trial_row(chosen)},
+        "judge": opt.judge,
+        "refit": opt.refit and refit_refused is None,
+        "refit_refused": refit_refused,
+        "chosen_delta_scores": asdict(final_scores),
+        "versions": ver,
+    }
+    delta = replace(built.delta, method={**built.delta.method, "tune": record})
+    digest = write_delta(out, delta, overwrite=overwrite)
+    rows = [_trial_row(t) for t in pareto]
+    all_rows = [_trial_row(t) for t in done]
+    plot = plot_front(
+        plot_path, all_rows, rows, record["chosen"], opt.max_damage, level, overwrite=overwrite
+    )
+    seconds = {
+        "capture": round(t_capture, 2),
+        "objectives_setup": round(t_setup, 2),
+        "search": round(t_search, 2),
+        "judge": round(t_judge, 2),
+        "total": round(time.perf_counter() - t0, 2),
+    }
+    rep = TuneReport(
+        str(out),
+        digest,
+        str(report_path),
+        plot,
+        str(study_path),
+        name,
+        con.name,
+        acts.family,
+        level,
+        len(done),
+        failed,
+        record["chosen"],
+        rows,
+        judged,
+        record,
+        seconds,
+    )
+    from ..output import atomic_file
+
+    with atomic_file(report_path, inputs, overwrite, "report") as tmp:
+        Path(tmp).write_text(json.dumps(rep.to_dict(), indent=2, default=str))
+    return rep
+
+
+__all__ = ["TuneError", "TuneOptions", "TuneReport", "default_sites", "run_trials", "tune"]

@@ -1,0 +1,183 @@
+"""The two cheap objectives of a candidate delta, on validation prompts the fit never saw.
+
+- **concept left**: how much of the way from an unsafe prompt to its safe twin the edited model
+  still has to go, ``Σ‖F'(unsafe) − F(twin)‖ / Σ‖F(unsafe) − F(twin)‖`` (F: the original model, F':
+  the edited one). 1: the edit did nothing; 0: the unsafe prompt now reads as its twin; above 1: it
+  went past the twin (λ = 1.5 flips the component and the concept comes back, or goes elsewhere).
+- **damage**: how much the edit moves concept-free prompts (the validation neutral prompts, the
+  validation pairs' safe twins, the empty prompt of the unconditional branch), relative to a floor
+  that says what "a lot" is.
+
+Two levels measure them, neither generating video:
+
+- ``denoiser`` (``OrganismObjectives``): F is the model's coarse sample: a 3-step guided Euler
+  trajectory from two fixed noise latents, read as the clean-clip estimate x − t·v at each step
+  (3 denoiser forward passes per prompt and branch). Damage is the mean distance between the edited
+  and original estimates over the same distance between the original's estimates from the two noise
+  seeds (the seed floor: 1 = the edit moves a concept-free clip as much as a new seed does). Site
+  and encoder edits both act, since the encoder and the denoiser run with the edit applied in
+  memory. It needs the whole denoiser, so it serves the organism (and any model whose sampling is
+  given as a ``Velocity``); a 14B model on a CPU uses the site level.
+- ``site`` (``SiteObjectives``): F is what the edited weights themselves output for the captured
+  site inputs (W x, tokens aligned to their twin's as the twin edit aligns them; a concept word's
+  twin is padding). Damage is the RMS change of concept-free readings over their RMS spread around
+  their mean. It needs the captured activations and the target weights only, so it runs wherever
+  the probe runs; it is measured at the edited site's readers and so compares candidates of one
+  site more faithfully than candidates of different sites.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..erasure.twin import align_tokens
+from ..probe.activations import Activations
+from ..probe.sources import WeightReader
+from ..vud.delta import Delta
+from .split import Split
+
+
+@dataclass(frozen=True)
+class Scores:
+    concept_left: float
+    damage: float
+
+
+def _entries(delta: Delta) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    return {e.key: (e.U.double(), e.V.double()) for e in delta.entries}
+
+
+class SiteObjectives:
+    """Concept left and damage at the readers of the edited site (see the module docstring)."""
+
+    level = "site"
+
+    def __init__(self, acts: Activations, split: Split, weights: WeightReader):
+        self.targets: dict[str, dict] = {}
+        for g in acts.groups:
+            pad = g.roles["pad"][0][0].tokens[0].double() if "pad" in g.roles else None
+            xu, xt, xf = [], [], []
+            for i in split.val_pairs:
+                u = g.roles["unsafe"][i][0].tokens.double()
+                s = g.roles["safe"][i][0].tokens.double()
+                if "unsafe_ids" in g.roles:
+                    iu = [int(v) for v in g.roles["unsafe_ids"][i][0].tokens[:, 0].tolist()]
+                    is_ = [int(v) for v in g.roles["safe_ids"][i][0].tokens[:, 0].tolist()]
+                    for a, b in align_tokens(iu, is_):
+                        if b is None and pad is None:
+                            continue
+                        xu.append(u[a])
+                        xt.append(s[b] if b is not None else pad)
+                else:  # no token ids: compare the prompts' mean tokens
+                    xu.append(u.mean(0))
+                    xt.append(s.mean(0))
+                xf.append(s)
+            xf += [g.roles["neutral"][i][0].tokens.double() for i in split.val_neutral]
+            if "empty" in g.roles:
+                xf.append(g.roles["empty"][0][0].tokens.double())
+            Xu, Xt, Xf = torch.stack(xu), torch.stack(xt), torch.cat(xf)
+            for t in g.targets:
+                W = weights.target(t).double()
+                Yf = Xf @ W.T
+                self.targets[t.delta_key] = {
+                    "Xu": Xu,
+                    "Xf": Xf,
+                    "gap": Xu @ W.T - Xt @ W.T,  # W x_u - W x_twin
+                    "spread": float(((Yf - Yf.mean(0)) ** 2).sum()),
+                }
+
+    def __call__(self, delta: Delta) -> Scores:
+        ln = ld = dn = dd = 0.0
+        for key, (U, V) in _entries(delta).items():
+            t = self.targets.get(key)
+            if t is None:
+                continue
+            du = (t["Xu"] @ V) @ U.T
+            ln += float(((t["gap"] + du) ** 2).sum())
+            ld += float((t["gap"] ** 2).sum())
+            dn += float((((t["Xf"] @ V) @ U.T) ** 2).sum())
+            dd += t["spread"]
+        if ld == 0.0:
+            return Scores(1.0, 0.0)
+        return Scores((ln / ld) ** 0.5, (dn / max(dd, 1e-30)) ** 0.5)
+
+
+class OrganismObjectives:
+    """Concept left and damage from the organism's denoiser (see the module docstring)."""
+
+    level = "denoiser"
+
+    def __init__(
+        self,
+        folder,
+        pairs: Sequence[tuple[str, str]],
+        free: Sequence[str],
+        seeds: tuple[int, int] = (1000, 1001),
+        steps: int = 3,
+        guidance: float = 3.0,
+    ):
+        from ..organism import load
+
+        torch.manual_seed(0)
+        self.tok, self.enc, self.tr = load(folder)
+        self.unsafe = [u for u, _ in pairs]
+        self.twins = [s for _, s in pairs]
+        self.free = list(dict.fromkeys([*free, *self.twins, ""]))
+        self.seeds, self.steps, self.guidance = seeds, steps, guidance
+        self.modules = {"transformer": self.tr, "text_encoder": self.enc}
+        with torch.no_grad():
+            self.f_twin = self._features(self.twins, seeds[0])
+            self.f_unsafe = self._features(self.unsafe, seeds[0])
+            self.f_free = self._features(self.free, seeds[0])
+            floor = (self._features(self.free, seeds[1]) - self.f_free).norm(dim=1).mean()
+        self.floor = float(floor)
+        self.gap = float((self.f_unsafe - self.f_twin).norm(dim=1).sum())
+
+    def _features(self, prompts: list[str], seed: int) -> torch.Tensor:
+        """(n, 3 * clip): the clean-clip estimate x - t v after each of the coarse steps."""
+        from ..organism import FRAMES, SIZE, encode, model_input
+
+        n = len(prompts)
+        cond = encode(self.tok, self.enc, prompts)
+        unc = encode(self.tok, self.enc, [""]).expand(n, -1, -1)
+        noise = torch.randn(3, FRAMES, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+        x = noise.expand(n, -1, -1, -1, -1).clone()
+        ts = torch.linspace(1.0, 0.0, self.steps + 1)
+        out = []
+        for a, b in zip(ts[:-1], ts[1:]):
+            tt = torch.full((2 * n,), float(a) * 1000)
+            v = self.tr(
+                model_input(self.tr, torch.cat([x, x])),
+                tt,
+                torch.cat([cond, unc]),
+                return_dict=False,
+            )[0]
+            vc, vu = v.chunk(2)
+            vg = vu + self.guidance * (vc - vu)
+            out.append((x - float(a) * vg).clamp(-1, 1).flatten(1))
+            x = x + (b - a) * vg
+        return torch.cat(out, 1)
+
+    def __call__(self, delta: Delta) -> Scores:
+        saved = []
+        try:
+            with torch.no_grad():
+                for e in delta.entries:
+                    mod = self.modules.get(e.component)
+                    if mod is None:
+                        continue
+                    p = dict(mod.named_parameters())[e.tensor_key]
+                    saved.append((p, p.detach().clone()))
+                    p.add_((e.U.double() @ e.V.double().T).to(p.dtype))
+                fu = self._features(self.unsafe, self.seeds[0])
+                ff = self._features(self.free, self.seeds[0])
+        finally:
+            with torch.no_grad():
+                for p, w in reversed(saved):
+                    p.copy_(w)
+        left = float((fu - self.f_twin).norm(dim=1).sum()) / max(self.gap, 1e-12)
+        dmg = float((ff - self.f_free).norm(dim=1).mean()) / max(self.floor, 1e-12)
+        return Scores(left, dmg)

@@ -1,0 +1,87 @@
+"""Fit / validation split of a concept recipe's prompts, and the activations of each part.
+
+The split is by content, not by position or seed: each pair (by its unsafe prompt) and each neutral
+prompt is ranked by the sha256 of its text, and the lowest-ranked ``round(n * fraction)`` (at least
+one, and always leaving one to fit) are held for validation. The same recipe always splits the same
+way, reordering the recipe does not move a prompt across, and adding a prompt moves no other one.
+The recipe's ``[heldout]`` sets are never used: they stay for ``vpatch eval``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, replace
+
+from ..errors import ProbeError
+from ..probe.activations import Activations, GroupActivations
+
+PAIR_ROLES = ("unsafe", "safe", "unsafe_ids", "safe_ids")
+
+
+def _held(texts: list[str], fraction: float) -> list[int]:
+    n = len(texts)
+    if n < 2:
+        return []
+    k = min(n - 1, max(1, round(n * fraction)))
+    order = sorted(range(n), key=lambda i: hashlib.sha256(texts[i].encode()).hexdigest())
+    return sorted(order[:k])
+
+
+@dataclass(frozen=True)
+class Split:
+    fit_pairs: tuple[int, ...]
+    val_pairs: tuple[int, ...]
+    fit_neutral: tuple[int, ...]
+    val_neutral: tuple[int, ...]
+    fraction: float
+
+    @classmethod
+    def of(cls, unsafe: list[str], neutral: list[str], fraction: float = 0.4) -> Split:
+        if not 0 < fraction < 1:
+            raise ProbeError(f"--val-fraction {fraction!r}: must be between 0 and 1")
+        vp, vn = _held(unsafe, fraction), _held(neutral, fraction)
+        if not vp:
+            raise ProbeError(
+                "tune needs at least 2 unsafe/safe pairs in the concept recipe (one to fit, one to validate)"
+            )
+        return cls(
+            tuple(i for i in range(len(unsafe)) if i not in vp),
+            tuple(vp),
+            tuple(i for i in range(len(neutral)) if i not in vn),
+            tuple(vn),
+            fraction,
+        )
+
+    def record(self, unsafe: list[str], neutral: list[str]) -> dict:
+        return {
+            "rule": "sha256 of the prompt text, lowest round(n*fraction) held for validation",
+            "fraction": self.fraction,
+            "validation_pairs": [unsafe[i] for i in self.val_pairs],
+            "validation_neutral": [neutral[i] for i in self.val_neutral],
+        }
+
+
+def subset(
+    acts: Activations,
+    sites: tuple[str, ...] | list[str],
+    pairs: tuple[int, ...] | None = None,
+    neutral: tuple[int, ...] | None = None,
+) -> Activations:
+    """The activations of some sites, restricted to some pairs and neutral prompts (None: all);
+    the shared roles (empty prompt, padding) are kept whole."""
+    groups = []
+    for g in acts.groups:
+        if g.site not in sites:
+            continue
+        roles = {}
+        for r, ps in g.roles.items():
+            if r in PAIR_ROLES and pairs is not None:
+                roles[r] = tuple(ps[i] for i in pairs)
+            elif r == "neutral" and neutral is not None:
+                roles[r] = tuple(ps[i] for i in neutral)
+            else:
+                roles[r] = ps
+        groups.append(GroupActivations(g.site, g.input, g.targets, roles))
+    if not groups:
+        raise ProbeError(f"no captured group for site(s) {', '.join(sites)}")
+    return replace(acts, sites=tuple(s for s in acts.sites if s in sites), groups=tuple(groups))

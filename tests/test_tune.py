@@ -1,0 +1,187 @@
+"""vpatch tune: the split, the cheap objectives on the organism, the search's reproducibility and
+resumption, and the verb end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+optuna = pytest.importorskip("optuna")  # the tune extra (the test extra installs it)
+
+from click.testing import CliRunner  # noqa: E402
+
+from patcher import organism  # noqa: E402
+from patcher.cli import main  # noqa: E402
+from patcher.errors import ProbeError  # noqa: E402
+from patcher.evaluation.organism_judge import judge  # noqa: E402
+from patcher.families.recipes import load_concept  # noqa: E402
+from patcher.probe import (  # noqa: E402
+    CaptureOptions,
+    ProbeParams,
+    WeightReader,
+    build_delta,
+    capture,
+    open_model,  # noqa: E402
+)
+from patcher.tune import run_trials  # noqa: E402
+from patcher.tune.objectives import OrganismObjectives, SiteObjectives  # noqa: E402
+from patcher.tune.split import Split, subset  # noqa: E402
+from patcher.vud.delta import read_delta  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "examples" / "organism" / "model"
+RED = ROOT / "examples" / "organism" / "red.toml"
+FREE = [  # concept-free captions: other colours and colour-free
+    "a blue ball moving right",
+    "a green stick moving left",
+    "a yellow square moving down",
+    "a ball moving up",
+    "a purple sphere moving up",
+    "the stick moves right",
+]
+
+
+def test_split_is_by_content_and_deterministic():
+    u = [f"a red thing number {i}" for i in range(5)]
+    n = [f"neutral {i}" for i in range(8)]
+    a = Split.of(u, n, 0.4)
+    b = Split.of(list(reversed(u)), list(reversed(n)), 0.4)
+    assert len(a.val_pairs) == 2 and len(a.val_neutral) == 3
+    assert not set(a.val_pairs) & set(a.fit_pairs)
+    assert sorted(a.val_pairs + a.fit_pairs) == list(range(5))
+    # reordering the recipe moves no prompt across the split
+    assert {u[i] for i in a.val_pairs} == {list(reversed(u))[i] for i in b.val_pairs}
+    # adding a prompt moves no other one out of validation unless it takes its rank
+    c = Split.of([*u, "another red thing"], n, 0.4)
+    assert (
+        len({u[i] for i in a.val_pairs} & {([*u, "another red thing"])[i] for i in c.val_pairs})
+        >= 1
+    )
+    with pytest.raises(ProbeError):
+        Split.of(["only one"], n)
+
+
+@pytest.fixture(scope="module")
+def red():
+    con = load_concept(RED)
+    opt = CaptureOptions(sites=("text_proj", "cross_kv"), token_roles=True)
+    src = open_model(MODEL, opt)
+    w = WeightReader(src)
+    acts = capture(src, con, opt, w)
+    sp = Split.of([p.unsafe for p in con.pairs], con.neutral)
+    return con, acts, w, sp
+
+
+def _fit(red, site, p):
+    con, acts, w, sp = red
+    return build_delta(subset(acts, (site,), sp.fit_pairs, sp.fit_neutral), p, w)
+
+
+def _sample(delta, prompts):
+    """Organism clips with DELTA applied in memory (12 steps, seed 1000), judged."""
+    tok, enc, tr = organism.load(MODEL)
+    with torch.no_grad():
+        for e in delta.entries if delta else []:
+            p = dict(tr.named_parameters())[e.tensor_key]
+            p.add_(e.U @ e.V.T)
+        clips = organism.sample(tok, enc, tr, prompts, [1000] * len(prompts), steps=12)
+    return [judge(c) for c in clips]
+
+
+def test_objectives_catch_over_strength_and_over_erasure(red):
+    con, acts, w, sp = red
+    assert set(sp.val_pairs).isdisjoint(sp.fit_pairs)
+    den = OrganismObjectives(
+        MODEL,
+        [(con.pairs[i].unsafe, con.pairs[i].safe) for i in sp.val_pairs],
+        [con.neutral[i] for i in sp.val_neutral],
+    )
+    site = SiteObjectives(acts, sp, w)
+    exact = _fit(red, "text_proj", ProbeParams("cpca", 8, 1.0, 1.0, 1, "tokens"))
+    over = _fit(red, "text_proj", ProbeParams("cpca", 8, 1.0, 1.5, 1, "tokens"))
+    twin = _fit(red, "cross_kv", ProbeParams("twin", strength=1.0))
+    wipe = _fit(red, "cross_kv", ProbeParams("pca", 32, 0.0, 1.0, 16, "tokens"))
+    d_exact, d_over, d_twin, d_wipe = (den(x) for x in (exact, over, twin, wipe))
+    s_exact, s_over, s_twin, s_wipe = (site(x) for x in (exact, over, twin, wipe))
+    # over-strength: λ = 1.5 flips the component; both levels see more of the concept left
+    assert d_over.concept_left > d_exact.concept_left + 0.1
+    assert s_over.concept_left > s_exact.concept_left + 0.1
+    assert s_over.concept_left > 1.0  # past the twin: further away than before the edit
+    # the twin map leaves the least concept, the paper's form far more
+    assert d_twin.concept_left < 0.5 * d_exact.concept_left
+    # over-erasure: 16 directions out of the cross-attention input wreck concept-free prompts
+    assert d_wipe.damage > 0.25 > d_twin.damage
+    assert d_wipe.damage > 3 * d_twin.damage and s_wipe.damage > 3 * s_twin.damage
+    # ... which generation confirms: concept-free clips lose their colour or shape under it,
+    # and keep them under the twin map
+    before = _sample(None, FREE)
+    wiped = _sample(wipe, FREE)
+    kept = _sample(twin, FREE)
+
+    def same(a, b):
+        return sum(x.colour == y.colour and x.shape == y.shape for x, y in zip(a, b))
+
+    assert same(before, wiped) <= len(FREE) // 2
+    assert same(before, kept) >= len(FREE) - 1
+
+
+def _study(tmp_path, name, seed):
+    return optuna.create_study(
+        study_name=name,
+        storage=f"sqlite:///{tmp_path / 's.db'}",
+        directions=["minimize", "minimize"],
+        sampler=optuna.samplers.TPESampler(seed=seed),
+        load_if_exists=True,
+    )
+
+
+def test_same_seed_same_trials_and_the_study_resumes(red, tmp_path):
+    con, acts, w, sp = red
+    sites = ["text_proj", "cross_kv"]
+    fits = {s: subset(acts, (s,), sp.fit_pairs, sp.fit_neutral) for s in sites}
+    obj = SiteObjectives(acts, sp, w)
+    widths = {g.site: g.dim for g in acts.groups}
+    runs = []
+    for name, seed in (("a", 7), ("b", 7), ("c", 8)):
+        st = _study(tmp_path, name, seed)
+        run_trials(st, 6, fits, w, obj, sites, ["cpca", "mean", "twin"], widths, "tokens")
+        runs.append([(t.params, t.values) for t in st.trials])
+    assert runs[0] == runs[1]
+    assert [p for p, _ in runs[0]] != [p for p, _ in runs[2]]
+    # resumed: the same study name in the same file gains trials, keeping the old ones
+    st = _study(tmp_path, "a", 7)
+    run_trials(st, 3, fits, w, obj, sites, ["cpca", "mean", "twin"], widths, "tokens")
+    assert len(st.trials) == 9
+    assert [(t.params, t.values) for t in st.trials[:6]] == runs[0]
+
+
+def test_tune_verb_writes_delta_record_report_and_plot(tmp_path):
+    out = tmp_path / "red.vud"
+    args = ["tune", str(MODEL), "-c", str(RED), "-o", str(out), "--trials", "4", "--seed", "3"]
+    args += ["--sites", "text_proj", "--methods", "cpca,twin", "--objectives", "site", "--json"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    d = read_delta(out)
+    rec = d.method["tune"]
+    assert rec["sampler"] == {"name": "TPESampler", "seed": 3}
+    assert rec["versions"]["optuna"] == optuna.__version__
+    assert rec["chosen"] == rep["chosen"] and rec["chosen"] in rep["front"]
+    assert d.method["name"] == rep["chosen"]["method"] and d.method["strength"] == pytest.approx(
+        rep["chosen"]["strength"]
+    )
+    assert set(rec["split"]["validation_pairs"]) <= {p.unsafe for p in load_concept(RED).pairs}
+    assert Path(rep["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads(Path(rep["report"]).read_text())["delta_sha256"] == rep["delta_sha256"]
+    # the delta is never replaced without --overwrite: one line, exit 2, nothing changed
+    before = out.read_bytes()
+    r2 = CliRunner().invoke(main, args[:-1])
+    assert r2.exit_code == 2 and "Traceback" not in r2.output
+    assert out.read_bytes() == before
+    # the same study extended: 4 more trials
+    r3 = CliRunner().invoke(main, [*args, "--overwrite", "--trials", "2"])
+    assert r3.exit_code == 0, r3.output
+    assert json.loads(r3.stdout)["trials"] + json.loads(r3.stdout)["failed"] == 6
