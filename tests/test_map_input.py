@@ -122,3 +122,24 @@ def test_revert_refuses_a_singular_map_on_a_fine_tune(tmp_path):
         patcher.revert_delta(
             tmp_path / "b.safetensors", tmp_path / "d.vud", tmp_path / "r.safetensors"
         )
+
+
+def test_map_input_may_hold_more_input_directions_than_the_weight_has_rows(tmp_path):
+    """A map of the input space (in, r) with r above the row count: written, read, applied as
+    W (I + λ P Qᵀ); an additive entry of that rank stays refused."""
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(4, 12, generator=g)
+    Q = orthonormalize(torch.randn(12, 7, generator=g))  # 7 directions, 4 rows
+    P = 0.3 * torch.randn(12, 7, generator=g)
+    e = map_input_entry("transformer/x.weight", W, P, Q, 1.0, None, "F32")
+    write_delta(tmp_path / "m.vud", Delta([e], {"name": "c"}, {"name": "twin"}))
+    back = read_delta(tmp_path / "m.vud").entries[0]
+    assert back.rank == 7 and torch.equal(back.V, Q) and torch.equal(back.P, P)
+    want = W @ (torch.eye(12) + P @ Q.T)  # written out here, not by the code under test
+    assert torch.allclose(W + back.U @ back.V.T, want, atol=1e-5)
+
+    add = patcher.vud.delta.DeltaEntry(
+        "transformer/x.weight", (4, 12), "add", 1.0, torch.randn(4, 7), torch.randn(12, 7)
+    )
+    with pytest.raises(DeltaError, match=r"\[1, 4\]"):
+        write_delta(tmp_path / "a.vud", Delta([add], {"name": "c"}, {"name": "mean"}))

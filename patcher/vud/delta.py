@@ -219,8 +219,11 @@ def _parse_entry(rec: object, i: int, where: str) -> dict:
     ):
         raise DeltaError(f"{w} ({key}): strength must be a finite number")
     rank = rec.get("rank")
-    if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= min(shape):
-        raise DeltaError(f"{w} ({key}): rank must be an integer in [1, {min(shape)}]")
+    # input-side kinds hold orthonormal input directions V (in, r): up to `in` of them, even when the
+    # weight has fewer rows (a map of the input space is not a rank of W)
+    top = min(shape) if kind == "add" else shape[1]
+    if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= top:
+        raise DeltaError(f"{w} ({key}): rank must be an integer in [1, {top}] for kind {kind}")
     sha = rec.get("base_sha256")
     if sha is not None and (not isinstance(sha, str) or not _HEX64.match(sha)):
         raise DeltaError(f"{w} ({key}): base_sha256 must be 64 lowercase hex digits or null")
