@@ -15,6 +15,7 @@ Parts (--part, comma-separated; default organism,correlation):
 
   OMP_NUM_THREADS=1 nice -n 10 python benchmarks/tune_bench.py --part organism,correlation
   OMP_NUM_THREADS=1 nice -n 10 python benchmarks/tune_bench.py --part wan14b --trials 20
+  python benchmarks/tune_bench.py --part wan14b --trials 20 --sites text_proj,cross_kv
 """
 
 from __future__ import annotations
@@ -305,6 +306,7 @@ def run_wan14b(a) -> dict:
             seed=0,
             study=Path(a.tmp) / "wan14b.db",
             study_name=f"wan14b-{time.time():.0f}",
+            sites=tuple(a.sites.split(",")) if a.sites else None,
         ),
         overwrite=True,
     )
@@ -336,6 +338,7 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=60)
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--tmp", default="/tmp/vpatch-tune-bench")
+    ap.add_argument("--sites", help="wan14b: restrict the sites searched (default: the family's)")
     a = ap.parse_args()
     Path(a.tmp).mkdir(parents=True, exist_ok=True)
     (RES / "tune").mkdir(parents=True, exist_ok=True)
@@ -355,7 +358,8 @@ def main() -> None:
             json.dumps(doc["correlation"], indent=1, default=str)
         )
     if "wan14b" in parts:
-        (RES / "tune_wan14b_cpu.json").write_text(json.dumps(run_wan14b(a), indent=1, default=str))
+        name = "tune_wan14b_cpu" + ("_" + a.sites.replace(",", "_") if a.sites else "")
+        (RES / f"{name}.json").write_text(json.dumps(run_wan14b(a), indent=1, default=str))
 
 
 if __name__ == "__main__":
