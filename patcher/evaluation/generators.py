@@ -60,7 +60,9 @@ class PipelineGenerator:
         from diffusers import DiffusionPipeline
 
         dev, dt = check_device(opt.device), torch_dtype(opt.dtype)
-        self.pipe = DiffusionPipeline.from_pretrained(str(folder), torch_dtype=dt).to(dev)
+        self.pipe = DiffusionPipeline.from_pretrained(
+            str(folder), torch_dtype=dt, use_safetensors=True
+        ).to(dev)
         self.pipe.set_progress_bar_config(disable=True)
         self.opt = opt
 

@@ -149,7 +149,7 @@ def _load_pipeline(
         raise ProbeError(
             f"--offload {opt.offload} needs a GPU (it moves weights between the GPU and host memory); use --offload none on CPU"
         )
-    kwargs = {"torch_dtype": dtype}
+    kwargs = {"torch_dtype": dtype, "use_safetensors": True}  # never unpickle a component
     if opt.offload == "balanced":  # accelerate spreads the components over every visible GPU
         kwargs["device_map"] = "balanced"
     try:

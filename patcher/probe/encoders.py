@@ -85,7 +85,7 @@ class Encoder:
             root = Path(loc)
             sub = root / spec.preprocessor if (root / spec.preprocessor).is_dir() else root
             try:
-                self.model = mcls.from_pretrained(loc, torch_dtype=dtype)
+                self.model = mcls.from_pretrained(loc, torch_dtype=dtype, use_safetensors=True)
                 self.pre = pcls.from_pretrained(str(sub))
             except OSError as e:
                 raise ProbeError(
@@ -108,10 +108,16 @@ class Encoder:
                 raise ProbeError(
                     f"encoder {spec.name!r}: {lib}.{cls} is not a transformers model; vpatch hooks transformers encoders"
                 )
-            self.model = import_class(lib, cls).from_pretrained(
-                src.root / spec.component, torch_dtype=dtype
-            )
-            self.pre = import_class(plib, pcls_name).from_pretrained(src.root / spec.preprocessor)
+            mcls, pcls = import_class(lib, cls), import_class(plib, pcls_name)
+            try:  # safetensors only: a folder holding just pickles is refused, never unpickled
+                self.model = mcls.from_pretrained(
+                    src.root / spec.component, torch_dtype=dtype, use_safetensors=True
+                )
+                self.pre = pcls.from_pretrained(src.root / spec.preprocessor)
+            except (OSError, ValueError) as e:
+                raise ProbeError(
+                    f"encoder {spec.name!r} in {src.root / spec.component}: {str(e).splitlines()[0]}"
+                ) from None
             self.component_dir = src.root / spec.component
         self.model.to(device).eval()
         self.modules = {spec.component: self.model}  # what a site inside the encoder is hooked on
@@ -286,13 +292,14 @@ class PipelineEncoder:
         for name in self.enc.components:
             lib, cls = _component_class(index, root, name, None, "component")
             c = _library_class(lib, cls)
-            try:
+            try:  # models from safetensors only: a folder holding just pickles is refused
                 if isinstance(c, type) and issubclass(c, torch.nn.Module):
-                    obj = c.from_pretrained(root / name, torch_dtype=dtype).to(device).eval()
+                    obj = c.from_pretrained(root / name, torch_dtype=dtype, use_safetensors=True)
+                    obj = obj.to(device).eval()
                     self.modules[name] = obj
                 else:
                     obj = c.from_pretrained(root / name)
-            except OSError as e:
+            except (OSError, ValueError, AttributeError) as e:
                 raise ProbeError(
                     f"encoder {spec.name!r}: component {name} in {root}: {str(e).splitlines()[0]}"
                 ) from None
@@ -312,7 +319,16 @@ class PipelineEncoder:
             self.pipe = pcls(**loaded, **{n: None for n in others})
         except (AttributeError, TypeError, ImportError):  # reads an absent one's config, or builds
             # a default for it from an optional package (Cosmos 2.5's guardrail)
-            self.pipe = pcls(**loaded, **{n: absent(n) for n in others})
+            try:
+                self.pipe = pcls(**loaded, **{n: absent(n) for n in others})
+            except Exception as e:  # a diffusers whose constructor this recipe does not fit
+                import diffusers
+
+                raise ProbeError(
+                    f"encoder {spec.name!r}: {cls_name} cannot be built from its text components "
+                    f"alone with diffusers {diffusers.__version__} ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0] if str(e) else ''})"
+                ) from None
         self.pipe.set_progress_bar_config(disable=True)
         method = getattr(self.pipe, self.enc.method, None)
         if not callable(method):
@@ -332,7 +348,12 @@ class PipelineEncoder:
         if "device" in self.takes and "device" not in kw:
             kw["device"] = torch.device(self.device)
         with torch.inference_mode():
-            out = self.method(**{enc.prompt_arg: [prompt]}, **kw)
+            try:
+                out = self.method(**{enc.prompt_arg: [prompt]}, **kw)
+            except TypeError as e:  # the recipe's kwargs do not fit the method's signature
+                raise ProbeError(
+                    f"{enc.method}: {str(e).splitlines()[0]}; fix the family recipe's kwargs"
+                ) from None
             x = _pick(out, enc.result, "result", enc.method)
             mask = None if enc.mask is None else _pick(out, enc.mask, "mask_result", enc.method)
             if enc.then is not None:
