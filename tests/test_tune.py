@@ -167,7 +167,7 @@ def test_tune_verb_writes_delta_record_report_and_plot(tmp_path):
     rep = json.loads(r.stdout)
     d = read_delta(out)
     rec = d.method["tune"]
-    assert rec["sampler"] == {"name": "TPESampler", "seed": 3}
+    assert rec["sampler"] == {"name": "TPESampler", "seed": 3, "seed_offset": 0}
     assert rec["versions"]["optuna"] == optuna.__version__
     assert rec["chosen"] == rep["chosen"] and rec["chosen"] in rep["front"]
     assert d.method["name"] == rep["chosen"]["method"] and d.method["strength"] == pytest.approx(
@@ -181,7 +181,60 @@ def test_tune_verb_writes_delta_record_report_and_plot(tmp_path):
     r2 = CliRunner().invoke(main, args[:-1])
     assert r2.exit_code == 2 and "Traceback" not in r2.output
     assert out.read_bytes() == before
-    # the same study extended: 4 more trials
+    # the same study extended: 2 more trials, new ones (the resumed sampler's seed is offset)
     r3 = CliRunner().invoke(main, [*args, "--overwrite", "--trials", "2"])
     assert r3.exit_code == 0, r3.output
     assert json.loads(r3.stdout)["trials"] + json.loads(r3.stdout)["failed"] == 6
+    st = optuna.load_study(study_name=rec["study"], storage=f"sqlite:///{rec['storage']}")
+    params = [t.params for t in st.trials]
+    assert params[4] not in params[:4] and params[5] not in params[:4], params
+    assert read_delta(out).method["tune"]["sampler"]["seed_offset"] == 4
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--judge", "nosuchjudge"], "--judge"),
+        (["--sites", "nosuchsite"], "--sites"),
+        (["--study", "{model}/x.db"], "inside the model"),
+        (["--study", "{tmp}/not-sqlite.db"], "cannot open it"),
+        (["--study", "{tmp}/no/such/folder/s.db"], "does not exist"),
+    ],
+)
+def test_bad_options_are_refused_on_one_line_before_the_capture(
+    extra, words, tmp_path, monkeypatch
+):
+    import patcher.tune as tune_mod
+
+    def no_capture(*_a, **_k):
+        raise AssertionError("the capture ran before the options were checked")
+
+    monkeypatch.setattr(tune_mod, "capture", no_capture)
+    (tmp_path / "not-sqlite.db").write_bytes(b"this is not a database" * 10)
+    extra = [e.format(model=MODEL, tmp=tmp_path) for e in extra]
+    args = ["tune", str(MODEL), "-c", str(RED), "-o", str(tmp_path / "o.vud"), "--trials", "1"]
+    r = CliRunner().invoke(main, [*args, *extra])
+    assert r.exit_code == 2, (r.output, r.exception)
+    assert "Traceback" not in r.output and words in r.output, r.output
+    assert not (MODEL / "x.db").exists() and not (tmp_path / "o.vud").exists()
+    assert (tmp_path / "not-sqlite.db").read_bytes() == b"this is not a database" * 10
+
+
+def test_tune_runs_on_a_family_read_through_the_pipelines_own_encode_prompt(tmp_path):
+    pytest.importorskip("diffusers")
+    from tests import tiny_pipes_llm
+
+    src, _call = tiny_pipes_llm.BUILDERS["sana_video"](tmp_path / "sana")
+    out = tmp_path / "c.vud"
+    args = ["tune", str(src), "-c", "nudity", "-o", str(out), "--trials", "3", "--json"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    rec = read_delta(out).method["tune"]
+    assert "twin" not in rec["search_space"]["methods"] and rec["search_space"]["sites"]
+    # asking for the twin map there is refused on one line
+    r2 = CliRunner().invoke(main, [*args[:5], str(tmp_path / "d.vud"), "--methods", "twin"])
+    assert (
+        r2.exit_code == 2
+        and "Traceback" not in r2.output
+        and "pipeline's own encoding" in r2.output
+    )

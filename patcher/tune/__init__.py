@@ -108,7 +108,9 @@ def default_sites(src: ModelSource, opt: CaptureOptions) -> tuple[str, ...]:
     return tuple(
         n
         for n, s in fam.sites.items()
-        if s.mode == "text" and s.encoder in fam.encoders and fam.encoders[s.encoder].kind == "text"
+        if s.mode == "text"
+        and s.encoder in fam.encoders
+        and fam.encoders[s.encoder].kind in ("text", "pipeline")
     )
 
 
@@ -217,12 +219,89 @@ def tune(
     split = Split.of(unsafe, list(con.neutral), opt.val_fraction)
     t0 = time.perf_counter()
 
-    # one capture: every candidate site, with the token roles the twin map reads
     src = open_model(model, opt.capture)
+    fam = resolve_family(src, opt.capture.family, list(opt.capture.overrides))
     sites = opt.sites or opt.capture.sites or default_sites(src, opt.capture)
     if not sites:
         raise TuneError("the family has no text-mode site to search; give --sites")
-    cap = replace(opt.capture, sites=tuple(sites), token_roles=True)
+    unknown = [s_ for s_ in sites if s_ not in fam.sites]
+    if unknown:
+        raise TuneError(f"--sites {unknown[0]!r}: family {fam.name} has {', '.join(fam.sites)}")
+    # the twin map aligns tokenizer tokens: sites read through a pipeline's own encode_prompt cannot
+    # take it (the default method list leaves it out there; asking for it is refused)
+    piped = [
+        s_
+        for s_ in sites
+        if fam.encoders.get(fam.sites[s_].encoder) is not None
+        and fam.encoders[fam.sites[s_].encoder].kind == "pipeline"
+    ]
+    methods = list(opt.methods or (m for m in METHODS if not (piped and m == "twin")))
+    if piped and "twin" in methods:
+        raise TuneError(
+            f"--methods twin aligns tokenizer tokens; site {piped[0]!r} reads the pipeline's own "
+            "encoding (leave twin out, or give other --sites)"
+        )
+
+    # everything a user can get wrong is checked before the capture, which can take long
+    from ..organism import is_organism
+
+    level = opt.level
+    if level == "auto":
+        level = "denoiser" if is_organism(model) else "site"
+    if level == "denoiser" and not is_organism(model):
+        raise TuneError(
+            "--objectives denoiser needs a model whose sampling vpatch can run in memory (the "
+            "organism); use --objectives site"
+        )
+    if opt.judge:
+        from ..evaluation.judges import JUDGES
+
+        if opt.judge not in JUDGES:
+            raise TuneError(f"--judge {opt.judge!r}: choose among {', '.join(sorted(JUDGES))}")
+    if study_path.resolve() in {out.resolve(), report_path.resolve(), plot_path.resolve()}:
+        raise TuneError(f"--study {study_path} is one of tune's other outputs; give another path")
+    if any(study_path.resolve().is_relative_to(Path(i).resolve()) for i in inputs):
+        raise TuneError(f"--study {study_path} is inside the model; give a path outside it")
+    if not study_path.parent.is_dir():
+        raise TuneError(f"--study {study_path}: folder {study_path.parent} does not exist")
+
+    name = opt.study_name or f"{con.name}@{fam.name}"
+    setup = {
+        "sites": list(sites),
+        "methods": methods,
+        "level": level,
+        "split": split.record(unsafe, list(con.neutral)),
+        "concept": con.name,
+        "model": model if not Path(model).exists() else str(Path(model).resolve()),
+        "family": fam.name,
+        "overrides": list(opt.capture.overrides),
+    }
+    try:
+        study = optuna.create_study(
+            study_name=name,
+            storage=f"sqlite:///{study_path}",
+            directions=["minimize", "minimize"],
+            load_if_exists=True,
+        )
+        prior = study.user_attrs.get("setup")
+    except Exception as e:  # not an SQLite file, unreadable, locked: one line
+        raise TuneError(
+            f"--study {study_path}: cannot open it as an Optuna SQLite study ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
+    if prior is not None and prior != setup:
+        raise TuneError(
+            f"study {name!r} in {study_path} was run with another setup ({prior}); give another "
+            "--study or --study-name"
+        )
+    # a resumed study gets new trials, not the first ones again: the seed is offset by the trials it
+    # holds (a fresh study with the same seed reproduces the same trials)
+    resumed_from = len(study.trials)
+    study.sampler = optuna.samplers.TPESampler(seed=opt.seed + resumed_from)
+    study.set_user_attr("setup", setup)
+
+    # one capture: every candidate site, with the token roles the twin map reads when it is searched
+    cap = replace(opt.capture, sites=tuple(sites), token_roles="twin" in methods)
     weights = WeightReader(src)
     say(f"capturing {con.name} at {', '.join(sites)} (once for every trial)")
     acts = capture(src, con, cap, weights)
@@ -231,17 +310,7 @@ def tune(
     t_capture = time.perf_counter() - t0
 
     # the objectives on the validation prompts
-    from ..organism import is_organism
-
-    level = opt.level
-    if level == "auto":
-        level = "denoiser" if is_organism(model) else "site"
     if level == "denoiser":
-        if not is_organism(model):
-            raise TuneError(
-                "--objectives denoiser needs a model whose sampling vpatch can run in memory (the "
-                "organism); use --objectives site"
-            )
         objective_fn = OrganismObjectives(
             model,
             [(con.pairs[i].unsafe, con.pairs[i].safe) for i in split.val_pairs],
@@ -250,32 +319,7 @@ def tune(
     else:
         objective_fn = SiteObjectives(acts, split, weights)
     fits = {s: subset(acts, (s,), split.fit_pairs, split.fit_neutral) for s in sites}
-    methods = list(opt.methods or METHODS)
     t_setup = time.perf_counter() - t0 - t_capture
-
-    name = opt.study_name or f"{con.name}@{acts.family}"
-    sampler = optuna.samplers.TPESampler(seed=opt.seed)
-    study = optuna.create_study(
-        study_name=name,
-        storage=f"sqlite:///{study_path}",
-        directions=["minimize", "minimize"],
-        sampler=sampler,
-        load_if_exists=True,
-    )
-    prior = study.user_attrs.get("setup")
-    setup = {
-        "sites": list(sites),
-        "methods": methods,
-        "level": level,
-        "split": split.record(unsafe, list(con.neutral)),
-        "concept": con.name,
-    }
-    if prior is not None and prior != setup:
-        raise TuneError(
-            f"study {name!r} in {study_path} was run with another setup ({prior}); give another "
-            "--study or --study-name"
-        )
-    study.set_user_attr("setup", setup)
 
     t1 = time.perf_counter()
     if opt.trials:
@@ -300,7 +344,12 @@ def tune(
         judged = _judge_candidates(model, con, split, acts, weights, cands, opt, say)
         best = max(
             range(len(judged)),
-            key=lambda i: (judged[i]["judge_gap_closed"] or -math.inf, -judged[i]["concept_left"]),
+            key=lambda i: (
+                -math.inf
+                if judged[i]["judge_gap_closed"] is None
+                else judged[i]["judge_gap_closed"],
+                -judged[i]["concept_left"],
+            ),
         )
         chosen = pool[best]
     t_judge = time.perf_counter() - t2
@@ -325,7 +374,7 @@ def tune(
     record = {
         "study": name,
         "storage": str(study_path),
-        "sampler": {"name": "TPESampler", "seed": opt.seed},
+        "sampler": {"name": "TPESampler", "seed": opt.seed, "seed_offset": resumed_from},
         "trials": len(done),
         "refused": failed,
         "trials_this_run": opt.trials,
@@ -339,7 +388,8 @@ def tune(
         "judge": opt.judge,
         "refit": opt.refit and refit_refused is None,
         "refit_refused": refit_refused,
-        "chosen_delta_scores": asdict(final_scores),
+        # the written delta is refitted on every recipe prompt, validation ones included: in-sample
+        "chosen_delta_scores_in_sample": asdict(final_scores),
         "versions": ver,
     }
     delta = replace(built.delta, method={**built.delta.method, "tune": record})

@@ -16,11 +16,12 @@ Two levels measure them, neither generating video:
   and original estimates over the same distance between the original's estimates from the two noise
   seeds (the seed floor: 1 = the edit moves a concept-free clip as much as a new seed does). Site
   and encoder edits both act, since the encoder and the denoiser run with the edit applied in
-  memory. It needs the whole denoiser, so it serves the organism (and any model whose sampling is
-  given as a ``Velocity``); a 14B model on a CPU uses the site level.
+  memory. It needs the whole denoiser run in memory, so it serves the organism; other models use
+  the site level.
 - ``site`` (``SiteObjectives``): F is what the edited weights themselves output for the captured
   site inputs (W x, tokens aligned to their twin's as the twin edit aligns them; a concept word's
-  twin is padding). Damage is the RMS change of concept-free readings over their RMS spread around
+  twin is padding). Concept left there is a ratio of Frobenius norms over all validation tokens,
+  ``sqrt(Σ‖F'(u) − F(t)‖² / Σ‖F(u) − F(t)‖²)``, not of summed norms. Damage is the RMS change of concept-free readings over their RMS spread around
   their mean. It needs the captured activations and the target weights only, so it runs wherever
   the probe runs; it is measured at the edited site's readers and so compares candidates of one
   site more faithfully than candidates of different sites.

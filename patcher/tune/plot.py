@@ -1,5 +1,5 @@
 """The Pareto front as a PNG: every completed trial (grey), the front (blue, joined), the chosen
-trial (red ring) and the damage budget (dashed). matplotlib when it is installed, else PIL."""
+trial (red ring) and the damage budget (dashed), drawn with PIL."""
 
 from __future__ import annotations
 

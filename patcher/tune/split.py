@@ -3,7 +3,8 @@
 The split is by content, not by position or seed: each pair (by its unsafe prompt) and each neutral
 prompt is ranked by the sha256 of its text, and the lowest-ranked ``round(n * fraction)`` (at least
 one, and always leaving one to fit) are held for validation. The same recipe always splits the same
-way, reordering the recipe does not move a prompt across, and adding a prompt moves no other one.
+way and reordering the recipe does not move a prompt across. Adding a prompt can move one other
+(the count held out, ``round(n * fraction)``, may stay the same while the new prompt ranks lowest).
 The recipe's ``[heldout]`` sets are never used: they stay for ``vpatch eval``.
 """
 
