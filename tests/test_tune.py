@@ -199,6 +199,7 @@ def test_tune_verb_writes_delta_record_report_and_plot(tmp_path):
         (["--study", "{model}/x.db"], "inside the model"),
         (["--study", "{tmp}/not-sqlite.db"], "cannot open it"),
         (["--study", "{tmp}/no/such/folder/s.db"], "does not exist"),
+        (["-o", "{tmp}"], "file name"),
     ],
 )
 def test_bad_options_are_refused_on_one_line_before_the_capture(

@@ -124,7 +124,8 @@ def conditioning_image(path: Path | None, call: dict):
     from PIL import Image
 
     if path is not None:
-        return Image.open(path).convert("RGB")
+        with Image.open(path) as im:  # closed here: convert() makes the copy that is used
+            return im.convert("RGB")
     size = (int(call.get("width", 512)), int(call.get("height", 512)))
     return Image.new("RGB", size, (128, 128, 128))
 

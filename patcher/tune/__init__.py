@@ -208,6 +208,8 @@ def tune(
     opt = options or TuneOptions()
     say = log or (lambda _m: None)
     out = Path(out)
+    if out.is_dir() or out.name in ("", ".", ".."):
+        raise TuneError(f"-o {out}: give the delta's file name (e.g. {out / 'concept.vud'})")
     report_path = out.with_suffix(".tune.json")
     plot_path = out.with_suffix(".front.png")
     study_path = Path(opt.study) if opt.study else out.with_suffix(".tune.db")
