@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ..errors import DeltaError, ProbeError, VpatchError
-from ..families.recipes import Concept, load_concept
+from ..families.recipes import Concept, Family, load_concept
 from ..probe.build import METHODS, build
 from ..probe.capture import CaptureOptions, capture
 from ..probe.sources import ModelSource, WeightReader, open_model, resolve_family
@@ -190,6 +190,86 @@ def run_trials(study, n, fits, weights, objective_fn, sites, methods, widths, po
         study.optimize(objective, n_trials=n)
 
 
+def _search_space(src: ModelSource, opt: TuneOptions) -> tuple[Family, tuple[str, ...], list[str]]:
+    """The family, the sites and the methods searched, checked against the recipe."""
+    fam = resolve_family(src, opt.capture.family, list(opt.capture.overrides))
+    sites = tuple(opt.sites or opt.capture.sites or default_sites(src, opt.capture))
+    if not sites:
+        raise TuneError("the family has no text-mode site to search; give --sites")
+    unknown = [s for s in sites if s not in fam.sites]
+    if unknown:
+        raise TuneError(f"--sites {unknown[0]!r}: family {fam.name} has {', '.join(fam.sites)}")
+    # the twin map aligns tokenizer tokens: sites read through a pipeline's own encode_prompt cannot
+    # take it (the default method list leaves it out there; asking for it is refused)
+    piped = [
+        s
+        for s in sites
+        if fam.encoders.get(fam.sites[s].encoder) is not None
+        and fam.encoders[fam.sites[s].encoder].kind == "pipeline"
+    ]
+    methods = list(opt.methods or (m for m in METHODS if not (piped and m == "twin")))
+    if piped and "twin" in methods:
+        raise TuneError(
+            f"--methods twin aligns tokenizer tokens; site {piped[0]!r} reads the pipeline's own "
+            "encoding (leave twin out, or give other --sites)"
+        )
+    return fam, sites, methods
+
+
+def _objectives_level(model: str | Path, opt: TuneOptions) -> str:
+    """Which objectives run (denoiser on the organism, site elsewhere); the judge name checked."""
+    from ..organism import is_organism
+
+    level = opt.level
+    if level == "auto":
+        level = "denoiser" if is_organism(model) else "site"
+    if level == "denoiser" and not is_organism(model):
+        raise TuneError(
+            "--objectives denoiser needs a model whose sampling vpatch can run in memory (the "
+            "organism); use --objectives site"
+        )
+    if opt.judge:
+        from ..evaluation.judges import JUDGES
+
+        if opt.judge not in JUDGES:
+            raise TuneError(f"--judge {opt.judge!r}: choose among {', '.join(sorted(JUDGES))}")
+    return level
+
+
+def _open_study(optuna, path: Path, others, inputs, name: str, setup: dict, seed: int):
+    """The study, created or resumed, refused when it was run with another setup. A resumed study's
+    sampler is seeded with the seed plus the trials it holds, so it adds new trials rather than
+    repeating the first ones (a fresh study with the same seed reproduces the same trials)."""
+    if path.resolve() in {Path(o).resolve() for o in others}:
+        raise TuneError(f"--study {path} is one of tune's other outputs; give another path")
+    if any(path.resolve().is_relative_to(Path(i).resolve()) for i in inputs):
+        raise TuneError(f"--study {path} is inside the model; give a path outside it")
+    if not path.parent.is_dir():
+        raise TuneError(f"--study {path}: folder {path.parent} does not exist")
+    try:
+        study = optuna.create_study(
+            study_name=name,
+            storage=f"sqlite:///{path}",
+            directions=["minimize", "minimize"],
+            load_if_exists=True,
+        )
+        prior = study.user_attrs.get("setup")
+    except Exception as e:  # not an SQLite file, unreadable, locked: one line
+        raise TuneError(
+            f"--study {path}: cannot open it as an Optuna SQLite study ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
+    if prior is not None and prior != setup:
+        raise TuneError(
+            f"study {name!r} in {path} was run with another setup ({prior}); give another "
+            "--study or --study-name"
+        )
+    resumed_from = len(study.trials)
+    study.sampler = optuna.samplers.TPESampler(seed=seed + resumed_from)
+    study.set_user_attr("setup", setup)
+    return study, resumed_from
+
+
 def tune(
     model: str | Path,
     concept: str | Path | Concept,
@@ -221,52 +301,10 @@ def tune(
     split = Split.of(unsafe, list(con.neutral), opt.val_fraction)
     t0 = time.perf_counter()
 
-    src = open_model(model, opt.capture)
-    fam = resolve_family(src, opt.capture.family, list(opt.capture.overrides))
-    sites = opt.sites or opt.capture.sites or default_sites(src, opt.capture)
-    if not sites:
-        raise TuneError("the family has no text-mode site to search; give --sites")
-    unknown = [s_ for s_ in sites if s_ not in fam.sites]
-    if unknown:
-        raise TuneError(f"--sites {unknown[0]!r}: family {fam.name} has {', '.join(fam.sites)}")
-    # the twin map aligns tokenizer tokens: sites read through a pipeline's own encode_prompt cannot
-    # take it (the default method list leaves it out there; asking for it is refused)
-    piped = [
-        s_
-        for s_ in sites
-        if fam.encoders.get(fam.sites[s_].encoder) is not None
-        and fam.encoders[fam.sites[s_].encoder].kind == "pipeline"
-    ]
-    methods = list(opt.methods or (m for m in METHODS if not (piped and m == "twin")))
-    if piped and "twin" in methods:
-        raise TuneError(
-            f"--methods twin aligns tokenizer tokens; site {piped[0]!r} reads the pipeline's own "
-            "encoding (leave twin out, or give other --sites)"
-        )
-
     # everything a user can get wrong is checked before the capture, which can take long
-    from ..organism import is_organism
-
-    level = opt.level
-    if level == "auto":
-        level = "denoiser" if is_organism(model) else "site"
-    if level == "denoiser" and not is_organism(model):
-        raise TuneError(
-            "--objectives denoiser needs a model whose sampling vpatch can run in memory (the "
-            "organism); use --objectives site"
-        )
-    if opt.judge:
-        from ..evaluation.judges import JUDGES
-
-        if opt.judge not in JUDGES:
-            raise TuneError(f"--judge {opt.judge!r}: choose among {', '.join(sorted(JUDGES))}")
-    if study_path.resolve() in {out.resolve(), report_path.resolve(), plot_path.resolve()}:
-        raise TuneError(f"--study {study_path} is one of tune's other outputs; give another path")
-    if any(study_path.resolve().is_relative_to(Path(i).resolve()) for i in inputs):
-        raise TuneError(f"--study {study_path} is inside the model; give a path outside it")
-    if not study_path.parent.is_dir():
-        raise TuneError(f"--study {study_path}: folder {study_path.parent} does not exist")
-
+    src = open_model(model, opt.capture)
+    fam, sites, methods = _search_space(src, opt)
+    level = _objectives_level(model, opt)
     name = opt.study_name or f"{con.name}@{fam.name}"
     setup = {
         "sites": list(sites),
@@ -278,29 +316,8 @@ def tune(
         "family": fam.name,
         "overrides": list(opt.capture.overrides),
     }
-    try:
-        study = optuna.create_study(
-            study_name=name,
-            storage=f"sqlite:///{study_path}",
-            directions=["minimize", "minimize"],
-            load_if_exists=True,
-        )
-        prior = study.user_attrs.get("setup")
-    except Exception as e:  # not an SQLite file, unreadable, locked: one line
-        raise TuneError(
-            f"--study {study_path}: cannot open it as an Optuna SQLite study ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''})"
-        ) from None
-    if prior is not None and prior != setup:
-        raise TuneError(
-            f"study {name!r} in {study_path} was run with another setup ({prior}); give another "
-            "--study or --study-name"
-        )
-    # a resumed study gets new trials, not the first ones again: the seed is offset by the trials it
-    # holds (a fresh study with the same seed reproduces the same trials)
-    resumed_from = len(study.trials)
-    study.sampler = optuna.samplers.TPESampler(seed=opt.seed + resumed_from)
-    study.set_user_attr("setup", setup)
+    others = (out, report_path, plot_path)
+    study, resumed_from = _open_study(optuna, study_path, others, inputs, name, setup, opt.seed)
 
     # one capture: every candidate site, with the token roles the twin map reads when it is searched
     cap = replace(opt.capture, sites=tuple(sites), token_roles="twin" in methods)
