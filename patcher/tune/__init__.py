@@ -270,6 +270,42 @@ def _open_study(optuna, path: Path, others, inputs, name: str, setup: dict, seed
     return study, resumed_from
 
 
+def _judge_choice(model, con, split, acts, weights, pareto, chosen, opt, say):
+    """Prune with the cheap objectives, confirm with the judge: the best --confirm front trials within
+    the budget are sampled and the one with the largest twin gap closed (judge space) wins, the
+    cheap concept left breaking ties. A gap the judge could not measure ranks last."""
+    pooling = acts.defaults.get("pooling", "tokens")
+    pool = sorted((t for t in pareto if t.values[1] <= opt.max_damage), key=lambda t: t.values[0])[
+        : opt.confirm
+    ] or [chosen]
+    cands = [(t, candidate_of(t.user_attrs["candidate"], pooling)) for t in pool]
+    judged = _judge_candidates(model, con, split, acts, weights, cands, opt, say)
+
+    def rank(i: int) -> tuple[float, float]:
+        gap = judged[i]["judge_gap_closed"]
+        return (-math.inf if gap is None else gap, -judged[i]["concept_left"])
+
+    return pool[max(range(len(judged)), key=rank)], judged
+
+
+def _build_chosen(acts, split, weights, chosen, pooling, opt, out, say):
+    """The chosen trial's delta, refitted on every recipe prompt unless --no-refit; when the refit is
+    refused (e.g. a rank the format cannot hold), the delta the trial scored is kept."""
+    cand: Candidate = candidate_of(chosen.user_attrs["candidate"], pooling)
+    pairs = None if opt.refit else split.fit_pairs
+    neutral = None if opt.refit else split.fit_neutral
+    try:
+        built = build(subset(acts, (cand.site,), pairs, neutral), cand.params, weights)
+        _check_entries(built.delta.entries, str(out))
+        return built, None
+    except (ProbeError, DeltaError) as e:
+        if pairs is not None:
+            raise
+        say(f"refit on every prompt refused ({e}); writing the delta fitted on the fit prompts")
+        fit = subset(acts, (cand.site,), split.fit_pairs, split.fit_neutral)
+        return build(fit, cand.params, weights), str(e)
+
+
 def tune(
     model: str | Path,
     concept: str | Path | Concept,
@@ -356,38 +392,10 @@ def tune(
     judged: list[dict] = []
     t2 = time.perf_counter()
     if opt.judge:
-        pool = sorted(
-            (t for t in pareto if t.values[1] <= opt.max_damage), key=lambda t: t.values[0]
-        )[: opt.confirm] or [chosen]
-        cands = [(t, candidate_of(t.user_attrs["candidate"], pooling)) for t in pool]
-        judged = _judge_candidates(model, con, split, acts, weights, cands, opt, say)
-        best = max(
-            range(len(judged)),
-            key=lambda i: (
-                -math.inf
-                if judged[i]["judge_gap_closed"] is None
-                else judged[i]["judge_gap_closed"],
-                -judged[i]["concept_left"],
-            ),
-        )
-        chosen = pool[best]
+        chosen, judged = _judge_choice(model, con, split, acts, weights, pareto, chosen, opt, say)
     t_judge = time.perf_counter() - t2
 
-    cand: Candidate = candidate_of(chosen.user_attrs["candidate"], pooling)
-    pairs = None if opt.refit else split.fit_pairs
-    neutral = None if opt.refit else split.fit_neutral
-    refit_refused = None
-    try:
-        built = build(subset(acts, (cand.site,), pairs, neutral), cand.params, weights)
-        _check_entries(built.delta.entries, str(out))
-    except (ProbeError, DeltaError) as e:  # the refit is refused: keep what the trial scored
-        if pairs is None:
-            refit_refused = str(e)
-            say(f"refit on every prompt refused ({e}); writing the delta fitted on the fit prompts")
-            fit = subset(acts, (cand.site,), split.fit_pairs, split.fit_neutral)
-            built = build(fit, cand.params, weights)
-        else:
-            raise
+    built, refit_refused = _build_chosen(acts, split, weights, chosen, pooling, opt, out, say)
     final_scores = objective_fn(built.delta)
     ver = {**versions(), "optuna": optuna.__version__}
     record = {
