@@ -239,3 +239,48 @@ def test_tune_runs_on_a_family_read_through_the_pipelines_own_encode_prompt(tmp_
         and "Traceback" not in r2.output
         and "pipeline's own encoding" in r2.output
     )
+
+
+def test_the_judge_confirms_among_the_front_and_an_unmeasured_gap_ranks_last(monkeypatch):
+    import patcher.tune as tune_mod
+
+    class T:
+        def __init__(self, n, left, damage):
+            self.number, self.values = n, (left, damage)
+            self.user_attrs = {"candidate": {"site": "cross_kv", "method": "mean", "strength": 1.0}}
+
+    pareto = [T(0, 0.1, 0.1), T(1, 0.2, 0.1), T(2, 0.3, 0.1), T(3, 0.05, 0.9)]  # 3: over budget
+    gaps = {0: None, 1: 0.0, 2: -0.1}
+    monkeypatch.setattr(
+        tune_mod,
+        "_judge_candidates",
+        lambda *a: [
+            {"judge_gap_closed": gaps[t.number], "concept_left": t.values[0]} for t, _c in a[5]
+        ],
+    )
+
+    class Opt:
+        max_damage, confirm = 0.25, 3
+
+    class Acts:
+        defaults = {"pooling": "tokens"}
+
+    chosen, judged = tune_mod._judge_choice(
+        None, None, None, Acts, None, pareto, pareto[0], Opt, print
+    )
+    assert len(judged) == 3  # the over-budget trial is never sampled
+    assert chosen.number == 1  # gap 0.0 beats -0.1, and the unmeasured gap (None) ranks last
+
+
+def test_tune_with_the_organism_judge_in_the_loop(tmp_path):
+    out = tmp_path / "r.vud"
+    args = ["tune", str(MODEL), "-c", str(RED), "-o", str(out), "--trials", "3", "--json"]
+    args += ["--sites", "cross_kv", "--methods", "twin", "--judge", "organism", "--confirm", "2"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    judged = rep["judged"]
+    assert 1 <= len(judged) <= 2 and all(j["judge_gap_closed"] is not None for j in judged)
+    best = max(judged, key=lambda j: (j["judge_gap_closed"], -j["concept_left"]))
+    assert rep["chosen"]["trial"] == best["trial"]
+    assert read_delta(out).method["tune"]["judge"] == "organism"
