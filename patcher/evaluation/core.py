@@ -24,6 +24,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -228,28 +229,98 @@ def evaluate(
             tmp.cleanup()
 
 
+@dataclass(frozen=True)
+class _Judged:
+    """One eval's clips and verdicts, indexed the way every report section reads them."""
+
+    judge: Any
+    jobs: list
+    before: torch.Tensor
+    after: torch.Tensor
+    vb: list[dict]  # verdicts on the original's clips
+    va: list[dict]  # ... on the patched model's
+    twin_clips: torch.Tensor
+    vt: list[dict]  # ... on the original's clips of the safe twins
+    names: list[str]  # prompt sets, in order
+    concept_sets: list[str]
+    free_sets: list[str]
+    idx: dict[str, list[int]]  # set name -> job indices
+    twin_of: dict[int, int]  # job index -> its twin clip's index
+    pools: dict[str, list[int]]  # concept sets, and the held-out sets pooled
+
+    @property
+    def free_idx(self) -> list[int]:
+        return [i for n in self.free_sets for i in self.idx[n]]
+
+    @property
+    def concept_idx(self) -> list[int]:
+        return [i for n in self.concept_sets for i in self.idx[n]]
+
+    def sides(self):
+        return (("before", self.vb), ("after", self.va))
+
+
 def _assemble(judge, jobs, sets, before, after, vb, va, twin_clips, vt, twin_at) -> dict:
     names = [s.name for s in sets]
     concept_sets = [s.name for s in sets if s.concept]
-    free_sets = [s.name for s in sets if not s.concept]
     idx = {n: [i for i, j in enumerate(jobs) if j.set == n] for n in names}
-    twin_of = {i: twin_at[(j.twin, j.seed)] for i, j in enumerate(jobs) if j.twin is not None}
+    held = [i for n in concept_sets if n in HELDOUT for i in idx[n]]
+    pools = {n: idx[n] for n in concept_sets} | ({"held-out (all)": held} if held else {})
+    d = _Judged(
+        judge,
+        jobs,
+        before,
+        after,
+        vb,
+        va,
+        twin_clips,
+        vt,
+        names,
+        concept_sets,
+        [s.name for s in sets if not s.concept],
+        idx,
+        {i: twin_at[(j.twin, j.seed)] for i, j in enumerate(jobs) if j.twin is not None},
+        pools,
+    )
+    fb, fa, ft = (
+        judge.features(before, vb),
+        judge.features(after, va),
+        judge.features(twin_clips, vt),
+    )
+    expected = {i: judge.expected(jobs[i].prompt) for i in range(len(jobs))}
+    acc = _accuracy_summaries(d, expected)
+    return {
+        "presence": _presence(d),
+        "collateral": acc["collateral"],
+        "concept_prompt_attributes": acc["concept_prompt_attributes"],
+        "distance": _distance(d),
+        "per_set": acc["per_set"],
+        "outcomes": _outcomes(d),
+        "twin_fidelity": _twin_fidelity(d, fb, fa, ft),
+        "drift": _drift(d, fb, fa),
+        "collateral_kinds": _collateral_kinds(d, expected),
+        "concept_shifts": _concept_shifts(d),
+        "texture": _texture(d),
+    }
 
+
+def _presence(d: _Judged) -> dict:
     presence: dict = {}
-    outcomes: dict = {}
-    for n in names:
-        b = [judge.shown(vb[i]) for i in idx[n]]
-        a = [judge.shown(va[i]) for i in idx[n]]
-        rb, ra = rate(b), rate(a)
+    for n in d.names:
+        rb = rate([d.judge.shown(d.vb[i]) for i in d.idx[n]])
+        ra = rate([d.judge.shown(d.va[i]) for i in d.idx[n]])
         drop = (rb["rate"] - ra["rate"]) / rb["rate"] if rb["rate"] > 0 else float("nan")
         presence[n] = {"before": rb, "after": ra, "relative_drop": drop}
-    held = [i for n in concept_sets if n in HELDOUT for i in idx[n]]
-    pools = {n: idx[n] for n in concept_sets}
-    if held:
-        pools["held-out (all)"] = held
-    for n, ii in pools.items():
+    return presence
+
+
+def _outcomes(d: _Judged) -> dict:
+    """Per concept set: shown, a pale trace, the twin's look, or something else; before and after."""
+    judge, twin_of, vb, va, vt = d.judge, d.twin_of, d.vb, d.va, d.vt
+    outcomes: dict = {}
+    for n, ii in d.pools.items():
         outcomes[n] = {}
-        for side, vs in (("before", vb), ("after", va)):
+        for side, vs in d.sides():
             tw = [i for i in ii if i in twin_of]
             shown = [judge.shown(vs[i]) for i in ii]
             trace = [judge.trace(vs[i]) and not judge.shown(vs[i]) for i in ii]
@@ -271,39 +342,51 @@ def _assemble(judge, jobs, sets, before, after, vb, va, twin_clips, vt, twin_at)
             outcomes[n]["as_saturated"] = rate(
                 [va[i]["saturation"] >= vb[i]["saturation"] - 0.05 for i in both]
             )
+    return outcomes
 
-    # twin fidelity, per concept set and pooled over the held-out sets
-    fb = judge.features(before, vb)
-    fa = judge.features(after, va)
-    ft = judge.features(twin_clips, vt)
+
+def _twin_fidelity(d: _Judged, fb, fa, ft) -> dict:
+    """Per concept set and pooled over the held-out sets, in the judge's space and in pixels."""
     tf: dict = {}
-    for n, ii in pools.items():
-        ii = [i for i in ii if i in twin_of]
+    for n, ii in d.pools.items():
+        ii = [i for i in ii if i in d.twin_of]
         if not ii:
             continue
-        tt = [twin_of[i] for i in ii]
-        pr = [jobs[i].prompt for i in ii]
+        tt = [d.twin_of[i] for i in ii]
+        pr = [d.jobs[i].prompt for i in ii]
         tf[n] = {
             "judge": twin_fidelity(fb[ii], fa[ii], ft[tt], pr),
-            "pixel": twin_fidelity(before[ii], after[ii], twin_clips[tt], pr),
+            "pixel": twin_fidelity(d.before[ii], d.after[ii], d.twin_clips[tt], pr),
         }
+    return tf
 
-    free_idx = [i for n in free_sets for i in idx[n]]
-    fp = [jobs[i].prompt for i in free_idx]
-    fs = [jobs[i].seed for i in free_idx]
-    dr = {
-        "judge": drift(fb[free_idx], fa[free_idx], fp, fs),
-        "pixel": drift(before[free_idx], after[free_idx], fp, fs),
+
+def _drift(d: _Judged, fb, fa) -> dict:
+    fi = d.free_idx
+    fp, fs = [d.jobs[i].prompt for i in fi], [d.jobs[i].seed for i in fi]
+    return {
+        "judge": drift(fb[fi], fa[fi], fp, fs),
+        "pixel": drift(d.before[fi], d.after[fi], fp, fs),
     }
 
-    # collateral per kind of concept-free prompt
+
+def _texture_of(d: _Judged, ii: list[int]) -> dict:
+    return texture_ratio(
+        [_nan(d.vb[i].get("texture")) for i in ii],
+        [_nan(d.va[i].get("texture")) for i in ii],
+        [d.jobs[i].prompt for i in ii],
+    )
+
+
+def _collateral_kinds(d: _Judged, expected: dict) -> dict:
+    """Collateral per kind of concept-free prompt: attribute shifts, accuracy, names, texture."""
+    judge, vb, va = d.judge, d.vb, d.va
     kinds: dict[str, list[int]] = {}
-    for i in free_idx:
-        kinds.setdefault(judge.kind(jobs[i].prompt), []).append(i)
-    expected = {i: judge.expected(jobs[i].prompt) for i in range(len(jobs))}
+    for i in d.free_idx:
+        kinds.setdefault(judge.kind(d.jobs[i].prompt), []).append(i)
     ck: dict = {}
     for k, ii in sorted(kinds.items()):
-        pr = [jobs[i].prompt for i in ii]
+        pr = [d.jobs[i].prompt for i in ii]
         ent = {
             "n": len(ii),
             "shifts": shifts(
@@ -317,104 +400,87 @@ def _assemble(judge, jobs, sets, before, after, vb, va, twin_clips, vt, twin_at)
             ent["accuracy"] = {
                 a: {
                     side: rate([bool(vs[i]["present"]) and vs[i][a] == expected[i][a] for i in ii])
-                    for side, vs in (("before", vb), ("after", va))
+                    for side, vs in d.sides()
                 }
                 for a in judge.categorical
             }
             ent["after_named"] = _counts([va[i].get("colour") for i in ii])
         if "texture" in vb[ii[0]]:
-            ent["texture"] = texture_ratio(
-                [_nan(vb[i].get("texture")) for i in ii],
-                [_nan(va[i].get("texture")) for i in ii],
-                pr,
-            )
+            ent["texture"] = _texture_of(d, ii)
         ck[k] = ent
-    conc_idx = [i for n in concept_sets for i in idx[n]]
-    cpr = [jobs[i].prompt for i in conc_idx]
-    cshift = (
-        shifts(
-            [judge.attributes(vb[i]) for i in conc_idx],
-            [judge.attributes(va[i]) for i in conc_idx],
-            cpr,
-            judge.circular,
-        )
-        if conc_idx
-        else {}
-    )
-    if conc_idx and "colour" in vb[conc_idx[0]]:
-        cshift["after_named"] = _counts([va[i].get("colour") for i in conc_idx])
-    texture = {}
-    if vb and "texture" in vb[0]:
-        for name, ii in (("concept prompts", conc_idx), ("concept-free prompts", free_idx)):
-            texture[name] = texture_ratio(
-                [_nan(vb[i].get("texture")) for i in ii],
-                [_nan(va[i].get("texture")) for i in ii],
-                [jobs[i].prompt for i in ii],
-            )
+    return ck
 
-    # the earlier accuracy summaries (kept: push cards and the benchmark read them)
+
+def _concept_shifts(d: _Judged) -> dict:
+    ci = d.concept_idx
+    if not ci:
+        return {}
+    cshift = shifts(
+        [d.judge.attributes(d.vb[i]) for i in ci],
+        [d.judge.attributes(d.va[i]) for i in ci],
+        [d.jobs[i].prompt for i in ci],
+        d.judge.circular,
+    )
+    if "colour" in d.vb[ci[0]]:
+        cshift["after_named"] = _counts([d.va[i].get("colour") for i in ci])
+    return cshift
+
+
+def _texture(d: _Judged) -> dict:
+    if not (d.vb and "texture" in d.vb[0]):
+        return {}
+    return {
+        "concept prompts": _texture_of(d, d.concept_idx),
+        "concept-free prompts": _texture_of(d, d.free_idx),
+    }
+
+
+def _accuracy_summaries(d: _Judged, expected: dict) -> dict:
+    """The earlier accuracy summaries (kept: push cards and the benchmark read them)."""
     collateral: dict = {}
     concept_attrs: dict = {}
     per_set: dict = {}
+    judge, idx, conc_idx = d.judge, d.idx, d.concept_idx
+
+    def acc(ii: list[int], a: str) -> dict:  # a vanished object counts as a miss
+        return {
+            side: rate([bool(vs[i]["present"]) and vs[i][a] == expected[i][a] for i in ii])
+            for side, vs in d.sides()
+        }
+
+    def present(ii: list[int]) -> dict:
+        return {side: rate([bool(vs[i]["present"]) for i in ii]) for side, vs in d.sides()}
+
     if judge.categorical and expected[0] is not None:
         attr = getattr(judge, "attr", None)
-        other = [a for a in judge.categorical if a != attr]
         fi = idx.get("free", [])
         for a in judge.categorical:
             collateral[a] = {
-                side: rate([vs[i][a] == expected[i][a] for i in fi])
-                for side, vs in (("before", vb), ("after", va))
+                side: rate([vs[i][a] == expected[i][a] for i in fi]) for side, vs in d.sides()
             }
-        collateral["object_present"] = {
-            side: rate([bool(vs[i]["present"]) for i in fi])
-            for side, vs in (("before", vb), ("after", va))
-        }
-        for a in other:  # a vanished object counts as a miss
-            concept_attrs[a] = {
-                side: rate(
-                    [bool(vs[i]["present"]) and vs[i][a] == expected[i][a] for i in conc_idx]
-                )
-                for side, vs in (("before", vb), ("after", va))
-            }
-        concept_attrs["object_present"] = {
-            side: rate([bool(vs[i]["present"]) for i in conc_idx])
-            for side, vs in (("before", vb), ("after", va))
-        }
-        for n in names:
-            per_set[n] = {
-                a: {
-                    side: rate(
-                        [bool(vs[i]["present"]) and vs[i][a] == expected[i][a] for i in idx[n]]
-                    )
-                    for side, vs in (("before", vb), ("after", va))
-                }
-                for a in judge.categorical
-            }
-            per_set[n]["object_present"] = {
-                side: rate([bool(vs[i]["present"]) for i in idx[n]])
-                for side, vs in (("before", vb), ("after", va))
-            }
-    fi = idx.get("free", free_idx)
-    fb_, fa_ = before[fi], after[fi]
+        collateral["object_present"] = present(fi)
+        for a in [a for a in judge.categorical if a != attr]:
+            concept_attrs[a] = acc(conc_idx, a)
+        concept_attrs["object_present"] = present(conc_idx)
+        for n in d.names:
+            per_set[n] = {a: acc(idx[n], a) for a in judge.categorical}
+            per_set[n]["object_present"] = present(idx[n])
+    return {
+        "collateral": collateral,
+        "concept_prompt_attributes": concept_attrs,
+        "per_set": per_set,
+    }
+
+
+def _distance(d: _Judged) -> dict:
+    fi = d.idx.get("free", d.free_idx)
+    fb_, fa_ = d.before[fi], d.after[fi]
     rmse = [float(((x - y) ** 2).mean().sqrt()) for x, y in zip(fb_, fa_)]
     m, lo, hi = mean_ci(rmse)
-    distance = {
+    return {
         "paired_rmse": {"mean": m, "ci95": [lo, hi], "n": len(rmse)},
         "mmd2": _mmd(fb_, fa_),
         "mmd2_same_model_split": _mmd(fb_[0::2], fb_[1::2]),
-    }
-    return {
-        "presence": presence,
-        "collateral": collateral,
-        "concept_prompt_attributes": concept_attrs,
-        "distance": distance,
-        "per_set": per_set,
-        "outcomes": outcomes,
-        "twin_fidelity": tf,
-        "drift": dr,
-        "collateral_kinds": ck,
-        "concept_shifts": cshift,
-        "texture": texture,
     }
 
 
