@@ -504,6 +504,15 @@ def child(folder: str, site: str, device: str, out: str, extra: dict | None = No
     )
 
 
+def _child(args: list[str], env: dict, name: str) -> dict:
+    """One probe in a fresh process (its peak memory is its own); the JSON line it prints last."""
+    p = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env)
+    if p.returncode != 0:
+        print(p.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"probe failed on {name}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -540,16 +549,7 @@ def main() -> None:
             continue
         folder, info = pipeline_folder(a.dir, run, layers, a.device)
         out = a.dir / f"{run[0]}-{run[3]}.vud"
-        p = subprocess.run(
-            [sys.executable, __file__, "--child", str(folder), run[3], a.device, str(out)],
-            capture_output=True,
-            text=True,
-            env=env,
-        )
-        if p.returncode != 0:
-            print(p.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(f"probe failed on {run[0]}")
-        res = json.loads(p.stdout.strip().splitlines()[-1])
+        res = _child(["--child", str(folder), run[3], a.device, str(out)], env, run[0])
         row = {
             "config": run[0],
             "site": run[3],
@@ -575,16 +575,7 @@ def main() -> None:
         spec = {"model": str(folder), "site": run[3], "device": a.device, "family": run[2]}
         if not a.device.startswith("cuda"):  # bf16 on CPU: an fp32 copy of the LLM would not fit
             spec["dtype"] = "bfloat16"  # a shared 23 GB machine beside the other runs
-        p = subprocess.run(
-            [sys.executable, __file__, "--child-json", json.dumps(spec), str(out)],
-            capture_output=True,
-            text=True,
-            env=env,
-        )
-        if p.returncode != 0:
-            print(p.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(f"probe failed on {run[0]}")
-        res = json.loads(p.stdout.strip().splitlines()[-1])
+        res = _child(["--child-json", json.dumps(spec), str(out)], env, run[0])
         row = {
             "config": run[0],
             "site": run[3],

@@ -242,6 +242,16 @@ def encode(tok, enc, prompts: list[str]) -> torch.Tensor:
     return h * mask.unsqueeze(-1).to(h.dtype)
 
 
+def guided_velocity(
+    tr, x: torch.Tensor, t: float, cond: torch.Tensor, unc: torch.Tensor, guidance: float
+) -> torch.Tensor:
+    """The classifier-free-guided velocity at time t in [0, 1], both branches in one batch."""
+    tt = torch.full((2 * x.shape[0],), t * 1000, device=x.device)
+    v = tr(model_input(tr, torch.cat([x, x])), tt, torch.cat([cond, unc]), return_dict=False)[0]
+    vc, vu = v.chunk(2)
+    return vu + guidance * (vc - vu)
+
+
 @torch.no_grad()
 def sample(
     tok,
@@ -270,12 +280,7 @@ def sample(
         ).to(dev, dt)
         ts = torch.linspace(1.0, 0.0, steps + 1)
         for a, b in zip(ts[:-1], ts[1:]):
-            tt = torch.full((len(ps) * 2,), float(a) * 1000, device=dev)
-            v = tr(
-                model_input(tr, torch.cat([x, x])), tt, torch.cat([cond, unc]), return_dict=False
-            )[0]
-            vc, vu = v.chunk(2)
-            x = x + (b - a) * (vu + guidance * (vc - vu))
+            x = x + (b - a) * guided_velocity(tr, x, float(a), cond, unc, guidance)
         outs.append(x.clamp(-1, 1).float().cpu())
     return torch.cat(outs)
 

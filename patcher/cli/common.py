@@ -38,15 +38,16 @@ class RichReporter:
         self._p: Progress | None = None
         self._task = None
 
+    def _columns(self) -> tuple:
+        return (DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+
     def start(self, description: str, total: int) -> None:
         if self.quiet:
             return
         self._p = Progress(
             TextColumn("{task.description}", markup=False),
             BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
+            *self._columns(),
             console=err,
             transient=True,
         )
@@ -66,19 +67,8 @@ class RichReporter:
 class CountReporter(RichReporter):
     """Progress in items (prompts), not bytes."""
 
-    def start(self, description: str, total: int) -> None:
-        if self.quiet:
-            return
-        self._p = Progress(
-            TextColumn("{task.description}", markup=False),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=err,
-            transient=True,
-        )
-        self._p.start()
-        self._task = self._p.add_task(description, total=total)
+    def _columns(self) -> tuple:
+        return (MofNCompleteColumn(), TimeElapsedColumn())
 
 
 def _user_errors(fn):

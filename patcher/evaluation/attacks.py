@@ -79,6 +79,29 @@ class Inversion:
     loss_floor: float  # the same loss between the original and itself with another noise (0 here)
 
 
+def _guided_euler(
+    velocity: Velocity,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    noise: torch.Tensor,
+    steps: int,
+    guidance: float,
+    states: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> torch.Tensor:
+    """Guided Euler sampling (rectified flow, t: 1 -> 0); ``states`` collects each step's (x_t, t)."""
+    x = noise.clone()
+    ts = torch.linspace(1.0, 0.0, steps + 1)
+    with torch.no_grad():
+        for a, b in zip(ts[:-1], ts[1:]):
+            t = torch.full((x.shape[0],), float(a))
+            if states is not None:
+                states.append((x.clone(), t))
+            vc = velocity(x, t, cond)
+            vu = velocity(x, t, uncond)
+            x = x + (b - a) * (vu + guidance * (vc - vu))
+    return x
+
+
 def trajectory_states(
     velocity: Velocity,
     cond: torch.Tensor,
@@ -88,17 +111,9 @@ def trajectory_states(
     guidance: float,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The (x_t, t) states of the guided Euler trajectory from ``noise`` (rectified flow, t: 1 -> 0)."""
-    x = noise.clone()
-    ts = torch.linspace(1.0, 0.0, steps + 1)
-    out = []
-    with torch.no_grad():
-        for a, b in zip(ts[:-1], ts[1:]):
-            t = torch.full((x.shape[0],), float(a))
-            out.append((x.clone(), t))
-            vc = velocity(x, t, cond)
-            vu = velocity(x, t, uncond)
-            x = x + (b - a) * (vu + guidance * (vc - vu))
-    return out
+    states: list[tuple[torch.Tensor, torch.Tensor]] = []
+    _guided_euler(velocity, cond, uncond, noise, steps, guidance, states)
+    return states
 
 
 def invert_conditioning(
@@ -147,15 +162,7 @@ def sample_conditioned(
     guidance: float,
 ) -> torch.Tensor:
     """Guided Euler sampling from given conditioning (the attack's output), clips in [-1, 1]."""
-    x = noise.clone()
-    ts = torch.linspace(1.0, 0.0, steps + 1)
-    with torch.no_grad():
-        for a, b in zip(ts[:-1], ts[1:]):
-            t = torch.full((x.shape[0],), float(a))
-            vc = velocity(x, t, cond)
-            vu = velocity(x, t, uncond)
-            x = x + (b - a) * (vu + guidance * (vc - vu))
-    return x.clamp(-1, 1)
+    return _guided_euler(velocity, cond, uncond, noise, steps, guidance).clamp(-1, 1)
 
 
 def organism_velocity(tr) -> Velocity:

@@ -139,7 +139,7 @@ class OrganismObjectives:
 
     def _features(self, prompts: list[str], seed: int) -> torch.Tensor:
         """(n, 3 * clip): the clean-clip estimate x - t v after each of the coarse steps."""
-        from ..organism import FRAMES, SIZE, encode, model_input
+        from ..organism import FRAMES, SIZE, encode, guided_velocity
 
         n = len(prompts)
         cond = encode(self.tok, self.enc, prompts)
@@ -149,15 +149,7 @@ class OrganismObjectives:
         ts = torch.linspace(1.0, 0.0, self.steps + 1)
         out = []
         for a, b in zip(ts[:-1], ts[1:]):
-            tt = torch.full((2 * n,), float(a) * 1000)
-            v = self.tr(
-                model_input(self.tr, torch.cat([x, x])),
-                tt,
-                torch.cat([cond, unc]),
-                return_dict=False,
-            )[0]
-            vc, vu = v.chunk(2)
-            vg = vu + self.guidance * (vc - vu)
+            vg = guided_velocity(self.tr, x, float(a), cond, unc, self.guidance)
             out.append((x - float(a) * vg).clamp(-1, 1).flatten(1))
             x = x + (b - a) * vg
         return torch.cat(out, 1)
