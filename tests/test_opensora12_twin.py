@@ -186,6 +186,21 @@ def test_removed_word_is_sent_to_its_positions_null_row():
     assert float((y1 - null[2]).norm()) < 0.05 * float((vocab[9] - null[2]).norm())
 
 
+def test_null_space_directions_leave_the_kept_rows_alone():
+    """--null q projects the map's output off q directions; they are taken outside the null
+    caption's span, so its rows stay exact (a projection inside it would move them)."""
+    g = torch.Generator().manual_seed(1)
+    null = torch.randn(5, 16, generator=g)
+    vocab = torch.randn(10, 16, generator=g)
+    pairs = [([1, 2, 9, 3], [1, 2, 3]), ([4, 9], [4, 8])]
+    un = [(vocab[ids], ids) for ids, _ in pairs]
+    sa = [(vocab[ids], ids) for _, ids in pairs]
+    op, _ = twin_edit(un, sa, [vocab[[5, 6, 7]]], null, TwinParams(null=2))
+    M = op.matrix().double()
+    assert op.rank >= 2
+    assert float((null.double() @ M.T - null.double()).abs().max()) < 1e-4
+
+
 def test_a_null_caption_spanning_the_whole_input_is_refused():
     null = torch.randn(20, 8)
     X = [(torch.randn(3, 8), [1, 2, 3])]
