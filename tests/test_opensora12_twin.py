@@ -26,7 +26,7 @@ from patcher.families.recipes import RECIPES_DIR, _load_toml, load_family, parse
 from patcher.merge.engine import apply_delta  # noqa: E402
 from patcher.probe import CaptureOptions, ProbeParams, capture, probe  # noqa: E402
 from patcher.probe.sites import run_chain  # noqa: E402
-from patcher.probe.sources import open_source  # noqa: E402
+from patcher.probe.sources import WeightReader, open_source  # noqa: E402
 from patcher.vud.delta import read_delta  # noqa: E402
 from tests import tiny_pipes  # noqa: E402
 
@@ -284,7 +284,8 @@ def test_null_caption_is_for_text_mode_sites_only():
 
 
 def test_twin_activations_keep_the_null_role(t5, tmp_path):
-    """--save-activations keeps the null caption's readings: a later build holds the branch too."""
+    """--save-activations keeps the null caption's readings: a later build holds the branch too,
+    and tune's site objectives use them."""
     from patcher.probe import build_delta, read_activations
 
     acts = tmp_path / "v.acts"
@@ -307,3 +308,24 @@ def test_twin_activations_keep_the_null_role(t5, tmp_path):
     (e,) = [e for e in d.entries if e.tensor_key == KV[0]]
     assert float((x @ (e.U @ e.V.T).T).norm() / (x @ W[KV[0]].T).norm()) <= 1e-5
     assert json.loads(json.dumps(d.method))["name"] == "twin"
+
+    # tune's site objectives read the same branch: a removed word's twin is its null row, and the
+    # damage set holds, next to each concept-free prompt, the null rows its generation reads
+    from patcher.erasure.twin import align_tokens
+    from patcher.tune.objectives import SiteObjectives
+    from patcher.tune.split import Split
+
+    sp = Split.of([p["unsafe"] for p in a.concept["pairs"]], a.concept["neutral"])
+    obj = SiteObjectives(a, sp, WeightReader.for_activations(a)).targets[f"transformer/{KV[0]}"]
+    free = [grp.roles["safe"][i][0].tokens for i in sp.val_pairs]
+    free += [grp.roles["neutral"][i][0].tokens for i in sp.val_neutral]
+    null = grp.roles["null"][0][0].tokens.double()
+    want = torch.cat([*free, *[null[: len(x)] for x in free]]).double()
+    assert torch.equal(obj["Xf"], want)
+    i = sp.val_pairs[0]
+    ids = [[int(v) for v in grp.roles[r][i][0].tokens[:, 0]] for r in ("unsafe_ids", "safe_ids")]
+    removed = [a_ for a_, b in align_tokens(*ids) if b is None]
+    assert removed, ids
+    u = grp.roles["unsafe"][i][0].tokens.double()
+    gap0 = (u[removed[0]] - null[removed[0]]) @ W[KV[0]].double().T
+    assert torch.allclose(obj["gap"][removed[0]], gap0)
