@@ -98,12 +98,15 @@ def twin_map(
     beta: float = 1.0,
     ridge: float = 1e-3,
     null: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The input-side map M (H, H) of the module docstring, optionally followed by I - NNᵀ.
 
     ``ridge`` is relative to the preservation tokens' mean squared norm per dimension, so it does not
     depend on the activations' scale. With ``null`` (H, q) orthonormal, M = (I - NNᵀ) M_ls: the
-    constrained minimiser of the same objective over maps whose range avoids span(N).
+    constrained minimiser of the same objective over maps whose range avoids span(N). ``keep`` (k, H):
+    rows M must map to themselves exactly (M - I vanishes on their span; the null space is taken
+    inside its complement), for readings that no trade-off may move.
     """
     Xe, Te, Xp = X_e.double(), T_e.double(), X_p.double()
     H = Xe.shape[1]
@@ -113,11 +116,31 @@ def twin_map(
     r = float(ridge) * float(torch.trace(Cp)) / H
     A = Ce + float(beta) * Cp + r * eye
     Bm = Te.T @ Xe / Xe.shape[0] + float(beta) * Cp + r * eye
-    M = torch.linalg.solve(A, Bm.T).T  # Bm A⁻¹ (A symmetric)
+    if keep is None:
+        M = torch.linalg.solve(A, Bm.T).T  # Bm A⁻¹ (A symmetric)
+    else:
+        Qc = _complement(keep.double())
+        # M - I = (Bm - A) A⁻¹ unconstrained; restricted to maps that vanish on span(keep):
+        M = eye + (Bm - A) @ Qc @ torch.linalg.solve(Qc.T @ A @ Qc, Qc.T)
     if null is not None and null.shape[1]:
         N = null.double()
+        if keep is not None:  # the directions' part outside span(keep), orthonormalised
+            U, S, _ = torch.linalg.svd(Qc.T @ N, full_matrices=False)
+            N = Qc @ U[:, S > 1e-6 * float(S.max())]
         M = M - N @ (N.T @ M)
     return M
+
+
+def _complement(rows: torch.Tensor, tol: float = 1e-8) -> torch.Tensor:
+    """An orthonormal basis (H, H - rank) of the complement of the rows' span."""
+    _U, S, Vh = torch.linalg.svd(rows, full_matrices=True)
+    rank = int((S > tol * float(S.max())).sum()) if S.numel() else 0
+    if rank >= rows.shape[1]:
+        raise ValueError(
+            f"the {rows.shape[0]} readings that must keep their value span the whole "
+            f"{rows.shape[1]}-wide input: only the identity keeps them"
+        )
+    return Vh[rank:].T
 
 
 @dataclass(frozen=True)
@@ -195,24 +218,36 @@ def twin_edit(
     their value (neutral prompts, the safe twins, the empty prompt of the unconditional branch);
     ``pad``: what a padding position reads at this site (the target of a concept word). Padding is
     preserved too, as many rows as there are preserved tokens, so neither the padding positions nor
-    the unconditional branch move.
+    the unconditional branch move. A 2-D ``pad`` (L, H) is a learned null caption read position by
+    position (padding itself never reaches the readers): a concept word at position i is sent to
+    row i, and every row is kept exactly (``twin_map``'s ``keep``), not traded off.
     """
     Xe, Te = [], []
     for (xu, iu), (xs, is_) in zip(unsafe, safe):
         X, T = aligned_targets(xu, xs, iu, is_)
         deleted = [j is None for _, j in align_tokens(iu, is_)]
-        T[torch.tensor(deleted, dtype=torch.bool)] = pad.double()
+        if pad.dim() == 1:
+            T[torch.tensor(deleted, dtype=torch.bool)] = pad.double()
+        else:
+            at = [i for (i, _), d in zip(align_tokens(iu, is_), deleted) if d]
+            T[torch.tensor(deleted, dtype=torch.bool)] = pad.double()[at]
         Xe.append(X)
         Te.append(T)
     Xe_, Te_ = torch.cat(Xe), torch.cat(Te)
     Xp = torch.cat([p.double() for p in preserve])
-    Xp = torch.cat([Xp, pad.double().expand(Xp.shape[0], -1)])
+    keep = None
+    if pad.dim() == 1:
+        Xp = torch.cat([Xp, pad.double().expand(Xp.shape[0], -1)])
+    else:
+        keep = pad.double()
     null = None
     if params.null:
         null, _ = concept_null_space(Xe_ - Te_, Xp, params.null)
-    M = twin_map(Xe_, Te_, Xp, params.beta, params.ridge, null)
+    M = twin_map(Xe_, Te_, Xp, params.beta, params.ridge, null, keep)
     op = input_operator(M)
     fit = float((Xe_ @ M.T - Te_).norm() / (Xe_ - Te_).norm().clamp_min(1e-12))
+    if keep is not None:
+        Xp = torch.cat([Xp, keep])
     kept = float((Xp @ M.T - Xp).norm() / Xp.norm().clamp_min(1e-12))
     return op, {
         "rank": op.rank,

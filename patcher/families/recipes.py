@@ -225,6 +225,10 @@ class SiteSpec:
     text_tokens: str = "all"
     text_len: int | str | None = None
     last: int | None = None  # keep only the last N layers (by the first index in the key)
+    # a stored (positions, encoder width) tensor that the unconditional branch of guidance reads in
+    # place of the encoder output (a learned null caption), in the site's own component; declaring it
+    # also says that masked positions never reach the site's readers (recipes/README.md)
+    null_caption: str | None = None
 
     def matches(self, key: str) -> bool:
         return any(p.fullmatch(key) for p in self.weights)
@@ -433,12 +437,19 @@ def _site(name: str, t: _Table, encoders: dict[str, EncoderSpec]) -> SiteSpec:
     text_tokens = t.get("text_tokens", str, "all", TOKEN_SLICES)
     text_len = t.get("text_len", (int, str), None)
     last = t.positive("last", None)
+    null_caption = t.get("null_caption", str, None)
+    if null_caption is not None and (mode != "text" or not null_caption.strip()):
+        raise RecipeError(
+            f"{t.where}: field 'null_caption' names a stored tensor (non-empty), for text-mode sites only"
+        )
     if text_tokens != "all" and text_len is None:
         raise RecipeError(
             f"{t.where}: field 'text_len' is required when text_tokens = {text_tokens!r}"
         )
     t.done()
-    return SiteSpec(name, why, mode, comps, weights, enc, chain, text_tokens, text_len, last)
+    return SiteSpec(
+        name, why, mode, comps, weights, enc, chain, text_tokens, text_len, last, null_caption
+    )
 
 
 def parse_family(data: dict, where: str) -> Family:

@@ -123,8 +123,9 @@ def twin_map(
     acts: Activations, params: ProbeParams, weights: WeightReader
 ) -> tuple[list[DeltaEntry], list[GroupResult]]:
     """The twin edit (erasure/twin.py): per group, one input-side operator M fitted on the pairs
-    aligned token by token (a concept word is sent to what padding reads), with the neutral prompts,
-    the safe twins, the empty prompt and padding preserved; every target gets W' = W M."""
+    aligned token by token (a concept word is sent to what padding reads, or to the learned null
+    caption's row at its position), with the neutral prompts, the safe twins, the empty prompt and
+    padding (or the null caption) preserved; every target gets W' = W M."""
     from .capture import TWIN_ROLES
 
     entries: list[DeltaEntry] = []
@@ -138,7 +139,9 @@ def twin_map(
             )
 
         preserve = [c.tokens for r in ("neutral", "safe", "empty") for p in g.roles[r] for c in p]
-        pad = g.roles["pad"][0][0].tokens[0]
+        # a learned null caption (recipe key null_caption) is what a removed word and the
+        # unconditional branch read there, position by position; else padding's one reading
+        pad = g.roles["null"][0][0].tokens if "null" in g.roles else g.roles["pad"][0][0].tokens[0]
         tp = TwinParams(beta=params.beta, ridge=params.ridge, null=params.null)
         try:
             op, info = twin_edit(_with_ids(g, "unsafe"), _with_ids(g, "safe"), preserve, pad, tp)

@@ -256,7 +256,14 @@ def _capture_sites(
                 items["empty"] = [""]  # the unconditional branch's prompt must keep its reading
             enc = encoders[site.encoder]
             by_group, acts = capture_text(
-                src, site, enc, targets[site.name], items, rep.advance, pad=opt.token_roles
+                src,
+                site,
+                enc,
+                targets[site.name],
+                items,
+                rep.advance,
+                pad=opt.token_roles,
+                recipe=f"recipe {fam.path or fam.name}",
             )
             ids = _token_ids(enc, un + sa) if opt.token_roles else []
             for g, ts in by_group.items():
@@ -316,6 +323,7 @@ def capture_text(
     items: dict[str, list],
     advance: Callable[[int], None] = lambda _n: None,
     pad: bool = False,
+    recipe: str = "the family recipe",
 ) -> tuple[dict[str, list[Target]], dict[str, dict[str, list]]]:
     """Text-mode capture: the input of each target group for every item of every role.
 
@@ -323,7 +331,9 @@ def capture_text(
     forward; targets in another component read the encoder output through the site's chain.
     Returns (targets by group, {group: {role: [(acts (tokens, H), mask or None)]}}). With ``pad``,
     each group also gets the role ``pad``: what a padding position reads there (Wan and the organism
-    zero the encoder output after the real tokens, so the site's chain applied to a zero vector).
+    zero the encoder output after the real tokens, so the site's chain applied to a zero vector)
+    and, when the site declares a ``null_caption``, the role ``null``: that stored tensor's rows
+    through the chain, what the unconditional branch reads there position by position.
     """
     spec = enc.spec
     # the loaded modules a target may sit in (an encoder; a pipeline encoder's connectors): hooked
@@ -382,6 +392,15 @@ def capture_text(
                 prefix = ts[0].key[: len(ts[0].key) - len(ts[0].module + ".weight")]
                 z = run_chain(site, ws, torch.zeros(1, x0.shape[-1]), prefix, src.weights)
             out[g]["pad"] = [(z, None)]
+            if site.null_caption is not None:
+                if g in hooked:
+                    raise ProbeError(
+                        f"{recipe}, site {site.name!r}: null_caption replaces the encoder output, "
+                        "so it needs targets outside the encoder"
+                    )
+                out[g]["null"] = [
+                    (_null_caption(src, site, ts[0], x0.shape[-1], spec, recipe), None)
+                ]
         dim = next(iter(out[g].values()))[0][0].shape[-1]
         for t in ts:
             if t.in_dim != dim:
@@ -390,6 +409,32 @@ def capture_text(
                     f"site {site.name!r} does not read {site.encoder!r} here (wrong family or recipe)"
                 )
     return by_group, out
+
+
+def _null_caption(
+    src: ModelSource, site: SiteSpec, t: Target, width: int, enc: EncoderSpec, recipe: str
+) -> torch.Tensor:
+    """The site's reading of its learned null caption: the stored (positions, width) tensor, pushed
+    through the chain exactly as encoder output is. Strict: the tensor must exist next to the site's
+    weights, be 2-D, as wide as the encoder output, and cover every position the encoder gives."""
+    prefix = t.key[: len(t.key) - len(t.module + ".weight")]
+    key = f"{prefix}{site.null_caption}"
+    where = f"{recipe}, site {site.name!r}: null_caption {site.null_caption!r}"
+    ws = src.weights(t.component)
+    if ws is None or key not in ws.key_file:
+        raise ProbeError(f"{where} is not in {ws.label if ws is not None else t.component}")
+    x = WeightReader(src, keep=False).read(t.component, key).W
+    if x.dim() != 2 or x.shape[1] != width:
+        raise ProbeError(
+            f"{where} has shape {tuple(x.shape)}; it must be (positions, {width}), "
+            f"{width} being the width of encoder {enc.name!r}'s output"
+        )
+    if x.shape[0] < enc.max_length:
+        raise ProbeError(
+            f"{where} has {x.shape[0]} rows; encoder {enc.name!r} gives up to {enc.max_length} "
+            "positions, and each needs its null row"
+        )
+    return run_chain(site, ws, x, prefix, src.weights) if site.chain else x
 
 
 def site_inputs(

@@ -5,7 +5,8 @@
   the edited one). 1: the edit did nothing; 0: the unsafe prompt now reads as its twin; above 1: it
   went past the twin (λ = 1.5 flips the component and the concept comes back, or goes elsewhere).
 - **damage**: how much the edit moves concept-free prompts (the validation neutral prompts, the
-  validation pairs' safe twins, the empty prompt of the unconditional branch), relative to a floor
+  validation pairs' safe twins, the empty prompt of the unconditional branch, or, where a recipe
+  declares a learned null caption, each of those prompts' first L rows of it), relative to a floor
   that says what "a lot" is.
 
 Two levels measure them, neither generating video:
@@ -20,7 +21,7 @@ Two levels measure them, neither generating video:
   the site level.
 - ``site`` (``SiteObjectives``): F is what the edited weights themselves output for the captured
   site inputs (W x, tokens aligned to their twin's as the twin edit aligns them; a concept word's
-  twin is padding). Concept left there is a ratio of Frobenius norms over all validation tokens,
+  twin is padding, or a learned null caption's row at its position). Concept left there is a ratio of Frobenius norms over all validation tokens,
   ``sqrt(Σ‖F'(u) − F(t)‖² / Σ‖F(u) − F(t)‖²)``, not of summed norms. Damage is the RMS change of concept-free readings over their RMS spread around
   their mean. It needs the captured activations and the target weights only, so it runs wherever
   the probe runs; it is measured at the edited site's readers and so compares candidates of one
@@ -60,6 +61,10 @@ class SiteObjectives:
         self.targets: dict[str, dict] = {}
         for g in acts.groups:
             pad = g.roles["pad"][0][0].tokens[0].double() if "pad" in g.roles else None
+            # a learned null caption (recipe key null_caption): a removed word's twin is its row at
+            # the word's position, and a prompt's unconditional branch reads its rows, not the empty
+            # prompt
+            null = g.roles["null"][0][0].tokens.double() if "null" in g.roles else None
             xu, xt, xf = [], [], []
             for i in split.val_pairs:
                 u = g.roles["unsafe"][i][0].tokens.double()
@@ -71,13 +76,15 @@ class SiteObjectives:
                         if b is None and pad is None:
                             continue
                         xu.append(u[a])
-                        xt.append(s[b] if b is not None else pad)
+                        xt.append(s[b] if b is not None else pad if null is None else null[a])
                 else:  # no token ids: compare the prompts' mean tokens
                     xu.append(u.mean(0))
                     xt.append(s.mean(0))
                 xf.append(s)
             xf += [g.roles["neutral"][i][0].tokens.double() for i in split.val_neutral]
-            if "empty" in g.roles:
+            if null is not None:  # each prompt's guided generation reads its first L null rows
+                xf += [null[: x.shape[0]] for x in xf]
+            elif "empty" in g.roles:
                 xf.append(g.roles["empty"][0][0].tokens.double())
             Xu, Xt, Xf = torch.stack(xu), torch.stack(xt), torch.cat(xf)
             for t in g.targets:
