@@ -102,8 +102,16 @@ class OrganismJudge(Judge):
         return bool(v["present"]) and v[self.attr] == self.value
 
     def trace(self, v: dict) -> bool:
+        """Shown, or partly: a pale or dark tone of the colour; a shape's intermediate name
+        (``organism_judge.SHAPE_TRACE``: a rounded object is a trace of square and of ball)."""
+        from .organism_judge import SHAPE_TRACE
+
         if self.attr == "colour":
             return bool(v["present"]) and v["family"] == self.value
+        if self.attr == "shape":
+            return self.shown(v) or (
+                bool(v["present"]) and v["shape"] in SHAPE_TRACE.get(self.value, ())
+            )
         return self.shown(v)
 
     def same(self, v: dict, w: dict) -> bool:
