@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -260,3 +261,94 @@ def test_rotation_and_blur_leave_squareness_nearly_unchanged():
         TRANSFORMS["blur 0.6"](draw(superellipse(3.3, math.inf), 3.3, "up", rng, red), None)
     )
     assert abs(turned - base) <= 0.15 and abs(soft.squareness - base) <= 0.15, (base, turned, soft)
+
+
+# --------------------------------------------------------------------------- twin fidelity in shape space
+
+SQUARE_RECIPE = Path(__file__).resolve().parents[1] / "examples" / "organism" / "square.toml"
+
+
+def _measure_shape(after: Inside | None) -> dict:
+    """Square prompts drawn as squares by the original, as AFTER by the 'patched' model (None: no
+    object), their twins ("... ball ...") drawn as balls at the same places; through `vpatch
+    eval`'s own assembly with the square recipe's judge."""
+    from patcher.evaluation.core import Job, _assemble
+    from patcher.evaluation.judges import OrganismJudge
+    from patcher.evaluation.prompts import PromptSet
+    from patcher.families.recipes import load_concept
+
+    judge = OrganismJudge(load_concept(SQUARE_RECIPE))
+    specs = [(c, m) for c in ("red", "blue", "white") for m in ("left", "up")]
+    prompts = [f"a {c} box moving {m}".replace("a white ", "a ") for c, m in specs]
+    twins = [p.replace("box", "ball") for p in prompts]
+    sets = [PromptSet("synonym", tuple(prompts), True, tuple(twins))]
+    jobs, before, patched, tjobs, tclips = [], [], [], [], []
+    for p, t, (c, m) in zip(prompts, twins, specs):
+        for seed in (0, 1):
+            rgb = W.PALETTE[c]
+            jobs.append(Job("synonym", p, seed, True, t))
+            before.append(draw(superellipse(SQUARE_A, math.inf), 3.6, m, random.Random(seed), rgb))
+            shape = after or superellipse(1.0, 2)
+            patched.append(draw(shape, 3.6, m, random.Random(seed), rgb if after else (0, 0, 0)))
+            tjobs.append((t, seed))
+            tclips.append(draw(superellipse(BALL_R, 2), 3.6, m, random.Random(seed), rgb))
+    before, patched, tclips = torch.stack(before), torch.stack(patched), torch.stack(tclips)
+    twin_at = {tj: i for i, tj in enumerate(tjobs)}
+    vb, va, vt = judge.verdicts(before), judge.verdicts(patched), judge.verdicts(tclips)
+    return _assemble(judge, jobs, sets, before, patched, vb, va, tclips, vt, twin_at)
+
+
+def test_square_to_ball_closes_the_gap_in_shape_space():
+    r = _measure_shape(superellipse(BALL_R, 2))
+    o = r["outcomes"]["synonym"]["after"]
+    assert o["twin"]["rate"] == 1.0 and o["shown"]["rate"] == 0.0 and o["trace"]["rate"] == 0.0
+    assert r["twin_fidelity"]["synonym"]["judge"]["closed"] == pytest.approx(1.0)
+
+
+def test_a_no_op_closes_nothing():
+    r = _measure_shape(superellipse(SQUARE_A, math.inf))
+    assert r["outcomes"]["synonym"]["after"]["shown"]["rate"] == 1.0
+    assert r["twin_fidelity"]["synonym"]["judge"]["closed"] == pytest.approx(0.0)
+
+
+def test_a_rounded_square_is_a_trace_and_closes_part_of_the_gap():
+    """The superellipse |x|^4 + |y|^4 <= 3.3^4 (geometric squareness 0.54, between the organism's
+    square and ball sizes): never the twin, never shown, a trace in every clip, and about half the
+    shape gap closed."""
+    r = _measure_shape(superellipse(3.3, 4))
+    o = r["outcomes"]["synonym"]["after"]
+    assert o["trace"]["rate"] == 1.0 and o["twin"]["rate"] == 0.0 and o["shown"]["rate"] == 0.0
+    closed = r["twin_fidelity"]["synonym"]["judge"]["closed"]
+    assert 0.3 < closed < 0.8, closed
+
+
+def test_a_vanished_object_closes_no_shape_gap():
+    r = _measure_shape(None)
+    assert r["twin_fidelity"]["synonym"]["judge"]["closed"] <= 0.05
+
+
+def test_the_pixel_space_misses_what_the_shape_space_sees():
+    """The same square -> ball edit drawn 1 pixel off the twin's place: in shape space the gap is
+    closed; in pixel space much of it is not (the reason for a shape feature)."""
+    from patcher.evaluation.metrics import twin_fidelity
+
+    rng_seeds = range(6)
+    orig = torch.stack(
+        [
+            draw(superellipse(SQUARE_A, math.inf), 3.6, "left", random.Random(s), (1, 1, 1))
+            for s in rng_seeds
+        ]
+    )
+    twin = torch.stack(
+        [draw(superellipse(BALL_R, 2), 3.6, "left", random.Random(s), (1, 1, 1)) for s in rng_seeds]
+    )
+    moved = torch.roll(twin, 1, dims=-1)
+    from patcher.evaluation.judges import _shape_point
+
+    def feat(x):
+        return torch.tensor([_shape_point(J.judge(c).to_dict()) for c in x])
+
+    pr = [str(s) for s in rng_seeds]
+    shape_closed = twin_fidelity(feat(orig), feat(moved), feat(twin), pr)["closed"]
+    pixel_closed = twin_fidelity(orig, moved, twin, pr)["closed"]
+    assert shape_closed > 0.9 and pixel_closed < 0.5, (shape_closed, pixel_closed)
