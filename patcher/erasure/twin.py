@@ -188,6 +188,7 @@ def twin_edit(
     preserve: list[torch.Tensor],
     pad: torch.Tensor,
     params: TwinParams = TwinParams(),
+    extra: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[InputOperator, dict]:
     """The input-side operator for one site from a recipe's captures.
 
@@ -195,7 +196,9 @@ def twin_edit(
     their value (neutral prompts, the safe twins, the empty prompt of the unconditional branch);
     ``pad``: what a padding position reads at this site (the target of a concept word). Padding is
     preserved too, as many rows as there are preserved tokens, so neither the padding positions nor
-    the unconditional branch move.
+    the unconditional branch move. ``extra`` (X, T): more edit rows and their targets, e.g. the
+    site inputs an attack found and what the twin reads there (RECE's hardening step); they enter
+    the least-squares fit and the null space like the pairs' rows.
     """
     Xe, Te = [], []
     for (xu, iu), (xs, is_) in zip(unsafe, safe):
@@ -204,6 +207,9 @@ def twin_edit(
         T[torch.tensor(deleted, dtype=torch.bool)] = pad.double()
         Xe.append(X)
         Te.append(T)
+    if extra is not None:
+        Xe.append(extra[0].double())
+        Te.append(extra[1].double())
     Xe_, Te_ = torch.cat(Xe), torch.cat(Te)
     Xp = torch.cat([p.double() for p in preserve])
     Xp = torch.cat([Xp, pad.double().expand(Xp.shape[0], -1)])
