@@ -92,86 +92,7 @@ def collateral(f: dict) -> dict:
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--variants", default="twin,null1,null2,null4,null8,rece")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--iterations", type=int, default=150)
-    ap.add_argument("--seeds", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=16)
-    ap.add_argument("--no-collateral", action="store_true")
-    ap.add_argument("--out-dir", type=Path)
-    a = ap.parse_args()
-    torch.set_num_threads(1)
-    t_all = time.time()
-    con = load_concept(RECIPE)
-    vocab = concept_vocabulary(con)
-    opt = EvalOptions(seeds=a.seeds, steps=a.steps)
-    tok, enc, tr = o.load(MODEL)
-    cache: dict = {}
-    table = []
-    with tempfile.TemporaryDirectory(prefix="vpatch-harden-") as td:
-        acts_path = Path(td) / "acts.safetensors"
-        probe(
-            MODEL,
-            RECIPE,
-            None,
-            CaptureOptions(sites=(SITE,), token_roles=True),
-            ProbeParams(method="twin"),
-            save_activations=acts_path,
-        )
-        acts = read_activations(acts_path)
-
-        def measure(name: str, params: ProbeParams, extra=None) -> tuple[dict, torch.Tensor]:
-            t0 = time.time()
-            built = build(acts, params, extra={SITE: extra} if extra is not None else None)
-            dpath = Path(td) / f"{name}.vud"
-            write_delta(dpath, built.delta, overwrite=True)
-            rep = attack_eval(
-                MODEL, con, delta=dpath, attack="embedding", options=opt, iterations=a.iterations
-            )
-            t_attack = time.time() - t0
-            row = {
-                "variant": name,
-                "null": params.null,
-                "extra_rows": 0 if extra is None else int(extra[0].shape[0]),
-                "kept": built.groups[0].kept,
-                "attack": rep.to_dict(),
-                "attack_seconds": round(t_attack, 1),
-            }
-            if a.out_dir:
-                (a.out_dir / f"attack_embedding_{name}_red.json").write_text(
-                    json.dumps(rep.to_dict(), indent=2) + "\n"
-                )
-            if not a.no_collateral:
-                t1 = time.time()
-                ev = json.loads(
-                    to_json(evaluate(MODEL, con, delta=dpath, options=opt, cache=cache))
-                )
-                row["collateral"] = collateral(figures(ev))
-                row["eval_seconds"] = round(time.time() - t1, 1)
-                if a.out_dir:
-                    (a.out_dir / f"eval_{name}_red.json").write_text(
-                        json.dumps(ev, indent=2) + "\n"
-                    )
-            print(json.dumps(row, default=str), flush=True)
-            table.append(row)
-            return row, rep
-
-        for v in a.variants.split(","):
-            null = int(v.split("null")[1]) if "null" in v else 0
-            params = ProbeParams(method="twin", null=null)
-            name = "twin_baseline" if v == "twin" else f"twin_{v.replace('-', '_')}"
-            _, rep = measure(name, params)
-            if not v.startswith("rece"):
-                continue
-            xs, ts = [], []
-            for r in range(1, a.rounds + 1):
-                x, t = attack_rows(tok, enc, tr, rep.notes["prompts"], rep.conditioning, vocab)
-                xs.append(x)
-                ts.append(t)
-                _, rep = measure(f"{name}{r}", params, (torch.cat(xs), torch.cat(ts)))
-
+def render(table: list[dict]) -> None:
     print(
         "\n| variant | extra edit rows | embedding attack: patched, attacked (red) | trace | not attacked "
         "| velocity MSE start → end | red held-out as twin | colour-free white, Δsat "
@@ -193,11 +114,120 @@ def main() -> None:
             f"| {pct(at['notes']['patched_without_attack'])} "
             f"| {at['notes']['velocity_mse_start']:.4f} → {at['notes']['velocity_mse_end']:.5f} | {coll} |"
         )
-    print(f"wall time {time.time() - t_all:.0f} s (attack ≈ {table[0]['attack_seconds']} s each)")
-    if a.out_dir:
-        (a.out_dir / "attack_hardening_red.json").write_text(
-            json.dumps(table, indent=1, default=str) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--variants", default="twin,null1,null2,null4,null8,rece")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--iterations", type=int, default=150)
+    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--no-collateral", action="store_true")
+    ap.add_argument("--out-dir", type=Path)
+    ap.add_argument(
+        "--table", default="attack_hardening_red.jsonl", help="rows appended here (in --out-dir)"
+    )
+    ap.add_argument(
+        "--rece-base-collateral",
+        action="store_true",
+        help="also evaluate a RECE variant's round 0 (the unhardened edit, the same as its own row)",
+    )
+    ap.add_argument(
+        "--render",
+        nargs="+",
+        type=Path,
+        help="only print the table from saved rows (JSON lines: this script's stdout or --table files)",
+    )
+    a = ap.parse_args()
+    if a.render:
+        rows = [
+            json.loads(line)
+            for f in a.render
+            for line in f.read_text().splitlines()
+            if line.startswith('{"variant"')
+        ]
+        render(rows)
+        return
+    torch.set_num_threads(1)
+    t_all = time.time()
+    con = load_concept(RECIPE)
+    vocab = concept_vocabulary(con)
+    opt = EvalOptions(seeds=a.seeds, steps=a.steps)
+    tok, enc, tr = o.load(MODEL)
+    cache: dict = {}
+    table = []
+    with tempfile.TemporaryDirectory(prefix="vpatch-harden-") as td:
+        acts_path = Path(td) / "acts.safetensors"
+        probe(
+            MODEL,
+            RECIPE,
+            None,
+            CaptureOptions(sites=(SITE,), token_roles=True),
+            ProbeParams(method="twin"),
+            save_activations=acts_path,
         )
+        acts = read_activations(acts_path)
+
+        def measure(
+            name: str, params: ProbeParams, extra=None, collateral_too: bool = True
+        ) -> tuple[dict, torch.Tensor]:
+            t0 = time.time()
+            built = build(acts, params, extra={SITE: extra} if extra is not None else None)
+            dpath = Path(td) / f"{name}.vud"
+            write_delta(dpath, built.delta, overwrite=True)
+            rep = attack_eval(
+                MODEL, con, delta=dpath, attack="embedding", options=opt, iterations=a.iterations
+            )
+            t_attack = time.time() - t0
+            row = {
+                "variant": name,
+                "null": params.null,
+                "extra_rows": 0 if extra is None else int(extra[0].shape[0]),
+                "kept": built.groups[0].kept,
+                "attack": rep.to_dict(),
+                "attack_seconds": round(t_attack, 1),
+            }
+            if a.out_dir:
+                (a.out_dir / f"attack_embedding_{name}_red.json").write_text(
+                    json.dumps(rep.to_dict(), indent=2) + "\n"
+                )
+            if collateral_too and not a.no_collateral:
+                t1 = time.time()
+                ev = json.loads(
+                    to_json(evaluate(MODEL, con, delta=dpath, options=opt, cache=cache))
+                )
+                row["collateral"] = collateral(figures(ev))
+                row["eval_seconds"] = round(time.time() - t1, 1)
+                if a.out_dir:
+                    (a.out_dir / f"eval_{name}_red.json").write_text(
+                        json.dumps(ev, indent=2) + "\n"
+                    )
+            line = json.dumps(row, default=str)
+            print(line, flush=True)
+            table.append(row)
+            if a.out_dir:  # one JSON line per row, as it comes
+                with open(a.out_dir / a.table, "a") as fh:
+                    fh.write(line + "\n")
+            return row, rep
+
+        for v in a.variants.split(","):
+            null = int(v.split("null")[1]) if "null" in v else 0
+            params = ProbeParams(method="twin", null=null)
+            name = "twin_baseline" if v == "twin" else f"twin_{v.replace('-', '_')}"
+            rece = v.startswith("rece")
+            _, rep = measure(name, params, collateral_too=a.rece_base_collateral or not rece)
+            if not rece:
+                continue
+            xs, ts = [], []
+            for r in range(1, a.rounds + 1):
+                x, t = attack_rows(tok, enc, tr, rep.notes["prompts"], rep.conditioning, vocab)
+                xs.append(x)
+                ts.append(t)
+                _, rep = measure(f"{name}{r}", params, (torch.cat(xs), torch.cat(ts)))
+
+    render(table)
+    print(f"wall time {time.time() - t_all:.0f} s (attack ≈ {table[0]['attack_seconds']} s each)")
 
 
 if __name__ == "__main__":

@@ -258,6 +258,8 @@ def main() -> None:
         }
         rows_out.append(row)
         print(json.dumps(row), flush=True)
+        if a.out:  # rewritten after every k, so a run cut short keeps what it measured
+            a.out.write_text(json.dumps({"reference": ref, "rows": rows_out}, indent=1) + "\n")
     print(
         f"\nsite {a.site}, preserved set {a.preserve} ({ref['preserved_rows']} rows), delta {delta}"
     )
@@ -281,8 +283,6 @@ def main() -> None:
             f"| {r['amplification']:.1f} |"
         )
     print(f"wall time {time.time() - t0:.0f} s")
-    if a.out:
-        a.out.write_text(json.dumps({"reference": ref, "rows": rows_out}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
