@@ -129,6 +129,12 @@ def main() -> None:
         "--table", default="attack_hardening_red.jsonl", help="rows appended here (in --out-dir)"
     )
     ap.add_argument(
+        "--collateral-from-round",
+        type=int,
+        default=1,
+        help="RECE: evaluate the cost from this round on (earlier rounds: the attack only)",
+    )
+    ap.add_argument(
         "--rece-base-collateral",
         action="store_true",
         help="also evaluate a RECE variant's round 0 (the unhardened edit, the same as its own row)",
@@ -224,7 +230,12 @@ def main() -> None:
                 x, t = attack_rows(tok, enc, tr, rep.notes["prompts"], rep.conditioning, vocab)
                 xs.append(x)
                 ts.append(t)
-                _, rep = measure(f"{name}{r}", params, (torch.cat(xs), torch.cat(ts)))
+                _, rep = measure(
+                    f"{name}{r}",
+                    params,
+                    (torch.cat(xs), torch.cat(ts)),
+                    collateral_too=r >= a.collateral_from_round,
+                )
 
     render(table)
     print(f"wall time {time.time() - t_all:.0f} s (attack ≈ {table[0]['attack_seconds']} s each)")
