@@ -60,3 +60,13 @@ def test_concept_vocabulary():
         "crimson",
         "scarlet",
     ]
+
+
+def test_attack_report_keeps_the_optimised_conditioning_out_of_its_json():
+    import json
+
+    r = attacks.AttackReport("embedding", 2, {"rate": 1.0}, {"rate": 0.5}, {}, torch.ones(1, 2, 3))
+    d = r.to_dict()
+    assert set(d) == {"attack", "n", "before", "after", "notes"}
+    assert json.loads(json.dumps(d))["after"] == {"rate": 0.5}
+    assert r.conditioning.shape == (1, 2, 3)  # what a hardening step reads

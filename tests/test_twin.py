@@ -154,3 +154,31 @@ def test_twin_edit_sends_concept_words_to_padding_and_keeps_padding():
     assert torch.allclose(M @ word, pad, atol=1e-3)
     assert torch.allclose(M @ pad, pad, atol=1e-3)
     assert info["edit_tokens"] == 20 and info["residual"] < 1e-3
+
+
+def test_twin_edit_fits_extra_rows_an_attack_found():
+    """RECE's step: inputs an attack used, given as extra edit rows, are sent to their targets;
+    without them the edit leaves such an input alone (it lies where no pair or preserved row is)."""
+    g = torch.Generator().manual_seed(8)
+    H = 8
+    pad = torch.zeros(H, dtype=torch.float64)
+    pad[7] = 1.5
+    word = torch.zeros(H, dtype=torch.float64)
+    word[0] = 4.0
+    unsafe, safe, preserve = [], [], []
+    for i in range(5):
+        ctx = torch.randn(3, H, generator=g, dtype=torch.float64)
+        ctx[:, [0, 6, 7]] = 0
+        unsafe.append((torch.cat([ctx[:1], word[None], ctx[1:]]), [10 + i, 99, 20 + i, 1]))
+        safe.append((ctx, [10 + i, 20 + i, 1]))
+        preserve.append(ctx)
+    att = torch.zeros(4, H, dtype=torch.float64)
+    att[:, 6] = 3.0  # a direction no pair or preserved row uses
+    prm = twin.TwinParams(beta=1.0, ridge=1e-6)
+    plain, _ = twin.twin_edit(unsafe, safe, preserve, pad, prm)
+    hard, info = twin.twin_edit(unsafe, safe, preserve, pad, prm, extra=(att, pad.expand(4, -1)))
+    Mp, Mh = plain.matrix().double(), hard.matrix().double()
+    assert torch.allclose(att @ Mp.T, att, atol=1e-3)  # the plain edit passes it through
+    assert torch.allclose(att @ Mh.T, pad.expand(4, -1), atol=1e-2)  # hardened: sent to padding
+    assert torch.allclose(Mh @ word, pad, atol=1e-2)  # the concept word still is
+    assert info["edit_tokens"] == 24

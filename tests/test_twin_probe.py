@@ -81,6 +81,24 @@ def test_twin_builds_from_saved_activations_and_refuses_captures_without_tokens(
     for a, b in zip(rebuilt.entries, direct.entries):
         assert a.kind == b.kind == "map_input"
         assert torch.equal(a.P, b.P) and torch.equal(a.U, b.U) and torch.equal(a.V, b.V)
+    # hardening rows (what an attack fed the site): mapped to their target, only through twin
+    from patcher.probe.build import build
+
+    g = acts.groups[0]
+    pad = g.roles["pad"][0][0].tokens[0].double()
+    x = 1.5 * g.roles["unsafe"][0][0].tokens.double()  # a scaled-up red prompt's readings
+    X, T = x.repeat(4, 1), pad.expand(4 * x.shape[0], -1)
+
+    def miss(entry) -> float:
+        M = torch.eye(g.dim, dtype=torch.float64) + entry.P.double() @ entry.V.double().T
+        return float((X @ M.T - T).norm() / (X - T).norm())
+
+    hard = build(acts, ProbeParams(method="twin"), extra={g.site: (X, T)}).delta
+    assert miss(hard.entries[0]) < 0.5 * miss(direct.entries[0])
+    with pytest.raises(ProbeError, match="twin"):
+        build(acts, ProbeParams(method="cpca"), extra={g.site: (X, T)})
+    with pytest.raises(ProbeError, match="not captured"):
+        build(acts, ProbeParams(method="twin"), extra={"nowhere": (X, T)})
     # activations captured for the paper's method have no token ids: twin says what is missing
     plain = tmp_path / "plain.acts"
     probe(

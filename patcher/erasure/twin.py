@@ -211,6 +211,7 @@ def twin_edit(
     preserve: list[torch.Tensor],
     pad: torch.Tensor,
     params: TwinParams = TwinParams(),
+    extra: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[InputOperator, dict]:
     """The input-side operator for one site from a recipe's captures.
 
@@ -220,7 +221,10 @@ def twin_edit(
     preserved too, as many rows as there are preserved tokens, so neither the padding positions nor
     the unconditional branch move. A 2-D ``pad`` (L, H) is a learned null caption read position by
     position (padding itself never reaches the readers): a concept word at position i is sent to
-    row i, and every row is kept exactly (``twin_map``'s ``keep``), not traded off.
+    row i, and every row is kept exactly (``twin_map``'s ``keep``), not traded off. ``extra``
+    (X, T): more edit rows and their targets, e.g. the site inputs an attack found and what the twin
+    reads there (RECE's hardening step); they enter the least-squares fit and the null space like
+    the pairs' rows.
     """
     Xe, Te = [], []
     for (xu, iu), (xs, is_) in zip(unsafe, safe):
@@ -233,6 +237,9 @@ def twin_edit(
             T[torch.tensor(deleted, dtype=torch.bool)] = pad.double()[at]
         Xe.append(X)
         Te.append(T)
+    if extra is not None:
+        Xe.append(extra[0].double())
+        Te.append(extra[1].double())
     Xe_, Te_ = torch.cat(Xe), torch.cat(Te)
     Xp = torch.cat([p.double() for p in preserve])
     keep = None

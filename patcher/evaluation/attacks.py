@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -195,11 +195,18 @@ class AttackReport:
     before: dict  # success rate on the original model
     after: dict  # success rate on the patched model
     notes: dict
+    # embedding attack: the optimised conditioning (n, L, D), so that a hardening step can read what
+    # the attack found; not part of the report
+    conditioning: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
-        from dataclasses import asdict
-
-        return asdict(self)
+        return {
+            "attack": self.attack,
+            "n": self.n,
+            "before": self.before,
+            "after": self.after,
+            "notes": self.notes,
+        }
 
 
 def concept_vocabulary(concept) -> list[str]:
@@ -353,4 +360,5 @@ def attack_eval(
             "iterations": iterations,
             "prompts": unsafe,
         },
+        inv.cond,
     )

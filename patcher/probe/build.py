@@ -120,12 +120,18 @@ def _with_ids(g: GroupActivations, role: str) -> list[tuple[torch.Tensor, list[i
 
 
 def twin_map(
-    acts: Activations, params: ProbeParams, weights: WeightReader
+    acts: Activations,
+    params: ProbeParams,
+    weights: WeightReader,
+    extra: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> tuple[list[DeltaEntry], list[GroupResult]]:
     """The twin edit (erasure/twin.py): per group, one input-side operator M fitted on the pairs
     aligned token by token (a concept word is sent to what padding reads, or to the learned null
     caption's row at its position), with the neutral prompts, the safe twins, the empty prompt and
-    padding (or the null caption) preserved; every target gets W' = W M."""
+    padding (or the null caption) preserved; every target gets W' = W M.
+
+    ``extra`` maps a site name to more edit rows (X, T) for its group (hardening against an
+    attack: the inputs it found and the twin's reading as their target)."""
     from .capture import TWIN_ROLES
 
     entries: list[DeltaEntry] = []
@@ -144,7 +150,14 @@ def twin_map(
         pad = g.roles["null"][0][0].tokens if "null" in g.roles else g.roles["pad"][0][0].tokens[0]
         tp = TwinParams(beta=params.beta, ridge=params.ridge, null=params.null)
         try:
-            op, info = twin_edit(_with_ids(g, "unsafe"), _with_ids(g, "safe"), preserve, pad, tp)
+            op, info = twin_edit(
+                _with_ids(g, "unsafe"),
+                _with_ids(g, "safe"),
+                preserve,
+                pad,
+                tp,
+                (extra or {}).get(g.site),
+            )
         except (ValueError, RuntimeError) as e:
             raise ProbeError(f"site {g.site} ({g.input}): twin edit failed: {e}") from None
         for t in g.targets:
@@ -177,16 +190,29 @@ METHODS: dict[str, Method] = {
 
 
 def build(
-    acts: Activations, params: ProbeParams | None = None, weights: WeightReader | None = None
+    acts: Activations,
+    params: ProbeParams | None = None,
+    weights: WeightReader | None = None,
+    *,
+    extra: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> Built:
     """The delta for these parameters (unset ones from the family's defaults) and its summary.
 
     ``weights`` gives the base weights (pass one reader to many builds: each W is read once); by
-    default the model the activations were captured from is reopened.
+    default the model the activations were captured from is reopened. ``extra``: per site, more
+    edit rows (X, T) for the twin method (see ``twin_map``); other methods refuse it.
     """
     p = (params or ProbeParams()).resolved(acts.defaults)
     reader = weights or WeightReader.for_activations(acts)
-    entries, groups = METHODS[p.method](acts, p, reader)
+    if extra:
+        if p.method != TWIN:
+            raise ProbeError(f"extra edit rows need --method {TWIN}, not {p.method}")
+        unknown = sorted(set(extra) - {g.site for g in acts.groups})
+        if unknown:
+            raise ProbeError(f"extra edit rows for sites that were not captured: {unknown}")
+        entries, groups = twin_map(acts, p, reader, extra)
+    else:
+        entries, groups = METHODS[p.method](acts, p, reader)
     c = acts.capture
     method_rec = {
         "name": p.method,
