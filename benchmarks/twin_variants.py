@@ -5,7 +5,7 @@
 
 Every variant is the same command for every concept (no per-concept option). `run` writes
 benchmarks/results/eval_twin_<variant>_<concept>.json (`vpatch eval --seeds 2 --steps 16 --json`)
-and the delta to /tmp/vpatch-twin-variants/. `table` counts, per concept, the six targets of the
+and the delta and contact sheet to /tmp/vpatch-twin-variants/. `table` counts, per concept, the six targets of the
 pre-registered selection rule: as twin >= 95%, gap closed >= 0.90, colour-free white >= 95% with
 |dsat| <= 0.05, other colours max |dhue| <= 3 deg, max |dvalue| <= 0.03, texture within 1.25x.
 """
@@ -62,8 +62,10 @@ def run(variant: str, concepts: list[str]) -> None:
         probe = [*cli, "probe", str(MODEL), "-c", recipe, "-o", str(delta), "--method", "twin"]
         subprocess.run([*probe, *VARIANTS[variant], "--overwrite", "-q"], check=True, cwd=ROOT)
         ev = [*cli, "eval", str(MODEL), "-c", recipe, "--delta", str(delta)]
+        sheet = WORK / f"sheet_{variant}_{c}.png"
+        sheet.unlink(missing_ok=True)  # eval never overwrites a sheet
         out = subprocess.run(
-            [*ev, "--seeds", "2", "--steps", "16", "--json"],
+            [*ev, "--seeds", "2", "--steps", "16", "--json", "--sheet", str(sheet)],
             check=True,
             cwd=ROOT,
             capture_output=True,

@@ -150,3 +150,22 @@ def test_scan_and_cascade_are_refused_where_they_cannot_apply(red_acts):
     )
     with pytest.raises(ProbeError, match="vocabulary scan"):
         build(bare, ProbeParams(method="twin", scan=64), w)
+
+
+def test_cli_flags_reach_the_method_and_bad_values_exit_2(tmp_path):
+    from click.testing import CliRunner
+
+    from patcher.cli import main
+
+    base = ["probe", str(MODEL), "-c", str(RED), "-o", str(tmp_path / "x.vud")]
+    res = CliRunner().invoke(main, [*base, "--method", "twin", "--scan", "-1"])
+    assert res.exit_code == 2 and "--scan -1" in res.output
+    res = CliRunner().invoke(
+        main, [*base, "--method", "cpca", "--scan", "4", "--layers", "cross_kv"]
+    )
+    assert res.exit_code == 2 and "twin" in res.output
+    bad = tmp_path / "empty.txt"
+    bad.write_text("# nothing\n\n")
+    res = CliRunner().invoke(main, [*base, "--method", "twin", "--preserve", str(bad)])
+    assert res.exit_code == 2 and "no prompts" in res.output
+    assert not (tmp_path / "x.vud").exists()
