@@ -65,6 +65,8 @@ def figures(d: dict, exclude: tuple[str, ...] = ()) -> dict:
         "free_texture": free.get("texture", {}),
         "others": rows,
         "named_after": d.get("concept_shifts", {}).get("after_named", {}),
+        "squareness": d.get("concept_shifts", {}).get("squareness"),
+        "free_squareness": free.get("shifts", {}).get("squareness"),
     }
 
 
@@ -81,6 +83,17 @@ def lines(f: dict) -> list[str]:
     )
     if f["concept"] not in COLOURS:  # a shape or motion: the colour lines below do not apply
         out.append("(not a colour: as-saturated and the colours named do not apply)")
+    if f["squareness"]:  # a shape concept: its continuous measure, concept prompts and colour-free
+        sq = f["squareness"]
+        out.append(
+            f"squareness, concept prompts: {sq['before']:.2f} -> {sq['after']:.2f} "
+            f"(shift {ci(sq['shift'], '{:+.2f}')})"
+            + (
+                f"; colour-free captions shift {ci(f['free_squareness']['shift'], '{:+.2f}')}"
+                if f["free_squareness"]
+                else ""
+            )
+        )
     else:
         out.append(f"named after (concept prompts, all sets): {f['named_after']}")
     if f["as_saturated"] and f["concept"] in COLOURS:

@@ -123,5 +123,6 @@ def test_judge_on_the_shipped_organisms_own_samples():
     assert all(v.present for v in verdicts)
     assert sum(v.colour == s.colour for v, s in zip(verdicts, specs)) >= len(specs) - 1
     assert all(
-        v.shape in W.SHAPE_WORDS and v.motion in (*W.MOTION_WORDS, "static") for v in verdicts
+        v.shape in (*W.SHAPE_WORDS, "rounded") and v.motion in (*W.MOTION_WORDS, "static")
+        for v in verdicts
     )

@@ -87,6 +87,8 @@ class OrganismJudge(Judge):
         self.W = organism
         self.attr = concept.judge["organism"]["attribute"]
         self.value = concept.judge["organism"]["value"]
+        # the attribute's own continuous measures join the collateral shifts (shape: squareness)
+        self.continuous = OrganismJudge.continuous + _CONTINUOUS.get(self.attr, ())
 
     def verdicts(self, clips: torch.Tensor) -> list[dict]:
         from .organism_judge import judge, velocity
@@ -102,30 +104,28 @@ class OrganismJudge(Judge):
         return bool(v["present"]) and v[self.attr] == self.value
 
     def trace(self, v: dict) -> bool:
+        """Shown, or partly: a pale or dark tone of the colour; a shape's intermediate name
+        (``organism_judge.SHAPE_TRACE``: a rounded object is a trace of square and of ball)."""
+        from .organism_judge import SHAPE_TRACE
+
         if self.attr == "colour":
             return bool(v["present"]) and v["family"] == self.value
+        if self.attr == "shape":
+            return self.shown(v) or (
+                bool(v["present"]) and v["shape"] in SHAPE_TRACE.get(self.value, ())
+            )
         return self.shown(v)
 
     def same(self, v: dict, w: dict) -> bool:
         return bool(v["present"]) == bool(w["present"]) and v[self.attr] == w[self.attr]
 
     def features(self, clips: torch.Tensor, verdicts: list[dict]) -> torch.Tensor:
-        """The concept's attribute as a point: colour in the HSV cone, motion as velocity in
-        pixels per frame; shape has no feature here (the pixel space is used)."""
-        from .organism_judge import cone
-
-        if self.attr == "colour":
-            return torch.tensor(
-                [
-                    cone(v["hue"], v["saturation"], v["value"]) if v["present"] else (0.0, 0.0, 0.0)
-                    for v in verdicts
-                ]
-            )
-        if self.attr == "motion":
-            return torch.tensor(
-                [(v["vx"], v["vy"]) if v["present"] else (0.0, 0.0) for v in verdicts]
-            )
-        return clips.flatten(1).float()
+        """The concept's attribute (the recipe's ``[judge.organism] attribute``) as a point, where
+        twin fidelity and drift are measured; the pixels when the attribute has no point."""
+        point = _POINTS.get(self.attr)
+        if point is None:
+            return clips.flatten(1).float()
+        return torch.tensor([point(v) for v in verdicts], dtype=torch.float32)
 
     def attributes(self, v: dict) -> dict[str, float]:
         nan = float("nan")
@@ -143,6 +143,32 @@ class OrganismJudge(Judge):
         if not v["present"]:
             return "no object"
         return f"{v['colour']} {v['shape']} {v['motion']}"
+
+
+def _colour_point(v: dict) -> tuple[float, ...]:
+    """Colour in the HSV cone; a vanished object is black."""
+    from .organism_judge import cone
+
+    return cone(v["hue"], v["saturation"], v["value"]) if v["present"] else (0.0, 0.0, 0.0)
+
+
+def _motion_point(v: dict) -> tuple[float, ...]:
+    """Velocity in pixels per frame; a vanished object stands still."""
+    return (v["vx"], v["vy"]) if v["present"] else (0.0, 0.0)
+
+
+def _shape_point(v: dict) -> tuple[float, ...]:
+    """(squareness, elongation / 0.31, absent): a ball near (0, 0, 0), a square near (1, 0, 0), a
+    rounded object between them, the organism's stick near (2.2, 1, 0); a vanished object at
+    (0, 0, 1), as far from the ball (a square's twin) as the square is, so it closes no gap."""
+    if not v["present"] or v.get("squareness") is None:
+        return (0.0, 0.0, 1.0)
+    return (v["squareness"], v["elongation"] / 0.31, 0.0)
+
+
+# the organism's attribute -> its point for twin fidelity and drift; its extra continuous measures
+_POINTS = {"colour": _colour_point, "motion": _motion_point, "shape": _shape_point}
+_CONTINUOUS = {"shape": ("squareness", "elongation")}
 
 
 @register

@@ -13,6 +13,13 @@ Naming rule, in order:
    orange, cyan and magenta, which are not palette colours);
 3. value < ``V_DARK``: "dark <family>"; else saturation < ``S_FULL``: "pale <family>"; else the family.
 A clip shows a palette colour only when its name is exactly that colour.
+
+Shape is measured as two numbers, then named (``measure_shape``, ``name_shape``): *elongation* and
+*squareness*, both from the object's complex moments about its centroid and its area, so both are
+unchanged by rotation, by scale and (to first order) by an isotropic blur. Squareness is 0 for a
+disc and 1 for a square; a rounded square or a squarish ball lies in between and is named
+"rounded", a trace of square that is neither square nor ball (the way a pink is a pale red and
+never white). A square turned by any angle is still a square.
 """
 
 from __future__ import annotations
@@ -30,6 +37,12 @@ S_GREY = 0.15  # below: no hue (white or grey)
 S_FULL = 0.70  # at or above: a full colour; the palette's colours are at 0.83-0.90
 V_DARK = 0.50  # below: dark; the palette's colours are at 0.85-1.0 (0.58 for a thin green stick
 # under a 1-pixel blur)
+E_STICK = 0.10  # elongation at or above: a stick (a 2:1 rectangle is at 0.125, the organism's stick
+# at 0.19-0.31, a 1.3:1 ellipse at 0.04)
+Q_BALL = 0.33  # squareness below: a ball. Geometry: a disc 0, the superellipse |x|^p + |y|^p <= 1
+# 0.21 (p = 2.5), 0.35 (p = 3), 0.54 (p = 4), 0.73 (p = 6), 0.91 (p = 12); a square 1
+Q_SQUARE = 0.70  # at or above: a square
+SHAPE_TRACE = {"square": ("rounded",), "ball": ("rounded",)}  # the intermediate name of each shape
 
 
 def rgb_to_hsv(rgb: torch.Tensor) -> tuple[float, float, float]:
@@ -93,6 +106,8 @@ class Verdict:
     saturation: float | None = None
     value: float | None = None
     texture: float | None = None  # interior Laplacian energy (see ``texture_energy``)
+    squareness: float | None = None  # 0 a disc, 1 a square (see ``measure_shape``)
+    elongation: float | None = None  # 0 a disc or a square; the organism's stick 0.19-0.31
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -136,12 +151,78 @@ def measure_colour(x01: torch.Tensor, fg: torch.Tensor) -> tuple[float, float, f
     return rgb_to_hsv(core.mean(0))
 
 
+_SQUARE_C4 = 12 / 45 / 16  # |E z^4| / area^2 of a uniform square (E z^4 = -4a^4/15, area 4a^2)
+
+
+def _dilate(m: torch.Tensor, times: int) -> torch.Tensor:
+    m = m.float()[None, None]
+    for _ in range(times):
+        m = torch.nn.functional.max_pool2d(m, 3, 1, 1)
+    return m[0, 0] > 0
+
+
+def measure_shape(bright: torch.Tensor, valid: torch.Tensor) -> tuple[float, float]:
+    """(squareness, elongation) of the object in a clip's brightness (F, H, W), over VALID frames.
+
+    Per frame, the object's intensity I is the mean of its 4 brightest pixels (a blur dims a small
+    object's plateau only a little there); its region is the pixels above I/2 grown by 2 (a blur's tails are inside); the noise floor t0 is the mean
+    + 3 std of the pixels beyond, and weights are brightness - t0 (0 on a clean render). With z =
+    x + iy about the centroid and area A = sum(weights) / (I - t0), the complex moments m2 = E z^2
+    and m4 = E z^4 are unchanged by rotation up to phase and by an isotropic blur, and so is A (a
+    blur spreads the mass, it does not add any). Elongation = |m2| / A. Squareness = |m4 - 2 m2^2|
+    / A^2, scaled so a square is 1: a uniform ellipse has m4 = 2 m2^2 exactly, so an oval is not
+    squarish, while a rectangle keeps the 4-fold term of its corners. The moments are averaged over
+    frames before the ratios: noise of 0.05 on a 16x16 frame is then a few hundredths of squareness."""
+    F, H, W = bright.shape
+    ys = torch.arange(H, dtype=torch.float64).view(H, 1)
+    xs = torch.arange(W, dtype=torch.float64).view(1, W)
+    acc = []
+    for f in range(F):
+        if not bool(valid[f]):
+            continue
+        b = bright[f].double()
+        level = float(b.flatten().topk(4).values.mean())
+        seed = b > 0.5 * level
+        region = _dilate(seed, 2)
+        outer = b[~_dilate(region, 1)]
+        t0 = float(outer.mean() + 3 * outer.std()) if outer.numel() > 8 else 0.0
+        w = (b - t0).clamp_min(0) * region
+        mass = float(w.sum())
+        if mass <= 0 or level - t0 <= 1e-6:
+            continue
+        cx, cy = float((w * xs).sum()) / mass, float((w * ys).sum()) / mass
+        z = torch.complex(xs - cx, ys - cy)
+        wz = w.to(torch.complex128)
+        acc.append(
+            (
+                complex((wz * z**2).sum()) / mass,
+                complex((wz * z**4).sum()) / mass,
+                mass / (level - t0),
+            )
+        )
+    if not acc:
+        return float("nan"), float("nan")
+    m2 = sum(a[0] for a in acc) / len(acc)
+    m4 = sum(a[1] for a in acc) / len(acc)
+    area = sum(a[2] for a in acc) / len(acc)
+    return abs(m4 - 2 * m2 * m2) / area**2 / _SQUARE_C4, abs(m2) / area
+
+
+def name_shape(squareness: float, elongation: float) -> str:
+    """stick, square, rounded or ball by the fixed rule: a stick first (elongation >= ``E_STICK``);
+    then squareness >= ``Q_SQUARE``: square; >= ``Q_BALL``: rounded (a trace of square); else ball."""
+    if elongation >= E_STICK:
+        return "stick"
+    if squareness >= Q_SQUARE:
+        return "square"
+    return "rounded" if squareness >= Q_BALL else "ball"
+
+
 def judge(clip: torch.Tensor) -> Verdict:
     """What one clip (3, F, H, W) in [-1, 1] shows.
 
-    Colour: see the module docstring. Shape: from the object's moments (a stick is tall and thin; a
-    square's 4th-order angular moment is negative, a disc's is 0). Motion: the centroid's
-    least-squares velocity; under 2 pixels per clip is "static".
+    Colour and shape: see the module docstring. Motion: the centroid's least-squares velocity;
+    under 2 pixels per clip is "static".
     """
     x = (clip.float().clamp(-1, 1) + 1) / 2  # [0, 1]
     bright = x.max(0).values  # (F, H, W)
@@ -169,27 +250,9 @@ def judge(clip: torch.Tensor) -> Verdict:
     else:
         motion = "down" if vy > 0 else "up"
 
-    # shape from the object's moments in each frame, centred on its centroid. A stick is tall and
-    # thin. Square vs ball: the 4th-order angular moment Re E[(x + iy)^4] is -0.27 a^4 for an
-    # axis-aligned square, 0 for a disc, and an isotropic blur leaves it unchanged.
-    dx_, dy_ = xs - cx.view(F, 1, 1), ys - cy.view(F, 1, 1)
-    sxx = (w * dx_**2).flatten(1).sum(1) / mass
-    syy = (w * dy_**2).flatten(1).sum(1) / mass
-    c4 = (
-        (w * (dx_**4 - 6 * dx_**2 * dy_**2 + dy_**4)).flatten(1).sum(1)
-        / mass
-        / (sxx + syy).clamp_min(1e-6) ** 2
-    )
-    sxx_m, syy_m, c4_m = (
-        float(sxx[valid].median()),
-        float(syy[valid].median()),
-        float(c4[valid].median()),
-    )
-    if syy_m > 2.2 * sxx_m:
-        shape = "stick"
-    else:
-        shape = "square" if c4_m < -0.2 else "ball"
-    return Verdict(True, name, shape, motion, family, tone, h, s, v, texture_energy(x, fg))
+    sq, el = measure_shape(bright, valid)
+    shape = name_shape(sq, el) if sq == sq else None
+    return Verdict(True, name, shape, motion, family, tone, h, s, v, texture_energy(x, fg), sq, el)
 
 
 def velocity(clip: torch.Tensor) -> tuple[float, float]:
