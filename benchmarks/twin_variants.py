@@ -2,6 +2,7 @@
 
     python benchmarks/twin_variants.py run VARIANT [CONCEPT ...]    # probe + eval, one at a time
     python benchmarks/twin_variants.py table [VARIANT ...]          # targets met, from the reports
+    python benchmarks/twin_variants.py pair VARIANT red blue        # two concepts, one merged delta
 
 Every variant is the same command for every concept (no per-concept option). `run` writes
 benchmarks/results/eval_twin_<variant>_<concept>.json (`vpatch eval --seeds 2 --steps 16 --json`)
@@ -75,6 +76,38 @@ def run(variant: str, concepts: list[str]) -> None:
         print(f"{variant} {c}: {report_path(variant, c).name}", flush=True)
 
 
+def pair(variant: str, a: str, b: str) -> None:
+    """Two concepts together: each probed with VARIANT's options, composed by `vpatch merge`
+    (W M_a M_b), measured on both recipes (eval_twin_<variant>_merged_<a>+<b>_on_<c>.json)."""
+    cli = [sys.executable, "-m", "patcher.cli"]
+    deltas = []
+    for c in (a, b):
+        d = WORK / f"{variant}_{c}.vud"
+        if not d.exists():
+            recipe = str(ROOT / f"examples/organism/{c}.toml")
+            probe = [*cli, "probe", str(MODEL), "-c", recipe, "-o", str(d)]
+            subprocess.run([*probe, "--method", "twin", *VARIANTS[variant], "-q"], check=True)
+        deltas.append(str(d))
+    merged = WORK / f"{variant}_merged_{a}+{b}.vud"
+    merge = [*cli, "merge", *deltas, "-o", str(merged), "--overwrite"]
+    subprocess.run(merge, check=True, cwd=ROOT, capture_output=True)
+    for c in (a, b):
+        recipe = str(ROOT / f"examples/organism/{c}.toml")
+        sheet = WORK / f"sheet_{variant}_merged_{a}+{b}_on_{c}.png"
+        sheet.unlink(missing_ok=True)
+        ev = [*cli, "eval", str(MODEL), "-c", recipe, "--delta", str(merged)]
+        out = subprocess.run(
+            [*ev, "--seeds", "2", "--steps", "16", "--json", "--sheet", str(sheet)],
+            check=True,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout
+        dest = RESULTS / f"eval_twin_{variant}_merged_{a}+{b}_on_{c}.json"
+        dest.write_text(out)
+        print(f"{variant} merged {a}+{b} on {c}: {dest.name}", flush=True)
+
+
 def targets(f: dict) -> dict[str, tuple[bool, str]]:
     """The six targets of the selection rule, each (met, the figure)."""
     t, c = f["as_twin"]["rate"], f["closed"]["closed"]
@@ -135,11 +168,17 @@ def main() -> None:
     r = sub.add_parser("run")
     r.add_argument("variant", choices=sorted(VARIANTS))
     r.add_argument("concepts", nargs="*", default=list(CONCEPTS))
+    pr = sub.add_parser("pair")
+    pr.add_argument("variant", choices=sorted(VARIANTS))
+    pr.add_argument("a")
+    pr.add_argument("b")
     t = sub.add_parser("table")
     t.add_argument("variants", nargs="*", default=list(VARIANTS))
     a = ap.parse_args()
     if a.cmd == "run":
         run(a.variant, a.concepts)
+    elif a.cmd == "pair":
+        pair(a.variant, a.a, a.b)
     else:
         table(a.variants)
 
