@@ -35,6 +35,10 @@ VARIANTS: dict[str, list[str]] = {
     "cascade": ["--layers", "text_proj,cross_kv", "--cascade"],
     "cascade_scan": ["--layers", "text_proj,cross_kv", "--cascade", "--scan", "64"],
     "scan_preserve": ["--layers", "cross_kv", "--scan", "64", "--preserve", CAPTIONS],
+    "scan_preserve_anchor": [
+        *("--layers", "cross_kv", "--scan", "64", "--preserve", CAPTIONS, "--anchor-empty")
+    ],
+    "scan_anchor": ["--layers", "cross_kv", "--scan", "64", "--anchor-empty"],
     "cascade_scan_preserve": [
         *("--layers", "text_proj,cross_kv", "--cascade", "--scan", "64"),
         *("--preserve", CAPTIONS),

@@ -125,6 +125,13 @@ def _method_options(fn):
             help="twin with several sites: a site whose input is computed from another chosen site's "
             "weight (cross_kv after text_proj) is fitted on what it reads through that edit.",
         ),
+        click.option(
+            "--anchor-empty",
+            is_flag=True,
+            help="twin: the empty prompt (guidance's unconditional branch) weighs as much as every "
+            "other preserved token together, as padding does; with a large --preserve set it is "
+            "otherwise one token among hundreds.",
+        ),
     ]
     for o in reversed(opts):
         fn = o(fn)
@@ -134,7 +141,7 @@ def _method_options(fn):
 def _params(method, rank, alpha, strength, directions, pooling, beta, ridge, null, *twin):
     from ..probe import ProbeParams
 
-    scan, scan_min, cascade = twin
+    scan, scan_min, cascade, anchor_empty = twin
     return ProbeParams(
         method,
         rank,
@@ -148,6 +155,7 @@ def _params(method, rank, alpha, strength, directions, pooling, beta, ridge, nul
         scan,
         scan_min,
         cascade,
+        anchor_empty,
     )
 
 
@@ -296,6 +304,7 @@ def probe(
     scan,
     scan_min,
     cascade,
+    anchor_empty,
     device,
     dtype,
     encoders,
@@ -346,6 +355,7 @@ def probe(
         scan,
         scan_min,
         cascade,
+        anchor_empty,
     )
     opt = CaptureOptions(
         family=family,
@@ -422,6 +432,7 @@ def build(
     scan,
     scan_min,
     cascade,
+    anchor_empty,
     model,
     overwrite,
     as_json,
@@ -457,6 +468,7 @@ def build(
         scan,
         scan_min,
         cascade,
+        anchor_empty,
     )
     check_target(out, [activations], overwrite, "delta")
     acts = read_activations(activations)

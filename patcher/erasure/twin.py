@@ -188,6 +188,7 @@ def twin_edit(
     preserve: list[torch.Tensor],
     pad: torch.Tensor,
     params: TwinParams = TwinParams(),
+    anchors: torch.Tensor | None = None,
 ) -> tuple[InputOperator, dict]:
     """The input-side operator for one site from a recipe's captures.
 
@@ -195,7 +196,8 @@ def twin_edit(
     their value (neutral prompts, the safe twins, the empty prompt of the unconditional branch);
     ``pad``: what a padding position reads at this site (the target of a concept word). Padding is
     preserved too, as many rows as there are preserved tokens, so neither the padding positions nor
-    the unconditional branch move.
+    the unconditional branch move. ``anchors`` (rows, e.g. the empty prompt's tokens) are weighted
+    the same way: together as much as every other preserved token.
     """
     Xe, Te = [], []
     for (xu, iu), (xs, is_) in zip(unsafe, safe):
@@ -206,7 +208,10 @@ def twin_edit(
         Te.append(T)
     Xe_, Te_ = torch.cat(Xe), torch.cat(Te)
     Xp = torch.cat([p.double() for p in preserve])
-    Xp = torch.cat([Xp, pad.double().expand(Xp.shape[0], -1)])
+    n = Xp.shape[0]
+    Xp = torch.cat([Xp, pad.double().expand(n, -1)])
+    if anchors is not None and anchors.shape[0]:  # weigh as much as all other preserved tokens
+        Xp = torch.cat([Xp, anchors.double().repeat(max(1, n // anchors.shape[0]), 1)])
     null = None
     if params.null:
         null, _ = concept_null_space(Xe_ - Te_, Xp, params.null)

@@ -210,7 +210,10 @@ def twin_map(
             scans[g.input] = scan_rec
         unsafe, safe = unsafe + extra, safe + [safe[p] for p in pair_of]
         try:
-            op, info = twin_edit(unsafe, safe, preserve, pad, tp)
+            anchors = None
+            if params.anchor_empty:
+                anchors = torch.cat([c.tokens for p in g.roles["empty"] for c in p])
+            op, info = twin_edit(unsafe, safe, preserve, pad, tp, anchors)
         except (ValueError, RuntimeError) as e:
             raise ProbeError(f"site {g.site} ({g.input}): twin edit failed: {e}") from None
         for h in feeds.get(gi, []):
@@ -359,6 +362,8 @@ def build(
             )
         if p.cascade:
             method_rec.update(cascade=True)
+        if p.anchor_empty:
+            method_rec.update(anchor_empty=True)
     return Built(Delta(entries, acts.concept, method_rec, versions()), groups)
 
 

@@ -39,6 +39,7 @@ class ProbeParams:
     scan: int = 0  # vocabulary scan: candidate words captured (0: none; docs/erasure.md "Reach")
     scan_min: float = SCAN_MIN  # a scanned word joins the edit when its score is at least this
     cascade: bool = False  # a site read through another edited site is fitted through that edit
+    anchor_empty: bool = False  # the empty prompt weighs as much as every other preserved token
 
     def __post_init__(self) -> None:
         if self.method is not None and self.method not in method_names():
@@ -51,8 +52,11 @@ class ProbeParams:
                 raise ProbeError(f"--{name} {v!r}: {what}, must be a whole number >= 1")
         if isinstance(self.scan, bool) or not isinstance(self.scan, int) or self.scan < 0:
             raise ProbeError(f"--scan {self.scan!r}: candidate words, a whole number >= 0")
-        if not isinstance(self.cascade, bool):
-            raise ProbeError(f"--cascade {self.cascade!r}: true or false")
+        for name in ("cascade", "anchor_empty"):
+            if not isinstance(getattr(self, name), bool):
+                raise ProbeError(
+                    f"--{name.replace('_', '-')} {getattr(self, name)!r}: true or false"
+                )
         if isinstance(self.null, bool) or not isinstance(self.null, int) or self.null < 0:
             raise ProbeError(f"--null {self.null!r}: null-space directions, a whole number >= 0")
         for name, low, what in (
