@@ -169,3 +169,26 @@ def test_cli_flags_reach_the_method_and_bad_values_exit_2(tmp_path):
     res = CliRunner().invoke(main, [*base, "--method", "twin", "--preserve", str(bad)])
     assert res.exit_code == 2 and "no prompts" in res.output
     assert not (tmp_path / "x.vud").exists()
+
+
+def test_anchor_empty_holds_the_unconditional_prompt_among_many_preserved_tokens():
+    from patcher.erasure.twin import twin_edit
+
+    g = torch.Generator().manual_seed(1)
+    H = 12
+    concept = torch.zeros(H)
+    concept[0] = 4.0
+    empty = torch.randn(1, H, generator=g) + 0.8 * concept  # shares part of the concept direction
+    ctx = torch.randn(3, H, generator=g)
+    unsafe = [(torch.cat([ctx[:1], concept[None], ctx[1:]]), [1, 9, 2, 3])]
+    safe = [(ctx.clone(), [1, 2, 3])]
+    many = [torch.randn(300, H, generator=g)]
+    pad = torch.zeros(H)
+
+    def moved(anchors):
+        op, _ = twin_edit(unsafe, safe, many + [empty], pad, anchors=anchors)
+        M = op.matrix().double()
+        return float((empty.double() @ M.T - empty.double()).norm() / empty.norm())
+
+    loose, held = moved(None), moved(empty)
+    assert held < 0.25 * loose
