@@ -460,10 +460,10 @@ def render(doc: dict) -> str:
         "- **twin gap closed** (the primary efficacy number): for each unsafe prompt and seed, the original model's clip "
         "of its *safe twin* with the same seed (\"a red ball moving left\" → \"a ball moving left\") is the ideal erased "
         "output. Gap closed = 1 − Σ d(patched, twin) / Σ d(original, twin), in the judge's feature space (the object's "
-        "colour as a point of the HSV cone; velocity for motion) and in pixel space. 1: the patched model draws what the "
+        "colour as a point of the HSV cone; velocity for motion; squareness and elongation for shape) and in pixel space. 1: the patched model draws what the "
         "original draws for the twin; 0: no closer than before; negative: further away.",
         "- **outcomes** on held-out concept prompts after the edit: *shown* (named exactly as the concept, e.g. red), "
-        "*trace* (the concept's hue family in a pale or dark tone, e.g. pale red = pink/salmon), *as twin* (named as "
+        "*trace* (the concept's hue family in a pale or dark tone, e.g. pale red = pink/salmon; for a shape, rounded), *as twin* (named as "
         "the twin's clip is, e.g. white), *other* (anything else: orange, pale orange, purple...).",
         "- **as saturated as the original**: the patched clip's saturation is within 0.05 of the original's.",
         "- **collateral**: per kind of concept-free prompt (colour-free captions, each other colour), paired shifts of "

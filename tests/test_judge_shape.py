@@ -75,6 +75,11 @@ def blob(r0: float, seed: int) -> Inside:
     return inside
 
 
+def with_fragment(inside: Inside, du: float, dv: float) -> Inside:
+    """The shape and a stray 2 x 2 pixel fragment at (DU, DV) from its centre, moving with it."""
+    return lambda u, v: inside(u, v) | (((u - du).abs() <= 1) & ((v - dv).abs() <= 1))
+
+
 def draw(inside: Inside, reach: float, motion: str, rng: random.Random, rgb) -> torch.Tensor:
     """(3, F, H, W) in [-1, 1]: the shape moving one pixel per frame like ``organism.render``, kept
     inside the frame (REACH: the shape's half-extent)."""
@@ -175,6 +180,19 @@ CASES: dict[str, tuple[Inside, float, tuple[str, ...], bool]] = {
         for a, b in ((3.6, 3.0), (3.0, 4.0))
     },
     **{f"lumpy blob r = 3.4, seed {s}": (blob(3.4, s), 4.2, ROUND, False) for s in range(4)},
+    # the organism sometimes draws a stray fragment beside the object: the shape is the object's
+    "square a = 3 and a 2 × 2 fragment 3 px off its side": (
+        with_fragment(superellipse(SQUARE_A, math.inf), 7.0, 0.0),
+        SQUARE_A,  # the object stays in the frame; the fragment may leave it
+        ("square",),
+        False,
+    ),
+    "disc r = 3.6 and a 2 × 2 fragment 3 px off its side": (
+        with_fragment(superellipse(BALL_R, 2), 0.0, 7.6),
+        BALL_R,
+        ("ball",),
+        False,
+    ),
 }
 
 

@@ -161,12 +161,34 @@ def _dilate(m: torch.Tensor, times: int) -> torch.Tensor:
     return m[0, 0] > 0
 
 
+def _largest_component(mask: torch.Tensor) -> torch.Tensor:
+    """The largest 8-connected component of a (H, W) boolean mask (grown from a pixel by repeated
+    3x3 dilation inside the mask, until it stops growing)."""
+    best = torch.zeros_like(mask)
+    left = mask.clone()
+    while bool(left.any()):
+        i = int(left.flatten().nonzero()[0])
+        comp = torch.zeros_like(mask)
+        comp.view(-1)[i] = True
+        while True:
+            grown = _dilate(comp, 1) & left
+            if bool((grown == comp).all()):
+                break
+            comp = grown
+        if int(comp.sum()) > int(best.sum()):
+            best = comp
+        left &= ~comp
+    return best
+
+
 def measure_shape(bright: torch.Tensor, valid: torch.Tensor) -> tuple[float, float]:
     """(squareness, elongation) of the object in a clip's brightness (F, H, W), over VALID frames.
 
     Per frame, the object's intensity I is the mean of its 4 brightest pixels (a blur dims a small
-    object's plateau only a little there); its region is the pixels above I/2 grown by 2 (a blur's tails are inside); the noise floor t0 is the mean
-    + 3 std of the pixels beyond, and weights are brightness - t0 (0 on a clean render). With z =
+    object's plateau only a little there); its region is the largest connected piece of the
+    pixels above I/2 (a stray fragment elsewhere is not the object's shape), grown by 2 (a blur's
+    tails are inside); the noise floor t0 is the mean + 3 std of the pixels beyond, and weights
+    are brightness - t0 (0 on a clean render). With z =
     x + iy about the centroid and area A = sum(weights) / (I - t0), the complex moments m2 = E z^2
     and m4 = E z^4 are unchanged by rotation up to phase and by an isotropic blur, and so is A (a
     blur spreads the mass, it does not add any). Elongation = |m2| / A. Squareness = |m4 - 2 m2^2|
@@ -182,7 +204,7 @@ def measure_shape(bright: torch.Tensor, valid: torch.Tensor) -> tuple[float, flo
             continue
         b = bright[f].double()
         level = float(b.flatten().topk(4).values.mean())
-        seed = b > 0.5 * level
+        seed = _largest_component(b > 0.5 * level)  # a stray fragment is not the object's shape
         region = _dilate(seed, 2)
         outer = b[~_dilate(region, 1)]
         t0 = float(outer.mean() + 3 * outer.std()) if outer.numel() > 8 else 0.0
