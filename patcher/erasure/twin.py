@@ -212,6 +212,7 @@ def twin_edit(
     pad: torch.Tensor,
     params: TwinParams = TwinParams(),
     extra: tuple[torch.Tensor, torch.Tensor] | None = None,
+    anchors: torch.Tensor | None = None,
 ) -> tuple[InputOperator, dict]:
     """The input-side operator for one site from a recipe's captures.
 
@@ -224,7 +225,8 @@ def twin_edit(
     row i, and every row is kept exactly (``twin_map``'s ``keep``), not traded off. ``extra``
     (X, T): more edit rows and their targets, e.g. the site inputs an attack found and what the twin
     reads there (RECE's hardening step); they enter the least-squares fit and the null space like
-    the pairs' rows.
+    the pairs' rows. ``anchors`` (rows, e.g. the empty prompt's tokens) are weighted as padding is:
+    together as much as every other preserved token.
     """
     Xe, Te = [], []
     for (xu, iu), (xs, is_) in zip(unsafe, safe):
@@ -242,11 +244,14 @@ def twin_edit(
         Te.append(extra[1].double())
     Xe_, Te_ = torch.cat(Xe), torch.cat(Te)
     Xp = torch.cat([p.double() for p in preserve])
+    n = Xp.shape[0]
     keep = None
     if pad.dim() == 1:
-        Xp = torch.cat([Xp, pad.double().expand(Xp.shape[0], -1)])
+        Xp = torch.cat([Xp, pad.double().expand(n, -1)])
     else:
         keep = pad.double()
+    if anchors is not None and anchors.shape[0]:  # weigh as much as all other preserved tokens
+        Xp = torch.cat([Xp, anchors.double().repeat(max(1, n // anchors.shape[0]), 1)])
     null = None
     if params.null:
         null, _ = concept_null_space(Xe_ - Te_, Xp, params.null)
