@@ -142,7 +142,15 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=4)
     ap.add_argument("--out", default=str(HERE / "results" / "tune_calibration_raw.json"))
     ap.add_argument("--sheets", default=str(HERE / "results" / "tune_calibration"))
+    ap.add_argument(
+        "--coverage",
+        action="store_true",
+        help="instead: the plain twin built on the fit prompts vs on every recipe prompt, on "
+        "red / green prompts that are in no recipe",
+    )
     a = ap.parse_args()
+    if a.coverage:
+        return coverage(a)
     model = ORG / "model"
     Path(a.sheets).mkdir(parents=True, exist_ok=True)
     tok, enc, tr = load(model)
@@ -170,12 +178,14 @@ def main() -> None:
         gp = [p for p in prompts for _ in gen_seeds]
         gs = [s for _ in prompts for s in gen_seeds]
 
-        def measure(delta):
+        def measure(delta, gp=gp, gs=gs, prompts=prompts):
             ctx = edited(modules, delta) if delta is not None else contextlib.nullcontext()
             with ctx:
                 clips = sample(tok, enc, tr, gp, gs, steps=16, guidance=3.0)
                 est = {
-                    st: torch.stack([estimates(tok, enc, tr, prompts, s, st) for s in cheap_seeds], 1)
+                    st: torch.stack(
+                        [estimates(tok, enc, tr, prompts, s, st) for s in cheap_seeds], 1
+                    )
                     for st in (3, 6)
                 }  # (n_prompts, n_seeds, steps, clip)
             return clips, est
@@ -252,6 +262,84 @@ def main() -> None:
         write_sheet(Path(a.sheets) / f"{name}.png", rows, frames=(0, 3, 7), scale=4)
         Path(a.out).write_text(json.dumps(doc))
         print(f"{name}: {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+COVERAGE = [  # in no recipe of examples/organism (neither prompts nor [heldout])
+    "a red stick moving up",
+    "the square is red and it moves down",
+    "a green stick moving up",
+    "the rod is green and it moves left",
+]
+
+
+def coverage(a) -> None:
+    """Does the twin's preservation reach colours it was not shown? The plain twin at cross_kv for
+    each concept, built on the tune split's fit prompts (a tune trial) and on every recipe prompt
+    (what `vpatch probe` and tune's refit write), on prompts of colours in no recipe prompt list."""
+    from patcher.families.recipes import load_concept
+    from patcher.organism import load, sample
+    from patcher.probe import CaptureOptions, ProbeParams, WeightReader, build_delta, capture
+    from patcher.probe.sources import open_model
+    from patcher.tune.split import Split, subset
+
+    model = ORG / "model"
+    tok, enc, tr = load(model)
+    modules = {"transformer": tr, "text_encoder": enc}
+    seeds = [2000 + s for s in range(a.seeds)]
+    gp = [p for p in COVERAGE for _ in seeds]
+    gs = [s for _ in COVERAGE for s in seeds]
+    c0 = sample(tok, enc, tr, gp, gs, steps=16, guidance=3.0)
+    r0 = [reading(c) for c in c0]
+    S = len(seeds)
+    floor = [
+        sum(
+            float((c0[i * S + x] - c0[i * S + y]).norm()) for x in range(S) for y in range(x + 1, S)
+        )
+        / (S * (S - 1) / 2)
+        for i in range(len(COVERAGE))
+    ]
+    out = {"prompts": COVERAGE, "seeds": seeds, "original": r0, "floor": floor, "rows": []}
+    for name in a.concepts.split(","):
+        con = load_concept(ORG / f"{name}.toml")
+        sp = Split.of([p.unsafe for p in con.pairs], list(con.neutral), 0.4)
+        opt = CaptureOptions(sites=("cross_kv",), token_roles=True)
+        src = open_model(model, opt)
+        w = WeightReader(src)
+        acts = capture(src, con, opt, w)
+        pp = ProbeParams("twin", 1, 0.0, 1.0, 1, "tokens")
+        for label, sub in (
+            ("fit prompts", subset(acts, ("cross_kv",), sp.fit_pairs, sp.fit_neutral)),
+            ("every prompt", acts),
+        ):
+            with edited(modules, build_delta(sub, pp, w)):
+                c1 = sample(tok, enc, tr, gp, gs, steps=16, guidance=3.0)
+            r1 = [reading(c) for c in c1]
+            for i, p in enumerate(COVERAGE):
+                ii = range(i * S, i * S + S)
+                dh = [
+                    ((r1[j]["hue"] - r0[j]["hue"] + 180) % 360) - 180
+                    for j in ii
+                    if r0[j]["hue"] is not None and r1[j]["hue"] is not None
+                ]
+                row = {
+                    "concept": name,
+                    "built_on": label,
+                    "prompt": p,
+                    "drift_over_floor": sum(float((c1[j] - c0[j]).norm()) for j in ii)
+                    / S
+                    / floor[i],
+                    "dhue": sum(dh) / len(dh) if dh else None,
+                    "before": [r0[j]["colour"] for j in ii],
+                    "after": [r1[j]["colour"] for j in ii],
+                }
+                out["rows"].append(row)
+                print(
+                    f"{name} twin cross_kv on {label:<12} {p!r:<38} drift/floor "
+                    f"{row['drift_over_floor']:.2f} dhue {row['dhue'] if row['dhue'] is None else round(row['dhue'], 1)} "
+                    f"{row['before']} -> {row['after']}",
+                    flush=True,
+                )
+    Path(a.out).write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":
