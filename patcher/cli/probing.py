@@ -31,10 +31,23 @@ def _pairs(values: tuple[str, ...], flag: str) -> dict[str, str]:
     return out
 
 
+def _prompt_lines(path: Path) -> tuple[str, ...]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ProbeError(f"--preserve {path}: cannot read it as UTF-8 text ({e})") from None
+    lines = tuple(x.strip() for x in text.splitlines())
+    out = tuple(x for x in lines if x and not x.startswith("#"))
+    if not out:
+        raise ProbeError(f"--preserve {path}: no prompts in it")
+    return out
+
+
 def _method_options(fn):
     """The method parameters, shared by `probe` and `build`; ProbeParams checks them (once)."""
     from ..erasure.refusal import POOLINGS
     from ..probe.build import METHODS
+    from ..probe.params import SCAN_MIN
 
     opts = [
         click.option(
@@ -87,16 +100,55 @@ def _method_options(fn):
             show_default=True,
             help="twin: concept null-space directions that no input reaches afterwards (docs/erasure.md).",
         ),
+        click.option(
+            "--scan",
+            type=int,
+            default=0,
+            show_default=True,
+            help="twin: vocabulary scan. N candidate words (the tokenizer's whole words nearest the "
+            "concept words by input embedding) are put in the concept word's place in every pair and "
+            "encoded (N × pairs extra prompts at capture); those that read like the concept word at "
+            "the site (score >= --scan-min) are mapped to the twin too. 0: off. Picks are recorded "
+            "in the delta's method metadata (docs/erasure.md, Reach).",
+        ),
+        click.option(
+            "--scan-min",
+            type=float,
+            default=SCAN_MIN,
+            show_default=True,
+            help="twin --scan: a word joins when 1 − d(word, concept)/d(average word, concept) at the "
+            "site reaches this (1: reads as the concept word; 0: as the average word).",
+        ),
+        click.option(
+            "--cascade",
+            is_flag=True,
+            help="twin with several sites: a site whose input is computed from another chosen site's "
+            "weight (cross_kv after text_proj) is fitted on what it reads through that edit.",
+        ),
     ]
     for o in reversed(opts):
         fn = o(fn)
     return fn
 
 
-def _params(method, rank, alpha, strength, directions, pooling, beta, ridge, null):
+def _params(method, rank, alpha, strength, directions, pooling, beta, ridge, null, *twin):
     from ..probe import ProbeParams
 
-    return ProbeParams(method, rank, alpha, strength, directions, pooling, beta, ridge, null)
+    scan, scan_min, cascade = twin
+    return ProbeParams(
+        method,
+        rank,
+        alpha,
+        strength,
+        directions,
+        pooling,
+        beta,
+        ridge,
+        null,
+        scan,
+        scan_min,
+        cascade,
+    )
 
 
 def _show_probe(r, as_json: bool, verb: str) -> None:
@@ -209,6 +261,14 @@ def _show_probe(r, as_json: bool, verb: str) -> None:
     help="Denoise mode on a model too big for the GPU: none, model or sequential (accelerate's CPU "
     "offload), or balanced (a device_map over all GPUs).",
 )
+@click.option(
+    "--preserve",
+    "preserve_file",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    help="twin: a text file of more prompts whose readings must not move (one per line; blank lines "
+    "and # comments skipped), e.g. ordinary captions of the model's domain. Prompts that name the "
+    "concept word (or a word --scan picks) are left out, so one file serves every concept.",
+)
 @click.option("--revision", help="Hub revision when MODEL is a hub id.")
 @click.option(
     "--overwrite", is_flag=True, help="Replace existing files at -o and --save-activations."
@@ -233,12 +293,16 @@ def probe(
     beta,
     ridge,
     null,
+    scan,
+    scan_min,
+    cascade,
     device,
     dtype,
     encoders,
     sets,
     seed,
     offload,
+    preserve_file,
     revision,
     overwrite,
     as_json,
@@ -269,7 +333,20 @@ def probe(
         raise ProbeError(
             "probe: nothing to write; give -o DELTA.vud, --save-activations FILE or both"
         )
-    params = _params(method, rank, alpha, strength, directions, pooling, beta, ridge, null)
+    params = _params(
+        method,
+        rank,
+        alpha,
+        strength,
+        directions,
+        pooling,
+        beta,
+        ridge,
+        null,
+        scan,
+        scan_min,
+        cascade,
+    )
     opt = CaptureOptions(
         family=family,
         sites=tuple(s.strip() for s in sites.split(",") if s.strip()) if sites else None,
@@ -281,6 +358,7 @@ def probe(
         encoders=_pairs(encoders, "--encoder"),
         revision=revision,
         offload=offload,
+        preserve=_prompt_lines(preserve_file) if preserve_file else (),
     )
     say = (lambda m: None) if (quiet or as_json) else (lambda m: err.print(m))
     if len(concepts) > 1:
@@ -341,6 +419,9 @@ def build(
     beta,
     ridge,
     null,
+    scan,
+    scan_min,
+    cascade,
     model,
     overwrite,
     as_json,
@@ -363,7 +444,20 @@ def build(
     from ..probe import build as run_build
     from ..vud.delta import write_delta
 
-    params = _params(method, rank, alpha, strength, directions, pooling, beta, ridge, null)
+    params = _params(
+        method,
+        rank,
+        alpha,
+        strength,
+        directions,
+        pooling,
+        beta,
+        ridge,
+        null,
+        scan,
+        scan_min,
+        cascade,
+    )
     check_target(out, [activations], overwrite, "delta")
     acts = read_activations(activations)
     built = run_build(acts, params, WeightReader.for_activations(acts, model))

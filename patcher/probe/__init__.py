@@ -88,6 +88,8 @@ def probe(
             check_target(Path(p), _local_inputs(model), overwrite, kind)
     if prm.method is not None and prm.method in TOKEN_METHODS:
         opt = replace(opt, token_roles=True)  # what a token-aligned method needs is captured too
+    if prm.scan:
+        opt = replace(opt, scan=prm.scan)  # the twin's vocabulary scan is captured with it
     src = open_model(model, opt)
     weights = WeightReader(src)
     acts = capture(src, concept, opt, weights, reporter, log)
@@ -150,6 +152,8 @@ def probe_concepts(
     check_target(Path(out), _local_inputs(model), overwrite, "delta")
     if prm.method is not None and prm.method in TOKEN_METHODS:
         opt = replace(opt, token_roles=True)
+    if prm.scan:
+        opt = replace(opt, scan=prm.scan)
     src = open_model(model, opt)
     weights = WeightReader(src)
     parts = []

@@ -9,7 +9,7 @@ form is one more function and one more name. The math itself lives in ``erasure/
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -31,6 +31,7 @@ class GroupResult:
     samples: int
     kept: float
     targets: list[str]
+    notes: dict = field(default_factory=dict)  # method-specific: the twin's vocabulary scan
 
 
 @dataclass(frozen=True)
@@ -119,17 +120,79 @@ def _with_ids(g: GroupActivations, role: str) -> list[tuple[torch.Tensor, list[i
     ]
 
 
+def _extra_preserved(
+    acts: Activations, g: GroupActivations, picked: list[str]
+) -> list[torch.Tensor]:
+    """The captured ``--preserve`` prompts' tokens, less those naming a word the scan picked."""
+    from ..erasure.scan import substitute
+
+    if "preserve" not in g.roles:
+        return []
+    texts = (acts.concept.get("scan") or {}).get("preserve")
+    if not isinstance(texts, list) or len(texts) != len(g.roles["preserve"]):
+        raise ProbeError(f"site {g.site} ({g.input}): the preserve prompts' record is missing")
+    return [
+        c.tokens
+        for t, p in zip(texts, g.roles["preserve"])
+        if substitute(t, picked, "") is None
+        for c in p
+    ]
+
+
+def _scanned(
+    acts: Activations, g: GroupActivations, params: ProbeParams
+) -> tuple[list[tuple[torch.Tensor, list[int]]], list[int], dict | None]:
+    """The scanned words that pass the rule at this group, as extra unsafe prompts (readings, ids),
+    the pair each one belongs to, and the scan's record for the delta's metadata (None: no scan)."""
+    from ..erasure.scan import scan_scores
+    from .capture import SCAN_ROLES
+
+    if not params.scan:
+        return [], [], None
+    plan = acts.concept.get("scan")
+    if not isinstance(plan, dict) or any(r not in g.roles for r in SCAN_ROLES):
+        raise ProbeError(
+            f"site {g.site} ({g.input}): --scan needs the vocabulary scan's captures; capture with "
+            "probe --method twin --scan N (--save-activations keeps them)"
+        )
+    rows = _with_ids(g, "scan")
+    by_word: dict[str, list[tuple[int, torch.Tensor, list[int]]]] = {}
+    at = 0
+    for w, pairs in zip(plan["words"], plan["pairs"]):
+        for p in pairs:
+            by_word.setdefault(w, []).append((int(p), *rows[at]))
+            at += 1
+    if at != len(rows):
+        raise ProbeError(f"site {g.site} ({g.input}): the scan's plan does not match its captures")
+    try:
+        res = scan_scores(_with_ids(g, "unsafe"), _with_ids(g, "safe"), by_word, params.scan_min)
+    except ValueError as e:
+        raise ProbeError(f"site {g.site} ({g.input}): vocabulary scan failed: {e}") from None
+    extra = [(x, ids) for w in res.picked for _p, x, ids in by_word[w]]
+    pair_of = [p for w in res.picked for p, _x, _ids in by_word[w]]
+    return extra, pair_of, res.record()
+
+
 def twin_map(
     acts: Activations, params: ProbeParams, weights: WeightReader
 ) -> tuple[list[DeltaEntry], list[GroupResult]]:
     """The twin edit (erasure/twin.py): per group, one input-side operator M fitted on the pairs
     aligned token by token (a concept word is sent to what padding reads), with the neutral prompts,
-    the safe twins, the empty prompt and padding preserved; every target gets W' = W M."""
+    the safe twins, the empty prompt and padding preserved; every target gets W' = W M.
+
+    ``params.scan``: the scanned words that read like the concept word join the pairs (the same
+    twin). ``params.cascade``: a site whose chain starts at another edited site's weight is fitted
+    on what it reads through that edit."""
     from .capture import TWIN_ROLES
 
     entries: list[DeltaEntry] = []
     results: list[GroupResult] = []
-    for g in acts.groups:
+    scans: dict[str, dict] = {}
+    groups = list(acts.groups)
+    feeds = _cascade_links(acts, groups, weights) if params.cascade else {}
+    order = sorted(range(len(groups)), key=lambda i: i in {h for hs in feeds.values() for h in hs})
+    for gi in order:
+        g = groups[gi]
         missing = [r for r in TWIN_ROLES if r not in g.roles]
         if missing:
             raise ProbeError(
@@ -140,10 +203,18 @@ def twin_map(
         preserve = [c.tokens for r in ("neutral", "safe", "empty") for p in g.roles[r] for c in p]
         pad = g.roles["pad"][0][0].tokens[0]
         tp = TwinParams(beta=params.beta, ridge=params.ridge, null=params.null)
+        unsafe, safe = _with_ids(g, "unsafe"), _with_ids(g, "safe")
+        extra, pair_of, scan_rec = _scanned(acts, g, params)
+        preserve += _extra_preserved(acts, g, scan_rec["picked"] if scan_rec else [])
+        if scan_rec is not None:
+            scans[g.input] = scan_rec
+        unsafe, safe = unsafe + extra, safe + [safe[p] for p in pair_of]
         try:
-            op, info = twin_edit(_with_ids(g, "unsafe"), _with_ids(g, "safe"), preserve, pad, tp)
+            op, info = twin_edit(unsafe, safe, preserve, pad, tp)
         except (ValueError, RuntimeError) as e:
             raise ProbeError(f"site {g.site} ({g.input}): twin edit failed: {e}") from None
+        for h in feeds.get(gi, []):
+            groups[h] = _through(groups[h], g, op, acts, weights, params.strength)
         for t in g.targets:
             W = weights.target(t)
             entries.append(
@@ -158,9 +229,86 @@ def twin_map(
                 info["edit_tokens"],
                 round(1.0 - info["residual"], 4),
                 [t.key for t in g.targets],
+                {"scan": scan_rec} if scan_rec is not None else {},
             )
         )
     return entries, results
+
+
+def _cascade_links(
+    acts: Activations, groups: list[GroupActivations], weights: WeightReader
+) -> dict[int, list[int]]:
+    """{g: [h, ...]}: group h's site chain starts with a linear whose weight is a target of g, and g
+    reads the encoder output that chain reads (no chain of its own, same encoder and component)."""
+    from ..families.recipes import load_family
+
+    try:
+        fam = load_family(acts.family, list(acts.capture.overrides))
+    except Exception as e:  # noqa: BLE001 - any recipe failure is the same user-facing problem
+        raise ProbeError(f"--cascade: family {acts.family!r} could not be loaded ({e})") from None
+    links: dict[int, list[int]] = {}
+    for gi, g in enumerate(groups):
+        sg = fam.sites.get(g.site)
+        if sg is None or sg.chain:
+            continue
+        for hi, h in enumerate(groups):
+            sh = fam.sites.get(h.site)
+            if hi == gi or sh is None or not sh.chain or sh.encoder != sg.encoder:
+                continue
+            first = sh.chain[0]
+            if first.op != "linear" or first.component is not None:
+                continue
+            if h.targets[0].component != g.targets[0].component:
+                continue
+            if any(t.key.endswith(f"{first.weight}.weight") for t in g.targets):
+                links.setdefault(gi, []).append(hi)
+    if not links:
+        raise ProbeError(
+            "--cascade: no chosen site reads another chosen site's edited weight through its chain "
+            f"(sites {', '.join(acts.sites)}); give both, e.g. --layers text_proj,cross_kv"
+        )
+    return links
+
+
+def _through(
+    h: GroupActivations,
+    g: GroupActivations,
+    op,
+    acts: Activations,
+    weights: WeightReader,
+    strength: float,
+) -> GroupActivations:
+    """Group h's captures recomputed through g's edit: its chain run on g's inputs mapped by
+    M = I + λ P Qᵀ (the chain's first linear is g's target, and W M x = W (M x))."""
+    from ..families.recipes import load_family
+    from .activations import Capture
+    from .sites import run_chain
+
+    fam = load_family(acts.family, list(acts.capture.overrides))
+    site = fam.sites[h.site]
+    first = f"{site.chain[0].weight}.weight"
+    key = next(t.key for t in g.targets if t.key.endswith(first))
+    prefix = key[: len(key) - len(first)]
+    ws = weights.source.weights(h.targets[0].component)
+    M = torch.eye(op.P.shape[0]) + float(strength) * (op.P.float() @ op.Q.float().T)
+    roles = dict(h.roles)
+    for r, prompts in h.roles.items():
+        if r.endswith("_ids") or r == "pad":
+            continue
+        if r not in g.roles or len(g.roles[r]) != len(prompts):
+            raise ProbeError(f"--cascade: site {g.site} has no matching captures of role {r!r}")
+        new = []
+        for ph, pg in zip(prompts, g.roles[r]):
+            calls = []
+            for ch, cg in zip(ph, pg):
+                if ch.tokens.shape[0] != cg.tokens.shape[0]:
+                    raise ProbeError(f"--cascade: {g.site} and {h.site} saw different tokens")
+                with torch.no_grad():
+                    x = run_chain(site, ws, cg.tokens.float() @ M.T, prefix, weights.source.weights)
+                calls.append(Capture(x.float().contiguous(), ch.positions))
+            new.append(tuple(calls))
+        roles[r] = tuple(new)
+    return GroupActivations(h.site, h.input, h.targets, roles)
 
 
 TOKEN_METHODS = (TWIN,)  # methods that need CaptureOptions.token_roles
@@ -203,6 +351,14 @@ def build(
     }
     if p.method == TWIN:
         method_rec.update(beta=p.beta, ridge=p.ridge, null=p.null)
+        if p.scan:
+            method_rec.update(
+                scan=p.scan,
+                scan_min=p.scan_min,
+                scan_picked={g.input: g.notes["scan"] for g in groups if "scan" in g.notes},
+            )
+        if p.cascade:
+            method_rec.update(cascade=True)
     return Built(Delta(entries, acts.concept, method_rec, versions()), groups)
 
 

@@ -36,6 +36,9 @@ OFFLOADS = ("none", "model", "sequential", "balanced")
 # (n, 1) float column aligned with its tokens), the empty prompt (the unconditional branch) and what a
 # padding position reads at the site (the encoder output zero, through the site's chain)
 TWIN_ROLES = ("unsafe_ids", "safe_ids", "empty", "pad")
+# the vocabulary scan's roles: each candidate's substituted pair prompts and their token ids; which
+# word and pair each one is stands in the concept record's "scan" field
+SCAN_ROLES = ("scan", "scan_ids")
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -64,11 +67,20 @@ class CaptureOptions:
     )
     # also capture what token-aligned methods (twin) read: TWIN_ROLES (text-mode sites only)
     token_roles: bool = False
+    # twin's vocabulary scan: this many candidate words (nearest to the concept words by input
+    # embedding) are substituted for the concept word in every pair and captured (roles SCAN_ROLES)
+    scan: int = 0
+    # twin: more prompts to preserve (e.g. a list of ordinary captions); those that name the concept
+    # word are dropped, the rest are captured as the role ``preserve``
+    preserve: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.sites is not None:
             object.__setattr__(self, "sites", tuple(self.sites))
         object.__setattr__(self, "overrides", tuple(self.overrides))
+        object.__setattr__(self, "preserve", tuple(self.preserve))
+        if isinstance(self.scan, bool) or not isinstance(self.scan, int) or self.scan < 0:
+            raise ProbeError(f"--scan {self.scan!r}: candidate words, a whole number >= 0")
         if self.offload not in OFFLOADS:
             raise ProbeError(f"--offload {self.offload!r}: choose one of {', '.join(OFFLOADS)}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -133,8 +145,9 @@ def capture(
     sites, targets = _site_targets(src, fam, opt)
     device = resolve_device(opt.device)
     dtype = resolve_dtype(opt.dtype, device)
+    scan: dict = {}
     raw = _capture_sites(
-        src, fam, sites, targets, con, opt, device, dtype, reporter or NullReporter(), log
+        src, fam, sites, targets, con, opt, device, dtype, reporter or NullReporter(), log, scan
     )
     gc.collect()  # the encoders and pipeline are gone; free them before the weights are read
     groups = _fingerprinted(raw, src, fam, weights or WeightReader(src, keep=False))
@@ -149,9 +162,8 @@ def capture(
         fam.denoise.steps if any(s.mode == "denoise" for s in sites) else None,
     )
     names = tuple(s.name for s in sites)
-    return Activations(
-        fam.name, dict(fam.defaults), names, con.record(), record, versions(), groups
-    )
+    concept_rec = con.record() | ({"scan": scan} if scan else {})
+    return Activations(fam.name, dict(fam.defaults), names, concept_rec, record, versions(), groups)
 
 
 def _site_targets(
@@ -214,12 +226,16 @@ def _capture_sites(
     dtype: torch.dtype,
     rep: Reporter,
     log: Callable[[str], None] | None,
+    scan_out: dict | None = None,
 ) -> Raw:
-    """Every site's captures; the encoders and pipeline live only inside this call."""
+    """Every site's captures; the encoders and pipeline live only inside this call. With
+    ``opt.scan``, SCAN_ROLES are captured too and ``scan_out`` receives what they hold."""
     say = log or (lambda _m: None)
     text_sites = [s for s in sites if s.mode == "text"]
     denoise_sites = [s for s in sites if s.mode == "denoise"]
     total = 0
+    if (opt.scan or opt.preserve) and not opt.token_roles:
+        raise ProbeError("--scan and --preserve are options of the twin edit: use --method twin")
     if opt.token_roles and denoise_sites:
         raise ProbeError(
             "--method twin needs token-aligned inputs: use text-mode sites (e.g. --layers text_proj,cross_kv)"
@@ -232,6 +248,7 @@ def _capture_sites(
             )
         total += sum(len(x) for x in _pairs_inputs(con, fam.encoders[s.encoder]))
         total += 1 if opt.token_roles else 0
+        total += opt.scan * len(con.pairs)
     if denoise_sites:  # one pipeline call per prompt, all sites hooked at once
         total += 2 * len(con.pairs) + len(con.neutral)
     out: Raw = {}
@@ -255,6 +272,22 @@ def _capture_sites(
 
                 items["empty"] = [""]  # the unconditional branch's prompt must keep its reading
             enc = encoders[site.encoder]
+            scan_prompts: list[str] = []
+            if opt.scan:
+                plan, scan_prompts = _scan_plan(enc, un, sa, opt.scan)
+                if scan_out is not None:
+                    scan_out.update(plan)
+                say(f"scanning {len(plan['words'])} candidate words at {site.name}")
+                items["scan"] = scan_prompts
+            if opt.preserve:
+                kept = _preserved(enc, un, sa, list(opt.preserve))
+                if not kept:
+                    raise ProbeError(
+                        "--preserve: every prompt names the concept word; none is left"
+                    )
+                if scan_out is not None:
+                    scan_out["preserve"] = kept
+                items["preserve"] = kept
             by_group, acts = capture_text(
                 src, site, enc, targets[site.name], items, rep.advance, pad=opt.token_roles
             )
@@ -265,6 +298,11 @@ def _capture_sites(
                     col = [torch.tensor(i, dtype=torch.float32)[:, None] for i in ids]
                     roles["unsafe_ids"] = [[Capture.of(x, None)] for x in col[: len(un)]]
                     roles["safe_ids"] = [[Capture.of(x, None)] for x in col[len(un) :]]
+                if scan_prompts:
+                    roles["scan_ids"] = [
+                        [Capture.of(torch.tensor(i, dtype=torch.float32)[:, None], None)]
+                        for i in _token_ids(enc, scan_prompts)
+                    ]
                 out[(site.name, g)] = (ts, roles)
         if denoise_sites:
             out.update(
@@ -291,6 +329,42 @@ def _pairs_inputs(concept: Concept, enc: EncoderSpec) -> tuple[list, list, list]
             list(concept.neutral_images),
         )
     return [p.unsafe for p in concept.pairs], [p.safe for p in concept.pairs], list(concept.neutral)
+
+
+def _preserved(enc: Encoder, unsafe: list[str], safe: list[str], prompts: list[str]) -> list[str]:
+    """PROMPTS less those that name one of the concept's words (as the pairs spell them)."""
+    from ..erasure.scan import concept_words, substitute
+
+    ids = _token_ids(enc, unsafe + safe)
+    words = concept_words(enc.pre, ids[: len(unsafe)], ids[len(unsafe) :])
+    return [p for p in prompts if substitute(p, words, "") is None]
+
+
+def _scan_plan(enc: Encoder, unsafe: list[str], safe: list[str], n: int) -> tuple[dict, list[str]]:
+    """The vocabulary scan's prompts: each candidate word in the concept word's place in every
+    unsafe prompt of the pairs, and the plan that says which word and pair each prompt is."""
+    from ..erasure.scan import concept_positions, concept_words, substitute, vocabulary_candidates
+
+    ids = _token_ids(enc, unsafe + safe)
+    uids, sids = ids[: len(unsafe)], ids[len(unsafe) :]
+    words = concept_words(enc.pre, uids, sids)
+    own = [iu[i] for iu, is_ in zip(uids, sids) for i in concept_positions(iu, is_)]
+    emb = None
+    get = getattr(enc.model, "get_input_embeddings", None)
+    if callable(get) and get() is not None:
+        emb = get().weight.detach().float().cpu()
+    cands = vocabulary_candidates(enc.pre, emb, sorted(set(own)), {w.lower() for w in words}, n)
+    prompts: list[str] = []
+    plan: dict = {"size": n, "concept_words": words, "words": cands, "pairs": []}
+    for c in cands:
+        used = []
+        for p, u in enumerate(unsafe):
+            s = substitute(u, words, c)
+            if s is not None:
+                prompts.append(s)
+                used.append(p)
+        plan["pairs"].append(used)
+    return plan, prompts
 
 
 def _token_ids(enc: Encoder, prompts: list[str]) -> list[list[int]]:

@@ -13,6 +13,10 @@ from dataclasses import dataclass, fields, replace
 from ..erasure.refusal import POOLINGS
 from ..errors import ProbeError
 
+# the scan's rule (docs/erasure.md "Reach"), fixed on token-level scores before any generation: a word
+# joins when 1 - d(word, concept word) / d(average word, concept word) at the site is at least this
+SCAN_MIN = 0.6
+
 
 def method_names() -> tuple[str, ...]:
     from .build import METHODS
@@ -32,6 +36,9 @@ class ProbeParams:
     beta: float = 1.0  # weight of the preservation set against the concept pairs
     ridge: float = 1e-3  # pull toward the identity, relative to the preservation tokens' scale
     null: int = 0  # concept null-space directions that no input reaches afterwards
+    scan: int = 0  # vocabulary scan: candidate words captured (0: none; docs/erasure.md "Reach")
+    scan_min: float = SCAN_MIN  # a scanned word joins the edit when its score is at least this
+    cascade: bool = False  # a site read through another edited site is fitted through that edit
 
     def __post_init__(self) -> None:
         if self.method is not None and self.method not in method_names():
@@ -42,12 +49,17 @@ class ProbeParams:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ProbeError(f"--{name} {v!r}: {what}, must be a whole number >= 1")
+        if isinstance(self.scan, bool) or not isinstance(self.scan, int) or self.scan < 0:
+            raise ProbeError(f"--scan {self.scan!r}: candidate words, a whole number >= 0")
+        if not isinstance(self.cascade, bool):
+            raise ProbeError(f"--cascade {self.cascade!r}: true or false")
         if isinstance(self.null, bool) or not isinstance(self.null, int) or self.null < 0:
             raise ProbeError(f"--null {self.null!r}: null-space directions, a whole number >= 0")
         for name, low, what in (
             ("alpha", ">= 0", "the neutral contrast α"),
             ("beta", ">= 0", "the twin's preservation weight β"),
             ("ridge", ">= 0", "the twin's pull toward the identity"),
+            ("scan_min", "> 0", "the scan's score a word needs to join the edit"),
             ("strength", "> 0", "the edit strength λ (1 removes the direction exactly)"),
         ):
             v = getattr(self, name)

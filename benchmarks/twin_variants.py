@@ -1,0 +1,148 @@
+"""The twin edit's reach variants (docs/erasure.md, "Reach"): probe, eval and count issue 16's targets.
+
+    python benchmarks/twin_variants.py run VARIANT [CONCEPT ...]    # probe + eval, one at a time
+    python benchmarks/twin_variants.py table [VARIANT ...]          # targets met, from the reports
+
+Every variant is the same command for every concept (no per-concept option). `run` writes
+benchmarks/results/eval_twin_<variant>_<concept>.json (`vpatch eval --seeds 2 --steps 16 --json`)
+and the delta and contact sheet to /tmp/vpatch-twin-variants/. `table` counts, per concept, the six targets of the
+pre-registered selection rule: as twin >= 95%, gap closed >= 0.90, colour-free white >= 95% with
+|dsat| <= 0.05, other colours max |dhue| <= 3 deg, max |dvalue| <= 0.03, texture within 1.25x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from twin_targets import figures  # noqa: E402
+
+MODEL = ROOT / "examples/organism/model"
+RESULTS = ROOT / "benchmarks/results"
+WORK = Path("/tmp/vpatch-twin-variants")
+CONCEPTS = ("red", "blue", "green", "square")
+CAPTIONS = str(ROOT / "examples/organism/captions.txt")
+VARIANTS: dict[str, list[str]] = {
+    "default": ["--layers", "cross_kv"],  # reports: eval_twin_{red_crosskv,blue,green,square}.json
+    "scan": ["--layers", "cross_kv", "--scan", "64"],
+    "cascade": ["--layers", "text_proj,cross_kv", "--cascade"],
+    "cascade_scan": ["--layers", "text_proj,cross_kv", "--cascade", "--scan", "64"],
+    "scan_preserve": ["--layers", "cross_kv", "--scan", "64", "--preserve", CAPTIONS],
+    "cascade_scan_preserve": [
+        *("--layers", "text_proj,cross_kv", "--cascade", "--scan", "64"),
+        *("--preserve", CAPTIONS),
+    ],
+}
+DEFAULT_REPORTS = {
+    "red": "eval_twin_red_crosskv.json",
+    "blue": "eval_twin_blue.json",
+    "green": "eval_twin_green.json",
+    "square": "eval_twin_square.json",
+}
+
+
+def report_path(variant: str, concept: str) -> Path:
+    if variant == "default":
+        return RESULTS / DEFAULT_REPORTS[concept]
+    return RESULTS / f"eval_twin_{variant}_{concept}.json"
+
+
+def run(variant: str, concepts: list[str]) -> None:
+    WORK.mkdir(exist_ok=True)
+    cli = [sys.executable, "-m", "patcher.cli"]
+    for c in concepts:
+        recipe = str(ROOT / f"examples/organism/{c}.toml")
+        delta = WORK / f"{variant}_{c}.vud"
+        probe = [*cli, "probe", str(MODEL), "-c", recipe, "-o", str(delta), "--method", "twin"]
+        subprocess.run([*probe, *VARIANTS[variant], "--overwrite", "-q"], check=True, cwd=ROOT)
+        ev = [*cli, "eval", str(MODEL), "-c", recipe, "--delta", str(delta)]
+        sheet = WORK / f"sheet_{variant}_{c}.png"
+        sheet.unlink(missing_ok=True)  # eval never overwrites a sheet
+        out = subprocess.run(
+            [*ev, "--seeds", "2", "--steps", "16", "--json", "--sheet", str(sheet)],
+            check=True,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout
+        report_path(variant, c).write_text(out)
+        print(f"{variant} {c}: {report_path(variant, c).name}", flush=True)
+
+
+def targets(f: dict) -> dict[str, tuple[bool, str]]:
+    """The six targets of the selection rule, each (met, the figure)."""
+    t, c = f["as_twin"]["rate"], f["closed"]["closed"]
+    out = {
+        "as twin": (t >= 0.95, f"{100 * t:.0f}%"),
+        "gap": (c >= 0.90, f"{c:.2f}"),
+    }
+    fc, ds = f["free_colour"], f["free_dsat"]
+    if fc is not None and ds is not None:
+        out["colour-free"] = (
+            fc["after"]["rate"] >= 0.95 and abs(ds["mean"]) <= 0.05,
+            f"{100 * fc['after']['rate']:.0f}%, {ds['mean']:+.3f}",
+        )
+    hue = max((abs(r["hue"]["mean"]) for r in f["others"].values()), default=0.0)
+    val = max((abs(r["value"]["mean"]) for r in f["others"].values()), default=0.0)
+    tex = 0.0
+    worst = ""
+    for k, r in f["others"].items():
+        x = r["texture"].get("ratio")
+        if x is not None and x == x and x > tex:  # the target bounds an increase (artefacts)
+            tex, worst = x, k
+    out["hue"] = (hue <= 3.0, f"{hue:.1f}°")
+    out["value"] = (val <= 0.03, f"{val:.3f}")
+    out["texture"] = (tex <= 1.25, f"×{tex:.2f} ({worst})")
+    return out
+
+
+def table(variants: list[str]) -> None:
+    print(
+        "| variant | concept | as twin | synonym set | gap | colour-free | hue | value | texture | met |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for v in variants:
+        total = 0
+        for c in CONCEPTS:
+            p = report_path(v, c)
+            if not p.exists():
+                print(f"| {v} | {c} | not measured | | | | | | | |")
+                continue
+            f = figures(json.loads(p.read_text()))
+            t = targets(f)
+            met = sum(ok for ok, _ in t.values())
+            total += met
+            syn = f["per_set_as_twin"].get("synonym", {}).get("rate")
+            cells = [t[k][1] if k in t else "–" for k in ("as twin",)]
+            cells.append("–" if syn is None else f"{100 * syn:.0f}%")
+            cells += [
+                t[k][1] if k in t else "–"
+                for k in ("gap", "colour-free", "hue", "value", "texture")
+            ]
+            print(f"| {v} | {c} | " + " | ".join(cells) + f" | {met}/{len(t)} |")
+        print(f"| {v} | **total** | | | | | | | | **{total}** |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("variant", choices=sorted(VARIANTS))
+    r.add_argument("concepts", nargs="*", default=list(CONCEPTS))
+    t = sub.add_parser("table")
+    t.add_argument("variants", nargs="*", default=list(VARIANTS))
+    a = ap.parse_args()
+    if a.cmd == "run":
+        run(a.variant, a.concepts)
+    else:
+        table(a.variants)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""The twin edit's reach options: the vocabulary scan (--scan), the cascade of sites (--cascade) and
+the preservation file (--preserve), on synthetic readings and on the organism."""
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from patcher.erasure.scan import concept_positions, scan_scores, substitute
+from patcher.errors import ProbeError
+from patcher.probe import CaptureOptions, ProbeParams, WeightReader, build, capture, open_model
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = ROOT / "examples" / "organism" / "model"
+RED = ROOT / "examples" / "organism" / "red.toml"
+
+
+def _prompt(
+    ids: list[int], slot: torch.Tensor, ctx: torch.Tensor
+) -> tuple[torch.Tensor, list[int]]:
+    """Readings of a 3-token prompt 'a WORD ball': context rows, the word's row at position 1."""
+    return torch.stack([ctx[0], slot, ctx[1]]), ids
+
+
+def test_scan_scores_pick_a_synthetic_synonym_and_not_words_far_from_padding():
+    g = torch.Generator().manual_seed(0)
+    H = 16
+    e = torch.eye(H)
+    here = 6.0 * e[15]  # what every word shares at the slot: "a word, not padding"
+    concept = here + 3.0 * e[0]
+    unsafe, safe, scanned = [], [], {}
+    words = {"syn": concept + 0.2 * e[1], "other": here + 3.0 * e[2], "third": here + 3.0 * e[3]}
+    words |= {f"w{i}": here + 3.0 * e[4 + i] for i in range(5)}
+    for p in range(3):
+        ctx = torch.randn(2, H, generator=g)
+        unsafe.append(_prompt([1, 5, 2 + p], concept + 0.05 * torch.randn(H, generator=g), ctx))
+        safe.append((ctx.clone(), [1, 2 + p]))
+        for k, (w, r) in enumerate(words.items()):
+            x, ids = _prompt([1, 10 + k, 2 + p], r + 0.05 * torch.randn(H, generator=g), ctx)
+            scanned.setdefault(w, []).append((p, x, ids))
+    res = scan_scores(unsafe, safe, scanned, 0.6)
+    assert res.picked == ("syn",)
+    assert res.scores["syn"] > 0.8 and max(v for w, v in res.scores.items() if w != "syn") < 0.3
+    # every word is as far from padding along the concept-minus-padding direction as the concept:
+    # that reading would not separate them (the reason the rule references the average word)
+    u = concept / concept.norm()
+    assert all(float(r @ u) > 0.7 * float(concept @ u) for r in words.values())
+
+
+def test_concept_positions_and_substitution():
+    assert concept_positions([4, 25, 7], [4, 7]) == [1]  # "a red ball" -> "a ball": deleted
+    assert concept_positions([4, 31, 20], [4, 7, 20]) == [1]  # square -> ball: replaced
+    assert substitute("a red ball, red!", ["red"], "crimson") == "a crimson ball, crimson!"
+    assert substitute("a reddish ball", ["red"], "crimson") is None  # whole words only
+
+
+@pytest.fixture(scope="module")
+def red_acts():
+    opt = CaptureOptions(
+        sites=("text_proj", "cross_kv"),
+        device="cpu",
+        token_roles=True,
+        scan=64,
+        preserve=("a red ball moving up", "a blue ball moving up", "a crimson ball moving up"),
+    )
+    w = WeightReader(open_model(MODEL, opt))
+    return capture(w.source, RED, opt, w), w
+
+
+def test_scan_on_the_organism_picks_red_synonyms_and_no_other_colour(red_acts):
+    acts, w = red_acts
+    plan = acts.concept["scan"]
+    assert plan["concept_words"] == ["red"]
+    assert "red" not in plan["words"] and "<pad>" not in plan["words"] and "," not in plan["words"]
+    assert {"crimson", "scarlet", "purple", "blue"} <= set(plan["words"])
+    one = replace(acts, sites=("cross_kv",), groups=acts.groups[1:])
+    built = build(one, ProbeParams(method="twin", scan=64), w)
+    picked = built.delta.method["scan_picked"]["transformer:cross_kv"]["picked"]
+    assert sorted(picked) == ["crimson", "scarlet"]
+    plain = build(one, ProbeParams(method="twin"), w)
+    assert "scan_picked" not in plain.delta.method
+    # the picked words' pairs joined the fit: more edit rows, and another map
+    assert built.groups[0].samples > plain.groups[0].samples
+    a, b = built.delta.entries[0], plain.delta.entries[0]
+    assert not torch.allclose(a.U @ a.V.T, b.U @ b.V.T, atol=1e-4)
+
+
+def test_preserve_drops_prompts_naming_the_concept_or_a_picked_word(red_acts):
+    from patcher.probe.build import _extra_preserved
+
+    acts, _w = red_acts
+    kept = acts.concept["scan"]["preserve"]
+    assert kept == ["a blue ball moving up", "a crimson ball moving up"]
+    g = acts.groups[1]
+    assert len(_extra_preserved(acts, g, [])) == 2
+    assert len(_extra_preserved(acts, g, ["crimson", "scarlet"])) == 1
+
+
+def test_cascade_fits_cross_kv_on_what_it_reads_through_the_text_proj_edit(red_acts, tmp_path):
+    """The cascade's cross_kv map equals a cross_kv-only twin probed on a model whose text_proj
+    was really patched (apply), and differs from fitting both sites on the original readings."""
+    from patcher import apply_delta
+    from patcher.vud.delta import Delta, write_delta
+
+    acts, w = red_acts
+    plain = replace(acts, concept={k: v for k, v in acts.concept.items() if k != "scan"})
+    groups = tuple(
+        replace(
+            g, roles={r: p for r, p in g.roles.items() if r not in ("scan", "scan_ids", "preserve")}
+        )
+        for g in acts.groups
+    )
+    plain = replace(plain, groups=groups)
+    cas = build(plain, ProbeParams(method="twin", cascade=True), w).delta
+    both = build(plain, ProbeParams(method="twin"), w).delta
+    tp = [e for e in cas.entries if "linear_1" in e.key]
+    assert len(tp) == 1 and cas.method["cascade"] is True
+    part = tmp_path / "tp.vud"
+    write_delta(part, Delta(tp, cas.concept, cas.method, cas.versions))
+    patched = tmp_path / "patched"
+    apply_delta(MODEL, part, patched)
+    opt = CaptureOptions(sites=("cross_kv",), device="cpu", token_roles=True)
+    w2 = WeightReader(open_model(patched, opt))
+    ref = build(capture(w2.source, RED, opt, w2), ProbeParams(method="twin"), w2).delta
+    key = "transformer/blocks.2.attn2.to_v.weight"
+    D = {e.key: e.U @ e.V.T for e in cas.entries}[key]
+    R = {e.key: e.U @ e.V.T for e in ref.entries}[key]
+    B = {e.key: e.U @ e.V.T for e in both.entries}[key]
+    assert float((D - R).norm() / R.norm()) < 1e-3
+    assert float((B - R).norm() / R.norm()) > 0.05
+
+
+def test_scan_and_cascade_are_refused_where_they_cannot_apply(red_acts):
+    acts, w = red_acts
+    with pytest.raises(ProbeError, match="--scan"):
+        ProbeParams(method="twin", scan=-1)
+    with pytest.raises(ProbeError, match="--scan"):
+        CaptureOptions(scan=-2)
+    one = replace(acts, sites=("cross_kv",), groups=acts.groups[1:])
+    with pytest.raises(ProbeError, match="--cascade"):
+        build(one, ProbeParams(method="twin", cascade=True), w)
+    bare = replace(
+        one,
+        groups=(
+            replace(
+                one.groups[0], roles={r: p for r, p in one.groups[0].roles.items() if r != "scan"}
+            ),
+        ),
+    )
+    with pytest.raises(ProbeError, match="vocabulary scan"):
+        build(bare, ProbeParams(method="twin", scan=64), w)
+
+
+def test_cli_flags_reach_the_method_and_bad_values_exit_2(tmp_path):
+    from click.testing import CliRunner
+
+    from patcher.cli import main
+
+    base = ["probe", str(MODEL), "-c", str(RED), "-o", str(tmp_path / "x.vud")]
+    res = CliRunner().invoke(main, [*base, "--method", "twin", "--scan", "-1"])
+    assert res.exit_code == 2 and "--scan -1" in res.output
+    res = CliRunner().invoke(
+        main, [*base, "--method", "cpca", "--scan", "4", "--layers", "cross_kv"]
+    )
+    assert res.exit_code == 2 and "twin" in res.output
+    bad = tmp_path / "empty.txt"
+    bad.write_text("# nothing\n\n")
+    res = CliRunner().invoke(main, [*base, "--method", "twin", "--preserve", str(bad)])
+    assert res.exit_code == 2 and "no prompts" in res.output
+    assert not (tmp_path / "x.vud").exists()
