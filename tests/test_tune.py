@@ -284,3 +284,43 @@ def test_tune_with_the_organism_judge_in_the_loop(tmp_path):
     best = max(judged, key=lambda j: (j["judge_gap_closed"], -j["concept_left"]))
     assert rep["chosen"]["trial"] == best["trial"]
     assert read_delta(out).method["tune"]["judge"] == "organism"
+
+
+def test_damage_is_real_on_colours_the_fit_never_preserved():
+    """Blue's validation neutral prompts hold the only red and green ones of its recipe, so the twin
+    map fitted on the fit half never preserves them: the cheap damage puts it over the budget, and
+    generation agrees (the red ball turns magenta). With every recipe prompt preserved (the refit
+    tune writes) the red ball stays red and the damage is within the budget."""
+    con = load_concept(ROOT / "examples" / "organism" / "blue.toml")
+    opt = CaptureOptions(sites=("cross_kv",), token_roles=True)
+    src = open_model(MODEL, opt)
+    w = WeightReader(src)
+    acts = capture(src, con, opt, w)
+    sp = Split.of([p.unsafe for p in con.pairs], con.neutral)
+    val_free = [con.neutral[i] for i in sp.val_neutral]
+    assert "a red ball moving left" in val_free
+    assert not any("red" in con.neutral[i] for i in sp.fit_neutral)
+    den = OrganismObjectives(
+        MODEL, [(con.pairs[i].unsafe, con.pairs[i].safe) for i in sp.val_pairs], val_free
+    )
+    p = ProbeParams("twin", strength=1.0)
+    fit = build_delta(subset(acts, ("cross_kv",), sp.fit_pairs, sp.fit_neutral), p, w)
+    every = build_delta(acts, p, w)
+    assert den(fit).damage > 0.25 > den(every).damage
+    tok, enc, tr = organism.load(MODEL)
+    prompts, seeds = ["a red ball moving left"] * 2, [2000, 2001]
+    colours = {}
+    for name, d in (("original", None), ("fit", fit), ("every", every)):
+        saved = []
+        with torch.no_grad():
+            for e in d.entries if d else []:
+                q = dict(tr.named_parameters())[e.tensor_key]
+                saved.append((q, q.detach().clone()))
+                q.add_(e.U @ e.V.T)
+            clips = organism.sample(tok, enc, tr, prompts, seeds, steps=12)
+            for q, v in saved:
+                q.copy_(v)
+        colours[name] = [judge(c).colour for c in clips]
+    assert colours["original"] == ["red", "red"]
+    assert "red" not in colours["fit"]
+    assert colours["every"] == ["red", "red"]
