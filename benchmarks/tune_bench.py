@@ -14,6 +14,7 @@ Parts (--part, comma-separated; default organism,correlation):
   denoiser file, UMT5-XXL at full width with 2 of 24 blocks, CPU), site-level objectives, no generation.
 
   OMP_NUM_THREADS=1 nice -n 10 python benchmarks/tune_bench.py --part organism,correlation
+  OMP_NUM_THREADS=1 nice -n 10 python benchmarks/tune_bench.py --part organism --preserve examples/organism/captions.txt
   OMP_NUM_THREADS=1 nice -n 10 python benchmarks/tune_bench.py --part wan14b --trials 20
   python benchmarks/tune_bench.py --part wan14b --trials 20 --sites text_proj,cross_kv
 """
@@ -91,20 +92,28 @@ def summary(r: dict, concept: str, attr: str) -> dict:
 
 
 def run_organism(a, cache: dict) -> dict:
+    from patcher.cli.probing import _prompt_lines
     from patcher.evaluation.core import EvalOptions, evaluate
     from patcher.families.recipes import load_concept
+    from patcher.probe import CaptureOptions
     from patcher.tune import TuneOptions, tune
 
     out = {}
+    tag = "-preserve" if a.preserve else ""
+    cap = CaptureOptions(preserve=_prompt_lines(Path(a.preserve)) if a.preserve else ())
     for name in a.concepts.split(","):
         con = load_concept(ORG / f"{name}.toml")
         attr = con.judge["organism"]["attribute"]
-        d = RES / "tune" / f"{name}.vud"
-        study = Path(a.tmp) / f"{name}.tune.db"
+        d = RES / "tune" / f"{name}{tag}.vud"
+        study = Path(a.tmp) / f"{name}{tag}.tune.db"
         study.unlink(missing_ok=True)
         t0 = time.perf_counter()
         rep = tune(
-            ORG / "model", con, d, TuneOptions(trials=a.trials, seed=0, study=study), overwrite=True
+            ORG / "model",
+            con,
+            d,
+            TuneOptions(trials=a.trials, seed=0, study=study, capture=cap),
+            overwrite=True,
         )
         wall = time.perf_counter() - t0
         print(
@@ -114,7 +123,7 @@ def run_organism(a, cache: dict) -> dict:
         t0 = time.perf_counter()
         ev = evaluate(ORG / "model", con, delta=d, options=EvalOptions(seeds=a.seeds), cache=cache)
         r = ev.to_dict()
-        (RES / "tune" / f"eval_{name}.json").write_text(json.dumps(r, indent=1, default=str))
+        (RES / "tune" / f"eval_{name}{tag}.json").write_text(json.dumps(r, indent=1, default=str))
         s = summary(r, name, attr)
         print(
             f"{name}: eval {time.perf_counter() - t0:.0f} s: {json.dumps({k: v for k, v in s.items() if k != 'targets'})}"
@@ -339,6 +348,11 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--tmp", default="/tmp/vpatch-tune-bench")
     ap.add_argument("--sites", help="wan14b: restrict the sites searched (default: the family's)")
+    ap.add_argument(
+        "--preserve",
+        help="organism: tune --preserve FILE for every concept (e.g. examples/organism/captions.txt); "
+        "results get the suffix -preserve",
+    )
     a = ap.parse_args()
     Path(a.tmp).mkdir(parents=True, exist_ok=True)
     (RES / "tune").mkdir(parents=True, exist_ok=True)
@@ -347,7 +361,8 @@ def main() -> None:
     doc = {"settings": vars(a)}
     if "organism" in parts:
         doc["organism"] = run_organism(a, cache)
-        (RES / "tune_organism.json").write_text(json.dumps(doc, indent=1, default=str))
+        name = "tune_organism" + ("_preserve" if a.preserve else "")
+        (RES / f"{name}.json").write_text(json.dumps(doc, indent=1, default=str))
     if "correlation" in parts:
         saved = RES / "tune_organism.json"
         org = doc.get("organism") or (

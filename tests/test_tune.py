@@ -4,6 +4,7 @@ resumption, and the verb end to end."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -200,6 +201,7 @@ def test_tune_verb_writes_delta_record_report_and_plot(tmp_path):
         (["--study", "{tmp}/not-sqlite.db"], "cannot open it"),
         (["--study", "{tmp}/no/such/folder/s.db"], "does not exist"),
         (["-o", "{tmp}"], "file name"),
+        (["--preserve", "{captions}", "--methods", "cpca,mean"], "include twin"),
     ],
 )
 def test_bad_options_are_refused_on_one_line_before_the_capture(
@@ -212,7 +214,8 @@ def test_bad_options_are_refused_on_one_line_before_the_capture(
 
     monkeypatch.setattr(tune_mod, "capture", no_capture)
     (tmp_path / "not-sqlite.db").write_bytes(b"this is not a database" * 10)
-    extra = [e.format(model=MODEL, tmp=tmp_path) for e in extra]
+    captions = ROOT / "examples" / "organism" / "captions.txt"
+    extra = [e.format(model=MODEL, tmp=tmp_path, captions=captions) for e in extra]
     args = ["tune", str(MODEL), "-c", str(RED), "-o", str(tmp_path / "o.vud"), "--trials", "1"]
     r = CliRunner().invoke(main, [*args, *extra])
     assert r.exit_code == 2, (r.output, r.exception)
@@ -290,27 +293,49 @@ def test_damage_is_real_on_colours_the_fit_never_preserved():
     """Blue's validation neutral prompts hold the only red and green ones of its recipe, so the twin
     map fitted on the fit half never preserves them: the cheap damage puts it over the budget, and
     generation agrees (the red ball turns magenta). With every recipe prompt preserved (the refit
-    tune writes) the red ball stays red and the damage is within the budget."""
+    tune writes) the red ball stays red and the damage is within the budget; so it is with a
+    --preserve file of captions, less the validation prompts themselves (tune's fit)."""
     con = load_concept(ROOT / "examples" / "organism" / "blue.toml")
-    opt = CaptureOptions(sites=("cross_kv",), token_roles=True)
+    captions = [
+        x
+        for x in (ROOT / "examples" / "organism" / "captions.txt").read_text().splitlines()
+        if x and not x.startswith("#")
+    ]
+    opt = CaptureOptions(sites=("cross_kv",), token_roles=True, preserve=tuple(captions))
     src = open_model(MODEL, opt)
     w = WeightReader(src)
     acts = capture(src, con, opt, w)
+    plain = replace(  # the same capture without the --preserve prompts
+        acts,
+        groups=tuple(
+            replace(g, roles={r: v for r, v in g.roles.items() if r != "preserve"})
+            for g in acts.groups
+        ),
+    )
     sp = Split.of([p.unsafe for p in con.pairs], con.neutral)
     val_free = [con.neutral[i] for i in sp.val_neutral]
-    assert "a red ball moving left" in val_free
+    assert "a red ball moving left" in val_free and "a red ball moving left" in captions
     assert not any("red" in con.neutral[i] for i in sp.fit_neutral)
+    # the split holds the validation prompts out of the --preserve prompts too
+    fit_acts = subset(acts, ("cross_kv",), sp.fit_pairs, sp.fit_neutral)
+    kept = fit_acts.concept["scan"]["preserve"]
+    assert "a red ball moving left" not in kept and "a red ball moving right" in kept
+    assert len(kept) == len(fit_acts.groups[0].roles["preserve"]) < len(captions)
+    assert not any("blue" in x for x in kept)
     den = OrganismObjectives(
         MODEL, [(con.pairs[i].unsafe, con.pairs[i].safe) for i in sp.val_pairs], val_free
     )
     p = ProbeParams("twin", strength=1.0)
-    fit = build_delta(subset(acts, ("cross_kv",), sp.fit_pairs, sp.fit_neutral), p, w)
-    every = build_delta(acts, p, w)
-    assert den(fit).damage > 0.25 > den(every).damage
+    fit = build_delta(subset(plain, ("cross_kv",), sp.fit_pairs, sp.fit_neutral), p, w)
+    every = build_delta(plain, p, w)
+    pres = build_delta(fit_acts, p, w)
+    s_fit, s_every, s_pres = den(fit), den(every), den(pres)
+    assert s_fit.damage > 0.25 > s_every.damage
+    assert s_pres.damage < 0.25 and s_pres.concept_left < s_fit.concept_left
     tok, enc, tr = organism.load(MODEL)
     prompts, seeds = ["a red ball moving left"] * 2, [2000, 2001]
     colours = {}
-    for name, d in (("original", None), ("fit", fit), ("every", every)):
+    for name, d in (("original", None), ("fit", fit), ("every", every), ("pres", pres)):
         saved = []
         with torch.no_grad():
             for e in d.entries if d else []:
@@ -323,4 +348,4 @@ def test_damage_is_real_on_colours_the_fit_never_preserved():
         colours[name] = [judge(c).colour for c in clips]
     assert colours["original"] == ["red", "red"]
     assert "red" not in colours["fit"]
-    assert colours["every"] == ["red", "red"]
+    assert colours["every"] == colours["pres"] == ["red", "red"]
