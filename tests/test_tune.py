@@ -190,6 +190,20 @@ def test_tune_verb_writes_delta_record_report_and_plot(tmp_path):
     params = [t.params for t in st.trials]
     assert params[4] not in params[:4] and params[5] not in params[:4], params
     assert read_delta(out).method["tune"]["sampler"]["seed_offset"] == 4
+    # --preserve: a study run without it is not resumed with it; a new one records the file
+    captions = ROOT / "examples" / "organism" / "captions.txt"
+    pres = [*args, "--overwrite", "--trials", "1", "--preserve", str(captions)]
+    r4 = CliRunner().invoke(main, pres)
+    assert r4.exit_code == 2 and "another setup" in r4.output and "Traceback" not in r4.output
+    r5 = CliRunner().invoke(main, [*pres, "--study", str(tmp_path / "p.db")])
+    assert r5.exit_code == 0, r5.output
+    lines = [x for x in captions.read_text().splitlines() if x and not x.startswith("#")]
+    d5 = read_delta(out)
+    assert d5.method["tune"]["preserve"]["prompts"] == len(lines)
+    assert json.loads(r5.stdout)["record"]["preserve"] == d5.method["tune"]["preserve"]
+    # the refit keeps them all, less those that name the concept (12 of the 72 say "red")
+    kept = d5.concept["scan"]["preserve"]
+    assert len(kept) == len(lines) - 12 and not any("red" in x.split() for x in kept)
 
 
 @pytest.mark.parametrize(
