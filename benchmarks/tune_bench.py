@@ -10,10 +10,13 @@ Parts (--part, comma-separated; default organism,correlation):
   collateral (held-out, judge) of the delta built on every prompt, and Spearman's rank correlation.
   Measured values come from efficacy.json / eval_twin_red_crosskv.json where those hold the candidate
   (same seeds and steps), else from an eval in this run.
+- unpreserved (with --preserve FILE): the chosen deltas of the organism part, with and without
+  --preserve, on the held-out free prompts that are not in FILE (collateral out of sample for both).
 - wan14b: tune's wall time on the real-size Wan 2.1 14B folder of benchmarks/probe_bench.py (sparse
   denoiser file, UMT5-XXL at full width with 2 of 24 blocks, CPU), site-level objectives, no generation.
 
   OMP_NUM_THREADS=1 nice -n 10 python benchmarks/tune_bench.py --part organism,correlation
+  OMP_NUM_THREADS=1 nice -n 10 python benchmarks/tune_bench.py --part organism --preserve examples/organism/captions.txt
   OMP_NUM_THREADS=1 nice -n 10 python benchmarks/tune_bench.py --part wan14b --trials 20
   python benchmarks/tune_bench.py --part wan14b --trials 20 --sites text_proj,cross_kv
 """
@@ -91,20 +94,28 @@ def summary(r: dict, concept: str, attr: str) -> dict:
 
 
 def run_organism(a, cache: dict) -> dict:
+    from patcher.cli.probing import _prompt_lines
     from patcher.evaluation.core import EvalOptions, evaluate
     from patcher.families.recipes import load_concept
+    from patcher.probe import CaptureOptions
     from patcher.tune import TuneOptions, tune
 
     out = {}
+    tag = "-preserve" if a.preserve else ""
+    cap = CaptureOptions(preserve=_prompt_lines(Path(a.preserve)) if a.preserve else ())
     for name in a.concepts.split(","):
         con = load_concept(ORG / f"{name}.toml")
         attr = con.judge["organism"]["attribute"]
-        d = RES / "tune" / f"{name}.vud"
-        study = Path(a.tmp) / f"{name}.tune.db"
+        d = RES / "tune" / f"{name}{tag}.vud"
+        study = Path(a.tmp) / f"{name}{tag}.tune.db"
         study.unlink(missing_ok=True)
         t0 = time.perf_counter()
         rep = tune(
-            ORG / "model", con, d, TuneOptions(trials=a.trials, seed=0, study=study), overwrite=True
+            ORG / "model",
+            con,
+            d,
+            TuneOptions(trials=a.trials, seed=0, study=study, capture=cap),
+            overwrite=True,
         )
         wall = time.perf_counter() - t0
         print(
@@ -114,7 +125,7 @@ def run_organism(a, cache: dict) -> dict:
         t0 = time.perf_counter()
         ev = evaluate(ORG / "model", con, delta=d, options=EvalOptions(seeds=a.seeds), cache=cache)
         r = ev.to_dict()
-        (RES / "tune" / f"eval_{name}.json").write_text(json.dumps(r, indent=1, default=str))
+        (RES / "tune" / f"eval_{name}{tag}.json").write_text(json.dumps(r, indent=1, default=str))
         s = summary(r, name, attr)
         print(
             f"{name}: eval {time.perf_counter() - t0:.0f} s: {json.dumps({k: v for k, v in s.items() if k != 'targets'})}"
@@ -329,6 +340,66 @@ def run_wan14b(a) -> dict:
     }
 
 
+def run_unpreserved(a, cache: dict) -> dict:
+    """Collateral of the chosen deltas, with and without --preserve, on the held-out free prompts
+    that are NOT in the --preserve file (out of sample for both): per other kind hue / value
+    shifts and texture ratio, colour-free saturation, pixel drift over the seed floor."""
+    from patcher.cli.probing import _prompt_lines
+    from patcher.evaluation.core import EvalOptions, evaluate
+    from patcher.evaluation.prompts import PromptSet
+    from patcher.families.recipes import load_concept
+
+    pres = set(_prompt_lines(Path(a.preserve)))
+    out = {}
+    for name in a.concepts.split(","):
+        con = load_concept(ORG / f"{name}.toml")
+        free = tuple(p for p in con.heldout["free"] if p not in pres)
+
+        class Free:
+            def sets(self, c, free=free):
+                one = c.pairs[0]  # the eval needs a concept set; this one is not reported
+                return [
+                    PromptSet("pair", (one.unsafe,), True, (one.safe,)),
+                    PromptSet("free, not in --preserve", free, False),
+                ]
+
+        out[name] = {"prompts": list(free)}
+        for tag in ("", "-preserve"):
+            d = RES / "tune" / f"{name}{tag}.vud"
+            r = evaluate(
+                ORG / "model",
+                con,
+                delta=d,
+                options=EvalOptions(seeds=a.seeds),
+                cache=cache,
+                prompts=Free(),
+            ).to_dict()
+            kinds = {}
+            for k, v in r["collateral_kinds"].items():
+                sh = v["shifts"]
+                kinds[k] = {
+                    "n": v["n"],
+                    "hue": sh["hue"]["shift"]["mean"],
+                    "saturation": sh["saturation"]["shift"]["mean"],
+                    "value": sh["value"]["shift"]["mean"],
+                    "texture": v.get("texture", {}).get("ratio"),
+                    "after_named": v.get("after_named"),
+                }
+            row = {"drift_pixel": r["drift"]["pixel"]["ratio"], "kinds": kinds}
+            out[name][tag or "plain"] = row
+            print(
+                f"{name}{tag}: {len(free)} held-out free prompts not in --preserve: drift/floor "
+                f"{row['drift_pixel']:.2f}; "
+                + "; ".join(
+                    f"{k} (n {v['n']}) hue {v['hue']:+.1f} sat {v['saturation']:+.3f} value "
+                    f"{v['value']:+.3f} texture x{v['texture']:.2f} {v['after_named']}"
+                    for k, v in kinds.items()
+                ),
+                flush=True,
+            )
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -339,6 +410,11 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--tmp", default="/tmp/vpatch-tune-bench")
     ap.add_argument("--sites", help="wan14b: restrict the sites searched (default: the family's)")
+    ap.add_argument(
+        "--preserve",
+        help="organism: tune --preserve FILE for every concept (e.g. examples/organism/captions.txt); "
+        "results get the suffix -preserve",
+    )
     a = ap.parse_args()
     Path(a.tmp).mkdir(parents=True, exist_ok=True)
     (RES / "tune").mkdir(parents=True, exist_ok=True)
@@ -347,7 +423,8 @@ def main() -> None:
     doc = {"settings": vars(a)}
     if "organism" in parts:
         doc["organism"] = run_organism(a, cache)
-        (RES / "tune_organism.json").write_text(json.dumps(doc, indent=1, default=str))
+        name = "tune_organism" + ("_preserve" if a.preserve else "")
+        (RES / f"{name}.json").write_text(json.dumps(doc, indent=1, default=str))
     if "correlation" in parts:
         saved = RES / "tune_organism.json"
         org = doc.get("organism") or (
@@ -356,6 +433,10 @@ def main() -> None:
         doc["correlation"] = run_correlation(a, cache, org)
         (RES / "tune_correlation.json").write_text(
             json.dumps(doc["correlation"], indent=1, default=str)
+        )
+    if "unpreserved" in parts:
+        (RES / "tune_organism_unpreserved.json").write_text(
+            json.dumps(run_unpreserved(a, cache), indent=1, default=str)
         )
     if "wan14b" in parts:
         name = "tune_wan14b_cpu" + ("_" + a.sites.replace(",", "_") if a.sites else "")

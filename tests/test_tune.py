@@ -4,6 +4,7 @@ resumption, and the verb end to end."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -189,6 +190,20 @@ def test_tune_verb_writes_delta_record_report_and_plot(tmp_path):
     params = [t.params for t in st.trials]
     assert params[4] not in params[:4] and params[5] not in params[:4], params
     assert read_delta(out).method["tune"]["sampler"]["seed_offset"] == 4
+    # --preserve: a study run without it is not resumed with it; a new one records the file
+    captions = ROOT / "examples" / "organism" / "captions.txt"
+    pres = [*args, "--overwrite", "--trials", "1", "--preserve", str(captions)]
+    r4 = CliRunner().invoke(main, pres)
+    assert r4.exit_code == 2 and "another setup" in r4.output and "Traceback" not in r4.output
+    r5 = CliRunner().invoke(main, [*pres, "--study", str(tmp_path / "p.db")])
+    assert r5.exit_code == 0, r5.output
+    lines = [x for x in captions.read_text().splitlines() if x and not x.startswith("#")]
+    d5 = read_delta(out)
+    assert d5.method["tune"]["preserve"]["prompts"] == len(lines)
+    assert json.loads(r5.stdout)["record"]["preserve"] == d5.method["tune"]["preserve"]
+    # the refit keeps them all, less those that name the concept (12 of the 72 say "red")
+    kept = d5.concept["scan"]["preserve"]
+    assert len(kept) == len(lines) - 12 and not any("red" in x.split() for x in kept)
 
 
 @pytest.mark.parametrize(
@@ -200,6 +215,7 @@ def test_tune_verb_writes_delta_record_report_and_plot(tmp_path):
         (["--study", "{tmp}/not-sqlite.db"], "cannot open it"),
         (["--study", "{tmp}/no/such/folder/s.db"], "does not exist"),
         (["-o", "{tmp}"], "file name"),
+        (["--preserve", "{captions}", "--methods", "cpca,mean"], "include twin"),
     ],
 )
 def test_bad_options_are_refused_on_one_line_before_the_capture(
@@ -212,7 +228,8 @@ def test_bad_options_are_refused_on_one_line_before_the_capture(
 
     monkeypatch.setattr(tune_mod, "capture", no_capture)
     (tmp_path / "not-sqlite.db").write_bytes(b"this is not a database" * 10)
-    extra = [e.format(model=MODEL, tmp=tmp_path) for e in extra]
+    captions = ROOT / "examples" / "organism" / "captions.txt"
+    extra = [e.format(model=MODEL, tmp=tmp_path, captions=captions) for e in extra]
     args = ["tune", str(MODEL), "-c", str(RED), "-o", str(tmp_path / "o.vud"), "--trials", "1"]
     r = CliRunner().invoke(main, [*args, *extra])
     assert r.exit_code == 2, (r.output, r.exception)
@@ -284,3 +301,65 @@ def test_tune_with_the_organism_judge_in_the_loop(tmp_path):
     best = max(judged, key=lambda j: (j["judge_gap_closed"], -j["concept_left"]))
     assert rep["chosen"]["trial"] == best["trial"]
     assert read_delta(out).method["tune"]["judge"] == "organism"
+
+
+def test_damage_is_real_on_colours_the_fit_never_preserved():
+    """Blue's validation neutral prompts hold the only red and green ones of its recipe, so the twin
+    map fitted on the fit half never preserves them: the cheap damage puts it over the budget, and
+    generation agrees (the red ball turns magenta). With every recipe prompt preserved (the refit
+    tune writes) the red ball stays red and the damage is within the budget; so it is with a
+    --preserve file of captions, less the validation prompts themselves (tune's fit)."""
+    con = load_concept(ROOT / "examples" / "organism" / "blue.toml")
+    captions = [
+        x
+        for x in (ROOT / "examples" / "organism" / "captions.txt").read_text().splitlines()
+        if x and not x.startswith("#")
+    ]
+    opt = CaptureOptions(sites=("cross_kv",), token_roles=True, preserve=tuple(captions))
+    src = open_model(MODEL, opt)
+    w = WeightReader(src)
+    acts = capture(src, con, opt, w)
+    plain = replace(  # the same capture without the --preserve prompts
+        acts,
+        groups=tuple(
+            replace(g, roles={r: v for r, v in g.roles.items() if r != "preserve"})
+            for g in acts.groups
+        ),
+    )
+    sp = Split.of([p.unsafe for p in con.pairs], con.neutral)
+    val_free = [con.neutral[i] for i in sp.val_neutral]
+    assert "a red ball moving left" in val_free and "a red ball moving left" in captions
+    assert not any("red" in con.neutral[i] for i in sp.fit_neutral)
+    # the split holds the validation prompts out of the --preserve prompts too
+    fit_acts = subset(acts, ("cross_kv",), sp.fit_pairs, sp.fit_neutral)
+    kept = fit_acts.concept["scan"]["preserve"]
+    assert "a red ball moving left" not in kept and "a red ball moving right" in kept
+    assert len(kept) == len(fit_acts.groups[0].roles["preserve"]) < len(captions)
+    assert not any("blue" in x for x in kept)
+    den = OrganismObjectives(
+        MODEL, [(con.pairs[i].unsafe, con.pairs[i].safe) for i in sp.val_pairs], val_free
+    )
+    p = ProbeParams("twin", strength=1.0)
+    fit = build_delta(subset(plain, ("cross_kv",), sp.fit_pairs, sp.fit_neutral), p, w)
+    every = build_delta(plain, p, w)
+    pres = build_delta(fit_acts, p, w)
+    s_fit, s_every, s_pres = den(fit), den(every), den(pres)
+    assert s_fit.damage > 0.25 > s_every.damage
+    assert s_pres.damage < 0.25 and s_pres.concept_left < s_fit.concept_left
+    tok, enc, tr = organism.load(MODEL)
+    prompts, seeds = ["a red ball moving left"] * 2, [2000, 2001]
+    colours = {}
+    for name, d in (("original", None), ("fit", fit), ("every", every), ("pres", pres)):
+        saved = []
+        with torch.no_grad():
+            for e in d.entries if d else []:
+                q = dict(tr.named_parameters())[e.tensor_key]
+                saved.append((q, q.detach().clone()))
+                q.add_(e.U @ e.V.T)
+            clips = organism.sample(tok, enc, tr, prompts, seeds, steps=12)
+            for q, v in saved:
+                q.copy_(v)
+        colours[name] = [judge(c).colour for c in clips]
+    assert colours["original"] == ["red", "red"]
+    assert "red" not in colours["fit"]
+    assert colours["every"] == colours["pres"] == ["red", "red"]

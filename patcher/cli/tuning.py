@@ -52,6 +52,13 @@ from .common import _user_errors, err, main
 )
 @click.option("--clip-model", help="CLIP model for --judge clip.")
 @click.option("--no-refit", is_flag=True, help="Keep the delta fitted on the fit prompts only.")
+@click.option(
+    "--preserve",
+    "preserve_file",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    help="twin: a text file of more prompts to preserve (one per line, # comments), as probe's "
+    "--preserve; all serve the fit, less any that is a validation prompt.",
+)
 @click.option("--family", help="Model family recipe (detected when omitted).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option(
@@ -78,6 +85,7 @@ def tune_cmd(
     confirm,
     clip_model,
     no_refit,
+    preserve_file,
     family,
     device,
     sets,
@@ -97,6 +105,7 @@ def tune_cmd(
     """
     from ..probe import CaptureOptions
     from ..tune import TuneOptions, tune
+    from .probing import _prompt_lines
 
     def split(v):
         return tuple(x.strip() for x in v.split(",") if x.strip()) if v else None
@@ -115,7 +124,12 @@ def tune_cmd(
         confirm=confirm,
         refit=not no_refit,
         clip_model=clip_model,
-        capture=CaptureOptions(family=family, device=device, overrides=tuple(sets)),
+        capture=CaptureOptions(
+            family=family,
+            device=device,
+            overrides=tuple(sets),
+            preserve=_prompt_lines(preserve_file) if preserve_file else (),
+        ),
     )
     say = (lambda m: None) if (quiet or as_json) else (lambda m: err.print(m))
     r = tune(model, concept, out, opt, overwrite=overwrite, log=say)

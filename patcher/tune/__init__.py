@@ -213,7 +213,21 @@ def _search_space(src: ModelSource, opt: TuneOptions) -> tuple[Family, tuple[str
             f"--methods twin aligns tokenizer tokens; site {piped[0]!r} reads the pipeline's own "
             "encoding (leave twin out, or give other --sites)"
         )
+    if opt.capture.preserve and "twin" not in methods:
+        raise TuneError(
+            "--preserve adds to the twin map's preservation set: include twin in --methods"
+        )
     return fam, sites, methods
+
+
+def _preserve_record(prompts: tuple[str, ...]) -> dict:
+    """What the study and the delta record of a --preserve list: its size and content hash."""
+    import hashlib
+
+    return {
+        "prompts": len(prompts),
+        "sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
+    }
 
 
 def _objectives_level(model: str | Path, opt: TuneOptions) -> str:
@@ -352,6 +366,8 @@ def tune(
         "family": fam.name,
         "overrides": list(opt.capture.overrides),
     }
+    if opt.capture.preserve:  # only then: studies run before the option resume as they were
+        setup["preserve"] = _preserve_record(opt.capture.preserve)
     others = (out, report_path, plot_path)
     study, resumed_from = _open_study(optuna, study_path, others, inputs, name, setup, opt.seed)
 
@@ -411,6 +427,7 @@ def tune(
         "within_budget": within,
         "split": split.record(unsafe, list(con.neutral)),
         "search_space": {"sites": list(sites), "methods": methods},
+        "preserve": setup.get("preserve"),
         "chosen": {**_trial_row(chosen)},
         "judge": opt.judge,
         "refit": opt.refit and refit_refused is None,

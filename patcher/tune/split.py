@@ -5,7 +5,9 @@ prompt is ranked by the sha256 of its text, and the lowest-ranked ``round(n * fr
 one, and always leaving one to fit) are held for validation. The same recipe always splits the same
 way and reordering the recipe does not move a prompt across. Adding a prompt can move one other
 (the count held out, ``round(n * fraction)``, may stay the same while the new prompt ranks lowest).
-The recipe's ``[heldout]`` sets are never used: they stay for ``vpatch eval``.
+The recipe's ``[heldout]`` sets are never used: they stay for ``vpatch eval``. Extra preservation
+prompts (the twin's ``--preserve`` file) are not split: they all serve the fit, less any that is
+itself a validation prompt, so validation stays unseen.
 """
 
 from __future__ import annotations
@@ -69,7 +71,24 @@ def subset(
     neutral: tuple[int, ...] | None = None,
 ) -> Activations:
     """The activations of some sites, restricted to some pairs and neutral prompts (None: all);
-    the shared roles (empty prompt, padding) are kept whole."""
+    the shared roles (empty prompt, padding) are kept whole. Preservation prompts (role
+    ``preserve``) that repeat a left-out pair's or neutral prompt's text are dropped with it."""
+    rec = acts.concept
+    out_texts = set()
+    if pairs is not None:
+        out_texts |= {
+            t
+            for i, p in enumerate(rec.get("pairs", []))
+            if i not in pairs
+            for t in (p["unsafe"], p["safe"])
+        }
+    if neutral is not None:
+        out_texts |= {t for i, t in enumerate(rec.get("neutral", [])) if i not in neutral}
+    texts = (rec.get("scan") or {}).get("preserve")
+    keep_pres = None
+    if isinstance(texts, list) and out_texts:
+        keep_pres = [i for i, t in enumerate(texts) if t not in out_texts]
+        rec = {**rec, "scan": {**rec["scan"], "preserve": [texts[i] for i in keep_pres]}}
     groups = []
     for g in acts.groups:
         if g.site not in sites:
@@ -80,9 +99,16 @@ def subset(
                 roles[r] = tuple(ps[i] for i in pairs)
             elif r == "neutral" and neutral is not None:
                 roles[r] = tuple(ps[i] for i in neutral)
+            elif r == "preserve" and keep_pres is not None:
+                roles[r] = tuple(ps[i] for i in keep_pres)
             else:
                 roles[r] = ps
         groups.append(GroupActivations(g.site, g.input, g.targets, roles))
     if not groups:
         raise ProbeError(f"no captured group for site(s) {', '.join(sites)}")
-    return replace(acts, sites=tuple(s for s in acts.sites if s in sites), groups=tuple(groups))
+    return replace(
+        acts,
+        sites=tuple(s for s in acts.sites if s in sites),
+        groups=tuple(groups),
+        concept=rec,
+    )
