@@ -41,7 +41,8 @@ def test_shipped_organism_is_complete():
 
 
 def test_probe_apply_eval_removes_red_and_spares_the_rest(tmp_path):
-    # the twin map at cross_kv (issue 16): the edit that takes red to its safe twin; the paper's
+    # the twin map at cross_kv with the vocabulary scan (issue 16's recommended command): the edit
+    # that takes red and the words that read like it to its safe twin; the paper's
     # projection is measured (and fails this test's last assertion) in docs/efficacy.md
     rep = json.loads(
         run(
@@ -55,6 +56,8 @@ def test_probe_apply_eval_removes_red_and_spares_the_rest(tmp_path):
             "twin",
             "--layers",
             "cross_kv",
+            "--scan",
+            "64",
             "--json",
         )
     )

@@ -11,8 +11,8 @@ python3 -m pip install -q torch==2.13.0              # the CPU wheel first (a ba
 python3 -m pip install -q -e '.[probe]'
 MODEL=examples/organism/model
 CONCEPT=examples/organism/red.toml
-echo "== 1. probe: map 'red' to its safe twin at every cross-attention K/V (the twin map, docs/efficacy.md; the paper's projection is --method cpca)"
-vpatch probe "$MODEL" -c "$CONCEPT" -o "$OUT/red.vud" --method twin --layers cross_kv --device cpu
+echo "== 1. probe: map 'red' and the words that read like it (--scan) to its safe twin at every cross-attention K/V (the twin map, docs/efficacy.md; the paper's projection is --method cpca)"
+vpatch probe "$MODEL" -c "$CONCEPT" -o "$OUT/red.vud" --method twin --layers cross_kv --scan 64 --device cpu
 vpatch inspect "$OUT/red.vud"
 echo "== 2. apply: stream the edit into a patched copy (weights only, no pipeline)"
 vpatch apply "$MODEL" "$OUT/red.vud" -o "$OUT/organism-no-red"
