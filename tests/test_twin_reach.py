@@ -152,6 +152,35 @@ def test_scan_and_cascade_are_refused_where_they_cannot_apply(red_acts):
         build(bare, ProbeParams(method="twin", scan=64), w)
 
 
+def test_build_uses_the_nearest_n_scanned_words_and_refuses_more_than_captured(red_acts):
+    acts, w = red_acts
+    one = replace(acts, sites=("cross_kv",), groups=acts.groups[1:])
+    words = acts.concept["scan"]["words"]
+    # candidates are stored nearest first; a build with --scan n scores only the first n of them
+    n = words.index("crimson")
+    assert n >= 2, words  # the check below needs crimson outside a short scan that is not trivial
+    short = build(one, ProbeParams(method="twin", scan=n), w)
+    rec = short.delta.method["scan_picked"]["transformer:cross_kv"]
+    assert set(rec["scores"]) <= set(words[:n]) and "crimson" not in rec["picked"]
+    assert short.delta.method["scan"] == n
+    full = build(one, ProbeParams(method="twin", scan=64), w)
+    assert "crimson" in full.delta.method["scan_picked"]["transformer:cross_kv"]["picked"]
+    with pytest.raises(ProbeError, match="--scan 65.*64"):
+        build(one, ProbeParams(method="twin", scan=65), w)
+
+
+def test_twin_only_options_are_refused_with_another_method(red_acts):
+    acts, w = red_acts
+    one = replace(acts, sites=("cross_kv",), groups=acts.groups[1:])
+    for kw, flag in (
+        ({"scan": 4}, "--scan"),
+        ({"cascade": True}, "--cascade"),
+        ({"anchor_empty": True}, "--anchor-empty"),
+    ):
+        with pytest.raises(ProbeError, match=f"{flag}.*cpca"):
+            build(one, ProbeParams(method="cpca", **kw), w)
+
+
 def test_cli_flags_reach_the_method_and_bad_values_exit_2(tmp_path):
     from click.testing import CliRunner
 

@@ -155,6 +155,11 @@ def _scanned(
             f"site {g.site} ({g.input}): --scan needs the vocabulary scan's captures; capture with "
             "probe --method twin --scan N (--save-activations keeps them)"
         )
+    if params.scan > int(plan.get("size", 0)):
+        raise ProbeError(
+            f"--scan {params.scan}: these activations hold a scan of {plan.get('size')} words; "
+            "build with --scan at most that (the nearest words first), or capture again"
+        )
     rows = _with_ids(g, "scan")
     by_word: dict[str, list[tuple[int, torch.Tensor, list[int]]]] = {}
     at = 0
@@ -164,6 +169,8 @@ def _scanned(
             at += 1
     if at != len(rows):
         raise ProbeError(f"site {g.site} ({g.input}): the scan's plan does not match its captures")
+    # candidates are stored nearest first: a smaller --scan at build uses the first N of them
+    by_word = {w: by_word[w] for w in plan["words"][: params.scan] if w in by_word}
     try:
         res = scan_scores(_with_ids(g, "unsafe"), _with_ids(g, "safe"), by_word, params.scan_min)
     except ValueError as e:
@@ -193,7 +200,6 @@ def twin_map(
 
     entries: list[DeltaEntry] = []
     results: list[GroupResult] = []
-    scans: dict[str, dict] = {}
     groups = list(acts.groups)
     feeds = _cascade_links(acts, groups, weights) if params.cascade else {}
     order = sorted(range(len(groups)), key=lambda i: i in {h for hs in feeds.values() for h in hs})
@@ -214,8 +220,6 @@ def twin_map(
         unsafe, safe = _with_ids(g, "unsafe"), _with_ids(g, "safe")
         scan_rows, pair_of, scan_rec = _scanned(acts, g, params)
         preserve += _extra_preserved(acts, g, scan_rec["picked"] if scan_rec else [])
-        if scan_rec is not None:
-            scans[g.input] = scan_rec
         unsafe, safe = unsafe + scan_rows, safe + [safe[p] for p in pair_of]
         try:
             anchors = None
@@ -348,6 +352,18 @@ def build(
     edit rows (X, T) for the twin method (see ``twin_map``); other methods refuse it.
     """
     p = (params or ProbeParams()).resolved(acts.defaults)
+    if p.method != TWIN:
+        used = [
+            f
+            for f, on in (
+                ("--scan", p.scan),
+                ("--cascade", p.cascade),
+                ("--anchor-empty", p.anchor_empty),
+            )
+            if on
+        ]
+        if used:
+            raise ProbeError(f"{', '.join(used)}: options of --method {TWIN}, not {p.method}")
     reader = weights or WeightReader.for_activations(acts)
     if extra:
         if p.method != TWIN:

@@ -276,6 +276,11 @@ def _capture_sites(
             if opt.scan:
                 plan, scan_prompts = _scan_plan(enc, un, sa, opt.scan)
                 if scan_out is not None:
+                    if "words" in scan_out and scan_out["words"] != plan["words"]:
+                        raise ProbeError(
+                            "--scan with sites that read different encoders is not supported "
+                            "(one scan plan per delta): probe one encoder's sites at a time"
+                        )
                     scan_out.update(plan)
                 say(f"scanning {len(plan['words'])} candidate words at {site.name}")
                 items["scan"] = scan_prompts
