@@ -92,6 +92,21 @@ def _twin(t5: Path, out: Path, family: str | Path | None = None) -> None:
     )
 
 
+def test_anchor_empty_is_refused_where_the_null_branch_is_a_learned_caption(t5, tmp_path):
+    # the empty prompt is not Open-Sora 1.2's unconditional branch: anchoring it would mislead
+    with pytest.raises(ProbeError, match="--anchor-empty.*null caption"):
+        probe(
+            WEIGHTS,
+            "violence",
+            tmp_path / "x.vud",
+            CaptureOptions(
+                sites=("cross_kv",), device="cpu", encoders={"text": str(t5)}, overrides=SHORT
+            ),
+            ProbeParams(method="twin", anchor_empty=True),
+        )
+    assert not (tmp_path / "x.vud").exists()
+
+
 def _null_readings() -> dict[str, torch.Tensor]:
     """What each site reads for the unconditional half: the null caption, raw at fc1 and through
     the caption MLP at every kv_linear (test_opensora12_golden.py checks both against upstream)."""

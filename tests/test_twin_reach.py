@@ -198,6 +198,16 @@ def test_cli_flags_reach_the_method_and_bad_values_exit_2(tmp_path):
     res = CliRunner().invoke(main, [*base, "--method", "twin", "--preserve", str(bad)])
     assert res.exit_code == 2 and "no prompts" in res.output
     assert not (tmp_path / "x.vud").exists()
+    # and the flags reach the method: the picks are in the written delta's metadata
+    res = CliRunner().invoke(
+        main, [*base, "--method", "twin", "--layers", "cross_kv", "--scan", "64", "--json"]
+    )
+    assert res.exit_code == 0, res.output
+    from patcher.vud.delta import read_delta
+
+    method = read_delta(tmp_path / "x.vud").method
+    assert method["scan"] == 64 and method["scan_min"] == 0.6
+    assert sorted(method["scan_picked"]["transformer:cross_kv"]["picked"]) == ["crimson", "scarlet"]
 
 
 def test_anchor_empty_holds_the_unconditional_prompt_among_many_preserved_tokens():

@@ -216,6 +216,11 @@ def twin_map(
         # a learned null caption (recipe key null_caption) is what a removed word and the
         # unconditional branch read there, position by position; else padding's one reading
         pad = g.roles["null"][0][0].tokens if "null" in g.roles else g.roles["pad"][0][0].tokens[0]
+        if params.anchor_empty and "null" in g.roles:
+            raise ProbeError(
+                f"--anchor-empty: at site {g.site} the unconditional branch reads the family's "
+                "learned null caption, which the twin already keeps exactly, not the empty prompt"
+            )
         tp = TwinParams(beta=params.beta, ridge=params.ridge, null=params.null)
         unsafe, safe = _with_ids(g, "unsafe"), _with_ids(g, "safe")
         scan_rows, pair_of, scan_rec = _scanned(acts, g, params)
