@@ -126,3 +126,7 @@ def test_judge_on_the_shipped_organisms_own_samples():
         v.shape in (*W.SHAPE_WORDS, "rounded") and v.motion in (*W.MOTION_WORDS, "static")
         for v in verdicts
     )
+    # the model draws shape less reliably than colour (76% on the held-out protocol, README): most
+    # clips get their shape, and a ball is never read as the far name, square
+    assert sum(v.shape == s.shape for v, s in zip(verdicts, specs)) >= 7
+    assert not any(v.shape == "square" for v, s in zip(verdicts, specs) if s.shape == "ball")
