@@ -44,7 +44,8 @@ def _prompt_lines(path: Path) -> tuple[str, ...]:
 
 
 def _method_options(fn):
-    """The method parameters, shared by `probe` and `build`; ProbeParams checks them (once)."""
+    """The method parameters, shared by `probe` and `build`: each reaches the command in ``**edit``
+    under its ProbeParams field name, and ProbeParams checks them (once)."""
     from ..erasure.refusal import POOLINGS
     from ..probe.build import METHODS
     from ..probe.params import SCAN_MIN
@@ -136,27 +137,6 @@ def _method_options(fn):
     for o in reversed(opts):
         fn = o(fn)
     return fn
-
-
-def _params(method, rank, alpha, strength, directions, pooling, beta, ridge, null, *twin):
-    from ..probe import ProbeParams
-
-    scan, scan_min, cascade, anchor_empty = twin
-    return ProbeParams(
-        method,
-        rank,
-        alpha,
-        strength,
-        directions,
-        pooling,
-        beta,
-        ridge,
-        null,
-        scan,
-        scan_min,
-        cascade,
-        anchor_empty,
-    )
 
 
 def _show_probe(r, as_json: bool, verb: str) -> None:
@@ -292,19 +272,6 @@ def probe(
     family,
     sites,
     layer_filter,
-    method,
-    rank,
-    alpha,
-    strength,
-    directions,
-    pooling,
-    beta,
-    ridge,
-    null,
-    scan,
-    scan_min,
-    cascade,
-    anchor_empty,
     device,
     dtype,
     encoders,
@@ -316,6 +283,7 @@ def probe(
     overwrite,
     as_json,
     quiet,
+    **edit,
 ):
     """Find the concept's refusal direction in MODEL and write a portable delta (.vud).
 
@@ -335,28 +303,14 @@ def probe(
       vpatch probe ./wan -c nudity --save-activations nudity.acts.safetensors   # capture only
       vpatch probe ./wan -c nudity -c gore -o both.vud     # one joint projection for both
     """
-    from ..probe import CaptureOptions, probe_concepts
+    from ..probe import CaptureOptions, ProbeParams, probe_concepts
     from ..probe import probe as run_probe
 
     if out is None and save_activations is None:
         raise ProbeError(
             "probe: nothing to write; give -o DELTA.vud, --save-activations FILE or both"
         )
-    params = _params(
-        method,
-        rank,
-        alpha,
-        strength,
-        directions,
-        pooling,
-        beta,
-        ridge,
-        null,
-        scan,
-        scan_min,
-        cascade,
-        anchor_empty,
-    )
+    params = ProbeParams(**edit)
     opt = CaptureOptions(
         family=family,
         sites=tuple(s.strip() for s in sites.split(",") if s.strip()) if sites else None,
@@ -420,22 +374,10 @@ def probe(
 def build(
     activations,
     out,
-    method,
-    rank,
-    alpha,
-    strength,
-    directions,
-    pooling,
-    beta,
-    ridge,
-    null,
-    scan,
-    scan_min,
-    cascade,
-    anchor_empty,
     model,
     overwrite,
     as_json,
+    **edit,
 ):
     """Build a delta from saved activations, with any method parameters, without running a model.
 
@@ -451,25 +393,11 @@ def build(
       vpatch build nudity.acts.safetensors -o nudity-k16.vud --rank 16 --alpha 0.5
     """
     from ..output import check_target
-    from ..probe import WeightReader, read_activations, report
+    from ..probe import ProbeParams, WeightReader, read_activations, report
     from ..probe import build as run_build
     from ..vud.delta import write_delta
 
-    params = _params(
-        method,
-        rank,
-        alpha,
-        strength,
-        directions,
-        pooling,
-        beta,
-        ridge,
-        null,
-        scan,
-        scan_min,
-        cascade,
-        anchor_empty,
-    )
+    params = ProbeParams(**edit)
     check_target(out, [activations], overwrite, "delta")
     acts = read_activations(activations)
     built = run_build(acts, params, WeightReader.for_activations(acts, model))
