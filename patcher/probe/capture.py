@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ..erasure.scan import concept_positions, concept_words, substitute, vocabulary_candidates
 from ..errors import ProbeError
 from ..families.recipes import Concept, EncoderSpec, Family, SiteSpec, load_concept, load_family
 from ..merge.engine import NullReporter, Reporter
@@ -272,9 +273,12 @@ def _capture_sites(
 
                 items["empty"] = [""]  # the unconditional branch's prompt must keep its reading
             enc = encoders[site.encoder]
+            # the pairs' token ids (twin alignment), and the concept's words as the pairs spell them
+            ids = _token_ids(enc, un + sa) if opt.token_roles else []
+            words = _concept_words(enc, ids, len(un)) if (opt.scan or opt.preserve) else []
             scan_prompts: list[str] = []
             if opt.scan:
-                plan, scan_prompts = _scan_plan(enc, un, sa, opt.scan)
+                plan, scan_prompts = _scan_plan(enc, un, ids, words, opt.scan)
                 if scan_out is not None:
                     if "words" in scan_out and scan_out["words"] != plan["words"]:
                         raise ProbeError(
@@ -285,7 +289,7 @@ def _capture_sites(
                 say(f"scanning {len(plan['words'])} candidate words at {site.name}")
                 items["scan"] = scan_prompts
             if opt.preserve:
-                kept = _preserved(enc, un, sa, list(opt.preserve))
+                kept = [p for p in opt.preserve if substitute(p, words, "") is None]
                 if not kept:
                     raise ProbeError(
                         "--preserve: every prompt names the concept word; none is left"
@@ -303,7 +307,6 @@ def _capture_sites(
                 pad=opt.token_roles,
                 recipe=f"recipe {fam.path or fam.name}",
             )
-            ids = _token_ids(enc, un + sa) if opt.token_roles else []
             for g, ts in by_group.items():
                 roles = {r: [[Capture.of(x, m)] for x, m in items] for r, items in acts[g].items()}
                 if opt.token_roles:
@@ -343,23 +346,18 @@ def _pairs_inputs(concept: Concept, enc: EncoderSpec) -> tuple[list, list, list]
     return [p.unsafe for p in concept.pairs], [p.safe for p in concept.pairs], list(concept.neutral)
 
 
-def _preserved(enc: Encoder, unsafe: list[str], safe: list[str], prompts: list[str]) -> list[str]:
-    """PROMPTS less those that name one of the concept's words (as the pairs spell them)."""
-    from ..erasure.scan import concept_words, substitute
-
-    ids = _token_ids(enc, unsafe + safe)
-    words = concept_words(enc.pre, ids[: len(unsafe)], ids[len(unsafe) :])
-    return [p for p in prompts if substitute(p, words, "") is None]
+def _concept_words(enc: Encoder, ids: list[list[int]], n_unsafe: int) -> list[str]:
+    """The concept's words as the pairs spell them, from the pairs' token ids (unsafe, then safe)."""
+    return concept_words(enc.pre, ids[:n_unsafe], ids[n_unsafe:])
 
 
-def _scan_plan(enc: Encoder, unsafe: list[str], safe: list[str], n: int) -> tuple[dict, list[str]]:
+def _scan_plan(
+    enc: Encoder, unsafe: list[str], ids: list[list[int]], words: list[str], n: int
+) -> tuple[dict, list[str]]:
     """The vocabulary scan's prompts: each candidate word in the concept word's place in every
-    unsafe prompt of the pairs, and the plan that says which word and pair each prompt is."""
-    from ..erasure.scan import concept_positions, concept_words, substitute, vocabulary_candidates
-
-    ids = _token_ids(enc, unsafe + safe)
+    unsafe prompt of the pairs, and the plan that says which word and pair each prompt is. IDS:
+    the pairs' token ids (unsafe, then safe); WORDS: the concept's words."""
     uids, sids = ids[: len(unsafe)], ids[len(unsafe) :]
-    words = concept_words(enc.pre, uids, sids)
     own = [iu[i] for iu, is_ in zip(uids, sids) for i in concept_positions(iu, is_)]
     emb = None
     get = getattr(enc.model, "get_input_embeddings", None)
