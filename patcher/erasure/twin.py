@@ -231,12 +231,12 @@ def twin_edit(
     Xe, Te = [], []
     for (xu, iu), (xs, is_) in zip(unsafe, safe):
         X, T = aligned_targets(xu, xs, iu, is_)
-        deleted = [j is None for _, j in align_tokens(iu, is_)]
-        if pad.dim() == 1:
-            T[torch.tensor(deleted, dtype=torch.bool)] = pad.double()
-        else:
-            at = [i for (i, _), d in zip(align_tokens(iu, is_), deleted) if d]
-            T[torch.tensor(deleted, dtype=torch.bool)] = pad.double()[at]
+        pairs = align_tokens(iu, is_)
+        gone = torch.tensor([j is None for _, j in pairs], dtype=torch.bool)  # concept words
+        # their target: padding's one reading, or a learned null caption's row at their position
+        T[gone] = (
+            pad.double() if pad.dim() == 1 else pad.double()[[i for i, j in pairs if j is None]]
+        )
         Xe.append(X)
         Te.append(T)
     if extra is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,6 +21,9 @@ from ..vud.delta import Delta, DeltaEntry, map_input_entry, projection_entry, ve
 from .activations import Activations, GroupActivations
 from .params import ProbeParams
 from .sources import WeightReader
+
+if TYPE_CHECKING:
+    from ..families.recipes import Family
 
 
 @dataclass(frozen=True)
@@ -201,8 +205,10 @@ def twin_map(
     entries: list[DeltaEntry] = []
     results: list[GroupResult] = []
     groups = list(acts.groups)
-    feeds = _cascade_links(acts, groups, weights) if params.cascade else {}
-    order = sorted(range(len(groups)), key=lambda i: i in {h for hs in feeds.values() for h in hs})
+    fam = _cascade_family(acts) if params.cascade else None
+    feeds = _cascade_links(acts, fam, groups) if fam is not None else {}
+    fed = {h for hs in feeds.values() for h in hs}
+    order = sorted(range(len(groups)), key=lambda i: i in fed)  # a fed site after its feeder
     for gi in order:
         g = groups[gi]
         missing = [r for r in TWIN_ROLES if r not in g.roles]
@@ -236,7 +242,7 @@ def twin_map(
         except (ValueError, RuntimeError) as e:
             raise ProbeError(f"site {g.site} ({g.input}): twin edit failed: {e}") from None
         for h in feeds.get(gi, []):
-            groups[h] = _through(groups[h], g, op, acts, weights, params.strength)
+            groups[h] = _through(groups[h], g, op, fam, weights, params.strength)
         for t in g.targets:
             W = weights.target(t)
             entries.append(
@@ -257,17 +263,21 @@ def twin_map(
     return entries, results
 
 
-def _cascade_links(
-    acts: Activations, groups: list[GroupActivations], weights: WeightReader
-) -> dict[int, list[int]]:
-    """{g: [h, ...]}: group h's site chain starts with a linear whose weight is a target of g, and g
-    reads the encoder output that chain reads (no chain of its own, same encoder and component)."""
+def _cascade_family(acts: Activations) -> Family:
+    """The captured family's recipe, which says how each site's chain reads another's weight."""
     from ..families.recipes import load_family
 
     try:
-        fam = load_family(acts.family, list(acts.capture.overrides))
+        return load_family(acts.family, list(acts.capture.overrides))
     except Exception as e:  # noqa: BLE001 - any recipe failure is the same user-facing problem
         raise ProbeError(f"--cascade: family {acts.family!r} could not be loaded ({e})") from None
+
+
+def _cascade_links(
+    acts: Activations, fam: Family, groups: list[GroupActivations]
+) -> dict[int, list[int]]:
+    """{g: [h, ...]}: group h's site chain starts with a linear whose weight is a target of g, and g
+    reads the encoder output that chain reads (no chain of its own, same encoder and component)."""
     links: dict[int, list[int]] = {}
     for gi, g in enumerate(groups):
         sg = fam.sites.get(g.site)
@@ -296,17 +306,15 @@ def _through(
     h: GroupActivations,
     g: GroupActivations,
     op,
-    acts: Activations,
+    fam: Family,
     weights: WeightReader,
     strength: float,
 ) -> GroupActivations:
     """Group h's captures recomputed through g's edit: its chain run on g's inputs mapped by
     M = I + λ P Qᵀ (the chain's first linear is g's target, and W M x = W (M x))."""
-    from ..families.recipes import load_family
     from .activations import Capture
     from .sites import run_chain
 
-    fam = load_family(acts.family, list(acts.capture.overrides))
     site = fam.sites[h.site]
     first = f"{site.chain[0].weight}.weight"
     key = next(t.key for t in g.targets if t.key.endswith(first))
@@ -369,13 +377,13 @@ def build(
         ]
         if used:
             raise ProbeError(f"{', '.join(used)}: options of --method {TWIN}, not {p.method}")
+        if extra:
+            raise ProbeError(f"extra edit rows need --method {TWIN}, not {p.method}")
+    unknown = sorted(set(extra or {}) - {g.site for g in acts.groups})
+    if unknown:
+        raise ProbeError(f"extra edit rows for sites that were not captured: {unknown}")
     reader = weights or WeightReader.for_activations(acts)
     if extra:
-        if p.method != TWIN:
-            raise ProbeError(f"extra edit rows need --method {TWIN}, not {p.method}")
-        unknown = sorted(set(extra) - {g.site for g in acts.groups})
-        if unknown:
-            raise ProbeError(f"extra edit rows for sites that were not captured: {unknown}")
         entries, groups = twin_map(acts, p, reader, extra)
     else:
         entries, groups = METHODS[p.method](acts, p, reader)
