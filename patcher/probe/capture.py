@@ -29,6 +29,7 @@ from ..vud.delta import versions
 from .activations import Activations, Capture, CaptureRecord, GroupActivations, TargetWeight
 from .denoise import capture_denoise
 from .encoders import Encoder, PipelineEncoder, make_encoder
+from .params import check_count
 from .sites import Hooks, Target, find_module, hooked_group, run_chain, site_targets
 from .sources import ModelSource, WeightReader, open_model, resolve_family
 
@@ -80,8 +81,7 @@ class CaptureOptions:
             object.__setattr__(self, "sites", tuple(self.sites))
         object.__setattr__(self, "overrides", tuple(self.overrides))
         object.__setattr__(self, "preserve", tuple(self.preserve))
-        if isinstance(self.scan, bool) or not isinstance(self.scan, int) or self.scan < 0:
-            raise ProbeError(f"--scan {self.scan!r}: candidate words, a whole number >= 0")
+        check_count("--scan", self.scan, "candidate words")
         if self.offload not in OFFLOADS:
             raise ProbeError(f"--offload {self.offload!r}: choose one of {', '.join(OFFLOADS)}")
         if self.dtype != "auto" and self.dtype not in DTYPES:

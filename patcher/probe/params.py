@@ -18,6 +18,12 @@ from ..errors import ProbeError
 SCAN_MIN = 0.6
 
 
+def check_count(flag: str, v, what: str) -> None:
+    """A whole number >= 0 (a bool is not one), else one line naming the flag."""
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ProbeError(f"{flag} {v!r}: {what}, a whole number >= 0")
+
+
 def method_names() -> tuple[str, ...]:
     from .build import METHODS
 
@@ -50,15 +56,13 @@ class ProbeParams:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ProbeError(f"--{name} {v!r}: {what}, must be a whole number >= 1")
-        if isinstance(self.scan, bool) or not isinstance(self.scan, int) or self.scan < 0:
-            raise ProbeError(f"--scan {self.scan!r}: candidate words, a whole number >= 0")
+        check_count("--scan", self.scan, "candidate words")
         for name in ("cascade", "anchor_empty"):
             if not isinstance(getattr(self, name), bool):
                 raise ProbeError(
                     f"--{name.replace('_', '-')} {getattr(self, name)!r}: true or false"
                 )
-        if isinstance(self.null, bool) or not isinstance(self.null, int) or self.null < 0:
-            raise ProbeError(f"--null {self.null!r}: null-space directions, a whole number >= 0")
+        check_count("--null", self.null, "null-space directions")
         for name, low, what in (
             ("alpha", ">= 0", "the neutral contrast α"),
             ("beta", ">= 0", "the twin's preservation weight β"),
