@@ -17,6 +17,7 @@ Parts (--part, comma-separated; default organism,correlation):
 
   OMP_NUM_THREADS=1 nice -n 10 python benchmarks/tune_bench.py --part organism,correlation
   OMP_NUM_THREADS=1 nice -n 10 python benchmarks/tune_bench.py --part organism --preserve examples/organism/captions.txt
+  OMP_NUM_THREADS=1 nice -n 10 python benchmarks/tune_bench.py --part organism --preserve examples/organism/captions.txt --scan 64
   OMP_NUM_THREADS=1 nice -n 10 python benchmarks/tune_bench.py --part wan14b --trials 20
   python benchmarks/tune_bench.py --part wan14b --trials 20 --sites text_proj,cross_kv
 """
@@ -101,8 +102,10 @@ def run_organism(a, cache: dict) -> dict:
     from patcher.tune import TuneOptions, tune
 
     out = {}
-    tag = "-preserve" if a.preserve else ""
-    cap = CaptureOptions(preserve=_prompt_lines(Path(a.preserve)) if a.preserve else ())
+    tag = ("-preserve" if a.preserve else "") + (f"-scan{a.scan}" if a.scan else "")
+    cap = CaptureOptions(
+        preserve=_prompt_lines(Path(a.preserve)) if a.preserve else (), scan=a.scan
+    )
     for name in a.concepts.split(","):
         con = load_concept(ORG / f"{name}.toml")
         attr = con.judge["organism"]["attribute"]
@@ -415,6 +418,13 @@ def main() -> None:
         help="organism: tune --preserve FILE for every concept (e.g. examples/organism/captions.txt); "
         "results get the suffix -preserve",
     )
+    ap.add_argument(
+        "--scan",
+        type=int,
+        default=0,
+        help="organism: tune --scan N for every concept (the scan in the search space, reach in "
+        "concept left); results get the suffix -scanN",
+    )
     a = ap.parse_args()
     Path(a.tmp).mkdir(parents=True, exist_ok=True)
     (RES / "tune").mkdir(parents=True, exist_ok=True)
@@ -423,7 +433,11 @@ def main() -> None:
     doc = {"settings": vars(a)}
     if "organism" in parts:
         doc["organism"] = run_organism(a, cache)
-        name = "tune_organism" + ("_preserve" if a.preserve else "")
+        name = (
+            "tune_organism"
+            + ("_preserve" if a.preserve else "")
+            + (f"_scan{a.scan}" if a.scan else "")
+        )
         (RES / f"{name}.json").write_text(json.dumps(doc, indent=1, default=str))
     if "correlation" in parts:
         saved = RES / "tune_organism.json"

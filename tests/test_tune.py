@@ -216,6 +216,8 @@ def test_tune_verb_writes_delta_record_report_and_plot(tmp_path):
         (["--study", "{tmp}/no/such/folder/s.db"], "does not exist"),
         (["-o", "{tmp}"], "file name"),
         (["--preserve", "{captions}", "--methods", "cpca,mean"], "include twin"),
+        (["--scan", "8", "--methods", "cpca,mean"], "include twin"),
+        (["--scan", "-1"], "whole number >= 0"),
     ],
 )
 def test_bad_options_are_refused_on_one_line_before_the_capture(

@@ -59,6 +59,15 @@ from .common import _user_errors, err, main
     help="twin: a text file of more prompts to preserve (one per line, # comments), as probe's "
     "--preserve; all serve the fit, less any that is a validation prompt.",
 )
+@click.option(
+    "--scan",
+    type=int,
+    default=0,
+    show_default=True,
+    help="twin: capture the vocabulary scan of this many words (as probe's --scan); twin trials "
+    "then draw whether the picked words join the edit, and concept left also reads the "
+    "validation pairs with the words the scan picks on the fit pairs in the concept word's place.",
+)
 @click.option("--family", help="Model family recipe (detected when omitted).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option(
@@ -86,6 +95,7 @@ def tune_cmd(
     clip_model,
     no_refit,
     preserve_file,
+    scan,
     family,
     device,
     sets,
@@ -129,6 +139,7 @@ def tune_cmd(
             device=device,
             overrides=tuple(sets),
             preserve=_prompt_lines(preserve_file) if preserve_file else (),
+            scan=scan,
         ),
     )
     say = (lambda m: None) if (quiet or as_json) else (lambda m: err.print(m))

@@ -123,9 +123,11 @@ def _trial_row(t) -> dict:
     }
 
 
-def _judge_candidates(model, con: Concept, split: Split, acts, weights, cands, opt, say):
-    """Sample the candidates on the validation prompts (never the held-out sets) and score them
-    with the eval machinery: twin gap closed (judge space) and drift over the seed floor."""
+def _judge_candidates(model, con: Concept, split: Split, acts, weights, cands, opt, say, reach=()):
+    """Sample the candidates on the validation prompts (never the held-out sets; REACH: the
+    validation pairs with the reach words, as the cheap objectives read them) and score them with
+    the eval machinery: twin gap closed (judge space) and drift over the seed floor."""
+    pairs = [(con.pairs[i].unsafe, con.pairs[i].safe) for i in split.val_pairs] + list(reach)
     from ..evaluation.core import EvalOptions, evaluate
     from ..evaluation.prompts import PromptSet
 
@@ -133,10 +135,7 @@ def _judge_candidates(model, con: Concept, split: Split, acts, weights, cands, o
         def sets(self, c):
             return [
                 PromptSet(
-                    "validation",
-                    tuple(con.pairs[i].unsafe for i in split.val_pairs),
-                    True,
-                    tuple(con.pairs[i].safe for i in split.val_pairs),
+                    "validation", tuple(u for u, _ in pairs), True, tuple(s for _, s in pairs)
                 ),
                 PromptSet("free", tuple(con.neutral[i] for i in split.val_neutral), False),
             ]
@@ -166,13 +165,16 @@ def _judge_candidates(model, con: Concept, split: Split, acts, weights, cands, o
     return out
 
 
-def run_trials(study, n, fits, weights, objective_fn, sites, methods, widths, pooling) -> None:
+def run_trials(
+    study, n, fits, weights, objective_fn, sites, methods, widths, pooling, scan: int = 0
+) -> None:
     """Add N trials to STUDY: each builds a candidate from the fit activations FITS (per site) and
-    scores it; a build that is refused (or a non-finite score) is recorded as a pruned trial."""
+    scores it; a build that is refused (or a non-finite score) is recorded as a pruned trial.
+    SCAN > 0: twin trials draw whether the vocabulary scan's words join the edit."""
     optuna = _optuna()
 
     def objective(trial) -> tuple[float, float]:
-        cand = suggest(trial, sites, methods, widths, pooling)
+        cand = suggest(trial, sites, methods, widths, pooling, scan)
         trial.set_user_attr("candidate", cand.record())
         try:
             d = build(fits[cand.site], cand.params, weights).delta
@@ -217,6 +219,8 @@ def _search_space(src: ModelSource, opt: TuneOptions) -> tuple[Family, tuple[str
         raise TuneError(
             "--preserve adds to the twin map's preservation set: include twin in --methods"
         )
+    if opt.capture.scan and "twin" not in methods:
+        raise TuneError("--scan is the twin edit's vocabulary scan: include twin in --methods")
     return fam, sites, methods
 
 
@@ -284,7 +288,39 @@ def _open_study(optuna, path: Path, others, inputs, name: str, setup: dict, seed
     return study, resumed_from
 
 
-def _judge_choice(model, con, split, acts, weights, pareto, chosen, opt, say):
+def _reach(fits: dict, sites, weights, pooling: str, scan: int):
+    """The reach words (those the vocabulary scan picks at any searched site, read on the fit
+    pairs alone: one fixed set for every trial) and the validation pairs they make: each
+    validation pair's unsafe prompt with a reach word in the concept word's place, and its twin."""
+    from ..probe.build import TWIN
+    from ..probe.params import ProbeParams
+
+    words: list[str] = []
+    for s in sites:
+        try:
+            built = build(fits[s], ProbeParams(TWIN, 1, 0.0, 1.0, 1, pooling, scan=scan), weights)
+        except ProbeError as e:
+            raise TuneError(f"--scan: the vocabulary scan at site {s} failed ({e})") from None
+        for g in built.groups:
+            words += [w for w in g.notes.get("scan", {}).get("picked", []) if w not in words]
+    plan = next(iter(fits.values())).concept.get("scan") or {}
+    own = list(plan.get("concept_words", []))
+    return words, own
+
+
+def _reach_pairs(con: Concept, split: Split, words: list[str], own: list[str]):
+    from ..erasure.scan import substitute
+
+    out = []
+    for w in words:
+        for i in split.val_pairs:
+            u = substitute(con.pairs[i].unsafe, own, w)
+            if u is not None:
+                out.append((u, con.pairs[i].safe))
+    return out
+
+
+def _judge_choice(model, con, split, acts, weights, pareto, chosen, opt, say, reach=()):
     """Prune with the cheap objectives, confirm with the judge: the best --confirm front trials within
     the budget are sampled and the one with the largest twin gap closed (judge space) wins, the
     cheap concept left breaking ties. A gap the judge could not measure ranks last."""
@@ -293,7 +329,7 @@ def _judge_choice(model, con, split, acts, weights, pareto, chosen, opt, say):
         : opt.confirm
     ] or [chosen]
     cands = [(t, candidate_of(t.user_attrs["candidate"], pooling)) for t in pool]
-    judged = _judge_candidates(model, con, split, acts, weights, cands, opt, say)
+    judged = _judge_candidates(model, con, split, acts, weights, cands, opt, say, reach)
 
     def rank(i: int) -> tuple[float, float]:
         gap = judged[i]["judge_gap_closed"]
@@ -368,6 +404,8 @@ def tune(
     }
     if opt.capture.preserve:  # only then: studies run before the option resume as they were
         setup["preserve"] = _preserve_record(opt.capture.preserve)
+    if opt.capture.scan:
+        setup["scan"] = opt.capture.scan
     others = (out, report_path, plot_path)
     study, resumed_from = _open_study(optuna, study_path, others, inputs, name, setup, opt.seed)
 
@@ -380,23 +418,37 @@ def tune(
     widths = {g.site: g.dim for g in acts.groups}
     t_capture = time.perf_counter() - t0
 
+    fits = {s: subset(acts, (s,), split.fit_pairs, split.fit_neutral) for s in sites}
+    words, own, reach = [], [], []
+    if opt.capture.scan:
+        words, own = _reach(fits, sites, weights, pooling, opt.capture.scan)
+        reach = _reach_pairs(con, split, words, own)
+        say(f"reach words (the scan on the fit pairs): {', '.join(words) or 'none'}")
     # the objectives on the validation prompts
     if level == "denoiser":
         objective_fn = OrganismObjectives(
             model,
-            [(con.pairs[i].unsafe, con.pairs[i].safe) for i in split.val_pairs],
+            [(con.pairs[i].unsafe, con.pairs[i].safe) for i in split.val_pairs] + reach,
             [con.neutral[i] for i in split.val_neutral],
         )
     else:
-        objective_fn = SiteObjectives(acts, split, weights)
-    fits = {s: subset(acts, (s,), split.fit_pairs, split.fit_neutral) for s in sites}
+        objective_fn = SiteObjectives(acts, split, weights, words)
     t_setup = time.perf_counter() - t0 - t_capture
 
     t1 = time.perf_counter()
     if opt.trials:
         say(f"{opt.trials} trials ({level} objectives) into study {name!r} at {study_path}")
     run_trials(
-        study, opt.trials, fits, weights, objective_fn, list(sites), methods, widths, pooling
+        study,
+        opt.trials,
+        fits,
+        weights,
+        objective_fn,
+        list(sites),
+        methods,
+        widths,
+        pooling,
+        opt.capture.scan,
     )
     t_search = time.perf_counter() - t1
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -408,7 +460,9 @@ def tune(
     judged: list[dict] = []
     t2 = time.perf_counter()
     if opt.judge:
-        chosen, judged = _judge_choice(model, con, split, acts, weights, pareto, chosen, opt, say)
+        chosen, judged = _judge_choice(
+            model, con, split, acts, weights, pareto, chosen, opt, say, reach
+        )
     t_judge = time.perf_counter() - t2
 
     built, refit_refused = _build_chosen(acts, split, weights, chosen, pooling, opt, out, say)
@@ -426,7 +480,11 @@ def tune(
         "max_damage": opt.max_damage,
         "within_budget": within,
         "split": split.record(unsafe, list(con.neutral)),
-        "search_space": {"sites": list(sites), "methods": methods},
+        "search_space": {"sites": list(sites), "methods": methods}
+        | ({"scan": [0, opt.capture.scan]} if opt.capture.scan else {}),
+        "reach": {"words": words, "validation_pairs": [u for u, _ in reach]}
+        if opt.capture.scan
+        else None,
         "preserve": setup.get("preserve"),
         "chosen": {**_trial_row(chosen)},
         "judge": opt.judge,

@@ -9,6 +9,12 @@
   declares a learned null caption, each of those prompts' first L rows of it), relative to a floor
   that says what "a lot" is.
 
+With ``tune --scan N``, concept left also reads *reach*: the validation pairs are joined by the same
+pairs with each reach word in the concept word's place (the words the vocabulary scan picks on the
+fit pairs alone, one fixed set for every trial), each against the pair's own twin. Without them the
+validation pairs name the concept one way only, so no objective could prefer an edit that reaches
+the concept's other names.
+
 Two levels measure them, neither generating video:
 
 - ``denoiser`` (``OrganismObjectives``): F is the model's coarse sample: a 3-step guided Euler
@@ -39,7 +45,7 @@ from ..erasure.twin import align_tokens
 from ..probe.activations import Activations
 from ..probe.sources import WeightReader
 from ..vud.delta import Delta
-from .split import Split
+from .split import Split, scan_rows_of
 
 
 @dataclass(frozen=True)
@@ -52,13 +58,34 @@ def _entries(delta: Delta) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return {e.key: (e.U.double(), e.V.double()) for e in delta.entries}
 
 
+def _aligned(g, role: str, i: int, p: int, pad, null, xu: list, xt: list) -> None:
+    """Append the unsafe prompt ROLE[i]'s readings and pair p's twin's, token by token (a concept
+    word against padding, or a learned null caption's row); the mean tokens without token ids."""
+    u = g.roles[role][i][0].tokens.double()
+    s = g.roles["safe"][p][0].tokens.double()
+    if f"{role}_ids" not in g.roles:
+        xu.append(u.mean(0))
+        xt.append(s.mean(0))
+        return
+    iu = [int(v) for v in g.roles[f"{role}_ids"][i][0].tokens[:, 0].tolist()]
+    is_ = [int(v) for v in g.roles["safe_ids"][p][0].tokens[:, 0].tolist()]
+    for a, b in align_tokens(iu, is_):
+        if b is None and pad is None:
+            continue
+        xu.append(u[a])
+        xt.append(s[b] if b is not None else pad if null is None else null[a])
+
+
 class SiteObjectives:
     """Concept left and damage at the readers of the edited site (see the module docstring)."""
 
     level = "site"
 
-    def __init__(self, acts: Activations, split: Split, weights: WeightReader):
+    def __init__(
+        self, acts: Activations, split: Split, weights: WeightReader, reach: Sequence[str] = ()
+    ):
         self.targets: dict[str, dict] = {}
+        reach_rows = scan_rows_of(acts.concept, split.val_pairs, list(reach)) if reach else []
         for g in acts.groups:
             pad = g.roles["pad"][0][0].tokens[0].double() if "pad" in g.roles else None
             # a learned null caption (recipe key null_caption): a removed word's twin is its row at
@@ -67,20 +94,10 @@ class SiteObjectives:
             null = g.roles["null"][0][0].tokens.double() if "null" in g.roles else None
             xu, xt, xf = [], [], []
             for i in split.val_pairs:
-                u = g.roles["unsafe"][i][0].tokens.double()
-                s = g.roles["safe"][i][0].tokens.double()
-                if "unsafe_ids" in g.roles:
-                    iu = [int(v) for v in g.roles["unsafe_ids"][i][0].tokens[:, 0].tolist()]
-                    is_ = [int(v) for v in g.roles["safe_ids"][i][0].tokens[:, 0].tolist()]
-                    for a, b in align_tokens(iu, is_):
-                        if b is None and pad is None:
-                            continue
-                        xu.append(u[a])
-                        xt.append(s[b] if b is not None else pad if null is None else null[a])
-                else:  # no token ids: compare the prompts' mean tokens
-                    xu.append(u.mean(0))
-                    xt.append(s.mean(0))
-                xf.append(s)
+                _aligned(g, "unsafe", i, i, pad, null, xu, xt)
+                xf.append(g.roles["safe"][i][0].tokens.double())
+            for row, _w, p in reach_rows:  # the validation pairs with a reach word in its place
+                _aligned(g, "scan", row, p, pad, null, xu, xt)
             xf += [g.roles["neutral"][i][0].tokens.double() for i in split.val_neutral]
             if null is not None:  # each prompt's guided generation reads its first L null rows
                 xf += [null[: x.shape[0]] for x in xf]

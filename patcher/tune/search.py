@@ -33,21 +33,32 @@ class Candidate:
         out = {"site": self.site, "method": p.method, "strength": p.strength}
         if p.method == TWIN:
             out.update(beta=p.beta, null=p.null)
+            if p.scan:
+                out.update(scan=p.scan)
         else:
             out.update(rank=p.rank, alpha=p.alpha, directions=p.directions)
         return out
 
 
-def suggest(trial, sites: list[str], methods: list[str], widths: dict[str, int], pooling: str):
-    """The trial's candidate (define-by-run: each method draws only the parameters it reads)."""
+def suggest(
+    trial,
+    sites: list[str],
+    methods: list[str],
+    widths: dict[str, int],
+    pooling: str,
+    scan: int = 0,
+):
+    """The trial's candidate (define-by-run: each method draws only the parameters it reads).
+    SCAN > 0: a twin trial also draws whether the vocabulary scan's words join its edit."""
     site = trial.suggest_categorical("site", sites)
     method = trial.suggest_categorical("method", methods)
     strength = trial.suggest_float("strength", *STRENGTH)
     if method == TWIN:
         beta = trial.suggest_float("beta", *BETA, log=True)
         null = trial.suggest_int("null", *NULL)
+        n = trial.suggest_categorical("scan", [0, scan]) if scan else 0
         return Candidate(
-            site, ProbeParams(TWIN, 1, 0.0, strength, 1, pooling, beta=beta, null=null)
+            site, ProbeParams(TWIN, 1, 0.0, strength, 1, pooling, beta=beta, null=null, scan=n)
         )
     rank = 1
     alpha = 0.0
@@ -64,7 +75,15 @@ def candidate_of(params: dict, pooling: str) -> Candidate:
     m = params["method"]
     if m == TWIN:
         p = ProbeParams(
-            TWIN, 1, 0.0, params["strength"], 1, pooling, beta=params["beta"], null=params["null"]
+            TWIN,
+            1,
+            0.0,
+            params["strength"],
+            1,
+            pooling,
+            beta=params["beta"],
+            null=params["null"],
+            scan=params.get("scan", 0),
         )
     else:
         p = ProbeParams(

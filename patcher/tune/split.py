@@ -19,6 +19,7 @@ from ..errors import ProbeError
 from ..probe.activations import Activations, GroupActivations
 
 PAIR_ROLES = ("unsafe", "safe", "unsafe_ids", "safe_ids")
+SCAN_ROLES = ("scan", "scan_ids")  # the vocabulary scan's substituted pairs (probe/capture.py)
 
 
 def _held(texts: list[str], fraction: float) -> list[int]:
@@ -72,8 +73,11 @@ def subset(
 ) -> Activations:
     """The activations of some sites, restricted to some pairs and neutral prompts (None: all);
     the shared roles (empty prompt, padding) are kept whole. Preservation prompts (role
-    ``preserve``) that repeat a left-out pair's or neutral prompt's text are dropped with it."""
+    ``preserve``) that repeat a left-out pair's or neutral prompt's text are dropped with it, and
+    the vocabulary scan's prompts (a candidate word in a pair's concept word's place) go with their
+    pair, so a scan fitted on the subset never reads a left-out pair's context."""
     rec = acts.concept
+    scan_rows, rec = _scan_subset(rec, pairs)
     out_texts = set()
     if pairs is not None:
         out_texts |= {
@@ -101,6 +105,8 @@ def subset(
                 roles[r] = tuple(ps[i] for i in neutral)
             elif r == "preserve" and keep_pres is not None:
                 roles[r] = tuple(ps[i] for i in keep_pres)
+            elif r in SCAN_ROLES and scan_rows is not None:
+                roles[r] = tuple(ps[i] for i in scan_rows)
             else:
                 roles[r] = ps
         groups.append(GroupActivations(g.site, g.input, g.targets, roles))
@@ -112,3 +118,37 @@ def subset(
         groups=tuple(groups),
         concept=rec,
     )
+
+
+def _scan_subset(rec: dict, pairs: tuple[int, ...] | None) -> tuple[list[int] | None, dict]:
+    """The scan rows (captured in plan order: each word, then its pairs) whose pair is kept, and
+    the plan with its pair indices renumbered to the kept pairs' positions (None: keep all)."""
+    plan = rec.get("scan")
+    if pairs is None or not isinstance(plan, dict) or "words" not in plan:
+        return None, rec
+    pos = {p: k for k, p in enumerate(pairs)}
+    rows: list[int] = []
+    kept_pairs: list[list[int]] = []
+    at = 0
+    for used in plan["pairs"]:
+        mine = []
+        for p in used:
+            if int(p) in pos:
+                rows.append(at)
+                mine.append(pos[int(p)])
+            at += 1
+        kept_pairs.append(mine)
+    return rows, {**rec, "scan": {**plan, "pairs": kept_pairs}}
+
+
+def scan_rows_of(rec: dict, pairs: tuple[int, ...], words: list[str]) -> list[tuple[int, str, int]]:
+    """(row, word, pair) of the scan prompts that put one of WORDS into one of PAIRS."""
+    plan = rec.get("scan") or {}
+    out = []
+    at = 0
+    for w, used in zip(plan.get("words", []), plan.get("pairs", [])):
+        for p in used:
+            if w in words and int(p) in pairs:
+                out.append((at, w, int(p)))
+            at += 1
+    return out

@@ -1,0 +1,132 @@
+"""tune --scan: the vocabulary scan in the search space, and concept left that reads reach.
+
+Without it every validation pair names the concept one way ("red"), so no objective can prefer an
+edit that reaches the concept's other names (crimson, scarlet: the organism learned them as red).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("optuna")  # the tune extra (the test extra installs it)
+
+from click.testing import CliRunner  # noqa: E402
+
+from patcher.cli import main  # noqa: E402
+from patcher.families.recipes import load_concept  # noqa: E402
+from patcher.probe import (  # noqa: E402
+    CaptureOptions,
+    ProbeParams,
+    WeightReader,
+    build_delta,
+    capture,
+    open_model,
+)
+from patcher.tune.objectives import SiteObjectives  # noqa: E402
+from patcher.tune.split import Split, subset  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "examples" / "organism" / "model"
+RED = ROOT / "examples" / "organism" / "red.toml"
+
+
+@pytest.fixture(scope="module")
+def red_scan():
+    con = load_concept(RED)
+    opt = CaptureOptions(sites=("cross_kv",), token_roles=True, scan=64)
+    src = open_model(MODEL, opt)
+    w = WeightReader(src)
+    return con, opt, src, w, capture(src, con, opt, w)
+
+
+def test_the_fit_half_scans_only_its_own_pairs(red_scan):
+    """A scan built on the fit half of a capture equals one captured from a recipe that holds only
+    the fit pairs and neutral prompts: no validation pair's context reaches the fit."""
+    con, opt, src, w, acts = red_scan
+    sp = Split.of([p.unsafe for p in con.pairs], con.neutral)
+    fit = subset(acts, ("cross_kv",), sp.fit_pairs, sp.fit_neutral)
+    assert all(p < len(sp.fit_pairs) for ps in fit.concept["scan"]["pairs"] for p in ps)
+    g = fit.groups[0]
+    assert len(g.roles["scan"]) == sum(len(ps) for ps in fit.concept["scan"]["pairs"])
+    assert len(g.roles["scan"]) < len(acts.groups[0].roles["scan"])
+    only_fit = replace(
+        con,
+        pairs=tuple(con.pairs[i] for i in sp.fit_pairs),
+        neutral=tuple(con.neutral[i] for i in sp.fit_neutral),
+    )
+    direct = capture(src, only_fit, opt, w)
+    p = ProbeParams("twin", strength=1.0, scan=64)
+    a, b = build_delta(fit, p, w), build_delta(direct, p, w)
+    assert a.method["scan_picked"] == b.method["scan_picked"]
+    assert sorted(a.method["scan_picked"]["transformer:cross_kv"]["picked"]) == [
+        "crimson",
+        "scarlet",
+    ]
+    for ea, eb in zip(a.entries, b.entries, strict=True):
+        assert ea.key == eb.key
+        assert float((ea.U @ ea.V.T - eb.U @ eb.V.T).abs().max()) < 1e-5
+
+
+def test_concept_left_reads_reach_and_prefers_the_edit_that_has_it(red_scan):
+    """Without reach words the plain twin map looks as good as the scanned one (it is fitted and
+    validated on "red" alone); with them, the plain map leaves more of the concept and the scanned
+    map less."""
+    con, _opt, _src, w, acts = red_scan
+    sp = Split.of([p.unsafe for p in con.pairs], con.neutral)
+    fit = subset(acts, ("cross_kv",), sp.fit_pairs, sp.fit_neutral)
+    plain = build_delta(fit, ProbeParams("twin", strength=1.0), w)
+    scanned = build_delta(fit, ProbeParams("twin", strength=1.0, scan=64), w)
+    one_name = SiteObjectives(acts, sp, w)
+    reach = SiteObjectives(acts, sp, w, ["scarlet", "crimson"])
+    assert one_name(scanned).concept_left >= one_name(plain).concept_left
+    assert reach(plain).concept_left > 1.15 * one_name(plain).concept_left
+    assert reach(scanned).concept_left < 0.85 * reach(plain).concept_left
+    # damage reads the concept-free prompts only: the reach words do not change it
+    assert reach(plain).damage == pytest.approx(one_name(plain).damage, rel=1e-12)
+
+
+def test_tune_scan_searches_the_scan_and_records_the_reach(tmp_path):
+    out = tmp_path / "red.vud"
+    r = CliRunner().invoke(
+        main,
+        [
+            *("tune", str(MODEL), "-c", str(RED), "-o", str(out), "--trials", "8"),
+            *("--scan", "64", "--methods", "twin", "--sites", "cross_kv", "--objectives", "site"),
+            "--json",
+        ],
+    )
+    assert r.exit_code == 0, (r.output, r.exception)
+    rep = json.loads(r.output[r.output.index("{") :])
+    rec = rep["record"]
+    assert rec["search_space"]["scan"] == [0, 64]
+    assert sorted(rec["reach"]["words"]) == ["crimson", "scarlet"]
+    # the validation pairs of this split ("a red ball moving left", "red stick going down") with
+    # each reach word in the concept word's place
+    assert sorted(rec["reach"]["validation_pairs"]) == [
+        "a crimson ball moving left",
+        "a scarlet ball moving left",
+        "crimson stick going down",
+        "scarlet stick going down",
+    ]
+    scans = {row.get("scan", 0) for row in rep["front"]}
+    db = Path(rep["study"])
+    import optuna
+
+    study = optuna.load_study(study_name=rep["study_name"], storage=f"sqlite:///{db}")
+    drawn = {t.params.get("scan") for t in study.trials}
+    assert drawn <= {0, 64} and len(drawn) == 2, drawn
+    assert scans <= {0, 64}
+    # resuming the study without --scan is another setup: refused on one line
+    again = CliRunner().invoke(
+        main,
+        [
+            *("tune", str(MODEL), "-c", str(RED), "-o", str(tmp_path / "b.vud"), "--trials", "1"),
+            *("--methods", "twin", "--sites", "cross_kv", "--objectives", "site"),
+            *("--study", str(db)),
+        ],
+    )
+    assert again.exit_code == 2 and "another setup" in again.output, again.output
