@@ -148,7 +148,17 @@ def tune_cmd(
         click.echo(json.dumps(r.to_dict(), indent=2, default=str))
         return
     t = Table(title=f"tune: Pareto front of {r.trials} trials ({r.level} objectives)")
-    for c in ("trial", "site", "method", "λ", "k / β", "α / null", "m", "concept left", "damage"):
+    for c in (
+        "trial",
+        "site",
+        "method",
+        "λ",
+        "k / β",
+        "α / null",
+        "m / scan",
+        "concept left",
+        "damage",
+    ):
         t.add_column(c)
     for row in r.front:
         twin = row["method"] == "twin"
@@ -159,7 +169,7 @@ def tune_cmd(
             f"{row['strength']:.2f}",
             f"{row['beta']:.3g}" if twin else str(row["rank"]),
             str(row["null"]) if twin else f"{row['alpha']:.2f}",
-            "" if twin else str(row["directions"]),
+            str(row.get("scan", 0)) if twin else str(row["directions"]),
             f"{row['concept_left']:.3f}",
             f"{row['damage']:.3f}",
         )
