@@ -94,7 +94,7 @@ def lines(f: dict) -> list[str]:
                 else ""
             )
         )
-    else:
+    elif f["concept"] in COLOURS:
         out.append(f"named after (concept prompts, all sets): {f['named_after']}")
     if f["as_saturated"] and f["concept"] in COLOURS:
         out.append(f"as saturated as the original: {pct(f['as_saturated'])}")
