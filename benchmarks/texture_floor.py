@@ -1,6 +1,6 @@
 """The texture target's noise floor: what the paired texture ratio reads when nothing is edited.
 
-    python benchmarks/texture_floor.py [CONCEPT ...] [--offsets 500,700] [--mix 0.1,0.2,0.4] [--json OUT]
+    python benchmarks/texture_floor.py [CONCEPT ...] [--offsets 500,700] [--mix 0.15,0.3] [--seeds 2] [--json OUT]
 
 Issue 16's texture target (per other colour, the median interior texture of the patched clips
 within 1.25x of the original's) compares clips with the same prompt and seed. An edit that moves a
@@ -59,7 +59,7 @@ def floor(
     kinds: dict[str, list[int]] = {}
     for i, j in enumerate(jobs):
         kinds.setdefault(judge.kind(j.prompt), []).append(i)
-    out: dict = {"concept": concept, "seed": opt.seed, "offsets": {}}
+    out: dict = {"concept": concept, "seed": opt.seed, "seeds": seeds, "offsets": {}}
     runs = [(str(off), *judged(opt.seed + off)[1:]) for off in offsets]
     runs += [
         (f"mix{th}+{off}", *_mixed(judge, jobs, th, off, steps, opt.guidance))
@@ -127,6 +127,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("concepts", nargs="*", default=["red", "blue", "green", "square"])
     ap.add_argument("--offsets", default="500,700", help="seed offsets, comma-separated")
+    ap.add_argument("--seeds", type=int, default=2, help="samples per prompt (the eval's --seeds)")
     ap.add_argument("--mix", default="", help="noise-mix angles θ (radians), comma-separated")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     a = ap.parse_args()
@@ -134,7 +135,7 @@ def main() -> None:
     mix = [float(x) for x in a.mix.split(",") if x]
     res = []
     for c in a.concepts:
-        r = floor(c, offsets, mix)
+        r = floor(c, offsets, mix, seeds=a.seeds)
         res.append(r)
         for off, o in r["offsets"].items():
             cells = "  ".join(

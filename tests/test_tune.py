@@ -281,11 +281,8 @@ def test_the_judge_confirms_among_the_front_and_an_unmeasured_gap_ranks_last(mon
     class Opt:
         max_damage, confirm = 0.25, 3
 
-    class Acts:
-        defaults = {"pooling": "tokens"}
-
     chosen, judged = tune_mod._judge_choice(
-        None, None, None, Acts, None, pareto, pareto[0], Opt, print
+        None, None, None, None, "tokens", None, pareto, pareto[0], Opt, print
     )
     assert len(judged) == 3  # the over-budget trial is never sampled
     assert chosen.number == 1  # gap 0.0 beats -0.1, and the unmeasured gap (None) ranks last

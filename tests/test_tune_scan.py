@@ -130,3 +130,82 @@ def test_tune_scan_searches_the_scan_and_records_the_reach(tmp_path):
         ],
     )
     assert again.exit_code == 2 and "another setup" in again.output, again.output
+
+
+def test_the_denoiser_objective_reads_the_reach_pairs_tune_makes(red_scan):
+    import patcher.tune as tune_mod
+    from patcher.tune.objectives import OrganismObjectives
+
+    con, _opt, _src, w, acts = red_scan
+    sp = Split.of([p.unsafe for p in con.pairs], con.neutral)
+    reach = tune_mod._reach_pairs(con, sp, ["scarlet", "crimson"], ["red"])
+    assert reach == [
+        ("a scarlet ball moving left", "a ball moving left"),
+        ("scarlet stick going down", "stick going down"),
+        ("a crimson ball moving left", "a ball moving left"),
+        ("crimson stick going down", "stick going down"),
+    ]
+    fit = subset(acts, ("cross_kv",), sp.fit_pairs, sp.fit_neutral)
+    plain = build_delta(fit, ProbeParams("twin", strength=1.0), w)
+    scanned = build_delta(fit, ProbeParams("twin", strength=1.0, scan=64), w)
+    val = [(con.pairs[i].unsafe, con.pairs[i].safe) for i in sp.val_pairs]
+    free = [con.neutral[i] for i in sp.val_neutral]
+    one_name = OrganismObjectives(MODEL, val, free)
+    with_reach = OrganismObjectives(MODEL, val + reach, free)
+    assert with_reach(plain).concept_left > 1.2 * one_name(plain).concept_left
+    assert with_reach(scanned).concept_left < 0.8 * with_reach(plain).concept_left
+
+
+def _tune(tmp_path, out, *extra):
+    return CliRunner().invoke(
+        main,
+        [
+            *("tune", str(MODEL), "-c", str(RED), "-o", str(tmp_path / out)),
+            *("--methods", "twin", "--sites", "cross_kv", "--objectives", "site"),
+            *extra,
+        ],
+    )
+
+
+def test_reach_prompts_stay_out_of_the_fit_and_a_no_refit_record_lists_the_fit(tmp_path):
+    """A --preserve prompt that is a reach validation prompt is not preserved by the fit (it is a
+    validation prompt), and a --no-refit delta's concept record lists the pairs it was fitted on."""
+    from patcher.vud.delta import read_delta
+
+    pres = tmp_path / "preserve.txt"
+    pres.write_text("a crimson ball moving left\na blue ball moving right\na ball moving up\n")
+    r = _tune(
+        tmp_path,
+        "r.vud",
+        *("--trials", "2", "--scan", "64", "--preserve", str(pres), "--no-refit", "--json"),
+    )
+    assert r.exit_code == 0, (r.output, r.exception)
+    rep = json.loads(r.output[r.output.index("{") :])
+    assert "a crimson ball moving left" in rep["record"]["reach"]["validation_pairs"]
+    concept = read_delta(tmp_path / "r.vud").concept
+    kept = concept["scan"]["preserve"]
+    assert "a crimson ball moving left" not in kept
+    assert {"a blue ball moving right", "a ball moving up"} <= set(kept)
+    fit_unsafe = [p["unsafe"] for p in concept["pairs"]]
+    assert fit_unsafe == [
+        "a red square moving up",
+        "a red box moving right",
+        "a red sphere moving down",
+    ]
+    assert all(p < len(fit_unsafe) for ps in concept["scan"]["pairs"] for p in ps)
+
+
+def test_a_study_resumes_with_the_same_scan_and_refuses_another(tmp_path):
+    db = tmp_path / "s.db"
+    first = _tune(tmp_path, "a.vud", "--trials", "2", "--scan", "64", "--study", str(db))
+    assert first.exit_code == 0, first.output
+    same = _tune(tmp_path, "b.vud", "--trials", "1", "--scan", "64", "--study", str(db))
+    assert same.exit_code == 0, same.output
+    import optuna
+
+    names = optuna.get_all_study_names(storage=f"sqlite:///{db}")
+    study = optuna.load_study(study_name=names[0], storage=f"sqlite:///{db}")
+    assert len(study.trials) == 3
+    for other in (("--scan", "32"), ()):
+        r = _tune(tmp_path, "c.vud", "--trials", "1", *other, "--study", str(db))
+        assert r.exit_code == 2 and "another setup" in r.output, r.output

@@ -123,7 +123,7 @@ def _trial_row(t) -> dict:
     }
 
 
-def _judge_candidates(model, con: Concept, split: Split, acts, weights, cands, opt, say, reach=()):
+def _judge_candidates(model, con: Concept, split: Split, fits, weights, cands, opt, say, reach=()):
     """Sample the candidates on the validation prompts (never the held-out sets; REACH: the
     validation pairs with the reach words, as the cheap objectives read them) and score them with
     the eval machinery: twin gap closed (judge space) and drift over the seed floor."""
@@ -145,9 +145,7 @@ def _judge_candidates(model, con: Concept, split: Split, acts, weights, cands, o
     cache: dict = {}
     with tempfile.TemporaryDirectory(prefix="vpatch-tune-") as tmp:
         for t, cand in cands:
-            d = build(
-                subset(acts, (cand.site,), split.fit_pairs, split.fit_neutral), cand.params, weights
-            ).delta
+            d = build(fits[cand.site], cand.params, weights).delta
             p = Path(tmp) / f"trial{t.number}.vud"
             write_delta(p, d)
             say(f"judging trial {t.number} ({cand.record()})")
@@ -288,10 +286,10 @@ def _open_study(optuna, path: Path, others, inputs, name: str, setup: dict, seed
     return study, resumed_from
 
 
-def _reach(fits: dict, sites, weights, pooling: str, scan: int):
+def _reach(fits: dict, sites, weights, pooling: str, scan: int, say):
     """The reach words (those the vocabulary scan picks at any searched site, read on the fit
-    pairs alone: one fixed set for every trial) and the validation pairs they make: each
-    validation pair's unsafe prompt with a reach word in the concept word's place, and its twin."""
+    pairs alone: one fixed set for every trial) and the concept's own words. A site whose twin
+    build is refused adds none (its twin trials are refused the same way, as pruned trials)."""
     from ..probe.build import TWIN
     from ..probe.params import ProbeParams
 
@@ -300,7 +298,8 @@ def _reach(fits: dict, sites, weights, pooling: str, scan: int):
         try:
             built = build(fits[s], ProbeParams(TWIN, 1, 0.0, 1.0, 1, pooling, scan=scan), weights)
         except ProbeError as e:
-            raise TuneError(f"--scan: the vocabulary scan at site {s} failed ({e})") from None
+            say(f"--scan: no reach words from site {s} (its twin build is refused: {e})")
+            continue
         for g in built.groups:
             words += [w for w in g.notes.get("scan", {}).get("picked", []) if w not in words]
     plan = next(iter(fits.values())).concept.get("scan") or {}
@@ -309,6 +308,8 @@ def _reach(fits: dict, sites, weights, pooling: str, scan: int):
 
 
 def _reach_pairs(con: Concept, split: Split, words: list[str], own: list[str]):
+    """Each validation pair's unsafe prompt with a reach word in the concept word's place, and
+    the pair's twin."""
     from ..erasure.scan import substitute
 
     out = []
@@ -320,16 +321,15 @@ def _reach_pairs(con: Concept, split: Split, words: list[str], own: list[str]):
     return out
 
 
-def _judge_choice(model, con, split, acts, weights, pareto, chosen, opt, say, reach=()):
+def _judge_choice(model, con, split, fits, pooling, weights, pareto, chosen, opt, say, reach=()):
     """Prune with the cheap objectives, confirm with the judge: the best --confirm front trials within
     the budget are sampled and the one with the largest twin gap closed (judge space) wins, the
     cheap concept left breaking ties. A gap the judge could not measure ranks last."""
-    pooling = acts.defaults.get("pooling", "tokens")
     pool = sorted((t for t in pareto if t.values[1] <= opt.max_damage), key=lambda t: t.values[0])[
         : opt.confirm
     ] or [chosen]
     cands = [(t, candidate_of(t.user_attrs["candidate"], pooling)) for t in pool]
-    judged = _judge_candidates(model, con, split, acts, weights, cands, opt, say, reach)
+    judged = _judge_candidates(model, con, split, fits, weights, cands, opt, say, reach)
 
     def rank(i: int) -> tuple[float, float]:
         gap = judged[i]["judge_gap_closed"]
@@ -338,22 +338,22 @@ def _judge_choice(model, con, split, acts, weights, pareto, chosen, opt, say, re
     return pool[max(range(len(judged)), key=rank)], judged
 
 
-def _build_chosen(acts, split, weights, chosen, pooling, opt, out, say):
-    """The chosen trial's delta, refitted on every recipe prompt unless --no-refit; when the refit is
-    refused (e.g. a rank the format cannot hold), the delta the trial scored is kept."""
+def _build_chosen(acts, fits, weights, chosen, pooling, opt, out, say):
+    """The chosen trial's delta, refitted on every recipe prompt unless --no-refit (then: built on
+    FITS, the activations its trial was built on); when the refit is refused (e.g. a rank the
+    format cannot hold), the delta the trial scored is kept."""
     cand: Candidate = candidate_of(chosen.user_attrs["candidate"], pooling)
-    pairs = None if opt.refit else split.fit_pairs
-    neutral = None if opt.refit else split.fit_neutral
+    if not opt.refit:
+        built = build(fits[cand.site], cand.params, weights)
+        _check_entries(built.delta.entries, str(out))
+        return built, None
     try:
-        built = build(subset(acts, (cand.site,), pairs, neutral), cand.params, weights)
+        built = build(subset(acts, (cand.site,)), cand.params, weights)
         _check_entries(built.delta.entries, str(out))
         return built, None
     except (ProbeError, DeltaError) as e:
-        if pairs is not None:
-            raise
         say(f"refit on every prompt refused ({e}); writing the delta fitted on the fit prompts")
-        fit = subset(acts, (cand.site,), split.fit_pairs, split.fit_neutral)
-        return build(fit, cand.params, weights), str(e)
+        return build(fits[cand.site], cand.params, weights), str(e)
 
 
 def tune(
@@ -421,8 +421,11 @@ def tune(
     fits = {s: subset(acts, (s,), split.fit_pairs, split.fit_neutral) for s in sites}
     words, own, reach = [], [], []
     if opt.capture.scan:
-        words, own = _reach(fits, sites, weights, pooling, opt.capture.scan)
+        words, own = _reach(fits, sites, weights, pooling, opt.capture.scan, say)
         reach = _reach_pairs(con, split, words, own)
+        # the reach validation prompts stay unseen: none is preserved by the fit (--preserve)
+        unseen = tuple(u for u, _ in reach)
+        fits = {s: subset(acts, (s,), split.fit_pairs, split.fit_neutral, unseen) for s in sites}
         say(f"reach words (the scan on the fit pairs): {', '.join(words) or 'none'}")
     # the objectives on the validation prompts
     if level == "denoiser":
@@ -461,11 +464,11 @@ def tune(
     t2 = time.perf_counter()
     if opt.judge:
         chosen, judged = _judge_choice(
-            model, con, split, acts, weights, pareto, chosen, opt, say, reach
+            model, con, split, fits, pooling, weights, pareto, chosen, opt, say, reach
         )
     t_judge = time.perf_counter() - t2
 
-    built, refit_refused = _build_chosen(acts, split, weights, chosen, pooling, opt, out, say)
+    built, refit_refused = _build_chosen(acts, fits, weights, chosen, pooling, opt, out, say)
     final_scores = objective_fn(built.delta)
     ver = {**versions(), "optuna": optuna.__version__}
     record = {

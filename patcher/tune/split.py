@@ -70,12 +70,17 @@ def subset(
     sites: tuple[str, ...] | list[str],
     pairs: tuple[int, ...] | None = None,
     neutral: tuple[int, ...] | None = None,
+    unseen: tuple[str, ...] = (),
 ) -> Activations:
     """The activations of some sites, restricted to some pairs and neutral prompts (None: all);
     the shared roles (empty prompt, padding) are kept whole. Preservation prompts (role
-    ``preserve``) that repeat a left-out pair's or neutral prompt's text are dropped with it, and
-    the vocabulary scan's prompts (a candidate word in a pair's concept word's place) go with their
-    pair, so a scan fitted on the subset never reads a left-out pair's context."""
+    ``preserve``) that repeat a left-out pair's or neutral prompt's text, or one of UNSEEN (more
+    prompts the fit must not see, e.g. tune's reach validation prompts), are dropped, and the
+    vocabulary scan's prompts (a candidate word in a pair's concept word's place) go with their
+    pair, so a scan fitted on the subset never reads a left-out pair's context. The candidate words
+    themselves were drawn once at capture, from every pair's concept words (probe/capture.py):
+    where the two halves name the concept differently, that list is not the fit half's own. The
+    concept record lists the kept pairs and neutral prompts (the plan's indices refer to them)."""
     rec = acts.concept
     scan_rows, rec = _scan_subset(rec, pairs)
     out_texts = set()
@@ -88,6 +93,7 @@ def subset(
         }
     if neutral is not None:
         out_texts |= {t for i, t in enumerate(rec.get("neutral", [])) if i not in neutral}
+    out_texts |= set(unseen)
     texts = (rec.get("scan") or {}).get("preserve")
     keep_pres = None
     if isinstance(texts, list) and out_texts:
@@ -112,6 +118,10 @@ def subset(
         groups.append(GroupActivations(g.site, g.input, g.targets, roles))
     if not groups:
         raise ProbeError(f"no captured group for site(s) {', '.join(sites)}")
+    if pairs is not None and "pairs" in rec:
+        rec = {**rec, "pairs": [rec["pairs"][i] for i in pairs]}
+    if neutral is not None and "neutral" in rec:
+        rec = {**rec, "neutral": [rec["neutral"][i] for i in neutral]}
     return replace(
         acts,
         sites=tuple(s for s in acts.sites if s in sites),
