@@ -356,6 +356,86 @@ def _build_chosen(acts, fits, weights, chosen, pooling, opt, out, say):
         return build(fits[cand.site], cand.params, weights), str(e)
 
 
+@dataclass(frozen=True)
+class _Paths:
+    """tune's outputs, checked before anything runs, and the model's own files (never written)."""
+
+    delta: Path
+    report: Path
+    plot: Path
+    study: Path
+    inputs: tuple
+
+    @classmethod
+    def of(cls, model, out: Path, opt: TuneOptions, overwrite: bool) -> _Paths:
+        from ..output import check_target
+        from ..probe import _local_inputs
+
+        if out.is_dir() or out.name in ("", ".", ".."):
+            raise TuneError(f"-o {out}: give the delta's file name (e.g. {out / 'concept.vud'})")
+        p = cls(
+            out,
+            out.with_suffix(".tune.json"),
+            out.with_suffix(".front.png"),
+            Path(opt.study) if opt.study else out.with_suffix(".tune.db"),
+            tuple(_local_inputs(model)),
+        )
+        for f, kind in ((p.delta, "delta"), (p.report, "report"), (p.plot, "plot")):
+            check_target(f, p.inputs, overwrite, kind)
+        return p
+
+
+def _setup(model, con: Concept, split: Split, fam: Family, sites, methods, level, opt) -> dict:
+    """What a study is run with; resuming it with anything else is refused."""
+    setup = {
+        "sites": list(sites),
+        "methods": methods,
+        "level": level,
+        "split": split.record([p.unsafe for p in con.pairs], list(con.neutral)),
+        "concept": con.name,
+        "model": model if not Path(model).exists() else str(Path(model).resolve()),
+        "family": fam.name,
+        "overrides": list(opt.capture.overrides),
+    }
+    if opt.capture.preserve:  # only then: studies run before the option resume as they were
+        setup["preserve"] = _preserve_record(opt.capture.preserve)
+    if opt.capture.scan:
+        setup["scan"] = opt.capture.scan
+    return setup
+
+
+@dataclass(frozen=True)
+class _Validation:
+    """What every trial is built from (the fit half, per site) and scored on."""
+
+    fits: dict
+    words: list  # reach words (--scan), read on the fit pairs
+    reach: list  # (unsafe, twin): the validation pairs with a reach word in the concept's place
+    objective: Callable
+
+
+def _validation(model, con, split, acts, sites, weights, pooling, level, opt, say) -> _Validation:
+    fits = {s: subset(acts, (s,), split.fit_pairs, split.fit_neutral) for s in sites}
+    words: list[str] = []
+    reach: list[tuple[str, str]] = []
+    if opt.capture.scan:
+        words, own = _reach(fits, sites, weights, pooling, opt.capture.scan, say)
+        reach = _reach_pairs(con, split, words, own)
+        # the reach validation prompts stay unseen: none is preserved by the fit (--preserve)
+        unseen = tuple(u for u, _ in reach)
+        fits = {s: subset(acts, (s,), split.fit_pairs, split.fit_neutral, unseen) for s in sites}
+        say(f"reach words (the scan on the fit pairs): {', '.join(words) or 'none'}")
+    if level == "denoiser":
+        objective = OrganismObjectives(
+            model,
+            [(con.pairs[i].unsafe, con.pairs[i].safe) for i in split.val_pairs] + reach,
+            [con.neutral[i] for i in split.val_neutral],
+        )
+    else:
+        objective = SiteObjectives(acts, split, weights, words)
+    return _Validation(fits, words, reach, objective)
+
+
 def tune(
     model: str | Path,
     concept: str | Path | Concept,
@@ -366,25 +446,15 @@ def tune(
     log: Callable[[str], None] | None = None,
 ) -> TuneReport:
     """Search the edit's parameters for CONCEPT on MODEL and write the chosen delta to OUT."""
-    from ..output import check_target
-    from ..probe import _local_inputs
+    from ..output import atomic_file
     from .plot import plot_front
 
     optuna = _optuna()
     opt = options or TuneOptions()
     say = log or (lambda _m: None)
-    out = Path(out)
-    if out.is_dir() or out.name in ("", ".", ".."):
-        raise TuneError(f"-o {out}: give the delta's file name (e.g. {out / 'concept.vud'})")
-    report_path = out.with_suffix(".tune.json")
-    plot_path = out.with_suffix(".front.png")
-    study_path = Path(opt.study) if opt.study else out.with_suffix(".tune.db")
-    inputs = _local_inputs(model)
-    for p, kind in ((out, "delta"), (report_path, "report"), (plot_path, "plot")):
-        check_target(p, inputs, overwrite, kind)
+    paths = _Paths.of(model, Path(out), opt, overwrite)
     con = concept if isinstance(concept, Concept) else load_concept(concept)
-    unsafe = [p.unsafe for p in con.pairs]
-    split = Split.of(unsafe, list(con.neutral), opt.val_fraction)
+    split = Split.of([p.unsafe for p in con.pairs], list(con.neutral), opt.val_fraction)
     t0 = time.perf_counter()
 
     # everything a user can get wrong is checked before the capture, which can take long
@@ -392,22 +462,11 @@ def tune(
     fam, sites, methods = _search_space(src, opt)
     level = _objectives_level(model, opt)
     name = opt.study_name or f"{con.name}@{fam.name}"
-    setup = {
-        "sites": list(sites),
-        "methods": methods,
-        "level": level,
-        "split": split.record(unsafe, list(con.neutral)),
-        "concept": con.name,
-        "model": model if not Path(model).exists() else str(Path(model).resolve()),
-        "family": fam.name,
-        "overrides": list(opt.capture.overrides),
-    }
-    if opt.capture.preserve:  # only then: studies run before the option resume as they were
-        setup["preserve"] = _preserve_record(opt.capture.preserve)
-    if opt.capture.scan:
-        setup["scan"] = opt.capture.scan
-    others = (out, report_path, plot_path)
-    study, resumed_from = _open_study(optuna, study_path, others, inputs, name, setup, opt.seed)
+    setup = _setup(model, con, split, fam, sites, methods, level, opt)
+    others = (paths.delta, paths.report, paths.plot)
+    study, resumed_from = _open_study(
+        optuna, paths.study, others, paths.inputs, name, setup, opt.seed
+    )
 
     # one capture: every candidate site, with the token roles the twin map reads when it is searched
     cap = replace(opt.capture, sites=tuple(sites), token_roles="twin" in methods)
@@ -417,36 +476,18 @@ def tune(
     pooling = acts.defaults.get("pooling", "tokens")
     widths = {g.site: g.dim for g in acts.groups}
     t_capture = time.perf_counter() - t0
-
-    fits = {s: subset(acts, (s,), split.fit_pairs, split.fit_neutral) for s in sites}
-    words, own, reach = [], [], []
-    if opt.capture.scan:
-        words, own = _reach(fits, sites, weights, pooling, opt.capture.scan, say)
-        reach = _reach_pairs(con, split, words, own)
-        # the reach validation prompts stay unseen: none is preserved by the fit (--preserve)
-        unseen = tuple(u for u, _ in reach)
-        fits = {s: subset(acts, (s,), split.fit_pairs, split.fit_neutral, unseen) for s in sites}
-        say(f"reach words (the scan on the fit pairs): {', '.join(words) or 'none'}")
-    # the objectives on the validation prompts
-    if level == "denoiser":
-        objective_fn = OrganismObjectives(
-            model,
-            [(con.pairs[i].unsafe, con.pairs[i].safe) for i in split.val_pairs] + reach,
-            [con.neutral[i] for i in split.val_neutral],
-        )
-    else:
-        objective_fn = SiteObjectives(acts, split, weights, words)
+    val = _validation(model, con, split, acts, sites, weights, pooling, level, opt, say)
     t_setup = time.perf_counter() - t0 - t_capture
 
     t1 = time.perf_counter()
     if opt.trials:
-        say(f"{opt.trials} trials ({level} objectives) into study {name!r} at {study_path}")
+        say(f"{opt.trials} trials ({level} objectives) into study {name!r} at {paths.study}")
     run_trials(
         study,
         opt.trials,
-        fits,
+        val.fits,
         weights,
-        objective_fn,
+        val.objective,
         list(sites),
         methods,
         widths,
@@ -464,16 +505,16 @@ def tune(
     t2 = time.perf_counter()
     if opt.judge:
         chosen, judged = _judge_choice(
-            model, con, split, fits, pooling, weights, pareto, chosen, opt, say, reach
+            model, con, split, val.fits, pooling, weights, pareto, chosen, opt, say, val.reach
         )
     t_judge = time.perf_counter() - t2
 
-    built, refit_refused = _build_chosen(acts, fits, weights, chosen, pooling, opt, out, say)
-    final_scores = objective_fn(built.delta)
-    ver = {**versions(), "optuna": optuna.__version__}
+    built, refit_refused = _build_chosen(
+        acts, val.fits, weights, chosen, pooling, opt, paths.delta, say
+    )
     record = {
         "study": name,
-        "storage": str(study_path),
+        "storage": str(paths.study),
         "sampler": {"name": "TPESampler", "seed": opt.seed, "seed_offset": resumed_from},
         "trials": len(done),
         "refused": failed,
@@ -482,10 +523,10 @@ def tune(
         "objectives": ["concept_left", "damage"],
         "max_damage": opt.max_damage,
         "within_budget": within,
-        "split": split.record(unsafe, list(con.neutral)),
+        "split": setup["split"],
         "search_space": {"sites": list(sites), "methods": methods}
         | ({"scan": [0, opt.capture.scan]} if opt.capture.scan else {}),
-        "reach": {"words": words, "validation_pairs": [u for u, _ in reach]}
+        "reach": {"words": val.words, "validation_pairs": [u for u, _ in val.reach]}
         if opt.capture.scan
         else None,
         "preserve": setup.get("preserve"),
@@ -494,15 +535,20 @@ def tune(
         "refit": opt.refit and refit_refused is None,
         "refit_refused": refit_refused,
         # the written delta is refitted on every recipe prompt, validation ones included: in-sample
-        "chosen_delta_scores_in_sample": asdict(final_scores),
-        "versions": ver,
+        "chosen_delta_scores_in_sample": asdict(val.objective(built.delta)),
+        "versions": {**versions(), "optuna": optuna.__version__},
     }
     delta = replace(built.delta, method={**built.delta.method, "tune": record})
-    digest = write_delta(out, delta, overwrite=overwrite)
+    digest = write_delta(paths.delta, delta, overwrite=overwrite)
     rows = [_trial_row(t) for t in pareto]
-    all_rows = [_trial_row(t) for t in done]
     plot = plot_front(
-        plot_path, all_rows, rows, record["chosen"], opt.max_damage, level, overwrite=overwrite
+        paths.plot,
+        [_trial_row(t) for t in done],
+        rows,
+        record["chosen"],
+        opt.max_damage,
+        level,
+        overwrite=overwrite,
     )
     seconds = {
         "capture": round(t_capture, 2),
@@ -512,11 +558,11 @@ def tune(
         "total": round(time.perf_counter() - t0, 2),
     }
     rep = TuneReport(
-        str(out),
+        str(paths.delta),
         digest,
-        str(report_path),
+        str(paths.report),
         plot,
-        str(study_path),
+        str(paths.study),
         name,
         con.name,
         acts.family,
@@ -529,9 +575,7 @@ def tune(
         record,
         seconds,
     )
-    from ..output import atomic_file
-
-    with atomic_file(report_path, inputs, overwrite, "report") as tmp:
+    with atomic_file(paths.report, paths.inputs, overwrite, "report") as tmp:
         Path(tmp).write_text(json.dumps(rep.to_dict(), indent=2, default=str))
     return rep
 
