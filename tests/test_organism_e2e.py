@@ -127,3 +127,26 @@ def test_probe_apply_eval_removes_red_and_spares_the_rest(tmp_path):
     assert a["notes"]["patched_without_attack"]["rate"] <= 0.25  # the edit holds unattacked
     names = a["notes"]["patched_without_attack_names"]["names"]
     assert sum(names.values()) == 4 and names.get("red", 0) <= 1
+
+
+def test_quiet_attack_eval_prints_no_library_progress(tmp_path):
+    """`eval --attack ... -q` in a fresh process: nothing of the libraries' per-file loading bars
+    reaches stderr (the attack path silences them as the plain eval does)."""
+    import subprocess
+    import sys
+
+    delta = tmp_path / "red.vud"
+    run("probe", MODEL, "-c", RED, "-o", delta, "--method", "twin", "--layers", "cross_kv", "-q")
+    res = subprocess.run(
+        [
+            *(sys.executable, "-m", "patcher.cli", "eval", str(MODEL), "-c", str(RED)),
+            *("--delta", str(delta), "--attack", "embedding", "--attack-iterations", "1"),
+            *("--seeds", "1", "--steps", "2", "-q"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "success rate" in res.stdout
+    assert "Loading weights" not in res.stderr and "%|" not in res.stderr, res.stderr

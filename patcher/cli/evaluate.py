@@ -279,25 +279,8 @@ def eval_cmd(
         )
         if as_json:
             click.echo(json.dumps(a.to_dict(), indent=2))
-            return
-
-        def fmt(x: dict) -> str:
-            return f"{100 * x['rate']:.0f}% [{100 * x['ci95'][0]:.0f}, {100 * x['ci95'][1]:.0f}]"
-
-        t = Table(title=f"attack {a.attack}: success rate ({a.n} clips, 95% Wilson intervals)")
-        t.add_column("")
-        for c in ("original", "patched, attacked"):
-            t.add_column(c, no_wrap=True)
-        t.add_row("concept shown (success)", fmt(a.before), fmt(a.after))
-        if "before" in a.notes and "after" in a.notes:
-            t.add_row(
-                "a trace of it (e.g. pale)",
-                fmt(a.notes["before"]["trace"]),
-                fmt(a.notes["after"]["trace"]),
-            )
-        if "patched_without_attack" in a.notes:
-            t.add_row("patched, not attacked: shown", "", fmt(a.notes["patched_without_attack"]))
-        Console(highlight=False).print(t)
+        else:
+            _print_attack(a)
         return
     r = evaluate(
         model,
@@ -322,6 +305,28 @@ def eval_cmd(
         click.echo(f"preview: {r.preview}")
     if r.sheet:
         click.echo(f"contact sheet: {r.sheet}")
+
+
+def _print_attack(a) -> None:
+    """The attack's success rates, original against patched, with their intervals."""
+
+    def fmt(x: dict) -> str:
+        return f"{100 * x['rate']:.0f}% [{100 * x['ci95'][0]:.0f}, {100 * x['ci95'][1]:.0f}]"
+
+    t = Table(title=f"attack {a.attack}: success rate ({a.n} clips, 95% Wilson intervals)")
+    t.add_column("")
+    for c in ("original", "patched, attacked"):
+        t.add_column(c, no_wrap=True)
+    t.add_row("concept shown (success)", fmt(a.before), fmt(a.after))
+    if "before" in a.notes and "after" in a.notes:
+        t.add_row(
+            "a trace of it (e.g. pale)",
+            fmt(a.notes["before"]["trace"]),
+            fmt(a.notes["after"]["trace"]),
+        )
+    if "patched_without_attack" in a.notes:
+        t.add_row("patched, not attacked: shown", "", fmt(a.notes["patched_without_attack"]))
+    Console(highlight=False).print(t)
 
 
 def _eval_folder(

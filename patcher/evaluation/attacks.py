@@ -255,9 +255,11 @@ def attack_eval(
     from .. import organism
     from ..families.recipes import Concept, load_concept
     from ..merge.engine import apply_delta
+    from ..probe.encoders import quiet_libraries
     from .core import EvalError, EvalOptions
     from .judges import OrganismJudge
 
+    quiet_libraries()
     if attack not in ATTACKS:
         raise EvalError(f"--attack {attack!r}: choose one of {', '.join(ATTACKS)}")
     opt = options or EvalOptions()
