@@ -209,3 +209,66 @@ def test_a_study_resumes_with_the_same_scan_and_refuses_another(tmp_path):
     for other in (("--scan", "32"), ()):
         r = _tune(tmp_path, "c.vud", "--trials", "1", *other, "--study", str(db))
         assert r.exit_code == 2 and "another setup" in r.output, r.output
+
+
+def test_cascade_pairs_and_anchor_empty_are_searched(tmp_path, red_scan):
+    """--cascade adds the linked site pair as one choice, built as probe --cascade builds it;
+    --anchor-empty is drawn by twin trials."""
+    import optuna
+
+    from patcher.tune.search import candidate_of
+
+    r = _tune(
+        tmp_path,
+        "c.vud",
+        *("--trials", "16", "--cascade", "--anchor-empty", "--json"),
+        *("--sites", "text_proj,cross_kv"),
+    )
+    assert r.exit_code == 0, (r.output, r.exception)
+    rep = json.loads(r.output[r.output.index("{") :])
+    space = rep["record"]["search_space"]
+    assert space["sites"] == ["text_proj", "cross_kv", "text_proj+cross_kv"]
+    assert space["anchor_empty"] == [False, True]
+    study = optuna.load_study(study_name=rep["study_name"], storage=f"sqlite:///{rep['study']}")
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    both = [t for t in done if t.params["site"] == "text_proj+cross_kv"]
+    assert both and {t.params["anchor_empty"] for t in done} == {False, True}
+    # a combined trial's scores are those of probe --cascade's delta from the same fit half
+    con = load_concept(RED)
+    opt = CaptureOptions(sites=("text_proj", "cross_kv"), token_roles=True)
+    src = open_model(MODEL, opt)
+    w = WeightReader(src)
+    acts = capture(src, con, opt, w)
+    sp = Split.of([p.unsafe for p in con.pairs], con.neutral)
+    t = both[0]
+    p = candidate_of(t.user_attrs["candidate"], "tokens").params
+    assert p.cascade and p.method == "twin"
+    d = build_delta(subset(acts, ("text_proj", "cross_kv"), sp.fit_pairs, sp.fit_neutral), p, w)
+    keys = {e.key for e in d.entries}
+    assert any("condition_embedder.text_embedder" in k for k in keys)  # text_proj
+    assert any(".attn2.to_k." in k for k in keys)  # cross_kv
+    s = SiteObjectives(acts, sp, w)(d)
+    assert s.concept_left == pytest.approx(t.values[0], rel=1e-9)
+    assert s.damage == pytest.approx(t.values[1], rel=1e-9)
+    plain = build_delta(
+        subset(acts, ("text_proj", "cross_kv"), sp.fit_pairs, sp.fit_neutral),
+        replace(p, cascade=False),
+        w,
+    )
+    assert SiteObjectives(acts, sp, w)(plain).concept_left != pytest.approx(t.values[0], rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--cascade"], "at least two --sites"),
+        (["--cascade", "--sites", "text_proj,cross_kv", "--methods", "cpca"], "include twin"),
+        (["--anchor-empty", "--methods", "mean"], "include twin"),
+    ],
+)
+def test_cascade_and_anchor_options_are_refused_on_one_line(extra, words, tmp_path):
+    args = ["tune", str(MODEL), "-c", str(RED), "-o", str(tmp_path / "o.vud"), "--trials", "1"]
+    if "--sites" not in extra and "--cascade" in extra:
+        extra = [*extra, "--sites", "cross_kv"]
+    r = CliRunner().invoke(main, [*args, *extra])
+    assert r.exit_code == 2 and words in r.output and "Traceback" not in r.output, r.output

@@ -68,6 +68,18 @@ from .common import _user_errors, err, main
     "then draw whether the picked words join the edit, and concept left also reads the "
     "validation pairs with the words the scan picks on the fit pairs in the concept word's place.",
 )
+@click.option(
+    "--cascade",
+    is_flag=True,
+    help="twin: also search each pair of --sites where one reads the other's edited weight "
+    "(e.g. text_proj+cross_kv) as one edit, the second fitted through the first (probe's --cascade).",
+)
+@click.option(
+    "--anchor-empty",
+    is_flag=True,
+    help="twin: trials also draw probe's --anchor-empty (the empty prompt weighs as much as every "
+    "other preserved token).",
+)
 @click.option("--family", help="Model family recipe (detected when omitted).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option(
@@ -96,6 +108,8 @@ def tune_cmd(
     no_refit,
     preserve_file,
     scan,
+    cascade,
+    anchor_empty,
     family,
     device,
     sets,
@@ -134,6 +148,8 @@ def tune_cmd(
         confirm=confirm,
         refit=not no_refit,
         clip_model=clip_model,
+        cascade=cascade,
+        anchor_empty=anchor_empty,
         capture=CaptureOptions(
             family=family,
             device=device,

@@ -302,6 +302,24 @@ def _cascade_links(
     return links
 
 
+def cascade_pairs(acts: Activations) -> list[tuple[str, str]]:
+    """(feeder, fed): the captured sites that ``--cascade`` links, a fed site's chain starting at
+    the feeder's edited weight (what tune searches as one combined site)."""
+    fam = _cascade_family(acts)
+    groups = list(acts.groups)
+    out = []
+    for gi, g in enumerate(groups):
+        for hi, h in enumerate(groups):
+            if gi != hi:
+                try:
+                    links = _cascade_links(acts, fam, [g, h])
+                except ProbeError:
+                    continue
+                if 0 in links:
+                    out.append((g.site, h.site))
+    return out
+
+
 def _through(
     h: GroupActivations,
     g: GroupActivations,

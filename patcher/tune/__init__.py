@@ -26,7 +26,7 @@ from ..probe.capture import CaptureOptions, capture
 from ..probe.sources import ModelSource, WeightReader, open_model, resolve_family
 from ..vud.delta import _check_entries, versions, write_delta
 from .objectives import OrganismObjectives, Scores, SiteObjectives
-from .search import Candidate, candidate_of, choose, front, suggest
+from .search import Candidate, candidate_of, choose, front, sites_of, suggest
 from .split import Split, subset
 
 LEVELS = ("auto", "denoiser", "site")
@@ -53,6 +53,8 @@ class TuneOptions:
     refit: bool = True  # rebuild the chosen parameters on every recipe prompt
     capture: CaptureOptions = field(default_factory=CaptureOptions)
     clip_model: str | None = None
+    cascade: bool = False  # also search linked site pairs as one edit, the twin fitted through
+    anchor_empty: bool = False  # twin trials also draw probe's --anchor-empty
 
     def __post_init__(self) -> None:
         if self.trials < 0:
@@ -164,15 +166,25 @@ def _judge_candidates(model, con: Concept, split: Split, fits, weights, cands, o
 
 
 def run_trials(
-    study, n, fits, weights, objective_fn, sites, methods, widths, pooling, scan: int = 0
+    study,
+    n,
+    fits,
+    weights,
+    objective_fn,
+    sites,
+    methods,
+    widths,
+    pooling,
+    scan: int = 0,
+    anchor: bool = False,
 ) -> None:
-    """Add N trials to STUDY: each builds a candidate from the fit activations FITS (per site) and
-    scores it; a build that is refused (or a non-finite score) is recorded as a pruned trial.
-    SCAN > 0: twin trials draw whether the vocabulary scan's words join the edit."""
+    """Add N trials to STUDY: each builds a candidate from the fit activations FITS (per site
+    choice) and scores it; a build that is refused (or a non-finite score) is recorded as a pruned
+    trial. SCAN > 0 / ANCHOR: twin trials also draw those options (search.suggest)."""
     optuna = _optuna()
 
     def objective(trial) -> tuple[float, float]:
-        cand = suggest(trial, sites, methods, widths, pooling, scan)
+        cand = suggest(trial, sites, methods, widths, pooling, scan, anchor)
         trial.set_user_attr("candidate", cand.record())
         try:
             d = build(fits[cand.site], cand.params, weights).delta
@@ -217,8 +229,15 @@ def _search_space(src: ModelSource, opt: TuneOptions) -> tuple[Family, tuple[str
         raise TuneError(
             "--preserve adds to the twin map's preservation set: include twin in --methods"
         )
-    if opt.capture.scan and "twin" not in methods:
-        raise TuneError("--scan is the twin edit's vocabulary scan: include twin in --methods")
+    for flag, on in (
+        ("--scan", opt.capture.scan),
+        ("--cascade", opt.cascade),
+        ("--anchor-empty", opt.anchor_empty),
+    ):
+        if on and "twin" not in methods:
+            raise TuneError(f"{flag} is an option of the twin edit: include twin in --methods")
+    if opt.cascade and len(sites) < 2:
+        raise TuneError("--cascade links two searched sites: give at least two --sites")
     return fam, sites, methods
 
 
@@ -307,6 +326,22 @@ def _reach(fits: dict, sites, weights, pooling: str, scan: int, say):
     return words, own
 
 
+def _cascade_choices(acts, opt: TuneOptions, say) -> list[str]:
+    """With --cascade, each linked pair of searched sites as one more site choice, ``a+b``."""
+    if not opt.cascade:
+        return []
+    from ..probe.build import cascade_pairs
+
+    pairs = cascade_pairs(acts)
+    if not pairs:
+        raise TuneError(
+            f"--cascade: no searched site reads another's edited weight through its chain "
+            f"(sites {', '.join(acts.sites)}); give linked sites, e.g. --sites text_proj,cross_kv"
+        )
+    say(f"--cascade: also searching {', '.join('+'.join(p) for p in pairs)}")
+    return ["+".join(p) for p in pairs]
+
+
 def _reach_pairs(con: Concept, split: Split, words: list[str], own: list[str]):
     """Each validation pair's unsafe prompt with a reach word in the concept word's place, and
     the pair's twin."""
@@ -348,7 +383,7 @@ def _build_chosen(acts, fits, weights, chosen, pooling, opt, out, say):
         _check_entries(built.delta.entries, str(out))
         return built, None
     try:
-        built = build(subset(acts, (cand.site,)), cand.params, weights)
+        built = build(subset(acts, sites_of(cand.site)), cand.params, weights)
         _check_entries(built.delta.entries, str(out))
         return built, None
     except (ProbeError, DeltaError) as e:
@@ -401,6 +436,9 @@ def _setup(model, con: Concept, split: Split, fam: Family, sites, methods, level
         setup["preserve"] = _preserve_record(opt.capture.preserve)
     if opt.capture.scan:
         setup["scan"] = opt.capture.scan
+    for flag in ("cascade", "anchor_empty"):
+        if getattr(opt, flag):
+            setup[flag] = True
     return setup
 
 
@@ -415,15 +453,19 @@ class _Validation:
 
 
 def _validation(model, con, split, acts, sites, weights, pooling, level, opt, say) -> _Validation:
-    fits = {s: subset(acts, (s,), split.fit_pairs, split.fit_neutral) for s in sites}
+    """SITES: the searched choices, a linked pair ``a+b`` among them (``--cascade``)."""
+    fits = {s: subset(acts, sites_of(s), split.fit_pairs, split.fit_neutral) for s in sites}
     words: list[str] = []
     reach: list[tuple[str, str]] = []
     if opt.capture.scan:
-        words, own = _reach(fits, sites, weights, pooling, opt.capture.scan, say)
+        single = [s for s in sites if "+" not in s]
+        words, own = _reach(fits, single, weights, pooling, opt.capture.scan, say)
         reach = _reach_pairs(con, split, words, own)
         # the reach validation prompts stay unseen: none is preserved by the fit (--preserve)
         unseen = tuple(u for u, _ in reach)
-        fits = {s: subset(acts, (s,), split.fit_pairs, split.fit_neutral, unseen) for s in sites}
+        fits = {
+            s: subset(acts, sites_of(s), split.fit_pairs, split.fit_neutral, unseen) for s in sites
+        }
         say(f"reach words (the scan on the fit pairs): {', '.join(words) or 'none'}")
     if level == "denoiser":
         objective = OrganismObjectives(
@@ -475,8 +517,10 @@ def tune(
     acts = capture(src, con, cap, weights)
     pooling = acts.defaults.get("pooling", "tokens")
     widths = {g.site: g.dim for g in acts.groups}
+    choices = list(sites) + _cascade_choices(acts, opt, say)
+    widths |= {c: min(widths[s] for s in sites_of(c)) for c in choices if "+" in c}
     t_capture = time.perf_counter() - t0
-    val = _validation(model, con, split, acts, sites, weights, pooling, level, opt, say)
+    val = _validation(model, con, split, acts, choices, weights, pooling, level, opt, say)
     t_setup = time.perf_counter() - t0 - t_capture
 
     t1 = time.perf_counter()
@@ -488,11 +532,12 @@ def tune(
         val.fits,
         weights,
         val.objective,
-        list(sites),
+        choices,
         methods,
         widths,
         pooling,
         opt.capture.scan,
+        opt.anchor_empty,
     )
     t_search = time.perf_counter() - t1
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -524,8 +569,9 @@ def tune(
         "max_damage": opt.max_damage,
         "within_budget": within,
         "split": setup["split"],
-        "search_space": {"sites": list(sites), "methods": methods}
-        | ({"scan": [0, opt.capture.scan]} if opt.capture.scan else {}),
+        "search_space": {"sites": choices, "methods": methods}
+        | ({"scan": [0, opt.capture.scan]} if opt.capture.scan else {})
+        | ({"anchor_empty": [False, True]} if opt.anchor_empty else {}),
         "reach": {"words": val.words, "validation_pairs": [u for u, _ in val.reach]}
         if opt.capture.scan
         else None,

@@ -35,6 +35,8 @@ class Candidate:
             out.update(beta=p.beta, null=p.null)
             if p.scan:
                 out.update(scan=p.scan)
+            if p.anchor_empty:
+                out.update(anchor_empty=True)
         else:
             out.update(rank=p.rank, alpha=p.alpha, directions=p.directions)
         return out
@@ -47,9 +49,13 @@ def suggest(
     widths: dict[str, int],
     pooling: str,
     scan: int = 0,
+    anchor: bool = False,
 ):
     """The trial's candidate (define-by-run: each method draws only the parameters it reads).
-    SCAN > 0: a twin trial also draws whether the vocabulary scan's words join its edit."""
+    SCAN > 0: a twin trial also draws whether the vocabulary scan's words join its edit; ANCHOR:
+    whether the empty prompt weighs as much as every other preserved token. A site named
+    ``a+b`` is two sites edited together, a twin map there fitted through the other's edit
+    (``--cascade``)."""
     site = trial.suggest_categorical("site", sites)
     method = trial.suggest_categorical("method", methods)
     strength = trial.suggest_float("strength", *STRENGTH)
@@ -57,9 +63,8 @@ def suggest(
         beta = trial.suggest_float("beta", *BETA, log=True)
         null = trial.suggest_int("null", *NULL)
         n = trial.suggest_categorical("scan", [0, scan]) if scan else 0
-        return Candidate(
-            site, ProbeParams(TWIN, 1, 0.0, strength, 1, pooling, beta=beta, null=null, scan=n)
-        )
+        a = trial.suggest_categorical("anchor_empty", [False, True]) if anchor else False
+        return Candidate(site, _twin(strength, pooling, beta, null, n, a, "+" in site))
     rank = 1
     alpha = 0.0
     if method in ("pca", "cpca"):
@@ -70,20 +75,39 @@ def suggest(
     return Candidate(site, ProbeParams(method, rank, alpha, strength, directions, pooling))
 
 
+def _twin(strength, pooling, beta, null, scan, anchor, cascade) -> ProbeParams:
+    return ProbeParams(
+        TWIN,
+        1,
+        0.0,
+        strength,
+        1,
+        pooling,
+        beta=beta,
+        null=null,
+        scan=scan,
+        anchor_empty=anchor,
+        cascade=cascade,
+    )
+
+
+def sites_of(site: str) -> tuple[str, ...]:
+    """The sites a candidate edits: ``a+b`` is a and b together."""
+    return tuple(site.split("+"))
+
+
 def candidate_of(params: dict, pooling: str) -> Candidate:
     """A trial's candidate again from its stored parameters (widths already applied at build)."""
     m = params["method"]
     if m == TWIN:
-        p = ProbeParams(
-            TWIN,
-            1,
-            0.0,
+        p = _twin(
             params["strength"],
-            1,
             pooling,
-            beta=params["beta"],
-            null=params["null"],
-            scan=params.get("scan", 0),
+            params["beta"],
+            params["null"],
+            params.get("scan", 0),
+            params.get("anchor_empty", False),
+            "+" in params["site"],
         )
     else:
         p = ProbeParams(
