@@ -102,7 +102,13 @@ def run_organism(a, cache: dict) -> dict:
     from patcher.tune import TuneOptions, tune
 
     out = {}
-    tag = ("-preserve" if a.preserve else "") + (f"-scan{a.scan}" if a.scan else "")
+    tag = (
+        ("-preserve" if a.preserve else "")
+        + (f"-scan{a.scan}" if a.scan else "")
+        + ("-cascade" if a.cascade else "")
+        + ("-anchor" if a.anchor_empty else "")
+        + (f"-seeds{a.seeds}" if a.seeds != 2 else "")
+    )
     cap = CaptureOptions(
         preserve=_prompt_lines(Path(a.preserve)) if a.preserve else (), scan=a.scan
     )
@@ -117,7 +123,14 @@ def run_organism(a, cache: dict) -> dict:
             ORG / "model",
             con,
             d,
-            TuneOptions(trials=a.trials, seed=0, study=study, capture=cap),
+            TuneOptions(
+                trials=a.trials,
+                seed=0,
+                study=study,
+                capture=cap,
+                cascade=a.cascade,
+                anchor_empty=a.anchor_empty,
+            ),
             overwrite=True,
         )
         wall = time.perf_counter() - t0
@@ -425,6 +438,8 @@ def main() -> None:
         help="organism: tune --scan N for every concept (the scan in the search space, reach in "
         "concept left); results get the suffix -scanN",
     )
+    ap.add_argument("--cascade", action="store_true", help="organism: tune --cascade")
+    ap.add_argument("--anchor-empty", action="store_true", help="organism: tune --anchor-empty")
     a = ap.parse_args()
     Path(a.tmp).mkdir(parents=True, exist_ok=True)
     (RES / "tune").mkdir(parents=True, exist_ok=True)
@@ -437,6 +452,9 @@ def main() -> None:
             "tune_organism"
             + ("_preserve" if a.preserve else "")
             + (f"_scan{a.scan}" if a.scan else "")
+            + ("_cascade" if a.cascade else "")
+            + ("_anchor" if a.anchor_empty else "")
+            + (f"_seeds{a.seeds}" if a.seeds != 2 else "")
         )
         (RES / f"{name}.json").write_text(json.dumps(doc, indent=1, default=str))
     if "correlation" in parts:
