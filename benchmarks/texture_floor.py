@@ -14,7 +14,7 @@ reads. Nothing is fitted or tuned here: the judge, the kinds, the prompts and th
 the eval's own (patcher.evaluation).
 
 A seed swap redraws the whole clip; an edit moves it part of the way (the eval's concept-free
-drift over the seed floor, pixel space, is 0.17-0.23 for the twin maps). ``--mix`` measures that
+drift over the seed floor, pixel space, is 0.16-0.23 for the twin maps). ``--mix`` measures that
 middle ground with no edit at all: the second clips start from the mixed noise
 cos(θ) n(seed) + sin(θ) n(seed + offset) (unit variance kept), for each θ (radians) given, and the
 line also prints their drift over the seed floor, so a texture ratio can be read against a
