@@ -129,9 +129,10 @@ def _judge_candidates(model, con: Concept, split: Split, fits, weights, cands, o
     """Sample the candidates on the validation prompts (never the held-out sets; REACH: the
     validation pairs with the reach words, as the cheap objectives read them) and score them with
     the eval machinery: twin gap closed (judge space) and drift over the seed floor."""
-    pairs = [(con.pairs[i].unsafe, con.pairs[i].safe) for i in split.val_pairs] + list(reach)
     from ..evaluation.core import EvalOptions, evaluate
     from ..evaluation.prompts import PromptSet
+
+    pairs = [(con.pairs[i].unsafe, con.pairs[i].safe) for i in split.val_pairs] + list(reach)
 
     class Validation:
         def sets(self, c):
