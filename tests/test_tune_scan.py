@@ -211,18 +211,20 @@ def test_a_study_resumes_with_the_same_scan_and_refuses_another(tmp_path):
         assert r.exit_code == 2 and "another setup" in r.output, r.output
 
 
-def test_cascade_pairs_and_anchor_empty_are_searched(tmp_path, red_scan):
-    """--cascade adds the linked site pair as one choice, built as probe --cascade builds it;
+def test_cascade_pairs_and_anchor_empty_are_searched(tmp_path):
+    """--cascade adds the linked site pair as one choice, built as probe --cascade builds it and
+    scored with the edit applied as a whole (denoiser level); only twin trials take the pair;
     --anchor-empty is drawn by twin trials."""
     import optuna
 
+    from patcher.tune.objectives import OrganismObjectives
     from patcher.tune.search import candidate_of
 
     r = _tune(
         tmp_path,
         "c.vud",
         *("--trials", "16", "--cascade", "--anchor-empty", "--json"),
-        *("--sites", "text_proj,cross_kv"),
+        *("--sites", "text_proj,cross_kv", "--methods", "twin,mean", "--objectives", "denoiser"),
     )
     assert r.exit_code == 0, (r.output, r.exception)
     rep = json.loads(r.output[r.output.index("{") :])
@@ -232,7 +234,14 @@ def test_cascade_pairs_and_anchor_empty_are_searched(tmp_path, red_scan):
     study = optuna.load_study(study_name=rep["study_name"], storage=f"sqlite:///{rep['study']}")
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     both = [t for t in done if t.params["site"] == "text_proj+cross_kv"]
-    assert both and {t.params["anchor_empty"] for t in done} == {False, True}
+    assert both and all(t.params["method"] == "twin" for t in both)
+    assert {t.params["anchor_empty"] for t in done if "anchor_empty" in t.params} == {False, True}
+    mean_pair = [
+        t
+        for t in study.trials
+        if t.params["site"] == "text_proj+cross_kv" and t.params["method"] == "mean"
+    ]
+    assert mean_pair and all(t.state == optuna.trial.TrialState.PRUNED for t in mean_pair)
     # a combined trial's scores are those of probe --cascade's delta from the same fit half
     con = load_concept(RED)
     opt = CaptureOptions(sites=("text_proj", "cross_kv"), token_roles=True)
@@ -243,32 +252,41 @@ def test_cascade_pairs_and_anchor_empty_are_searched(tmp_path, red_scan):
     t = both[0]
     p = candidate_of(t.user_attrs["candidate"], "tokens").params
     assert p.cascade and p.method == "twin"
-    d = build_delta(subset(acts, ("text_proj", "cross_kv"), sp.fit_pairs, sp.fit_neutral), p, w)
+    fit = subset(acts, ("text_proj", "cross_kv"), sp.fit_pairs, sp.fit_neutral)
+    d = build_delta(fit, p, w)
     keys = {e.key for e in d.entries}
     assert any("condition_embedder.text_embedder" in k for k in keys)  # text_proj
     assert any(".attn2.to_k." in k for k in keys)  # cross_kv
-    s = SiteObjectives(acts, sp, w)(d)
-    assert s.concept_left == pytest.approx(t.values[0], rel=1e-9)
-    assert s.damage == pytest.approx(t.values[1], rel=1e-9)
-    plain = build_delta(
-        subset(acts, ("text_proj", "cross_kv"), sp.fit_pairs, sp.fit_neutral),
-        replace(p, cascade=False),
-        w,
+    den = OrganismObjectives(
+        MODEL,
+        [(con.pairs[i].unsafe, con.pairs[i].safe) for i in sp.val_pairs],
+        [con.neutral[i] for i in sp.val_neutral],
     )
-    assert SiteObjectives(acts, sp, w)(plain).concept_left != pytest.approx(t.values[0], rel=1e-6)
+    s = den(d)
+    assert s.concept_left == pytest.approx(t.values[0], rel=1e-6)
+    assert s.damage == pytest.approx(t.values[1], rel=1e-6)
+    plain = build_delta(fit, replace(p, cascade=False), w)
+    assert den(plain).concept_left != pytest.approx(t.values[0], rel=1e-4)
 
 
 @pytest.mark.parametrize(
     "extra, words",
     [
-        (["--cascade"], "at least two --sites"),
+        (["--cascade", "--sites", "cross_kv"], "none of cross_kv can"),
         (["--cascade", "--sites", "text_proj,cross_kv", "--methods", "cpca"], "include twin"),
+        (["--cascade", "--sites", "text_proj,cross_kv", "--objectives", "site"], "denoiser"),
         (["--anchor-empty", "--methods", "mean"], "include twin"),
     ],
 )
-def test_cascade_and_anchor_options_are_refused_on_one_line(extra, words, tmp_path):
+def test_cascade_and_anchor_options_are_refused_before_the_capture(
+    extra, words, tmp_path, monkeypatch
+):
+    import patcher.tune as tune_mod
+
+    def no_capture(*_a, **_k):
+        raise AssertionError("the capture ran before the options were checked")
+
+    monkeypatch.setattr(tune_mod, "capture", no_capture)
     args = ["tune", str(MODEL), "-c", str(RED), "-o", str(tmp_path / "o.vud"), "--trials", "1"]
-    if "--sites" not in extra and "--cascade" in extra:
-        extra = [*extra, "--sites", "cross_kv"]
     r = CliRunner().invoke(main, [*args, *extra])
     assert r.exit_code == 2 and words in r.output and "Traceback" not in r.output, r.output

@@ -273,6 +273,16 @@ def _cascade_family(acts: Activations) -> Family:
         raise ProbeError(f"--cascade: family {acts.family!r} could not be loaded ({e})") from None
 
 
+def may_cascade(fam: Family, feeder: str, fed: str) -> bool:
+    """What the recipe alone says of a cascade pair (the weight match needs the capture's
+    targets): FED's chain starts with a linear of the same component, FEEDER has no chain of its
+    own, and both read the same encoder."""
+    a, b = fam.sites.get(feeder), fam.sites.get(fed)
+    if a is None or b is None or a.chain or not b.chain or a.encoder != b.encoder:
+        return False
+    return b.chain[0].op == "linear" and b.chain[0].component is None
+
+
 def _cascade_links(
     acts: Activations, fam: Family, groups: list[GroupActivations]
 ) -> dict[int, list[int]]:
@@ -302,10 +312,11 @@ def _cascade_links(
     return links
 
 
-def cascade_pairs(acts: Activations) -> list[tuple[str, str]]:
+def cascade_pairs(acts: Activations, fam: Family | None = None) -> list[tuple[str, str]]:
     """(feeder, fed): the captured sites that ``--cascade`` links, a fed site's chain starting at
-    the feeder's edited weight (what tune searches as one combined site)."""
-    fam = _cascade_family(acts)
+    the feeder's edited weight (what tune searches as one combined site). FAM: the family recipe
+    the capture used (default: loaded again by its name)."""
+    fam = fam if fam is not None else _cascade_family(acts)
     groups = list(acts.groups)
     out = []
     for gi, g in enumerate(groups):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..errors import DeltaError, ProbeError, VpatchError
 from ..families.recipes import Concept, Family, load_concept
-from ..probe.build import METHODS, build
+from ..probe.build import METHODS, TWIN, build
 from ..probe.capture import CaptureOptions, capture
 from ..probe.sources import ModelSource, WeightReader, open_model, resolve_family
 from ..vud.delta import _check_entries, versions, write_delta
@@ -187,6 +187,9 @@ def run_trials(
     def objective(trial) -> tuple[float, float]:
         cand = suggest(trial, sites, methods, widths, pooling, scan, anchor)
         trial.set_user_attr("candidate", cand.record())
+        if "+" in cand.site and cand.params.method != TWIN:  # a cascade pair is the twin map's
+            trial.set_user_attr("refused", f"{cand.site} is searched by the twin map only")
+            raise optuna.TrialPruned(f"{cand.site}: twin only")
         try:
             d = build(fits[cand.site], cand.params, weights).delta
             _check_entries(d.entries, f"trial {trial.number}")  # what write_delta would refuse
@@ -237,8 +240,15 @@ def _search_space(src: ModelSource, opt: TuneOptions) -> tuple[Family, tuple[str
     ):
         if on and "twin" not in methods:
             raise TuneError(f"{flag} is an option of the twin edit: include twin in --methods")
-    if opt.cascade and len(sites) < 2:
-        raise TuneError("--cascade links two searched sites: give at least two --sites")
+    if opt.cascade:
+        from ..probe.build import may_cascade
+
+        if not any(may_cascade(fam, a, b) for a in sites for b in sites if a != b):
+            raise TuneError(
+                "--cascade links two searched sites, one read through the other's edited weight: "
+                f"none of {', '.join(sites)} can (give e.g. --sites text_proj,cross_kv)"
+            )
+
     return fam, sites, methods
 
 
@@ -263,6 +273,11 @@ def _objectives_level(model: str | Path, opt: TuneOptions) -> str:
         raise TuneError(
             "--objectives denoiser needs a model whose sampling vpatch can run in memory (the "
             "organism); use --objectives site"
+        )
+    if opt.cascade and level != "denoiser":
+        raise TuneError(
+            "--cascade needs --objectives denoiser: the site level scores each site on its own "
+            "captured inputs, so it cannot see what the second site reads through the first's edit"
         )
     if opt.judge:
         from ..evaluation.judges import JUDGES
@@ -327,13 +342,13 @@ def _reach(fits: dict, sites, weights, pooling: str, scan: int, say):
     return words, own
 
 
-def _cascade_choices(acts, opt: TuneOptions, say) -> list[str]:
+def _cascade_choices(acts, fam: Family, opt: TuneOptions, say) -> list[str]:
     """With --cascade, each linked pair of searched sites as one more site choice, ``a+b``."""
     if not opt.cascade:
         return []
     from ..probe.build import cascade_pairs
 
-    pairs = cascade_pairs(acts)
+    pairs = cascade_pairs(acts, fam)
     if not pairs:
         raise TuneError(
             f"--cascade: no searched site reads another's edited weight through its chain "
@@ -518,7 +533,7 @@ def tune(
     acts = capture(src, con, cap, weights)
     pooling = acts.defaults.get("pooling", "tokens")
     widths = {g.site: g.dim for g in acts.groups}
-    choices = list(sites) + _cascade_choices(acts, opt, say)
+    choices = list(sites) + _cascade_choices(acts, fam, opt, say)
     widths |= {c: min(widths[s] for s in sites_of(c)) for c in choices if "+" in c}
     t_capture = time.perf_counter() - t0
     val = _validation(model, con, split, acts, choices, weights, pooling, level, opt, say)
