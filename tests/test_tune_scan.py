@@ -290,3 +290,21 @@ def test_cascade_and_anchor_options_are_refused_before_the_capture(
     args = ["tune", str(MODEL), "-c", str(RED), "-o", str(tmp_path / "o.vud"), "--trials", "1"]
     r = CliRunner().invoke(main, [*args, *extra])
     assert r.exit_code == 2 and words in r.output and "Traceback" not in r.output, r.output
+
+
+def test_cascade_with_a_family_given_as_a_recipe_file(tmp_path):
+    """The recipe tune loaded serves the cascade links (it used to be reloaded by its name, which
+    a --family file's name need not be)."""
+    recipe = tmp_path / "mywan.toml"
+    text = (ROOT / "recipes" / "models" / "wan.toml").read_text()
+    recipe.write_text(text.replace('name = "wan"', 'name = "mywan"', 1))
+    r = _tune(
+        tmp_path,
+        "f.vud",
+        *("--trials", "3", "--cascade", "--family", str(recipe), "--json"),
+        *("--sites", "text_proj,cross_kv", "--objectives", "denoiser"),
+    )
+    assert r.exit_code == 0, (r.output, r.exception)
+    rep = json.loads(r.output[r.output.index("{") :])
+    assert rep["family"] == "mywan"
+    assert "text_proj+cross_kv" in rep["record"]["search_space"]["sites"]
