@@ -161,18 +161,7 @@ def main() -> None:
         h_red, h_unc = to_site(tr, a.site, cond), to_site(tr, a.site, unc)
 
     def noise(s: int) -> torch.Tensor:
-        return torch.stack(
-            [
-                torch.randn(
-                    3,
-                    o.FRAMES,
-                    o.SIZE,
-                    o.SIZE,
-                    generator=torch.Generator().manual_seed(opt.seed + 7919 * s + i),
-                )
-                for i in range(len(unsafe))
-            ]
-        )
+        return o.noise([opt.seed + 7919 * s + i for i in range(len(unsafe))])
 
     # the preserved inputs at the site: what the twin edit keeps (valid tokens + the padding reading)
     preserve = (

@@ -53,16 +53,9 @@ def main() -> None:
     prompts, seeds = [j.prompt for j in jobs], [j.seed for j in jobs]
 
     def clips(delta: Path | None) -> torch.Tensor:
-        saved = []
-        with torch.no_grad():
-            for e in read_delta(delta).entries if delta else []:
-                q = dict(tr.named_parameters())[e.tensor_key]
-                saved.append((q, q.detach().clone()))
-                q.add_((e.U @ e.V.T).to(q.dtype))
-            x = organism.sample(tok, enc, tr, prompts, seeds, steps=opt.steps)
-            for q, v in saved:
-                q.copy_(v)
-        return x
+        entries = read_delta(delta).entries if delta else []
+        with organism.edited({"transformer": tr, "text_encoder": enc}, entries):
+            return organism.sample(tok, enc, tr, prompts, seeds, steps=opt.steps)
 
     before, after = clips(None), clips(a.delta)
     nan = float("nan")

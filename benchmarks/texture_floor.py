@@ -31,6 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from patcher import organism  # noqa: E402
 from patcher.evaluation.core import EvalOptions, plan_jobs  # noqa: E402
 from patcher.evaluation.generators import generator_for  # noqa: E402
 from patcher.evaluation.judges import JUDGES  # noqa: E402
@@ -61,8 +62,9 @@ def floor(
         kinds.setdefault(judge.kind(j.prompt), []).append(i)
     out: dict = {"concept": concept, "seed": opt.seed, "seeds": seeds, "offsets": {}}
     runs = [(str(off), *judged(opt.seed + off)[1:]) for off in offsets]
+    models = organism.load(MODEL) if mix else None
     runs += [
-        (f"mix{th}+{off}", *_mixed(judge, jobs, th, off, steps, opt.guidance))
+        (f"mix{th}+{off}", *_mixed(judge, jobs, models, th, off, steps, opt.guidance))
         for th in mix
         for off in offsets
     ]
@@ -87,29 +89,24 @@ def floor(
     return out
 
 
-def _mixed(judge, jobs, theta: float, offset: int, steps: int, guidance: float):
-    """The original model's clips of JOBS from mixed noise (see the module docstring), judged."""
+def _mixed(judge, jobs, models, theta: float, offset: int, steps: int, guidance: float):
+    """The original model's clips of JOBS from mixed noise (see the module docstring), judged;
+    MODELS: the organism's (tokenizer, encoder, transformer)."""
     import math
 
-    import torch
+    from patcher.organism import noise, sample
 
-    from patcher.organism import FRAMES, SIZE, encode, guided_velocity, load
-
-    tok, enc, tr = load(MODEL)
-
-    def noise(s: int) -> torch.Tensor:
-        return torch.randn(3, FRAMES, SIZE, SIZE, generator=torch.Generator().manual_seed(s))
-
-    x = torch.stack(
-        [math.cos(theta) * noise(j.seed) + math.sin(theta) * noise(j.seed + offset) for j in jobs]
+    seeds = [j.seed for j in jobs]
+    start = math.cos(theta) * noise(seeds) + math.sin(theta) * noise([s + offset for s in seeds])
+    clips = sample(
+        *models,
+        [j.prompt for j in jobs],
+        seeds,
+        steps=steps,
+        guidance=guidance,
+        batch=len(jobs),
+        start=start,
     )
-    with torch.no_grad():
-        cond = encode(tok, enc, [j.prompt for j in jobs])
-        unc = encode(tok, enc, [""] * len(jobs))
-        ts = torch.linspace(1.0, 0.0, steps + 1)
-        for a, b in zip(ts[:-1], ts[1:]):
-            x = x + (b - a) * guided_velocity(tr, x, float(a), cond, unc, guidance)
-    clips = x.clamp(-1, 1).float()
     return judge.verdicts(clips), clips
 
 

@@ -62,36 +62,15 @@ CANDIDATES = {
 }
 
 
-@contextlib.contextmanager
-def edited(modules: dict, delta):
-    """The delta added to the in-memory weights, restored on exit."""
-    saved = []
-    try:
-        with torch.no_grad():
-            for e in delta.entries:
-                mod = modules.get(e.component)
-                if mod is None:
-                    continue
-                p = dict(mod.named_parameters())[e.tensor_key]
-                saved.append((p, p.detach().clone()))
-                p.add_((e.U.double() @ e.V.double().T).to(p.dtype))
-        yield
-    finally:
-        with torch.no_grad():
-            for p, w in reversed(saved):
-                p.copy_(w)
-
-
 @torch.no_grad()
 def estimates(tok, enc, tr, prompts: list[str], seed: int, steps: int) -> torch.Tensor:
     """(n, steps, clip): tune's coarse clean-clip estimates (as OrganismObjectives._features)."""
-    from patcher.organism import FRAMES, SIZE, encode, guided_velocity
+    from patcher.organism import encode, guided_velocity, noise
 
     n = len(prompts)
     cond = encode(tok, enc, prompts)
     unc = encode(tok, enc, [""]).expand(n, -1, -1)
-    noise = torch.randn(3, FRAMES, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
-    x = noise.expand(n, -1, -1, -1, -1).clone()
+    x = noise([seed]).expand(n, -1, -1, -1, -1).clone()
     ts = torch.linspace(1.0, 0.0, steps + 1)
     out = []
     for a, b in zip(ts[:-1], ts[1:]):
@@ -132,7 +111,7 @@ def reading(clip: torch.Tensor) -> dict:
 def main() -> None:
     from patcher.evaluation.sheets import write_sheet
     from patcher.families.recipes import load_concept
-    from patcher.organism import load, sample
+    from patcher.organism import edited, load, sample
     from patcher.probe import CaptureOptions, ProbeParams, WeightReader, build_delta, capture
     from patcher.probe.sources import open_model
     from patcher.tune.split import Split, subset
@@ -179,7 +158,7 @@ def main() -> None:
         gs = [s for _ in prompts for s in gen_seeds]
 
         def measure(delta, gp=gp, gs=gs, prompts=prompts):
-            ctx = edited(modules, delta) if delta is not None else contextlib.nullcontext()
+            ctx = edited(modules, delta.entries) if delta is not None else contextlib.nullcontext()
             with ctx:
                 clips = sample(tok, enc, tr, gp, gs, steps=16, guidance=3.0)
                 est = {
@@ -277,7 +256,7 @@ def coverage(a) -> None:
     each concept, built on the tune split's fit prompts (a tune trial) and on every recipe prompt
     (what `vpatch probe` and tune's refit write), on prompts of colours in no recipe prompt list."""
     from patcher.families.recipes import load_concept
-    from patcher.organism import load, sample
+    from patcher.organism import edited, load, sample
     from patcher.probe import CaptureOptions, ProbeParams, WeightReader, build_delta, capture
     from patcher.probe.sources import open_model
     from patcher.tune.split import Split, subset
@@ -311,7 +290,7 @@ def coverage(a) -> None:
             ("fit prompts", subset(acts, ("cross_kv",), sp.fit_pairs, sp.fit_neutral)),
             ("every prompt", acts),
         ):
-            with edited(modules, build_delta(sub, pp, w)):
+            with edited(modules, build_delta(sub, pp, w).entries):
                 c1 = sample(tok, enc, tr, gp, gs, steps=16, guidance=3.0)
             r1 = [reading(c) for c in c1]
             for i, p in enumerate(COVERAGE):

@@ -9,7 +9,9 @@ this one definition of the world.
 
 from __future__ import annotations
 
+import contextlib
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -252,6 +254,39 @@ def guided_velocity(
     return vu + guidance * (vc - vu)
 
 
+def noise(seeds: list[int]) -> torch.Tensor:
+    """(N, 3, F, H, W): each seed's starting noise, drawn on the CPU in fp32, so the same seed gives
+    the same noise on every device and dtype."""
+    return torch.stack(
+        [
+            torch.randn(3, FRAMES, SIZE, SIZE, generator=torch.Generator().manual_seed(s))
+            for s in seeds
+        ]
+    )
+
+
+@contextlib.contextmanager
+def edited(modules: dict, entries) -> Iterator[None]:
+    """A delta's entries added to in-memory weights (W + U Vᵀ, the product in float64), restored
+    exactly on exit. MODULES: component name (an entry's ``component``) -> module; entries of other
+    components are left out."""
+    saved = []
+    try:
+        with torch.no_grad():
+            for e in entries:
+                mod = modules.get(e.component)
+                if mod is None:
+                    continue
+                p = dict(mod.named_parameters())[e.tensor_key]
+                saved.append((p, p.detach().clone()))
+                p.add_((e.U.double() @ e.V.double().T).to(p.dtype))
+        yield
+    finally:
+        with torch.no_grad():
+            for p, w in reversed(saved):
+                p.copy_(w)
+
+
 @torch.no_grad()
 def sample(
     tok,
@@ -262,9 +297,11 @@ def sample(
     steps: int = 16,
     guidance: float = 3.0,
     batch: int = 64,
+    start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Rectified-flow Euler sampling from t = 1 (noise) to 0, with classifier-free guidance.
-    Returns (N, 3, F, H, W) in [-1, 1]; each sample's noise depends only on its seed."""
+    Returns (N, 3, F, H, W) in [-1, 1]; each sample's noise depends only on its seed (``noise``),
+    or is START's row (N, 3, F, H, W) when given."""
     outs = []
     p0 = next(tr.parameters())
     dev, dt = p0.device, p0.dtype
@@ -272,12 +309,7 @@ def sample(
         ps, ss = prompts[i : i + batch], seeds[i : i + batch]
         cond = encode(tok, enc, ps).to(dev, dt)
         unc = encode(tok, enc, [""] * len(ps)).to(dev, dt)
-        x = torch.stack(  # drawn on the CPU in fp32: the same noise on every device and dtype
-            [
-                torch.randn(3, FRAMES, SIZE, SIZE, generator=torch.Generator().manual_seed(s))
-                for s in ss
-            ]
-        ).to(dev, dt)
+        x = (noise(ss) if start is None else start[i : i + batch]).to(dev, dt)
         ts = torch.linspace(1.0, 0.0, steps + 1)
         for a, b in zip(ts[:-1], ts[1:]):
             x = x + (b - a) * guided_velocity(tr, x, float(a), cond, unc, guidance)

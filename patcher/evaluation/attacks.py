@@ -325,18 +325,7 @@ def attack_eval(
     v_orig, v_pat = organism_velocity(tr), organism_velocity(trp)
 
     def noise(s: int) -> torch.Tensor:
-        return torch.stack(
-            [
-                torch.randn(
-                    3,
-                    organism.FRAMES,
-                    organism.SIZE,
-                    organism.SIZE,
-                    generator=torch.Generator().manual_seed(opt.seed + 7919 * s + i),
-                )
-                for i in range(len(unsafe))
-            ]
-        )
+        return organism.noise([opt.seed + 7919 * s + i for i in range(len(unsafe))])
 
     states = trajectory_states(v_orig, cond, unc, noise(0), opt.steps, opt.guidance)
     inv = invert_conditioning(v_pat, v_orig, cond, states, iterations=iterations, seed=opt.seed)

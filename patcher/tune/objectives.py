@@ -163,13 +163,12 @@ class OrganismObjectives:
 
     def _features(self, prompts: list[str], seed: int) -> torch.Tensor:
         """(n, 3 * clip): the clean-clip estimate x - t v after each of the coarse steps."""
-        from ..organism import FRAMES, SIZE, encode, guided_velocity
+        from ..organism import encode, guided_velocity, noise
 
         n = len(prompts)
         cond = encode(self.tok, self.enc, prompts)
         unc = encode(self.tok, self.enc, [""]).expand(n, -1, -1)
-        noise = torch.randn(3, FRAMES, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
-        x = noise.expand(n, -1, -1, -1, -1).clone()
+        x = noise([seed]).expand(n, -1, -1, -1, -1).clone()
         ts = torch.linspace(1.0, 0.0, self.steps + 1)
         out = []
         for a, b in zip(ts[:-1], ts[1:]):
@@ -179,22 +178,11 @@ class OrganismObjectives:
         return torch.cat(out, 1)
 
     def __call__(self, delta: Delta) -> Scores:
-        saved = []
-        try:
-            with torch.no_grad():
-                for e in delta.entries:
-                    mod = self.modules.get(e.component)
-                    if mod is None:
-                        continue
-                    p = dict(mod.named_parameters())[e.tensor_key]
-                    saved.append((p, p.detach().clone()))
-                    p.add_((e.U.double() @ e.V.double().T).to(p.dtype))
-                fu = self._features(self.unsafe, self.seeds[0])
-                ff = self._features(self.free, self.seeds[0])
-        finally:
-            with torch.no_grad():
-                for p, w in reversed(saved):
-                    p.copy_(w)
+        from ..organism import edited
+
+        with edited(self.modules, delta.entries), torch.no_grad():
+            fu = self._features(self.unsafe, self.seeds[0])
+            ff = self._features(self.free, self.seeds[0])
         left = float((fu - self.f_twin).norm(dim=1).sum()) / max(self.gap, 1e-12)
         dmg = float((ff - self.f_free).norm(dim=1).mean()) / max(self.floor, 1e-12)
         return Scores(left, dmg)
