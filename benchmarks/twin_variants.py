@@ -58,6 +58,21 @@ def report_path(variant: str, concept: str) -> Path:
     return RESULTS / f"eval_twin_{variant}_{concept}.json"
 
 
+def _eval(recipe: str, delta: Path, sheet: Path) -> str:
+    """`vpatch eval --seeds 2 --steps 16 --json` of DELTA on RECIPE's prompts, with a contact sheet;
+    the report's JSON."""
+    sheet.unlink(missing_ok=True)  # eval never overwrites a sheet
+    ev = [sys.executable, "-m", "patcher.cli", "eval", str(MODEL), "-c", recipe]
+    return subprocess.run(
+        [*ev, "--delta", str(delta), "--seeds", "2", "--steps", "16", "--json"]
+        + ["--sheet", str(sheet)],
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    ).stdout
+
+
 def run(variant: str, concepts: list[str]) -> None:
     WORK.mkdir(exist_ok=True)
     cli = [sys.executable, "-m", "patcher.cli"]
@@ -66,16 +81,7 @@ def run(variant: str, concepts: list[str]) -> None:
         delta = WORK / f"{variant}_{c}.vud"
         probe = [*cli, "probe", str(MODEL), "-c", recipe, "-o", str(delta), "--method", "twin"]
         subprocess.run([*probe, *VARIANTS[variant], "--overwrite", "-q"], check=True, cwd=ROOT)
-        ev = [*cli, "eval", str(MODEL), "-c", recipe, "--delta", str(delta)]
-        sheet = WORK / f"sheet_{variant}_{c}.png"
-        sheet.unlink(missing_ok=True)  # eval never overwrites a sheet
-        out = subprocess.run(
-            [*ev, "--seeds", "2", "--steps", "16", "--json", "--sheet", str(sheet)],
-            check=True,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-        ).stdout
+        out = _eval(recipe, delta, WORK / f"sheet_{variant}_{c}.png")
         report_path(variant, c).write_text(out)
         print(f"{variant} {c}: {report_path(variant, c).name}", flush=True)
 
@@ -97,16 +103,7 @@ def pair(variant: str, a: str, b: str) -> None:
     subprocess.run(merge, check=True, cwd=ROOT, capture_output=True)
     for c in (a, b):
         recipe = str(ROOT / f"examples/organism/{c}.toml")
-        sheet = WORK / f"sheet_{variant}_merged_{a}+{b}_on_{c}.png"
-        sheet.unlink(missing_ok=True)
-        ev = [*cli, "eval", str(MODEL), "-c", recipe, "--delta", str(merged)]
-        out = subprocess.run(
-            [*ev, "--seeds", "2", "--steps", "16", "--json", "--sheet", str(sheet)],
-            check=True,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-        ).stdout
+        out = _eval(recipe, merged, WORK / f"sheet_{variant}_merged_{a}+{b}_on_{c}.png")
         dest = RESULTS / f"eval_twin_{variant}_merged_{a}+{b}_on_{c}.json"
         dest.write_text(out)
         print(f"{variant} merged {a}+{b} on {c}: {dest.name}", flush=True)
