@@ -1,7 +1,7 @@
 """vpatch tune, measured (issue 15). Figures printed are from this one run; raw JSON in benchmarks/results/.
 
 Parts (--part, comma-separated; default organism,correlation):
-- organism: `tune` (no judge in the loop, the same options for every concept) on red, blue and square
+- organism: `tune` (no judge in the loop unless --judge; the same options for every concept) on red, blue and square
   of the organism, then `vpatch eval`'s machinery on the chosen delta (held-out prompts, the validated
   judge, --seeds), against issue 16's targets; tune's wall time.
 - correlation: for red, candidates (the efficacy sweep's demo recipe, the twin map variants, the recipe
@@ -18,6 +18,7 @@ Parts (--part, comma-separated; default organism,correlation):
   OMP_NUM_THREADS=1 nice -n 10 python benchmarks/tune_bench.py --part organism,correlation
   OMP_NUM_THREADS=1 nice -n 10 python benchmarks/tune_bench.py --part organism --preserve examples/organism/captions.txt
   OMP_NUM_THREADS=1 nice -n 10 python benchmarks/tune_bench.py --part organism --preserve examples/organism/captions.txt --scan 64
+  OMP_NUM_THREADS=1 nice -n 10 python benchmarks/tune_bench.py --part organism --preserve examples/organism/captions.txt --judge organism --seeds 8
   OMP_NUM_THREADS=1 nice -n 10 python benchmarks/tune_bench.py --part wan14b --trials 20
   python benchmarks/tune_bench.py --part wan14b --trials 20 --sites text_proj,cross_kv
 """
@@ -107,6 +108,7 @@ def run_organism(a, cache: dict) -> dict:
         + (f"-scan{a.scan}" if a.scan else "")
         + ("-cascade" if a.cascade else "")
         + ("-anchor" if a.anchor_empty else "")
+        + (f"-judge-{a.judge}" if a.judge else "")
         + (f"-seeds{a.seeds}" if a.seeds != 2 else "")
     )
     cap = CaptureOptions(
@@ -130,6 +132,7 @@ def run_organism(a, cache: dict) -> dict:
                 capture=cap,
                 cascade=a.cascade,
                 anchor_empty=a.anchor_empty,
+                judge=a.judge,
             ),
             overwrite=True,
         )
@@ -440,6 +443,11 @@ def main() -> None:
     )
     ap.add_argument("--cascade", action="store_true", help="organism: tune --cascade")
     ap.add_argument("--anchor-empty", action="store_true", help="organism: tune --anchor-empty")
+    ap.add_argument(
+        "--judge",
+        help="organism: tune --judge NAME (the best front trials sampled on the validation prompts "
+        "and confirmed by that judge); results get the suffix -judge-NAME",
+    )
     a = ap.parse_args()
     Path(a.tmp).mkdir(parents=True, exist_ok=True)
     (RES / "tune").mkdir(parents=True, exist_ok=True)
@@ -454,6 +462,7 @@ def main() -> None:
             + (f"_scan{a.scan}" if a.scan else "")
             + ("_cascade" if a.cascade else "")
             + ("_anchor" if a.anchor_empty else "")
+            + (f"_judge_{a.judge}" if a.judge else "")
             + (f"_seeds{a.seeds}" if a.seeds != 2 else "")
         )
         (RES / f"{name}.json").write_text(json.dumps(doc, indent=1, default=str))

@@ -43,6 +43,10 @@ VARIANTS: dict[str, list[str]] = {
         *("--layers", "text_proj,cross_kv", "--cascade", "--scan", "64"),
         *("--preserve", CAPTIONS),
     ],
+    "cascade_repair": ["--layers", "text_proj,cross_kv", "--cascade", "--cascade-repair"],
+    "cascade_repair_scan": [
+        *("--layers", "text_proj,cross_kv", "--cascade", "--cascade-repair", "--scan", "64")
+    ],
 }
 DEFAULT_REPORTS = {
     "red": "eval_twin_red_crosskv.json",

@@ -127,6 +127,13 @@ def _method_options(fn):
             "weight (cross_kv after text_proj) is fitted on what it reads through that edit.",
         ),
         click.option(
+            "--cascade-repair",
+            is_flag=True,
+            help="twin --cascade: the later site's targets are the original model's readings (the "
+            "twin's, and each preserved prompt's own before any edit), so it undoes what the first "
+            "edit moved instead of keeping it.",
+        ),
+        click.option(
             "--anchor-empty",
             is_flag=True,
             help="twin: the empty prompt (guidance's unconditional branch) weighs as much as every "

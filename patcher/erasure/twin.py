@@ -99,6 +99,7 @@ def twin_map(
     ridge: float = 1e-3,
     null: torch.Tensor | None = None,
     keep: torch.Tensor | None = None,
+    Y_p: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The input-side map M (H, H) of the module docstring, optionally followed by I - NNᵀ.
 
@@ -106,16 +107,23 @@ def twin_map(
     depend on the activations' scale. With ``null`` (H, q) orthonormal, M = (I - NNᵀ) M_ls: the
     constrained minimiser of the same objective over maps whose range avoids span(N). ``keep`` (k, H):
     rows M must map to themselves exactly (M - I vanishes on their span; the null space is taken
-    inside its complement), for readings that no trade-off may move.
+    inside its complement), for readings that no trade-off may move. ``Y_p``: what the preserved
+    inputs must map to, when that is not themselves (a site read through an upstream edit is asked
+    to give back the original readings: the preservation term becomes Σ‖M x_p - y_p‖²).
     """
     Xe, Te, Xp = X_e.double(), T_e.double(), X_p.double()
+    Yp = Xp if Y_p is None else Y_p.double()
+    if Yp.shape != Xp.shape:
+        raise ValueError(f"preserved targets {tuple(Yp.shape)} do not match inputs {tuple(Xp.shape)}")
+    if keep is not None and Y_p is not None:
+        raise ValueError("rows kept exactly and preserved targets other than the inputs: not both")
     H = Xe.shape[1]
     eye = torch.eye(H, dtype=torch.float64)
     Ce = Xe.T @ Xe / Xe.shape[0]
     Cp = Xp.T @ Xp / Xp.shape[0]
     r = float(ridge) * float(torch.trace(Cp)) / H
     A = Ce + float(beta) * Cp + r * eye
-    Bm = Te.T @ Xe / Xe.shape[0] + float(beta) * Cp + r * eye
+    Bm = Te.T @ Xe / Xe.shape[0] + float(beta) * (Yp.T @ Xp / Xp.shape[0]) + r * eye
     if keep is None:
         M = torch.linalg.solve(A, Bm.T).T  # Bm A⁻¹ (A symmetric)
     else:
@@ -213,6 +221,7 @@ def twin_edit(
     params: TwinParams = TwinParams(),
     extra: tuple[torch.Tensor, torch.Tensor] | None = None,
     anchors: torch.Tensor | None = None,
+    originals: tuple[list[torch.Tensor], torch.Tensor | None] | None = None,
 ) -> tuple[InputOperator, dict]:
     """The input-side operator for one site from a recipe's captures.
 
@@ -226,7 +235,9 @@ def twin_edit(
     (X, T): more edit rows and their targets, e.g. the site inputs an attack found and what the twin
     reads there (RECE's hardening step); they enter the least-squares fit and the null space like
     the pairs' rows. ``anchors`` (rows, e.g. the empty prompt's tokens) are weighted as padding is:
-    together as much as every other preserved token.
+    together as much as every other preserved token. ``originals`` (the preserved rows' and the
+    anchors' original readings, row for row): the inputs were read through an upstream edit and
+    must map back to these, not to themselves (a cascade that repairs its feeder's collateral).
     """
     Xe, Te = [], []
     for (xu, iu), (xs, is_) in zip(unsafe, safe):
@@ -244,23 +255,32 @@ def twin_edit(
         Te.append(extra[1].double())
     Xe_, Te_ = torch.cat(Xe), torch.cat(Te)
     Xp = torch.cat([p.double() for p in preserve])
+    Yp = Xp if originals is None else torch.cat([p.double() for p in originals[0]])
+    if Yp.shape != Xp.shape:
+        raise ValueError("the preserved rows' original readings do not match them row for row")
     n = Xp.shape[0]
     keep = None
     if pad.dim() == 1:
         Xp = torch.cat([Xp, pad.double().expand(n, -1)])
+        Yp = torch.cat([Yp, pad.double().expand(n, -1)])
     else:
         keep = pad.double()
     if anchors is not None and anchors.shape[0]:  # weigh as much as all other preserved tokens
-        Xp = torch.cat([Xp, anchors.double().repeat(max(1, n // anchors.shape[0]), 1)])
+        reps = max(1, n // anchors.shape[0])
+        to = anchors if originals is None or originals[1] is None else originals[1]
+        if to.shape != anchors.shape:
+            raise ValueError("the anchors' original readings do not match them row for row")
+        Xp = torch.cat([Xp, anchors.double().repeat(reps, 1)])
+        Yp = torch.cat([Yp, to.double().repeat(reps, 1)])
     null = None
     if params.null:
         null, _ = concept_null_space(Xe_ - Te_, Xp, params.null)
-    M = twin_map(Xe_, Te_, Xp, params.beta, params.ridge, null, keep)
+    M = twin_map(Xe_, Te_, Xp, params.beta, params.ridge, null, keep, None if originals is None else Yp)
     op = input_operator(M)
     fit = float((Xe_ @ M.T - Te_).norm() / (Xe_ - Te_).norm().clamp_min(1e-12))
     if keep is not None:
-        Xp = torch.cat([Xp, keep])
-    kept = float((Xp @ M.T - Xp).norm() / Xp.norm().clamp_min(1e-12))
+        Xp, Yp = torch.cat([Xp, keep]), torch.cat([Yp, keep])
+    kept = float((Xp @ M.T - Yp).norm() / Yp.norm().clamp_min(1e-12))
     return op, {
         "rank": op.rank,
         "residual": round(fit, 4),

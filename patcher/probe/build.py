@@ -144,10 +144,15 @@ def _extra_preserved(
 
 
 def _scanned(
-    acts: Activations, g: GroupActivations, params: ProbeParams
+    acts: Activations,
+    g: GroupActivations,
+    params: ProbeParams,
+    ref: GroupActivations | None = None,
 ) -> tuple[list[tuple[torch.Tensor, list[int]]], list[int], dict | None]:
     """The scanned words that pass the rule at this group, as extra unsafe prompts (readings, ids),
-    the pair each one belongs to, and the scan's record for the delta's metadata (None: no scan)."""
+    the pair each one belongs to, and the scan's record for the delta's metadata (None: no scan).
+    REF: the readings the words are scored on (default G's own; a repairing cascade scores the
+    original readings, so it picks what the site alone would)."""
     from ..erasure.scan import scan_scores
     from .capture import SCAN_ROLES
 
@@ -164,19 +169,29 @@ def _scanned(
             f"--scan {params.scan}: these activations hold a scan of {plan.get('size')} words; "
             "build with --scan at most that (the nearest words first), or capture again"
         )
-    rows = _with_ids(g, "scan")
-    by_word: dict[str, list[tuple[int, torch.Tensor, list[int]]]] = {}
-    at = 0
-    for w, pairs in zip(plan["words"], plan["pairs"]):
-        for p in pairs:
-            by_word.setdefault(w, []).append((int(p), *rows[at]))
-            at += 1
-    if at != len(rows):
-        raise ProbeError(f"site {g.site} ({g.input}): the scan's plan does not match its captures")
-    # candidates are stored nearest first: a smaller --scan at build uses the first N of them
-    by_word = {w: by_word[w] for w in plan["words"][: params.scan] if w in by_word}
+    ref = g if ref is None else ref
+
+    def words(x: GroupActivations) -> dict[str, list[tuple[int, torch.Tensor, list[int]]]]:
+        rows = _with_ids(x, "scan")
+        by_word: dict[str, list[tuple[int, torch.Tensor, list[int]]]] = {}
+        at = 0
+        for w, pairs in zip(plan["words"], plan["pairs"]):
+            for p in pairs:
+                by_word.setdefault(w, []).append((int(p), *rows[at]))
+                at += 1
+        if at != len(rows):
+            raise ProbeError(
+                f"site {g.site} ({g.input}): the scan's plan does not match its captures"
+            )
+        # candidates are stored nearest first: a smaller --scan at build uses the first N of them
+        return {w: by_word[w] for w in plan["words"][: params.scan] if w in by_word}
+
+    by_word = words(g)
+    scored = by_word if ref is g else words(ref)
     try:
-        res = scan_scores(_with_ids(g, "unsafe"), _with_ids(g, "safe"), by_word, params.scan_min)
+        res = scan_scores(
+            _with_ids(ref, "unsafe"), _with_ids(ref, "safe"), scored, params.scan_min
+        )
     except ValueError as e:
         raise ProbeError(f"site {g.site} ({g.input}): vocabulary scan failed: {e}") from None
     extra = [(x, ids) for w in res.picked for _p, x, ids in by_word[w]]
@@ -199,7 +214,9 @@ def twin_map(
     attack: the inputs it found and the twin's reading as their target). ``params.scan``: the
     scanned words that read like the concept word join the pairs (the same twin).
     ``params.cascade``: a site whose chain starts at another edited site's weight is fitted on what
-    it reads through that edit."""
+    it reads through that edit; with ``params.cascade_repair`` its targets are the original
+    readings (the twin's, and the preserved prompts' own before any edit), so it also undoes what
+    the first edit moved, instead of keeping it."""
     from .capture import TWIN_ROLES
 
     entries: list[DeltaEntry] = []
@@ -209,8 +226,10 @@ def twin_map(
     feeds = _cascade_links(acts, fam, groups) if fam is not None else {}
     fed = {h for hs in feeds.values() for h in hs}
     order = sorted(range(len(groups)), key=lambda i: i in fed)  # a fed site after its feeder
+    original = list(groups)  # what each site read before any edit (a cascade's repair targets)
     for gi in order:
         g = groups[gi]
+        ref = original[gi] if params.cascade_repair and gi in fed else g
         missing = [r for r in TWIN_ROLES if r not in g.roles]
         if missing:
             raise ProbeError(
@@ -218,7 +237,10 @@ def twin_map(
                 "capture with probe --method twin (--save-activations keeps them)"
             )
 
-        preserve = [c.tokens for r in ("neutral", "safe", "empty") for p in g.roles[r] for c in p]
+        def preserved(x: GroupActivations) -> list[torch.Tensor]:
+            return [c.tokens for r in ("neutral", "safe", "empty") for p in x.roles[r] for c in p]
+
+        preserve, kept_as = preserved(g), preserved(ref)
         # a learned null caption (recipe key null_caption) is what a removed word and the
         # unconditional branch read there, position by position; else padding's one reading
         pad = g.roles["null"][0][0].tokens if "null" in g.roles else g.roles["pad"][0][0].tokens[0]
@@ -227,17 +249,33 @@ def twin_map(
                 f"--anchor-empty: at site {g.site} the unconditional branch reads the family's "
                 "learned null caption, which the twin already keeps exactly, not the empty prompt"
             )
+        if ref is not g and "null" in g.roles:
+            raise ProbeError(
+                f"--cascade-repair: site {g.site} reads a learned null caption, which the twin "
+                "keeps exactly; a repair toward the original readings is not built for it"
+            )
         tp = TwinParams(beta=params.beta, ridge=params.ridge, null=params.null)
-        unsafe, safe = _with_ids(g, "unsafe"), _with_ids(g, "safe")
-        scan_rows, pair_of, scan_rec = _scanned(acts, g, params)
-        preserve += _extra_preserved(acts, g, scan_rec["picked"] if scan_rec else [])
+        # the twin's reading as the original model gives it (ref is g unless repairing)
+        unsafe, safe = _with_ids(g, "unsafe"), _with_ids(ref, "safe")
+        scan_rows, pair_of, scan_rec = _scanned(acts, g, params, ref)
+        picked = scan_rec["picked"] if scan_rec else []
+        preserve += _extra_preserved(acts, g, picked)
+        kept_as += _extra_preserved(acts, ref, picked)
         unsafe, safe = unsafe + scan_rows, safe + [safe[p] for p in pair_of]
         try:
-            anchors = None
+            anchors = anchors_to = None
             if params.anchor_empty:
                 anchors = torch.cat([c.tokens for p in g.roles["empty"] for c in p])
+                anchors_to = torch.cat([c.tokens for p in ref.roles["empty"] for c in p])
             op, info = twin_edit(
-                unsafe, safe, preserve, pad, tp, (extra or {}).get(g.site), anchors
+                unsafe,
+                safe,
+                preserve,
+                pad,
+                tp,
+                (extra or {}).get(g.site),
+                anchors,
+                None if ref is g else (kept_as, anchors_to),
             )
         except (ValueError, RuntimeError) as e:
             raise ProbeError(f"site {g.site} ({g.input}): twin edit failed: {e}") from None
@@ -443,6 +481,8 @@ def build(
             )
         if p.cascade:
             method_rec.update(cascade=True)
+        if p.cascade_repair:
+            method_rec.update(cascade_repair=True)
         if p.anchor_empty:
             method_rec.update(anchor_empty=True)
     return Built(Delta(entries, acts.concept, method_rec, versions()), groups)

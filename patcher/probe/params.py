@@ -45,6 +45,7 @@ class ProbeParams:
     scan: int = 0  # vocabulary scan: candidate words captured (0: none; docs/erasure.md "Reach")
     scan_min: float = SCAN_MIN  # a scanned word joins the edit when its score is at least this
     cascade: bool = False  # a site read through another edited site is fitted through that edit
+    cascade_repair: bool = False  # ... with the original readings as its targets (needs cascade)
     anchor_empty: bool = False  # the empty prompt weighs as much as every other preserved token
 
     def __post_init__(self) -> None:
@@ -57,11 +58,13 @@ class ProbeParams:
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ProbeError(f"--{name} {v!r}: {what}, must be a whole number >= 1")
         check_count("--scan", self.scan, "candidate words")
-        for name in ("cascade", "anchor_empty"):
+        for name in ("cascade", "cascade_repair", "anchor_empty"):
             if not isinstance(getattr(self, name), bool):
                 raise ProbeError(
                     f"--{name.replace('_', '-')} {getattr(self, name)!r}: true or false"
                 )
+        if self.cascade_repair and not self.cascade:
+            raise ProbeError("--cascade-repair: a form of --cascade; give both")
         check_count("--null", self.null, "null-space directions")
         for name, low, what in (
             ("alpha", ">= 0", "the neutral contrast α"),
