@@ -114,7 +114,9 @@ def twin_map(
     Xe, Te, Xp = X_e.double(), T_e.double(), X_p.double()
     Yp = Xp if Y_p is None else Y_p.double()
     if Yp.shape != Xp.shape:
-        raise ValueError(f"preserved targets {tuple(Yp.shape)} do not match inputs {tuple(Xp.shape)}")
+        raise ValueError(
+            f"preserved targets {tuple(Yp.shape)} do not match inputs {tuple(Xp.shape)}"
+        )
     if keep is not None and Y_p is not None:
         raise ValueError("rows kept exactly and preserved targets other than the inputs: not both")
     H = Xe.shape[1]
@@ -275,7 +277,9 @@ def twin_edit(
     null = None
     if params.null:
         null, _ = concept_null_space(Xe_ - Te_, Xp, params.null)
-    M = twin_map(Xe_, Te_, Xp, params.beta, params.ridge, null, keep, None if originals is None else Yp)
+    M = twin_map(
+        Xe_, Te_, Xp, params.beta, params.ridge, null, keep, None if originals is None else Yp
+    )
     op = input_operator(M)
     fit = float((Xe_ @ M.T - Te_).norm() / (Xe_ - Te_).norm().clamp_min(1e-12))
     if keep is not None:

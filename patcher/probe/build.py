@@ -189,9 +189,7 @@ def _scanned(
     by_word = words(g)
     scored = by_word if ref is g else words(ref)
     try:
-        res = scan_scores(
-            _with_ids(ref, "unsafe"), _with_ids(ref, "safe"), scored, params.scan_min
-        )
+        res = scan_scores(_with_ids(ref, "unsafe"), _with_ids(ref, "safe"), scored, params.scan_min)
     except ValueError as e:
         raise ProbeError(f"site {g.site} ({g.input}): vocabulary scan failed: {e}") from None
     extra = [(x, ids) for w in res.picked for _p, x, ids in by_word[w]]
