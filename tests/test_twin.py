@@ -82,6 +82,64 @@ def test_twin_map_is_uce_with_weight_targets():
     assert torch.allclose(W @ M, Wp, atol=1e-8)
 
 
+def test_twin_map_with_preserved_targets_is_the_stacked_least_squares():
+    """Preserved inputs asked to map to other readings (a cascade repairing an upstream edit):
+    Σ‖M x_e − t_e‖²/n_e + β Σ‖M x_p − y_p‖²/n_p + ρ‖M − I‖², solved here as one stacked problem."""
+    g = torch.Generator().manual_seed(4)
+    H = 6
+    Xe = torch.randn(11, H, generator=g, dtype=torch.float64)
+    Te = torch.randn(11, H, generator=g, dtype=torch.float64)
+    Xp = torch.randn(25, H, generator=g, dtype=torch.float64)
+    Yp = Xp + 0.3 * torch.randn(25, H, generator=g, dtype=torch.float64)
+    beta, ridge = 2.0, 0.01
+    r = ridge * float(torch.trace(Xp.T @ Xp / 25)) / H
+    eye = torch.eye(H, dtype=torch.float64)
+    A = torch.cat([Xe / 11**0.5, Xp * (beta / 25) ** 0.5, eye * r**0.5])
+    Y = torch.cat([Te / 11**0.5, Yp * (beta / 25) ** 0.5, eye * r**0.5])
+    M_ref = torch.linalg.lstsq(A, Y).solution.T
+    M = twin.twin_map(Xe, Te, Xp, beta=beta, ridge=ridge, Y_p=Yp)
+    assert torch.allclose(M, M_ref, atol=1e-8)
+    # and it is not the map that keeps the inputs themselves
+    assert not torch.allclose(M, twin.twin_map(Xe, Te, Xp, beta=beta, ridge=ridge), atol=1e-3)
+
+
+def test_twin_edit_maps_preserved_rows_back_to_their_originals():
+    """With ``originals``, preserved rows that an upstream edit moved are pulled back to their
+    original readings (the empty prompt's anchors too); padding still maps to itself."""
+    g = torch.Generator().manual_seed(5)
+    H = 8
+    ctx = torch.randn(3, H, generator=g)
+    ctx[:, 0] = 0  # only the concept word uses direction 0: one map can satisfy every row
+    word = torch.zeros(H)
+    word[0] = 4.0
+    shift = torch.zeros(H, H)
+    shift[1, 2] = 0.5  # the upstream edit's collateral: a fixed linear drift of every input
+    x = torch.cat([ctx[:1], word[None], ctx[1:]])
+    unsafe = [(x + x @ shift.T, [1, 9, 2, 3])]  # read through the upstream edit
+    safe = [(ctx.clone(), [1, 2, 3])]  # the twin as the original model reads it
+    orig = [torch.randn(60, H, generator=g)]
+    orig[0][:, 0] = 0  # preserved prompts never use the concept's direction
+    moved = [orig[0] + orig[0] @ shift.T]
+    empty = torch.randn(1, H, generator=g)
+    empty[0, 0] = 0
+    empty_moved = empty + empty @ shift.T
+    pad = torch.zeros(H)
+    op, info = twin.twin_edit(
+        unsafe, safe, moved, pad, twin.TwinParams(beta=50.0), None, empty_moved, (orig, empty)
+    )
+    M = op.matrix().double()
+    back = float((moved[0].double() @ M.T - orig[0].double()).norm() / orig[0].norm())
+    left = float((moved[0] - orig[0]).norm() / orig[0].norm())
+    assert back < 0.1 * left, (back, left)
+    e = float((empty_moved.double() @ M.T - empty.double()).norm() / empty.norm())
+    assert e < 0.1 * float((empty_moved - empty).norm() / empty.norm())
+    assert info["preserve_change"] < 0.1 * left  # measured against the originals
+    # without originals the same rows are kept where the edit left them
+    op2, _ = twin.twin_edit(unsafe, safe, moved, pad, twin.TwinParams(beta=50.0))
+    M2 = op2.matrix().double()
+    assert float((moved[0].double() @ M2.T - orig[0].double()).norm() / orig[0].norm()) > 0.5 * left
+
+
 def test_null_space_finds_the_direction_preservation_does_not_use():
     g = torch.Generator().manual_seed(1)
     H = 6

@@ -131,12 +131,85 @@ def test_cascade_fits_cross_kv_on_what_it_reads_through_the_text_proj_edit(red_a
     assert float((B - R).norm() / R.norm()) > 0.05
 
 
+def test_cascade_repair_fits_through_the_edit_toward_the_original_readings(red_acts, tmp_path):
+    """--cascade-repair: the cross_kv map takes what cross_kv reads through the real text_proj
+    edit (a model patched by apply) to the original model's readings (the twin's; each preserved
+    prompt's own), so it brings the neutral prompts back where the carried cascade keeps them moved."""
+    from patcher import apply_delta
+    from patcher.erasure.twin import twin_edit
+    from patcher.probe.build import _with_ids
+    from patcher.vud.delta import Delta, write_delta
+
+    acts, w = red_acts
+    plain = replace(acts, concept={k: v for k, v in acts.concept.items() if k != "scan"})
+    keep = ("scan", "scan_ids", "preserve")
+    plain = replace(
+        plain,
+        groups=tuple(
+            replace(g, roles={r: p for r, p in g.roles.items() if r not in keep})
+            for g in acts.groups
+        ),
+    )
+    rep = build(plain, ProbeParams(method="twin", cascade=True, cascade_repair=True), w).delta
+    car = build(plain, ProbeParams(method="twin", cascade=True), w).delta
+    assert rep.method["cascade_repair"] is True and "cascade_repair" not in car.method
+    tp = [e for e in rep.entries if "linear_1" in e.key]
+    part = tmp_path / "tp.vud"
+    write_delta(part, Delta(tp, rep.concept, rep.method, rep.versions))
+    patched = tmp_path / "patched"
+    apply_delta(MODEL, part, patched)
+    opt = CaptureOptions(sites=("cross_kv",), device="cpu", token_roles=True)
+    w2 = WeightReader(open_model(patched, opt))
+    through = capture(w2.source, RED, opt, w2).groups[0]
+    before = plain.groups[1]
+    assert before.site == "cross_kv"
+
+    def kept(g):
+        return [c.tokens for r in ("neutral", "safe", "empty") for p in g.roles[r] for c in p]
+
+    pad = before.roles["pad"][0][0].tokens[0]
+    op, _ = twin_edit(
+        _with_ids(through, "unsafe"),
+        _with_ids(before, "safe"),
+        kept(through),
+        pad,
+        originals=(kept(before), None),
+    )
+    key = "transformer/blocks.2.attn2.to_v.weight"
+    e = {e.key: e for e in rep.entries}[key]
+    D = e.P.double() @ e.V.double().T
+    R = op.P.double() @ op.Q.double().T
+    assert float((D - R).norm() / R.norm()) < 1e-3
+    # the neutral prompts' cross_kv readings after both edits, against the original ones
+    X = torch.cat([c.tokens for p in through.roles["neutral"] for c in p]).double()
+    X0 = torch.cat([c.tokens for p in before.roles["neutral"] for c in p]).double()
+
+    def off(delta):
+        e = {e.key: e for e in delta.entries}[key]
+        Y = X + X @ (e.P.double() @ e.V.double().T).T
+        return float((Y - X0).norm() / X0.norm())
+
+    assert off(rep) < 0.5 * off(car), (off(rep), off(car))
+
+
+def test_cascade_repair_scores_the_scan_on_the_original_readings(red_acts):
+    acts, w = red_acts
+    one = replace(acts, sites=("cross_kv",), groups=acts.groups[1:])
+    alone = build(one, ProbeParams(method="twin", scan=64), w).delta.method["scan_picked"]
+    rep = build(
+        acts, ProbeParams(method="twin", scan=64, cascade=True, cascade_repair=True), w
+    ).delta.method["scan_picked"]
+    assert rep["transformer:cross_kv"] == alone["transformer:cross_kv"]
+
+
 def test_scan_and_cascade_are_refused_where_they_cannot_apply(red_acts):
     acts, w = red_acts
     with pytest.raises(ProbeError, match="--scan"):
         ProbeParams(method="twin", scan=-1)
     with pytest.raises(ProbeError, match="--scan"):
         CaptureOptions(scan=-2)
+    with pytest.raises(ProbeError, match="--cascade-repair.*--cascade"):
+        ProbeParams(method="twin", cascade_repair=True)
     one = replace(acts, sites=("cross_kv",), groups=acts.groups[1:])
     with pytest.raises(ProbeError, match="--cascade"):
         build(one, ProbeParams(method="twin", cascade=True), w)
@@ -189,6 +262,8 @@ def test_cli_flags_reach_the_method_and_bad_values_exit_2(tmp_path):
     base = ["probe", str(MODEL), "-c", str(RED), "-o", str(tmp_path / "x.vud")]
     res = CliRunner().invoke(main, [*base, "--method", "twin", "--scan", "-1"])
     assert res.exit_code == 2 and "--scan -1" in res.output
+    res = CliRunner().invoke(main, [*base, "--method", "twin", "--cascade-repair"])
+    assert res.exit_code == 2 and "--cascade-repair" in res.output
     res = CliRunner().invoke(
         main, [*base, "--method", "cpca", "--scan", "4", "--layers", "cross_kv"]
     )
