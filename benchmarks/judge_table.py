@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import colorsys
 import sys
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,15 +48,12 @@ def shape_table() -> None:
     print("|---|---|---|---|---|")
     for case, (inside, _reach, want, _every) in SHAPES.items():
         vs = [v for _w, v in shape_verdicts(case)]
-        c: dict = {}
-        for v in vs:
-            k = v.shape or "no object"
-            c[k] = c.get(k, 0) + 1
+        c = Counter(v.shape or "no object" for v in vs)
         qs = [v.squareness for v in vs if v.present]
         gq, ge = geometric(inside)
         print(
             f"| {case} | {gq:.2f} / {ge:.2f} | {' or '.join(want)} | "
-            f"{', '.join(f'{k} {n}' for k, n in sorted(c.items(), key=lambda kv: -kv[1]))} | "
+            f"{', '.join(f'{k} {n}' for k, n in c.most_common())} | "
             f"{min(qs):.2f}–{max(qs):.2f} |"
         )
 
@@ -71,10 +69,7 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for case, (rgb, _want) in CASES.items():
         vs = [v for _w, v in verdicts(rgb)]
-        c: dict = {}
-        for v in vs:
-            k = v.colour or "no object"
-            c[k] = c.get(k, 0) + 1
+        c = Counter(v.colour or "no object" for v in vs)
         ss = [v.saturation for v in vs if v.present]
         h, s, val = colorsys.rgb_to_hsv(*rgb)
         print(
