@@ -1,7 +1,7 @@
 """The twin edit's reach variants (docs/erasure.md, "Reach"): probe, eval and count issue 16's targets.
 
-    python benchmarks/twin_variants.py run VARIANT [CONCEPT ...]    # probe + eval, one at a time
-    python benchmarks/twin_variants.py table [VARIANT ...]          # targets met, from the reports
+    python benchmarks/twin_variants.py run VARIANT [CONCEPT ...] [--seeds 8]   # probe + eval
+    python benchmarks/twin_variants.py table [VARIANT ...] [--seeds 8]         # targets met
     python benchmarks/twin_variants.py pair VARIANT red blue        # two concepts, one merged delta
 
 Every variant is the same command for every concept (no per-concept option). `run` writes
@@ -43,6 +43,12 @@ VARIANTS: dict[str, list[str]] = {
         *("--layers", "text_proj,cross_kv", "--cascade", "--scan", "64"),
         *("--preserve", CAPTIONS),
     ],
+    # tune --preserve's choice for red (trial 36, benchmarks/results/tune/red-preserve.vud; probe
+    # with these options writes identical factors), as one fixed command for every concept
+    "tuned_red": [
+        *("--layers", "cross_kv", "--preserve", CAPTIONS, "--null", "2"),
+        *("--beta", "4.574851367929032", "--strength", "1.0712366293225275"),
+    ],
     "cascade_repair": ["--layers", "text_proj,cross_kv", "--cascade", "--cascade-repair"],
     "cascade_repair_scan": [
         *("--layers", "text_proj,cross_kv", "--cascade", "--cascade-repair", "--scan", "64")
@@ -56,19 +62,20 @@ DEFAULT_REPORTS = {
 }
 
 
-def report_path(variant: str, concept: str) -> Path:
-    if variant == "default":
+def report_path(variant: str, concept: str, seeds: int = 2) -> Path:
+    tail = "" if seeds == 2 else f"_seeds{seeds}"
+    if variant == "default" and seeds == 2:
         return RESULTS / DEFAULT_REPORTS[concept]
-    return RESULTS / f"eval_twin_{variant}_{concept}.json"
+    return RESULTS / f"eval_twin_{variant}_{concept}{tail}.json"
 
 
-def _eval(recipe: str, delta: Path, sheet: Path) -> str:
-    """`vpatch eval --seeds 2 --steps 16 --json` of DELTA on RECIPE's prompts, with a contact sheet;
-    the report's JSON."""
+def _eval(recipe: str, delta: Path, sheet: Path, seeds: int = 2) -> str:
+    """`vpatch eval --seeds SEEDS --steps 16 --json` of DELTA on RECIPE's prompts, with a contact
+    sheet; the report's JSON."""
     sheet.unlink(missing_ok=True)  # eval never overwrites a sheet
     ev = [sys.executable, "-m", "patcher.cli", "eval", str(MODEL), "-c", recipe]
     return subprocess.run(
-        [*ev, "--delta", str(delta), "--seeds", "2", "--steps", "16", "--json"]
+        [*ev, "--delta", str(delta), "--seeds", str(seeds), "--steps", "16", "--json"]
         + ["--sheet", str(sheet)],
         check=True,
         cwd=ROOT,
@@ -77,7 +84,7 @@ def _eval(recipe: str, delta: Path, sheet: Path) -> str:
     ).stdout
 
 
-def run(variant: str, concepts: list[str]) -> None:
+def run(variant: str, concepts: list[str], seeds: int = 2) -> None:
     WORK.mkdir(exist_ok=True)
     cli = [sys.executable, "-m", "patcher.cli"]
     for c in concepts:
@@ -85,9 +92,9 @@ def run(variant: str, concepts: list[str]) -> None:
         delta = WORK / f"{variant}_{c}.vud"
         probe = [*cli, "probe", str(MODEL), "-c", recipe, "-o", str(delta), "--method", "twin"]
         subprocess.run([*probe, *VARIANTS[variant], "--overwrite", "-q"], check=True, cwd=ROOT)
-        out = _eval(recipe, delta, WORK / f"sheet_{variant}_{c}.png")
-        report_path(variant, c).write_text(out)
-        print(f"{variant} {c}: {report_path(variant, c).name}", flush=True)
+        out = _eval(recipe, delta, WORK / f"sheet_{variant}_{c}_seeds{seeds}.png", seeds)
+        report_path(variant, c, seeds).write_text(out)
+        print(f"{variant} {c}: {report_path(variant, c, seeds).name}", flush=True)
 
 
 def pair(variant: str, a: str, b: str) -> None:
@@ -140,7 +147,7 @@ def targets(f: dict) -> dict[str, tuple[bool, str]]:
     return out
 
 
-def table(variants: list[str]) -> None:
+def table(variants: list[str], seeds: int = 2) -> None:
     print(
         "| variant | concept | as twin | synonym set | gap | colour-free | hue | value | texture | met |"
     )
@@ -148,7 +155,7 @@ def table(variants: list[str]) -> None:
     for v in variants:
         total = 0
         for c in CONCEPTS:
-            p = report_path(v, c)
+            p = report_path(v, c, seeds)
             if not p.exists():
                 print(f"| {v} | {c} | not measured | | | | | | | |")
                 continue
@@ -173,19 +180,21 @@ def main() -> None:
     r = sub.add_parser("run")
     r.add_argument("variant", choices=sorted(VARIANTS))
     r.add_argument("concepts", nargs="*", default=list(CONCEPTS))
+    r.add_argument("--seeds", type=int, default=2, help="eval seeds (reports get _seedsN unless 2)")
     pr = sub.add_parser("pair")
     pr.add_argument("variant", choices=sorted(VARIANTS))
     pr.add_argument("a")
     pr.add_argument("b")
     t = sub.add_parser("table")
     t.add_argument("variants", nargs="*", default=list(VARIANTS))
+    t.add_argument("--seeds", type=int, default=2, help="read the reports of this many seeds")
     a = ap.parse_args()
     if a.cmd == "run":
-        run(a.variant, a.concepts)
+        run(a.variant, a.concepts, a.seeds)
     elif a.cmd == "pair":
         pair(a.variant, a.a, a.b)
     else:
-        table(a.variants)
+        table(a.variants, a.seeds)
 
 
 if __name__ == "__main__":
