@@ -97,32 +97,46 @@ def test_preserve_drops_prompts_naming_the_concept_or_a_picked_word(red_acts):
     assert len(_extra_preserved(acts, g, ["crimson", "scarlet"])) == 1
 
 
-def test_cascade_fits_cross_kv_on_what_it_reads_through_the_text_proj_edit(red_acts, tmp_path):
-    """The cascade's cross_kv map equals a cross_kv-only twin probed on a model whose text_proj
-    was really patched (apply), and differs from fitting both sites on the original readings."""
+def _plain(acts):
+    """The capture without the scan's and the --preserve file's roles."""
+    drop = ("scan", "scan_ids", "preserve")
+    return replace(
+        acts,
+        concept={k: v for k, v in acts.concept.items() if k != "scan"},
+        groups=tuple(
+            replace(g, roles={r: p for r, p in g.roles.items() if r not in drop})
+            for g in acts.groups
+        ),
+    )
+
+
+def _patched_capture(delta, tmp_path):
+    """What cross_kv reads on a model whose text_proj was really patched (apply) with DELTA's
+    text_proj entry, and that model's weight reader."""
     from patcher import apply_delta
     from patcher.vud.delta import Delta, write_delta
 
-    acts, w = red_acts
-    plain = replace(acts, concept={k: v for k, v in acts.concept.items() if k != "scan"})
-    groups = tuple(
-        replace(
-            g, roles={r: p for r, p in g.roles.items() if r not in ("scan", "scan_ids", "preserve")}
-        )
-        for g in acts.groups
-    )
-    plain = replace(plain, groups=groups)
-    cas = build(plain, ProbeParams(method="twin", cascade=True), w).delta
-    both = build(plain, ProbeParams(method="twin"), w).delta
-    tp = [e for e in cas.entries if "linear_1" in e.key]
-    assert len(tp) == 1 and cas.method["cascade"] is True
+    tp = [e for e in delta.entries if "linear_1" in e.key]
+    assert len(tp) == 1
     part = tmp_path / "tp.vud"
-    write_delta(part, Delta(tp, cas.concept, cas.method, cas.versions))
+    write_delta(part, Delta(tp, delta.concept, delta.method, delta.versions))
     patched = tmp_path / "patched"
     apply_delta(MODEL, part, patched)
     opt = CaptureOptions(sites=("cross_kv",), device="cpu", token_roles=True)
     w2 = WeightReader(open_model(patched, opt))
-    ref = build(capture(w2.source, RED, opt, w2), ProbeParams(method="twin"), w2).delta
+    return capture(w2.source, RED, opt, w2), w2
+
+
+def test_cascade_fits_cross_kv_on_what_it_reads_through_the_text_proj_edit(red_acts, tmp_path):
+    """The cascade's cross_kv map equals a cross_kv-only twin probed on a model whose text_proj
+    was really patched (apply), and differs from fitting both sites on the original readings."""
+    acts, w = red_acts
+    plain = _plain(acts)
+    cas = build(plain, ProbeParams(method="twin", cascade=True), w).delta
+    both = build(plain, ProbeParams(method="twin"), w).delta
+    assert cas.method["cascade"] is True
+    through, w2 = _patched_capture(cas, tmp_path)
+    ref = build(through, ProbeParams(method="twin"), w2).delta
     key = "transformer/blocks.2.attn2.to_v.weight"
     D = {e.key: e.U @ e.V.T for e in cas.entries}[key]
     R = {e.key: e.U @ e.V.T for e in ref.entries}[key]
@@ -135,32 +149,15 @@ def test_cascade_repair_fits_through_the_edit_toward_the_original_readings(red_a
     """--cascade-repair: the cross_kv map takes what cross_kv reads through the real text_proj
     edit (a model patched by apply) to the original model's readings (the twin's; each preserved
     prompt's own), so it brings the neutral prompts back where the carried cascade keeps them moved."""
-    from patcher import apply_delta
     from patcher.erasure.twin import twin_edit
     from patcher.probe.build import _with_ids
-    from patcher.vud.delta import Delta, write_delta
 
     acts, w = red_acts
-    plain = replace(acts, concept={k: v for k, v in acts.concept.items() if k != "scan"})
-    keep = ("scan", "scan_ids", "preserve")
-    plain = replace(
-        plain,
-        groups=tuple(
-            replace(g, roles={r: p for r, p in g.roles.items() if r not in keep})
-            for g in acts.groups
-        ),
-    )
+    plain = _plain(acts)
     rep = build(plain, ProbeParams(method="twin", cascade=True, cascade_repair=True), w).delta
     car = build(plain, ProbeParams(method="twin", cascade=True), w).delta
     assert rep.method["cascade_repair"] is True and "cascade_repair" not in car.method
-    tp = [e for e in rep.entries if "linear_1" in e.key]
-    part = tmp_path / "tp.vud"
-    write_delta(part, Delta(tp, rep.concept, rep.method, rep.versions))
-    patched = tmp_path / "patched"
-    apply_delta(MODEL, part, patched)
-    opt = CaptureOptions(sites=("cross_kv",), device="cpu", token_roles=True)
-    w2 = WeightReader(open_model(patched, opt))
-    through = capture(w2.source, RED, opt, w2).groups[0]
+    through = _patched_capture(rep, tmp_path)[0].groups[0]
     before = plain.groups[1]
     assert before.site == "cross_kv"
 
