@@ -5,7 +5,8 @@
     python benchmarks/twin_variants.py pair VARIANT red blue        # two concepts, one merged delta
 
 Every variant is the same command for every concept (no per-concept option). `run` writes
-benchmarks/results/eval_twin_<variant>_<concept>.json (`vpatch eval --seeds 2 --steps 16 --json`)
+benchmarks/results/eval_twin_<variant>_<concept>[_seedsN].json (`vpatch eval --seeds N --steps 16
+--json`, N = 2 unless --seeds; the suffix only when N is not 2)
 and the delta and contact sheet to /tmp/vpatch-twin-variants/. `table` counts, per concept, the six targets of the
 pre-registered selection rule: as twin >= 95%, gap closed >= 0.90, colour-free white >= 95% with
 |dsat| <= 0.05, other colours max |dhue| <= 3 deg, max |dvalue| <= 0.03, texture within 1.25x.
@@ -92,7 +93,8 @@ def run(variant: str, concepts: list[str], seeds: int = 2) -> None:
         delta = WORK / f"{variant}_{c}.vud"
         probe = [*cli, "probe", str(MODEL), "-c", recipe, "-o", str(delta), "--method", "twin"]
         subprocess.run([*probe, *VARIANTS[variant], "--overwrite", "-q"], check=True, cwd=ROOT)
-        out = _eval(recipe, delta, WORK / f"sheet_{variant}_{c}_seeds{seeds}.png", seeds)
+        tail = "" if seeds == 2 else f"_seeds{seeds}"
+        out = _eval(recipe, delta, WORK / f"sheet_{variant}_{c}{tail}.png", seeds)
         report_path(variant, c, seeds).write_text(out)
         print(f"{variant} {c}: {report_path(variant, c, seeds).name}", flush=True)
 
@@ -189,6 +191,8 @@ def main() -> None:
     t.add_argument("variants", nargs="*", default=list(VARIANTS))
     t.add_argument("--seeds", type=int, default=2, help="read the reports of this many seeds")
     a = ap.parse_args()
+    if getattr(a, "seeds", 2) < 1:
+        ap.error("--seeds: at least 1")
     if a.cmd == "run":
         run(a.variant, a.concepts, a.seeds)
     elif a.cmd == "pair":

@@ -1,5 +1,6 @@
 """The twin-map erasure math on planted directions (patcher/erasure/twin.py)."""
 
+import pytest
 import torch
 
 from patcher.erasure import twin
@@ -134,6 +135,8 @@ def test_twin_edit_maps_preserved_rows_back_to_their_originals():
     e = float((empty_moved.double() @ M.T - empty.double()).norm() / empty.norm())
     assert e < 0.1 * float((empty_moved - empty).norm() / empty.norm())
     assert info["preserve_change"] < 0.1 * left  # measured against the originals
+    with pytest.raises(ValueError, match="anchors"):  # anchors given, their originals not
+        twin.twin_edit(unsafe, safe, moved, pad, twin.TwinParams(), None, empty_moved, (orig, None))
     # without originals the same rows are kept where the edit left them
     op2, _ = twin.twin_edit(unsafe, safe, moved, pad, twin.TwinParams(beta=50.0))
     M2 = op2.matrix().double()

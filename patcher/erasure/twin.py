@@ -269,14 +269,17 @@ def twin_edit(
         keep = pad.double()
     if anchors is not None and anchors.shape[0]:  # weigh as much as all other preserved tokens
         reps = max(1, n // anchors.shape[0])
-        to = anchors if originals is None or originals[1] is None else originals[1]
+        if originals is not None and originals[1] is None:
+            raise ValueError("anchors read through an upstream edit need their original readings")
+        to = anchors if originals is None else originals[1]
         if to.shape != anchors.shape:
             raise ValueError("the anchors' original readings do not match them row for row")
         Xp = torch.cat([Xp, anchors.double().repeat(reps, 1)])
         Yp = torch.cat([Yp, to.double().repeat(reps, 1)])
     null = None
     if params.null:
-        null, _ = concept_null_space(Xe_ - Te_, Xp, params.null)
+        # the projector acts on M's outputs, where the preserved rows land at their targets
+        null, _ = concept_null_space(Xe_ - Te_, Yp, params.null)
     M = twin_map(
         Xe_, Te_, Xp, params.beta, params.ridge, null, keep, None if originals is None else Yp
     )

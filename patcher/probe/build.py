@@ -436,6 +436,7 @@ def build(
             for f, on in (
                 ("--scan", p.scan),
                 ("--cascade", p.cascade),
+                ("--cascade-repair", p.cascade_repair),
                 ("--anchor-empty", p.anchor_empty),
             )
             if on
