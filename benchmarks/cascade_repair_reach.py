@@ -56,13 +56,7 @@ def main() -> None:
         M2 = second.strength * second.P.double() @ second.V.double().T
         cells = []
         for label, prompts in sets.items():
-            t = tok(
-                prompts,
-                padding="max_length",
-                max_length=organism.MAX_TOKENS,
-                truncation=True,
-                return_tensors="pt",
-            )
+            t = organism.tokens(tok, prompts)
             m = t.attention_mask.bool()
             E = organism.encode(tok, enc, prompts)
             X0 = te(E)[m].double()

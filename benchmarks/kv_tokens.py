@@ -23,14 +23,8 @@ sys.path.insert(0, str(ROOT))
 from patcher import organism  # noqa: E402
 from patcher.vud.delta import read_delta  # noqa: E402
 
-TEMPLATES = [
-    "a {c} ball moving up",
-    "the box is {c} and it moves up",
-    "{c} stick going left",
-    "a sphere colored {c} moving left",
-    "moving down , the {c} square",
-    "a {c} rod moving right",
-]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from twin_reach import TEMPLATES  # noqa: E402  (the six templates the pairs do not use)
 
 
 def main() -> None:
@@ -47,13 +41,7 @@ def main() -> None:
 
     def kv(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         x = tr.condition_embedder.text_embedder(organism.encode(tok, enc, prompts))
-        mask = tok(
-            prompts,
-            padding="max_length",
-            max_length=organism.MAX_TOKENS,
-            truncation=True,
-            return_tensors="pt",
-        ).attention_mask.bool()
+        mask = organism.tokens(tok, prompts).attention_mask.bool()
         return torch.cat([m(x) for m in kv_mods], -1).double(), mask
 
     def pooled(K: torch.Tensor, m: torch.Tensor) -> torch.Tensor:

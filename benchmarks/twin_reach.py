@@ -69,13 +69,7 @@ def main() -> None:
 
     def readings(c: str, word_only: bool) -> torch.Tensor:
         ps = [t.format(c=c) for t in TEMPLATES]
-        t = tok(
-            ps,
-            padding="max_length",
-            max_length=organism.MAX_TOKENS,
-            truncation=True,
-            return_tensors="pt",
-        )
+        t = organism.tokens(tok, ps)
         X = te(organism.encode(tok, enc, ps)).double()
         wid = tok.convert_tokens_to_ids(tok.tokenize(c))[0]
         rows = []

@@ -233,11 +233,16 @@ def new_models(seed: int = 0):
     return tok, enc, tr
 
 
-def encode(tok, enc, prompts: list[str]) -> torch.Tensor:
-    """Wan's convention: encoder output at the real tokens, zeros after them."""
-    t = tok(
+def tokens(tok, prompts: list[str]):
+    """The prompts as the encoder reads them: padded to MAX_TOKENS (ids and attention mask)."""
+    return tok(
         prompts, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt"
     )
+
+
+def encode(tok, enc, prompts: list[str]) -> torch.Tensor:
+    """Wan's convention: encoder output at the real tokens, zeros after them."""
+    t = tokens(tok, prompts)
     dev = next(enc.parameters()).device
     mask = t.attention_mask.to(dev)
     h = enc(input_ids=t.input_ids.to(dev), attention_mask=mask).last_hidden_state
