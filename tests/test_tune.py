@@ -274,18 +274,71 @@ def test_the_judge_confirms_among_the_front_and_an_unmeasured_gap_ranks_last(mon
         tune_mod,
         "_judge_candidates",
         lambda *a: [
-            {"judge_gap_closed": gaps[t.number], "concept_left": t.values[0]} for t, _c in a[5]
+            {
+                "judge_gap_closed": gaps[t.number],
+                "concept_left": t.values[0],
+                "drift_over_floor": 0.1,
+            }
+            for t, _c in a[5]
         ],
     )
 
     class Opt:
         max_damage, confirm = 0.25, 3
 
-    chosen, judged = tune_mod._judge_choice(
+    chosen, judged, passed = tune_mod._judge_choice(
         None, None, None, None, "tokens", None, pareto, pareto[0], Opt, print
     )
-    assert len(judged) == 3  # the over-budget trial is never sampled
+    assert len(judged) == 3 and passed  # the over-budget trial is never sampled
     assert chosen.number == 1  # gap 0.0 beats -0.1, and the unmeasured gap (None) ranks last
+
+
+def test_the_judge_rejects_candidates_whose_sampled_drift_breaks_the_budget(monkeypatch):
+    """Sampled drift over the seed floor above --max-damage rejects a candidate (its cheap damage
+    was within); the judge goes on down the front, least concept left first, until --confirm pass
+    or 3 x --confirm were sampled; with none passing, the least drift is chosen and said."""
+    import patcher.tune as tune_mod
+
+    class T:
+        def __init__(self, n, left):
+            self.number, self.values = n, (left, 0.2)
+            self.user_attrs = {"candidate": {"site": "cross_kv", "method": "mean", "strength": 1.0}}
+
+    pareto = [T(n, 0.1 * (n + 1)) for n in range(8)]
+    drift = {0: 0.34, 1: 0.33, 2: 0.2, 3: 0.5, 4: 0.1, 5: 0.1, 6: 0.1, 7: 0.1}
+    gaps = {n: 0.9 - 0.01 * n for n in range(8)}
+    gaps[4] = 0.95  # the best gap among those that pass
+    sampled: list[int] = []
+
+    def fake(*a):
+        sampled.extend(t.number for t, _c in a[5])
+        return [
+            {
+                "judge_gap_closed": gaps[t.number],
+                "concept_left": t.values[0],
+                "drift_over_floor": drift[t.number],
+            }
+            for t, _c in a[5]
+        ]
+
+    monkeypatch.setattr(tune_mod, "_judge_candidates", fake)
+
+    class Opt:
+        max_damage, confirm = 0.25, 2
+
+    chosen, judged, passed = tune_mod._judge_choice(
+        None, None, None, None, "tokens", None, pareto, pareto[0], Opt, print
+    )
+    assert sampled == [0, 1, 2, 3, 4]  # stops once 2 passed (trials 2 and 4)
+    assert [j["passed"] for j in judged] == [False, False, True, False, True]
+    assert chosen.number == 4 and passed  # 0 and 1 had larger gaps but broke the budget
+    drift.update({n: 0.3 + 0.01 * n for n in range(8)})
+    sampled.clear()
+    chosen, judged, passed = tune_mod._judge_choice(
+        None, None, None, None, "tokens", None, pareto, pareto[0], Opt, print
+    )
+    assert sampled == [0, 1, 2, 3, 4, 5]  # at most 3 x --confirm
+    assert chosen.number == 0 and not passed  # none passed: the least drift
 
 
 def test_tune_with_the_organism_judge_in_the_loop(tmp_path):
@@ -296,10 +349,16 @@ def test_tune_with_the_organism_judge_in_the_loop(tmp_path):
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)
     judged = rep["judged"]
-    assert 1 <= len(judged) <= 2 and all(j["judge_gap_closed"] is not None for j in judged)
-    best = max(judged, key=lambda j: (j["judge_gap_closed"], -j["concept_left"]))
+    assert 1 <= len(judged) <= 6 and all(j["judge_gap_closed"] is not None for j in judged)
+    ok = [j for j in judged if j["passed"]]
+    assert all((j["drift_over_floor"] <= 0.25) == j["passed"] for j in judged)
+    if ok:
+        best = max(ok, key=lambda j: (j["judge_gap_closed"], -j["concept_left"]))
+    else:
+        best = min(judged, key=lambda j: j["drift_over_floor"])
     assert rep["chosen"]["trial"] == best["trial"]
-    assert read_delta(out).method["tune"]["judge"] == "organism"
+    rec = read_delta(out).method["tune"]
+    assert rec["judge"] == "organism" and rec["judge_within_budget"] == bool(ok)
 
 
 def test_damage_is_real_on_colours_the_fit_never_preserved():

@@ -45,10 +45,17 @@ from .common import _user_errors, err, main
     help="Prompts held for validation.",
 )
 @click.option(
-    "--judge", help="Confirm the best candidates by sampling with this eval judge (organism, clip)."
+    "--judge",
+    help="Confirm the best candidates by sampling the validation prompts with this eval judge "
+    "(organism, clip): the largest twin gap closed wins, and a candidate whose sampled drift over "
+    "the seed floor exceeds --max-damage is rejected.",
 )
 @click.option(
-    "--confirm", type=int, default=3, show_default=True, help="Candidates the judge samples."
+    "--confirm",
+    type=int,
+    default=3,
+    show_default=True,
+    help="Candidates the judge must pass (it samples at most 3x this many, least concept left first).",
 )
 @click.option("--clip-model", help="CLIP model for --judge clip.")
 @click.option("--no-refit", is_flag=True, help="Keep the delta fitted on the fit prompts only.")
@@ -192,9 +199,14 @@ def tune_cmd(
     err.print(t)
     for j in r.judged:
         err.print(
-            f"judge: trial {j['trial']}: gap closed {j['judge_gap_closed']}, drift/floor {j['drift_over_floor']}"
+            f"judge: trial {j['trial']}: gap closed {j['judge_gap_closed']}, drift/floor "
+            f"{j['drift_over_floor']}" + ("" if j.get("passed", True) else " (over the budget)")
         )
-    if not r.record["within_budget"]:
+    if r.record.get("judge_within_budget") is False:
+        err.print(
+            f"no sampled candidate drifted within --max-damage {max_damage}; chose the least drifting"
+        )
+    elif not r.record["within_budget"]:
         err.print(f"no trial within --max-damage {max_damage}; chose the least damaging one")
     err.print(f"report {r.report}, plot {r.plot}, study {r.study}")
     click.echo(r.delta)

@@ -373,20 +373,43 @@ def _reach_pairs(con: Concept, split: Split, words: list[str], own: list[str]):
 
 
 def _judge_choice(model, con, split, fits, pooling, weights, pareto, chosen, opt, say, reach=()):
-    """Prune with the cheap objectives, confirm with the judge: the best --confirm front trials within
-    the budget are sampled and the one with the largest twin gap closed (judge space) wins, the
-    cheap concept left breaking ties. A gap the judge could not measure ranks last."""
-    pool = sorted((t for t in pareto if t.values[1] <= opt.max_damage), key=lambda t: t.values[0])[
-        : opt.confirm
-    ] or [chosen]
-    cands = [(t, candidate_of(t.user_attrs["candidate"], pooling)) for t in pool]
-    judged = _judge_candidates(model, con, split, fits, weights, cands, opt, say, reach)
+    """Prune with the cheap objectives, confirm with the judge: front trials within the budget are
+    sampled, least concept left first. The judge holds the budget too: a candidate whose sampled
+    drift over the seed floor (what damage estimates) exceeds --max-damage is rejected, and the
+    next is sampled, until --confirm pass or 3 x --confirm were sampled. Of those that pass, the
+    largest twin gap closed (judge space) wins, the cheap concept left breaking ties (a gap the
+    judge could not measure ranks last); if none passes, the least drift. Returns (trial, judged,
+    whether the chosen one passed)."""
+    pool = sorted(
+        (t for t in pareto if t.values[1] <= opt.max_damage), key=lambda t: t.values[0]
+    ) or [chosen]
+    picked: list = []
+    judged: list[dict] = []
+    for t in pool[: 3 * opt.confirm]:
+        cand = candidate_of(t.user_attrs["candidate"], pooling)
+        row = _judge_candidates(model, con, split, fits, weights, [(t, cand)], opt, say, reach)[0]
+        drift = row["drift_over_floor"]
+        row["passed"] = drift is not None and drift <= opt.max_damage
+        if not row["passed"]:
+            say(f"trial {t.number}: sampled drift {drift} over the budget {opt.max_damage}")
+        picked.append(t)
+        judged.append(row)
+        if sum(r["passed"] for r in judged) >= opt.confirm:
+            break
+    ok = [i for i, r in enumerate(judged) if r["passed"]]
 
     def rank(i: int) -> tuple[float, float]:
         gap = judged[i]["judge_gap_closed"]
         return (-math.inf if gap is None else gap, -judged[i]["concept_left"])
 
-    return pool[max(range(len(judged)), key=rank)], judged
+    if ok:
+        return picked[max(ok, key=rank)], judged, True
+
+    def drift(i: int) -> float:
+        d = judged[i]["drift_over_floor"]
+        return math.inf if d is None else d
+
+    return picked[min(range(len(judged)), key=drift)], judged, False
 
 
 def _build_chosen(acts, fits, weights, chosen, pooling, opt, out, say):
@@ -563,11 +586,13 @@ def tune(
     pareto = front(study)
     chosen, within = choose(pareto, opt.max_damage)
     judged: list[dict] = []
+    passed = None
     t2 = time.perf_counter()
     if opt.judge:
-        chosen, judged = _judge_choice(
+        chosen, judged, passed = _judge_choice(
             model, con, split, val.fits, pooling, weights, pareto, chosen, opt, say, val.reach
         )
+        within = within and passed
     t_judge = time.perf_counter() - t2
 
     built, refit_refused = _build_chosen(
@@ -594,6 +619,8 @@ def tune(
         "preserve": setup.get("preserve"),
         "chosen": {**_trial_row(chosen)},
         "judge": opt.judge,
+        # with a judge: whether the chosen candidate's sampled drift kept the budget
+        "judge_within_budget": passed,
         "refit": opt.refit and refit_refused is None,
         "refit_refused": refit_refused,
         # the written delta is refitted on every recipe prompt, validation ones included: in-sample
