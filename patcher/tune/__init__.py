@@ -125,10 +125,13 @@ def _trial_row(t) -> dict:
     }
 
 
-def _judge_candidates(model, con: Concept, split: Split, fits, weights, cands, opt, say, reach=()):
+def _judge_candidates(
+    model, con: Concept, split: Split, fits, weights, cands, opt, say, reach=(), cache=None
+):
     """Sample the candidates on the validation prompts (never the held-out sets; REACH: the
     validation pairs with the reach words, as the cheap objectives read them) and score them with
-    the eval machinery: twin gap closed (judge space) and drift over the seed floor."""
+    the eval machinery: twin gap closed (judge space) and drift over the seed floor. CACHE: the
+    eval's cache (the original model's clips), shared across calls."""
     from ..evaluation.core import EvalOptions, evaluate
     from ..evaluation.prompts import PromptSet
 
@@ -145,7 +148,7 @@ def _judge_candidates(model, con: Concept, split: Split, fits, weights, cands, o
 
     eopt = EvalOptions(seeds=opt.judge_seeds, judge=opt.judge, clip_model=opt.clip_model)
     out = []
-    cache: dict = {}
+    cache = {} if cache is None else cache
     with tempfile.TemporaryDirectory(prefix="vpatch-tune-") as tmp:
         for t, cand in cands:
             d = build(fits[cand.site], cand.params, weights).delta
@@ -385,9 +388,12 @@ def _judge_choice(model, con, split, fits, pooling, weights, pareto, chosen, opt
     ) or [chosen]
     picked: list = []
     judged: list[dict] = []
+    cache: dict = {}  # the original model's clips, sampled once for every candidate
     for t in pool[: 3 * opt.confirm]:
         cand = candidate_of(t.user_attrs["candidate"], pooling)
-        row = _judge_candidates(model, con, split, fits, weights, [(t, cand)], opt, say, reach)[0]
+        row = _judge_candidates(
+            model, con, split, fits, weights, [(t, cand)], opt, say, reach, cache
+        )[0]
         drift = row["drift_over_floor"]
         row["passed"] = drift is not None and drift <= opt.max_damage
         if not row["passed"]:
