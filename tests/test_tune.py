@@ -304,7 +304,7 @@ def test_the_judge_rejects_candidates_whose_sampled_drift_breaks_the_budget(monk
             self.number, self.values = n, (left, 0.2)
             self.user_attrs = {"candidate": {"site": "cross_kv", "method": "mean", "strength": 1.0}}
 
-    pareto = [T(n, 0.1 * (n + 1)) for n in range(8)]
+    pareto = [T(n, 0.1 * (n + 1)) for n in (5, 2, 7, 0, 3, 6, 1, 4)]  # any order: sorted by left
     drift = {0: 0.34, 1: 0.33, 2: 0.2, 3: 0.5, 4: 0.1, 5: 0.1, 6: 0.1, 7: 0.1}
     gaps = {n: 0.9 - 0.01 * n for n in range(8)}
     gaps[4] = 0.95  # the best gap among those that pass
@@ -327,18 +327,51 @@ def test_the_judge_rejects_candidates_whose_sampled_drift_breaks_the_budget(monk
         max_damage, confirm = 0.25, 2
 
     chosen, judged, passed = tune_mod._judge_choice(
-        None, None, None, None, "tokens", None, pareto, pareto[0], Opt, print
+        None, None, None, None, "tokens", None, pareto, pareto[3], Opt, print
     )
     assert sampled == [0, 1, 2, 3, 4]  # stops once 2 passed (trials 2 and 4)
     assert [j["passed"] for j in judged] == [False, False, True, False, True]
     assert chosen.number == 4 and passed  # 0 and 1 had larger gaps but broke the budget
     drift.update({n: 0.3 + 0.01 * n for n in range(8)})
+    drift[3] = 0.26  # the least drift, neither first, nor least concept left, nor best gap
+    drift[0] = float("nan")  # not measured: neither passes nor counts as the least
     sampled.clear()
     chosen, judged, passed = tune_mod._judge_choice(
-        None, None, None, None, "tokens", None, pareto, pareto[0], Opt, print
+        None, None, None, None, "tokens", None, pareto, pareto[3], Opt, print
     )
     assert sampled == [0, 1, 2, 3, 4, 5]  # at most 3 x --confirm
-    assert chosen.number == 0 and not passed  # none passed: the least drift
+    assert chosen.number == 3 and not passed  # none passed: the least drift
+    assert not judged[0]["passed"]
+
+
+def test_tune_says_when_the_judge_rejected_every_candidate(tmp_path, monkeypatch):
+    """The CLI says it (stderr) and the record keeps the cheap budget apart from the judge's."""
+    import patcher.tune as tune_mod
+
+    def fake(*a):
+        return [
+            {
+                **tune_mod._trial_row(t),
+                "judge_gap_closed": 0.5,
+                "judge_space": "judge",
+                "drift_over_floor": 0.9,
+            }
+            for t, _c in a[5]
+        ]
+
+    monkeypatch.setattr(tune_mod, "_judge_candidates", fake)
+    out = tmp_path / "j.vud"
+    args = ["tune", str(MODEL), "-c", str(RED), "-o", str(out), "--trials", "3"]
+    args += ["--sites", "cross_kv", "--methods", "twin", "--judge", "organism", "--confirm", "1"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert "no sampled candidate drifted within --max-damage 0.25" in r.stderr
+    assert "drift 0.900, over the budget" in r.stderr and "(over the budget)" in r.stderr
+    rec = read_delta(out).method["tune"]
+    assert rec["judge_within_budget"] is False
+    assert rec["within_budget"] is True  # the cheap objectives' budget: met
+    rep = json.loads(out.with_suffix(".tune.json").read_text())
+    assert rep["judged"] and all(not j["passed"] for j in rep["judged"])
 
 
 def test_tune_with_the_organism_judge_in_the_loop(tmp_path):

@@ -55,7 +55,8 @@ from .common import _user_errors, err, main
     type=int,
     default=3,
     show_default=True,
-    help="Candidates the judge must pass (it samples at most 3x this many, least concept left first).",
+    help="Candidates that must pass the judge: it samples front trials within the budget, least "
+    "concept left first, until this many pass, 3x this many were sampled or none is left.",
 )
 @click.option("--clip-model", help="CLIP model for --judge clip.")
 @click.option("--no-refit", is_flag=True, help="Keep the delta fitted on the fit prompts only.")
@@ -202,11 +203,11 @@ def tune_cmd(
             f"judge: trial {j['trial']}: gap closed {j['judge_gap_closed']}, drift/floor "
             f"{j['drift_over_floor']}" + ("" if j.get("passed", True) else " (over the budget)")
         )
+    if not r.record["within_budget"]:
+        err.print(f"no trial within --max-damage {max_damage}; chose the least damaging one")
     if r.record.get("judge_within_budget") is False:
         err.print(
             f"no sampled candidate drifted within --max-damage {max_damage}; chose the least drifting"
         )
-    elif not r.record["within_budget"]:
-        err.print(f"no trial within --max-damage {max_damage}; chose the least damaging one")
     err.print(f"report {r.report}, plot {r.plot}, study {r.study}")
     click.echo(r.delta)

@@ -3,9 +3,9 @@
 One capture (every candidate site, with the token roles the twin map needs), then an Optuna
 multi-objective study whose trials only *build* deltas from the fit half of that capture and score
 them with two cheap objectives on the validation half (objectives.py): concept left and damage.
-The chosen trial is the least concept left within the user's damage budget; with a judge, the best
-few candidates are also sampled and scored by the eval machinery, and the judge decides among
-them. The chosen parameters are rebuilt on all of the recipe's prompts (``refit``) and written with
+The chosen trial is the least concept left within the user's damage budget; with a judge, front
+candidates are also sampled and scored by the eval machinery, the judge rejects those whose sampled
+drift breaks the budget and decides among the rest. The chosen parameters are rebuilt on all of the recipe's prompts (``refit``) and written with
 the search record in the delta's method metadata (``method["tune"]``).
 """
 
@@ -48,7 +48,7 @@ class TuneOptions:
     study: Path | None = None  # SQLite file; default OUT with suffix .tune.db
     study_name: str | None = None  # default "<concept>@<family>"
     judge: str | None = None  # organism | clip | ...: confirm the best candidates by sampling
-    confirm: int = 3  # how many candidates the judge samples
+    confirm: int = 3  # how many sampled candidates must pass the judge (it samples at most 3x)
     judge_seeds: int = 2
     refit: bool = True  # rebuild the chosen parameters on every recipe prompt
     capture: CaptureOptions = field(default_factory=CaptureOptions)
@@ -394,10 +394,11 @@ def _judge_choice(model, con, split, fits, pooling, weights, pareto, chosen, opt
         row = _judge_candidates(
             model, con, split, fits, weights, [(t, cand)], opt, say, reach, cache
         )[0]
-        drift = row["drift_over_floor"]
-        row["passed"] = drift is not None and drift <= opt.max_damage
+        drift = _finite(row["drift_over_floor"], math.inf)
+        row["passed"] = drift <= opt.max_damage
         if not row["passed"]:
-            say(f"trial {t.number}: sampled drift {drift} over the budget {opt.max_damage}")
+            said = "not measured" if drift == math.inf else f"{drift:.3f}, over the budget"
+            say(f"trial {t.number}: sampled drift {said} ({opt.max_damage})")
         picked.append(t)
         judged.append(row)
         if sum(r["passed"] for r in judged) >= opt.confirm:
@@ -405,17 +406,17 @@ def _judge_choice(model, con, split, fits, pooling, weights, pareto, chosen, opt
     ok = [i for i, r in enumerate(judged) if r["passed"]]
 
     def rank(i: int) -> tuple[float, float]:
-        gap = judged[i]["judge_gap_closed"]
-        return (-math.inf if gap is None else gap, -judged[i]["concept_left"])
+        return (_finite(judged[i]["judge_gap_closed"], -math.inf), -judged[i]["concept_left"])
 
     if ok:
         return picked[max(ok, key=rank)], judged, True
+    least = min(range(len(judged)), key=lambda i: _finite(judged[i]["drift_over_floor"], math.inf))
+    return picked[least], judged, False
 
-    def drift(i: int) -> float:
-        d = judged[i]["drift_over_floor"]
-        return math.inf if d is None else d
 
-    return picked[min(range(len(judged)), key=drift)], judged, False
+def _finite(v, default: float) -> float:
+    """V, or DEFAULT where the eval could not measure it (None or NaN)."""
+    return v if v is not None and math.isfinite(v) else default
 
 
 def _build_chosen(acts, fits, weights, chosen, pooling, opt, out, say):
@@ -598,7 +599,6 @@ def tune(
         chosen, judged, passed = _judge_choice(
             model, con, split, val.fits, pooling, weights, pareto, chosen, opt, say, val.reach
         )
-        within = within and passed
     t_judge = time.perf_counter() - t2
 
     built, refit_refused = _build_chosen(
