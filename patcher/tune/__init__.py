@@ -5,8 +5,9 @@ multi-objective study whose trials only *build* deltas from the fit half of that
 them with two cheap objectives on the validation half (objectives.py): concept left and damage.
 The chosen trial is the least concept left within the user's damage budget; with a judge, front
 candidates are also sampled and scored by the eval machinery, the judge rejects those whose sampled
-drift breaks the budget and decides among the rest. The chosen parameters are rebuilt on all of the recipe's prompts (``refit``) and written with
-the search record in the delta's method metadata (``method["tune"]``).
+drift breaks the budget and decides among the rest. The chosen parameters are rebuilt on all of
+the recipe's prompts (``refit``) and written with the search record in the delta's method metadata
+(``method["tune"]``).
 """
 
 from __future__ import annotations
