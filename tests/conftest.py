@@ -160,3 +160,20 @@ def bf16_model(tmp_path):
     save_file(t, p, metadata={"format": "pt", "note": "keep me"})
     d = make_delta(tmp_path / "red.vud", t)
     return p, tmp_path / "red.vud", t, d
+
+
+@pytest.fixture(scope="session")
+def red_tune():
+    """The organism's red recipe captured at text_proj and cross_kv with the twin's token roles,
+    and tune's content split of it: (concept, activations, weight reader, split)."""
+    from patcher.families.recipes import load_concept
+    from patcher.probe import CaptureOptions, WeightReader, capture, open_model
+    from patcher.tune.split import Split
+
+    root = Path(__file__).resolve().parents[1] / "examples" / "organism"
+    con = load_concept(root / "red.toml")
+    opt = CaptureOptions(sites=("text_proj", "cross_kv"), token_roles=True)
+    src = open_model(root / "model", opt)
+    w = WeightReader(src)
+    acts = capture(src, con, opt, w)
+    return con, acts, w, Split.of([p.unsafe for p in con.pairs], con.neutral)

@@ -65,17 +65,6 @@ def test_split_is_by_content_and_deterministic():
         Split.of(["only one"], n)
 
 
-@pytest.fixture(scope="module")
-def red():
-    con = load_concept(RED)
-    opt = CaptureOptions(sites=("text_proj", "cross_kv"), token_roles=True)
-    src = open_model(MODEL, opt)
-    w = WeightReader(src)
-    acts = capture(src, con, opt, w)
-    sp = Split.of([p.unsafe for p in con.pairs], con.neutral)
-    return con, acts, w, sp
-
-
 def _fit(red, site, p):
     con, acts, w, sp = red
     return build_delta(subset(acts, (site,), sp.fit_pairs, sp.fit_neutral), p, w)
@@ -92,8 +81,8 @@ def _sample(delta, prompts):
     return [judge(c) for c in clips]
 
 
-def test_objectives_catch_over_strength_and_over_erasure(red):
-    con, acts, w, sp = red
+def test_objectives_catch_over_strength_and_over_erasure(red_tune):
+    con, acts, w, sp = red_tune
     assert set(sp.val_pairs).isdisjoint(sp.fit_pairs)
     den = OrganismObjectives(
         MODEL,
@@ -101,10 +90,10 @@ def test_objectives_catch_over_strength_and_over_erasure(red):
         [con.neutral[i] for i in sp.val_neutral],
     )
     site = SiteObjectives(acts, sp, w)
-    exact = _fit(red, "text_proj", ProbeParams("cpca", 8, 1.0, 1.0, 1, "tokens"))
-    over = _fit(red, "text_proj", ProbeParams("cpca", 8, 1.0, 1.5, 1, "tokens"))
-    twin = _fit(red, "cross_kv", ProbeParams("twin", strength=1.0))
-    wipe = _fit(red, "cross_kv", ProbeParams("pca", 32, 0.0, 1.0, 16, "tokens"))
+    exact = _fit(red_tune, "text_proj", ProbeParams("cpca", 8, 1.0, 1.0, 1, "tokens"))
+    over = _fit(red_tune, "text_proj", ProbeParams("cpca", 8, 1.0, 1.5, 1, "tokens"))
+    twin = _fit(red_tune, "cross_kv", ProbeParams("twin", strength=1.0))
+    wipe = _fit(red_tune, "cross_kv", ProbeParams("pca", 32, 0.0, 1.0, 16, "tokens"))
     d_exact, d_over, d_twin, d_wipe = (den(x) for x in (exact, over, twin, wipe))
     s_exact, s_over, s_twin, s_wipe = (site(x) for x in (exact, over, twin, wipe))
     # over-strength: λ = 1.5 flips the component; both levels see more of the concept left
@@ -139,8 +128,8 @@ def _study(tmp_path, name, seed):
     )
 
 
-def test_same_seed_same_trials_and_the_study_resumes(red, tmp_path):
-    con, acts, w, sp = red
+def test_same_seed_same_trials_and_the_study_resumes(red_tune, tmp_path):
+    con, acts, w, sp = red_tune
     sites = ["text_proj", "cross_kv"]
     fits = {s: subset(acts, (s,), sp.fit_pairs, sp.fit_neutral) for s in sites}
     obj = SiteObjectives(acts, sp, w)

@@ -211,7 +211,7 @@ def test_a_study_resumes_with_the_same_scan_and_refuses_another(tmp_path):
         assert r.exit_code == 2 and "another setup" in r.output, r.output
 
 
-def test_cascade_pairs_and_anchor_empty_are_searched(tmp_path):
+def test_cascade_pairs_and_anchor_empty_are_searched(tmp_path, red_tune):
     """--cascade adds the linked site pair as one choice, built as probe --cascade builds it and
     scored with the edit applied as a whole (denoiser level); only twin trials take the pair;
     --anchor-empty is drawn by twin trials."""
@@ -243,12 +243,7 @@ def test_cascade_pairs_and_anchor_empty_are_searched(tmp_path):
     ]
     assert mean_pair and all(t.state == optuna.trial.TrialState.PRUNED for t in mean_pair)
     # a combined trial's scores are those of probe --cascade's delta from the same fit half
-    con = load_concept(RED)
-    opt = CaptureOptions(sites=("text_proj", "cross_kv"), token_roles=True)
-    src = open_model(MODEL, opt)
-    w = WeightReader(src)
-    acts = capture(src, con, opt, w)
-    sp = Split.of([p.unsafe for p in con.pairs], con.neutral)
+    con, acts, w, sp = red_tune
     t = both[0]
     p = candidate_of(t.user_attrs["candidate"], "tokens").params
     assert p.cascade and p.method == "twin"
