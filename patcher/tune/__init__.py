@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..errors import DeltaError, ProbeError, VpatchError
 from ..families.recipes import Concept, Family, load_concept
-from ..probe.build import METHODS, TWIN, build
+from ..probe.build import METHODS, TWIN, build, cascade_pairs, may_cascade
 from ..probe.capture import CaptureOptions, capture
 from ..probe.sources import ModelSource, WeightReader, open_model, resolve_family
 from ..vud.delta import _check_entries, versions, write_delta
@@ -245,8 +245,6 @@ def _search_space(src: ModelSource, opt: TuneOptions) -> tuple[Family, tuple[str
         if on and "twin" not in methods:
             raise TuneError(f"{flag} is an option of the twin edit: include twin in --methods")
     if opt.cascade:
-        from ..probe.build import may_cascade
-
         if not any(may_cascade(fam, a, b) for a in sites for b in sites if a != b):
             raise TuneError(
                 "--cascade links two searched sites, one read through the other's edited weight: "
@@ -329,7 +327,6 @@ def _reach(fits: dict, sites, weights, pooling: str, scan: int, say):
     """The reach words (those the vocabulary scan picks at any searched site, read on the fit
     pairs alone: one fixed set for every trial) and the concept's own words. A site whose twin
     build is refused adds none (its twin trials are refused the same way, as pruned trials)."""
-    from ..probe.build import TWIN
     from ..probe.params import ProbeParams
 
     words: list[str] = []
@@ -350,8 +347,6 @@ def _cascade_choices(acts, fam: Family, opt: TuneOptions, say) -> list[str]:
     """With --cascade, each linked pair of searched sites as one more site choice, ``a+b``."""
     if not opt.cascade:
         return []
-    from ..probe.build import cascade_pairs
-
     pairs = cascade_pairs(acts, fam)
     if not pairs:
         raise TuneError(
