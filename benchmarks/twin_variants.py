@@ -54,6 +54,9 @@ VARIANTS: dict[str, list[str]] = {
     "cascade_repair_scan": [
         *("--layers", "text_proj,cross_kv", "--cascade", "--cascade-repair", "--scan", "64")
     ],
+    # benchmarks/results/scan_keep_prereg.md
+    "scan_keep": ["--layers", "cross_kv", "--scan", "64", "--scan-keep"],
+    "scan_keep_anchor": ["--layers", "cross_kv", "--scan", "64", "--scan-keep", "--anchor-empty"],
 }
 DEFAULT_REPORTS = {
     "red": "eval_twin_red_crosskv.json",

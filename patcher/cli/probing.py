@@ -121,6 +121,13 @@ def _method_options(fn):
             "site reaches this (1: reads as the concept word; 0: as the average word).",
         ),
         click.option(
+            "--scan-keep",
+            is_flag=True,
+            help="twin --scan: the scanned words the rule does not pick (other colours, "
+            "'colored', 'the', ...) are preserved where the concept word sits in each pair, so the "
+            "map may not move them (docs/erasure.md). No extra capture.",
+        ),
+        click.option(
             "--cascade",
             is_flag=True,
             help="twin with several sites: a site whose input is computed from another chosen site's "

@@ -78,6 +78,29 @@ def _slot(x: torch.Tensor, ids: list[int], safe_ids: list[int]) -> torch.Tensor 
     return x[pos].double().mean(0) if pos else None
 
 
+def kept_slots(
+    safe: list[tuple[torch.Tensor, list[int]]],
+    scanned: dict[str, list[tuple[int, torch.Tensor, list[int]]]],
+    picked: tuple[str, ...] | list[str],
+) -> list[torch.Tensor]:
+    """The readings at the concept word's slot of every scanned word the rule did not pick, one
+    tensor (positions, H) per substituted pair: rows the edit must leave as they are.
+
+    The scan already holds them. Words that sit where the concept does but do not read like it
+    (other colours, "colored", "the") are what a map fitted on a few pairs is free to move, and a
+    moved "colored" is measured to tint a clip (docs/erasure.md, "Keeping the words the scan does
+    not pick")."""
+    out = []
+    for w, rows in scanned.items():
+        if w in picked:
+            continue
+        for p, x, ids in rows:
+            pos = concept_positions(ids, safe[p][1])
+            if pos:
+                out.append(x[pos].double())
+    return out
+
+
 def scan_scores(
     unsafe: list[tuple[torch.Tensor, list[int]]],
     safe: list[tuple[torch.Tensor, list[int]]],

@@ -148,16 +148,22 @@ def _scanned(
     g: GroupActivations,
     params: ProbeParams,
     ref: GroupActivations | None = None,
-) -> tuple[list[tuple[torch.Tensor, list[int]]], list[int], dict | None]:
+) -> tuple[
+    list[tuple[torch.Tensor, list[int]]],
+    list[int],
+    dict | None,
+    tuple[list[torch.Tensor], list[torch.Tensor]],
+]:
     """The scanned words that pass the rule at this group, as extra unsafe prompts (readings, ids),
-    the pair each one belongs to, and the scan's record for the delta's metadata (None: no scan).
-    REF: the readings the words are scored on (default G's own; a repairing cascade scores the
-    original readings, so it picks what the site alone would)."""
-    from ..erasure.scan import scan_scores
+    the pair each one belongs to, the scan's record for the delta's metadata (None: no scan), and
+    with ``params.scan_keep`` the unpicked words' slot readings to preserve (G's and REF's, row for
+    row; empty lists otherwise). REF: the readings the words are scored on (default G's own; a
+    repairing cascade scores the original readings, so it picks what the site alone would)."""
+    from ..erasure.scan import kept_slots, scan_scores
     from .capture import SCAN_ROLES
 
     if not params.scan:
-        return [], [], None
+        return [], [], None, ([], [])
     plan = acts.concept.get("scan")
     if not isinstance(plan, dict) or any(r not in g.roles for r in SCAN_ROLES):
         raise ProbeError(
@@ -194,7 +200,15 @@ def _scanned(
         raise ProbeError(f"site {g.site} ({g.input}): vocabulary scan failed: {e}") from None
     extra = [(x, ids) for w in res.picked for _p, x, ids in by_word[w]]
     pair_of = [p for w in res.picked for p, _x, _ids in by_word[w]]
-    return extra, pair_of, res.record()
+    rec = res.record()
+    kept: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+    if params.scan_keep:
+        kept = (
+            kept_slots(_with_ids(g, "safe"), by_word, res.picked),
+            kept_slots(_with_ids(ref, "safe"), scored, res.picked),
+        )
+        rec["kept"] = len([w for w in by_word if w not in res.picked])
+    return extra, pair_of, rec, kept
 
 
 def twin_map(
@@ -255,10 +269,10 @@ def twin_map(
         tp = TwinParams(beta=params.beta, ridge=params.ridge, null=params.null)
         # the twin's reading as the original model gives it (ref is g unless repairing)
         unsafe, safe = _with_ids(g, "unsafe"), _with_ids(ref, "safe")
-        scan_rows, pair_of, scan_rec = _scanned(acts, g, params, ref)
+        scan_rows, pair_of, scan_rec, (slots, slots_as) = _scanned(acts, g, params, ref)
         picked = scan_rec["picked"] if scan_rec else []
-        preserve += _extra_preserved(acts, g, picked)
-        kept_as += _extra_preserved(acts, ref, picked)
+        preserve += _extra_preserved(acts, g, picked) + slots
+        kept_as += _extra_preserved(acts, ref, picked) + slots_as
         unsafe, safe = unsafe + scan_rows, safe + [safe[p] for p in pair_of]
         try:
             anchors = anchors_to = None
@@ -438,6 +452,7 @@ def build(
                 ("--cascade", p.cascade),
                 ("--cascade-repair", p.cascade_repair),
                 ("--anchor-empty", p.anchor_empty),
+                ("--scan-keep", p.scan_keep),
             )
             if on
         ]
@@ -484,6 +499,8 @@ def build(
             method_rec.update(cascade_repair=True)
         if p.anchor_empty:
             method_rec.update(anchor_empty=True)
+        if p.scan_keep:
+            method_rec.update(scan_keep=True)
     return Built(Delta(entries, acts.concept, method_rec, versions()), groups)
 
 

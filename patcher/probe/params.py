@@ -47,6 +47,7 @@ class ProbeParams:
     cascade: bool = False  # a site read through another edited site is fitted through that edit
     cascade_repair: bool = False  # ... with the original readings as its targets (needs cascade)
     anchor_empty: bool = False  # the empty prompt weighs as much as every other preserved token
+    scan_keep: bool = False  # the scanned words the rule does not pick keep their slot's reading
 
     def __post_init__(self) -> None:
         if self.method is not None and self.method not in method_names():
@@ -58,13 +59,15 @@ class ProbeParams:
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ProbeError(f"--{name} {v!r}: {what}, must be a whole number >= 1")
         check_count("--scan", self.scan, "candidate words")
-        for name in ("cascade", "cascade_repair", "anchor_empty"):
+        for name in ("cascade", "cascade_repair", "anchor_empty", "scan_keep"):
             if not isinstance(getattr(self, name), bool):
                 raise ProbeError(
                     f"--{name.replace('_', '-')} {getattr(self, name)!r}: true or false"
                 )
         if self.cascade_repair and not self.cascade:
             raise ProbeError("--cascade-repair: a form of --cascade; give both")
+        if self.scan_keep and not self.scan:
+            raise ProbeError("--scan-keep: keeps the words a --scan did not pick; give --scan N")
         check_count("--null", self.null, "null-space directions")
         for name, low, what in (
             ("alpha", ">= 0", "the neutral contrast α"),
