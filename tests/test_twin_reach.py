@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from patcher.erasure.scan import concept_positions, scan_scores, substitute
+from patcher.erasure.scan import concept_positions, kept_slots, scan_scores, substitute
 from patcher.errors import ProbeError
 from patcher.probe import CaptureOptions, ProbeParams, WeightReader, build, capture, open_model
 
@@ -271,6 +271,7 @@ def test_twin_only_options_are_refused_with_another_method(red_acts):
         ({"cascade": True}, "--cascade"),
         ({"cascade": True, "cascade_repair": True}, "--cascade-repair"),
         ({"anchor_empty": True}, "--anchor-empty"),
+        ({"scan": 4, "scan_keep": True}, "--scan-keep"),
     ):
         with pytest.raises(ProbeError, match=f"{flag}.*cpca"):
             build(one, ProbeParams(method="cpca", **kw), w)
@@ -286,6 +287,8 @@ def test_cli_flags_reach_the_method_and_bad_values_exit_2(tmp_path):
     assert res.exit_code == 2 and "--scan -1" in res.output
     res = CliRunner().invoke(main, [*base, "--method", "twin", "--cascade-repair"])
     assert res.exit_code == 2 and "--cascade-repair" in res.output
+    res = CliRunner().invoke(main, [*base, "--method", "twin", "--scan-keep"])
+    assert res.exit_code == 2 and "--scan-keep" in res.output and "--scan N" in res.output
     res = CliRunner().invoke(
         main, [*base, "--method", "cpca", "--scan", "4", "--layers", "cross_kv"]
     )
@@ -305,6 +308,16 @@ def test_cli_flags_reach_the_method_and_bad_values_exit_2(tmp_path):
     method = read_delta(tmp_path / "x.vud").method
     assert method["scan"] == 64 and method["scan_min"] == 0.6
     assert sorted(method["scan_picked"]["transformer:cross_kv"]["picked"]) == ["crimson", "scarlet"]
+    assert "scan_keep" not in method
+    res = CliRunner().invoke(
+        main,
+        [*base, "--method", "twin", "--layers", "cross_kv", "--scan", "64", "--scan-keep"]
+        + ["--overwrite", "--json"],
+    )
+    assert res.exit_code == 0, res.output
+    method = read_delta(tmp_path / "x.vud").method
+    assert method["scan_keep"] is True
+    assert method["scan_picked"]["transformer:cross_kv"]["kept"] == 31  # 33 words, 2 picked
 
 
 def test_anchor_empty_holds_the_unconditional_prompt_among_many_preserved_tokens():
@@ -328,3 +341,71 @@ def test_anchor_empty_holds_the_unconditional_prompt_among_many_preserved_tokens
 
     loose, held = moved(None), moved(empty)
     assert held < 0.25 * loose
+
+
+def test_kept_slots_are_the_unpicked_words_readings_where_the_concept_sits():
+    H = 4
+    row = lambda v: torch.full((H,), float(v))  # noqa: E731
+    # pair 0 deletes the concept ("a red ball" -> "a ball"); pair 1 replaces it (square -> ball)
+    safe = [(torch.stack([row(1), row(2)]), [1, 7]), (torch.stack([row(1), row(2)]), [1, 7])]
+    scanned = {
+        "crimson": [(0, torch.stack([row(1), row(90), row(2)]), [1, 40, 7])],
+        "blue": [
+            (0, torch.stack([row(1), row(50), row(2)]), [1, 41, 7]),
+            (1, torch.stack([row(1), row(51)]), [1, 41]),
+        ],
+        "ball": [(1, torch.stack([row(1), row(2)]), [1, 7])],  # reads as the twin: no slot
+        "colored": [(0, torch.stack([row(1), row(60), row(2)]), [1, 42, 7])],
+    }
+    kept = kept_slots(safe, scanned, ("crimson",))
+    assert [k[:, 0].tolist() for k in kept] == [[50.0], [51.0], [60.0]]
+    assert all(k.dtype == torch.float64 and k.shape == (1, H) for k in kept)
+    assert kept_slots(safe, scanned, ("crimson", "blue", "colored")) == []
+
+
+def test_scan_keep_holds_the_unpicked_words_at_the_concept_slot_on_the_organism(red_acts):
+    from patcher.probe.build import _scanned
+
+    acts, w = red_acts
+    one = replace(acts, sites=("cross_kv",), groups=acts.groups[1:])
+    g = one.groups[0]
+    plan = acts.concept["scan"]
+    params = ProbeParams(method="twin", scan=64, scan_keep=True)
+    _rows, _pairs, rec, (slots, slots_as) = _scanned(one, g, params)
+    assert sorted(rec["picked"]) == ["crimson", "scarlet"] and rec["kept"] == 31
+    # one row per unpicked word and pair: the scan prompt's reading where the pair says "red"
+    unsafe_ids = [[int(v) for v in p[0].tokens[:, 0].tolist()] for p in g.roles["unsafe_ids"]]
+    from patcher import organism
+
+    red_id = organism.tokens(organism.tokenizer(), ["red"]).input_ids[0, 0].item()
+    where = [ids.index(red_id) for ids in unsafe_ids]
+    expected, ambiguous, at = [], 0, 0
+    for word, pairs in zip(plan["words"], plan["pairs"]):
+        for p in pairs:
+            if word not in rec["picked"]:
+                x = g.roles["scan"][at][0].tokens.double()
+                ids = g.roles["scan_ids"][at][0].tokens[:, 0].tolist()
+                cand = ids[where[int(p)]]
+                # "a a ball": the pair's own "a" and the candidate are the same token; the slot is
+                # then one of the two (alignment's choice), the same reading kind either way
+                same = [i for i, v in enumerate(ids) if v == cand]
+                expected.append(x[where[int(p)]] if len(same) == 1 else x[same])
+                ambiguous += len(same) > 1
+            at += 1
+    assert len(slots) == len(expected) == 31 * len(unsafe_ids)
+    assert all(s.shape[0] == 1 for s in slots)
+    assert ambiguous < len(expected) // 4  # most slots are one token that occurs once
+    for s, e in zip(slots, expected):
+        assert torch.equal(s[0], e) if e.dim() == 1 else any(torch.equal(s[0], r) for r in e)
+    assert all(torch.equal(a, b) for a, b in zip(slots, slots_as))  # no upstream edit: the same
+    # and the map holds them: the unpicked words' slot readings move less than under --scan alone
+    kept = build(one, params, w).delta.entries[0]
+    loose = build(one, ProbeParams(method="twin", scan=64), w).delta.entries[0]
+    W = w.target(g.targets[0]).double()
+    X = torch.cat(slots)
+
+    def moved(e):
+        dW = e.U.double() @ e.V.double().T
+        return float((X @ dW.T).norm() / (X @ W.T).norm())
+
+    assert moved(kept) < 0.7 * moved(loose), (moved(kept), moved(loose))
