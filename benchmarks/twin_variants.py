@@ -57,6 +57,15 @@ VARIANTS: dict[str, list[str]] = {
     # benchmarks/results/scan_keep_prereg.md
     "scan_keep": ["--layers", "cross_kv", "--scan", "64", "--scan-keep"],
     "scan_keep_anchor": ["--layers", "cross_kv", "--scan", "64", "--scan-keep", "--anchor-empty"],
+    # the amendment in the same file: hold only the words that read less like the concept than
+    # the average scanned word
+    "scan_keep_far_anchor": [
+        *("--layers", "cross_kv", "--scan", "64", "--scan-keep", "--scan-keep-max", "0"),
+        "--anchor-empty",
+    ],
+    "scan_keep_far": [
+        *("--layers", "cross_kv", "--scan", "64", "--scan-keep", "--scan-keep-max", "0")
+    ],
 }
 DEFAULT_REPORTS = {
     "red": "eval_twin_red_crosskv.json",

@@ -128,6 +128,13 @@ def _method_options(fn):
             "map may not move them (docs/erasure.md). No extra capture.",
         ),
         click.option(
+            "--scan-keep-max",
+            type=float,
+            default=None,
+            help="twin --scan-keep: hold only the words scoring below this (0: those that read "
+            "less like the concept than the average scanned word); default: every unpicked word.",
+        ),
+        click.option(
             "--cascade",
             is_flag=True,
             help="twin with several sites: a site whose input is computed from another chosen site's "

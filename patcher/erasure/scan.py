@@ -82,9 +82,13 @@ def kept_slots(
     safe: list[tuple[torch.Tensor, list[int]]],
     scanned: dict[str, list[tuple[int, torch.Tensor, list[int]]]],
     picked: tuple[str, ...] | list[str],
+    scores: dict[str, float] | None = None,
+    below: float | None = None,
 ) -> list[torch.Tensor]:
     """The readings at the concept word's slot of every scanned word the rule did not pick, one
-    tensor (positions, H) per substituted pair: rows the edit must leave as they are.
+    tensor (positions, H) per substituted pair: rows the edit must leave as they are. With BELOW,
+    only the words whose score (SCORES) is below it: a word that partly reads like the concept
+    (green's "emerald" scores 0.23) is not held where the concept must move.
 
     The scan already holds them. Words that sit where the concept does but do not read like it
     (other colours, "colored", "the") are what a map fitted on a few pairs is free to move, and a
@@ -92,7 +96,7 @@ def kept_slots(
     not pick")."""
     out = []
     for w, rows in scanned.items():
-        if w in picked:
+        if w in picked or (below is not None and not (scores or {}).get(w, below) < below):
             continue
         for p, x, ids in rows:
             pos = concept_positions(ids, safe[p][1])

@@ -203,11 +203,18 @@ def _scanned(
     rec = res.record()
     kept: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
     if params.scan_keep:
+        below = params.scan_keep_max
         kept = (
-            kept_slots(_with_ids(g, "safe"), by_word, res.picked),
-            kept_slots(_with_ids(ref, "safe"), scored, res.picked),
+            kept_slots(_with_ids(g, "safe"), by_word, res.picked, res.scores, below),
+            kept_slots(_with_ids(ref, "safe"), scored, res.picked, res.scores, below),
         )
-        rec["kept"] = len([w for w in by_word if w not in res.picked])
+        rec["kept"] = len(
+            [
+                w
+                for w in by_word
+                if w not in res.picked and (below is None or res.scores.get(w, below) < below)
+            ]
+        )
     return extra, pair_of, rec, kept
 
 
@@ -501,6 +508,8 @@ def build(
             method_rec.update(anchor_empty=True)
         if p.scan_keep:
             method_rec.update(scan_keep=True)
+            if p.scan_keep_max is not None:
+                method_rec.update(scan_keep_max=p.scan_keep_max)
     return Built(Delta(entries, acts.concept, method_rec, versions()), groups)
 
 
