@@ -231,6 +231,8 @@ def test_scan_and_cascade_are_refused_where_they_cannot_apply(red_acts):
         CaptureOptions(scan=-2)
     with pytest.raises(ProbeError, match="--cascade-repair.*--cascade"):
         ProbeParams(method="twin", cascade_repair=True)
+    with pytest.raises(ProbeError, match="--scan-keep-max nan"):
+        ProbeParams(method="twin", scan=4, scan_keep=True, scan_keep_max=float("nan"))
     one = replace(acts, sites=("cross_kv",), groups=acts.groups[1:])
     with pytest.raises(ProbeError, match="--cascade"):
         build(one, ProbeParams(method="twin", cascade=True), w)
@@ -316,8 +318,24 @@ def test_cli_flags_reach_the_method_and_bad_values_exit_2(tmp_path):
     )
     assert res.exit_code == 0, res.output
     method = read_delta(tmp_path / "x.vud").method
-    assert method["scan_keep"] is True
+    assert method["scan_keep"] is True and "scan_keep_max" not in method
     assert method["scan_picked"]["transformer:cross_kv"]["kept"] == 31  # 33 words, 2 picked
+    res = CliRunner().invoke(
+        main,
+        [*base, "--method", "twin", "--layers", "cross_kv", "--scan", "64", "--scan-keep"]
+        + ["--scan-keep-max", "0", "--overwrite", "--json"],
+    )
+    assert res.exit_code == 0, res.output
+    method = read_delta(tmp_path / "x.vud").method
+    rec = method["scan_picked"]["transformer:cross_kv"]
+    assert method["scan_keep_max"] == 0.0
+    # violet, purple, golden and yellow read a little like red (scores > 0): not held
+    assert all(rec["scores"][w] > 0 for w in ("violet", "purple", "golden", "yellow"))
+    assert rec["kept"] == 27
+    res = CliRunner().invoke(
+        main, [*base, "--method", "twin", "--scan", "4", "--scan-keep-max", "0"]
+    )
+    assert res.exit_code == 2 and "--scan-keep-max" in res.output and "--scan-keep" in res.output
 
 
 def test_anchor_empty_holds_the_unconditional_prompt_among_many_preserved_tokens():
@@ -361,6 +379,11 @@ def test_kept_slots_are_the_unpicked_words_readings_where_the_concept_sits():
     assert [k[:, 0].tolist() for k in kept] == [[50.0], [51.0], [60.0]]
     assert all(k.dtype == torch.float64 and k.shape == (1, H) for k in kept)
     assert kept_slots(safe, scanned, ("crimson", "blue", "colored")) == []
+    # with a bound, only the words scoring below it (a word with no score is not held)
+    scores = {"crimson": 0.9, "blue": 0.3, "colored": -0.2}
+    bounded = kept_slots(safe, scanned, ("crimson",), scores, 0.0)
+    assert [k[:, 0].tolist() for k in bounded] == [[60.0]]
+    assert len(kept_slots(safe, scanned, ("crimson",), scores, 0.5)) == 3
 
 
 def test_scan_keep_holds_the_unpicked_words_at_the_concept_slot_on_the_organism(red_acts):

@@ -130,7 +130,7 @@ def _method_options(fn):
         click.option(
             "--scan-keep-max",
             type=float,
-            default=None,
+            default=float("inf"),
             help="twin --scan-keep: hold only the words scoring below this (0: those that read "
             "less like the concept than the average scanned word); default: every unpicked word.",
         ),

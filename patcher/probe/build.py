@@ -8,6 +8,7 @@ form is one more function and one more name. The math itself lives in ``erasure/
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
@@ -203,7 +204,7 @@ def _scanned(
     rec = res.record()
     kept: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
     if params.scan_keep:
-        below = params.scan_keep_max
+        below = None if params.scan_keep_max == math.inf else params.scan_keep_max
         kept = (
             kept_slots(_with_ids(g, "safe"), by_word, res.picked, res.scores, below),
             kept_slots(_with_ids(ref, "safe"), scored, res.picked, res.scores, below),
@@ -508,7 +509,7 @@ def build(
             method_rec.update(anchor_empty=True)
         if p.scan_keep:
             method_rec.update(scan_keep=True)
-            if p.scan_keep_max is not None:
+            if p.scan_keep_max != math.inf:
                 method_rec.update(scan_keep_max=p.scan_keep_max)
     return Built(Delta(entries, acts.concept, method_rec, versions()), groups)
 

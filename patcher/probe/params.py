@@ -48,7 +48,7 @@ class ProbeParams:
     cascade_repair: bool = False  # ... with the original readings as its targets (needs cascade)
     anchor_empty: bool = False  # the empty prompt weighs as much as every other preserved token
     scan_keep: bool = False  # the scanned words the rule does not pick keep their slot's reading
-    scan_keep_max: float | None = None  # ... only those scoring below this (None: every one)
+    scan_keep_max: float = math.inf  # ... only those scoring below this (inf: every one)
 
     def __post_init__(self) -> None:
         if self.method is not None and self.method not in method_names():
@@ -69,12 +69,11 @@ class ProbeParams:
             raise ProbeError("--cascade-repair: a form of --cascade; give both")
         if self.scan_keep and not self.scan:
             raise ProbeError("--scan-keep: keeps the words a --scan did not pick; give --scan N")
-        if self.scan_keep_max is not None:
-            v = self.scan_keep_max
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise ProbeError(f"--scan-keep-max {v!r}: a scan score, must be a finite number")
-            if not self.scan_keep:
-                raise ProbeError("--scan-keep-max: a bound of --scan-keep; give both")
+        v = self.scan_keep_max
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
+            raise ProbeError(f"--scan-keep-max {v!r}: a scan score, must be a number")
+        if v != math.inf and not self.scan_keep:
+            raise ProbeError("--scan-keep-max: a bound of --scan-keep; give both")
         check_count("--null", self.null, "null-space directions")
         for name, low, what in (
             ("alpha", ">= 0", "the neutral contrast α"),
