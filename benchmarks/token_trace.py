@@ -1,0 +1,142 @@
+"""Which token carries a held-out miss: a token-level trace of a twin delta on the organism.
+
+    python benchmarks/token_trace.py CONCEPT DELTA.vud [--seeds N]
+
+For each held-out prompt of examples/organism/CONCEPT.toml, the patched clips (N seeds) are judged;
+a prompt whose clips do not all come out as its safe twin's colour is a miss. For each miss, one
+token at a time of the patched model's `cross_kv` input (the text embedder's output, which every
+cross-attention K/V reads) is set to what the twin gives there (the aligned twin token's reading
+in the original model; padding's reading for a removed word), and the clips are judged again. A
+token whose fix alone turns every clip into the twin's colour carries the miss. For those, the
+same token is also given its *unedited* reading (the original model's reading of the unsafe prompt
+there, passed through the inverse of the edit so that the patched weights read it as the original
+ones did): if that also gives the twin, the edit itself moved the token into the miss; if not, the
+token carried the concept before the edit and the edit did not remove it.
+
+Only the conditional branch of guidance is intervened on. The delta must be a twin delta with one
+`map_input` map at `cross_kv` (every K/V shares it). Used for docs/erasure.md ("Keeping the words
+the scan does not pick"); output in benchmarks/results/token_trace_<name>.txt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from patcher import organism  # noqa: E402
+from patcher.erasure.twin import align_tokens  # noqa: E402
+from patcher.evaluation.organism_judge import judge  # noqa: E402
+from patcher.evaluation.prompts import OrganismTwins  # noqa: E402
+from patcher.families.recipes import load_concept  # noqa: E402
+from patcher.vud.delta import read_delta  # noqa: E402
+
+SETS = ("paraphrase", "synonym", "template", "unseen")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("concept")
+    ap.add_argument("delta", type=Path)
+    ap.add_argument("--seeds", type=int, default=4)
+    a = ap.parse_args()
+    torch.set_grad_enabled(False)
+    con = load_concept(ROOT / f"examples/organism/{a.concept}.toml")
+    twin_of = OrganismTwins(con)
+    tok, enc, tr = organism.load(ROOT / "examples/organism/model")
+    te = tr.condition_embedder.text_embedder
+    delta = read_delta(a.delta)
+    kv = [e for e in delta.entries if e.key.endswith(("attn2.to_k.weight", "attn2.to_v.weight"))]
+    if not kv or any(e.kind != "map_input" for e in kv):
+        sys.exit("token_trace: needs a twin delta with map_input entries at cross_kv")
+    # the shared map M from one K weight: W' = W M, so M - I = W⁺ (W' - W) (W has full column rank)
+    e = kv[0]
+    W = dict(tr.named_parameters())[e.tensor_key].detach().double()
+    M_inv = torch.linalg.inv(
+        torch.eye(W.shape[1], dtype=torch.float64)
+        + torch.linalg.lstsq(W, e.U.double() @ e.V.double().T).solution
+    )
+    seeds = list(range(a.seeds))
+    wanted = con.judge["organism"]
+    if wanted.get("attribute") != "colour":
+        sys.exit("token_trace: a colour concept (the judge's colour names tell a miss)")
+    state: dict = {}
+
+    def hook(_mod, _inp, out):
+        if not state.get("rows"):
+            return out
+        out = out.clone()
+        for i, v in state["rows"]:
+            out[: out.shape[0] // 2, i] = v  # the conditional half of [cond, uncond]
+        return out
+
+    handle = te.register_forward_hook(hook)
+
+    def clips(prompt: str, rows: list | None = None) -> list:
+        state["rows"] = rows
+        try:
+            with organism.edited({"transformer": tr}, delta.entries):
+                out = organism.sample(tok, enc, tr, [prompt] * len(seeds), seeds)
+        finally:
+            state["rows"] = None
+        return [judge(c) for c in out]
+
+    def name(v) -> str:
+        return f"{v.tone} {v.family}".strip() if v.present else "none"
+
+    twin_colour = {}
+    print(f"{a.concept} with {a.delta.name}, {a.seeds} seeds; concept {wanted}")
+    try:
+        for s in SETS:
+            for p in con.heldout.get(s, []):
+                t = twin_of(p)
+                if t is None:
+                    continue
+                if t not in twin_colour:
+                    twin_colour[t] = {
+                        name(v) for v in map(judge, _original(tok, enc, tr, t, seeds))
+                    }
+                got = [name(v) for v in clips(p)]
+                miss = not set(got) <= twin_colour[t]
+                print(f"{s:10s} {p!r}: {', '.join(got)}{'  <- miss' if miss else ''}")
+                if not miss:
+                    continue
+                tu, tt = organism.tokens(tok, [p]), organism.tokens(tok, [t])
+                iu = tu.input_ids[0][tu.attention_mask[0].bool()].tolist()
+                it = tt.input_ids[0][tt.attention_mask[0].bool()].tolist()
+                words = tok.convert_ids_to_tokens(iu)
+                orig_t, orig_u = (
+                    te(organism.encode(tok, enc, [t]))[0],
+                    te(organism.encode(tok, enc, [p]))[0],
+                )
+                pad = te(organism.encode(tok, enc, [""]))[0, -1]
+                target = {i: (orig_t[j] if j is not None else pad) for i, j in align_tokens(iu, it)}
+                for i, v in target.items():
+                    fixed = [name(x) for x in clips(p, [(i, v)])]
+                    if not set(fixed) <= twin_colour[t]:
+                        continue
+                    unedited = (M_inv @ orig_u[i].double()).float()
+                    left = [name(x) for x in clips(p, [(i, unedited)])]
+                    why = (
+                        "the edit moved it"
+                        if set(left) <= twin_colour[t]
+                        else "it carried the concept before the edit"
+                    )
+                    print(
+                        f"    token {i} {words[i]!r}: fixed alone -> twin; unedited -> {', '.join(left)} ({why})"
+                    )
+    finally:
+        handle.remove()
+
+
+def _original(tok, enc, tr, prompt: str, seeds: list[int]) -> torch.Tensor:
+    return organism.sample(tok, enc, tr, [prompt] * len(seeds), seeds)
+
+
+if __name__ == "__main__":
+    main()
