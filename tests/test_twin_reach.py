@@ -231,8 +231,9 @@ def test_scan_and_cascade_are_refused_where_they_cannot_apply(red_acts):
         CaptureOptions(scan=-2)
     with pytest.raises(ProbeError, match="--cascade-repair.*--cascade"):
         ProbeParams(method="twin", cascade_repair=True)
-    with pytest.raises(ProbeError, match="--scan-keep-max nan"):
-        ProbeParams(method="twin", scan=4, scan_keep=True, scan_keep_max=float("nan"))
+    for bad in ("nan", "-inf"):
+        with pytest.raises(ProbeError, match=f"--scan-keep-max {bad}"):
+            ProbeParams(method="twin", scan=4, scan_keep=True, scan_keep_max=float(bad))
     one = replace(acts, sites=("cross_kv",), groups=acts.groups[1:])
     with pytest.raises(ProbeError, match="--cascade"):
         build(one, ProbeParams(method="twin", cascade=True), w)
@@ -375,15 +376,18 @@ def test_kept_slots_are_the_unpicked_words_readings_where_the_concept_sits():
         "ball": [(1, torch.stack([row(1), row(2)]), [1, 7])],  # reads as the twin: no slot
         "colored": [(0, torch.stack([row(1), row(60), row(2)]), [1, 42, 7])],
     }
-    kept = kept_slots(safe, scanned, ("crimson",))
+    kept, held = kept_slots(safe, scanned, ("crimson",))
     assert [k[:, 0].tolist() for k in kept] == [[50.0], [51.0], [60.0]]
+    assert held == ["blue", "colored"]  # "ball" gave no slot row: not counted as held
     assert all(k.dtype == torch.float64 and k.shape == (1, H) for k in kept)
-    assert kept_slots(safe, scanned, ("crimson", "blue", "colored")) == []
-    # with a bound, only the words scoring below it (a word with no score is not held)
+    assert kept_slots(safe, scanned, ("crimson", "blue", "colored")) == ([], [])
+    # with a bound, only the words scoring below it; a word with a slot but no score is not held
+    scanned["the"] = [(0, torch.stack([row(1), row(70), row(2)]), [1, 43, 7])]
     scores = {"crimson": 0.9, "blue": 0.3, "colored": -0.2}
-    bounded = kept_slots(safe, scanned, ("crimson",), scores, 0.0)
-    assert [k[:, 0].tolist() for k in bounded] == [[60.0]]
-    assert len(kept_slots(safe, scanned, ("crimson",), scores, 0.5)) == 3
+    bounded, held = kept_slots(safe, scanned, ("crimson",), scores, 0.0)
+    assert [k[:, 0].tolist() for k in bounded] == [[60.0]] and held == ["colored"]
+    assert kept_slots(safe, scanned, ("crimson",), scores, 0.5)[1] == ["blue", "colored"]
+    assert kept_slots(safe, scanned, ("crimson",))[1] == ["blue", "colored", "the"]
 
 
 def test_scan_keep_holds_the_unpicked_words_at_the_concept_slot_on_the_organism(red_acts):
@@ -432,3 +436,68 @@ def test_scan_keep_holds_the_unpicked_words_at_the_concept_slot_on_the_organism(
         return float((X @ dW.T).norm() / (X @ W.T).norm())
 
     assert moved(kept) < 0.7 * moved(loose), (moved(kept), moved(loose))
+
+
+def test_scan_keep_under_cascade_repair_holds_the_slots_at_their_original_readings(
+    red_acts, tmp_path
+):
+    """With --cascade-repair the held slot rows are read through the text_proj edit and fitted
+    back to their original readings: the cross_kv map equals a fit written out here from a model
+    whose text_proj was really patched (the same check as the repair's own test)."""
+    from patcher.erasure.scan import kept_slots
+    from patcher.erasure.twin import TwinParams, twin_edit
+    from patcher.probe.build import _with_ids
+
+    acts, w = red_acts
+    opts = dict(method="twin", scan=64, cascade=True, cascade_repair=True, scan_keep=True)
+    rep = build(acts, ProbeParams(**opts, scan_keep_max=0.0), w).delta
+    rec = rep.method["scan_picked"]["transformer:cross_kv"]
+    assert rep.method["scan_keep_max"] == 0.0 and rec["kept"] == 27
+    opt = replace(_FIXTURE, sites=("cross_kv",))
+    patched_acts = _patched_capture(rep, tmp_path, opt)[0]
+    through, before = patched_acts.groups[0], acts.groups[1]
+    picked = rec["picked"]
+    plan = acts.concept["scan"]
+
+    def by_word(g):
+        rows, out, at = _with_ids(g, "scan"), {}, 0
+        for wd, pairs in zip(plan["words"], plan["pairs"]):
+            for p in pairs:
+                out.setdefault(wd, []).append((int(p), *rows[at]))
+                at += 1
+        return out
+
+    # the scores are the original readings' (a repair scores what the site alone would)
+    scores = {wd: v for wd, v in rec["scores"].items()}
+    below = {wd for wd in plan["words"] if wd not in picked and wd not in scores}
+    scores |= {wd: -1.0 for wd in below}  # the record keeps the top 8; the rest score below 0
+    safe = _with_ids(before, "safe")
+    slots, _ = kept_slots(_with_ids(through, "safe"), by_word(through), picked, scores, 0.0)
+    slots_as, _ = kept_slots(safe, by_word(before), picked, scores, 0.0)
+    assert len(slots) == len(slots_as) == 27 * len(safe)
+    moved = torch.cat(slots) - torch.cat(slots_as)
+    assert float(moved.norm() / torch.cat(slots_as).norm()) > 0.01  # the first edit moved them
+    slot_of = [(wd, int(p)) for wd, pairs in zip(plan["words"], plan["pairs"]) for p in pairs]
+    extra = [x for x, (wd, _p) in zip(_with_ids(through, "scan"), slot_of) if wd in picked]
+    pair_of = [p for wd, p in slot_of if wd in picked]
+
+    def own(g):
+        rows = [c.tokens for r in ("neutral", "safe", "empty") for p in g.roles[r] for c in p]
+        from patcher.probe.build import _extra_preserved
+
+        return rows + _extra_preserved(acts if g is before else patched_acts, g, picked)
+
+    op, _ = twin_edit(
+        _with_ids(through, "unsafe") + extra,
+        safe + [safe[p] for p in pair_of],
+        own(through) + slots,
+        before.roles["pad"][0][0].tokens[0],
+        TwinParams(),
+        None,
+        None,
+        (own(before) + slots_as, None),
+    )
+    e = {e.key: e for e in rep.entries}["transformer/blocks.2.attn2.to_v.weight"]
+    D = e.P.double() @ e.V.double().T
+    R = op.P.double() @ op.Q.double().T
+    assert float((D - R).norm() / R.norm()) < 5e-5

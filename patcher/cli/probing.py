@@ -124,15 +124,16 @@ def _method_options(fn):
             "--scan-keep",
             is_flag=True,
             help="twin --scan: the scanned words the rule does not pick (other colours, "
-            "'colored', 'the', ...) are preserved where the concept word sits in each pair, so the "
-            "map may not move them (docs/erasure.md). No extra capture.",
+            "'colored', 'the', ...) join the preservation set where the concept word sits in each "
+            "pair, so the map is fitted to keep them (docs/erasure.md). No extra capture.",
         ),
         click.option(
             "--scan-keep-max",
             type=float,
             default=float("inf"),
             help="twin --scan-keep: hold only the words scoring below this (0: those that read "
-            "less like the concept than the average scanned word); default: every unpicked word.",
+            "less like the concept than the average scanned word); default: every unpicked word "
+            "(a bound at or above --scan-min holds them all too).",
         ),
         click.option(
             "--cascade",

@@ -84,17 +84,19 @@ def kept_slots(
     picked: tuple[str, ...] | list[str],
     scores: dict[str, float] | None = None,
     below: float | None = None,
-) -> list[torch.Tensor]:
+) -> tuple[list[torch.Tensor], list[str]]:
     """The readings at the concept word's slot of every scanned word the rule did not pick, one
-    tensor (positions, H) per substituted pair: rows the edit must leave as they are. With BELOW,
-    only the words whose score (SCORES) is below it: a word that partly reads like the concept
-    (green's "emerald" scores 0.23) is not held where the concept must move.
+    tensor (positions, H) per substituted pair: rows the edit is fitted to keep as they are; and
+    the words that gave them. With BELOW, only the words whose score (SCORES) is below it (a word
+    without a score is not held): a word that partly reads like the concept (green's "emerald"
+    scores 0.23) is not held where the concept must move.
 
     The scan already holds them. Words that sit where the concept does but do not read like it
     (other colours, "colored", "the") are what a map fitted on a few pairs is free to move, and a
     moved "colored" is measured to tint a clip (docs/erasure.md, "Keeping the words the scan does
     not pick")."""
-    out = []
+    out: list[torch.Tensor] = []
+    held: list[str] = []
     for w, rows in scanned.items():
         if w in picked or (below is not None and not (scores or {}).get(w, below) < below):
             continue
@@ -102,7 +104,9 @@ def kept_slots(
             pos = concept_positions(ids, safe[p][1])
             if pos:
                 out.append(x[pos].double())
-    return out
+                if not held or held[-1] != w:
+                    held.append(w)
+    return out, held
 
 
 def scan_scores(

@@ -205,17 +205,10 @@ def _scanned(
     kept: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
     if params.scan_keep:
         below = None if params.scan_keep_max == math.inf else params.scan_keep_max
-        kept = (
-            kept_slots(_with_ids(g, "safe"), by_word, res.picked, res.scores, below),
-            kept_slots(_with_ids(ref, "safe"), scored, res.picked, res.scores, below),
-        )
-        rec["kept"] = len(
-            [
-                w
-                for w in by_word
-                if w not in res.picked and (below is None or res.scores.get(w, below) < below)
-            ]
-        )
+        rows, held = kept_slots(_with_ids(g, "safe"), by_word, res.picked, res.scores, below)
+        rows_as, _ = kept_slots(_with_ids(ref, "safe"), scored, res.picked, res.scores, below)
+        kept = (rows, rows_as)
+        rec["kept"] = len(held)
     return extra, pair_of, rec, kept
 
 

@@ -70,8 +70,12 @@ class ProbeParams:
         if self.scan_keep and not self.scan:
             raise ProbeError("--scan-keep: keeps the words a --scan did not pick; give --scan N")
         v = self.scan_keep_max
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
-            raise ProbeError(f"--scan-keep-max {v!r}: a scan score, must be a number")
+        if (
+            isinstance(v, bool)
+            or not isinstance(v, (int, float))
+            or (v != math.inf and not math.isfinite(v))
+        ):
+            raise ProbeError(f"--scan-keep-max {v!r}: a scan score, must be a finite number")
         if v != math.inf and not self.scan_keep:
             raise ProbeError("--scan-keep-max: a bound of --scan-keep; give both")
         check_count("--null", self.null, "null-space directions")
