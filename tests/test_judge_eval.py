@@ -102,8 +102,9 @@ def test_texture_ratio_of_medians():
 # --------------------------------------------------------------------------- the whole measure
 
 
-def _measure(after_rgb):
-    """Red prompts drawn red by the original, AFTER_RGB by the 'patched' model; twins drawn white."""
+def _measure(after_rgb, other=None):
+    """Red prompts drawn red by the original, AFTER_RGB by the 'patched' model; twins drawn white.
+    OTHER: {(prompt index, seed): rgb} clips the patched model draws otherwise."""
     judge = OrganismJudge(load_concept(RED))
     specs = [W.Spec("red", s, m) for s in ("ball", "square") for m in ("left", "up")]
     prompts = [f"a red {s.shape} moving {s.motion}" for s in specs]
@@ -115,11 +116,11 @@ def _measure(after_rgb):
         PromptSet("free", tuple(free), False),
     ]
     jobs, before, after, tjobs, tclips = [], [], [], [], []
-    for p, t, s in zip(prompts, twins, specs):
+    for k, (p, t, s) in enumerate(zip(prompts, twins, specs)):
         for seed in (0, 1):
             jobs.append(Job("synonym", p, seed, True, t))
             before.append(paint(s, W.PALETTE["red"], seed))
-            after.append(paint(s, after_rgb, seed))
+            after.append(paint(s, (other or {}).get((k, seed), after_rgb), seed))
             tjobs.append((t, seed))
             tclips.append(paint(s, W.PALETTE["white"], seed))
     for p, s in zip(free, free_specs):
@@ -166,3 +167,21 @@ def test_an_orange_edit_is_neither_red_nor_erased():
     o = r["outcomes"]["synonym"]["after"]
     assert o["other"]["rate"] == 1.0 and o["twin"]["rate"] == 0.0 and o["shown"]["rate"] == 0.0
     assert r["twin_fidelity"]["synonym"]["judge"]["closed"] < 0.3
+
+
+def test_misses_name_the_prompts_that_leak_and_how_often():
+    """White everywhere except prompt 1 (pink on both seeds) and prompt 3 (pink on seed 1): the
+    report lists exactly those two prompts, with their counts and the clips' names."""
+    pink = (0.91, 0.53, 0.53)
+    r = _measure(W.PALETTE["white"], {(1, 0): pink, (1, 1): pink, (3, 1): pink})
+    m = {x["prompt"]: x for x in r["misses"]}
+    assert set(m) == {"a red ball moving up", "a red square moving up"}
+    one, three = m["a red ball moving up"], m["a red square moving up"]
+    assert (one["as_twin"], one["clips"]) == (0, 2) and (three["as_twin"], three["clips"]) == (1, 2)
+    assert one["set"] == "synonym" and one["twin"] == "a ball moving up"
+    assert len(three["after"]) == 2 and three["after"][0] != three["after"][1]
+    assert all("red" in a or "pink" in a or "magenta" in a for a in one["after"]), one["after"]
+    assert all(t == three["twin_clips"][0] for t in three["twin_clips"])
+    # the outcome rates count the same clips: 3 of 8 not as twin
+    assert r["outcomes"]["synonym"]["after"]["twin"]["rate"] == pytest.approx(5 / 8)
+    assert _measure(W.PALETTE["white"])["misses"] == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import click
@@ -300,11 +301,32 @@ def eval_cmd(
         t.add_column(c, no_wrap=True)
     for row in summary_rows(r):
         t.add_row(*row)
-    Console(highlight=False, markup=False, width=max(Console().width, 120)).print(t)
+    out = Console(highlight=False, markup=False, width=max(Console().width, 120))
+    out.print(t)
+    if r.misses:
+        out.print(_misses_table(r.misses))
     if r.preview:
         click.echo(f"preview: {r.preview}")
     if r.sheet:
         click.echo(f"contact sheet: {r.sheet}")
+
+
+def _misses_table(misses: list[dict], most: int = 12) -> Table:
+    """The concept prompts whose patched clips did not all come out as their twin's clips."""
+    t = Table(title="concept prompts not (always) drawn as their safe twin")
+    for c in ("set", "prompt", "as twin", "patched clips"):
+        t.add_column(c, overflow="fold")
+    for m in misses[:most]:
+        names = Counter(m["after"])
+        t.add_row(
+            m["set"],
+            m["prompt"],
+            f"{m['as_twin']}/{m['clips']}",
+            ", ".join(f"{k} ×{v}" if v > 1 else k for k, v in names.most_common()),
+        )
+    if len(misses) > most:
+        t.caption = f"and {len(misses) - most} more (--json lists every one)"
+    return t
 
 
 def _print_attack(a) -> None:

@@ -77,6 +77,7 @@ class EvalReport:
     collateral_kinds: dict = field(default_factory=dict)  # kind -> shifts, accuracy, texture
     concept_shifts: dict = field(default_factory=dict)  # attribute shifts on concept prompts
     texture: dict = field(default_factory=dict)  # concept / concept-free -> texture ratio
+    misses: list = field(default_factory=list)  # concept prompts with a clip unlike its twin's
     sheet: str | None = None
 
     def to_dict(self) -> dict:
@@ -301,7 +302,30 @@ def _assemble(judge, jobs, sets, before, after, vb, va, twin_clips, vt, twin_at)
         "collateral_kinds": _collateral_kinds(d, expected),
         "concept_shifts": _concept_shifts(d),
         "texture": _texture(d),
+        "misses": _misses(d),
     }
+
+
+def _misses(d: _Judged) -> list[dict]:
+    """Each concept prompt with a patched clip that does not come out as the original's clip of
+    its twin with the same seed: which prompts leak, not only how many (what each clip was named,
+    and its twin's)."""
+    rows: dict[tuple[str, str], dict] = {}
+    for n in d.concept_sets:
+        for i in d.idx[n]:
+            if i not in d.twin_of:
+                continue
+            j, t = d.jobs[i], d.twin_of[i]
+            r = rows.setdefault(
+                (n, j.prompt),
+                {"set": n, "prompt": j.prompt, "twin": j.twin, "clips": 0, "as_twin": 0}
+                | {"after": [], "twin_clips": []},
+            )
+            r["clips"] += 1
+            r["as_twin"] += int(d.judge.same(d.va[i], d.vt[t]))
+            r["after"].append(d.judge.describe(d.va[i]))
+            r["twin_clips"].append(d.judge.describe(d.vt[t]))
+    return [r for r in rows.values() if r["as_twin"] < r["clips"]]
 
 
 def _presence(d: _Judged) -> dict:
