@@ -66,6 +66,11 @@ VARIANTS: dict[str, list[str]] = {
     "scan_keep_far": [
         *("--layers", "cross_kv", "--scan", "64", "--scan-keep", "--scan-keep-max", "0")
     ],
+    # the second amendment: every token of the unpicked words' substituted prompts
+    "scan_keep_whole_anchor": [
+        *("--layers", "cross_kv", "--scan", "64", "--scan-keep", "--scan-keep-whole"),
+        "--anchor-empty",
+    ],
 }
 DEFAULT_REPORTS = {
     "red": "eval_twin_red_crosskv.json",

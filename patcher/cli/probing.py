@@ -136,6 +136,13 @@ def _method_options(fn):
             "(a bound at or above --scan-min holds them all too).",
         ),
         click.option(
+            "--scan-keep-whole",
+            is_flag=True,
+            help="twin --scan-keep: hold every token of those words' substituted pair prompts "
+            "(their contexts too), not only the concept's slot; pair it with --anchor-empty, "
+            "since the many held rows dilute the empty prompt.",
+        ),
+        click.option(
             "--cascade",
             is_flag=True,
             help="twin with several sites: a site whose input is computed from another chosen site's "

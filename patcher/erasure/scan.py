@@ -84,12 +84,14 @@ def kept_slots(
     picked: tuple[str, ...] | list[str],
     scores: dict[str, float] | None = None,
     below: float | None = None,
+    whole: bool = False,
 ) -> tuple[list[torch.Tensor], list[str]]:
     """The readings at the concept word's slot of every scanned word the rule did not pick, one
     tensor (positions, H) per substituted pair: rows the edit is fitted to keep as they are; and
     the words that gave them. With BELOW, only the words whose score (SCORES) is below it (a word
     without a score is not held): a word that partly reads like the concept (green's "emerald"
-    scores 0.23) is not held where the concept must move.
+    scores 0.23) is not held where the concept must move. WHOLE: every token of those prompts,
+    not only the slot (the words' contexts too).
 
     The scan already holds them. Words that sit where the concept does but do not read like it
     (other colours, "colored", "the") are what a map fitted on a few pairs is free to move, and a
@@ -103,7 +105,7 @@ def kept_slots(
         for p, x, ids in rows:
             pos = concept_positions(ids, safe[p][1])
             if pos:
-                out.append(x[pos].double())
+                out.append(x.double() if whole else x[pos].double())
                 if not held or held[-1] != w:
                     held.append(w)
     return out, held

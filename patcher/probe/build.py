@@ -205,8 +205,11 @@ def _scanned(
     kept: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
     if params.scan_keep:
         below = None if params.scan_keep_max == math.inf else params.scan_keep_max
-        rows, held = kept_slots(_with_ids(g, "safe"), by_word, res.picked, res.scores, below)
-        rows_as, _ = kept_slots(_with_ids(ref, "safe"), scored, res.picked, res.scores, below)
+        whole = params.scan_keep_whole
+        rows, held = kept_slots(_with_ids(g, "safe"), by_word, res.picked, res.scores, below, whole)
+        rows_as, _ = kept_slots(
+            _with_ids(ref, "safe"), scored, res.picked, res.scores, below, whole
+        )
         kept = (rows, rows_as)
         rec["kept"] = len(held)
     return extra, pair_of, rec, kept
@@ -504,6 +507,8 @@ def build(
             method_rec.update(scan_keep=True)
             if p.scan_keep_max != math.inf:
                 method_rec.update(scan_keep_max=p.scan_keep_max)
+            if p.scan_keep_whole:
+                method_rec.update(scan_keep_whole=True)
     return Built(Delta(entries, acts.concept, method_rec, versions()), groups)
 
 

@@ -49,6 +49,7 @@ class ProbeParams:
     anchor_empty: bool = False  # the empty prompt weighs as much as every other preserved token
     scan_keep: bool = False  # the scanned words the rule does not pick keep their slot's reading
     scan_keep_max: float = math.inf  # ... only those scoring below this (inf: every one)
+    scan_keep_whole: bool = False  # ... every token of their substituted prompts, not the slot only
 
     def __post_init__(self) -> None:
         if self.method is not None and self.method not in method_names():
@@ -60,7 +61,7 @@ class ProbeParams:
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ProbeError(f"--{name} {v!r}: {what}, must be a whole number >= 1")
         check_count("--scan", self.scan, "candidate words")
-        for name in ("cascade", "cascade_repair", "anchor_empty", "scan_keep"):
+        for name in ("cascade", "cascade_repair", "anchor_empty", "scan_keep", "scan_keep_whole"):
             if not isinstance(getattr(self, name), bool):
                 raise ProbeError(
                     f"--{name.replace('_', '-')} {getattr(self, name)!r}: true or false"
@@ -78,6 +79,8 @@ class ProbeParams:
             raise ProbeError(f"--scan-keep-max {v!r}: a scan score, must be a finite number")
         if v != math.inf and not self.scan_keep:
             raise ProbeError("--scan-keep-max: a bound of --scan-keep; give both")
+        if self.scan_keep_whole and not self.scan_keep:
+            raise ProbeError("--scan-keep-whole: a form of --scan-keep; give both")
         check_count("--null", self.null, "null-space directions")
         for name, low, what in (
             ("alpha", ">= 0", "the neutral contrast α"),
