@@ -231,6 +231,8 @@ def test_scan_and_cascade_are_refused_where_they_cannot_apply(red_acts):
         CaptureOptions(scan=-2)
     with pytest.raises(ProbeError, match="--cascade-repair.*--cascade"):
         ProbeParams(method="twin", cascade_repair=True)
+    with pytest.raises(ProbeError, match="--scan-keep-whole.*--scan-keep"):
+        ProbeParams(method="twin", scan=4, scan_keep_whole=True)
     for bad in ("nan", "-inf"):
         with pytest.raises(ProbeError, match=f"--scan-keep-max {bad}"):
             ProbeParams(method="twin", scan=4, scan_keep=True, scan_keep_max=float(bad))
@@ -388,6 +390,9 @@ def test_kept_slots_are_the_unpicked_words_readings_where_the_concept_sits():
     assert [k[:, 0].tolist() for k in bounded] == [[60.0]] and held == ["colored"]
     assert kept_slots(safe, scanned, ("crimson",), scores, 0.5)[1] == ["blue", "colored"]
     assert kept_slots(safe, scanned, ("crimson",))[1] == ["blue", "colored", "the"]
+    # whole: every token of those prompts, not the slot only
+    rows, held = kept_slots(safe, scanned, ("crimson",), scores, 0.0, whole=True)
+    assert held == ["colored"] and [r[:, 0].tolist() for r in rows] == [[1.0, 60.0, 2.0]]
 
 
 def test_scan_keep_holds_the_unpicked_words_at_the_concept_slot_on_the_organism(red_acts):
@@ -501,3 +506,37 @@ def test_scan_keep_under_cascade_repair_holds_the_slots_at_their_original_readin
     D = e.P.double() @ e.V.double().T
     R = op.P.double() @ op.Q.double().T
     assert float((D - R).norm() / R.norm()) < 5e-5
+
+
+def test_scan_keep_whole_holds_the_substituted_prompts_contexts_too(red_acts):
+    acts, w = red_acts
+    one = replace(acts, sites=("cross_kv",), groups=acts.groups[1:])
+    g = one.groups[0]
+    plan = acts.concept["scan"]
+    slot = build(one, ProbeParams(method="twin", scan=64, scan_keep=True), w).delta
+    whole = build(
+        one, ProbeParams(method="twin", scan=64, scan_keep=True, scan_keep_whole=True), w
+    ).delta
+    assert whole.method["scan_keep_whole"] is True and "scan_keep_whole" not in slot.method
+    assert whole.method["scan_picked"]["transformer:cross_kv"]["kept"] == 31
+    picked = whole.method["scan_picked"]["transformer:cross_kv"]["picked"]
+    # the context tokens (not the slot) of the unpicked words' scan prompts, from the capture:
+    # slot-only keeping leaves them free, whole keeping holds them
+    safe = [[int(v) for v in p[0].tokens[:, 0].tolist()] for p in g.roles["safe_ids"]]
+    pw = [(wd, int(p)) for wd, pairs in zip(plan["words"], plan["pairs"]) for p in pairs]
+    ctx = []
+    for x, ids, (wd, p) in zip(g.roles["scan"], g.roles["scan_ids"], pw):
+        ids = [int(v) for v in ids[0].tokens[:, 0].tolist()]
+        if wd in picked or ids == safe[p]:
+            continue
+        here = set(concept_positions(ids, safe[p]))
+        ctx.append(x[0].tokens[[i for i in range(len(ids)) if i not in here]])
+    X = torch.cat(ctx).double()
+    W = w.target(g.targets[0]).double()
+
+    def moved(d):
+        e = d.entries[0]
+        return float((X @ (e.U.double() @ e.V.double().T).T).norm() / (X @ W.T).norm())
+
+    # measured 0.042 against 0.055
+    assert moved(whole) < 0.85 * moved(slot), (moved(whole), moved(slot))
