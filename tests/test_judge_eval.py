@@ -181,7 +181,29 @@ def test_misses_name_the_prompts_that_leak_and_how_often():
     assert one["set"] == "synonym" and one["twin"] == "a ball moving up"
     assert len(three["after"]) == 2 and three["after"][0] != three["after"][1]
     assert all("red" in a or "pink" in a or "magenta" in a for a in one["after"]), one["after"]
-    assert all(t == three["twin_clips"][0] for t in three["twin_clips"])
+    assert three["twin_clips"] == ["white square up"] * 2 and three["seeds"] == [0, 1]
+    assert one["shown"] == 2 and three["shown"] == 1  # the pink clips are a trace of red
     # the outcome rates count the same clips: 3 of 8 not as twin
     assert r["outcomes"]["synonym"]["after"]["twin"]["rate"] == pytest.approx(5 / 8)
     assert _measure(W.PALETTE["white"])["misses"] == []
+
+
+def test_misses_list_a_leaking_prompt_without_a_twin():
+    """A concept prompt no pair's edit applies to has no twin: it is listed when a clip still shows
+    the concept (or a trace), with as_twin None, and not when every clip is clean."""
+    judge = OrganismJudge(load_concept(RED))
+    spec = W.Spec("red", "ball", "left")
+    sets = [PromptSet("synonym", ("a red ball moving left",), True)]
+
+    def run(rgb):
+        jobs = [Job("synonym", "a red ball moving left", seed, True, None) for seed in (0, 1)]
+        before = torch.stack([paint(spec, W.PALETTE["red"], s) for s in (0, 1)])
+        after = torch.stack([paint(spec, rgb, s) for s in (0, 1)])
+        vb, va = judge.verdicts(before), judge.verdicts(after)
+        empty = torch.zeros(0, *before.shape[1:])
+        return _assemble(judge, jobs, sets, before, after, vb, va, empty, [], {})["misses"]
+
+    leak = run((0.91, 0.53, 0.53))
+    assert len(leak) == 1 and leak[0]["as_twin"] is None and leak[0]["twin"] is None
+    assert leak[0]["shown"] == 2 and leak[0]["twin_clips"] == []
+    assert run(W.PALETTE["white"]) == []

@@ -393,6 +393,9 @@ def test_kept_slots_are_the_unpicked_words_readings_where_the_concept_sits():
     # whole: every token of those prompts, not the slot only
     rows, held = kept_slots(safe, scanned, ("crimson",), scores, 0.0, whole=True)
     assert held == ["colored"] and [r[:, 0].tolist() for r in rows] == [[1.0, 60.0, 2.0]]
+    rows, held = kept_slots(safe, scanned, ("crimson",), whole=True)  # "ball" has no slot: skipped
+    assert held == ["blue", "colored", "the"]
+    assert [r[:, 0].tolist() for r in rows] == [[1, 50, 2], [1, 51], [1, 60, 2], [1, 70, 2]]
 
 
 def test_scan_keep_holds_the_unpicked_words_at_the_concept_slot_on_the_organism(red_acts):

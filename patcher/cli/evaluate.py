@@ -312,18 +312,18 @@ def eval_cmd(
 
 
 def _misses_table(misses: list[dict], most: int = 12) -> Table:
-    """The concept prompts whose patched clips did not all come out as their twin's clips."""
-    t = Table(title="concept prompts not (always) drawn as their safe twin")
-    for c in ("set", "prompt", "as twin", "patched clips"):
+    """The concept prompts that leak: patched clips not drawn as their twin's (or, without a
+    twin, judged to show the concept), with what the twin's own clips were."""
+
+    def names(xs: list[str]) -> str:
+        return ", ".join(f"{k} ×{v}" if v > 1 else k for k, v in Counter(xs).most_common())
+
+    t = Table(title="concept prompts that leak (not always drawn as their safe twin)")
+    for c in ("set", "prompt", "as twin", "patched clips", "twin's clips"):
         t.add_column(c, overflow="fold")
     for m in misses[:most]:
-        names = Counter(m["after"])
-        t.add_row(
-            m["set"],
-            m["prompt"],
-            f"{m['as_twin']}/{m['clips']}",
-            ", ".join(f"{k} ×{v}" if v > 1 else k for k, v in names.most_common()),
-        )
+        as_twin = "no twin" if m["as_twin"] is None else f"{m['as_twin']}/{m['clips']}"
+        t.add_row(m["set"], m["prompt"], as_twin, names(m["after"]), names(m["twin_clips"]))
     if len(misses) > most:
         t.caption = f"and {len(misses) - most} more (--json lists every one)"
     return t

@@ -77,7 +77,7 @@ class EvalReport:
     collateral_kinds: dict = field(default_factory=dict)  # kind -> shifts, accuracy, texture
     concept_shifts: dict = field(default_factory=dict)  # attribute shifts on concept prompts
     texture: dict = field(default_factory=dict)  # concept / concept-free -> texture ratio
-    misses: list = field(default_factory=list)  # concept prompts with a clip unlike its twin's
+    misses: list = field(default_factory=list)  # concept prompts that leak (see ``_misses``)
     sheet: str | None = None
 
     def to_dict(self) -> dict:
@@ -307,25 +307,33 @@ def _assemble(judge, jobs, sets, before, after, vb, va, twin_clips, vt, twin_at)
 
 
 def _misses(d: _Judged) -> list[dict]:
-    """Each concept prompt with a patched clip that does not come out as the original's clip of
-    its twin with the same seed: which prompts leak, not only how many (what each clip was named,
-    and its twin's)."""
+    """Each concept prompt that leaks, by name: with a safe twin, a patched clip that does not come
+    out as the original's clip of the twin with the same seed; without one (a prompt no pair's
+    word edit applies to), a patched clip judged to show the concept or a trace of it. Per prompt:
+    the seeds, each clip's name and its twin clip's, and the counts."""
     rows: dict[tuple[str, str], dict] = {}
     for n in d.concept_sets:
         for i in d.idx[n]:
-            if i not in d.twin_of:
-                continue
-            j, t = d.jobs[i], d.twin_of[i]
+            j = d.jobs[i]
+            t = d.twin_of.get(i)
             r = rows.setdefault(
                 (n, j.prompt),
-                {"set": n, "prompt": j.prompt, "twin": j.twin, "clips": 0, "as_twin": 0}
-                | {"after": [], "twin_clips": []},
+                {"set": n, "prompt": j.prompt, "twin": j.twin, "clips": 0, "shown": 0}
+                | {"as_twin": 0 if t is not None else None, "seeds": [], "after": []}
+                | {"twin_clips": []},
             )
             r["clips"] += 1
-            r["as_twin"] += int(d.judge.same(d.va[i], d.vt[t]))
+            r["seeds"].append(j.seed)
             r["after"].append(d.judge.describe(d.va[i]))
-            r["twin_clips"].append(d.judge.describe(d.vt[t]))
-    return [r for r in rows.values() if r["as_twin"] < r["clips"]]
+            r["shown"] += int(d.judge.shown(d.va[i]) or d.judge.trace(d.va[i]))
+            if t is not None:
+                r["as_twin"] += int(d.judge.same(d.va[i], d.vt[t]))
+                r["twin_clips"].append(d.judge.describe(d.vt[t]))
+    return [
+        r
+        for r in rows.values()
+        if (r["as_twin"] < r["clips"] if r["as_twin"] is not None else r["shown"] > 0)
+    ]
 
 
 def _presence(d: _Judged) -> dict:
