@@ -98,6 +98,7 @@ def main() -> None:
     def name(v) -> str:
         return f"{v.tone} {v.family}".strip() if v.present else "none"
 
+    pad = te(organism.encode(tok, enc, [""]))[0, -1]  # padding's reading: a removed word's twin
     twin_names: dict[str, list[str]] = {}
     print(f"{a.concept} with {a.delta.name}, {a.seeds} seeds; concept {wanted}")
 
@@ -111,7 +112,8 @@ def main() -> None:
                 if t is None:
                     continue
                 if t not in twin_names:
-                    twin_names[t] = [name(v) for v in map(judge, _original(tok, enc, tr, t, seeds))]
+                    twin = organism.sample(tok, enc, tr, [t] * len(seeds), seeds)
+                    twin_names[t] = [name(v) for v in map(judge, twin)]
                 got = [name(v) for v in clips(p)]
                 miss = not matches(got, t)
                 print(
@@ -126,7 +128,6 @@ def main() -> None:
                 words = tok.convert_ids_to_tokens(iu)
                 orig_t = te(organism.encode(tok, enc, [t]))[0]
                 orig_u = te(organism.encode(tok, enc, [p]))[0]
-                pad = te(organism.encode(tok, enc, [""]))[0, -1]
                 # what K/V should read at each token (the edit sits in K/V, after the hooked
                 # output, so a row fed there is read as M row: feed M⁻¹ of what is wanted)
                 target = {i: (orig_t[j] if j is not None else pad) for i, j in align_tokens(iu, it)}
@@ -158,10 +159,6 @@ def main() -> None:
                     )
     finally:
         handle.remove()
-
-
-def _original(tok, enc, tr, prompt: str, seeds: list[int]) -> torch.Tensor:
-    return organism.sample(tok, enc, tr, [prompt] * len(seeds), seeds)
 
 
 if __name__ == "__main__":

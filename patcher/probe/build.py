@@ -207,8 +207,10 @@ def _scanned(
         below = None if params.scan_keep_max == math.inf else params.scan_keep_max
         whole = params.scan_keep_whole
         rows, held = kept_slots(_with_ids(g, "safe"), by_word, res.picked, res.scores, below, whole)
-        rows_as, _ = kept_slots(
-            _with_ids(ref, "safe"), scored, res.picked, res.scores, below, whole
+        rows_as = (  # a repair: the same rows as the original model read them
+            rows
+            if ref is g
+            else kept_slots(_with_ids(ref, "safe"), scored, res.picked, res.scores, below, whole)[0]
         )
         kept = (rows, rows_as)
         rec["kept"] = len(held)
@@ -253,10 +255,13 @@ def twin_map(
                 "capture with probe --method twin (--save-activations keeps them)"
             )
 
-        def preserved(x: GroupActivations) -> list[torch.Tensor]:
-            return [c.tokens for r in ("neutral", "safe", "empty") for p in x.roles[r] for c in p]
+        def preserved(x: GroupActivations, picked: list[str], slots) -> list[torch.Tensor]:
+            own = [c.tokens for r in ("neutral", "safe", "empty") for p in x.roles[r] for c in p]
+            return own + _extra_preserved(acts, x, picked) + slots
 
-        preserve, kept_as = preserved(g), preserved(ref)
+        def empty(x: GroupActivations) -> torch.Tensor:
+            return torch.cat([c.tokens for p in x.roles["empty"] for c in p])
+
         # a learned null caption (recipe key null_caption) is what a removed word and the
         # unconditional branch read there, position by position; else padding's one reading
         pad = g.roles["null"][0][0].tokens if "null" in g.roles else g.roles["pad"][0][0].tokens[0]
@@ -275,23 +280,18 @@ def twin_map(
         unsafe, safe = _with_ids(g, "unsafe"), _with_ids(ref, "safe")
         scan_rows, pair_of, scan_rec, (slots, slots_as) = _scanned(acts, g, params, ref)
         picked = scan_rec["picked"] if scan_rec else []
-        preserve += _extra_preserved(acts, g, picked) + slots
-        kept_as += _extra_preserved(acts, ref, picked) + slots_as
+        preserve = preserved(g, picked, slots)
+        anchors = empty(g) if params.anchor_empty else None
+        originals = None  # what the preserved rows and anchors must map back to, when repairing
+        if ref is not g:
+            originals = (
+                preserved(ref, picked, slots_as),
+                empty(ref) if anchors is not None else None,
+            )
         unsafe, safe = unsafe + scan_rows, safe + [safe[p] for p in pair_of]
         try:
-            anchors = anchors_to = None
-            if params.anchor_empty:
-                anchors = torch.cat([c.tokens for p in g.roles["empty"] for c in p])
-                anchors_to = torch.cat([c.tokens for p in ref.roles["empty"] for c in p])
             op, info = twin_edit(
-                unsafe,
-                safe,
-                preserve,
-                pad,
-                tp,
-                (extra or {}).get(g.site),
-                anchors,
-                None if ref is g else (kept_as, anchors_to),
+                unsafe, safe, preserve, pad, tp, (extra or {}).get(g.site), anchors, originals
             )
         except (ValueError, RuntimeError) as e:
             raise ProbeError(f"site {g.site} ({g.input}): twin edit failed: {e}") from None
