@@ -1,0 +1,318 @@
+"""Stop the concept word spreading into its context: T5 value maps under the recommended twin map.
+
+    python benchmarks/t5_value.py oracle CONCEPT [--seeds 4]    # the cause, no edit of T5
+    python benchmarks/t5_value.py run [CONCEPT ...] [--seeds 2]  # build the variant, vpatch eval it
+
+benchmarks/token_trace.py found that red's held-out misses under the recommended delta
+(`--method twin --layers cross_kv --scan 64`) sit in context tokens: "," in the never-trained
+template and "colored" carry red, which T5's self-attention wrote into them from the colour word.
+
+`oracle`: the concept words (the pairs' words and the scan's picks) are masked as keys of T5's
+self-attention, so no other token reads them, with the recommended delta applied; each held-out
+prompt is judged seed by seed against the original model's clip of its safe twin (as token_trace
+does). Masking is not an edit: it says whether the spread is the cause.
+
+`run` builds the variant "t5_value_scan" as one delta and measures it with `vpatch eval --seeds N
+--steps 16` (report benchmarks/results/eval_twin_t5_value_scan_<concept>.json, counted by
+`python benchmarks/twin_variants.py table t5_value_scan`):
+1. the recommended probe on the original model gives the scan's picks at `cross_kv`;
+2. each T5 block's self-attention value weight gets W' = W M, M fitted block by block on what the
+   block reads through the blocks already edited: the concept word and the picked words at their
+   slot in the pairs' unsafe prompts go to 0 (what a masked key contributes), every other token of
+   those prompts and every token of the recipe's neutral prompts, safe twins and the empty prompt
+   keeps its reading (least squares, β = 1, ridge 10⁻³ of the kept tokens' scale, as the twin map);
+3. `vpatch apply` writes that T5 edit to a copy, the recommended probe runs on the copy (its
+   `cross_kv` map is fitted on the edited encoder), and `vpatch merge` unites both deltas.
+Deltas, copies and contact sheets go to /tmp/vpatch-twin-variants/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from twin_variants import CONCEPTS, MODEL, WORK, _eval, report_path  # noqa: E402
+
+from patcher import organism  # noqa: E402
+from patcher.erasure.scan import concept_positions, substitute  # noqa: E402
+from patcher.erasure.twin import align_tokens  # noqa: E402
+from patcher.evaluation.organism_judge import judge  # noqa: E402
+from patcher.evaluation.prompts import OrganismTwins  # noqa: E402
+from patcher.families.recipes import load_concept  # noqa: E402
+from patcher.probe import CaptureOptions, ProbeParams, probe  # noqa: E402
+from patcher.vud.delta import Delta, map_input_entry, read_delta, versions, write_delta  # noqa: E402
+
+VARIANT = "t5_value_scan"
+RECOMMENDED = ["--method", "twin", "--layers", "cross_kv", "--scan", "64"]
+SETS = ("paraphrase", "synonym", "template", "unseen")
+CLI = [sys.executable, "-m", "patcher.cli"]
+
+
+def _probe(model: Path, recipe: str, out: Path) -> dict:
+    subprocess.run(
+        [
+            *CLI,
+            "probe",
+            str(model),
+            "-c",
+            recipe,
+            "-o",
+            str(out),
+            *RECOMMENDED,
+            "-q",
+            "--overwrite",
+        ],
+        check=True,
+        cwd=ROOT,
+    )
+    return read_delta(out).method
+
+
+def _probe_with_picks(model: Path, recipe: str, out: Path, picks: list[str]) -> None:
+    """The recommended probe, its scan's picks fixed to PICKS (the original model's): the words
+    that are the concept's are decided once, on the unedited model, as a repairing cascade scores
+    the original readings. The edited encoder's own scores are kept in the record."""
+    from patcher.erasure import scan
+
+    real = scan.scan_scores
+
+    def fixed(*args, **kwargs):
+        res = real(*args, **kwargs)
+        print(f"  cross_kv on the edited encoder: own picks {list(res.picked)}, kept {picks}")
+        return scan.ScanResult(res.scores, tuple(picks), res.unit)
+
+    scan.scan_scores = fixed
+    try:
+        probe(
+            model,
+            recipe,
+            out,
+            CaptureOptions(sites=("cross_kv",)),
+            ProbeParams(method="twin", scan=64),
+            overwrite=True,
+        )
+    finally:
+        scan.scan_scores = real
+
+
+def _picks(method: dict) -> list[str]:
+    return list(method["scan_picked"]["transformer:cross_kv"]["picked"])
+
+
+def _fit_prompts(con, tok, picks: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
+    """(unsafe, safe) pairs, the picked words substituted for the concept word too; kept prompts."""
+    pairs = [(p.unsafe, p.safe) for p in con.pairs]
+    uid = [organism.tokens(tok, [u]).input_ids[0].tolist() for u, _ in pairs]
+    sid = [organism.tokens(tok, [s]).input_ids[0].tolist() for _, s in pairs]
+    words = sorted(
+        {
+            tok.convert_ids_to_tokens(iu[i])
+            for iu, is_ in zip(uid, sid)
+            for i in concept_positions(iu, is_)
+        }
+    )
+    extra = [(substitute(u, words, w), s) for w in picks for u, s in pairs]
+    return pairs + [(u, s) for u, s in extra if u], list(con.neutral) + [s for _, s in pairs] + [""]
+
+
+def _value_rows(enc, tok, block: int, prompts: list[str]) -> list[torch.Tensor]:
+    """What block BLOCK's self-attention value weight reads, per prompt (valid tokens only)."""
+    got: list[torch.Tensor] = []
+    v = enc.encoder.block[block].layer[0].SelfAttention.v
+    h = v.register_forward_hook(lambda _m, i, _o: got.append(i[0]))
+    try:
+        t = organism.tokens(tok, prompts)
+        enc(input_ids=t.input_ids, attention_mask=t.attention_mask)
+    finally:
+        h.remove()
+    m = t.attention_mask.bool()
+    return [got[0][k][m[k]].double() for k in range(len(prompts))]
+
+
+def value_maps(con, tok, enc, picks: list[str]) -> dict[str, torch.Tensor]:
+    """Each block's value map M (in, in), fitted on inputs read through the earlier blocks' edits;
+    ENC's value weights are left edited (W M)."""
+    pairs, kept = _fit_prompts(con, tok, picks)
+    maps: dict[str, torch.Tensor] = {}
+    for b in range(len(enc.encoder.block)):
+        ur = _value_rows(enc, tok, b, [u for u, _ in pairs])
+        sr = _value_rows(enc, tok, b, [s for _, s in pairs])
+        xs, ys, keep = [], [], list(_value_rows(enc, tok, b, kept))
+        for (u, s), x, y in zip(pairs, ur, sr):
+            iu = organism.tokens(tok, [u]).input_ids[0].tolist()
+            is_ = organism.tokens(tok, [s]).input_ids[0].tolist()
+            pos = set(concept_positions(iu, is_))
+            for i, j in align_tokens(iu, is_):
+                if i in pos:  # a deleted word: 0 (a masked key); a replaced one: the twin word's
+                    xs.append(x[i])
+                    ys.append(torch.zeros_like(x[i]) if j is None else y[j])
+            keep.append(x[[i for i in range(len(x)) if i not in pos]])
+        xe, ye, xp = torch.stack(xs), torch.stack(ys), torch.cat(keep)
+        d = xp.shape[1]
+        ridge = 1e-3 * xp.pow(2).sum(1).mean() / d
+        B = xp.T @ xp / len(xp) + ridge * torch.eye(d, dtype=torch.float64)
+        # min (1/n_e) Σ‖M x_e − y_e‖² + (1/n_p) Σ‖M x_p − x_p‖² + ridge ‖M − I‖²
+        M = (ye.T @ xe / len(xe) + B) @ torch.linalg.inv(xe.T @ xe / len(xe) + B)
+        key = f"encoder.block.{b}.layer.0.SelfAttention.v.weight"
+        w = enc.encoder.block[b].layer[0].SelfAttention.v.weight
+        with torch.no_grad():
+            w.copy_((w.double() @ M).float())
+        maps[key] = M
+        left = (xe @ M.T - ye).norm() / (xe - ye).norm()
+        moved = (xp @ M.T - xp).norm() / xp.norm()
+        print(
+            f"  block {b}: {len(xe)} concept rows: {left:.3f} of their distance to target left; {len(xp)} kept rows move {moved:.3f}"
+        )
+    return maps
+
+
+def value_delta(
+    maps: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], concept: dict
+) -> Delta:
+    entries = []
+    for key, M in maps.items():
+        u, s, vt = torch.linalg.svd(M - torch.eye(len(M), dtype=M.dtype))
+        r = int((s > 1e-9 * s[0]).sum())
+        P, Q = u[:, :r] * s[:r], vt[:r].T
+        entries.append(map_input_entry(f"text_encoder/{key}", weights[key], P, Q, 1.0))
+    method = {
+        "name": "t5_value",
+        "family": "wan",
+        "script": Path(__file__).name,
+    }
+    return Delta(entries, concept=concept, method=method, versions=versions())
+
+
+def build(c: str) -> Path:
+    recipe = str(ROOT / f"examples/organism/{c}.toml")
+    con = load_concept(recipe)
+    WORK.mkdir(exist_ok=True)
+    rec = _probe(MODEL, recipe, WORK / f"scan_{c}.vud")
+    picks = _picks(rec)
+    print(f"{c}: scan picks at cross_kv {picks}")
+    tok, enc, _tr = organism.load(MODEL)
+    weights = {k: v.detach().clone() for k, v in enc.state_dict().items()}
+    torch.set_grad_enabled(False)
+    maps = value_maps(con, tok, enc, picks)
+    t5 = WORK / f"t5_value_{c}.vud"
+    write_delta(
+        t5, value_delta(maps, weights, read_delta(WORK / f"scan_{c}.vud").concept), overwrite=True
+    )
+    copy = WORK / f"t5_value_{c}_model"
+    shutil.rmtree(copy, ignore_errors=True)
+    subprocess.run(
+        [*CLI, "apply", str(MODEL), str(t5), "-o", str(copy), "-q"], check=True, cwd=ROOT
+    )
+    kv = WORK / f"t5_value_kv_{c}.vud"
+    _probe_with_picks(copy, recipe, kv, picks)
+    out = WORK / f"{VARIANT}_{c}.vud"
+    subprocess.run(
+        [*CLI, "merge", str(t5), str(kv), "-o", str(out), "--overwrite"],
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+    )
+    shutil.rmtree(copy)
+    return out
+
+
+def run(concepts: list[str], seeds: int) -> None:
+    for c in concepts:
+        delta = build(c)
+        tail = "" if seeds == 2 else f"_seeds{seeds}"
+        recipe = str(ROOT / f"examples/organism/{c}.toml")
+        out = _eval(recipe, delta, WORK / f"sheet_{VARIANT}_{c}{tail}.png", seeds)
+        report_path(VARIANT, c, seeds).write_text(out)
+        print(f"{VARIANT} {c}: {report_path(VARIANT, c, seeds).name}", flush=True)
+
+
+def oracle(c: str, seeds: int) -> None:
+    recipe = str(ROOT / f"examples/organism/{c}.toml")
+    con = load_concept(recipe)
+    twin_of = OrganismTwins(con)
+    WORK.mkdir(exist_ok=True)
+    delta = WORK / f"scan_{c}.vud"
+    picks = _picks(_probe(MODEL, recipe, delta))
+    entries = read_delta(delta).entries
+    tok, enc, tr = organism.load(MODEL)
+    torch.set_grad_enabled(False)
+    pairs, _ = _fit_prompts(con, tok, [])
+    words = {w for u, s in pairs for w in set(u.split()) - set(s.split())} | set(picks)
+    ids = set(tok.convert_tokens_to_ids(sorted(words)))
+    real = organism.encode
+
+    def masked(tok_, enc_, prompts):
+        t = organism.tokens(tok_, prompts)
+        keys = t.attention_mask.clone()
+        for i in ids:
+            keys[t.input_ids == i] = 0  # no token reads a concept word (it still reads the others)
+        h = enc_(input_ids=t.input_ids, attention_mask=keys).last_hidden_state
+        return h * t.attention_mask.unsqueeze(-1).to(h.dtype)
+
+    def names(p: str, patched: bool, mask: bool) -> list[str]:
+        organism.encode = masked if mask else real
+        try:
+            if patched:
+                with organism.edited({"transformer": tr}, entries):
+                    out = organism.sample(tok, enc, tr, [p] * seeds, list(range(seeds)))
+            else:
+                out = organism.sample(tok, enc, tr, [p] * seeds, list(range(seeds)))
+        finally:
+            organism.encode = real
+        return [f"{v.tone} {v.family}".strip() if v.present else "none" for v in map(judge, out)]
+
+    print(f"{c}: recommended delta, words masked as T5 keys {sorted(words)}, {seeds} seeds")
+    hits = {"delta": 0, "delta + mask": 0}
+    n = 0
+    for s in SETS:
+        for p in con.heldout.get(s, []):
+            t = twin_of(p)
+            if t is None:
+                continue
+            tw = names(t, False, False)
+            a, b = names(p, True, False), names(p, True, True)
+            ha = sum(x == y for x, y in zip(a, tw))
+            hb = sum(x == y for x, y in zip(b, tw))
+            hits["delta"] += ha
+            hits["delta + mask"] += hb
+            n += seeds
+            print(
+                f"{s:10s} {p!r}: delta {ha}/{seeds} {a}; + mask {hb}/{seeds} {b}; twin {tw}",
+                flush=True,
+            )
+    print(
+        "as twin (clip by clip against the twin's clip): "
+        + json.dumps({k: f"{v}/{n}" for k, v in hits.items()})
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    o = sub.add_parser("oracle")
+    o.add_argument("concept", choices=CONCEPTS)
+    o.add_argument("--seeds", type=int, default=4)
+    r = sub.add_parser("run")
+    r.add_argument("concepts", nargs="*", default=list(CONCEPTS))
+    r.add_argument("--seeds", type=int, default=2)
+    a = ap.parse_args()
+    if a.seeds < 1:
+        ap.error("--seeds: at least 1")
+    if a.cmd == "oracle":
+        oracle(a.concept, a.seeds)
+    else:
+        run(a.concepts, a.seeds)
+
+
+if __name__ == "__main__":
+    main()
