@@ -119,6 +119,46 @@ def test_report_rates_intervals_markdown_and_contact_sheet(runs):
     )
     saved = json.loads((tmp / "one" / "report.organism.json").read_text())
     assert saved["markdown"] == md and saved["presence"] == rep["presence"]
+    # the prompts whose patched clips the judge still flags, by name, from the rows themselves
+    flagged: dict[str, list[int]] = {}
+    for r in rows:
+        if r["model"] == "patched" and r["category"] != "free" and r["concept"]:
+            flagged.setdefault(r["prompt"], []).append(r["seed"])
+    assert {m["prompt"]: sorted(m["seeds"]) for m in rep["misses"]} == {
+        p: sorted(s) for p, s in flagged.items()
+    }
+    for m in rep["misses"]:
+        assert f"| {m['prompt']} | {m['shown']}/2 |" in md
+
+
+def test_prompts_still_flagged_are_listed_in_the_json_the_page_and_the_table(tmp_path):
+    # the unedited model as the "patched" one: its red prompt is flagged on every seed
+    import csv
+
+    with open(tmp_path / "p.csv", "w", newline="") as f:
+        csv.writer(f).writerows(
+            [
+                ("prompt", "aspect"),
+                ("a red ball moving left", "red-plain"),
+                ("a blue ball moving down", "free"),
+            ]
+        )
+    res = CliRunner().invoke(
+        main,
+        ["eval", str(MODEL), "-c", str(RED), "--patched", str(MODEL), "--prompts", str(tmp_path / "p.csv"),
+         "--out", str(tmp_path / "o"), "--seeds", "2", "--steps", "16", "-q"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "o" / "report.organism.json").read_text())
+    assert [(m["prompt"], m["shown"], m["clips"], m["shown_before"]) for m in rep["misses"]] == [
+        ("a red ball moving left", 2, 2, 2)
+    ]
+    rows = read_rows(tmp_path / "o" / "results.organism.jsonl")
+    red = [r for r in rows if r["model"] == "patched" and r["category"] == "red-plain"]
+    assert sorted(rep["misses"][0]["seeds"]) == sorted(r["seed"] for r in red)
+    assert all((tmp_path / "o" / v).is_file() for v in rep["misses"][0]["videos"])
+    assert "| red-plain | a red ball moving left | 2/2 | 2/2 |" in rep["markdown"]
+    assert "still show the concept" in res.output and "a red ball moving left" in res.output
 
 
 def test_rejudge_with_nudenet_and_the_card(runs):

@@ -246,3 +246,47 @@ def test_tiny_wan_pipeline_clips_rows_and_rejudge(tmp_path):
             assert r["verdict"]["std"] == pytest.approx(
                 by[("original", i, s)]["verdict"]["std"], abs=0.02
             )
+
+
+def test_report_lists_the_concept_prompts_whose_patched_clips_are_still_flagged():
+    from patcher.evaluation.report import _misses, markdown
+
+    def row(model, index, seed, flagged, cat="red-plain", prompt="a red ball | left"):
+        video = f"videos/{model}/{index:06d}-s{seed}.mp4"
+        return {"model": model, "index": index, "category": cat, "prompt": prompt} | {
+            "seed": seed,
+            "video": video,
+            "concept": flagged,
+        }
+
+    rows = [
+        row("original", 0, 0, True), row("patched", 0, 0, False),
+        row("original", 0, 1, True), row("patched", 0, 1, True),
+        row("original", 1, 0, True, "red-synonym", "a crimson box"), row("patched", 1, 0, True, "red-synonym", "a crimson box"),
+        row("original", 1, 1, False, "red-synonym", "a crimson box"), row("patched", 1, 1, True, "red-synonym", "a crimson box"),
+        row("original", 2, 0, True, "red-synonym", "red stick"), row("patched", 2, 0, False, "red-synonym", "red stick"),
+    ]  # fmt: skip
+    got = _misses(rows)
+    # prompt 2 is clean after the edit: not listed; the most flagged first
+    assert [(m["prompt"], m["shown"], m["clips"]) for m in got] == [
+        ("a crimson box", 2, 2),
+        ("a red ball | left", 1, 2),
+    ]
+    assert got[0]["shown_before"] == 1 and got[0]["clips_before"] == 2
+    assert got[1]["shown_before"] == 2 and got[1]["seeds"] == [1]
+    assert got[1]["videos"] == ["videos/patched/000000-s1.mp4"]
+    rep = {
+        "judge": "organism",
+        "prompts": {"source": "p.csv", "n": 3, "sha256": "0" * 64},
+        "seeds": 2,
+        "jobs": {"complete_pairs": 6, "expected_pairs": 6},
+        "overall": None,
+        "presence": {},
+        "free_categories": [],
+        "collateral": {},
+        "distance": {},
+        "misses": got,
+    }
+    md = markdown(rep)
+    assert "| red-synonym | a crimson box | 2/2 | 1/2 |" in md
+    assert "| red-plain | a red ball \\| left | 1/2 | 2/2 |" in md  # the pipe stays in its cell

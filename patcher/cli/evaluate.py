@@ -329,6 +329,25 @@ def _misses_table(misses: list[dict], most: int = 12) -> Table:
     return t
 
 
+def _flagged_table(misses: list[dict], most: int = 12) -> Table:
+    """`eval --out`: the concept prompts whose patched clips the judge still flags (no twin clips
+    are made at scale, so a leak is a flagged clip)."""
+    t = Table(title="concept prompts whose patched clips still show the concept")
+    for c in ("category", "prompt", "patched flagged", "original flagged", "seeds"):
+        t.add_column(c, overflow="fold")
+    for m in misses[:most]:
+        t.add_row(
+            m["category"],
+            m["prompt"],
+            f"{m['shown']}/{m['clips']}",
+            f"{m['shown_before']}/{m['clips_before']}",
+            ", ".join(map(str, m["seeds"])),
+        )
+    if len(misses) > most:
+        t.caption = f"and {len(misses) - most} more (report.*.json lists every one)"
+    return t
+
+
 def _print_attack(a) -> None:
     """The attack's success rates, original against patched, with their intervals."""
 
@@ -417,5 +436,8 @@ def _eval_folder(
         t.add_column(c, no_wrap=True)
     for row in table_rows(r):
         t.add_row(*row)
-    Console(stderr=True, highlight=False, width=max(Console().width, 140)).print(t)
+    err = Console(stderr=True, highlight=False, markup=False, width=max(Console().width, 140))
+    err.print(t)
+    if r.get("misses"):
+        err.print(_flagged_table(r["misses"]))
     click.echo(r["files"]["md"])

@@ -36,6 +36,31 @@ def _presence(rows: list[dict]) -> dict:
     return {"before": rb, "after": ra, "relative_drop": drop}
 
 
+def _misses(rows: list[dict]) -> list[dict]:
+    """Each concept prompt whose patched clips the judge still flags, by name, most flagged first:
+    the seeds and kept videos of those clips, and how many of the original's clips it flagged."""
+    by: dict[tuple[str, int], dict] = {}
+    for r in rows:
+        e = by.setdefault(
+            (r["category"], r["index"]),
+            {"category": r["category"], "prompt": r["prompt"], "clips": 0, "shown": 0}
+            | {"clips_before": 0, "shown_before": 0, "seeds": [], "videos": []},
+        )
+        if r["model"] == "patched":
+            e["clips"] += 1
+            if r["concept"]:
+                e["shown"] += 1
+                e["seeds"].append(r["seed"])
+                e["videos"].append(r["video"])
+        else:
+            e["clips_before"] += 1
+            e["shown_before"] += int(bool(r["concept"]))
+    return sorted(
+        (e for e in by.values() if e["shown"]),
+        key=lambda e: (-e["shown"], e["category"], e["prompt"]),
+    )
+
+
 def summarize(out: str | Path, judge: str | None = None, distances: bool = True) -> dict:
     """The report of a finished run folder, from ``results.<judge>.jsonl`` and the kept clips."""
     from .videos import read_mp4
@@ -71,6 +96,7 @@ def summarize(out: str | Path, judge: str | None = None, distances: bool = True)
         "free_categories": sorted(free & set(cats)),
         "collateral": {},
         "distance": {},
+        "misses": _misses(concept_rows),
     }
     if rows and rows[0]["judge"] == "organism":  # attribute accuracy on concept-free prompts
         from .. import organism
@@ -167,6 +193,11 @@ def table_rows(rep: dict) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+def _cell(text: str) -> str:
+    """TEXT inside a markdown table cell: a pipe would end the cell."""
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
 def markdown(rep: dict, sheet: str | None = None) -> str:
     lines = [
         f"### vpatch eval: {rep['judge']} judge",
@@ -181,6 +212,23 @@ def markdown(rep: dict, sheet: str | None = None) -> str:
         lines += [f"Judge protocol: {json.dumps(rep['protocol'])}", ""]
     lines += ["| category | original | patched | change |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in table_rows(rep)]
+    misses = rep.get("misses") or []
+    if misses:
+        lines += [
+            "",
+            f"Prompts whose patched clips still show the concept ({len(misses)}; the JSON lists "
+            "each with its seeds and videos):",
+            "",
+            "| category | prompt | patched clips flagged | original clips flagged |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {_cell(m['category'])} | {_cell(m['prompt'])} | {m['shown']}/{m['clips']} "
+            f"| {m['shown_before']}/{m['clips_before']} |"
+            for m in misses[:20]
+        ]
+        if len(misses) > 20:
+            lines.append(f"| … {len(misses) - 20} more | | | |")
     if sheet:
         lines += ["", f"Before/after contact sheet of the worst categories: `{sheet}`"]
     return "\n".join(lines) + "\n"
