@@ -10,7 +10,9 @@ template and "colored" carry red, which T5's self-attention wrote into them from
 `oracle`: the concept words (the pairs' words and the scan's picks) are masked as keys of T5's
 self-attention, so no other token reads them, with the recommended delta applied; each held-out
 prompt is judged seed by seed against the original model's clip of its safe twin (as token_trace
-does). Masking is not an edit: it says whether the spread is the cause.
+does). Masking is not an edit: it says whether the spread is the cause. A second column sets the
+words' values to exactly 0 in every block instead (what a value edit can reach at best: the words
+still take their share of attention).
 
 `run` builds the variant "t5_value_scan" as one delta and measures it with `vpatch eval --seeds N
 --steps 16` (report benchmarks/results/eval_twin_t5_value_scan_<concept>.json, counted by
@@ -251,45 +253,70 @@ def oracle(c: str, seeds: int) -> None:
     ids = set(tok.convert_tokens_to_ids(sorted(words)))
     real = organism.encode
 
-    def masked(tok_, enc_, prompts):
-        t = organism.tokens(tok_, prompts)
-        keys = t.attention_mask.clone()
-        for i in ids:
-            keys[t.input_ids == i] = 0  # no token reads a concept word (it still reads the others)
-        h = enc_(input_ids=t.input_ids, attention_mask=keys).last_hidden_state
-        return h * t.attention_mask.unsqueeze(-1).to(h.dtype)
+    def encode(mode: str):
+        def run(tok_, enc_, prompts):
+            t = organism.tokens(tok_, prompts)
+            hit = torch.zeros_like(t.attention_mask, dtype=torch.bool)
+            for i in ids:
+                hit |= t.input_ids == i
+            keys = t.attention_mask.bool()
+            hooks = []
+            if mode == "mask":  # no other token reads a concept word; it still reads itself
+                n = keys.shape[1]
+                keys = keys[:, None, None, :].expand(-1, 1, n, -1).clone()
+                keys &= ~(hit[:, None, None, :] & ~torch.eye(n, dtype=torch.bool))
+            else:  # "zero": the words' values are 0, but they keep their share of attention
 
-    def names(p: str, patched: bool, mask: bool) -> list[str]:
-        organism.encode = masked if mask else real
+                def zero(_m, _i, out):
+                    return out * (~hit).unsqueeze(-1).to(out.dtype)
+
+                hooks = [
+                    b.layer[0].SelfAttention.v.register_forward_hook(zero)
+                    for b in enc_.encoder.block
+                ]
+            try:
+                h = enc_(input_ids=t.input_ids, attention_mask=keys).last_hidden_state
+            finally:
+                for k in hooks:
+                    k.remove()
+            return h * t.attention_mask.unsqueeze(-1).to(h.dtype)
+
+        return run
+
+    modes = {"delta": real, "delta + mask": encode("mask"), "delta + value 0": encode("zero")}
+
+    def names(p: str, how) -> list[str]:
+        organism.encode = how
         try:
-            if patched:
+            if how is None:
+                organism.encode = real
+                out = organism.sample(tok, enc, tr, [p] * seeds, list(range(seeds)))
+            else:
                 with organism.edited({"transformer": tr}, entries):
                     out = organism.sample(tok, enc, tr, [p] * seeds, list(range(seeds)))
-            else:
-                out = organism.sample(tok, enc, tr, [p] * seeds, list(range(seeds)))
         finally:
             organism.encode = real
         return [f"{v.tone} {v.family}".strip() if v.present else "none" for v in map(judge, out)]
 
-    print(f"{c}: recommended delta, words masked as T5 keys {sorted(words)}, {seeds} seeds")
-    hits = {"delta": 0, "delta + mask": 0}
+    print(
+        f"{c}: recommended delta; words {sorted(words)} masked as T5 keys, or their values 0; {seeds} seeds"
+    )
+    hits = dict.fromkeys(modes, 0)
     n = 0
     for s in SETS:
         for p in con.heldout.get(s, []):
             t = twin_of(p)
             if t is None:
                 continue
-            tw = names(t, False, False)
-            a, b = names(p, True, False), names(p, True, True)
-            ha = sum(x == y for x, y in zip(a, tw))
-            hb = sum(x == y for x, y in zip(b, tw))
-            hits["delta"] += ha
-            hits["delta + mask"] += hb
+            tw = names(t, None)
+            row = []
+            for k, how in modes.items():
+                got = names(p, how)
+                h = sum(x == y for x, y in zip(got, tw))
+                hits[k] += h
+                row.append(f"{k.replace('delta + ', '+ ')} {h}/{seeds} {got}")
             n += seeds
-            print(
-                f"{s:10s} {p!r}: delta {ha}/{seeds} {a}; + mask {hb}/{seeds} {b}; twin {tw}",
-                flush=True,
-            )
+            print(f"{s:10s} {p!r}: " + "; ".join(row) + f"; twin {tw}", flush=True)
     print(
         "as twin (clip by clip against the twin's clip): "
         + json.dumps({k: f"{v}/{n}" for k, v in hits.items()})
