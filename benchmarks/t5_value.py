@@ -11,8 +11,8 @@ template and "colored" carry red, which T5's self-attention wrote into them from
 self-attention, so no other token reads them, with the recommended delta applied; each held-out
 prompt is judged seed by seed against the original model's clip of its safe twin (as token_trace
 does). Masking is not an edit: it says whether the spread is the cause. A second column sets the
-words' values to exactly 0 in every block instead (what a value edit can reach at best: the words
-still take their share of attention).
+words' values to exactly 0 in every block instead (the target the variant's value maps aim at;
+the words still take their share of attention).
 
 `run` builds the variant "t5_value_scan" as one delta and measures it with `vpatch eval --seeds N
 --steps 16` (report benchmarks/results/eval_twin_t5_value_scan_<concept>.json, counted by
