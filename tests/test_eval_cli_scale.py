@@ -119,30 +119,23 @@ def test_report_rates_intervals_markdown_and_contact_sheet(runs):
     )
     saved = json.loads((tmp / "one" / "report.organism.json").read_text())
     assert saved["markdown"] == md and saved["presence"] == rep["presence"]
-    # the prompts whose patched clips the judge still flags, by name, from the rows themselves
-    flagged: dict[str, list[int]] = {}
-    for r in rows:
-        if r["model"] == "patched" and r["category"] != "free" and r["concept"]:
-            flagged.setdefault(r["prompt"], []).append(r["seed"])
-    assert {m["prompt"]: sorted(m["seeds"]) for m in rep["misses"]} == {
-        p: sorted(s) for p, s in flagged.items()
-    }
-    for m in rep["misses"]:
-        assert f"| {m['prompt']} | {m['shown']}/2 |" in md
+    # this delta clears every concept clip: nothing is listed (the unedited model's test lists some)
+    assert not any(
+        r["concept"] for r in rows if r["model"] == "patched" and r["category"] != "free"
+    )
+    assert rep["misses"] == [] and "still flagged" not in md
 
 
-def test_prompts_still_flagged_are_listed_in_the_json_the_page_and_the_table(tmp_path):
-    # the unedited model as the "patched" one: its red prompt is flagged on every seed
+def test_prompts_still_flagged_are_listed_in_the_json_and_the_table_not_named_on_the_page(tmp_path):
+    # the unedited model as the "patched" one: its red prompts are flagged on every seed; a red
+    # prompt in a concept-free category is flagged too, but is not a concept prompt
     import csv
 
     with open(tmp_path / "p.csv", "w", newline="") as f:
         csv.writer(f).writerows(
-            [
-                ("prompt", "aspect"),
-                ("a red ball moving left", "red-plain"),
-                ("a blue ball moving down", "free"),
-            ]
-        )
+            [("prompt", "aspect"), ("a red ball moving left", "red-plain"),
+             ("a red square moving up", "free"), ("a blue ball moving down", "free")]
+        )  # fmt: skip
     res = CliRunner().invoke(
         main,
         ["eval", str(MODEL), "-c", str(RED), "--patched", str(MODEL), "--prompts", str(tmp_path / "p.csv"),
@@ -150,15 +143,37 @@ def test_prompts_still_flagged_are_listed_in_the_json_the_page_and_the_table(tmp
     )  # fmt: skip
     assert res.exit_code == 0, res.output
     rep = json.loads((tmp_path / "o" / "report.organism.json").read_text())
+    rows = read_rows(tmp_path / "o" / "results.organism.jsonl")
+    flagged_free = [r for r in rows if r["category"] == "free" and r["concept"]]
+    assert len(flagged_free) == 4  # both models draw the free red square red: left out below
     assert [(m["prompt"], m["shown"], m["clips"], m["shown_before"]) for m in rep["misses"]] == [
         ("a red ball moving left", 2, 2, 2)
     ]
-    rows = read_rows(tmp_path / "o" / "results.organism.jsonl")
     red = [r for r in rows if r["model"] == "patched" and r["category"] == "red-plain"]
     assert sorted(rep["misses"][0]["seeds"]) == sorted(r["seed"] for r in red)
     assert all((tmp_path / "o" / v).is_file() for v in rep["misses"][0]["videos"])
-    assert "| red-plain | a red ball moving left | 2/2 | 2/2 |" in rep["markdown"]
+    assert "1 concept prompt still flagged" in rep["markdown"]
+    assert "a red ball moving left" not in rep["markdown"]  # the page goes into model cards
     assert "still show the concept" in res.output and "a red ball moving left" in res.output
+
+
+def test_a_delta_run_that_reports_progress_finishes(tmp_path):
+    # without -q, eval logs "applying ..." before generating (a run that failed here once)
+    res = CliRunner().invoke(
+        main,
+        ["probe", str(MODEL), "-c", str(RED), "-o", str(tmp_path / "red.vud"), "--method", "mean", "-q"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    with open(tmp_path / "p.txt", "w") as f:
+        f.write("red-plain\ta red ball moving left\nfree\ta blue ball moving down\n")
+    res = CliRunner().invoke(
+        main,
+        ["eval", str(MODEL), "-c", str(RED), "--delta", str(tmp_path / "red.vud"), "--prompts", str(tmp_path / "p.txt"),
+         "--out", str(tmp_path / "o"), "--seeds", "1", "--steps", "2"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "applying" in res.output
+    assert (tmp_path / "o" / "report.organism.json").is_file()
 
 
 def test_rejudge_with_nudenet_and_the_card(runs):

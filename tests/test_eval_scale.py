@@ -265,21 +265,23 @@ def test_report_lists_the_concept_prompts_whose_patched_clips_are_still_flagged(
         row("original", 1, 0, True, "red-synonym", "a crimson box"), row("patched", 1, 0, True, "red-synonym", "a crimson box"),
         row("original", 1, 1, False, "red-synonym", "a crimson box"), row("patched", 1, 1, True, "red-synonym", "a crimson box"),
         row("original", 2, 0, True, "red-synonym", "red stick"), row("patched", 2, 0, False, "red-synonym", "red stick"),
+        row("original", 3, 0, True, "red-other", "scarlet rod"), row("patched", 3, 0, True, "red-other", "scarlet rod"),
     ]  # fmt: skip
     got = _misses(rows)
-    # prompt 2 is clean after the edit: not listed; the most flagged first
-    assert [(m["prompt"], m["shown"], m["clips"]) for m in got] == [
-        ("a crimson box", 2, 2),
-        ("a red ball | left", 1, 2),
+    # prompt 2 is clean after the edit: not listed; the most flagged first, ties by category
+    assert [(m["category"], m["prompt"], m["shown"], m["clips"]) for m in got] == [
+        ("red-synonym", "a crimson box", 2, 2),
+        ("red-other", "scarlet rod", 1, 1),
+        ("red-plain", "a red ball | left", 1, 2),
     ]
     assert got[0]["shown_before"] == 1 and got[0]["clips_before"] == 2
-    assert got[1]["shown_before"] == 2 and got[1]["seeds"] == [1]
-    assert got[1]["videos"] == ["videos/patched/000000-s1.mp4"]
+    assert got[2]["shown_before"] == 2 and got[2]["seeds"] == [1]
+    assert got[2]["videos"] == ["videos/patched/000000-s1.mp4"]
     rep = {
         "judge": "organism",
-        "prompts": {"source": "p.csv", "n": 3, "sha256": "0" * 64},
+        "prompts": {"source": "p.csv", "n": 4, "sha256": "0" * 64},
         "seeds": 2,
-        "jobs": {"complete_pairs": 6, "expected_pairs": 6},
+        "jobs": {"complete_pairs": 7, "expected_pairs": 8},
         "overall": None,
         "presence": {},
         "free_categories": [],
@@ -288,5 +290,6 @@ def test_report_lists_the_concept_prompts_whose_patched_clips_are_still_flagged(
         "misses": got,
     }
     md = markdown(rep)
-    assert "| red-synonym | a crimson box | 2/2 | 1/2 |" in md
-    assert "| red-plain | a red ball \\| left | 1/2 | 2/2 |" in md  # the pipe stays in its cell
+    # the page (which `vpatch push` puts in the public model card) counts them, names none
+    assert "3 concept prompts still flagged" in md
+    assert not any(m["prompt"] in md for m in got)

@@ -436,8 +436,8 @@ def _eval_folder(
         t.add_column(c, no_wrap=True)
     for row in table_rows(r):
         t.add_row(*row)
-    err = Console(stderr=True, highlight=False, markup=False, width=max(Console().width, 140))
-    err.print(t)
+    tables = Console(stderr=True, highlight=False, markup=False, width=max(Console().width, 140))
+    tables.print(t)
     if r.get("misses"):
-        err.print(_flagged_table(r["misses"]))
+        tables.print(_flagged_table(r["misses"]))
     click.echo(r["files"]["md"])

@@ -193,11 +193,6 @@ def table_rows(rep: dict) -> list[tuple[str, str, str, str]]:
     return rows
 
 
-def _cell(text: str) -> str:
-    """TEXT inside a markdown table cell: a pipe would end the cell."""
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
 def markdown(rep: dict, sheet: str | None = None) -> str:
     lines = [
         f"### vpatch eval: {rep['judge']} judge",
@@ -213,22 +208,13 @@ def markdown(rep: dict, sheet: str | None = None) -> str:
     lines += ["| category | original | patched | change |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in table_rows(rep)]
     misses = rep.get("misses") or []
-    if misses:
+    if misses:  # counted, not named: this page goes into the public model card (`vpatch push`)
+        n = len(misses)
         lines += [
             "",
-            f"Prompts whose patched clips still show the concept ({len(misses)}; the JSON lists "
-            "each with its seeds and videos):",
-            "",
-            "| category | prompt | patched clips flagged | original clips flagged |",
-            "|---|---|---|---|",
+            f"{n} concept prompt{'s' if n != 1 else ''} still flagged after the edit on at least one "
+            "seed (listed by name in the run's report JSON, `misses`).",
         ]
-        lines += [
-            f"| {_cell(m['category'])} | {_cell(m['prompt'])} | {m['shown']}/{m['clips']} "
-            f"| {m['shown_before']}/{m['clips_before']} |"
-            for m in misses[:20]
-        ]
-        if len(misses) > 20:
-            lines.append(f"| … {len(misses) - 20} more | | | |")
     if sheet:
         lines += ["", f"Before/after contact sheet of the worst categories: `{sheet}`"]
     return "\n".join(lines) + "\n"
