@@ -11,8 +11,9 @@ template and "colored" carry red, which T5's self-attention wrote into them from
 self-attention, so no other token reads them, with the recommended delta applied; each held-out
 prompt is judged seed by seed against the original model's clip of its safe twin (as token_trace
 does). Masking is not an edit: it says whether the spread is the cause. A second column sets the
-words' values to exactly 0 in every block instead (the target the variant's value maps aim at;
-the words still take their share of attention).
+words' values to exactly 0 in every block instead: the target the variant's value maps aim at,
+added after the pre-registration (exploratory). Unlike the mask, the words then still take their
+share of attention, and each word loses its own value too.
 
 `run` builds the variant "t5_value_scan" as one delta and measures it with `vpatch eval --seeds N
 --steps 16` (report benchmarks/results/eval_twin_t5_value_scan_<concept>.json, counted by
@@ -20,11 +21,13 @@ the words still take their share of attention).
 1. the recommended probe on the original model gives the scan's picks at `cross_kv`;
 2. each T5 block's self-attention value weight gets W' = W M, M fitted block by block on what the
    block reads through the blocks already edited: the concept word and the picked words at their
-   slot in the pairs' unsafe prompts go to 0 (what a masked key contributes), every other token of
-   those prompts and every token of the recipe's neutral prompts, safe twins and the empty prompt
-   keeps its reading (least squares, β = 1, ridge 10⁻³ of the kept tokens' scale, as the twin map);
+   slot in the pairs' unsafe prompts go to 0 (what a masked key contributes; a word the twin
+   replaces, as square -> ball, goes to the twin word's reading), every other token of those
+   prompts and every token of the recipe's neutral prompts, safe twins and the empty prompt keeps
+   its reading (least squares, β = 1, ridge 10⁻³ of the kept tokens' scale, as the twin map);
 3. `vpatch apply` writes that T5 edit to a copy, the recommended probe runs on the copy (its
-   `cross_kv` map is fitted on the edited encoder), and `vpatch merge` unites both deltas.
+   `cross_kv` map is fitted on the edited encoder, with the picks of step 1: the concept's words
+   are decided once, on the unedited model), and `vpatch merge` unites both deltas.
 Deltas, copies and contact sheets go to /tmp/vpatch-twin-variants/.
 """
 
@@ -184,7 +187,7 @@ def value_delta(
     entries = []
     for key, M in maps.items():
         u, s, vt = torch.linalg.svd(M - torch.eye(len(M), dtype=M.dtype))
-        r = int((s > 1e-9 * s[0]).sum())
+        r = int((s > 1e-9 * s[0]).sum())  # M − I is full rank here: two (d, d) factors a block
         P, Q = u[:, :r] * s[:r], vt[:r].T
         entries.append(map_input_entry(f"text_encoder/{key}", weights[key], P, Q, 1.0))
     method = {
@@ -248,9 +251,14 @@ def oracle(c: str, seeds: int) -> None:
     entries = read_delta(delta).entries
     tok, enc, tr = organism.load(MODEL)
     torch.set_grad_enabled(False)
-    pairs, _ = _fit_prompts(con, tok, [])
-    words = {w for u, s in pairs for w in set(u.split()) - set(s.split())} | set(picks)
-    ids = set(tok.convert_tokens_to_ids(sorted(words)))
+    pairs, _ = _fit_prompts(con, tok, picks)
+    ids: set[int] = set()  # the token ids at the concept's positions, picked words' included
+    for u, s in pairs:
+        iu = organism.tokens(tok, [u]).input_ids[0].tolist()
+        ids |= {
+            iu[i] for i in concept_positions(iu, organism.tokens(tok, [s]).input_ids[0].tolist())
+        }
+    words = tok.convert_ids_to_tokens(sorted(ids))
     real = organism.encode
 
     def encode(mode: str):
@@ -286,12 +294,12 @@ def oracle(c: str, seeds: int) -> None:
     modes = {"delta": real, "delta + mask": encode("mask"), "delta + value 0": encode("zero")}
 
     def names(p: str, how) -> list[str]:
-        organism.encode = how
+        """P's clips: the original model's (HOW None), else the patched one's with HOW encoding."""
         try:
             if how is None:
-                organism.encode = real
                 out = organism.sample(tok, enc, tr, [p] * seeds, list(range(seeds)))
             else:
+                organism.encode = how
                 with organism.edited({"transformer": tr}, entries):
                     out = organism.sample(tok, enc, tr, [p] * seeds, list(range(seeds)))
         finally:
@@ -299,7 +307,7 @@ def oracle(c: str, seeds: int) -> None:
         return [f"{v.tone} {v.family}".strip() if v.present else "none" for v in map(judge, out)]
 
     print(
-        f"{c}: recommended delta; words {sorted(words)} masked as T5 keys, or their values 0; {seeds} seeds"
+        f"{c}: recommended delta; words {words} masked as T5 keys, or their values 0; {seeds} seeds"
     )
     hits = dict.fromkeys(modes, 0)
     n = 0
