@@ -114,17 +114,22 @@ def _picks(method: dict) -> list[str]:
     return list(method["scan_picked"]["transformer:cross_kv"]["picked"])
 
 
+def _slots(tok, pairs: list[tuple[str, str]]) -> list[tuple[list[int], set[int], list]]:
+    """Per (unsafe, safe) pair: the unsafe token ids, the concept's positions in them, and the
+    token alignment to the safe prompt (``align_tokens``)."""
+    out = []
+    for u, s in pairs:
+        iu = organism.tokens(tok, [u]).input_ids[0].tolist()
+        is_ = organism.tokens(tok, [s]).input_ids[0].tolist()
+        out.append((iu, set(concept_positions(iu, is_)), align_tokens(iu, is_)))
+    return out
+
+
 def _fit_prompts(con, tok, picks: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
     """(unsafe, safe) pairs, the picked words substituted for the concept word too; kept prompts."""
     pairs = [(p.unsafe, p.safe) for p in con.pairs]
-    uid = [organism.tokens(tok, [u]).input_ids[0].tolist() for u, _ in pairs]
-    sid = [organism.tokens(tok, [s]).input_ids[0].tolist() for _, s in pairs]
     words = sorted(
-        {
-            tok.convert_ids_to_tokens(iu[i])
-            for iu, is_ in zip(uid, sid)
-            for i in concept_positions(iu, is_)
-        }
+        {tok.convert_ids_to_tokens(iu[i]) for iu, pos, _ in _slots(tok, pairs) for i in pos}
     )
     extra = [(substitute(u, words, w), s) for w in picks for u, s in pairs]
     return pairs + [(u, s) for u, s in extra if u], list(con.neutral) + [s for _, s in pairs] + [""]
@@ -148,16 +153,14 @@ def value_maps(con, tok, enc, picks: list[str]) -> dict[str, torch.Tensor]:
     """Each block's value map M (in, in), fitted on inputs read through the earlier blocks' edits;
     ENC's value weights are left edited (W M)."""
     pairs, kept = _fit_prompts(con, tok, picks)
+    slots = _slots(tok, pairs)  # token ids and alignment: the same in every block
     maps: dict[str, torch.Tensor] = {}
     for b in range(len(enc.encoder.block)):
         ur = _value_rows(enc, tok, b, [u for u, _ in pairs])
         sr = _value_rows(enc, tok, b, [s for _, s in pairs])
         xs, ys, keep = [], [], list(_value_rows(enc, tok, b, kept))
-        for (u, s), x, y in zip(pairs, ur, sr):
-            iu = organism.tokens(tok, [u]).input_ids[0].tolist()
-            is_ = organism.tokens(tok, [s]).input_ids[0].tolist()
-            pos = set(concept_positions(iu, is_))
-            for i, j in align_tokens(iu, is_):
+        for (_iu, pos, aligned), x, y in zip(slots, ur, sr):
+            for i, j in aligned:
                 if i in pos:  # a deleted word: 0 (a masked key); a replaced one: the twin word's
                     xs.append(x[i])
                     ys.append(torch.zeros_like(x[i]) if j is None else y[j])
@@ -252,12 +255,8 @@ def oracle(c: str, seeds: int) -> None:
     tok, enc, tr = organism.load(MODEL)
     torch.set_grad_enabled(False)
     pairs, _ = _fit_prompts(con, tok, picks)
-    ids: set[int] = set()  # the token ids at the concept's positions, picked words' included
-    for u, s in pairs:
-        iu = organism.tokens(tok, [u]).input_ids[0].tolist()
-        ids |= {
-            iu[i] for i in concept_positions(iu, organism.tokens(tok, [s]).input_ids[0].tolist())
-        }
+    # the token ids at the concept's positions, picked words' included
+    ids = {iu[i] for iu, pos, _ in _slots(tok, pairs) for i in pos}
     words = tok.convert_ids_to_tokens(sorted(ids))
     real = organism.encode
 
