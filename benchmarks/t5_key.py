@@ -2,6 +2,7 @@
 
     python benchmarks/t5_key.py check [CONCEPT ...]            # the mechanism, on the recipe's prompts
     python benchmarks/t5_key.py run [CONCEPT ...] [--seeds 2]  # build the variant, vpatch eval it
+    python benchmarks/t5_key.py trace [CONCEPT ...]            # held-out contexts against the mask
 
 benchmarks/t5_value.py showed that masking the concept words as keys of T5's self-attention (no
 other token reads them) takes red's held-out clips as twin from 71 to 84 of 88 under the
@@ -284,6 +285,49 @@ def check(c: str) -> None:
     )
 
 
+def trace(c: str) -> None:
+    """Held-out prompts (read after the 2-seed result: exploratory): how far each prompt's context
+    tokens sit from the oracle's masked output, before and after the key edit; the free prompts
+    (the oracle leaves them as they are) show what the edit moves that it should not."""
+    recipe = str(ROOT / f"examples/organism/{c}.toml")
+    con = load_concept(recipe)
+    picks = _picks(_probe(MODEL, recipe, WORK / f"scan_{c}.vud"))
+    tok, enc, _tr = organism.load(MODEL)
+    torch.set_grad_enabled(False)
+    pairs, _ = _fit_prompts(con, tok, picks)
+    ids = {iu[i] for iu, pos, _ in _slots(tok, pairs) for i in pos}
+    sets = ("paraphrase", "synonym", "template", "unseen", "free")
+    prompts = [(s, p) for s in sets for p in con.heldout.get(s, [])]
+    t = organism.tokens(tok, [p for _, p in prompts])
+    n = t.input_ids.shape[1]
+    hit = torch.zeros_like(t.attention_mask, dtype=torch.bool)
+    for i in ids:
+        hit |= t.input_ids == i
+
+    def out(mask: bool) -> torch.Tensor:
+        keys = t.attention_mask.bool()
+        if mask:
+            keys = keys[:, None, None, :].expand(-1, 1, n, -1).clone()
+            keys &= ~(hit[:, None, None, :] & ~torch.eye(n, dtype=torch.bool))
+        h = enc(input_ids=t.input_ids, attention_mask=keys).last_hidden_state.double()
+        return h * t.attention_mask.unsqueeze(-1)
+
+    base, orac = out(False), out(True)
+    key_maps(con, tok, enc, picks)
+    edit = out(False)
+    print(f"{c}: context tokens (not the concept words), distance relative to the oracle's output")
+
+    def rel(a: torch.Tensor, b: torch.Tensor, k: int) -> float:
+        ctx = ~hit[k]
+        return float((a[k] - b[k])[ctx].norm() / b[k][ctx].norm())
+
+    for k, (s, p) in enumerate(prompts):
+        print(
+            f"  {s:10s} {p!r:44s} to the mask: {rel(base, orac, k):.3f} before, "
+            f"{rel(edit, orac, k):.3f} after; moved {rel(edit, base, k):.3f}"
+        )
+
+
 def run(concepts: list[str], seeds: int) -> None:
     for c in concepts:
         delta = build(c)
@@ -299,13 +343,15 @@ def main() -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     k = sub.add_parser("check")
     k.add_argument("concepts", nargs="*", default=list(CONCEPTS))
+    tr = sub.add_parser("trace")
+    tr.add_argument("concepts", nargs="*", default=list(CONCEPTS))
     r = sub.add_parser("run")
     r.add_argument("concepts", nargs="*", default=list(CONCEPTS))
     r.add_argument("--seeds", type=int, default=2)
     a = ap.parse_args()
-    if a.cmd == "check":
+    if a.cmd in ("check", "trace"):
         for c in a.concepts:
-            check(c)
+            (check if a.cmd == "check" else trace)(c)
     else:
         if a.seeds < 1:
             ap.error("--seeds: at least 1")
