@@ -14,20 +14,22 @@ already edited):
 1. one key k'_h per head for the concept words (the pairs' words and the scan's picks): the k'
    that minimises the largest attention weight any other token of the pairs' unsafe prompts gives
    the word (a linear programme on the readers' queries and log-sum-exps, position bias
-   included), with the word's score on itself held at least at its original value, so that its
-   own reading keeps its self-attention (the oracle's mask keeps it too);
+   included), plus the mean change of the word's score on itself (penalised, not held: the
+   oracle's mask keeps the word's own reading); padding is neither a reader nor a key;
 2. the key weight W' = W + Δ, Δ least squares: the concept rows go to k', every other token of
    those prompts, of the recipe's neutral prompts, safe twins and the empty prompt, and (block 0,
    whose input is the word's embedding) every other word of the vocabulary keep their keys
-   (β = 1, ridge 10⁻³ of the kept rows' scale, as the value maps);
+   (kept rows weighted β = 100, ridge 10⁻³ of the kept rows' scale);
 3. the T5 key delta and the recommended `cross_kv` delta (fitted on the original model, as the
    oracle used it) are united by `vpatch merge`.
 
 `check` prints, on the pairs' unsafe prompts (the fit set; nothing held out), the attention weight
 the other tokens give the concept words, before and after, and how far the encoder's output moves
-towards the oracle's masked output. `run` writes benchmarks/results/eval_twin_t5_key_scan_<concept>.json
+towards the oracle's masked output. `run` writes benchmarks/results/eval_twin_t5_key_scan2_<concept>.json
 (`vpatch eval --seeds N --steps 16`), counted by `python benchmarks/twin_variants.py table
-t5_key_scan`. Pre-registration: benchmarks/results/t5_key_prereg.md.
+t5_key_scan2`. Pre-registration: benchmarks/results/t5_key_prereg.md. The first run
+(eval_twin_t5_key_scan_<concept>.json) counted the prompts' padding as readers and kept rows, a
+bug; "t5_key_scan2" is the same variant without it.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ from patcher import organism  # noqa: E402
 from patcher.families.recipes import load_concept  # noqa: E402
 from patcher.vud.delta import Delta, map_input_entry, read_delta, versions, write_delta  # noqa: E402
 
-VARIANT = "t5_key_scan"
+VARIANT = "t5_key_scan2"
 BETA = 100.0  # the kept rows' weight against the concept rows'
 BOUND = 1.0  # |k'| per coordinate, in units of the largest |key| coordinate of the fit prompts
 
@@ -62,8 +64,8 @@ def _attn(enc, b: int):
 
 
 def _read(enc, tok, b: int, prompts: list[str]) -> dict[str, torch.Tensor]:
-    """Block B's self-attention inputs, queries and keys (P, n, d) on PROMPTS, and the position
-    bias (H, n, n) that T5 shares across blocks."""
+    """Block B's self-attention inputs, queries and keys (P, n, d) on PROMPTS, the position bias
+    (H, n, n) that T5 shares across blocks, and the valid tokens (P, n)."""
     got: dict[str, torch.Tensor] = {}
     sa = _attn(enc, b)
 
@@ -84,6 +86,7 @@ def _read(enc, tok, b: int, prompts: list[str]) -> dict[str, torch.Tensor]:
             h.remove()
     n = t.input_ids.shape[1]
     got["bias"] = _attn(enc, 0).compute_bias(n, n)[0].double()
+    got["mask"] = t.attention_mask.bool()  # the prompts are padded; padding is never read
     return got
 
 
@@ -94,8 +97,8 @@ def _key_target(r: dict, slots, heads: int) -> tuple[torch.Tensor, list[str]]:
     for h in range(heads):
         cols = slice(h * dk, (h + 1) * dk)
         qs, lses, selfq, selfs = [], [], [], []
-        for p, (iu, pos, _al) in enumerate(slots):
-            n = len(iu)
+        for p, (_iu, pos, _al) in enumerate(slots):
+            n = int(r["mask"][p].sum())
             q, k, bias = r["q"][p, :n, cols], r["k"][p, :n, cols], r["bias"][h, :n, :n]
             s = q @ k.T + bias
             for j in pos:
@@ -109,7 +112,7 @@ def _key_target(r: dict, slots, heads: int) -> tuple[torch.Tensor, list[str]]:
                     qs.append(q[i].numpy())
                     lses.append(float(torch.logsumexp(s[i, others], 0) - bias[i, j]))
         Q, L = np.array(qs), np.array(lses)
-        lim = BOUND * float(r["k"][..., cols].abs().max())
+        lim = BOUND * float(r["k"][r["mask"]][:, cols].abs().max())
         # min z + mean_j e_j  s.t.  Q k' - L <= z ;  |q_j k' - s_j| <= e_j ;  |k'| <= lim:
         # the largest weight any reader gives the word, its score on itself kept
         S, s0, m, nq = np.array(selfq), np.array(selfs), len(selfq), len(Q)
@@ -151,9 +154,10 @@ def key_maps(con, tok, enc, picks: list[str]) -> dict[str, torch.Tensor]:
         rk = _read(enc, tok, b, kept)
         tk = organism.tokens(tok, kept).attention_mask.bool()
         xe, xp = [], [rk["x"][tk]]
-        for p, (iu, pos, _al) in enumerate(slots):
+        for p, (_iu, pos, _al) in enumerate(slots):
             xe += [r["x"][p, i] for i in pos]
-            xp.append(r["x"][p, [i for i in range(len(iu)) if i not in pos]])
+            n = int(r["mask"][p].sum())
+            xp.append(r["x"][p, [i for i in range(n) if i not in pos]])
         if b == 0:  # block 0 reads the normed embedding: every other word keeps its key
             words = [v for v in range(enc.config.vocab_size) if v not in ids]
             emb = enc.encoder.block[0].layer[0].layer_norm(enc.shared.weight[words])
@@ -169,7 +173,7 @@ def key_maps(con, tok, enc, picks: list[str]) -> dict[str, torch.Tensor]:
             + BETA * xp_.T @ xp_ / len(xp_)
             + ridge * torch.eye(d, dtype=torch.float64)
         )
-        # min (1/n_e) Σ‖(W + Δ) x_e − k'‖² + (1/n_p) Σ‖Δ x_p‖² + ridge ‖Δ‖²
+        # min (1/n_e) Σ‖(W + Δ) x_e − k'‖² + β (1/n_p) Σ‖Δ x_p‖² + ridge ‖Δ‖²
         D = (re.T @ xe_ / len(xe_)) @ torch.linalg.inv(A)
         with torch.no_grad():
             sa.k.weight.copy_((W + D).float())
@@ -255,8 +259,8 @@ def check(c: str) -> None:
             H = enc.config.num_heads
             dk = r["q"].shape[-1] // H
             w_o, w_s = [], []
-            for p, (iu, pos, _al) in enumerate(slots):
-                L = len(iu)
+            for p, (_iu, pos, _al) in enumerate(slots):
+                L = int(r["mask"][p].sum())
                 for h in range(H):
                     cols = slice(h * dk, (h + 1) * dk)
                     s = r["q"][p, :L, cols] @ r["k"][p, :L, cols].T + r["bias"][h, :L, :L]
@@ -270,13 +274,38 @@ def check(c: str) -> None:
             )
         return got
 
+    def offset_margins() -> list[str]:
+        """Per block and head: the largest margin m with q·δ <= -m for every reader's query q
+        (|δ| <= 1 a coordinate). m <= 0: no key *offset* lowers every reader's score."""
+        got = []
+        for b in range(len(enc.encoder.block)):
+            r = _read(enc, tok, b, unsafe)
+            H = enc.config.num_heads
+            dk = r["q"].shape[-1] // H
+            readers = r["mask"] & ~hit
+            ms = []
+            for h in range(H):
+                Q = r["q"][readers][:, h * dk : (h + 1) * dk].numpy()
+                sol = linprog(
+                    c=[0.0] * dk + [-1.0],
+                    A_ub=np.hstack([Q, np.ones((len(Q), 1))]),
+                    b_ub=np.zeros(len(Q)),
+                    bounds=[(-1, 1)] * dk + [(None, None)],
+                )
+                ms.append(f"{-sol.fun:.2f}")
+            got.append(f"block {b}: key offset margin per head {', '.join(ms)}")
+        return got
+
     base, orac, base_k = out(False), out(True), out(False, kept)
+    margins = offset_margins()
     before = weights_on_concept()
     key_maps(con, tok, enc, picks)
     edit, edit_k = out(False), out(False, kept)
     after = weights_on_concept()
     rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
     print(f"{c}: words at the concept's slots, picks {picks}")
+    for m in margins:
+        print(f"  {m}")
     for x, y in zip(before, after):
         print(f"  before {x}\n  after  {y}")
     print(
