@@ -47,12 +47,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from t5_value import CLI, _fit_prompts, _picks, _probe, _slots  # noqa: E402
+from t5_value import CLI, _fit_prompts, _picks, _probe, _slots, map_delta, mask_keys  # noqa: E402
 from twin_variants import CONCEPTS, MODEL, WORK, _eval, report_path  # noqa: E402
 
 from patcher import organism  # noqa: E402
 from patcher.families.recipes import load_concept  # noqa: E402
-from patcher.vud.delta import Delta, map_input_entry, read_delta, versions, write_delta  # noqa: E402
+from patcher.vud.delta import Delta, read_delta, write_delta  # noqa: E402
 
 VARIANT = "t5_key_scan2"
 BETA = 100.0  # the kept rows' weight against the concept rows'
@@ -191,16 +191,9 @@ def key_delta(
     deltas: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], concept: dict
 ) -> Delta:
     """W + ΔW as the input-side map W (I + W⁻¹ΔW): the key weight is square and invertible here."""
-    entries = []
-    for key, D in deltas.items():
-        W = weights[key].double()
-        u, s, vt = torch.linalg.svd(torch.linalg.solve(W, D))
-        r = int((s > 1e-9 * s[0]).sum())
-        entries.append(
-            map_input_entry(f"text_encoder/{key}", weights[key], u[:, :r] * s[:r], vt[:r].T, 1.0)
-        )
+    diffs = {k: torch.linalg.solve(weights[k].double(), D) for k, D in deltas.items()}
     method = {"name": "t5_key", "family": "wan", "script": Path(__file__).name}
-    return Delta(entries, concept=concept, method=method, versions=versions())
+    return map_delta(diffs, weights, concept, method)
 
 
 def build(c: str) -> Path:
@@ -241,14 +234,10 @@ def check(c: str) -> None:
     hit = torch.zeros_like(t.attention_mask, dtype=torch.bool)
     for p, (_iu, pos, _al) in enumerate(slots):
         hit[p, list(pos)] = True
-    n = t.input_ids.shape[1]
 
     def out(mask: bool, prompts=unsafe) -> torch.Tensor:
         tt = organism.tokens(tok, prompts)
-        keys = tt.attention_mask.bool()
-        if mask:
-            keys = keys[:, None, None, :].expand(-1, 1, n, -1).clone()
-            keys &= ~(hit[:, None, None, :] & ~torch.eye(n, dtype=torch.bool))
+        keys = mask_keys(tt.attention_mask, hit) if mask else tt.attention_mask.bool()
         h = enc(input_ids=tt.input_ids, attention_mask=keys).last_hidden_state.double()
         return h * tt.attention_mask.unsqueeze(-1)
 
@@ -328,16 +317,12 @@ def trace(c: str) -> None:
     sets = ("paraphrase", "synonym", "template", "unseen", "free")
     prompts = [(s, p) for s in sets for p in con.heldout.get(s, [])]
     t = organism.tokens(tok, [p for _, p in prompts])
-    n = t.input_ids.shape[1]
     hit = torch.zeros_like(t.attention_mask, dtype=torch.bool)
     for i in ids:
         hit |= t.input_ids == i
 
     def out(mask: bool) -> torch.Tensor:
-        keys = t.attention_mask.bool()
-        if mask:
-            keys = keys[:, None, None, :].expand(-1, 1, n, -1).clone()
-            keys &= ~(hit[:, None, None, :] & ~torch.eye(n, dtype=torch.bool))
+        keys = mask_keys(t.attention_mask, hit) if mask else t.attention_mask.bool()
         h = enc(input_ids=t.input_ids, attention_mask=keys).last_hidden_state.double()
         return h * t.attention_mask.unsqueeze(-1)
 

@@ -125,6 +125,28 @@ def _slots(tok, pairs: list[tuple[str, str]]) -> list[tuple[list[int], set[int],
     return out
 
 
+def mask_keys(valid: torch.Tensor, hit: torch.Tensor) -> torch.Tensor:
+    """A 4-D attention mask (P, 1, n, n): every valid token is read, except that no token other
+    than itself reads a HIT position (the oracle's mask; each concept word still reads itself)."""
+    n = valid.shape[1]
+    keys = valid.bool()[:, None, None, :].expand(-1, 1, n, -1).clone()
+    return keys & ~(hit[:, None, None, :] & ~torch.eye(n, dtype=torch.bool))
+
+
+def map_delta(
+    diffs: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], concept: dict, method: dict
+) -> Delta:
+    """Input-side maps W (I + A) of the text encoder, A = DIFFS[key], as one delta (U = W P)."""
+    entries = []
+    for key, A in diffs.items():
+        u, s, vt = torch.linalg.svd(A)
+        r = int((s > 1e-9 * s[0]).sum())
+        entries.append(
+            map_input_entry(f"text_encoder/{key}", weights[key], u[:, :r] * s[:r], vt[:r].T, 1.0)
+        )
+    return Delta(entries, concept=concept, method=method, versions=versions())
+
+
 def _fit_prompts(con, tok, picks: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
     """(unsafe, safe) pairs, the picked words substituted for the concept word too; kept prompts."""
     pairs = [(p.unsafe, p.safe) for p in con.pairs]
@@ -187,18 +209,10 @@ def value_maps(con, tok, enc, picks: list[str]) -> dict[str, torch.Tensor]:
 def value_delta(
     maps: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], concept: dict
 ) -> Delta:
-    entries = []
-    for key, M in maps.items():
-        u, s, vt = torch.linalg.svd(M - torch.eye(len(M), dtype=M.dtype))
-        r = int((s > 1e-9 * s[0]).sum())  # M − I is full rank here: two (d, d) factors a block
-        P, Q = u[:, :r] * s[:r], vt[:r].T
-        entries.append(map_input_entry(f"text_encoder/{key}", weights[key], P, Q, 1.0))
-    method = {
-        "name": "t5_value",
-        "family": "wan",
-        "script": Path(__file__).name,
-    }
-    return Delta(entries, concept=concept, method=method, versions=versions())
+    # M − I is full rank here: two (d, d) factors a block
+    diffs = {k: M - torch.eye(len(M), dtype=M.dtype) for k, M in maps.items()}
+    method = {"name": "t5_value", "family": "wan", "script": Path(__file__).name}
+    return map_delta(diffs, weights, concept, method)
 
 
 def build(c: str) -> Path:
@@ -269,9 +283,7 @@ def oracle(c: str, seeds: int) -> None:
             keys = t.attention_mask.bool()
             hooks = []
             if mode == "mask":  # no other token reads a concept word; it still reads itself
-                n = keys.shape[1]
-                keys = keys[:, None, None, :].expand(-1, 1, n, -1).clone()
-                keys &= ~(hit[:, None, None, :] & ~torch.eye(n, dtype=torch.bool))
+                keys = mask_keys(t.attention_mask, hit)
             else:  # "zero": the words' values are 0, but they keep their share of attention
 
                 def zero(_m, _i, out):
