@@ -1,0 +1,163 @@
+"""The twin-gap instrument's floor: how much gap does a residual of the edit's own size leave?
+
+    python benchmarks/gap_floor.py [CONCEPT ...] [--seeds 8]
+
+The twin gap closed (docs/efficacy.md) is 1 − Σ d(patched, twin) / Σ d(original, twin) in the
+judge's feature space (a colour point, or the shape point: squareness, elongation). An edit that
+reproduced the twin's conditioning exactly would close it fully. The recommended edit
+(`--method twin --layers cross_kv --scan 64`) leaves a residual: at the `cross_kv` input (the text
+embedder's output), the mapped unsafe prompt M e_u sits at a relative distance r from what the twin
+gives at the aligned positions (the padding reading where the twin has no word).
+
+Here, per held-out concept prompt p with twin t and per seed, the original model samples t with its
+text-embedder output moved by a random direction of norm k · r_p · ‖e_t‖ (k = 0.5, 1, 2; the same
+perturbation at every sampler step, the unconditional branch untouched). The clip is scored as if
+it were the patched clip: gap closed and clips judged as their twin (the judge's `same`), next to
+the real edit's on the same prompts and seeds. If a random residual of the edit's size already
+leaves the gap below 0.90, the target asks for a smaller residual than the edit's, whatever its
+direction; if it closes nearly all of it, the edit's residual points where the judge looks.
+Nothing here changes the judge or a target. Pre-registration: benchmarks/results/gap_floor_prereg.md.
+Output: benchmarks/results/gap_floor_<concept>.txt (stdout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from t5_value import SETS, _probe  # noqa: E402
+from twin_variants import CONCEPTS, MODEL, WORK  # noqa: E402
+
+from patcher import organism  # noqa: E402
+from patcher.erasure.twin import align_tokens  # noqa: E402
+from patcher.evaluation.judges import OrganismJudge  # noqa: E402
+from patcher.evaluation.metrics import twin_fidelity  # noqa: E402
+from patcher.evaluation.prompts import OrganismTwins  # noqa: E402
+from patcher.families.recipes import load_concept  # noqa: E402
+from patcher.vud.delta import read_delta  # noqa: E402
+
+SCALES = (0.5, 1.0, 2.0)
+
+
+def _ids(tok, prompt: str) -> list[int]:
+    t = organism.tokens(tok, [prompt])
+    return t.input_ids[0][t.attention_mask[0].bool()].tolist()
+
+
+def _site_map(entries) -> torch.Tensor:
+    """The `cross_kv` map M = I + λ P Qᵀ (one map for every K/V weight of the site)."""
+    kv = [e for e in entries if e.component == "transformer" and e.kind == "map_input"]
+    e = kv[0]
+    M = torch.eye(e.shape[1], dtype=torch.float64) + e.strength * e.P.double() @ e.V.double().T
+    for o in kv[1:]:
+        Mo = torch.eye(o.shape[1], dtype=torch.float64) + o.strength * o.P.double() @ o.V.double().T
+        if not torch.allclose(Mo, M, atol=1e-6):
+            raise SystemExit(f"{o.key}: not the site's one map")
+    return M
+
+
+def run(c: str, seeds: int) -> None:
+    recipe = str(ROOT / f"examples/organism/{c}.toml")
+    con = load_concept(recipe)
+    delta = WORK / f"scan_{c}.vud"
+    WORK.mkdir(exist_ok=True)
+    _probe(MODEL, recipe, delta)
+    entries = read_delta(delta).entries
+    tok, enc, tr = organism.load(MODEL)
+    torch.set_grad_enabled(False)
+    M = _site_map(entries)
+    te = tr.condition_embedder.text_embedder
+    judge = OrganismJudge(con)
+    twin_of = OrganismTwins(con)
+    prompts = [(s, p, twin_of(p)) for s in SETS for p in con.heldout.get(s, [])]
+    prompts = [(s, p, t) for s, p, t in prompts if t is not None]
+
+    def embed(p: str) -> torch.Tensor:
+        return te(organism.encode(tok, enc, [p]))[0].double()
+
+    pad = te(torch.zeros(1, 1, enc.config.d_model))[0, 0].double()
+    noise: dict[int, torch.Tensor] = {}  # row of the batch -> what is added to the cond branch
+
+    def hook(_m, _i, out):
+        b = out.shape[0] // 2  # guided_velocity batches (cond, uncond)
+        if noise and b:
+            out = out.clone()
+            for row, n in noise.items():
+                out[row, : len(n)] += n.to(out.dtype)
+        return out
+
+    handle = te.register_forward_hook(hook)
+    rows = []
+    try:
+        for k, (s, p, t) in enumerate(prompts):
+            eu, et = embed(p), embed(t)
+            iu, it = _ids(tok, p), _ids(tok, t)
+            al = align_tokens(iu, it)
+            res = torch.stack([eu[i] @ M.T - (et[j] if j is not None else pad) for i, j in al])
+            r = float(res.norm() / et[: len(it)].norm())
+            sd = [1000 * k + i for i in range(seeds)]
+            orig = organism.sample(tok, enc, tr, [p] * seeds, sd)
+            twin = organism.sample(tok, enc, tr, [t] * seeds, sd)
+            with organism.edited({"transformer": tr}, entries):
+                patched = organism.sample(tok, enc, tr, [p] * seeds, sd)
+            noisy = []
+            for scale in SCALES:
+                g = torch.Generator().manual_seed(7919 * k + int(100 * scale))
+                for row in range(seeds):
+                    n = torch.randn(len(it), et.shape[1], generator=g, dtype=torch.float64)
+                    noise[row] = n * (scale * r * float(et[: len(it)].norm()) / float(n.norm()))
+                noisy.append(organism.sample(tok, enc, tr, [t] * seeds, sd))
+                noise.clear()
+            rows.append((s, p, r, orig, twin, patched, noisy))
+            print(f"  {s:10s} {p!r:44s} residual r = {r:.3f}", flush=True)
+    finally:
+        handle.remove()
+
+    def score(kind: str) -> str:
+        fo, ft, fa, pr, same = [], [], [], [], []
+        for _s, p, _r, orig, twin, patched, noisy in rows:
+            vo, vt = judge.verdicts(orig), judge.verdicts(twin)
+            clips = patched if kind == "edit" else noisy[SCALES.index(float(kind))]
+            va = judge.verdicts(clips)
+            fo.append(judge.features(orig, vo))
+            ft.append(judge.features(twin, vt))
+            fa.append(judge.features(clips, va))
+            pr += [p] * len(vo)
+            same += [judge.same(a, b) for a, b in zip(va, vt)]
+        gap = twin_fidelity(torch.cat(fo), torch.cat(fa), torch.cat(ft), pr)
+        lo, hi = gap["ci95"]
+        return (
+            f"gap closed {gap['closed']:.2f} [{lo:.2f}, {hi:.2f}]; "
+            f"as twin {sum(same)}/{len(same)} ({100 * sum(same) / len(same):.0f}%)"
+        )
+
+    rs = [r for _s, _p, r, *_ in rows]
+    print(
+        f"{c}: {len(rows)} held-out concept prompts x {seeds} seeds; residual r median "
+        f"{sorted(rs)[len(rs) // 2]:.3f}, range {min(rs):.3f}-{max(rs):.3f}"
+    )
+    print(f"  the recommended edit:              {score('edit')}")
+    for scale in SCALES:
+        print(f"  the twin + random residual x{scale:<4g}: {score(str(scale))}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("concepts", nargs="*", default=list(CONCEPTS))
+    ap.add_argument("--seeds", type=int, default=8)
+    a = ap.parse_args()
+    if a.seeds < 1:
+        ap.error("--seeds: at least 1")
+    for c in a.concepts:
+        run(c, a.seeds)
+
+
+if __name__ == "__main__":
+    main()
