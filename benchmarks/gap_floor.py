@@ -1,6 +1,7 @@
 """The twin-gap instrument's floor: how much gap does a residual of the edit's own size leave?
 
     python benchmarks/gap_floor.py [CONCEPT ...] [--seeds 8]
+    python benchmarks/gap_floor.py --fit [CONCEPT ...]   # the residual on the recipe's own pairs
 
 The twin gap closed (docs/efficacy.md) is 1 − Σ d(patched, twin) / Σ d(original, twin) in the
 judge's feature space (a colour point, or the shape point: squareness, elongation). An edit that
@@ -63,6 +64,32 @@ def _site_map(entries) -> torch.Tensor:
     return M
 
 
+def _residual(tok, enc, te, M: torch.Tensor, pad: torch.Tensor, p: str, t: str) -> float:
+    """‖M e_u − e_t‖ over the aligned tokens (padding's reading for a deleted word) / ‖e_t‖."""
+    eu, et = (te(organism.encode(tok, enc, [x]))[0].double() for x in (p, t))
+    iu, it = _ids(tok, p), _ids(tok, t)
+    res = torch.stack(
+        [eu[i] @ M.T - (et[j] if j is not None else pad) for i, j in align_tokens(iu, it)]
+    )
+    return float(res.norm() / et[: len(it)].norm())
+
+
+def fit_residuals(c: str) -> None:
+    """The same residual on the recipe's own pairs (the map's fit set; no sampling)."""
+    recipe = str(ROOT / f"examples/organism/{c}.toml")
+    con = load_concept(recipe)
+    delta = WORK / f"scan_{c}.vud"
+    WORK.mkdir(exist_ok=True)
+    _probe(MODEL, recipe, delta)
+    tok, enc, tr = organism.load(MODEL)
+    torch.set_grad_enabled(False)
+    te = tr.condition_embedder.text_embedder
+    pad = te(torch.zeros(1, 1, enc.config.d_model))[0, 0].double()
+    M = _site_map(read_delta(delta).entries)
+    rs = [_residual(tok, enc, te, M, pad, q.unsafe, q.safe) for q in con.pairs]
+    print(f"{c}: the recipe's pairs, residual r " + " ".join(f"{r:.3f}" for r in rs))
+
+
 def run(c: str, seeds: int) -> None:
     recipe = str(ROOT / f"examples/organism/{c}.toml")
     con = load_concept(recipe)
@@ -97,11 +124,8 @@ def run(c: str, seeds: int) -> None:
     rows = []
     try:
         for k, (s, p, t) in enumerate(prompts):
-            eu, et = embed(p), embed(t)
-            iu, it = _ids(tok, p), _ids(tok, t)
-            al = align_tokens(iu, it)
-            res = torch.stack([eu[i] @ M.T - (et[j] if j is not None else pad) for i, j in al])
-            r = float(res.norm() / et[: len(it)].norm())
+            et, it = embed(t), _ids(tok, t)
+            r = _residual(tok, enc, te, M, pad, p, t)
             sd = [1000 * k + i for i in range(seeds)]
             orig = organism.sample(tok, enc, tr, [p] * seeds, sd)
             twin = organism.sample(tok, enc, tr, [t] * seeds, sd)
@@ -152,11 +176,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("concepts", nargs="*", default=list(CONCEPTS))
     ap.add_argument("--seeds", type=int, default=8)
+    ap.add_argument("--fit", action="store_true", help="only the residuals on the recipe's pairs")
     a = ap.parse_args()
     if a.seeds < 1:
         ap.error("--seeds: at least 1")
     for c in a.concepts:
-        run(c, a.seeds)
+        fit_residuals(c) if a.fit else run(c, a.seeds)
 
 
 if __name__ == "__main__":
