@@ -88,7 +88,13 @@ def fit_residuals(c: str) -> None:
     pad = te(torch.zeros(1, 1, enc.config.d_model))[0, 0].double()
     M = _site_map(read_delta(delta).entries)
     rs = [_residual(tok, enc, te, M, pad, q.unsafe, q.safe) for q in con.pairs]
-    print(f"{c}: the recipe's pairs, residual r " + " ".join(f"{r:.3f}" for r in rs))
+    e = te(organism.encode(tok, enc, [""]))[0].double()[: len(_ids(tok, ""))]
+    moved = float((e @ M.T - e).norm() / e.norm())  # the random arm leaves this branch alone
+    print(
+        f"{c}: the recipe's pairs, residual r "
+        + " ".join(f"{r:.3f}" for r in rs)
+        + f"; the empty prompt (guidance's unconditional branch) moves {moved:.3f}"
+    )
 
 
 def run(c: str, seeds: int) -> None:
