@@ -30,6 +30,8 @@ towards the oracle's masked output. `run` writes benchmarks/results/eval_twin_t5
 t5_key_scan2`. Pre-registration: benchmarks/results/t5_key_prereg.md. The first run
 (eval_twin_t5_key_scan_<concept>.json) counted the prompts' padding as readers and kept rows, a
 bug; "t5_key_scan2" is the same variant without it.
+
+Needs scipy for the linear programmes (`pip install scipy`); vpatch itself does not depend on it.
 """
 
 from __future__ import annotations
@@ -41,7 +43,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.optimize import linprog
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -57,6 +58,17 @@ from patcher.vud.delta import Delta, read_delta, write_delta  # noqa: E402
 VARIANT = "t5_key_scan2"
 BETA = 100.0  # the kept rows' weight against the concept rows'
 BOUND = 1.0  # |k'| per coordinate, in units of the largest |key| coordinate of the fit prompts
+
+
+def linprog(*args, **kwargs):
+    """scipy's linear programme solver (HiGHS), imported when a programme is solved."""
+    try:
+        from scipy.optimize import linprog as solve
+    except ImportError:
+        raise SystemExit(
+            "t5_key.py needs scipy for its linear programmes: pip install scipy"
+        ) from None
+    return solve(*args, **kwargs)
 
 
 def _attn(enc, b: int):
