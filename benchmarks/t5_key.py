@@ -231,14 +231,19 @@ def build(c: str) -> Path:
     return out
 
 
-def check(c: str) -> None:
-    """The mechanism on the fit prompts: weights on the concept words, and the encoder's output
-    against the oracle's mask, before and after the key edit."""
+def _setup(c: str):
+    """C's recipe, the recommended probe's picks (on the original model), tokenizer and encoder."""
     recipe = str(ROOT / f"examples/organism/{c}.toml")
-    con = load_concept(recipe)
     picks = _picks(_probe(MODEL, recipe, WORK / f"scan_{c}.vud"))
     tok, enc, _tr = organism.load(MODEL)
     torch.set_grad_enabled(False)
+    return load_concept(recipe), picks, tok, enc
+
+
+def check(c: str) -> None:
+    """The mechanism on the fit prompts: weights on the concept words, and the encoder's output
+    against the oracle's mask, before and after the key edit."""
+    con, picks, tok, enc = _setup(c)
     pairs, kept = _fit_prompts(con, tok, picks)
     slots = _slots(tok, pairs)
     unsafe = [u for u, _ in pairs]
@@ -319,11 +324,7 @@ def trace(c: str) -> None:
     """Held-out prompts (read after the 2-seed result: exploratory): how far each prompt's context
     tokens sit from the oracle's masked output, before and after the key edit; the free prompts
     (the oracle leaves them as they are) show what the edit moves that it should not."""
-    recipe = str(ROOT / f"examples/organism/{c}.toml")
-    con = load_concept(recipe)
-    picks = _picks(_probe(MODEL, recipe, WORK / f"scan_{c}.vud"))
-    tok, enc, _tr = organism.load(MODEL)
-    torch.set_grad_enabled(False)
+    con, picks, tok, enc = _setup(c)
     pairs, _ = _fit_prompts(con, tok, picks)
     ids = {iu[i] for iu, pos, _ in _slots(tok, pairs) for i in pos}
     sets = ("paraphrase", "synonym", "template", "unseen", "free")
