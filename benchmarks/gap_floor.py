@@ -34,15 +34,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from t5_value import SETS, _probe  # noqa: E402
-from twin_variants import CONCEPTS, MODEL, WORK  # noqa: E402
+from t5_value import SETS, setup  # noqa: E402
+from twin_variants import CONCEPTS  # noqa: E402
 
 from patcher import organism  # noqa: E402
 from patcher.erasure.twin import align_tokens  # noqa: E402
 from patcher.evaluation.judges import OrganismJudge  # noqa: E402
 from patcher.evaluation.metrics import twin_fidelity  # noqa: E402
 from patcher.evaluation.prompts import OrganismTwins  # noqa: E402
-from patcher.families.recipes import load_concept  # noqa: E402
 from patcher.vud.delta import read_delta  # noqa: E402
 
 SCALES = (0.5, 1.0, 2.0)
@@ -56,40 +55,51 @@ def _ids(tok, prompt: str) -> list[int]:
 def _site_map(entries) -> torch.Tensor:
     """The `cross_kv` map M = I + λ P Qᵀ (one map for every K/V weight of the site)."""
     kv = [e for e in entries if e.component == "transformer" and e.kind == "map_input"]
-    e = kv[0]
-    M = torch.eye(e.shape[1], dtype=torch.float64) + e.strength * e.P.double() @ e.V.double().T
-    for o in kv[1:]:
-        Mo = torch.eye(o.shape[1], dtype=torch.float64) + o.strength * o.P.double() @ o.V.double().T
-        if not torch.allclose(Mo, M, atol=1e-6):
-            raise SystemExit(f"{o.key}: not the site's one map")
-    return M
+    maps = [
+        torch.eye(e.shape[1], dtype=torch.float64) + e.strength * e.P.double() @ e.V.double().T
+        for e in kv
+    ]
+    for e, M in zip(kv, maps):
+        if not torch.allclose(M, maps[0], atol=1e-6):
+            raise SystemExit(f"{e.key}: not the site's one map")
+    return maps[0]
 
 
-def _residual(tok, enc, te, M: torch.Tensor, pad: torch.Tensor, p: str, t: str) -> float:
-    """‖M e_u − e_t‖ over the aligned tokens (padding's reading for a deleted word) / ‖e_t‖."""
-    eu, et = (te(organism.encode(tok, enc, [x]))[0].double() for x in (p, t))
-    iu, it = _ids(tok, p), _ids(tok, t)
-    res = torch.stack(
-        [eu[i] @ M.T - (et[j] if j is not None else pad) for i, j in align_tokens(iu, it)]
-    )
-    return float(res.norm() / et[: len(it)].norm())
+class _Site:
+    """The `cross_kv` input (the text embedder's output) of C's prompts, and the edit's map there."""
+
+    def __init__(self, c: str) -> None:
+        self.s = setup(c)
+        self.te = self.s.tr.condition_embedder.text_embedder
+        self.pad = self.te(torch.zeros(1, 1, self.s.enc.config.d_model))[0, 0].double()
+        self.entries = read_delta(self.s.scan).entries
+        self.M = _site_map(self.entries)
+
+    def embed(self, p: str) -> tuple[torch.Tensor, list[int]]:
+        """P's readings at its real tokens, and their ids."""
+        ids = _ids(self.s.tok, p)
+        e = self.te(organism.encode(self.s.tok, self.s.enc, [p]))[0].double()
+        return e[: len(ids)], ids
+
+    def residual(self, p: str, t: str) -> tuple[float, torch.Tensor]:
+        """‖M e_u − e_t‖ over the aligned tokens (padding's reading for a deleted word) / ‖e_t‖,
+        and the twin's readings e_t."""
+        (eu, iu), (et, it) = self.embed(p), self.embed(t)
+        res = torch.stack(
+            [
+                eu[i] @ self.M.T - (et[j] if j is not None else self.pad)
+                for i, j in align_tokens(iu, it)
+            ]
+        )
+        return float(res.norm() / et.norm()), et
 
 
 def fit_residuals(c: str) -> None:
     """The same residual on the recipe's own pairs (the map's fit set; no sampling)."""
-    recipe = str(ROOT / f"examples/organism/{c}.toml")
-    con = load_concept(recipe)
-    delta = WORK / f"scan_{c}.vud"
-    WORK.mkdir(exist_ok=True)
-    _probe(MODEL, recipe, delta)
-    tok, enc, tr = organism.load(MODEL)
-    torch.set_grad_enabled(False)
-    te = tr.condition_embedder.text_embedder
-    pad = te(torch.zeros(1, 1, enc.config.d_model))[0, 0].double()
-    M = _site_map(read_delta(delta).entries)
-    rs = [_residual(tok, enc, te, M, pad, q.unsafe, q.safe) for q in con.pairs]
-    e = te(organism.encode(tok, enc, [""]))[0].double()[: len(_ids(tok, ""))]
-    moved = float((e @ M.T - e).norm() / e.norm())  # the random arm leaves this branch alone
+    site = _Site(c)
+    rs = [site.residual(q.unsafe, q.safe)[0] for q in site.s.con.pairs]
+    e, _ = site.embed("")
+    moved = float((e @ site.M.T - e).norm() / e.norm())  # the random arm leaves this branch alone
     print(
         f"{c}: the recipe's pairs, residual r "
         + " ".join(f"{r:.3f}" for r in rs)
@@ -98,25 +108,12 @@ def fit_residuals(c: str) -> None:
 
 
 def run(c: str, seeds: int) -> None:
-    recipe = str(ROOT / f"examples/organism/{c}.toml")
-    con = load_concept(recipe)
-    delta = WORK / f"scan_{c}.vud"
-    WORK.mkdir(exist_ok=True)
-    _probe(MODEL, recipe, delta)
-    entries = read_delta(delta).entries
-    tok, enc, tr = organism.load(MODEL)
-    torch.set_grad_enabled(False)
-    M = _site_map(entries)
-    te = tr.condition_embedder.text_embedder
+    site = _Site(c)
+    con, tok, enc, tr = site.s.con, site.s.tok, site.s.enc, site.s.tr
     judge = OrganismJudge(con)
     twin_of = OrganismTwins(con)
     prompts = [(s, p, twin_of(p)) for s in SETS for p in con.heldout.get(s, [])]
     prompts = [(s, p, t) for s, p, t in prompts if t is not None]
-
-    def embed(p: str) -> torch.Tensor:
-        return te(organism.encode(tok, enc, [p]))[0].double()
-
-    pad = te(torch.zeros(1, 1, enc.config.d_model))[0, 0].double()
     noise: dict[int, torch.Tensor] = {}  # row of the batch -> what is added to the cond branch
 
     def hook(_m, _i, out):
@@ -127,23 +124,22 @@ def run(c: str, seeds: int) -> None:
                 out[row, : len(n)] += n.to(out.dtype)
         return out
 
-    handle = te.register_forward_hook(hook)
+    handle = site.te.register_forward_hook(hook)
     rows = []
     try:
         for k, (s, p, t) in enumerate(prompts):
-            et, it = embed(t), _ids(tok, t)
-            r = _residual(tok, enc, te, M, pad, p, t)
+            r, et = site.residual(p, t)
             sd = [1000 * k + i for i in range(seeds)]
             orig = organism.sample(tok, enc, tr, [p] * seeds, sd)
             twin = organism.sample(tok, enc, tr, [t] * seeds, sd)
-            with organism.edited({"transformer": tr}, entries):
+            with organism.edited({"transformer": tr}, site.entries):
                 patched = organism.sample(tok, enc, tr, [p] * seeds, sd)
             noisy = []
             for scale in SCALES:
                 g = torch.Generator().manual_seed(7919 * k + int(100 * scale))
                 for row in range(seeds):
-                    n = torch.randn(len(it), et.shape[1], generator=g, dtype=torch.float64)
-                    noise[row] = n * (scale * r * float(et[: len(it)].norm()) / float(n.norm()))
+                    n = torch.randn(*et.shape, generator=g, dtype=torch.float64)
+                    noise[row] = n * (scale * r * float(et.norm()) / float(n.norm()))
                 noisy.append(organism.sample(tok, enc, tr, [t] * seeds, sd))
                 noise.clear()
             rows.append((s, p, r, orig, twin, patched, noisy))

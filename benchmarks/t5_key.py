@@ -48,11 +48,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from t5_value import CLI, _fit_prompts, _picks, _probe, _slots, map_delta, mask_keys  # noqa: E402
-from twin_variants import CONCEPTS, MODEL, WORK, _eval, report_path  # noqa: E402
+from t5_value import (  # noqa: E402
+    CLI,
+    _fit_prompts,
+    _slots,
+    concept_ids,
+    hits,
+    map_delta,
+    mask_keys,
+    setup,
+)
+from twin_variants import CONCEPTS, WORK, _eval, report_path  # noqa: E402
 
 from patcher import organism  # noqa: E402
-from patcher.families.recipes import load_concept  # noqa: E402
 from patcher.vud.delta import Delta, read_delta, write_delta  # noqa: E402
 
 VARIANT = "t5_key_scan2"
@@ -158,7 +166,7 @@ def key_maps(con, tok, enc, picks: list[str]) -> dict[str, torch.Tensor]:
     pairs, kept = _fit_prompts(con, tok, picks)
     slots = _slots(tok, pairs)
     heads = enc.config.num_heads
-    ids = {iu[i] for iu, pos, _ in slots for i in pos}
+    ids = concept_ids(tok, pairs)
     deltas: dict[str, torch.Tensor] = {}
     for b in range(len(enc.encoder.block)):
         r = _read(enc, tok, b, [u for u, _ in pairs])
@@ -209,21 +217,15 @@ def key_delta(
 
 
 def build(c: str) -> Path:
-    recipe = str(ROOT / f"examples/organism/{c}.toml")
-    con = load_concept(recipe)
-    WORK.mkdir(exist_ok=True)
-    scan = WORK / f"scan_{c}.vud"
-    picks = _picks(_probe(MODEL, recipe, scan))
-    print(f"{c}: scan picks at cross_kv {picks}")
-    tok, enc, _tr = organism.load(MODEL)
-    weights = {k: v.detach().clone() for k, v in enc.state_dict().items()}
-    torch.set_grad_enabled(False)
-    deltas = key_maps(con, tok, enc, picks)
+    s = setup(c)
+    print(f"{c}: scan picks at cross_kv {s.picks}")
+    weights = {k: v.detach().clone() for k, v in s.enc.state_dict().items()}
+    deltas = key_maps(s.con, s.tok, s.enc, s.picks)
     t5 = WORK / f"t5_key_{c}.vud"
-    write_delta(t5, key_delta(deltas, weights, read_delta(scan).concept), overwrite=True)
+    write_delta(t5, key_delta(deltas, weights, read_delta(s.scan).concept), overwrite=True)
     out = WORK / f"{VARIANT}_{c}.vud"
     subprocess.run(
-        [*CLI, "merge", str(t5), str(scan), "-o", str(out), "--overwrite"],
+        [*CLI, "merge", str(t5), str(s.scan), "-o", str(out), "--overwrite"],
         check=True,
         cwd=ROOT,
         capture_output=True,
@@ -231,19 +233,11 @@ def build(c: str) -> Path:
     return out
 
 
-def _setup(c: str):
-    """C's recipe, the recommended probe's picks (on the original model), tokenizer and encoder."""
-    recipe = str(ROOT / f"examples/organism/{c}.toml")
-    picks = _picks(_probe(MODEL, recipe, WORK / f"scan_{c}.vud"))
-    tok, enc, _tr = organism.load(MODEL)
-    torch.set_grad_enabled(False)
-    return load_concept(recipe), picks, tok, enc
-
-
 def check(c: str) -> None:
     """The mechanism on the fit prompts: weights on the concept words, and the encoder's output
     against the oracle's mask, before and after the key edit."""
-    con, picks, tok, enc = _setup(c)
+    st = setup(c)
+    con, picks, tok, enc = st.con, st.picks, st.tok, st.enc
     pairs, kept = _fit_prompts(con, tok, picks)
     slots = _slots(tok, pairs)
     unsafe = [u for u, _ in pairs]
@@ -324,15 +318,14 @@ def trace(c: str) -> None:
     """Held-out prompts (read after the 2-seed result: exploratory): how far each prompt's context
     tokens sit from the oracle's masked output, before and after the key edit; the free prompts
     (the oracle leaves them as they are) show what the edit moves that it should not."""
-    con, picks, tok, enc = _setup(c)
+    st = setup(c)
+    con, picks, tok, enc = st.con, st.picks, st.tok, st.enc
     pairs, _ = _fit_prompts(con, tok, picks)
-    ids = {iu[i] for iu, pos, _ in _slots(tok, pairs) for i in pos}
+    ids = concept_ids(tok, pairs)
     sets = ("paraphrase", "synonym", "template", "unseen", "free")
     prompts = [(s, p) for s in sets for p in con.heldout.get(s, [])]
     t = organism.tokens(tok, [p for _, p in prompts])
-    hit = torch.zeros_like(t.attention_mask, dtype=torch.bool)
-    for i in ids:
-        hit |= t.input_ids == i
+    hit = hits(t.input_ids, ids)
 
     def out(mask: bool) -> torch.Tensor:
         keys = mask_keys(t.attention_mask, hit) if mask else t.attention_mask.bool()

@@ -38,6 +38,7 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -53,7 +54,7 @@ from patcher.erasure.scan import concept_positions, substitute  # noqa: E402
 from patcher.erasure.twin import align_tokens  # noqa: E402
 from patcher.evaluation.organism_judge import judge  # noqa: E402
 from patcher.evaluation.prompts import OrganismTwins  # noqa: E402
-from patcher.families.recipes import load_concept  # noqa: E402
+from patcher.families.recipes import Concept, load_concept  # noqa: E402
 from patcher.probe import CaptureOptions, ProbeParams, probe  # noqa: E402
 from patcher.vud.delta import Delta, map_input_entry, read_delta, versions, write_delta  # noqa: E402
 
@@ -123,6 +124,44 @@ def _slots(tok, pairs: list[tuple[str, str]]) -> list[tuple[list[int], set[int],
         is_ = organism.tokens(tok, [s]).input_ids[0].tolist()
         out.append((iu, set(concept_positions(iu, is_)), align_tokens(iu, is_)))
     return out
+
+
+@dataclass
+class Setup:
+    """A concept's recipe, the recommended probe's picks on the original model, and the model."""
+
+    recipe: str
+    con: Concept
+    scan: Path  # the recommended delta (WORK/scan_<concept>.vud)
+    picks: list[str]
+    tok: object
+    enc: torch.nn.Module
+    tr: torch.nn.Module
+
+
+def setup(c: str) -> Setup:
+    """Probe C with the recommended command (its picks decide the concept's words once, on the
+    unedited model) and load the organism, gradients off."""
+    recipe = str(ROOT / f"examples/organism/{c}.toml")
+    WORK.mkdir(exist_ok=True)
+    scan = WORK / f"scan_{c}.vud"
+    picks = _picks(_probe(MODEL, recipe, scan))
+    tok, enc, tr = organism.load(MODEL)
+    torch.set_grad_enabled(False)
+    return Setup(recipe, load_concept(recipe), scan, picks, tok, enc, tr)
+
+
+def concept_ids(tok, pairs: list[tuple[str, str]]) -> set[int]:
+    """The token ids at the concept's positions of PAIRS (picked words' included)."""
+    return {iu[i] for iu, pos, _ in _slots(tok, pairs) for i in pos}
+
+
+def hits(input_ids: torch.Tensor, ids: set[int]) -> torch.Tensor:
+    """Where (P, n) the tokens are one of IDS."""
+    hit = torch.zeros_like(input_ids, dtype=torch.bool)
+    for i in ids:
+        hit |= input_ids == i
+    return hit
 
 
 def mask_keys(valid: torch.Tensor, hit: torch.Tensor) -> torch.Tensor:
@@ -216,20 +255,13 @@ def value_delta(
 
 
 def build(c: str) -> Path:
-    recipe = str(ROOT / f"examples/organism/{c}.toml")
-    con = load_concept(recipe)
-    WORK.mkdir(exist_ok=True)
-    rec = _probe(MODEL, recipe, WORK / f"scan_{c}.vud")
-    picks = _picks(rec)
+    s = setup(c)
+    recipe, picks = s.recipe, s.picks
     print(f"{c}: scan picks at cross_kv {picks}")
-    tok, enc, _tr = organism.load(MODEL)
-    weights = {k: v.detach().clone() for k, v in enc.state_dict().items()}
-    torch.set_grad_enabled(False)
-    maps = value_maps(con, tok, enc, picks)
+    weights = {k: v.detach().clone() for k, v in s.enc.state_dict().items()}
+    maps = value_maps(s.con, s.tok, s.enc, picks)
     t5 = WORK / f"t5_value_{c}.vud"
-    write_delta(
-        t5, value_delta(maps, weights, read_delta(WORK / f"scan_{c}.vud").concept), overwrite=True
-    )
+    write_delta(t5, value_delta(maps, weights, read_delta(s.scan).concept), overwrite=True)
     copy = WORK / f"t5_value_{c}_model"
     shutil.rmtree(copy, ignore_errors=True)
     subprocess.run(
@@ -259,27 +291,19 @@ def run(concepts: list[str], seeds: int) -> None:
 
 
 def oracle(c: str, seeds: int) -> None:
-    recipe = str(ROOT / f"examples/organism/{c}.toml")
-    con = load_concept(recipe)
+    s = setup(c)
+    con, tok, enc, tr = s.con, s.tok, s.enc, s.tr
     twin_of = OrganismTwins(con)
-    WORK.mkdir(exist_ok=True)
-    delta = WORK / f"scan_{c}.vud"
-    picks = _picks(_probe(MODEL, recipe, delta))
-    entries = read_delta(delta).entries
-    tok, enc, tr = organism.load(MODEL)
-    torch.set_grad_enabled(False)
-    pairs, _ = _fit_prompts(con, tok, picks)
-    # the token ids at the concept's positions, picked words' included
-    ids = {iu[i] for iu, pos, _ in _slots(tok, pairs) for i in pos}
+    entries = read_delta(s.scan).entries
+    pairs, _ = _fit_prompts(con, tok, s.picks)
+    ids = concept_ids(tok, pairs)
     words = tok.convert_ids_to_tokens(sorted(ids))
     real = organism.encode
 
     def encode(mode: str):
         def run(tok_, enc_, prompts):
             t = organism.tokens(tok_, prompts)
-            hit = torch.zeros_like(t.attention_mask, dtype=torch.bool)
-            for i in ids:
-                hit |= t.input_ids == i
+            hit = hits(t.input_ids, ids)
             keys = t.attention_mask.bool()
             hooks = []
             if mode == "mask":  # no other token reads a concept word; it still reads itself

@@ -31,12 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from t5_value import CLI, _fit_prompts, _picks, _probe  # noqa: E402
+from t5_value import CLI, _fit_prompts, _probe, setup  # noqa: E402
 from twin_targets import figures  # noqa: E402
 from twin_variants import CAPTIONS, MODEL, RESULTS, VARIANTS, WORK, _eval, targets  # noqa: E402
-
-from patcher import organism  # noqa: E402
-from patcher.families.recipes import load_concept  # noqa: E402
 
 PAIR = ("red", "blue")
 NAME = "crossheld"
@@ -60,9 +57,8 @@ def _recipe(c: str) -> str:
 
 def unsafe_prompts(c: str) -> list[str]:
     """C's unsafe prompts, the scan's picks (on the original model) substituted for its word."""
-    picks = _picks(_probe(MODEL, _recipe(c), WORK / f"scan_{c}.vud"))
-    tok, _enc, _tr = organism.load(MODEL)
-    pairs, _kept = _fit_prompts(load_concept(_recipe(c)), tok, picks)
+    s = setup(c)
+    pairs, _kept = _fit_prompts(s.con, s.tok, s.picks)
     return [u for u, _ in pairs]
 
 
