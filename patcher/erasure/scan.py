@@ -102,12 +102,14 @@ def kept_slots(
     for w, rows in scanned.items():
         if w in picked or (below is not None and not (scores or {}).get(w, below) < below):
             continue
-        for p, x, ids in rows:
-            pos = concept_positions(ids, safe[p][1])
-            if pos:
-                out.append(x.double() if whole else x[pos].double())
-                if not held or held[-1] != w:
-                    held.append(w)
+        got = [
+            x.double() if whole else x[pos].double()
+            for p, x, ids in rows
+            if (pos := concept_positions(ids, safe[p][1]))
+        ]
+        if got:
+            out += got
+            held.append(w)
     return out, held
 
 

@@ -325,7 +325,7 @@ def _misses(d: _Judged) -> list[dict]:
             r["clips"] += 1
             r["seeds"].append(j.seed)
             r["after"].append(d.judge.describe(d.va[i]))
-            r["shown"] += int(d.judge.shown(d.va[i]) or d.judge.trace(d.va[i]))
+            r["shown"] += int(d.judge.trace(d.va[i]))  # a trace includes shown
             if t is not None:
                 r["as_twin"] += int(d.judge.same(d.va[i], d.vt[t]))
                 r["twin_clips"].append(d.judge.describe(d.vt[t]))
