@@ -58,7 +58,7 @@ from t5_value import (  # noqa: E402
     mask_keys,
     setup,
 )
-from twin_variants import CONCEPTS, WORK, _eval, report_path  # noqa: E402
+from twin_variants import CONCEPTS, WORK, eval_variant  # noqa: E402
 
 from patcher import organism  # noqa: E402
 from patcher.vud.delta import Delta, read_delta, write_delta  # noqa: E402
@@ -350,12 +350,7 @@ def trace(c: str) -> None:
 
 def run(concepts: list[str], seeds: int) -> None:
     for c in concepts:
-        delta = build(c)
-        tail = "" if seeds == 2 else f"_seeds{seeds}"
-        recipe = str(ROOT / f"examples/organism/{c}.toml")
-        out = _eval(recipe, delta, WORK / f"sheet_{VARIANT}_{c}{tail}.png", seeds)
-        report_path(VARIANT, c, seeds).write_text(out)
-        print(f"{VARIANT} {c}: {report_path(VARIANT, c, seeds).name}", flush=True)
+        eval_variant(VARIANT, c, build(c), seeds)
 
 
 def main() -> None:

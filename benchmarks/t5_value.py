@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from twin_variants import CONCEPTS, MODEL, WORK, _eval, report_path  # noqa: E402
+from twin_variants import CONCEPTS, MODEL, WORK, eval_variant  # noqa: E402
 
 from patcher import organism  # noqa: E402
 from patcher.erasure.scan import concept_positions, substitute  # noqa: E402
@@ -282,12 +282,7 @@ def build(c: str) -> Path:
 
 def run(concepts: list[str], seeds: int) -> None:
     for c in concepts:
-        delta = build(c)
-        tail = "" if seeds == 2 else f"_seeds{seeds}"
-        recipe = str(ROOT / f"examples/organism/{c}.toml")
-        out = _eval(recipe, delta, WORK / f"sheet_{VARIANT}_{c}{tail}.png", seeds)
-        report_path(VARIANT, c, seeds).write_text(out)
-        print(f"{VARIANT} {c}: {report_path(VARIANT, c, seeds).name}", flush=True)
+        eval_variant(VARIANT, c, build(c), seeds)
 
 
 def oracle(c: str, seeds: int) -> None:

@@ -102,6 +102,15 @@ def _eval(recipe: str, delta: Path, sheet: Path, seeds: int = 2) -> str:
     ).stdout
 
 
+def eval_variant(variant: str, c: str, delta: Path, seeds: int) -> None:
+    """`vpatch eval` of VARIANT's DELTA on concept C's recipe: its report and contact sheet."""
+    tail = "" if seeds == 2 else f"_seeds{seeds}"
+    recipe = str(ROOT / f"examples/organism/{c}.toml")
+    out = _eval(recipe, delta, WORK / f"sheet_{variant}_{c}{tail}.png", seeds)
+    report_path(variant, c, seeds).write_text(out)
+    print(f"{variant} {c}: {report_path(variant, c, seeds).name}", flush=True)
+
+
 def run(variant: str, concepts: list[str], seeds: int = 2) -> None:
     WORK.mkdir(exist_ok=True)
     cli = [sys.executable, "-m", "patcher.cli"]
@@ -110,10 +119,7 @@ def run(variant: str, concepts: list[str], seeds: int = 2) -> None:
         delta = WORK / f"{variant}_{c}.vud"
         probe = [*cli, "probe", str(MODEL), "-c", recipe, "-o", str(delta), "--method", "twin"]
         subprocess.run([*probe, *VARIANTS[variant], "--overwrite", "-q"], check=True, cwd=ROOT)
-        tail = "" if seeds == 2 else f"_seeds{seeds}"
-        out = _eval(recipe, delta, WORK / f"sheet_{variant}_{c}{tail}.png", seeds)
-        report_path(variant, c, seeds).write_text(out)
-        print(f"{variant} {c}: {report_path(variant, c, seeds).name}", flush=True)
+        eval_variant(variant, c, delta, seeds)
 
 
 def pair(variant: str, a: str, b: str) -> None:
