@@ -83,6 +83,24 @@ def test_head_permutation_matches_the_rotate_half_pairing():
     assert out["q"].tolist() == [0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_head_permutation_on_the_device_the_tensor_is_read_to():
+    """A denoise-mode probe on CUDA reads the stored tensors onto the GPU; the permutation's index
+    must follow them there (it was built on the CPU and index_select failed on the H200)."""
+    conv = _conv(
+        {
+            "why": "t",
+            "module": "m:C",
+            "keys": [{"from": "q", "to": "q"}],
+            "tensors": [{"keys": "q", "op": "interleave_halves", "block": 8}],
+        }
+    )
+    src = {"q": torch.arange(16.0, device="cuda")}
+    out, _ = convert_tensors(conv, ["q"], lambda k: src[k])
+    assert out["q"].device.type == "cuda"
+    assert out["q"].tolist() == [0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15]
+
+
 def test_unclaimed_keys_and_bad_splits_fail():
     conv = _conv(CONV)
     with pytest.raises(ProbeError, match="no rule for extra"):

@@ -210,7 +210,7 @@ def _interleave(x: torch.Tensor, block: int, key: str) -> torch.Tensor:
     half = block // 2
     within = torch.stack([torch.arange(half), torch.arange(half, block)], dim=1).reshape(-1)
     idx = (torch.arange(0, x.shape[0], block)[:, None] + within[None, :]).reshape(-1)
-    return x.index_select(0, idx)
+    return x.index_select(0, idx.to(x.device))
 
 
 def _swap_halves(x: torch.Tensor, key: str) -> torch.Tensor:
