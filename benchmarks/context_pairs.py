@@ -3,6 +3,7 @@
     python benchmarks/context_pairs.py recipe CONCEPT          # print the augmented recipe
     python benchmarks/context_pairs.py check [CONCEPT ...]     # token level, no sampling
     python benchmarks/context_pairs.py run [CONCEPT ...] [--seeds 2]
+    python benchmarks/context_pairs.py moves [CONCEPT ...]     # after the run: concept-free moves
 
 The recommended edit's held-out residual at `cross_kv` is four to five times its residual on the
 recipe's own five pairs (benchmarks/gap_floor.py), and red's misses sit in context words the fit
@@ -19,7 +20,8 @@ the fit more contexts without naming any held-out prompt:
    added safe sides join the preservation set as every twin does); eval runs on the unchanged
    recipe's held-out prompts.
 On the organism the context words come from a 38-token vocabulary, so they include words of the
-held-out prompts ("colored", "is", "and", "it"; not ",", which is not alphabetic): a pass would show
+held-out prompts (for red and blue "colored", "is", "and", "it"; not ",", which is not
+alphabetic): a pass would show
 what context variety buys here, not that random words of a 32k vocabulary would carry it.
 Pre-registration: benchmarks/results/context_pairs_prereg.md. Reports:
 benchmarks/results/eval_twin_ctx_<concept>[_seedsN].json, counted by
@@ -161,12 +163,39 @@ def check(c: str) -> None:
         )
 
 
+def moves(c: str) -> None:
+    """Exploratory, after the run: how far each concept-free eval prompt's `cross_kv` input moves
+    under scan, scan_anchor (the variant without the added pairs) and ctx (relative distance)."""
+    from gap_floor import _Site, _site_map
+    from twin_variants import VARIANTS
+
+    site = _Site(c)
+    cli = [sys.executable, "-m", "patcher.cli", "probe", str(MODEL)]
+    maps = {}
+    for v in ("scan", "scan_anchor", "ctx"):
+        d = WORK / f"{v}_{c}.vud"
+        if v == "ctx":
+            d = _probe(c)
+        elif not d.exists():
+            recipe = str(ROOT / f"examples/organism/{c}.toml")
+            opts = [*VARIANTS[v], "--overwrite", "-q"]
+            subprocess.run(
+                [*cli, "-c", recipe, "-o", str(d), "--method", "twin", *opts], check=True
+            )
+        maps[v] = _site_map(read_delta(d).entries)
+    print(f"{c}: concept-free prompt, moved under " + " / ".join(maps), flush=True)
+    for p in site.s.con.heldout.get("free", []):
+        e, _ = site.embed(p)
+        r = [float((e @ M.T - e).norm() / e.norm()) for M in maps.values()]
+        print(f"  {p:<40} " + " / ".join(f"{x:.3f}" for x in r), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("recipe")
     r.add_argument("concept", choices=CONCEPTS)
-    for name in ("check", "run"):
+    for name in ("check", "run", "moves"):
         p = sub.add_parser(name)
         p.add_argument("concepts", nargs="*", default=list(CONCEPTS))
         if name == "run":
@@ -179,8 +208,11 @@ def main() -> None:
     for c in a.concepts:
         if c not in CONCEPTS:
             ap.error(f"{c}: one of {', '.join(CONCEPTS)}")
+    for c in a.concepts:
         if a.cmd == "check":
             check(c)
+        elif a.cmd == "moves":
+            moves(c)
         else:
             eval_variant("ctx", c, _probe(c), a.seeds)
 
