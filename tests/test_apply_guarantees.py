@@ -217,6 +217,47 @@ def test_4_out_inside_the_input_folder_is_refused(tmp_path, pipe):
     assert sorted(p.relative_to(root) for p in root.rglob("*")) == before
 
 
+def test_4_a_single_files_output_is_a_file_path_not_a_folder(tmp_path, bf16_model):
+    """-o for one input file names the file to write: an existing folder was silently written into
+    under the input's own name (a patched model named as the original; `-o /` wrote /model...)."""
+    src, d, _, _ = bf16_model
+    folder = tmp_path / "somedir"
+    folder.mkdir()
+    assert_one_line_exit_2("apply", src, d, "-o", folder, match="is one file")
+    assert list(folder.iterdir()) == []
+    # "newdir/" asks for a folder: it made a file named newdir
+    assert_one_line_exit_2("apply", src, d, "-o", f"{tmp_path / 'newdir'}/", match="is one file")
+    assert not os.path.lexists(tmp_path / "newdir")
+    # revert likewise (it wrote the unpatched weights as somedir/model.no-red.safetensors)
+    patched = tmp_path / "p.safetensors"
+    patcher.apply_delta(src, d, patched)
+    assert_one_line_exit_2("revert", patched, d, "-o", folder, match="is one file")
+    assert list(folder.iterdir()) == []
+    code, out, _ = invoke("apply", src, d, "-o", folder / "m.safetensors", "--json")
+    assert code == 0 and json.loads(out)["output"] == str(folder / "m.safetensors")
+
+
+def test_4_a_dry_run_refuses_what_the_run_would(tmp_path, pipe):
+    """--dry-run checked no output: it exited 0 for an -o inside the input, an existing -o and a
+    missing parent, where the real run exits 2."""
+    root, d, _ = pipe
+    exists = tmp_path / "exists"
+    exists.mkdir()
+    for o, msg in (
+        (root / "sub", "inside the input"),
+        (exists, "already exists"),
+        (tmp_path / "nodir" / "x", "does not exist"),
+    ):
+        for extra in ([], ["--dry-run"]):
+            assert_one_line_exit_2("apply", root, d, "-o", o, *extra, match=msg)
+    # without -o the dry run names the folder the run would write
+    code, out, _ = invoke("apply", root, d, "--dry-run", "--json")
+    assert code == 0
+    target = Path(json.loads(out)["output"])
+    assert target.parent == root.parent and target.name.startswith(root.name + "-no-")
+    assert not target.exists()
+
+
 # --------------------------------------------------------------------------- 5: concurrent runs
 
 

@@ -23,7 +23,7 @@ from .common import RichReporter, _mib, _show_report, _user_errors, err, main
 @click.option(
     "-o",
     "--out",
-    type=click.Path(path_type=Path),
+    type=click.Path(),
     help="Output file (single-file input) or folder (others). Must not exist. Default: next to the input, named after it and the concept (model.no-nudity.safetensors, wan-no-nudity/; a hub id: in the current folder).",
 )
 @click.option(
@@ -131,9 +131,9 @@ def apply(
 @click.option(
     "-o",
     "--out",
-    type=click.Path(path_type=Path),
+    type=click.Path(),
     required=True,
-    help="Output file or folder. Must not exist.",
+    help="Output file (single-file input) or folder (others). Must not exist.",
 )
 @click.option(
     "--record",

@@ -223,23 +223,23 @@ def apply_delta(
                 f" ({len(stacked)} shared weight(s)); a second projection on top is not the joint projection of both concepts."
                 " Merge the deltas (vpatch merge first.vud second.vud -o both.vud) and apply that to the original checkpoint, or pass --force"
             )
+    if out is None:  # next to the input, named after it and the concept(s)
+        from ..naming import derived_output
+
+        out = derived_output(checkpoint, dl)
+    ck = plan.checkpoint
+    out = resolve_out(ck, out)
+    record_path = Path(revert_record) if revert_record else None
+    inputs = _inputs(plan)
+    _check_outputs(ck, out, inputs, overwrite, record_path)  # a dry run refuses what a run would
     if dry_run:
-        rep_ = _report("dry-run", plan, Path(out) if out else None)
+        rep_ = _report("dry-run", plan, out)
         rep_.warnings += [
             f"{m.entry.key}: target differs from the probed base (fine-tune?)"
             for m in plan.matched
             if m.base_match is False
         ]
         return rep_
-    if out is None:  # next to the input, named after it and the concept(s)
-        from ..naming import derived_output
-
-        out = derived_output(checkpoint, dl)
-    ck = plan.checkpoint
-    out = resolve_out(ck, Path(out))
-    record_path = Path(revert_record) if revert_record else None
-    inputs = _inputs(plan)
-    _check_outputs(ck, out, inputs, overwrite, record_path)
     ops = plan.ops()
     prov = provenance.ApplyStamp(
         plan,
@@ -346,7 +346,7 @@ def revert_delta(
         plan, strength=applied.strength, use_factors=applied.mode == "factors", _ops=None
     )
     ck = plan.checkpoint
-    out = resolve_out(ck, Path(out))
+    out = resolve_out(ck, out)
     inputs = _inputs(plan) + ([Path(record)] if record is not None else [])
     _check_outputs(ck, out, inputs, overwrite, None)
     rec = RevertRecord(Path(record), dl.sha256) if record is not None else None

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 from ..checkpoint import Checkpoint, load_index
+from ..errors import OutputError
 from ..output import atomic_dir, atomic_file, check_name
 from ..progress import Reporter
 from ..safetensors_io import Header, copy_file, rewrite_metadata
@@ -18,10 +20,17 @@ MetaFor = Callable[[Header, list[EditResult] | None], dict[str, str]]
 IndexMeta = Callable[[dict, list[EditResult]], dict]
 
 
-def resolve_out(ck: Checkpoint, out: Path) -> Path:
+def resolve_out(ck: Checkpoint, out: Path | str) -> Path:
+    """The output path, refused when it cannot be what the input's layout writes: a single file's
+    output is a file path (not an existing folder, not a path ending in a separator)."""
+    text = str(out)
+    out = Path(out)
     check_name(out)
-    if ck.layout == "file" and out.is_dir():
-        return out / ck.root.name
+    if ck.layout == "file" and (out.is_dir() or text.endswith(("/", os.sep))):
+        raise OutputError(
+            f"output {text} is a folder, but the input {ck.root.name} is one file: -o names the file"
+            f" to write (for example {out / ck.root.name}), which must not exist"
+        )
     return out
 
 
