@@ -278,6 +278,22 @@ def test_cli_refuses_bad_params_before_loading_anything(tmp_path):
     assert "nothing to write" in line
 
 
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_delta_and_activations_at_one_path_are_refused_before_any_work(tmp_path, overwrite):
+    """-o X --save-activations X wrote the activations to X, then refused the delta (exit 2) and
+    left a file that is not a delta at X; with --overwrite too."""
+    x = tmp_path / "p1.vud"
+    line = _one_line_error(
+        ["probe", str(MODEL), "-c", str(RED), "-o", x, "--save-activations", x, *overwrite]
+    )
+    assert "both" in line and "different paths" in line
+    assert not x.exists()
+    y = tmp_path / "sub" / ".." / "p1.vud"  # the same path spelled another way
+    (tmp_path / "sub").mkdir()
+    line = _one_line_error(["probe", str(MODEL), "-c", str(RED), "-o", x, "--save-activations", y])
+    assert "different paths" in line and not x.exists()
+
+
 def test_cli_capture_once_then_build_many(tmp_path):
     acts = tmp_path / "red.safetensors"
     res = CliRunner().invoke(

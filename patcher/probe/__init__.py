@@ -16,11 +16,12 @@ encoders.py (transformers encoders), sites.py (which weights a site targets, the
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from ..errors import ProbeError
+from ..errors import OutputError, ProbeError
 from ..families.recipes import Concept
 from ..merge.engine import Reporter
 from ..vud.delta import write_delta
@@ -83,6 +84,15 @@ def probe(
     prm = params or ProbeParams()  # already checked when it was made: nothing is loaded yet
     if out is None and save_activations is None:
         raise ProbeError("probe: nothing to write; give -o OUT, --save-activations FILE or both")
+    if out is not None and save_activations is not None:
+        a, b = Path(out), Path(save_activations)
+        if os.path.abspath(a) == os.path.abspath(b) or (
+            a.exists() and b.exists() and a.samefile(b)
+        ):
+            raise OutputError(
+                f"-o and --save-activations are both {out}: the activations would be written there"
+                " and the delta refused; give them different paths"
+            )
     for p, kind in ((out, "delta"), (save_activations, "activations")):  # before any model loads
         if p is not None:
             check_target(Path(p), _local_inputs(model), overwrite, kind)
