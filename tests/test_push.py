@@ -121,6 +121,32 @@ def test_upload_goes_through_hfapi(patched):
     assert fm["license"] == "other"  # no base given: not guessed
 
 
+def test_a_variant_file_beside_unedited_default_weights_is_refused(patched, tmp_path):
+    """`vpatch apply FOLDER/transformer/x.safetensors D` writes x.no-nudity.safetensors beside the
+    untouched original; push staged both and its card said the concept was removed, while
+    from_pretrained loads the original."""
+    import shutil
+
+    folder = tmp_path / "mixed"
+    shutil.copytree(patched / "base", folder)
+    (w,) = (folder / "transformer").glob("*.safetensors")
+    variant = patcher.apply_delta(w, patched / "d.vud").output
+    assert ".no-nudity." in variant and (folder / "transformer" / w.name).exists()
+    res = CliRunner().invoke(
+        main, ["push", str(folder), "--repo-id", "me/x", "--dry-run", "--stage", tmp_path / "st"]
+    )
+    lines = [x for x in res.stderr.splitlines() if x.strip()]
+    assert res.exit_code == 2 and len(lines) == 1, res.output
+    assert "variant file" in lines[0] and "from_pretrained loads" in lines[0]
+    assert not (tmp_path / "st").exists()
+    # the same folder once its default weights carry the delta too is pushed
+    shutil.rmtree(folder)
+    shutil.copytree(patched / "safe", folder)
+    (w,) = (folder / "transformer").glob("*.safetensors")
+    shutil.copy(w, w.with_name(w.name.replace(".safetensors", ".fp16.safetensors")))
+    assert push(folder, "me/x", dry_run=True, stage=tmp_path / "st2").files
+
+
 def test_refusals(patched, tmp_path):
     with pytest.raises(PushError, match="no vpatch provenance"):
         push(patched / "base", "me/x", dry_run=True)
