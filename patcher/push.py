@@ -185,6 +185,66 @@ def _base_license(base_model: str | None) -> str | None:
         return None
 
 
+UPDATES = {  # entry kind -> the update it makes to a weight W (docs/vud-format.md)
+    "project_input": "W' = W − λ (W B) Bᵀ (the refusal directions B projected out of what W reads)",
+    "map_input": "W' = W (I + λ P Qᵀ) (an input-side map sending the concept to its safe twin)",
+    "add": "W' = W + U Vᵀ (U carries λ)",
+}
+
+
+def _part_lines(m: dict, pairs: object) -> list[str]:
+    """One probe's method record as card lines, in the terms of its own edit."""
+    n = f"{len(pairs)} " if isinstance(pairs, list) else ""
+    sites = m.get("sites")
+    where = f"{', '.join(map(str, sites)) if isinstance(sites, list) else sites or '?'}"
+    out = [f"- method: `{m.get('name')}`, edit sites: {where} (family `{m.get('family')}`)"]
+    if m.get("name") == "twin":
+        out.append(
+            f"  - the concept's token readings mapped to its safe twin's, fitted on {n}unsafe/safe"
+            f" prompt pairs with a preservation set (β = {m.get('beta')}, ridge {m.get('ridge')},"
+            f" null space {m.get('null')}), strength λ = {m.get('strength')}"
+        )
+        picked = [w for v in (m.get("scan_picked") or {}).values() for w in v.get("picked", [])]
+        if m.get("scan"):
+            out.append(
+                f"  - vocabulary scan of {m.get('scan')} words; also mapped: "
+                + (", ".join(sorted(set(map(str, picked)))) or "none")
+            )
+    else:
+        out.append(
+            f"  - refusal direction(s) from {n}unsafe/safe prompt pairs: rank k = {m.get('rank')},"
+            f" contrast α = {m.get('alpha')}, strength λ = {m.get('strength')}, directions m ="
+            f" {m.get('directions')}, pooling `{m.get('pooling')}`"
+        )
+    return out
+
+
+def _method_lines(delta: dict) -> list[str]:
+    m = delta.get("method") or {}
+    concept = delta.get("concept") or {}
+    if m.get("name") == "merge":
+        parts = [p for p in m.get("parts") or [] if isinstance(p, dict)]
+        cons = [c if isinstance(c, dict) else {"name": c} for c in concept.get("concepts") or []]
+        names = [str(c.get("name")) for c in cons]
+        out = [
+            f"- merged from {len(parts)} deltas"
+            + (f" ({', '.join(names)})" if names else "")
+            + "; twin maps compose (W M₁ M₂, what applying one after the other writes), and"
+            " projections of one weight become one projection onto the complement of their joint span"
+        ]
+        for i, p in enumerate(parts):
+            pairs = cons[i].get("pairs") if len(cons) == len(parts) else None
+            out += ["  " + x for x in _part_lines(p, pairs)]
+    else:
+        out = _part_lines(m, concept.get("pairs"))
+    kinds = [k for k in UPDATES if k in (delta.get("kinds") or [])]
+    out.append(
+        f"- edited weights: {delta.get('entries')}; on each, "
+        + ("; ".join(UPDATES[k] for k in kinds) if kinds else "a low-rank update")
+    )
+    return out
+
+
 def build_card(
     applied: list[dict],
     *,
@@ -236,19 +296,7 @@ def build_card(
             f"{r.get('entries', '?')} | {r.get('vpatch')} |"
         )
     if delta:
-        m = delta.get("method", {})
-        pairs = delta.get("concept", {}).get("pairs")
-        sites = m.get("sites")
-        lines += [
-            "",
-            "## Method",
-            "",
-            f"- method: `{m.get('name')}` (refusal direction from {len(pairs) if isinstance(pairs, list) else '?'} unsafe/safe prompt pairs)",
-            f"- edit sites: {', '.join(map(str, sites)) if isinstance(sites, list) else sites or ''} (family `{m.get('family')}`)",
-            f"- rank k = {m.get('rank')}, contrast α = {m.get('alpha')}, strength λ = {m.get('strength')}, directions m = {m.get('directions')}, "
-            f"pooling `{m.get('pooling')}`",
-            f"- edited weights: {delta.get('entries')}; the update is W' = W − λ (W u) uᵀ on each",
-        ]
+        lines += ["", "## Method", "", *_method_lines(delta)]
     if eval_report and isinstance(eval_report.get("markdown"), str):
         # a `vpatch eval --out` report: its page (per-category rates, Wilson intervals) as written
         lines += ["", "## Evaluation", "", eval_report["markdown"].strip()]
@@ -354,7 +402,12 @@ def push(
             raise PushError(
                 f"--delta {delta}: this delta ({d.sha256[:12]}) is not the one applied to {folder}"
             )
-        dinfo = {"method": d.method, "concept": d.concept, "entries": len(d.entries)}
+        dinfo = {
+            "method": d.method,
+            "concept": d.concept,
+            "entries": len(d.entries),
+            "kinds": sorted({e.kind for e in d.entries}),
+        }
     rep = None
     if eval_report is not None:
         try:

@@ -147,6 +147,46 @@ def test_a_variant_file_beside_unedited_default_weights_is_refused(patched, tmp_
     assert push(folder, "me/x", dry_run=True, stage=tmp_path / "st2").files
 
 
+def test_the_card_states_the_edit_each_method_made(tmp_path):
+    """The card said "W' = W − λ (W u) uᵀ" and "refusal direction" for a twin delta (an input-side
+    map), and "method: merge (refusal direction from ? pairs)", "rank k = None" for a merged one."""
+    from patcher.push import _method_lines
+
+    twin = {
+        "method": {"name": "twin", "sites": ["cross_kv"], "family": "wan", "beta": 1.0,
+                   "ridge": 0.001, "null": 0, "strength": 1.0, "scan": 64,
+                   "scan_picked": {"transformer:cross_kv": {"picked": ["scarlet", "crimson"]}}},
+        "concept": {"pairs": [{}] * 5},
+        "entries": 60,
+        "kinds": ["map_input"],
+    }  # fmt: skip
+    text = "\n".join(_method_lines(twin))
+    assert "W' = W (I + λ P Qᵀ)" in text and "(W B) Bᵀ" not in text
+    assert "5 unsafe/safe prompt pairs" in text and "crimson, scarlet" in text
+    assert "refusal direction" not in text
+    cpca = {
+        "method": {"name": "cpca", "sites": ["text_proj"], "family": "wan", "rank": 8,
+                   "alpha": 1.0, "strength": 1.2, "directions": 1, "pooling": "tokens"},
+        "concept": {"pairs": [{}] * 5},
+        "entries": 1,
+        "kinds": ["project_input"],
+    }  # fmt: skip
+    text = "\n".join(_method_lines(cpca))
+    assert "W' = W − λ (W B) Bᵀ" in text and "rank k = 8" in text and "P Qᵀ" not in text
+    merged = {
+        "method": {"name": "merge", "family": "wan", "parts": [twin["method"], twin["method"]]},
+        "concept": {
+            "concepts": [{"name": "red", "pairs": [{}] * 5}, {"name": "blue", "pairs": [{}] * 4}]
+        },
+        "entries": 60,
+        "kinds": ["map_input"],
+    }
+    text = "\n".join(_method_lines(merged))
+    assert "merged from 2 deltas (red, blue)" in text and text.count("method: `twin`") == 2
+    assert "None" not in text and "?" not in text and "{" not in text
+    assert "fitted on 5 unsafe" in text and "fitted on 4 unsafe" in text
+
+
 def test_refusals(patched, tmp_path):
     with pytest.raises(PushError, match="no vpatch provenance"):
         push(patched / "base", "me/x", dry_run=True)
