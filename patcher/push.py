@@ -155,6 +155,8 @@ def _check_eval_report(rep: object, where: str) -> dict:
 
     if not isinstance(rep, dict):
         raise bad("the report", "a JSON object")
+    if not isinstance(rep.get("markdown"), str) and not isinstance(rep.get("presence"), dict):
+        raise bad("the report", "an eval report (with presence, or an --out report's markdown)")
     for name, ci in (("presence", True), ("collateral", False)):
         part = rep.get(name, {})
         if not isinstance(part, dict):
@@ -410,6 +412,8 @@ def push(
         }
     rep = None
     if eval_report is not None:
+        if not Path(eval_report).is_file():
+            raise PushError(f"--eval-report {eval_report}: no such file")
         try:
             rep = json.loads(Path(eval_report).read_text(encoding="utf-8"))
         except (OSError, ValueError, RecursionError):
@@ -417,9 +421,16 @@ def push(
                 f"--eval-report {eval_report}: not a JSON report from `vpatch eval --json`"
             ) from None
         rep = _check_eval_report(rep, str(eval_report))
+    base_id = None  # a local folder gives its license, but its path is no card field
+    if base_model and not Path(base_model).is_dir():
+        if not _REPO_ID.match(base_model) or len(base_model) > 96:
+            raise PushError(
+                f"--base-model {base_model!r}: neither a Hub id ('owner/name') nor a local folder"
+            )
+        base_id = _text(base_model)
     card = build_card(
         applied,
-        base_model=_text(base_model) if base_model else None,
+        base_model=base_id,
         license=_base_license(base_model),
         delta=dinfo,
         eval_report=rep,

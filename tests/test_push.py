@@ -91,7 +91,8 @@ def test_dry_run_stages_the_folder_and_writes_the_card(patched):
     )
     card = (patched / "safe.push-staged" / "README.md").read_text()
     fm = _front_matter(card)
-    assert fm["base_model"] == str(patched / "base") and fm["base_model_relation"] == "merge"
+    # a local folder gives the license; its path is not published (it was the card's base_model)
+    assert "base_model" not in fm and str(patched) not in card
     assert fm["license"] == "apache-2.0"  # inherited from the base card
     assert (
         "vpatch" in fm["tags"]
@@ -185,6 +186,23 @@ def test_the_card_states_the_edit_each_method_made(tmp_path):
     assert "merged from 2 deltas (red, blue)" in text and text.count("method: `twin`") == 2
     assert "None" not in text and "?" not in text and "{" not in text
     assert "fitted on 5 unsafe" in text and "fitted on 4 unsafe" in text
+
+
+def test_base_model_and_eval_report_are_what_they_claim(patched, tmp_path):
+    """A Hub id names the base; a string that is neither an id nor a folder is refused; an eval
+    report must be one (any JSON object was accepted and made an empty table 'Judge: None')."""
+    r = push(patched / "safe", "me/x", base_model="Org/base-1", dry_run=True, stage=tmp_path / "a")
+    fm = _front_matter((tmp_path / "a" / "README.md").read_text())
+    assert r.files and fm["base_model"] == "Org/base-1" and fm["base_model_relation"] == "merge"
+    for bad in ("not an id", str(tmp_path / "missing" / "folder")):
+        with pytest.raises(PushError, match="neither a Hub id"):
+            push(patched / "safe", "me/x", base_model=bad, dry_run=True, stage=tmp_path / "b")
+    (tmp_path / "x.json").write_text('{"x": 1}')
+    with pytest.raises(PushError, match="an eval report"):
+        push(patched / "safe", "me/x", eval_report=tmp_path / "x.json", dry_run=True)
+    with pytest.raises(PushError, match="no such file"):
+        push(patched / "safe", "me/x", eval_report=tmp_path / "nope.json", dry_run=True)
+    assert not (tmp_path / "b").exists() and not (patched / "safe.push-staged").exists()
 
 
 def test_refusals(patched, tmp_path):

@@ -17,7 +17,7 @@ from .common import _user_errors, err, main
 @click.option("--repo-id", required=True, help="Target repository, user/name.")
 @click.option(
     "--base-model",
-    help="Hub id (or local folder) of the model that was patched: the card's base_model; its license is inherited.",
+    help="Hub id of the model that was patched: the card's base_model, whose license is inherited. A local folder gives its README's license, but its path is not published.",
 )
 @click.option(
     "--delta",
