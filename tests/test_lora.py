@@ -14,6 +14,7 @@ from diffusers import DiffusionPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+import patcher
 from patcher.cli import main
 from patcher.erasure.refusal import orthonormalize
 from patcher.merge.engine import apply_delta
@@ -363,6 +364,23 @@ def test_cli_export_records_base_and_warns_on_another(pipes, tmp_path):
     assert r.exit_code == 0 and "differs" in r.stdout + r.stderr
     r = CliRunner().invoke(main, ["inspect", str(out)])
     assert r.exit_code == 0 and "lora" in r.stdout and "ltx" in r.stdout
+
+
+def test_export_from_a_base_that_already_carries_the_delta_is_refused(pipes, tmp_path):
+    """--base the patched model gave a LoRA (exit 0, no warning) that applies the edit a second
+    time on it; apply refuses the same case."""
+    src, _ = pipes("ltx")
+    make_delta(src, "ltx", CASES[2][3], tmp_path / "c.vud")
+    patched = tmp_path / "patched"
+    patcher.apply_delta(src, tmp_path / "c.vud", patched)
+    out = tmp_path / "twice.safetensors"
+    r = CliRunner().invoke(
+        main,
+        ["export", str(tmp_path / "c.vud"), "--format", "lora", "--base", str(patched), "-o", str(out)],
+    )  # fmt: skip
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert r.exit_code == 2 and len(lines) == 1 and "AlreadyApplied" in lines[0], r.output
+    assert "second time" in lines[0] and not out.exists()
 
 
 def test_import_lora_round_trip(pipes, tmp_path):

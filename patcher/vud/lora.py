@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CompatibilityError, DeltaError
+from ..errors import AlreadyApplied, CompatibilityError, DeltaError
 from ..safetensors_io import TensorReader, read_header, save_tensors
 from .combine import concept_names, entry_concepts
 from .delta import Delta, DeltaEntry, read_delta, versions
@@ -210,6 +210,16 @@ def export_lora(
     plan = plan_apply(
         base, dl, component=component, strength=strength, fingerprints=False, revision=revision
     )
+    from ..merge import provenance
+
+    for m in plan.matched:  # a LoRA from an edited base, loaded on it, edits it a second time
+        for ws in m.sets:
+            if any(r.delta_sha256 == dl.sha256 for r in provenance.records(ws)):
+                raise AlreadyApplied(
+                    f"--base {base}: {ws.label} already contains delta {dl.sha256[:12]}"
+                    f" ({dl.concept_name}); a LoRA computed from it would apply the edit a second"
+                    " time. Export with --base the original checkpoint"
+                )
     comps = [c for c in LOADABLE[family] if any(m.entry.component == c for m in plan.matched)]
     out = Path(out)
     owners = entry_concepts(dl)
