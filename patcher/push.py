@@ -155,8 +155,6 @@ def _check_eval_report(rep: object, where: str) -> dict:
 
     if not isinstance(rep, dict):
         raise bad("the report", "a JSON object")
-    if not isinstance(rep.get("markdown"), str) and not isinstance(rep.get("presence"), dict):
-        raise bad("the report", "an eval report (with presence, or an --out report's markdown)")
     for name, ci in (("presence", True), ("collateral", False)):
         part = rep.get(name, {})
         if not isinstance(part, dict):
@@ -166,6 +164,8 @@ def _check_eval_report(rep: object, where: str) -> dict:
                 raise bad(f"{name}.{k}", "an object with before and after")
             for side in ("before", "after"):
                 rate(v.get(side), f"{name}.{k}.{side}", ci)
+    if not isinstance(rep.get("markdown"), str) and not isinstance(rep.get("presence"), dict):
+        raise bad("the report", "an eval report (with presence, or an --out report's markdown)")
     return rep
 
 

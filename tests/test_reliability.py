@@ -330,7 +330,7 @@ def test_push_delta_with_unexpected_field_types_still_writes_the_card(tmp_path):
     )
     assert code == 0, err
     card = (tmp_path / "safe.push-staged" / "README.md").read_text()
-    assert "edit sites: 5" in card and "from ? unsafe/safe" in card
+    assert "edit sites: 5" in card and "refusal direction(s) from unsafe/safe" in card
 
 
 # ------------------------------------------------------------------ point 9: the preview's sidecar
