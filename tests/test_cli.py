@@ -91,6 +91,27 @@ def test_bad_input_is_one_line_exit_2_no_traceback_no_output(tmp_path, bf16_mode
     )
 
 
+def test_usage_errors_are_one_line_exit_2(tmp_path):
+    """A missing argument, an unknown option, a bad value or command printed four lines (Usage,
+    Try, a blank, Error); now one, naming the help to read. A bare `vpatch` shows the help."""
+    cases = {
+        ("apply",): ("Missing argument 'CHECKPOINT'", "vpatch apply --help"),
+        ("apply", "a", "b", "--nope"): ("No such option '--nope'", "vpatch apply --help"),
+        ("apply", "a", "b", "--strength", "abc"): ("'abc' is not a valid float", "apply --help"),
+        ("nosuch",): ("No such command 'nosuch'", "(see vpatch --help)"),
+    }
+    for args, (msg, hint) in cases.items():
+        res = CliRunner().invoke(main, list(args))
+        lines = [x for x in res.stderr.splitlines() if x.strip()]
+        assert res.exit_code == 2 and res.stdout == "", (args, res.output)
+        assert len(lines) == 1 and lines[0].startswith("vpatch: UsageError: "), (args, lines)
+        assert msg in lines[0] and hint in lines[0], (args, lines)
+    res = CliRunner().invoke(main, [])
+    assert res.exit_code == 0 and "Usage: " in res.stdout and "apply" in res.stdout
+    res = CliRunner().invoke(main, ["apply", "--help"])
+    assert res.exit_code == 0 and " apply [OPTIONS]" in res.stdout
+
+
 def test_coverage_report_printed_before_the_error(tmp_path):
     t = model_tensors(torch.float32)
     make_delta(tmp_path / "d.vud", t)

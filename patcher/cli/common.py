@@ -153,7 +153,37 @@ def _show_report(r: Report, as_json: bool) -> None:
         err.print(Text.assemble(("warning:", "yellow"), " ", w))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _OneLineGroup(click.Group):
+    """Usage errors (a missing argument, an unknown option, a bad value) as the other user errors
+    are: one line on stderr, exit 2, with the command to ask for help."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:  # a bare `vpatch`: the help, as asked
+            click.echo(e.ctx.get_help())
+            sys.exit(0)
+        except click.UsageError as e:
+            sub = e.ctx.command_path.split()[1:] if e.ctx is not None else []
+            where = " ".join(["vpatch", *sub])
+            msg = " ".join(e.format_message().split())
+            click.echo(f"vpatch: UsageError: {msg} (see {where} --help)", err=True)
+            sys.exit(2)
+        except click.Abort:
+            click.echo("vpatch: aborted", err=True)
+            sys.exit(1)
+        except click.ClickException as e:
+            click.echo(f"vpatch: {' '.join(e.format_message().split())}", err=True)
+            sys.exit(e.exit_code)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(
+    cls=_OneLineGroup,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.version_option(__version__, prog_name="vpatch")
 def main() -> None:
     """Remove a concept from a text-to-video model by a low-rank edit baked into its weights.
