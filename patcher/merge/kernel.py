@@ -77,7 +77,14 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({1: torch.int8, 2: torch.int16, 4: torch.int32}[t.element_size()])
 
 
-def _nan_error(key: str, bad: int, r0: int, r1: int) -> NumericError:
+def _nan_error(key: str, bad: int, r0: int, r1: int, before: torch.Tensor) -> NumericError:
+    """BEFORE: the rows as stored, decoded: NaN/Inf there is the checkpoint's, not the edit's."""
+    if not all_finite(before):
+        n = int((~torch.isfinite(before)).sum())
+        return NumericError(
+            f"{key} already holds {n} NaN/Inf values in rows {r0}-{r1} of the input; the checkpoint"
+            " is damaged, not the delta. Nothing was written"
+        )
     return NumericError(
         f"editing {key} produced {bad} NaN/Inf values (rows {r0}-{r1}); nothing was written. Check the delta and the --strength"
     )
@@ -118,7 +125,8 @@ def _edit_rows(
             new if codec.saturates else out
         )  # a saturating encode hides overflow: look before it
         if not all_finite(guarded):
-            raise _nan_error(op.key, int((~torch.isfinite(guarded)).sum()), r0, r1)
+            bad = int((~torch.isfinite(guarded)).sum())
+            raise _nan_error(op.key, bad, r0, r1, codec.decode(W, ra, rb))
         return out
     tally.rows += r1 - r0
     if restore is not None and restore.index.numel():
@@ -133,7 +141,7 @@ def _edit_rows(
     e2 = float(torch.dot(err, err))
     if not math.isfinite(e2):  # any NaN/Inf in new or out (incl. overflow in the cast) lands here
         bad = int((~torch.isfinite(out)).sum()) or int((~torch.isfinite(new)).sum())
-        raise _nan_error(op.key, bad, r0, r1)
+        raise _nan_error(op.key, bad, r0, r1, codec.decode(W, ra, rb))
     tally.e2 += e2
     tally.d2s += d2
     tally.changed += int(torch.count_nonzero(_bits(out) != _bits(W)))
