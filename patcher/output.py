@@ -122,6 +122,7 @@ def check_target(
     overwrite: bool,
     kind: str | None = None,
     folder: bool | None = None,
+    flag: str = "-o",
 ) -> None:
     """Refuse, before any work, an output that cannot or must not be written.
 
@@ -129,40 +130,43 @@ def check_target(
     output is none of them, contains none of them and is not inside an input folder. With ``kind``,
     an existing output is replaced only if ``replaceable`` accepts it (kind None: only a plain file
     that is no model); ``folder`` says whether the
-    output is a folder (an existing output of the other sort is refused)."""
+    output is a folder (an existing output of the other sort is refused). ``flag``: the option the
+    user gave the path with, which the messages name."""
     check_name(out)
     parent = out.parent
     if not parent.is_dir():
         raise OutputError(
-            f"output folder {parent} does not exist; create it first (mkdir -p {parent}) or choose another -o"
+            f"output folder {parent} does not exist; create it first (mkdir -p {parent}) or choose another {flag}"
         )
     real_out = out.resolve()
     for inp in inputs:
         if os.path.lexists(out) and inp.exists() and os.path.samefile(out, inp):
             raise OutputError(
-                f"output {out} is the input {inp}; vpatch never overwrites its input, choose another -o"
+                f"output {out} is the input {inp}; vpatch never overwrites its input, choose another {flag}"
             )
         real_in = inp.resolve()
         if real_in.is_relative_to(real_out):
-            raise OutputError(f"output {out} contains the input {inp}; choose another -o")
+            raise OutputError(f"output {out} contains the input {inp}; choose another {flag}")
         if inp.is_dir() and real_out.is_relative_to(real_in):
             raise OutputError(
-                f"output {out} is inside the input folder {inp}; vpatch never writes into its input, choose -o outside it"
+                f"output {out} is inside the input folder {inp}; vpatch never writes into its input, choose {flag} outside it"
             )
     if not os.access(parent, os.W_OK | os.X_OK):
         why = "is on a read-only file system" if _read_only(parent) else "is not writable"
-        raise OutputError(f"output folder {parent} {why}; choose a writable -o")
+        raise OutputError(f"output folder {parent} {why}; choose a writable {flag}")
     if not os.path.lexists(out):
         return
     if not overwrite:
-        raise OutputError(f"output {out} already exists; choose another -o or pass --overwrite")
+        raise OutputError(f"output {out} already exists; choose another {flag} or pass --overwrite")
     if folder is not None and out.is_dir() != folder and not out.is_symlink():
         want, have = ("a folder", "a file") if folder else ("a file", "a folder")
-        raise OutputError(f"output {out} is {have}, but this output is {want}; choose another -o")
+        raise OutputError(
+            f"output {out} is {have}, but this output is {want}; choose another {flag}"
+        )
     why = replaceable(out, kind)
     if why is not None:
         raise OutputError(
-            f"--overwrite replaces only a previous vpatch output, and {out} {why}; remove it yourself or choose another -o"
+            f"--overwrite replaces only a previous vpatch output, and {out} {why}; remove it yourself or choose another {flag}"
         )
 
 

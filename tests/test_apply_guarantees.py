@@ -160,6 +160,11 @@ def test_3_overwrite_never_replaces_the_delta_or_an_input(tmp_path, bf16_model):
         patcher.apply_delta(src, d, tmp_path / "o.safetensors", revert_record=src, overwrite=True)
     with pytest.raises(OutputError):
         patcher.apply_delta(src, d, tmp_path / "o.safetensors", revert_record=d, overwrite=True)
+    # the message names the option that was given the path (it said "choose another -o")
+    line = assert_one_line_exit_2(
+        "apply", src, d, "-o", tmp_path / "o.safetensors", "--revert-record", d
+    )
+    assert "choose another --revert-record" in line and "-o" not in line.split("choose")[1]
     assert d.read_bytes() == before_d and src.read_bytes() == before_src
     assert not (tmp_path / "o.safetensors").exists()
 

@@ -130,7 +130,7 @@ def _check_outputs(
         raise OutputError(
             f"--revert-record {record} would be written at or inside the output {out}; keep the record apart from the model (it undoes the edit)"
         )
-    check_target(record, [*inputs, out], overwrite, "record", folder=False)
+    check_target(record, [*inputs, out], overwrite, "record", folder=False, flag="--revert-record")
 
 
 # --------------------------------------------------------------------------- apply

@@ -93,9 +93,12 @@ def probe(
                 f"-o and --save-activations are both {out}: the activations would be written there"
                 " and the delta refused; give them different paths"
             )
-    for p, kind in ((out, "delta"), (save_activations, "activations")):  # before any model loads
+    for p, kind, flag in (
+        (out, "delta", "-o"),
+        (save_activations, "activations", "--save-activations"),
+    ):  # before any model loads
         if p is not None:
-            check_target(Path(p), _local_inputs(model), overwrite, kind)
+            check_target(Path(p), _local_inputs(model), overwrite, kind, flag=flag)
     if prm.method is not None and prm.method in TOKEN_METHODS:
         opt = replace(opt, token_roles=True)  # what a token-aligned method needs is captured too
     if prm.scan:
