@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import FormatError, OutputError
+from .errors import FormatError, OutputError, PickleRefused
 
 MAX_HEADER_SIZE = 100_000_000
 # tensors per file: real checkpoints hold a few thousand; parsing costs about 1 KiB and 50 µs per
@@ -147,6 +147,12 @@ def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def _pickled(head: bytes) -> bool:
+    """torch.save's zip archive, or a raw pickle of protocol 2 or later (only asked of a file whose
+    first 8 bytes are no valid header length: a real header length may begin with these bytes)."""
+    return head.startswith(b"PK\x03\x04") or (head[0] == 0x80 and 2 <= head[1] <= 5)
+
+
 def read_header(path: str | os.PathLike) -> Header:
     """Parse and fully validate a safetensors header without touching the data."""
     path = Path(path)
@@ -160,6 +166,12 @@ def read_header(path: str | os.PathLike) -> Header:
                     f"{where}: not a safetensors file (only {file_size} bytes, the 8-byte header length is missing)"
                 )
             (n,) = struct.unpack("<Q", head)
+            if (n > MAX_HEADER_SIZE or 8 + n > file_size) and _pickled(head):
+                from .checkpoint import CONVERT_HINT
+
+                raise PickleRefused(
+                    f"{where} is a pickle (torch.save) file, not safetensors. {CONVERT_HINT}"
+                )
             if n > MAX_HEADER_SIZE:
                 raise FormatError(
                     f"{where}: header length {n} exceeds the {MAX_HEADER_SIZE}-byte limit; the file is corrupt or not safetensors"

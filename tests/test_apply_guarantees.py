@@ -263,6 +263,24 @@ def test_4_a_dry_run_refuses_what_the_run_would(tmp_path, pipe):
     assert not target.exists()
 
 
+def test_pickle_files_get_the_pickle_refusal_with_the_conversion_hint(tmp_path, pipe):
+    """A component holding only diffusion_pytorch_model.bin said 'no transformer/ weights ... is
+    this delta for another model?', and import-lora on a torch.save file 'header length ...
+    exceeds the limit'; both now say it is pickle and how to convert it."""
+    root, d, _ = pipe
+    (w,) = (root / "transformer").glob("*.safetensors")
+    torch.save({"w": torch.ones(2)}, root / "transformer" / "diffusion_pytorch_model.bin")
+    w.unlink()
+    line = assert_one_line_exit_2("apply", root, d, "-o", tmp_path / "o")
+    assert line.startswith("vpatch: PickleRefused:") and "vpatch convert" in line
+    assert not (tmp_path / "o").exists()
+    for kw in ({}, {"_use_new_zipfile_serialization": False}):
+        torch.save({"w": torch.ones(2)}, tmp_path / "t.bin", **kw)
+        line = assert_one_line_exit_2("import-lora", tmp_path / "t.bin", "-o", tmp_path / "x.vud")
+        assert line.startswith("vpatch: PickleRefused:") and "--trust-pickle" in line
+    assert not (tmp_path / "x.vud").exists()
+
+
 # --------------------------------------------------------------------------- 5: concurrent runs
 
 

@@ -11,7 +11,7 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..checkpoint import Checkpoint, Component, WeightSet, open_checkpoint
+from ..checkpoint import CONVERT_HINT, Checkpoint, Component, WeightSet, open_checkpoint
 from ..dtypes import codec_for, dtype_refusal
 from ..errors import CompatibilityError, DeltaError, DtypeError, PickleRefused
 from ..layouts import AliasRules, Location, resolve, rules_for
@@ -208,6 +208,10 @@ def _match(e: DeltaEntry, ck: Checkpoint, chosen: str | None, rules: AliasRules)
     if ck.layout != "pipeline" and chosen is not None and e.component != chosen:
         return Match(e, "other-component", f"entry is for {e.component}")
     comp = _sets_for(ck, e.component)
+    if comp is not None and not comp.weight_sets and comp.pickle_files:
+        raise PickleRefused(
+            f"{comp.folder} holds only pickle weights ({comp.pickle_files[0].name}). {CONVERT_HINT}"
+        )
     if comp is None or not comp.weight_sets:
         return Match(e, "missing", f"no {e.component}/ weights in the checkpoint")
     if comp.pickle_files:
