@@ -281,6 +281,21 @@ def test_pickle_files_get_the_pickle_refusal_with_the_conversion_hint(tmp_path, 
     assert not (tmp_path / "x.vud").exists()
 
 
+def test_component_on_a_pipeline_folder_is_refused(tmp_path, pipe):
+    """--component nonsense on a pipeline folder was ignored (exit 0); it names what a bare file
+    or component folder is."""
+    root, d, _ = pipe
+    line = assert_one_line_exit_2(
+        "apply", root, d, "-o", tmp_path / "o", "--component", "nonsense", match="pipeline folder"
+    )
+    assert "--component nonsense" in line and not (tmp_path / "o").exists()
+    (comp,) = [
+        p for p in root.iterdir() if (p / "config.json").is_file() and p.name == "transformer"
+    ]
+    code, _, err = invoke("apply", comp, d, "-o", tmp_path / "c", "--component", "transformer")
+    assert code == 0, err
+
+
 # --------------------------------------------------------------------------- 5: concurrent runs
 
 

@@ -159,6 +159,12 @@ def _choose_component(
 ) -> tuple[str | None, str]:
     names = delta.components()
     if ck.layout == "pipeline":
+        if component is not None:
+            raise CompatibilityError(
+                f"--component {component}: {ck.root} is a pipeline folder, where each entry goes to its"
+                " own component's subfolder; --component says which component a bare file or"
+                " folder is, so leave it out here"
+            )
         return None, "pipeline folder: each entry goes to its component's subfolder"
     if component is not None:
         if component not in names:
