@@ -127,6 +127,18 @@ def inspect_resolution(path: str | Path, delta: str | Path, component: str | Non
         if cov["matched"] == cov["expected"]
         else ("partial" if cov["matched"] else "incompatible")
     )
+    from .merge import provenance
+
+    carried = sorted(
+        {
+            ws.label
+            for m in plan.matched
+            for ws in m.sets
+            if any(r.delta_sha256 == plan.delta.sha256 for r in provenance.records(ws))
+        }
+    )
+    if carried:  # apply refuses it: a second application compounds the edit
+        verdict = "already applied"
     rows = []
     for m in plan.matches:
         files = sorted({str(f) for f in m.files()})
@@ -154,6 +166,10 @@ def inspect_resolution(path: str | Path, delta: str | Path, component: str | Non
             f"{m.entry.key}: this checkpoint's weight differs from the base the LoRA was computed from; its lora_B = −λ W u is exact only on that base"
             for m in plan.matched
             if m.base_match is False and dl is not delta
+        ]
+        + [
+            f"{label} already contains this delta; apply refuses it (--force applies it a second time)"
+            for label in carried
         ],
         "coverage": cov,
         "entries": rows,

@@ -197,3 +197,13 @@ def test_inspect_shows_how_a_delta_resolves(tmp_path, bf16_model):
     assert info["verdict"] == "partial"
     row = next(r for r in info["entries"] if r["key"].endswith(missing))
     assert row["status"] == "missing" and missing in row["note"]
+    # a checkpoint that already carries the delta: apply refuses it, inspect said "compatible"
+    import patcher
+
+    patcher.apply_delta(ck, d, tmp_path / "patched.safetensors")
+    res = _R().invoke(
+        _main, ["inspect", str(tmp_path / "patched.safetensors"), "--delta", str(d), "--json"]
+    )
+    info = _json.loads(res.stdout)
+    assert res.exit_code == 0 and info["verdict"] == "already applied"
+    assert any("already contains this delta" in w for w in info["warnings"])
