@@ -41,6 +41,8 @@ def inspect_delta(path: Path) -> dict:
 
 
 def inspect_checkpoint(path: Path) -> dict:
+    from .merge import provenance
+
     ck = open_checkpoint(path)
     dtypes: Counter = Counter()
     count = 0
@@ -70,6 +72,8 @@ def inspect_checkpoint(path: Path) -> dict:
         "dtype_bytes": dict(dtypes),
         "weight_sets": sets,
         "applied": ck.applied(),
+        # a delta only a variant file carries: from_pretrained loads the unedited default weights
+        "warnings": provenance.unedited_defaults(ck),
     }
 
 

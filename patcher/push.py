@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .checkpoint import open_checkpoint
 from .errors import VpatchError
+from .merge import provenance
 from .output import atomic_dir, check_name
 
 LIMITS = (
@@ -339,28 +340,6 @@ def _stage(files: list[tuple[str, Path]], dst: Path) -> None:
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
-def _unedited_defaults(ck) -> list[str]:
-    """Deltas a component's variant file carries but its default weights (variant None, what
-    ``from_pretrained`` loads) do not: `vpatch apply FILE` inside a pipeline writes such a variant
-    beside the untouched original, and a card would then claim an edit the loaded weights lack."""
-    from .merge import provenance
-
-    out = []
-    for c in ck.components:
-        defaults = [ws for ws in c.weight_sets if ws.variant is None]
-        if not defaults:
-            continue  # variants only: loading needs variant=... anyway
-        have = {r.delta_sha256 for ws in defaults for r in provenance.records(ws)}
-        for ws in c.weight_sets:
-            for r in provenance.records(ws) if ws.variant is not None else []:
-                if r.delta_sha256 not in have:
-                    out.append(
-                        f"{r.concept} ({r.delta_sha256[:12]}) is in the variant file {ws.label}, not in"
-                        f" the default weights {defaults[0].label}"
-                    )
-    return out
-
-
 def push(
     folder: str | Path,
     repo_id: str,
@@ -389,7 +368,7 @@ def push(
         raise PushError(
             f"{folder}: no vpatch provenance in its weights; push a folder written by `vpatch apply`"
         )
-    unedited = _unedited_defaults(ck)
+    unedited = provenance.unedited_defaults(ck)
     if unedited:
         raise PushError(
             f"{folder}: {unedited[0]}, which is what from_pretrained loads; push a folder that"

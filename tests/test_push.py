@@ -140,6 +140,12 @@ def test_a_variant_file_beside_unedited_default_weights_is_refused(patched, tmp_
     assert res.exit_code == 2 and len(lines) == 1, res.output
     assert "variant file" in lines[0] and "from_pretrained loads" in lines[0]
     assert not (tmp_path / "st").exists()
+    # inspect says so too (it listed the delta as applied to the folder, with no word of this)
+    res = CliRunner().invoke(main, ["inspect", str(folder), "--json"])
+    warns = json.loads(res.stdout)["warnings"]
+    assert res.exit_code == 0 and len(warns) == 1 and "variant file" in warns[0]
+    res = CliRunner().invoke(main, ["inspect", str(folder)])
+    assert "warning:" in res.stderr and "from_pretrained loads" in res.stderr
     # the same folder once its default weights carry the delta too is pushed
     shutil.rmtree(folder)
     shutil.copytree(patched / "safe", folder)

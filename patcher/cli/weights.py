@@ -318,3 +318,5 @@ def inspect(path, delta, component, as_json):
                 )
         else:
             click.echo("applied: none (no vpatch provenance)")
+        for w in info.get("warnings", []):
+            err.print(f"[yellow]warning:[/yellow] {w}, which is what from_pretrained loads")

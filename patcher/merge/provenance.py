@@ -130,6 +130,26 @@ def applied(ck: Checkpoint) -> list[AppliedRecord]:
     return list(seen.values())
 
 
+def unedited_defaults(ck: Checkpoint) -> list[str]:
+    """Deltas a component's variant file carries but its default weights (variant None, what
+    ``from_pretrained`` loads) do not: `vpatch apply FILE` inside a pipeline writes such a variant
+    beside the untouched original, and a card would then claim an edit the loaded weights lack."""
+    out = []
+    for c in ck.components:
+        defaults = [ws for ws in c.weight_sets if ws.variant is None]
+        if not defaults:
+            continue  # variants only: loading needs variant=... anyway
+        have = {r.delta_sha256 for ws in defaults for r in records(ws)}
+        for ws in c.weight_sets:
+            for r in records(ws) if ws.variant is not None else []:
+                if r.delta_sha256 not in have:
+                    out.append(
+                        f"{r.concept} ({r.delta_sha256[:12]}) is in the variant file {ws.label}, not in"
+                        f" the default weights {defaults[0].label}"
+                    )
+    return out
+
+
 def dump(recs: list[AppliedRecord]) -> str:
     return json.dumps([r.to_dict() for r in recs], separators=(",", ":"))
 
