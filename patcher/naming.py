@@ -4,6 +4,7 @@ into the current folder. The writer still refuses an existing path and never tou
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from . import hub
@@ -13,9 +14,17 @@ from .vud.delta import Delta, read_delta
 SUFFIX = ".safetensors"
 
 
+TAG_MAX = 96  # bytes: the tag leaves room for the input's own name in a 255-byte file name
+
+
 def concept_tag(delta: Delta) -> str:
-    """``no-nudity``, or ``no-nudity-no-gore`` for a delta that removes several concepts."""
-    return "-".join(f"no-{slug(n)}" for n in concept_names(delta))
+    """``no-nudity``, or ``no-nudity-no-gore`` for a delta that removes several concepts; a tag
+    longer than TAG_MAX keeps its start and a hash of the whole (a long concept name, or many
+    merged concepts, made a name over the file-system limit)."""
+    tag = "-".join(f"no-{slug(n)}" for n in concept_names(delta))
+    if len(tag) <= TAG_MAX:
+        return tag
+    return f"{tag[: TAG_MAX - 13].rstrip('-.')}-{hashlib.sha256(tag.encode()).hexdigest()[:12]}"
 
 
 def _file_name(name: str, tag: str) -> str:

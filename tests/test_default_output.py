@@ -7,7 +7,7 @@ import os
 
 import torch
 from click.testing import CliRunner
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from patcher.cli import main
 from patcher.naming import derived_output
@@ -87,6 +87,22 @@ def test_names_for_every_input_kind(tmp_path):
     assert (
         derived_output("owner/name:transformer", d1, cwd=here) == here / "name-transformer-no-red"
     )
+
+
+def test_a_long_concept_name_still_gives_a_usable_name(tmp_path):
+    """A 300-character concept name made the derived name exceed 255 bytes, and the error said
+    'choose a shorter -o' when no -o was given."""
+    t = model_tensors(torch.float32)
+    long_a = make_delta(tmp_path / "a.vud", t, concept="x" * 300)
+    long_b = make_delta(tmp_path / "b.vud", t, concept="x" * 299 + "y")
+    f = tmp_path / "model.safetensors"
+    save_file(t, f)
+    na, nb = derived_output(f, long_a), derived_output(f, long_b)
+    assert len(na.name.encode()) <= 255 and na.name.startswith("model.no-xxx")
+    assert na != nb  # the hash keeps two long names apart
+    code, out, err = run("apply", f, tmp_path / "a.vud")
+    assert code == 0, err
+    assert (tmp_path / na.name).is_file()
 
 
 def test_sharded_input_without_o(tmp_path):
