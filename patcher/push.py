@@ -195,6 +195,17 @@ UPDATES = {  # entry kind -> the update it makes to a weight W (docs/vud-format.
 }
 
 
+def _picked(m: dict) -> list[str]:
+    """The scan's picked words of a twin record, whatever shape an old or odd record has."""
+    rec = m.get("scan_picked")
+    vals = rec.values() if isinstance(rec, dict) else rec if isinstance(rec, list) else []
+    out: list[str] = []
+    for v in vals:
+        ws = v.get("picked") if isinstance(v, dict) else v if isinstance(v, list) else [v]
+        out += [str(w) for w in (ws if isinstance(ws, list) else [])]
+    return sorted(set(out))
+
+
 def _part_lines(m: dict, pairs: object) -> list[str]:
     """One probe's method record as card lines, in the terms of its own edit."""
     n = f"{len(pairs)} " if isinstance(pairs, list) else ""
@@ -207,11 +218,10 @@ def _part_lines(m: dict, pairs: object) -> list[str]:
             f" prompt pairs with a preservation set (β = {m.get('beta')}, ridge {m.get('ridge')},"
             f" null space {m.get('null')}), strength λ = {m.get('strength')}"
         )
-        picked = [w for v in (m.get("scan_picked") or {}).values() for w in v.get("picked", [])]
         if m.get("scan"):
             out.append(
                 f"  - vocabulary scan of {m.get('scan')} words; also mapped: "
-                + (", ".join(sorted(set(map(str, picked)))) or "none")
+                + (", ".join(_picked(m)) or "none")
             )
     else:
         out.append(
@@ -222,29 +232,47 @@ def _part_lines(m: dict, pairs: object) -> list[str]:
     return out
 
 
+def _leaves(m: dict, concept: object) -> list[tuple[dict, object]]:
+    """A (possibly nested) merge record as its probes' (method, concept) records."""
+    if m.get("name") != "merge":
+        return [(m, concept)]
+    parts = m.get("parts") if isinstance(m.get("parts"), list) else []
+    cons = concept.get("concepts") if isinstance(concept, dict) else None
+    cons = cons if isinstance(cons, list) and len(cons) == len(parts) else [None] * len(parts)
+    out = []
+    for p, c in zip(parts, cons):
+        if isinstance(p, dict):
+            out += _leaves(p, c)
+    return out
+
+
 def _method_lines(delta: dict) -> list[str]:
-    m = delta.get("method") or {}
-    concept = delta.get("concept") or {}
+    m = delta.get("method") if isinstance(delta.get("method"), dict) else {}
+    concept = delta.get("concept") if isinstance(delta.get("concept"), dict) else {}
+    kinds = [k for k in UPDATES if k in (delta.get("kinds") or [])]
     if m.get("name") == "merge":
-        parts = [p for p in m.get("parts") or [] if isinstance(p, dict)]
-        cons = [c if isinstance(c, dict) else {"name": c} for c in concept.get("concepts") or []]
-        names = [str(c.get("name")) for c in cons]
+        leaves = _leaves(m, concept)
+        names = [str(c.get("name")) for _, c in leaves if isinstance(c, dict)]
+        how = []
+        if "map_input" in kinds:
+            how.append("twin maps compose (W M₁ M₂, what applying one after the other writes)")
+        if "project_input" in kinds:
+            how.append(
+                "projections of one weight become one projection onto the complement of their"
+                " joint span"
+            )
         out = [
-            f"- merged from {len(parts)} deltas"
+            f"- merged from {len(leaves)} deltas"
             + (f" ({', '.join(names)})" if names else "")
-            + "; twin maps compose (W M₁ M₂, what applying one after the other writes), and"
-            " projections of one weight become one projection onto the complement of their joint span"
+            + ("; " + " and ".join(how) if how else "")
         ]
-        for i, p in enumerate(parts):
-            pairs = cons[i].get("pairs") if len(cons) == len(parts) else None
+        for p, c in leaves:
+            pairs = c.get("pairs") if isinstance(c, dict) else None
             out += ["  " + x for x in _part_lines(p, pairs)]
     else:
         out = _part_lines(m, concept.get("pairs"))
-    kinds = [k for k in UPDATES if k in (delta.get("kinds") or [])]
-    out.append(
-        f"- edited weights: {delta.get('entries')}; on each, "
-        + ("; ".join(UPDATES[k] for k in kinds) if kinds else "a low-rank update")
-    )
+    out.append(f"- edited weights: {delta.get('entries')}")
+    out += [f"  - {k} entries: {UPDATES[k]}" for k in kinds]
     return out
 
 
@@ -371,8 +399,8 @@ def push(
     unedited = provenance.unedited_defaults(ck)
     if unedited:
         raise PushError(
-            f"{folder}: {unedited[0]}, which is what from_pretrained loads; push a folder that"
-            " `vpatch apply FOLDER DELTA -o OUT` wrote (its default weights carry the edit)"
+            f"{folder}: {unedited[0]}; push a folder that `vpatch apply FOLDER DELTA -o OUT`"
+            " wrote, where every file that loads carries the edit"
         )
     dinfo = None
     if delta is not None:

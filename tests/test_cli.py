@@ -106,6 +106,11 @@ def test_usage_errors_are_one_line_exit_2(tmp_path):
         assert res.exit_code == 2 and res.stdout == "", (args, res.output)
         assert len(lines) == 1 and lines[0].startswith("vpatch: UsageError: "), (args, lines)
         assert msg in lines[0] and hint in lines[0], (args, lines)
+    # run as `python -m patcher.cli` (as examples/quickstart.py does) the hint still says vpatch
+    p = subprocess.run(
+        [sys.executable, "-m", "patcher.cli", "apply"], capture_output=True, text=True
+    )
+    assert p.returncode == 2 and p.stderr.strip().endswith("(see vpatch apply --help)"), p.stderr
     res = CliRunner().invoke(main, [])
     assert res.exit_code == 0 and "Usage: " in res.stdout and "apply" in res.stdout
     res = CliRunner().invoke(main, ["apply", "--help"])

@@ -4,6 +4,7 @@ network boundary (HfApi) is faked, because no hub is reachable here."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -138,20 +139,45 @@ def test_a_variant_file_beside_unedited_default_weights_is_refused(patched, tmp_
     )
     lines = [x for x in res.stderr.splitlines() if x.strip()]
     assert res.exit_code == 2 and len(lines) == 1, res.output
-    assert "variant file" in lines[0] and "from_pretrained loads" in lines[0]
+    assert "is not in" in lines[0] and "from_pretrained loads" in lines[0]
     assert not (tmp_path / "st").exists()
     # inspect says so too (it listed the delta as applied to the folder, with no word of this)
     res = CliRunner().invoke(main, ["inspect", str(folder), "--json"])
     warns = json.loads(res.stdout)["warnings"]
-    assert res.exit_code == 0 and len(warns) == 1 and "variant file" in warns[0]
+    assert res.exit_code == 0 and len(warns) == 1 and "from_pretrained loads" in warns[0]
     res = CliRunner().invoke(main, ["inspect", str(folder)])
-    assert "warning:" in res.stderr and "from_pretrained loads" in res.stderr
+    assert "warning: " in res.stderr and "from_pretrained loads" in res.stderr
+    assert "[yellow]" not in res.stderr  # rich markup is off on stderr: it was printed as text
     # the same folder once its default weights carry the delta too is pushed
     shutil.rmtree(folder)
     shutil.copytree(patched / "safe", folder)
     (w,) = (folder / "transformer").glob("*.safetensors")
     shutil.copy(w, w.with_name(w.name.replace(".safetensors", ".fp16.safetensors")))
     assert push(folder, "me/x", dry_run=True, stage=tmp_path / "st2").files
+
+
+def test_a_patched_copy_inside_the_pipeline_that_it_does_not_load_is_refused(patched, tmp_path):
+    """`vpatch apply wan/transformer D` writes wan/transformer-no-nudity/ (a sharded transformer
+    too): a sibling that model_index.json does not name, so from_pretrained loads the untouched
+    transformer/; and in a folder of fp16 variants only, apply on the fp16 file writes another
+    variant beside it. push accepted both."""
+    import shutil
+
+    folder = tmp_path / "sib"
+    shutil.copytree(patched / "base", folder)
+    out = patcher.apply_delta(folder / "transformer", patched / "d.vud").output
+    assert Path(out).parent == folder
+    with pytest.raises(PushError, match="model_index.json names no"):
+        push(folder, "me/x", dry_run=True, stage=tmp_path / "st")
+    only = tmp_path / "only"
+    shutil.copytree(patched / "base", only)
+    (w,) = (only / "transformer").glob("*.safetensors")
+    w.rename(w.with_name(w.name.replace(".safetensors", ".fp16.safetensors")))
+    (w16,) = (only / "transformer").glob("*.safetensors")
+    patcher.apply_delta(w16, patched / "d.vud")
+    with pytest.raises(PushError, match="variant fp16"):
+        push(only, "me/x", dry_run=True, stage=tmp_path / "st2")
+    assert not (tmp_path / "st").exists() and not (tmp_path / "st2").exists()
 
 
 def test_the_card_states_the_edit_each_method_made(tmp_path):
@@ -192,6 +218,24 @@ def test_the_card_states_the_edit_each_method_made(tmp_path):
     assert "merged from 2 deltas (red, blue)" in text and text.count("method: `twin`") == 2
     assert "None" not in text and "?" not in text and "{" not in text
     assert "fitted on 5 unsafe" in text and "fitted on 4 unsafe" in text
+    # a merge of a merge: its parts are the probes, not a "merge" method with None fields
+    nested = {
+        "method": {"name": "merge", "parts": [merged["method"], cpca["method"]]},
+        "concept": {"concepts": [merged["concept"], {"name": "green", "pairs": [{}] * 3}]},
+        "entries": 61,
+        "kinds": ["map_input", "project_input"],
+    }
+    text = "\n".join(_method_lines(nested))
+    assert "merged from 3 deltas (red, blue, green)" in text and "`merge`" not in text
+    assert "None" not in text and "fitted on 4 unsafe" in text and "from 3 unsafe" in text
+    # odd shapes (old or hand-made records) still give a card, never a crash
+    for odd in (
+        {"method": {"name": "twin", "scan": 64, "scan_picked": ["scarlet"]}, "kinds": []},
+        {"method": {"name": "twin", "scan": 64, "scan_picked": {"a": ["x"]}}, "kinds": []},
+        {"method": {"name": "merge", "parts": 3}, "concept": {"concepts": 3}},
+        {"method": [1], "concept": "x"},
+    ):
+        assert _method_lines(odd)
 
 
 def test_base_model_and_eval_report_are_what_they_claim(patched, tmp_path):

@@ -153,6 +153,19 @@ def _show_report(r: Report, as_json: bool) -> None:
         err.print(Text.assemble(("warning:", "yellow"), " ", w))
 
 
+_NO_ARGS = getattr(click.exceptions, "NoArgsIsHelpError", ())  # absent before click 8.2
+
+
+def _sub_path(ctx: click.Context | None) -> list[str]:
+    """The subcommand names below the root (the root's own name is `python -m patcher.cli` or a
+    test runner's, not what a user types)."""
+    names = []
+    while ctx is not None and ctx.parent is not None:
+        names.append(ctx.info_name or "")
+        ctx = ctx.parent
+    return [n for n in reversed(names) if n]
+
+
 class _OneLineGroup(click.Group):
     """Usage errors (a missing argument, an unknown option, a bad value) as the other user errors
     are: one line on stderr, exit 2, with the command to ask for help."""
@@ -162,12 +175,11 @@ class _OneLineGroup(click.Group):
             return super().main(args, prog_name, complete_var, False, **extra)
         try:
             rv = super().main(args, prog_name, complete_var, False, **extra)
-        except click.exceptions.NoArgsIsHelpError as e:  # a bare `vpatch`: the help, as asked
+        except _NO_ARGS as e:  # a bare `vpatch` (click >= 8.2): the help, as asked
             click.echo(e.ctx.get_help())
             sys.exit(0)
         except click.UsageError as e:
-            sub = e.ctx.command_path.split()[1:] if e.ctx is not None else []
-            where = " ".join(["vpatch", *sub])
+            where = " ".join(["vpatch", *_sub_path(e.ctx)])
             msg = " ".join(e.format_message().split())
             click.echo(f"vpatch: UsageError: {msg} (see {where} --help)", err=True)
             sys.exit(2)

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from ..inspection import inspect_path
 from ..merge.engine import apply_delta, revert_delta
@@ -254,7 +255,7 @@ def inspect(path, delta, component, as_json):
         Console(highlight=False, markup=False).print(t)
         click.echo(info["verdict"])
         for w in info.get("warnings", []):
-            err.print(f"[yellow]warning:[/yellow] {w}")
+            err.print(Text.assemble(("warning:", "yellow"), " ", w))
         return
     info = inspect_path(path)
     if as_json:
@@ -319,4 +320,4 @@ def inspect(path, delta, component, as_json):
         else:
             click.echo("applied: none (no vpatch provenance)")
         for w in info.get("warnings", []):
-            err.print(f"[yellow]warning:[/yellow] {w}, which is what from_pretrained loads")
+            err.print(Text.assemble(("warning:", "yellow"), " ", w))

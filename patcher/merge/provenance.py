@@ -131,23 +131,49 @@ def applied(ck: Checkpoint) -> list[AppliedRecord]:
 
 
 def unedited_defaults(ck: Checkpoint) -> list[str]:
-    """Deltas a component's variant file carries but its default weights (variant None, what
-    ``from_pretrained`` loads) do not: `vpatch apply FILE` inside a pipeline writes such a variant
-    beside the untouched original, and a card would then claim an edit the loaded weights lack."""
+    """Where the weights a pipeline loads lack a delta that files beside them carry, one sentence
+    each: a weight set of a component without a delta another set of it carries (`vpatch apply
+    FILE` inside a pipeline writes x.no-red.safetensors beside the untouched original), and a
+    folder with provenance that model_index.json does not name (`vpatch apply wan/transformer`
+    writes wan/transformer-no-red/, which from_pretrained never loads). A card or a listing that
+    says the concept is removed would then be wrong about what loads."""
     out = []
     for c in ck.components:
-        defaults = [ws for ws in c.weight_sets if ws.variant is None]
-        if not defaults:
-            continue  # variants only: loading needs variant=... anyway
-        have = {r.delta_sha256 for ws in defaults for r in records(ws)}
+        carried = {r.delta_sha256: r for ws in c.weight_sets for r in records(ws)}
         for ws in c.weight_sets:
-            for r in records(ws) if ws.variant is not None else []:
-                if r.delta_sha256 not in have:
-                    out.append(
-                        f"{r.concept} ({r.delta_sha256[:12]}) is in the variant file {ws.label}, not in"
-                        f" the default weights {defaults[0].label}"
+            have = {r.delta_sha256 for r in records(ws)}
+            for sha, r in carried.items():
+                if sha not in have:
+                    what = (
+                        "the default weights, which from_pretrained loads"
+                        if ws.variant is None
+                        else f"variant {ws.variant}"
                     )
+                    out.append(
+                        f"{r.concept} ({sha[:12]}) is not in {ws.label} ({what}), though another file of {c.folder or c.name} carries it"
+                    )
+    named = _pipeline_names(ck)
+    if named is not None:
+        for c in ck.components:
+            recs = [r for ws in c.weight_sets for r in records(ws)]
+            if recs and c.name not in named:
+                out.append(
+                    f"{c.folder} carries {recs[0].concept} ({recs[0].delta_sha256[:12]}), but"
+                    f" model_index.json names no {c.name!r} component: from_pretrained never loads it"
+                )
     return out
+
+
+def _pipeline_names(ck: Checkpoint) -> set[str] | None:
+    """The components a pipeline folder's model_index.json names (None: not a pipeline, or no
+    readable index)."""
+    if ck.layout != "pipeline":
+        return None
+    try:
+        index = json.loads((ck.root / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return {k for k, v in index.items() if isinstance(v, list)} if isinstance(index, dict) else None
 
 
 def dump(recs: list[AppliedRecord]) -> str:
