@@ -115,7 +115,10 @@ def _readable(path: Path) -> None:
 
 def load_single(path: Path) -> WeightSet:
     _readable(path)
-    h = read_header(path)
+    try:
+        h = read_header(path)
+    except PickleRefused as e:  # a checkpoint can be converted; say how
+        raise PickleRefused(f"{e} {CONVERT_HINT}") from None
     return WeightSet([path], None, _variant(path.name), {path: h}, {k: path for k in h.tensors})
 
 

@@ -42,12 +42,12 @@ class Terminated(BaseException):  # noqa: N818 -- like KeyboardInterrupt, not an
 
 
 def _safetensors_meta(p: Path) -> dict[str, str] | None:
-    from .errors import FormatError
+    from .errors import FormatError, PickleRefused
     from .safetensors_io import read_header
 
     try:
         return read_header(p).metadata
-    except (FormatError, OSError):
+    except (FormatError, PickleRefused, OSError):
         return None
 
 

@@ -147,10 +147,13 @@ def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _pickled(head: bytes) -> bool:
-    """torch.save's zip archive, or a raw pickle of protocol 2 or later (only asked of a file whose
-    first 8 bytes are no valid header length: a real header length may begin with these bytes)."""
-    return head.startswith(b"PK\x03\x04") or (head[0] == 0x80 and 2 <= head[1] <= 5)
+def _pickled(head: bytes, n: int, file_size: int) -> bool:
+    """torch.save's zip archive, or a raw pickle of protocol 2 or later, asked only of a file whose
+    first 8 bytes are no valid header length (a real one may begin with these bytes; a truncated
+    safetensors file whose header length begins with 0x80 0x02 stays a truncated file)."""
+    if head.startswith(b"PK\x03\x04"):
+        return n > MAX_HEADER_SIZE or 8 + n > file_size
+    return head[0] == 0x80 and 2 <= head[1] <= 5 and n > MAX_HEADER_SIZE
 
 
 def read_header(path: str | os.PathLike) -> Header:
@@ -166,11 +169,9 @@ def read_header(path: str | os.PathLike) -> Header:
                     f"{where}: not a safetensors file (only {file_size} bytes, the 8-byte header length is missing)"
                 )
             (n,) = struct.unpack("<Q", head)
-            if (n > MAX_HEADER_SIZE or 8 + n > file_size) and _pickled(head):
-                from .checkpoint import CONVERT_HINT
-
+            if _pickled(head, n, file_size):
                 raise PickleRefused(
-                    f"{where} is a pickle (torch.save) file, not safetensors. {CONVERT_HINT}"
+                    f"{where} is a pickle (torch.save) file, not safetensors; vpatch never unpickles files"
                 )
             if n > MAX_HEADER_SIZE:
                 raise FormatError(

@@ -277,8 +277,22 @@ def test_pickle_files_get_the_pickle_refusal_with_the_conversion_hint(tmp_path, 
     for kw in ({}, {"_use_new_zipfile_serialization": False}):
         torch.save({"w": torch.ones(2)}, tmp_path / "t.bin", **kw)
         line = assert_one_line_exit_2("import-lora", tmp_path / "t.bin", "-o", tmp_path / "x.vud")
+        # a LoRA cannot be converted into one: no conversion advice here
+        assert line.startswith("vpatch: PickleRefused:") and "--trust-pickle" not in line
+        line = assert_one_line_exit_2("inspect", tmp_path / "t.bin")
         assert line.startswith("vpatch: PickleRefused:") and "--trust-pickle" in line
     assert not (tmp_path / "x.vud").exists()
+
+
+def test_a_truncated_safetensors_header_is_not_called_a_pickle(tmp_path):
+    """A header length of 640 begins with bytes 0x80 0x02, like a pickle; cut short, the file is
+    a truncated safetensors file, not a pickle."""
+    from patcher.errors import FormatError
+
+    f = tmp_path / "t.safetensors"
+    f.write_bytes(struct.pack("<Q", 640) + b"{" * 492)
+    with pytest.raises(FormatError, match="runs past the end"):
+        read_header(f)
 
 
 def test_component_on_a_pipeline_folder_is_refused(tmp_path, pipe):
