@@ -123,6 +123,7 @@ def check_target(
     kind: str | None = None,
     folder: bool | None = None,
     flag: str = "-o",
+    can_overwrite: bool = True,
 ) -> None:
     """Refuse, before any work, an output that cannot or must not be written.
 
@@ -131,7 +132,8 @@ def check_target(
     an existing output is replaced only if ``replaceable`` accepts it (kind None: only a plain file
     that is no model); ``folder`` says whether the
     output is a folder (an existing output of the other sort is refused). ``flag``: the option the
-    user gave the path with, which the messages name."""
+    user gave the path with, which the messages name; ``can_overwrite``: whether the command offers
+    --overwrite."""
     check_name(out)
     parent = out.parent
     if not parent.is_dir():
@@ -157,7 +159,8 @@ def check_target(
     if not os.path.lexists(out):
         return
     if not overwrite:
-        raise OutputError(f"output {out} already exists; choose another {flag} or pass --overwrite")
+        again = " or pass --overwrite" if can_overwrite else ""
+        raise OutputError(f"output {out} already exists; choose another {flag}{again}")
     if folder is not None and out.is_dir() != folder and not out.is_symlink():
         want, have = ("a folder", "a file") if folder else ("a file", "a folder")
         raise OutputError(
@@ -362,11 +365,13 @@ def atomic_file(
     overwrite: bool = False,
     kind: str | None = None,
     notes: list[str] | None = None,
+    flag: str = "-o",
+    can_overwrite: bool = True,
 ) -> Iterator[Path]:
     """Yield a temp path next to ``out`` (not yet created); on success it becomes ``out``, on
     failure, Ctrl-C, SIGTERM or SIGHUP it is removed. ``notes`` collects what stale temporaries of
     earlier killed runs were removed."""
-    check_target(out, list(inputs), overwrite, kind, folder=False)
+    check_target(out, list(inputs), overwrite, kind, False, flag, can_overwrite)
     with _translate_os_errors(out), _cleanup_on_signals():
         found = clear_stale(out)
         if notes is not None:
@@ -388,6 +393,8 @@ def atomic_dir(
     overwrite: bool = False,
     kind: str | None = None,
     notes: list[str] | None = None,
+    flag: str = "-o",
+    can_overwrite: bool = True,
 ) -> Iterator[Path]:
     """``atomic_file`` for a folder. The folder is created as ``mkdir`` would (mode 0777 less the
     umask), so the output is as readable as a plain copy."""

@@ -366,6 +366,9 @@ def _stage(files: list[tuple[str, Path]], dst: Path) -> None:
 
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+_LEGACY_ID = re.compile(
+    r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
+)  # the Hub's old ids without an owner (gpt2)
 
 
 def push(
@@ -419,7 +422,7 @@ def push(
         }
     rep = None
     if eval_report is not None:
-        if not Path(eval_report).is_file():
+        if not Path(eval_report).exists():  # a pipe (<(...)) is no regular file, and fine
             raise PushError(f"--eval-report {eval_report}: no such file")
         try:
             rep = json.loads(Path(eval_report).read_text(encoding="utf-8"))
@@ -430,7 +433,7 @@ def push(
         rep = _check_eval_report(rep, str(eval_report))
     base_id = None  # a local folder gives its license, but its path is no card field
     if base_model and not Path(base_model).is_dir():
-        if not _REPO_ID.match(base_model) or len(base_model) > 96:
+        if not (_REPO_ID.match(base_model) or _LEGACY_ID.match(base_model)) or len(base_model) > 96:
             raise PushError(
                 f"--base-model {base_model!r}: neither a Hub id ('owner/name') nor a local folder"
             )

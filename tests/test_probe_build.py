@@ -292,6 +292,12 @@ def test_delta_and_activations_at_one_path_are_refused_before_any_work(tmp_path,
     (tmp_path / "sub").mkdir()
     line = _one_line_error(["probe", str(MODEL), "-c", str(RED), "-o", x, "--save-activations", y])
     assert "different paths" in line and not x.exists()
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path)  # the same folder through a link
+    line = _one_line_error(
+        ["probe", str(MODEL), "-c", str(RED), "-o", x, "--save-activations", link / "p1.vud"]
+    )
+    assert "different paths" in line and not x.exists()
 
 
 def test_cli_capture_once_then_build_many(tmp_path):

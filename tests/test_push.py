@@ -244,6 +244,9 @@ def test_base_model_and_eval_report_are_what_they_claim(patched, tmp_path):
     r = push(patched / "safe", "me/x", base_model="Org/base-1", dry_run=True, stage=tmp_path / "a")
     fm = _front_matter((tmp_path / "a" / "README.md").read_text())
     assert r.files and fm["base_model"] == "Org/base-1" and fm["base_model_relation"] == "merge"
+    # the Hub's old ids without an owner are ids too
+    push(patched / "safe", "me/x", base_model="gpt2", dry_run=True, stage=tmp_path / "g")
+    assert _front_matter((tmp_path / "g" / "README.md").read_text())["base_model"] == "gpt2"
     for bad in ("not an id", str(tmp_path / "missing" / "folder")):
         with pytest.raises(PushError, match="neither a Hub id"):
             push(patched / "safe", "me/x", base_model=bad, dry_run=True, stage=tmp_path / "b")

@@ -353,7 +353,8 @@ def test_preview_never_overwrites_its_sidecar_or_itself(tmp_path, existing):
     from patcher.evaluation.core import write_preview
 
     (tmp_path / existing).write_text("mine")
-    with pytest.raises(VpatchError, match="already exists"):
+    # eval has no -o and no --overwrite for it: the message named both
+    with pytest.raises(VpatchError, match=r"already exists; choose another --preview$"):
         write_preview(tmp_path / "notes.gif", *_preview_inputs())
     assert (tmp_path / existing).read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == [existing]  # nothing else written

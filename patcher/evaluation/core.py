@@ -588,7 +588,7 @@ def preview_targets(path: Path) -> Path:
             f"--preview {path}: the preview is a GIF; name it .gif (its captions go to .txt)"
         )
     for p in (path, side):
-        check_target(p, [], False)
+        check_target(p, [], False, flag="--preview", can_overwrite=False)
     return side
 
 

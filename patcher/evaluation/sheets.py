@@ -100,6 +100,6 @@ def write_sheet(path, rows, frames=(0, 3, 7), scale=5, Image=None, ImageDraw=Non
             draw.text((x, y + ch + 14), reading[:40], fill=(255, 220, 120))
         y += ch + text_h + pad
     path = Path(path)
-    with atomic_file(path) as tmp:
+    with atomic_file(path, flag="--sheet", can_overwrite=False) as tmp:
         img.save(tmp, format="PNG")
     return path

@@ -86,7 +86,7 @@ def probe(
         raise ProbeError("probe: nothing to write; give -o OUT, --save-activations FILE or both")
     if out is not None and save_activations is not None:
         a, b = Path(out), Path(save_activations)
-        if os.path.abspath(a) == os.path.abspath(b) or (
+        if os.path.realpath(a) == os.path.realpath(b) or (
             a.exists() and b.exists() and a.samefile(b)
         ):
             raise OutputError(
