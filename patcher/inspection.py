@@ -73,7 +73,7 @@ def inspect_checkpoint(path: Path) -> dict:
         "weight_sets": sets,
         "applied": ck.applied(),
         # a delta only a variant file carries: from_pretrained loads the unedited default weights
-        "warnings": provenance.unedited_defaults(ck),
+        "warnings": provenance.edits_not_loaded(ck),
     }
 
 

@@ -399,7 +399,7 @@ def push(
         raise PushError(
             f"{folder}: no vpatch provenance in its weights; push a folder written by `vpatch apply`"
         )
-    unedited = provenance.unedited_defaults(ck)
+    unedited = provenance.edits_not_loaded(ck)
     if unedited:
         raise PushError(
             f"{folder}: {unedited[0]}; push a folder that `vpatch apply FOLDER DELTA -o OUT`"

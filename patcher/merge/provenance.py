@@ -130,7 +130,7 @@ def applied(ck: Checkpoint) -> list[AppliedRecord]:
     return list(seen.values())
 
 
-def unedited_defaults(ck: Checkpoint) -> list[str]:
+def edits_not_loaded(ck: Checkpoint) -> list[str]:
     """Where the weights a pipeline loads lack a delta that files beside them carry, one sentence
     each: a weight set of a component without a delta another set of it carries (`vpatch apply
     FILE` inside a pipeline writes x.no-red.safetensors beside the untouched original), and a
