@@ -133,14 +133,7 @@ def inspect_resolution(path: str | Path, delta: str | Path, component: str | Non
     )
     from .merge import provenance
 
-    carried = sorted(
-        {
-            ws.label
-            for m in plan.matched
-            for ws in m.sets
-            if any(r.delta_sha256 == plan.delta.sha256 for r in provenance.records(ws))
-        }
-    )
+    carried = provenance.carrying(plan)
     if carried:  # apply refuses it: a second application compounds the edit
         verdict = "already applied"
     rows = []

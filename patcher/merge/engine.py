@@ -168,12 +168,11 @@ def _apply_warnings(plan: Plan, stats: list[EditStats]) -> list[str]:
 
 def _refuse_reapply(plan: Plan) -> None:
     dl = plan.delta
-    for m in plan.matched:
-        for ws in m.sets:
-            if any(r.delta_sha256 == dl.sha256 for r in provenance.records(ws)):
-                raise AlreadyApplied(
-                    f"{ws.label} already contains delta {dl.sha256[:12]} ({dl.concept_name}); applying it twice compounds the edit. Pass --force to do it anyway"
-                )
+    carried = provenance.carrying(plan)
+    if carried:
+        raise AlreadyApplied(
+            f"{carried[0]} already contains delta {dl.sha256[:12]} ({dl.concept_name}); applying it twice compounds the edit. Pass --force to do it anyway"
+        )
 
 
 def apply_delta(

@@ -219,6 +219,18 @@ class ApplyStamp:
         return meta
 
 
+def carrying(plan: Plan) -> list[str]:
+    """The weight sets the plan would edit that already carry its delta (apply refuses them, and
+    an export from them would edit twice), once each, in plan order."""
+    sha = plan.delta.sha256
+    out: dict[str, None] = {}
+    for m in plan.matched:
+        for ws in m.sets:
+            if any(r.delta_sha256 == sha for r in records(ws)):
+                out.setdefault(ws.label, None)
+    return list(out)
+
+
 def applied_to(plan: Plan) -> AppliedRecord:
     dl = plan.delta
     for m in plan.matched:

@@ -212,14 +212,13 @@ def export_lora(
     )
     from ..merge import provenance
 
-    for m in plan.matched:  # a LoRA from an edited base, loaded on it, edits it a second time
-        for ws in m.sets:
-            if any(r.delta_sha256 == dl.sha256 for r in provenance.records(ws)):
-                raise AlreadyApplied(
-                    f"--base {base}: {ws.label} already contains delta {dl.sha256[:12]}"
-                    f" ({dl.concept_name}); a LoRA computed from it would apply the edit a second"
-                    " time. Export with --base the original checkpoint"
-                )
+    carried = provenance.carrying(plan)
+    if carried:  # loaded on that base, the LoRA would edit it a second time
+        raise AlreadyApplied(
+            f"--base {base}: {carried[0]} already contains delta {dl.sha256[:12]}"
+            f" ({dl.concept_name}); a LoRA computed from it would apply the edit a second"
+            " time. Export with --base the original checkpoint"
+        )
     comps = [c for c in LOADABLE[family] if any(m.entry.component == c for m in plan.matched)]
     out = Path(out)
     owners = entry_concepts(dl)
