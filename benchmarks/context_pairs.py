@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import functools
 import random
 import re
 import statistics
@@ -64,6 +65,7 @@ def span(unsafe: str, safe: str) -> tuple[list[str], list[str]]:
     return a[i1:i2], b[j1:j2]
 
 
+@functools.cache  # check and moves ask twice (the context words, then the recipe)
 def scan_scores(c: str) -> dict[str, float]:
     """Every scanned word's score at `cross_kv` under the recommended probe (the delta's record
     keeps only the top 8, so the record is widened for this call)."""
@@ -131,6 +133,11 @@ def _probe(c: str) -> Path:
     return delta
 
 
+def _moved(e, M) -> float:
+    """How far the map M moves readings E, relative to their size."""
+    return float((e @ M.T - e).norm() / e.norm())
+
+
 def check(c: str) -> None:
     """The held-out residual at `cross_kv` (as gap_floor measures it), how far concept-free
     prompts and the empty prompt move, for the recommended delta and this variant."""
@@ -153,7 +160,7 @@ def check(c: str) -> None:
         moved = []
         for p in [*site.s.con.heldout.get("free", []), ""]:
             e, _ = site.embed(p)
-            moved.append(float((e @ site.M.T - e).norm() / e.norm()))
+            moved.append(_moved(e, site.M))
         print(
             f"  {name}: held-out residual median {statistics.median(r):.3f}; "
             + ", ".join(f"{s} {statistics.fmean(v):.3f}" for s, v in by_set.items())
@@ -167,26 +174,21 @@ def moves(c: str) -> None:
     """Exploratory, after the run: how far each concept-free eval prompt's `cross_kv` input moves
     under scan, scan_anchor (the variant without the added pairs) and ctx (relative distance)."""
     from gap_floor import _Site, _site_map
-    from twin_variants import VARIANTS
+    from twin_variants import probe_variant
 
     site = _Site(c)
-    cli = [sys.executable, "-m", "patcher.cli", "probe", str(MODEL)]
     maps = {}
     for v in ("scan", "scan_anchor", "ctx"):
         d = WORK / f"{v}_{c}.vud"
         if v == "ctx":
             d = _probe(c)
         elif not d.exists():
-            recipe = str(ROOT / f"examples/organism/{c}.toml")
-            opts = [*VARIANTS[v], "--overwrite", "-q"]
-            subprocess.run(
-                [*cli, "-c", recipe, "-o", str(d), "--method", "twin", *opts], check=True
-            )
+            d = probe_variant(v, c)
         maps[v] = _site_map(read_delta(d).entries)
     print(f"{c}: concept-free prompt, moved under " + " / ".join(maps), flush=True)
     for p in site.s.con.heldout.get("free", []):
         e, _ = site.embed(p)
-        r = [float((e @ M.T - e).norm() / e.norm()) for M in maps.values()]
+        r = [_moved(e, M) for M in maps.values()]
         print(f"  {p:<40} " + " / ".join(f"{x:.3f}" for x in r), flush=True)
 
 

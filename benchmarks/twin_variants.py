@@ -111,15 +111,20 @@ def eval_variant(variant: str, c: str, delta: Path, seeds: int) -> None:
     print(f"{variant} {c}: {report_path(variant, c, seeds).name}", flush=True)
 
 
-def run(variant: str, concepts: list[str], seeds: int = 2) -> None:
+def probe_variant(variant: str, c: str) -> Path:
+    """`vpatch probe --method twin` with VARIANT's options on concept C: WORK/<variant>_<c>.vud."""
     WORK.mkdir(exist_ok=True)
-    cli = [sys.executable, "-m", "patcher.cli"]
+    recipe = str(ROOT / f"examples/organism/{c}.toml")
+    delta = WORK / f"{variant}_{c}.vud"
+    probe = [sys.executable, "-m", "patcher.cli", "probe", str(MODEL), "-c", recipe]
+    probe += ["-o", str(delta), "--method", "twin", *VARIANTS[variant], "--overwrite", "-q"]
+    subprocess.run(probe, check=True, cwd=ROOT)
+    return delta
+
+
+def run(variant: str, concepts: list[str], seeds: int = 2) -> None:
     for c in concepts:
-        recipe = str(ROOT / f"examples/organism/{c}.toml")
-        delta = WORK / f"{variant}_{c}.vud"
-        probe = [*cli, "probe", str(MODEL), "-c", recipe, "-o", str(delta), "--method", "twin"]
-        subprocess.run([*probe, *VARIANTS[variant], "--overwrite", "-q"], check=True, cwd=ROOT)
-        eval_variant(variant, c, delta, seeds)
+        eval_variant(variant, c, probe_variant(variant, c), seeds)
 
 
 def pair(variant: str, a: str, b: str) -> None:
