@@ -214,16 +214,15 @@ def _match(e: DeltaEntry, ck: Checkpoint, chosen: str | None, rules: AliasRules)
     if ck.layout != "pipeline" and chosen is not None and e.component != chosen:
         return Match(e, "other-component", f"entry is for {e.component}")
     comp = _sets_for(ck, e.component)
-    if comp is not None and not comp.weight_sets and comp.pickle_files:
+    if comp is not None and comp.pickle_files:
+        name = comp.pickle_files[0].name
         raise PickleRefused(
-            f"{comp.folder} holds only pickle weights ({comp.pickle_files[0].name}). {CONVERT_HINT}"
+            f"{comp.folder} holds pickle weights ({name}) beside the safetensors ones; they would stay unpatched and could be loaded instead. Delete or convert them first"
+            if comp.weight_sets
+            else f"{comp.folder} holds only pickle weights ({name}). {CONVERT_HINT}"
         )
     if comp is None or not comp.weight_sets:
         return Match(e, "missing", f"no {e.component}/ weights in the checkpoint")
-    if comp.pickle_files:
-        raise PickleRefused(
-            f"{comp.folder} holds pickle weights ({comp.pickle_files[0].name}) beside the safetensors ones; they would stay unpatched and could be loaded instead. Delete or convert them first"
-        )
     m = Match(e, "matched")
     resolved = [(ws, *resolve(e.tensor_key, e.shape, ws, rules)) for ws in comp.weight_sets]
     found = [ws for ws, _status, loc, _note in resolved if loc is not None]
