@@ -157,6 +157,30 @@ def test_console_script_end_to_end(tmp_path):
     )
 
 
+def test_error_after_progress_started_is_stderrs_first_line(tmp_path):
+    # the Inf is found while writing, after the progress bar started; piped, rich left a blank
+    # line first, so a script reading the first line of stderr got nothing
+    t = model_tensors(torch.float32)
+    make_delta(tmp_path / "d.vud", t)
+    save_file(t, tmp_path / "good.safetensors")
+    t["blocks.0.attn2.to_k.weight"][3, 3] = float("inf")
+    save_file(t, tmp_path / "m.safetensors")
+    exe = [sys.executable, "-m", "patcher.cli", "apply"]
+    r = subprocess.run(
+        exe + [str(tmp_path / "m.safetensors"), str(tmp_path / "d.vud"), "-o", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2 and r.stderr.startswith("vpatch: NumericError: "), r.stderr
+    r = subprocess.run(
+        exe
+        + [str(tmp_path / "good.safetensors"), str(tmp_path / "d.vud"), "-o", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0 and r.stderr.startswith("coverage: 2/2"), r.stderr
+
+
 def test_help_teaches(tmp_path):
     code, out, _ = run("apply", "--help")
     assert code == 0 and "Examples:" in out and "--revert-record" in out and "--dry-run" in out

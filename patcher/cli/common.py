@@ -42,7 +42,9 @@ class RichReporter:
         return (DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
 
     def start(self, description: str, total: int) -> None:
-        if self.quiet:
+        # off a terminal rich draws nothing live and a transient bar leaves one blank line at stop,
+        # which would push a user error off stderr's first line
+        if self.quiet or not err.is_terminal:
             return
         self._p = Progress(
             TextColumn("{task.description}", markup=False),
