@@ -47,6 +47,7 @@ def inspect_checkpoint(path: Path) -> dict:
     dtypes: Counter = Counter()
     count = 0
     sets = []
+    pickles: list[dict] = []
     for comp in ck.components:
         for ws in comp.weight_sets:
             n = sum(len(h.tensors) for h in ws.headers.values())
@@ -63,6 +64,11 @@ def inspect_checkpoint(path: Path) -> dict:
                     "tensors": n,
                 }
             )
+        # listed, never opened: a pickle-only component must not vanish from the listing
+        pickles += [
+            {"component": comp.name, "file": f.name, "only": not comp.weight_sets}
+            for f in comp.pickle_files
+        ]
     return {
         "type": "checkpoint",
         "path": str(path),
@@ -71,6 +77,7 @@ def inspect_checkpoint(path: Path) -> dict:
         "total_bytes": ck.total_bytes(),
         "dtype_bytes": dict(dtypes),
         "weight_sets": sets,
+        "pickle_files": pickles,
         "applied": ck.applied(),
         # a delta only a variant file carries: from_pretrained loads the unedited default weights
         "warnings": provenance.edits_not_loaded(ck),

@@ -284,6 +284,24 @@ def test_pickle_files_get_the_pickle_refusal_with_the_conversion_hint(tmp_path, 
     assert not (tmp_path / "x.vud").exists()
 
 
+def test_inspect_lists_a_pickle_only_component(tmp_path, pipe):
+    """inspect listed weight sets only, so a component of pickles vanished from its listing."""
+    root, _, _ = pipe
+    (w,) = (root / "transformer").glob("*.safetensors")
+    torch.save({"w": torch.ones(2)}, root / "transformer" / "diffusion_pytorch_model.bin")
+    w.unlink()
+    code, out, _ = invoke("inspect", root)
+    assert code == 0
+    (line,) = [x for x in out.splitlines() if "diffusion_pytorch_model.bin" in x]
+    assert line.strip().startswith("transformer:") and "cannot edit this component" in line
+    code, out, _ = invoke("inspect", root, "--json")
+    info = json.loads(out)
+    assert info["pickle_files"] == [
+        {"component": "transformer", "file": "diffusion_pytorch_model.bin", "only": True}
+    ]
+    assert all(s["component"] != "transformer" for s in info["weight_sets"])
+
+
 def test_a_truncated_safetensors_header_is_not_called_a_pickle(tmp_path):
     """A header length of 640 begins with bytes 0x80 0x02, like a pickle; cut short, the file is
     a truncated safetensors file, not a pickle."""

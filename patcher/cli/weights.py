@@ -312,6 +312,15 @@ def inspect(path, delta, component, as_json):
             click.echo(
                 f"  {s['component'] or '-'}: {s['weights']} ({s['files']} file(s), {s['tensors']} tensors{', variant ' + s['variant'] if s['variant'] else ''})"
             )
+        for f in info["pickle_files"]:
+            why = (
+                "the only weights here: vpatch cannot edit this component"
+                if f["only"]
+                else "ignored"
+            )
+            click.echo(
+                f"  {f['component'] or '-'}: {f['file']} (pickle, not read; {why} until `vpatch convert`)"
+            )
         if info["applied"]:
             for a in info["applied"]:
                 click.echo(
