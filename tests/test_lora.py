@@ -4,6 +4,7 @@ generates its frames; the ComfyUI file's keys follow ComfyUI's LoRA key map."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 
@@ -76,7 +77,7 @@ def pipes(tmp_path_factory):
 
 
 def make_delta(src, family, patterns, path, strength=1.0, m=2, concept="red"):
-    """Projection entries computed from the pipeline's own weights (what a probe writes)."""
+    """Projection entries computed from the pipeline's own weights, fingerprinted (what a probe writes)."""
     entries = []
     for comp in ("transformer", "transformer_2"):
         f = src / comp / "diffusion_pytorch_model.safetensors"
@@ -95,7 +96,8 @@ def make_delta(src, family, patterns, path, strength=1.0, m=2, concept="red"):
                         )
                     ),
                 )
-                entries.append(projection_entry(f"{comp}/{k}", W, B, strength))
+                sha = hashlib.sha256(sd[k].contiguous().view(torch.uint8).numpy()).hexdigest()
+                entries.append(projection_entry(f"{comp}/{k}", W, B, strength, base_sha256=sha))
     assert entries
     d = Delta(entries, {"name": concept}, {"name": "cpca", "family": family})
     write_delta(path, d)
@@ -362,6 +364,17 @@ def test_cli_export_records_base_and_warns_on_another(pipes, tmp_path):
     assert len(warns) == 1 and "caption_projection.linear_1" in warns[0]
     r = CliRunner().invoke(main, ["inspect", str(other), "--delta", str(out)])
     assert r.exit_code == 0 and "differs" in r.stdout + r.stderr
+    # exported from that fine-tune, the LoRA said nothing of the base it was probed on
+    cmd = ["export", str(tmp_path / "c.vud"), "--format", "lora", "--base", str(other)]
+    r = CliRunner().invoke(main, [*cmd, "-o", str(tmp_path / "ft.safetensors")])
+    warned = [x for x in r.stderr.splitlines() if x.startswith("warning: ")]
+    assert r.exit_code == 0 and len(warned) == 1, r.stderr
+    assert (
+        "caption_projection.linear_1" in warned[0] and "differs from the probed base" in warned[0]
+    )
+    r = CliRunner().invoke(main, [*cmd, "-o", str(tmp_path / "ft2.safetensors"), "--json"])
+    (w,) = json.loads(r.stdout)["warnings"]
+    assert "caption_projection.linear_1" in w
     r = CliRunner().invoke(main, ["inspect", str(out)])
     assert r.exit_code == 0 and "lora" in r.stdout and "ltx" in r.stdout
 

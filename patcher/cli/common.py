@@ -95,6 +95,11 @@ def _user_errors(fn):
     return wrapper
 
 
+def warn(message: str) -> None:
+    """A warning on stderr; the message is user data (paths, keys), never rich markup."""
+    err.print(Text.assemble(("warning:", "yellow"), " ", message))
+
+
 def _mib(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
@@ -152,7 +157,7 @@ def _show_report(r: Report, as_json: bool) -> None:
         if r.output:
             click.echo(r.output)
     for w in r.warnings:
-        err.print(Text.assemble(("warning:", "yellow"), " ", w))
+        warn(w)
 
 
 _NO_ARGS = getattr(click.exceptions, "NoArgsIsHelpError", ())  # absent before click 8.2

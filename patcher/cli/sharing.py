@@ -9,7 +9,7 @@ import click
 
 # markup is off everywhere: concept names, keys and paths are user data, and "[/x]" in one of them
 # must print as itself, not crash rich after the output was written
-from .common import _user_errors, err, main
+from .common import _user_errors, err, main, warn
 
 
 @main.command()
@@ -155,7 +155,7 @@ def export(delta, fmt, base, out, target, strength, component, revision, overwri
         for f in r.files:
             click.echo(f.path)
     for w in r.warnings:
-        err.print(f"[yellow]warning:[/yellow] {w}")
+        warn(w)
 
 
 @main.command("import-lora")

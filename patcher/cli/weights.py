@@ -8,14 +8,13 @@ from pathlib import Path
 import click
 from rich.console import Console
 from rich.table import Table
-from rich.text import Text
 
 from ..inspection import inspect_path
 from ..merge.engine import apply_delta, revert_delta
 
 # markup is off everywhere: concept names, keys and paths are user data, and "[/x]" in one of them
 # must print as itself, not crash rich after the output was written
-from .common import RichReporter, _mib, _show_report, _user_errors, err, main
+from .common import RichReporter, _mib, _show_report, _user_errors, err, main, warn
 
 
 @main.command()
@@ -255,7 +254,7 @@ def inspect(path, delta, component, as_json):
         Console(highlight=False, markup=False).print(t)
         click.echo(info["verdict"])
         for w in info.get("warnings", []):
-            err.print(Text.assemble(("warning:", "yellow"), " ", w))
+            warn(w)
         return
     info = inspect_path(path)
     if as_json:
@@ -329,4 +328,4 @@ def inspect(path, delta, component, as_json):
         else:
             click.echo("applied: none (no vpatch provenance)")
         for w in info.get("warnings", []):
-            err.print(Text.assemble(("warning:", "yellow"), " ", w))
+            warn(w)

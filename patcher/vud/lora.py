@@ -236,6 +236,15 @@ def export_lora(
             j = next((n for n, ws in enumerate(m.sets) if ws.variant is None), 0)
             ws, loc = m.sets[j], m.locs[j]
             W, sha = _read_base(ws, loc)
+            if e.base_sha256 is not None and sha != e.base_sha256:
+                report.warnings.append(
+                    f"{e.key}: --base differs from the probed base; "
+                    + (
+                        "the LoRA's up factor was computed from this base's own weight"
+                        if e.kind in ("project_input", "map_input")
+                        else "the probed base's factors were exported as they are"
+                    )
+                )
             lam = e.strength * strength
             if e.kind == "project_input":
                 B = -lam * (W @ e.V)
