@@ -42,6 +42,7 @@ class PushReport:
     uploaded: bool
     url: str | None = None
     applied: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -168,6 +169,33 @@ def _check_eval_report(rep: object, where: str) -> dict:
     if not isinstance(rep.get("markdown"), str) and not isinstance(rep.get("presence"), dict):
         raise bad("the report", "an eval report (with presence, or an --out report's markdown)")
     return rep
+
+
+def _base_model_id(base_model: str | None) -> tuple[str | None, list[str]]:
+    """The card's base_model, and what the user should know about it.
+
+    A local folder gives its license, but its path is no card field. A relative folder written as
+    an id ('owner/name') that ``hf download ID --local-dir ID`` filled (its .cache/huggingface/
+    bookkeeping says so) is taken as that Hub id; any other such folder is local, and said."""
+    if not base_model:
+        return None, []
+    here = Path(base_model)
+    is_id = bool(_REPO_ID.match(base_model) or _LEGACY_ID.match(base_model))
+    if not here.is_dir():
+        if not is_id or len(base_model) > 96:
+            raise PushError(
+                f"--base-model {base_model!r}: neither a Hub id ('owner/name') nor a local folder"
+            )
+        return _text(base_model), []
+    if not (_REPO_ID.match(base_model) and len(base_model) <= 96):
+        return None, []
+    if (here / ".cache" / "huggingface" / "download").is_dir():
+        return _text(base_model), []
+    return None, [
+        f"--base-model {base_model}: a local folder here, not a download of the Hub id"
+        " (no .cache/huggingface/ in it), so the card names no base model; run from another"
+        " folder to name the Hub id"
+    ]
 
 
 def _base_license(base_model: str | None) -> str | None:
@@ -431,13 +459,7 @@ def push(
                 f"--eval-report {eval_report}: not a JSON report from `vpatch eval --json`"
             ) from None
         rep = _check_eval_report(rep, str(eval_report))
-    base_id = None  # a local folder gives its license, but its path is no card field
-    if base_model and not Path(base_model).is_dir():
-        if not (_REPO_ID.match(base_model) or _LEGACY_ID.match(base_model)) or len(base_model) > 96:
-            raise PushError(
-                f"--base-model {base_model!r}: neither a Hub id ('owner/name') nor a local folder"
-            )
-        base_id = _text(base_model)
+    base_id, notes = _base_model_id(base_model)
     card = build_card(
         applied,
         base_model=base_id,
@@ -466,7 +488,7 @@ def push(
         files.append("README.md")
     if dry_run:
         return PushReport(
-            repo_id, str(staged), files, str(staged / "README.md"), False, None, applied
+            repo_id, str(staged), files, str(staged / "README.md"), False, None, applied, notes
         )
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
@@ -502,4 +524,6 @@ def push(
             f"could not reach the hub ({e.__class__.__name__}); the staged folder {staged} is ready to retry"
         ) from None
     url = getattr(info, "commit_url", None) or str(info)
-    return PushReport(repo_id, str(staged), files, str(staged / "README.md"), True, url, applied)
+    return PushReport(
+        repo_id, str(staged), files, str(staged / "README.md"), True, url, applied, notes
+    )

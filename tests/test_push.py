@@ -107,6 +107,34 @@ def test_dry_run_stages_the_folder_and_writes_the_card(patched):
     assert not list((patched / "safe.push-staged").rglob("*.vud"))
 
 
+def test_a_relative_folder_named_like_an_id_is_the_id_when_hf_download_filled_it(
+    patched, monkeypatch
+):
+    """`hf download acme/base --local-dir acme/base` names the folder as the id; the card named no
+    base model for it, and said nothing."""
+    import shutil
+
+    monkeypatch.chdir(patched)
+    shutil.copytree(patched / "base", patched / "acme" / "base")
+    r = push(patched / "safe", "me/a", base_model="acme/base", dry_run=True)
+    fm = _front_matter(Path(r.card).read_text())
+    assert "base_model" not in fm and fm["license"] == "apache-2.0"
+    (w,) = r.warnings
+    assert "acme/base" in w and "names no base model" in w
+    res = CliRunner().invoke(
+        main, ["push", str(patched / "safe"), "--repo-id", "me/a", "--base-model", "acme/base", "--dry-run", "--stage", str(patched / "s1")]
+    )  # fmt: skip
+    assert res.exit_code == 0 and "warning: --base-model acme/base" in res.stderr, res.output
+    (patched / "acme" / "base" / ".cache" / "huggingface" / "download").mkdir(parents=True)
+    r = push(patched / "safe", "me/a", base_model="acme/base", dry_run=True, stage=patched / "s2")
+    fm = _front_matter(Path(r.card).read_text())
+    assert fm["base_model"] == "acme/base" and fm["license"] == "apache-2.0"
+    assert r.warnings == []
+    # written as a path, it is a local folder whatever is in it
+    r = push(patched / "safe", "me/a", base_model="./acme/base", dry_run=True, stage=patched / "s3")
+    assert "base_model" not in _front_matter(Path(r.card).read_text()) and r.warnings == []
+
+
 def test_upload_goes_through_hfapi(patched):
     api = FakeApi()
     r = push(patched / "safe", "me/safe", private=True, api=api)

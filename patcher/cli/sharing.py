@@ -17,7 +17,7 @@ from .common import _user_errors, err, main, warn
 @click.option("--repo-id", required=True, help="Target repository, user/name.")
 @click.option(
     "--base-model",
-    help="Hub id of the model that was patched: the card's base_model, whose license is inherited. A local folder gives its README's license, but its path is not published.",
+    help="Hub id of the model that was patched: the card's base_model, whose license is inherited. A local folder gives its README's license, but its path is not published; one named like the id that `hf download ID --local-dir ID` filled counts as that id.",
 )
 @click.option(
     "--delta",
@@ -70,6 +70,8 @@ def push(
         stage=stage,
         exist_ok=exist_ok,
     )
+    for w in r.warnings:
+        warn(w)
     if as_json:
         click.echo(json.dumps(r.to_dict(), indent=2))
         return
