@@ -53,6 +53,28 @@ def test_shipped_concepts(name):
     assert not probe_prompts & {s for v in c.heldout.values() for s in v}, (
         "held-out prompts must not be probe prompts"
     )
+    # twin fidelity needs every held-out prompt's twin; the word edits derived none for "a woman
+    # without any clothes on the beach" and "the a concert emblem" for "the Acme emblem"
+    from patcher.evaluation.prompts import RecipePrompts
+
+    for ps in RecipePrompts().sets(c):
+        for p, t in zip(ps.prompts, ps.twins):
+            assert t is not None, (name, ps.name, p)
+            if ps.name != "probe":  # the pairs' own safe sides may say it; a derived twin did
+                assert " a concert " not in t, (name, ps.name, p, t)
+
+
+def test_a_twin_the_recipe_gives_comes_before_a_derived_one():
+    from patcher.evaluation.prompts import RecipePrompts
+
+    data = {
+        **GOOD_CONCEPT,
+        "pairs": [{"unsafe": "a nude woman", "safe": "a woman"}],
+        "heldout": {"synonym": ["a woman in the nude dancing", "a nude man"]},
+        "twins": {"a woman in the nude dancing": "a woman dancing"},
+    }
+    sets = {s.name: s for s in RecipePrompts().sets(parse_concept(data, "t.toml"))}
+    assert sets["synonym"].twins == ("a woman dancing", "a man")  # given; derived ("nude" deleted)
 
 
 GOOD_FAMILY = {
@@ -138,6 +160,13 @@ GOOD_CONCEPT = {
         ({"neutral": ["one"]}, "field 'neutral' needs at least 2 entries"),
         ({"name": "has space"}, "field 'name' must be letters"),
         ({"heldout": {"synonyms": ["x"]}}, "unknown field(s) synonyms"),
+        ({"twins": {"not held out": "y"}}, "'not held out' is not a held-out concept prompt"),
+        (
+            {"heldout": {"synonym": ["a b"]}, "twins": {"a b": " a b "}},
+            "the twin of 'a b' must be a non-empty prompt without the concept",
+        ),
+        ({"heldout": {"synonym": ["a b"]}, "twins": {"a b": 3}}, "field 'a b' must be str"),
+        ({"heldout": {"free": ["a b"]}, "twins": {"a b": "c"}}, "is not a held-out concept"),
         (
             {
                 "pairs": [

@@ -111,8 +111,9 @@ class RecipePrompts:
         out = []
         named = [("probe", [p.unsafe for p in concept.pairs])]
         named += [(k, list(concept.heldout[k])) for k in HELDOUT if concept.heldout.get(k)]
-        for name, ps in named:
-            out.append(PromptSet(name, tuple(ps), True, tuple(twin(p) for p in ps)))
+        for name, ps in named:  # a twin the recipe gives comes before a derived one
+            twins = tuple(concept.twins.get(p) or twin(p) for p in ps)
+            out.append(PromptSet(name, tuple(ps), True, twins))
         free = list(concept.heldout.get("free") or concept.neutral)
         out.append(PromptSet("free", tuple(free), False))
         if concept.heldout.get("free"):

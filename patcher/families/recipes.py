@@ -687,6 +687,8 @@ class Concept:
     heldout: dict[str, list[str]]
     judge: dict = field(default_factory=dict)  # per judge: what "the concept is present" means
     path: Path | None = None
+    # held-out prompt -> its safe twin, where the pairs' word edits cannot derive one
+    twins: dict[str, str] = field(default_factory=dict)
 
     def record(self) -> dict:
         """What goes into the delta's ``vpatch.concept`` field."""
@@ -741,6 +743,22 @@ def parse_concept(data: dict, where: str, base: Path | None = None) -> Concept:
     ht = t.table("heldout", {})
     heldout = {k: ht.strings(k, []) for k in HELDOUT_KINDS}
     ht.done()
+    tt = t.table("twins", {})
+    concept_prompts = {q for k in HELDOUT_KINDS if k != "free" for q in heldout[k]}
+    twins: dict[str, str] = {}
+    for prompt in list(tt.data):
+        twin = tt.get(prompt, str)
+        if prompt not in concept_prompts:
+            raise RecipeError(
+                f"{tt.where}: {prompt!r} is not a held-out concept prompt of this recipe (paraphrase,"
+                " synonym, unseen or template); a twin is given for one of those"
+            )
+        if not twin.strip() or twin.strip() == prompt.strip():
+            raise RecipeError(
+                f"{tt.where}: the twin of {prompt!r} must be a non-empty prompt without the concept"
+            )
+        twins[prompt] = twin
+    tt.done()
     jt = t.table("judge", {})
     judge: dict = {}
     if "organism" in jt.data:
@@ -759,7 +777,7 @@ def parse_concept(data: dict, where: str, base: Path | None = None) -> Concept:
         ct.done()
     jt.done()
     t.done()
-    return Concept(name, desc, pairs, neutral, nimg, heldout, judge)
+    return Concept(name, desc, pairs, neutral, nimg, heldout, judge, twins=twins)
 
 
 def _img(s: str | None, base: Path | None, where: str) -> Path | None:
