@@ -203,7 +203,9 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "efficacy.json")
     ap.add_argument("--quick", action="store_true", help="only the method sweep (a smoke run)")
     ap.add_argument(
-        "--base-only", action="store_true", help="only the base (demo) recipe: a baseline run"
+        "--base-only",
+        action="store_true",
+        help="only the base recipe (the earlier demo's options): a baseline run",
     )
     ap.add_argument(
         "--twin", action="store_true", help="also the twin map (probe --method twin) at each site"
@@ -293,7 +295,11 @@ def main() -> None:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(doc, indent=2, default=float))
     a.out.write_text(render(doc) + kept_tail(a.out))
-    print(f"wrote {a.out} and {a.json} in {time.time() - t0:.0f} s")
+    print(
+        f"wrote {a.out}"
+        + ("" if a.from_json else f" and {a.json}")
+        + f" in {time.time() - t0:.0f} s"
+    )
 
 
 KEEP_MARK = "<!-- below: measured by other runs (vpatch eval, attacks); efficacy.py keeps it -->"
@@ -503,13 +509,13 @@ def render(doc: dict) -> str:
         m = measures(base, name, attr)
         if m["named"]:
             out += [
-                f"What the demo recipe `{base['variant']}` draws for the concept prompts (all sets): "
+                f"What the base recipe (the earlier demo's options) `{base['variant']}` draws for the concept prompts (all sets): "
                 + ", ".join(f"{k} {v}" for k, v in m["named"].items())
                 + ".",
                 "",
             ]
         for label, r in (
-            ("the demo recipe " + f"`{base['variant']}`", base),
+            ("the base recipe (the earlier demo's options) " + f"`{base['variant']}`", base),
             ("the chosen recipe " + f"`{chosen['variant']}`", chosen),
         ):
             out += [
