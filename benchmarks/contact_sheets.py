@@ -5,7 +5,7 @@
 Writes two PNGs (rows: clips; frames 0, 3 and 7 of the original, the patched model and, for red
 prompts, the original's clip of the safe twin, same seed), each column captioned with the judge's
 reading: red prompts from every held-out set, and colour-free captions with the other colours.
-Without --delta it probes the demo recipe (cPCA, k = 8, λ = 1.2, α = 1 at text_proj) first.
+Without --delta it probes the earlier demo's recipe (cPCA, k = 8, λ = 1.2, α = 1 at text_proj) first.
 """
 
 from __future__ import annotations
