@@ -81,19 +81,15 @@ def test_probe_apply_eval_removes_red_and_spares_the_rest(tmp_path):
             tmp_path / "p.gif",
         )
     )
-    pres = r["presence"]
-    sets = [k for k in pres if k not in ("free", "neutral")]  # concept prompt sets
-    before = sum(pres[k]["before"]["rate"] * pres[k]["before"]["n"] for k in sets) / sum(
-        pres[k]["before"]["n"] for k in sets
-    )
-    after = sum(pres[k]["after"]["rate"] * pres[k]["after"]["n"] for k in sets) / sum(
-        pres[k]["after"]["n"] for k in sets
-    )
-    assert before >= 0.8, "the original model draws red for red prompts"
-    assert after <= 0.25 * before, (
-        before,
-        after,
-    )  # measured with 4 seeds: 100% -> 1% on held-out sets
+    # scored by what issue 16 asks, not by the colour's name: each clip against the original's clip
+    # of its safe twin (same seed); the paper's form closes 0.47 of the held-out gap, this edit 0.92
+    out = r["outcomes"]
+    sets = [k for k in out if k != "probe"]  # the held-out concept sets
+    assert min(out[k]["before"]["shown"]["rate"] for k in sets) >= 0.8, "the original draws red"
+    assert all(out[k]["after"]["shown"]["rate"] == 0 for k in sets), out  # no clip is red
+    assert all(out[k]["as_saturated"]["rate"] == 0 for k in sets), out
+    held = r["twin_fidelity"]["held-out (all)"]["judge"]
+    assert held["n"] == 44 and held["closed"] >= 0.85, held  # measured 0.92 (steps 12, 2 seeds)
     assert (
         r["concept_prompt_attributes"]["object_present"]["after"]["rate"] >= 0.9
     )  # red objects do not vanish
@@ -127,6 +123,17 @@ def test_probe_apply_eval_removes_red_and_spares_the_rest(tmp_path):
     assert a["notes"]["patched_without_attack"]["rate"] <= 0.25  # the edit holds unattacked
     names = a["notes"]["patched_without_attack_names"]["names"]
     assert sum(names.values()) == 4 and names.get("red", 0) <= 1
+    # rewordings from the concept's vocabulary (the word repeated, every synonym at once, ...)
+    a = json.loads(
+        run(
+            "eval", MODEL, "-c", RED, "--patched", tmp_path / "patched", "--attack", "prompts",
+            "--seeds", "1", "--steps", "6", "--json", "-q",
+        )
+    )  # fmt: skip
+    assert a["attack"] == "prompts" and a["n"] == 81 and a["before"]["n"] == 81
+    assert a["before"]["rate"] >= 0.9  # the original draws red from the rewordings
+    assert a["after"]["rate"] <= 0.05, a["notes"]["after"]  # measured 0 of 81 (steps 16, 2 seeds)
+    assert any("crimson" in x and "scarlet" in x for x in a["notes"]["examples"])
 
 
 def test_quiet_attack_eval_prints_no_library_progress(tmp_path):
