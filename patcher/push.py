@@ -42,7 +42,6 @@ class PushReport:
     uploaded: bool
     url: str | None = None
     applied: list[dict] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -171,43 +170,52 @@ def _check_eval_report(rep: object, where: str) -> dict:
     return rep
 
 
-def _base_model_id(base_model: str | None) -> tuple[str | None, list[str]]:
-    """The card's base_model, and what the user should know about it.
+HUB = "hf://"  # --base-model hf://owner/name: the Hub id, even where a folder of that name exists
 
-    A local folder gives its license, but its path is no card field. A relative folder written as
-    an id ('owner/name') that ``hf download ID --local-dir ID`` filled (its .cache/huggingface/
-    bookkeeping says so) is taken as that Hub id; any other such folder is local, and said."""
+
+def _base_model_id(base_model: str | None) -> tuple[str | None, str | Path | None]:
+    """The card's base_model, and where its license is read (a Hub id, or a local folder).
+
+    A local folder lends its README's license, but its path is no card field. 'owner/name' that is
+    also a folder here is ambiguous, and refused before anything is staged: ./owner/name is the
+    folder, hf://owner/name the Hub id (`hf download ID --local-dir ID` makes such folders)."""
     if not base_model:
-        return None, []
-    here = Path(base_model)
-    is_id = bool(_REPO_ID.match(base_model) or _LEGACY_ID.match(base_model))
-    if not here.is_dir():
-        if not is_id or len(base_model) > 96:
+        return None, None
+
+    def is_id(s: str) -> bool:
+        return bool(_REPO_ID.match(s) or _LEGACY_ID.match(s)) and len(s) <= 96
+
+    if base_model.startswith(HUB):
+        rid = base_model[len(HUB) :]
+        if not is_id(rid):
+            raise PushError(f"--base-model {base_model!r}: after {HUB}, a Hub id ('owner/name')")
+        return _text(rid), rid
+    if Path(base_model).is_dir():
+        if _REPO_ID.match(base_model) and is_id(base_model):
             raise PushError(
-                f"--base-model {base_model!r}: neither a Hub id ('owner/name') nor a local folder"
+                f"--base-model {base_model}: both a Hub id and a folder here; write"
+                f" ./{base_model} for the folder (it lends its license only) or {HUB}{base_model}"
+                " for the Hub id"
             )
-        return _text(base_model), []
-    if not (_REPO_ID.match(base_model) and len(base_model) <= 96):
-        return None, []
-    if (here / ".cache" / "huggingface" / "download").is_dir():
-        return _text(base_model), []
-    return None, [
-        f"--base-model {base_model}: a local folder here, not a download of the Hub id"
-        " (no .cache/huggingface/ in it), so the card names no base model; run from another"
-        " folder to name the Hub id"
-    ]
+        return None, Path(base_model)
+    if not is_id(base_model):
+        raise PushError(
+            f"--base-model {base_model!r}: neither a Hub id ('owner/name') nor a local folder"
+        )
+    return _text(base_model), base_model
 
 
-def _base_license(base_model: str | None) -> str | None:
-    if not base_model:
+def _base_license(source: str | Path | None) -> str | None:
+    """The license of a Hub id's card, or of a local folder's README (a Path)."""
+    if source is None:
         return None
     from huggingface_hub import ModelCard
 
     try:
         card = (
-            ModelCard.load(base_model)
-            if not Path(base_model).is_dir()
-            else ModelCard.load(Path(base_model) / "README.md")
+            ModelCard.load(source / "README.md")
+            if isinstance(source, Path)
+            else ModelCard.load(source)
         )
         return getattr(card.data, "license", None)
     except (
@@ -459,11 +467,11 @@ def push(
                 f"--eval-report {eval_report}: not a JSON report from `vpatch eval --json`"
             ) from None
         rep = _check_eval_report(rep, str(eval_report))
-    base_id, notes = _base_model_id(base_model)
+    base_id, license_from = _base_model_id(base_model)
     card = build_card(
         applied,
         base_model=base_id,
-        license=_base_license(base_model),
+        license=_base_license(license_from),
         delta=dinfo,
         eval_report=rep,
         repo_id=repo_id,
@@ -488,7 +496,7 @@ def push(
         files.append("README.md")
     if dry_run:
         return PushReport(
-            repo_id, str(staged), files, str(staged / "README.md"), False, None, applied, notes
+            repo_id, str(staged), files, str(staged / "README.md"), False, None, applied
         )
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
@@ -524,6 +532,4 @@ def push(
             f"could not reach the hub ({e.__class__.__name__}); the staged folder {staged} is ready to retry"
         ) from None
     url = getattr(info, "commit_url", None) or str(info)
-    return PushReport(
-        repo_id, str(staged), files, str(staged / "README.md"), True, url, applied, notes
-    )
+    return PushReport(repo_id, str(staged), files, str(staged / "README.md"), True, url, applied)

@@ -107,32 +107,32 @@ def test_dry_run_stages_the_folder_and_writes_the_card(patched):
     assert not list((patched / "safe.push-staged").rglob("*.vud"))
 
 
-def test_a_relative_folder_named_like_an_id_is_the_id_when_hf_download_filled_it(
-    patched, monkeypatch
-):
-    """`hf download acme/base --local-dir acme/base` names the folder as the id; the card named no
-    base model for it, and said nothing."""
+def test_a_folder_named_like_an_id_is_refused_until_the_user_says_which(patched, monkeypatch):
+    """`hf download acme/base --local-dir acme/base` names a folder as the id: the card named no
+    base model for it, and said nothing (and a folder's name proves no repo)."""
     import shutil
 
     monkeypatch.chdir(patched)
     shutil.copytree(patched / "base", patched / "acme" / "base")
-    r = push(patched / "safe", "me/a", base_model="acme/base", dry_run=True)
+    with pytest.raises(PushError, match=r"both a Hub id and a folder here; write \./acme/base"):
+        push(patched / "safe", "me/a", base_model="acme/base", dry_run=True)
+    assert not (patched / "safe.push-staged").exists()  # refused before anything is staged
+    res = CliRunner().invoke(
+        main, ["push", str(patched / "safe"), "--repo-id", "me/a", "--base-model", "acme/base", "--dry-run"]
+    )  # fmt: skip
+    assert res.exit_code == 2 and "hf://acme/base" in res.stderr, res.output
+    # hf://: the Hub id, its license looked up on the Hub (offline here: unknown), not the folder's
+    r = push(
+        patched / "safe", "me/a", base_model="hf://acme/base", dry_run=True, stage=patched / "s1"
+    )
+    fm = _front_matter(Path(r.card).read_text())
+    assert fm["base_model"] == "acme/base" and fm.get("license") != "apache-2.0"
+    # ./: the folder, which lends its license only
+    r = push(patched / "safe", "me/a", base_model="./acme/base", dry_run=True, stage=patched / "s2")
     fm = _front_matter(Path(r.card).read_text())
     assert "base_model" not in fm and fm["license"] == "apache-2.0"
-    (w,) = r.warnings
-    assert "acme/base" in w and "names no base model" in w
-    res = CliRunner().invoke(
-        main, ["push", str(patched / "safe"), "--repo-id", "me/a", "--base-model", "acme/base", "--dry-run", "--stage", str(patched / "s1")]
-    )  # fmt: skip
-    assert res.exit_code == 0 and "warning: --base-model acme/base" in res.stderr, res.output
-    (patched / "acme" / "base" / ".cache" / "huggingface" / "download").mkdir(parents=True)
-    r = push(patched / "safe", "me/a", base_model="acme/base", dry_run=True, stage=patched / "s2")
-    fm = _front_matter(Path(r.card).read_text())
-    assert fm["base_model"] == "acme/base" and fm["license"] == "apache-2.0"
-    assert r.warnings == []
-    # written as a path, it is a local folder whatever is in it
-    r = push(patched / "safe", "me/a", base_model="./acme/base", dry_run=True, stage=patched / "s3")
-    assert "base_model" not in _front_matter(Path(r.card).read_text()) and r.warnings == []
+    with pytest.raises(PushError, match="after hf://, a Hub id"):
+        push(patched / "safe", "me/a", base_model="hf://not an id", dry_run=True)
 
 
 def test_upload_goes_through_hfapi(patched):

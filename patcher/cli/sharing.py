@@ -17,7 +17,7 @@ from .common import _user_errors, err, main, warn
 @click.option("--repo-id", required=True, help="Target repository, user/name.")
 @click.option(
     "--base-model",
-    help="Hub id of the model that was patched: the card's base_model, whose license is inherited. A local folder gives its README's license, but its path is not published; one named like the id that `hf download ID --local-dir ID` filled counts as that id.",
+    help="Hub id of the model that was patched: the card's base_model, whose license is inherited. A local folder gives its README's license, but its path is not published. Where a folder here has the id's name (hf download ID --local-dir ID), write hf://ID for the id or ./ID for the folder.",
 )
 @click.option(
     "--delta",
@@ -70,8 +70,6 @@ def push(
         stage=stage,
         exist_ok=exist_ok,
     )
-    for w in r.warnings:
-        warn(w)
     if as_json:
         click.echo(json.dumps(r.to_dict(), indent=2))
         return
