@@ -300,6 +300,11 @@ def test_inspect_lists_a_pickle_only_component(tmp_path, pipe):
         {"component": "transformer", "file": "diffusion_pytorch_model.bin", "only": True}
     ]
     assert all(s["component"] != "transformer" for s in info["weight_sets"])
+    # beside safetensors weights: inspect said "ignored" while apply refuses the component
+    save_file({"w": torch.ones(2)}, root / "transformer" / "diffusion_pytorch_model.safetensors")
+    code, out, _ = invoke("inspect", root)
+    (line,) = [x for x in out.splitlines() if "diffusion_pytorch_model.bin" in x]
+    assert "apply refuses this component" in line and "ignored" not in line
 
 
 def test_a_truncated_safetensors_header_is_not_called_a_pickle(tmp_path):

@@ -313,13 +313,12 @@ def inspect(path, delta, component, as_json):
             )
         for f in info["pickle_files"]:
             why = (
-                "the only weights here: vpatch cannot edit this component"
+                "the only weights here: vpatch cannot edit this component until `vpatch convert`"
                 if f["only"]
-                else "ignored"
+                else "beside safetensors weights: apply refuses this component until it is"
+                " deleted or converted (`vpatch convert`)"
             )
-            click.echo(
-                f"  {f['component'] or '-'}: {f['file']} (pickle, not read; {why} until `vpatch convert`)"
-            )
+            click.echo(f"  {f['component'] or '-'}: {f['file']} (pickle, not read; {why})")
         if info["applied"]:
             for a in info["applied"]:
                 click.echo(
