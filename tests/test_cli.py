@@ -1,4 +1,5 @@
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -166,19 +167,41 @@ def test_error_after_progress_started_is_stderrs_first_line(tmp_path):
     t["blocks.0.attn2.to_k.weight"][3, 3] = float("inf")
     save_file(t, tmp_path / "m.safetensors")
     exe = [sys.executable, "-m", "patcher.cli", "apply"]
+    env = {**os.environ, "FORCE_COLOR": "1"}  # set in many CI runners: rich then calls a pipe a tty
     r = subprocess.run(
         exe + [str(tmp_path / "m.safetensors"), str(tmp_path / "d.vud"), "-o", str(tmp_path / "o")],
         capture_output=True,
         text=True,
+        env=env,
     )
     assert r.returncode == 2 and r.stderr.startswith("vpatch: NumericError: "), r.stderr
+    good = [str(tmp_path / "good.safetensors"), str(tmp_path / "d.vud")]
     r = subprocess.run(
-        exe
-        + [str(tmp_path / "good.safetensors"), str(tmp_path / "d.vud"), "-o", str(tmp_path / "o")],
-        capture_output=True,
-        text=True,
+        exe + [*good, "-o", str(tmp_path / "o")], capture_output=True, text=True, env=env
     )
     assert r.returncode == 0 and r.stderr.startswith("coverage: 2/2"), r.stderr
+    # on a terminal the bar is still drawn
+    import pty
+
+    main_fd, tty_fd = pty.openpty()
+    p = subprocess.Popen(
+        exe + [*good, "-o", str(tmp_path / "o2")],
+        stdout=subprocess.DEVNULL,
+        stderr=tty_fd,
+        env={**os.environ, "TERM": "xterm"},
+    )
+    os.close(tty_fd)
+    seen = b""
+    while True:  # read while it writes: a full pty buffer would block the child
+        try:
+            chunk = os.read(main_fd, 65536)
+        except OSError:  # EIO: the child closed its end
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(main_fd)
+    assert p.wait(timeout=60) == 0 and b"writing" in seen, seen[-500:]
 
 
 def test_help_teaches(tmp_path):

@@ -32,6 +32,13 @@ from ..output import Terminated
 err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 
 
+def _stderr_is_tty() -> bool:
+    try:
+        return err.file.isatty()
+    except (AttributeError, ValueError):  # a replaced or closed stream
+        return False
+
+
 class RichReporter:
     def __init__(self, quiet: bool):
         self.quiet = quiet
@@ -43,8 +50,9 @@ class RichReporter:
 
     def start(self, description: str, total: int) -> None:
         # off a terminal rich draws nothing live and a transient bar leaves one blank line at stop,
-        # which would push a user error off stderr's first line
-        if self.quiet or not err.is_terminal:
+        # which would push a user error off stderr's first line; FORCE_COLOR (common in CI) makes
+        # rich call a pipe a terminal, so the stream itself is asked
+        if self.quiet or not _stderr_is_tty():
             return
         self._p = Progress(
             TextColumn("{task.description}", markup=False),
