@@ -97,7 +97,12 @@ def make_delta(src, family, patterns, path, strength=1.0, m=2, concept="red"):
                     ),
                 )
                 sha = hashlib.sha256(sd[k].contiguous().view(torch.uint8).numpy()).hexdigest()
-                entries.append(projection_entry(f"{comp}/{k}", W, B, strength, base_sha256=sha))
+                dt = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}[
+                    sd[k].dtype
+                ]
+                entries.append(
+                    projection_entry(f"{comp}/{k}", W, B, strength, base_sha256=sha, base_dtype=dt)
+                )
     assert entries
     d = Delta(entries, {"name": concept}, {"name": "cpca", "family": family})
     write_delta(path, d)
@@ -350,6 +355,7 @@ def test_cli_export_records_base_and_warns_on_another(pipes, tmp_path):
     assert r.exit_code == 0, r.stderr
     rep = json.loads(r.stdout)
     assert rep["files"][0]["path"] == str(out) and rep["family"] == "ltx"
+    assert rep["warnings"] == []  # the probed base itself
     meta = safe_open(str(out), "pt").metadata()
     mods = json.loads(meta["vpatch.modules"])
     assert all(len(m["base_sha256"]) == 64 for m in mods.values())
@@ -374,7 +380,15 @@ def test_cli_export_records_base_and_warns_on_another(pipes, tmp_path):
     )
     r = CliRunner().invoke(main, [*cmd, "-o", str(tmp_path / "ft2.safetensors"), "--json"])
     (w,) = json.loads(r.stdout)["warnings"]
-    assert "caption_projection.linear_1" in w
+    assert "caption_projection.linear_1" in w and "stored as" not in w
+    # the same weights in bf16: every entry's bytes differ, and the warning says why, as apply's
+    half = tmp_path / "half"
+    load(src).to(torch.bfloat16).save_pretrained(half, safe_serialization=True)
+    cmd = ["export", str(tmp_path / "c.vud"), "--format", "lora", "--base", str(half), "--json"]
+    r = CliRunner().invoke(main, [*cmd, "-o", str(tmp_path / "half.safetensors")])
+    warns = json.loads(r.stdout)["warnings"]
+    assert r.exit_code == 0 and len(warns) == 3, warns
+    assert all("(stored as BF16, probed from F32)" in x for x in warns), warns
     r = CliRunner().invoke(main, ["inspect", str(out)])
     assert r.exit_code == 0 and "lora" in r.stdout and "ltx" in r.stdout
 

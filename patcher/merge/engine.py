@@ -23,7 +23,7 @@ from ..vud.delta import Delta, read_delta
 from . import provenance
 from .kernel import Job
 from .ops import MAP, RECOMPUTED, EditOp, EditResult, EditStats
-from .plan import Plan, plan_apply
+from .plan import Plan, base_difference, plan_apply
 from .provenance import AppliedRecord
 from .records import RECORD_FORMAT, RevertRecord, op_tag, result_tag, write_record
 from .writer import resolve_out, write_checkpoint
@@ -145,11 +145,7 @@ def _apply_warnings(plan: Plan, stats: list[EditStats]) -> list[str]:
     ]
     out += [
         f"{m.entry.key}: target differs from the probed base"
-        + (
-            f" (stored as {m.dtype}, probed from {m.entry.base_dtype})"
-            if m.entry.base_dtype not in (None, m.dtype)
-            else ""
-        )
+        + base_difference(m)
         + "; "
         + (
             "U was recomputed from the target's own weight"

@@ -42,6 +42,14 @@ class Match:
         return [ws.key_file[loc.key] for ws, loc in zip(self.sets, self.locs)]
 
 
+def base_difference(m: Match) -> str:
+    """' (stored as X, probed from Y)' when the target's dtype is not the probed base's (its bytes
+    then differ although the weights may be the same), else ''."""
+    if m.entry.base_dtype not in (None, m.dtype):
+        return f" (stored as {m.dtype}, probed from {m.entry.base_dtype})"
+    return ""
+
+
 @dataclass
 class Plan:
     checkpoint: Checkpoint

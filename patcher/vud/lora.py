@@ -196,6 +196,7 @@ def export_lora(
 ) -> LoraReport:
     """Write ``delta`` as LoRA file(s) computed from the base weights ``base`` (see the module doc)."""
     from ..merge.engine import plan_apply
+    from ..merge.plan import base_difference
     from ..output import atomic_file
 
     if target not in TARGETS:
@@ -238,7 +239,7 @@ def export_lora(
             W, sha = _read_base(ws, loc)
             if e.base_sha256 is not None and sha != e.base_sha256:
                 report.warnings.append(
-                    f"{e.key}: --base differs from the probed base; "
+                    f"{e.key}: --base differs from the probed base{base_difference(m)}; "
                     + (
                         "the LoRA's up factor was computed from this base's own weight"
                         if e.kind in ("project_input", "map_input")
