@@ -4,7 +4,7 @@ Parts (--part, comma-separated; default organism,correlation):
 - organism: `tune` (no judge in the loop unless --judge; the same options for every concept) on red, blue and square
   of the organism, then `vpatch eval`'s machinery on the chosen delta (held-out prompts, the validated
   judge, --seeds), against issue 16's targets; tune's wall time.
-- correlation: for red, candidates (the efficacy sweep's cPCA k8 row, the earlier demo recipe, the twin map variants, the recipe
+- correlation: for red, candidates (the efficacy sweep's cPCA k8 row, which was the demo's recipe, the twin map variants, the recipe
   defaults, over-strength and over-erasure cases, tune's choice): the cheap objectives computed as tune
   computes them (fit half, validation half, both levels) against the measured twin gap closed and
   collateral (held-out, judge) of the delta built on every prompt, and Spearman's rank correlation.

@@ -132,7 +132,7 @@ def test_probe_apply_eval_removes_red_and_spares_the_rest(tmp_path):
     )  # fmt: skip
     assert a["attack"] == "prompts" and a["n"] == 81 and a["before"]["n"] == 81
     assert a["before"]["rate"] >= 0.9  # the original draws red from the rewordings
-    assert a["after"]["rate"] <= 0.05, a["notes"]["after"]  # measured 0 of 81 (steps 16, 2 seeds)
+    assert a["after"]["rate"] <= 0.05, a["notes"]["after"]  # 0 of 81 in docs/efficacy.md (16 steps)
     assert any("crimson" in x and "scarlet" in x for x in a["notes"]["examples"])
 
 
