@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from ..errors import AlreadyApplied, CompatibilityError, DeltaError
+from ..merge.ops import MAP, PROJECT, RECOMPUTED
 from ..safetensors_io import TensorReader, read_header, save_tensors
 from .combine import concept_names, entry_concepts
 from .delta import Delta, DeltaEntry, read_delta, versions
@@ -242,14 +243,14 @@ def export_lora(
                     f"{e.key}: --base differs from the probed base{base_difference(m)}; "
                     + (
                         "the LoRA's up factor was computed from this base's own weight"
-                        if e.kind in ("project_input", "map_input")
+                        if e.kind in RECOMPUTED
                         else "the probed base's factors were exported as they are"
                     )
                 )
             lam = e.strength * strength
-            if e.kind == "project_input":
+            if e.kind == PROJECT:
                 B = -lam * (W @ e.V)
-            elif e.kind == "map_input":  # W (I + λ P Vᵀ): up = λ W P from this base
+            elif e.kind == MAP:  # W (I + λ P Vᵀ): up = λ W P from this base
                 B = lam * (W @ e.P)
             else:
                 B = strength * e.U
@@ -257,7 +258,7 @@ def export_lora(
             rec = {
                 "entry": e.key,
                 "kind": e.kind,
-                "strength": lam if e.kind in ("project_input", "map_input") else strength,
+                "strength": lam if e.kind in RECOMPUTED else strength,
                 "shape": list(e.shape),
                 "base_sha256": sha,
                 "base_key": loc.label(),
@@ -375,7 +376,7 @@ def lora_to_delta(path: str | os.PathLike) -> Delta:
                 U = B[rows[0] : rows[1], c0:c1] if rows else B[:, c0:c1]
                 V = A[c0:c1].T
                 kind = r["kind"]
-                if kind == "map_input":  # P is not in a LoRA: its up factor is added as it is
+                if kind == MAP:  # P is not in a LoRA: its up factor is added as it is
                     kind = "add"
                 entries.append(
                     DeltaEntry(
